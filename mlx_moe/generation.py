@@ -1,0 +1,185 @@
+"""Text generation: `generate` / `stream_generate` and the `generate` CLI.
+
+Built on mlx-lm's `stream_generate` (its sampler, KV cache and prefill
+chunking); we add the routing hook's delivery points, the expert log, and
+the chat template default.
+
+    python -m mlx_moe.generate --prompt "Hello"          # the built-in demo model
+    python -m mlx_moe.generate --model Qwen/Qwen3-30B-A3B --prompt "Hello" --expert-log log.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator, List, Optional, Union
+
+import mlx.core as mx
+
+from .hooks import HOOKS
+
+DEFAULT_PROMPT = "Explain in one sentence what a mixture-of-experts model is."
+
+
+def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: Optional[bool] = None) -> List[int]:
+    """Token ids for `prompt`, through the tokenizer's chat template when it has one
+    (chat_template=None: use it if present; False: raw text)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template is None:
+        chat_template = has_template
+    if chat_template:
+        if not has_template:
+            raise ValueError("this tokenizer has no chat template; pass chat_template=False")
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
+    return list(tokenizer.encode(prompt))
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    chat_template: Optional[bool] = None,
+    prompt_cache=None,
+    expert_log=None,
+    expert_log_weights: bool = False,
+    **kwargs,
+) -> Iterator:
+    """Yield mlx-lm `GenerationResponse`s (text, token, prompt_tps, generation_tps, peak_memory...).
+
+    expert_log: a CSV path (a new log) or an open `mlx_moe.expert_log.ExpertLog`
+    (several calls into one file, one sequence_id each).
+    Extra keyword arguments go to mlx-lm's `stream_generate` (e.g. prefill_step_size).
+    """
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens = encode_prompt(tokenizer, prompt, chat_template)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+
+    log, own_log = None, False
+    if expert_log is not None:
+        from .expert_log import ExpertLog
+
+        if isinstance(expert_log, ExpertLog):
+            log = expert_log
+        else:
+            log, own_log = ExpertLog.for_model(expert_log, model, weights=expert_log_weights), True
+
+    from .loader import _cache_offset
+
+    offset = _cache_offset(prompt_cache)
+    handle = log.attach(new_sequence=offset == 0) if log else None
+    HOOKS.prompt_end = offset + len(tokens)
+    try:
+        for response in mlx_stream_generate(
+            model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
+            sampler=sampler, prompt_cache=prompt_cache, **kwargs,
+        ):
+            # mlx-lm has already queued the next step: deliver all but that one.
+            HOOKS.flush(keep_last=1)
+            yield response
+        HOOKS.flush()
+    finally:
+        HOOKS.prompt_end = None
+        if log is not None:
+            log.detach(handle)
+            if own_log:
+                log.close()
+        if not HOOKS.active:
+            HOOKS.discard()
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a completion of `prompt` and return its text.
+
+    verbose=True streams the text to stdout and ends with mlx_lm.generate's
+    closing lines (prompt and generation tok/s, peak memory)."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if response is None:
+            print("No text generated for this prompt")
+        else:
+            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+            print(f"Peak memory: {response.peak_memory:.3f} GB")
+    return text
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="mlx-moe generate", description="Generate text with a MoE model.")
+    p.add_argument("--model", default=None,
+                   help="model directory, .gguf file or Hugging Face repo id (default: the built-in demo model, random weights)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the prompt ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--kernels", default="auto", choices=["auto", "mlx", "metal", "cuda"],
+                   help="expert backend (auto: metal on Apple GPUs, cuda on NVIDIA, mlx on the CPU)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--expert-log", metavar="FILE.csv", default=None,
+                   help="write every routing decision (token, layer, experts) to this CSV")
+    p.add_argument("--expert-log-weights", action="store_true", help="add weight_0..weight_{k-1} columns to the log")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    return p
+
+
+def main(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    args = build_parser(parser).parse_args(argv)
+    from . import load
+    from .demo import demo_model_path
+    from .loader import ModelLoadError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    log = None
+    try:
+        if args.expert_log:
+            from .expert_log import ExpertLog
+
+            ExpertLog.check_writable(args.expert_log)  # fail before loading a large model
+        if args.model is None:
+            print("[mlx-moe] no --model given: using the built-in demo model (random weights, "
+                  "meaningless text). Try --model Qwen/Qwen3-30B-A3B for a real one.", file=sys.stderr)
+            path = str(demo_model_path())
+        else:
+            path = args.model
+        model, tokenizer = load(path, kernels=args.kernels)
+        if args.expert_log:
+            log = ExpertLog.for_model(args.expert_log, model, weights=args.expert_log_weights, model_name=path)
+        generate(model, tokenizer, prompt, max_tokens=args.max_tokens, verbose=True, temp=args.temp,
+                 top_p=args.top_p, seed=args.seed, chat_template=not args.no_chat_template and None,
+                 expert_log=log, prefill_step_size=args.prefill_step_size)
+    except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[mlx-moe] interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if log is not None:
+            log.close()
+            print(f"[mlx-moe] expert log: {log.rows_written} rows in {log.path}", file=sys.stderr)
+    return 0

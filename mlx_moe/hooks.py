@@ -1,0 +1,220 @@
+"""The routing hook: every MoE layer's expert choice, observable at almost no cost.
+
+Register a callback; it is called once per (MoE layer, forward pass) with a
+`RoutingEvent`:
+
+    import mlx_moe
+    def show(ev):
+        print(ev.layer, ev.positions, ev.expert_ids, ev.weights, ev.phase)
+    with mlx_moe.routing_hook(show):
+        mlx_moe.generate(model, tokenizer, "Hello")
+
+How it stays cheap: MoE layers only *record* their lazy (ids, weights)
+arrays; nothing is evaluated inside the forward pass.  The records are
+delivered after the step's own evaluation: `generate` flushes them after
+each token (holding back the step mlx-lm has already queued for the next
+token, so its pipelining is untouched), and `flush()` does it for direct
+`model(...)` calls.  Host-side work (conversion to numpy, ordering by weight)
+happens lazily when an event's fields are read, so a logger can do it on its
+own thread.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+class RoutingEvent:
+    """One MoE layer's routing for the tokens of one forward pass.
+
+    Attributes (numpy, computed on first access):
+      layer        index of the decoder layer among *all* decoder layers
+      positions    int64 [T]: absolute position of each token in its sequence
+      expert_ids   int32 [T, k]: selected experts, by descending routing weight
+                   (ties keep the router's slot order)
+      weights      float32 [T, k]: the routing weight of each selected expert
+      is_zero      bool [T, k]: True where the expert is a zero-computation
+                   (identity) expert, id >= n_experts (LongCat); None for
+                   families without them
+      phase        "prefill" (prompt tokens) or "decode" (generated tokens)
+      n_experts    number of real (FFN) experts of the layer
+      sequence_id  which sequence (generate call) the tokens belong to
+    With a batch of B sequences, T = B * L and `positions` repeats per row.
+    """
+
+    __slots__ = ("layer", "phase", "n_experts", "n_zero_experts", "sequence_id",
+                 "forward_id", "_positions", "_ids", "_weights", "_sorted")
+
+    def __init__(self, layer, ids, weights, positions, phase, n_experts, n_zero_experts,
+                 sequence_id, forward_id):
+        self.layer = layer
+        self.phase = phase
+        self.n_experts = n_experts
+        self.n_zero_experts = n_zero_experts
+        self.sequence_id = sequence_id
+        self.forward_id = forward_id
+        self._positions = positions
+        self._ids = ids
+        self._weights = weights
+        self._sorted = None
+
+    def _ordered(self):
+        if self._sorted is None:
+            ids = np.array(self._ids, dtype=np.int32)
+            w = np.array(self._weights.astype(mx.float32), dtype=np.float32)
+            order = np.argsort(-w, axis=-1, kind="stable")
+            self._sorted = (np.take_along_axis(ids, order, -1), np.take_along_axis(w, order, -1))
+            self._ids = self._weights = None  # release the device arrays
+        return self._sorted
+
+    @property
+    def expert_ids(self) -> np.ndarray:
+        return self._ordered()[0]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self._ordered()[1]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._positions
+
+    @property
+    def is_zero(self) -> Optional[np.ndarray]:
+        if not self.n_zero_experts:
+            return None
+        return self.expert_ids >= self.n_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[-1]
+
+    def __repr__(self) -> str:
+        return (f"RoutingEvent(layer={self.layer}, phase={self.phase!r}, tokens={len(self._positions)}, "
+                f"sequence_id={self.sequence_id})")
+
+
+@dataclass
+class _Forward:
+    forward_id: int
+    positions: np.ndarray
+    phase: str
+    sequence_id: int
+    records: list = field(default_factory=list)
+
+
+Callback = Callable[[RoutingEvent], None]
+BatchCallback = Callable[[List[RoutingEvent]], None]
+
+
+class RoutingHooks:
+    """Registry of callbacks plus the pending records of unflushed forward passes."""
+
+    def __init__(self) -> None:
+        self._callbacks: list = []  # (handle, fn, per_forward)
+        self._next_handle = 0
+        self._pending: List[_Forward] = []
+        self._forward_id = 0
+        self.sequence_id = 0
+        self.prompt_end: Optional[int] = None  # positions >= this are decode
+
+    @property
+    def active(self) -> bool:
+        return bool(self._callbacks)
+
+    def add(self, fn, per_forward: bool = False) -> int:
+        """Register `fn`. per_forward=False: fn(event) per layer; True: fn([events]) per forward pass."""
+        handle = self._next_handle
+        self._next_handle += 1
+        self._callbacks.append((handle, fn, per_forward))
+        return handle
+
+    def remove(self, handle: int) -> None:
+        self._callbacks = [c for c in self._callbacks if c[0] != handle]
+        if not self._callbacks:
+            self._pending.clear()
+
+    # -- called by the model wrapper and the MoE layers -------------------------------
+
+    def begin_forward(self, batch: int, length: int, offset: int) -> None:
+        if not self._callbacks:
+            return
+        positions = np.tile(np.arange(offset, offset + length, dtype=np.int64), batch)
+        if self.prompt_end is not None:
+            phase = PREFILL if offset < self.prompt_end else DECODE
+        else:
+            phase = PREFILL if length > 1 else DECODE
+        self._forward_id += 1
+        self._pending.append(_Forward(self._forward_id, positions, phase, self.sequence_id))
+
+    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int) -> None:
+        if not self._callbacks:
+            return
+        if not self._pending:  # a layer called outside a wrapped model forward
+            T = ids.shape[0]
+            self.begin_forward(1, T, 0)
+        self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def flush(self, keep_last: int = 0) -> None:
+        """Deliver the records of all pending forward passes but the last `keep_last`.
+
+        Evaluates the recorded arrays (free once their step has been evaluated)."""
+        if not self._pending:
+            return
+        n = len(self._pending) - keep_last
+        if n <= 0:
+            return
+        done, self._pending = self._pending[:n], self._pending[n:]
+        mx.eval([a for f in done for r in f.records for a in r[1:3]])
+        callbacks = list(self._callbacks)
+        for f in done:
+            events = [RoutingEvent(layer, ids, w, f.positions, f.phase, ne, nz, f.sequence_id, f.forward_id)
+                      for layer, ids, w, ne, nz in f.records]
+            for _, fn, per_forward in callbacks:
+                if per_forward:
+                    fn(events)
+                else:
+                    for ev in events:
+                        fn(ev)
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+
+# The process-wide registry the MoE layers report to.
+HOOKS = RoutingHooks()
+
+
+def add_routing_hook(fn: Callback, per_forward: bool = False) -> int:
+    """Register a routing callback; returns a handle for `remove_routing_hook`."""
+    return HOOKS.add(fn, per_forward=per_forward)
+
+
+def remove_routing_hook(handle: int) -> None:
+    HOOKS.remove(handle)
+
+
+def flush() -> None:
+    """Deliver all recorded routing events now (after a direct `model(...)` call)."""
+    HOOKS.flush()
+
+
+@contextmanager
+def routing_hook(fn: Callback, per_forward: bool = False) -> Iterator[int]:
+    """Context manager: `fn` receives routing events inside the block; flushed on exit."""
+    handle = HOOKS.add(fn, per_forward=per_forward)
+    try:
+        yield handle
+        HOOKS.flush()
+    finally:
+        HOOKS.remove(handle)

@@ -1,0 +1,74 @@
+"""DeepSeek-V2: softmax -> (group-limited) greedy top-k -> x routed_scaling_factor
+(no renormalization), plus n_shared_experts x moe_intermediate_size shared MLP.
+Dense layers before first_k_dense_replace (and off moe_layer_freq)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.deepseek_v2 import DeepseekV2MLP
+
+from ..experts import Experts
+from ..moe import MoELayer
+from ..router import greedy_topk, group_limited_topk
+from .base import Family, normalize_rope, rename
+
+
+class DeepseekV2Gate(nn.Module):
+    """Router weights only (checkpoint name `mlp.gate.weight`)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+
+
+class DeepseekV2Block(MoELayer):
+    def __init__(self, args):
+        super().__init__(args.n_routed_experts, args.num_experts_per_tok)
+        self.topk_method = args.topk_method
+        self.n_group = args.n_group
+        self.topk_group = args.topk_group
+        self.scaling = args.routed_scaling_factor
+        self.gate = DeepseekV2Gate(args)
+        self.switch_mlp = Experts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        if args.n_shared_experts:
+            self.shared_experts = DeepseekV2MLP(
+                config=args, intermediate_size=args.moe_intermediate_size * args.n_shared_experts
+            )
+
+    def route(self, x):
+        logits = x @ self.gate.weight.T
+        if self.topk_method == "group_limited_greedy":
+            return group_limited_topk(logits, self.top_k, self.n_group, self.topk_group, self.scaling)
+        return greedy_topk(logits, self.top_k, self.scaling)
+
+    def shared_output(self, x):
+        return self.shared_experts(x) if "shared_experts" in self else None
+
+
+def normalize_config(config: dict) -> dict:
+    normalize_rope(config)
+    rename(config, "n_routed_experts", "num_local_experts", "num_experts")
+    # mlx-lm's DeepSeek-V2 attention always builds a YaRN rope; factor 1 with
+    # the default betas is exactly the plain rope.
+    if not config.get("rope_scaling"):
+        config["rope_scaling"] = {"type": "yarn", "factor": 1.0}
+    return config
+
+
+def is_moe_layer(args, i: int) -> bool:
+    return (
+        args.n_routed_experts is not None
+        and i >= args.first_k_dense_replace
+        and i % (args.moe_layer_freq or 1) == 0
+    )
+
+
+FAMILY = Family(
+    model_type="deepseek_v2",
+    block_name="DeepseekV2MoE",
+    block=DeepseekV2Block,
+    normalize_config=normalize_config,
+    is_moe_layer=is_moe_layer,
+    n_experts=lambda a: a.n_routed_experts,
+)
