@@ -1,0 +1,217 @@
+"""The routing hook and --expert-log: content against transformers' routers,
+positions and sequences, and a valid CSV after Ctrl-C, exceptions and a full disk."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_moe
+from mlx_moe.expert_log import ExpertLog
+from tiny import write_tiny_qwen3
+
+FAMILY_VARIANTS = ["qwen3_moe_mixed", "qwen2_moe_shared", "qwen2_moe_noshared", "mixtral", "olmoe",
+                   "deepseek_v2_group", "longcat_flash"]
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return mlx_moe.load(str(tiny))
+
+
+@pytest.mark.parametrize("name", FAMILY_VARIANTS)
+def test_logged_experts_equal_transformers_routing(reference_checkpoints, tmp_path, name):
+    """Same prompt, same greedy tokens: the CSV's expert sets and weights per
+    (token, layer) equal what transformers' router chose."""
+    ref = reference_checkpoints.reference(name)
+    model, tok = mlx_moe.load(str(ref.path))
+    log = tmp_path / "log.csv"
+    n_gen = len(ref.generated)
+    out = [r.token for r in mlx_moe.stream_generate(model, tok, ref.prompt, max_tokens=n_gen,
+                                                      expert_log=log, expert_log_weights=True)]
+    assert out == ref.generated[: len(out)]
+    cols, rows = read_log(log)
+    k = sum(c.startswith("expert_") for c in cols)
+    moe_layers = [l.layer_idx for l in mlx_moe.moe_layers(model)]
+    fed = len(ref.prompt) + len(out)  # every generated token is fed back once
+    assert len(rows) == fed * len(moe_layers)
+
+    by_key = {(int(r[0]), int(r[1])): r for r in rows}
+    for j, layer in enumerate(moe_layers):
+        rec = ref.routing[j]
+        for t in range(len(ref.tokens)):
+            r = by_key[(t, layer)]
+            ids = np.array(r[2:2 + k], dtype=np.int64)
+            w = np.array(r[2 + k:2 + 2 * k], dtype=np.float64)
+            assert sorted(ids) == sorted(rec.indices[t].tolist()), (layer, t)
+            assert np.all(np.diff(w) <= 0), "ordered by descending weight"
+            expect = dict(zip(rec.indices[t].tolist(), rec.weights[t].tolist()))
+            # The reference scales router weights up (to keep top-k choices well
+            # apart), which turns fp32 rounding of the hidden states (~1e-6) into
+            # router-logit differences of ~1e-4; weights are exp(logit), so 1e-3
+            # relative is the honest bound (the 6-digit CSV adds 5e-6).
+            np.testing.assert_allclose(w, [expect[i] for i in ids], rtol=1e-3, atol=1e-6)
+            assert r[-2] == ("prefill" if t < len(ref.prompt) else "decode")
+            assert r[-1] == "0"
+    meta = json.loads(Path(str(log) + ".json").read_text())
+    assert meta["moe_layers"] == moe_layers and meta["top_k"] == k
+
+
+def test_events_are_delivered_after_the_forward_not_inside(tiny_model):
+    model, _ = tiny_model
+    seen = []
+    with mlx_moe.routing_hook(seen.append):
+        y = model(mx.array([[1, 2, 3, 4]]))
+        assert seen == []  # recorded lazily, nothing delivered inside the forward
+        mx.eval(y)
+        mlx_moe.flush()
+        assert [ev.layer for ev in seen] == [0, 1]
+        ev = seen[0]
+        assert ev.expert_ids.shape == (4, 2) and ev.expert_ids.dtype == np.int32
+        assert ev.positions.tolist() == [0, 1, 2, 3] and ev.phase == "prefill"
+        assert np.all(ev.weights[:, 0] >= ev.weights[:, 1])
+        assert ev.is_zero is None
+
+
+def test_sequences_and_positions_in_one_log(tiny_model, tmp_path):
+    """Two generate calls and a continued chat turn into one log."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = tiny_model
+    path = tmp_path / "log.csv"
+    with ExpertLog.for_model(path, model) as log:
+        mlx_moe.generate(model, tok, [10, 11, 12], max_tokens=3, expert_log=log)
+        cache = make_prompt_cache(model)
+        mlx_moe.generate(model, tok, [20, 21], max_tokens=2, expert_log=log, prompt_cache=cache)
+        mlx_moe.generate(model, tok, [22, 23, 24], max_tokens=2, expert_log=log, prompt_cache=cache)
+    _, rows = read_log(path)
+    seqs = {}
+    for r in rows:
+        seqs.setdefault(int(r[-1]), []).append((int(r[0]), int(r[1]), r[-2]))
+    assert sorted(seqs) == [0, 1]
+    assert sorted({p for p, _, _ in seqs[0]}) == list(range(6))  # 3 prompt + 3 generated
+    # sequence 1: 2 + 2 tokens, then the second turn continues at position 4 (cache offset)
+    assert sorted({p for p, _, _ in seqs[1]}) == list(range(4 + 3 + 2))
+    phases = {p: ph for p, _, ph in seqs[1]}
+    assert [phases[p] for p in range(9)] == ["prefill"] * 2 + ["decode"] * 2 + ["prefill"] * 3 + ["decode"] * 2
+    for s in seqs.values():
+        assert len(s) == 2 * len({p for p, _, _ in s})  # every token has both MoE layers
+
+
+def test_exception_mid_generation_keeps_exactly_the_completed_rows(tiny_model, tmp_path):
+    model, tok = tiny_model
+    full = tmp_path / "full.csv"
+    mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=12, expert_log=full)
+    _, full_rows = read_log(full)
+
+    calls = {"n": 0}
+
+    def failing_processor(tokens, logits):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("injected failure")
+        return logits
+
+    part = tmp_path / "part.csv"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=12, expert_log=part,
+                         logits_processors=[failing_processor])
+    text = part.read_text()
+    assert text.endswith("\n")
+    _, rows = read_log(part)
+    assert 0 < len(rows) < len(full_rows)
+    assert len(rows) % 2 == 0  # whole tokens: both MoE layers
+    assert rows == full_rows[: len(rows)]  # exactly a prefix of the uninterrupted log
+    assert len(rows) >= 4 * 2  # at least the prompt
+
+
+CLI_SCRIPT = """
+import sys, resource, signal
+limit = int(sys.argv[1])
+if limit:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from mlx_moe.generation import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_cli(tmp_path, args, limit=0, **kw):
+    script = tmp_path / "cli.py"
+    script.write_text(CLI_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(limit), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_full_disk_leaves_complete_rows_and_a_clear_message(tiny, tmp_path):
+    full = tmp_path / "full.csv"
+    p = run_cli(tmp_path, ["--model", str(tiny), "--prompt", "abcdef", "--max-tokens", "40",
+                           "--no-chat-template", "--expert-log", str(full)])
+    p.communicate(timeout=120)
+    assert p.returncode == 0
+    _, full_rows = read_log(full)
+
+    log = tmp_path / "log.csv"
+    limit = 1500  # bytes: the header and some rows fit, the rest does not
+    p = run_cli(tmp_path, ["--model", str(tiny), "--prompt", "abcdef", "--max-tokens", "40",
+                           "--no-chat-template", "--expert-log", str(log)], limit=limit)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "expert log" in err and "writing failed" in err and "complete rows" in err
+    text = log.read_text()
+    assert text.endswith("\n") and len(text.encode()) <= limit
+    _, rows = read_log(log)
+    assert 0 < len(rows) < len(full_rows)
+    assert rows == full_rows[: len(rows)]
+
+
+def test_ctrl_c_leaves_complete_rows(tiny, tmp_path):
+    full = tmp_path / "full.csv"
+    args = ["--model", str(tiny), "--prompt", "abcdef", "--no-chat-template"]
+    p = run_cli(tmp_path, args + ["--max-tokens", "300", "--expert-log", str(full)])
+    p.communicate(timeout=300)
+    _, full_rows = read_log(full)
+
+    log = tmp_path / "log.csv"
+    p = run_cli(tmp_path, args + ["--max-tokens", "100000", "--expert-log", str(log)])
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.stat().st_size < 4000):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    text = log.read_text()
+    assert text.endswith("\n")
+    _, rows = read_log(log)
+    assert len(rows) % 2 == 0 and len(rows) > 0
+    n = min(len(rows), len(full_rows))
+    assert rows[:n] == full_rows[:n]
+
+
+def test_unwritable_log_fails_before_loading_the_model(tmp_path):
+    p = run_cli(tmp_path, ["--model", str(tmp_path / "no-such-model"),
+                           "--expert-log", str(tmp_path / "missing-dir" / "log.csv")])
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "cannot write expert log" in err and "does not exist" in err
+    assert "no-such-model" not in err  # the model was never looked at
