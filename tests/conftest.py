@@ -64,7 +64,9 @@ class ReferenceCheckpoints:
 def reference_checkpoints(tmp_path_factory) -> ReferenceCheckpoints:
     import torch
 
-    # The machine is shared: keep torch to two threads, and fp32 throughout.
-    torch.set_num_threads(2)
+    # One thread: these models are tiny, and on a shared, loaded 2-core machine
+    # torch's OpenMP workers spin-wait against each other (measured: a build
+    # took 10 s with two threads and 0.4 s with one).
+    torch.set_num_threads(1)
     torch.set_default_dtype(torch.float32)
     return ReferenceCheckpoints(tmp_path_factory.mktemp("reference_models"))

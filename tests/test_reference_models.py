@@ -9,12 +9,15 @@ and the one-token decode path) must match token for token.
 Logits tolerance.  Both sides compute in fp32; they differ only in the order
 of accumulation (matmul blocking, the fused attention kernel, exp/rsqrt
 implementations) over 2-4 layers of dot products no longer than 128.  That
-gives ~1e-6 relative error per op and, measured here, 1e-6..3e-5 of the
-largest |logit| at the output (the largest for LongCat, whose MLA is computed
-with mlx-lm's absorbed kv_b weights).  We allow 1e-4 * max|logit|: several
-times the worst observed rounding, and still 1000x below what a real routing
-or combine bug does (mlx-lm ignoring qwen2_moe's norm_topk_prob is 0.18 of
-max|logit|; a misread rope theta 0.4-0.9).  Discrete decisions (top-k, group
+gives ~1e-6 relative error per op; measured here, mlx-moe is within
+0.7e-6..4e-6 of max|logit| for every variant but LongCat, where it is 2.5e-5
+because mlx-lm's LongCat attention (which mlx-moe reuses) builds its
+q_a/kv_a RMSNorms with MLX's default eps 1e-5 where transformers uses 1e-6
+(setting them to 1e-6 brings it to 1.9e-6).  We allow 1e-4 * max|logit|: 4x
+the worst observed difference, and still 1000x below what a real routing or
+combine bug does (measured by editing one config field of a saved checkpoint:
+norm_topk_prob flipped 0.23-0.53, LongCat routed_scaling_factor 2 -> 1 0.50,
+DeepSeek group limit off 0.13; mlx-lm's misread rope theta 0.4-0.9).  Discrete decisions (top-k, group
 choice, greedy token) are kept far from ties by construction, see the margins
 in reference_models.py, which test_reference_is_well_posed re-checks.
 """
@@ -57,12 +60,23 @@ def mlx_logits(model, tokens: list[int]) -> np.ndarray:
     return np.array(out[0].astype(mx.float32))
 
 
-def mlx_greedy(model, prompt: list[int], n: int = rm.NUM_GENERATED) -> list[int]:
-    """Greedy tokens through mlx-lm's generate_step (default sampler: argmax)."""
+def mlx_greedy(model, prompt: list[int], n: int = rm.NUM_GENERATED):
+    """Greedy tokens through mlx-lm's generate_step (default sampler: argmax),
+    with the log-probabilities of every step ([n, vocab])."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+    tokens, logprobs = [], []
+    for tok, lp in generate_step(mx.array(prompt), model, max_tokens=n):
+        tokens.append(int(tok))
+        logprobs.append(np.array(lp.astype(mx.float32)))
+    return tokens, np.stack(logprobs)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def assert_matches_reference(model, ref: rm.Reference) -> None:
@@ -73,8 +87,16 @@ def assert_matches_reference(model, ref: rm.Reference) -> None:
     assert err <= LOGITS_RTOL * scale, (
         f"{ref.variant.name}: max |logit diff| {err:.3g} > {LOGITS_RTOL} * max|logit| ({scale:.3g})"
     )
-    tokens = mlx_greedy(model, ref.prompt)
+    tokens, logprobs = mlx_greedy(model, ref.prompt)
     assert tokens == ref.generated, f"{ref.variant.name}: greedy tokens differ"
+    # The decode steps ran through the KV cache one token at a time; their
+    # log-probabilities must match the full-sequence reference at the same
+    # positions (a log-softmax moves errors by at most 2x the logit error).
+    want = log_softmax(ref.logits[len(ref.prompt) - 1:])
+    err = float(np.abs(logprobs - want).max())
+    assert err <= 2 * LOGITS_RTOL * scale, (
+        f"{ref.variant.name}: cached decode log-probs off by {err:.3g} (> {2 * LOGITS_RTOL * scale:.3g})"
+    )
 
 
 def load_mlx_moe(path):
