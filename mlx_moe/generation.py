@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, List, Optional, Union
+from contextlib import contextmanager
+from typing import Iterable, Iterator, List, Optional, Union
 
 import mlx.core as mx
 
@@ -35,6 +36,47 @@ def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: Optio
         return list(tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
     return list(tokenizer.encode(prompt))
+
+
+@contextmanager
+def routing_session(model, n_prompt: int, prompt_cache=None, expert_log=None, expert_log_weights: bool = False):
+    """Set up the routing hook for one generation: prompt/decode phases, the
+    expert log (a path: a new log; an `ExpertLog`: one more sequence in it),
+    and cleanup whatever happens."""
+    from .loader import _cache_offset
+
+    log, own_log = None, False
+    if expert_log is not None:
+        from .expert_log import ExpertLog
+
+        if isinstance(expert_log, ExpertLog):
+            log = expert_log
+        else:
+            log, own_log = ExpertLog.for_model(expert_log, model, weights=expert_log_weights), True
+    offset = _cache_offset(prompt_cache)
+    handle = log.attach(new_sequence=offset == 0) if log else None
+    HOOKS.prompt_end = offset + n_prompt
+    try:
+        yield log
+    finally:
+        HOOKS.prompt_end = None
+        if log is not None:
+            log.detach(handle)
+            if own_log:
+                log.close()
+        if not HOOKS.active:
+            HOOKS.discard()
+
+
+def flushing(steps: Iterable) -> Iterator:
+    """Deliver routing events as tokens come out of mlx-lm's step generator.
+
+    When mlx-lm yields token n it has already queued the step for token n+1,
+    so every forward pass but the newest is evaluated: deliver those."""
+    for item in steps:
+        HOOKS.flush(keep_last=1)
+        yield item
+    HOOKS.flush()
 
 
 def stream_generate(
@@ -64,38 +106,32 @@ def stream_generate(
         mx.random.seed(seed)
     tokens = encode_prompt(tokenizer, prompt, chat_template)
     sampler = make_sampler(temp=temp, top_p=top_p)
-
-    log, own_log = None, False
-    if expert_log is not None:
-        from .expert_log import ExpertLog
-
-        if isinstance(expert_log, ExpertLog):
-            log = expert_log
-        else:
-            log, own_log = ExpertLog.for_model(expert_log, model, weights=expert_log_weights), True
-
-    from .loader import _cache_offset
-
-    offset = _cache_offset(prompt_cache)
-    handle = log.attach(new_sequence=offset == 0) if log else None
-    HOOKS.prompt_end = offset + len(tokens)
-    try:
-        for response in mlx_stream_generate(
+    with routing_session(model, len(tokens), prompt_cache, expert_log, expert_log_weights):
+        yield from flushing(mlx_stream_generate(
             model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
             sampler=sampler, prompt_cache=prompt_cache, **kwargs,
-        ):
-            # mlx-lm has already queued the next step: deliver all but that one.
-            HOOKS.flush(keep_last=1)
-            yield response
-        HOOKS.flush()
-    finally:
-        HOOKS.prompt_end = None
-        if log is not None:
-            log.detach(handle)
-            if own_log:
-                log.close()
-        if not HOOKS.active:
-            HOOKS.discard()
+        ))
+
+
+def generate_tokens(
+    model,
+    prompt: List[int],
+    max_tokens: int = 256,
+    prompt_cache=None,
+    expert_log=None,
+    expert_log_weights: bool = False,
+    **kwargs,
+) -> Iterator[int]:
+    """Token ids only: no tokenizer, no stop on EOS (benchmarks, tests).
+    Keyword arguments go to mlx-lm's `generate_step` (sampler, prefill_step_size...)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    with routing_session(model, len(prompt), cache, expert_log, expert_log_weights):
+        for token, _ in flushing(generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                               prompt_cache=cache, **kwargs)):
+            yield token
 
 
 def generate(
