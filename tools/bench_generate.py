@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""End-to-end prefill and decode speed: mlx-moe against mlx-lm, one process, one run.
+
+Builds a random-weight model of a real shape (no download), quantized the way
+mlx-community checkpoints are (MLX affine 4-bit, group 64; routers 8-bit),
+and runs every engine on the same weights (the arrays are shared, not copied):
+
+  mlx-lm        mlx-lm's own model (gather_qmm SwitchGLU)
+  mlx-moe       our model, expert backend --kernels (auto: the custom kernels on GPUs)
+  mlx-moe+log   the same with --expert-log writing a CSV (the logging overhead)
+  mlx-moe/mlx   our model on the `mlx` backend (when --kernels is not mlx)
+
+Each repetition runs the engines in turn (prefill P random tokens, decode G
+tokens, greedy, no EOS); the report gives medians over repetitions and
+ratios against mlx-lm.
+
+  python tools/bench_generate.py --shape qwen3-30b-a3b --prompt-tokens 512 --gen-tokens 128
+  python tools/bench_generate.py --shape tiny --reps 2            # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mlx_moe.backends import get_backend  # noqa: E402
+from mlx_moe.generation import generate_tokens  # noqa: E402
+from mlx_moe.loader import model_classes  # noqa: E402
+from mlx_moe.moe import set_expert_backend  # noqa: E402
+
+QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_experts=128,
+    num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    max_position_embeddings=40960, decoder_sparse_step=1, mlp_only_layers=[],
+)
+DEEPSEEK_V2_LITE = dict(
+    model_type="deepseek_v2", hidden_size=2048, num_hidden_layers=27, n_routed_experts=64,
+    num_experts_per_tok=6, moe_intermediate_size=1408, intermediate_size=10944, n_shared_experts=2,
+    first_k_dense_replace=1, moe_layer_freq=1, num_attention_heads=16, num_key_value_heads=16,
+    kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    vocab_size=102400, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840, tie_word_embeddings=False,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+)
+TINY = dict(QWEN3_30B_A3B, hidden_size=256, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4,
+            moe_intermediate_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64, vocab_size=1024)
+SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "tiny": TINY}
+
+
+def build_models(config: dict, bits: int, group_size: int):
+    """mlx-lm's model with random quantized weights, and ours sharing them."""
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    baseline = arch.Model(arch.ModelArgs.from_dict(config))
+    predicate = getattr(baseline, "quant_predicate", None)
+
+    def class_predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path.endswith("mlp.gate") or path.endswith("classifier"):
+            return {"group_size": 64, "bits": 8}
+        return predicate(path, module) if predicate else True
+
+    if bits < 16:
+        nn.quantize(baseline, group_size=group_size, bits=bits, class_predicate=class_predicate)
+    else:
+        baseline.set_dtype(mx.bfloat16)
+    mx.eval(baseline.parameters())
+    Model, Args = model_classes(dict(config))
+    ours = Model(Args.from_dict(dict(config)))
+    if bits < 16:
+        nn.quantize(ours, group_size=group_size, bits=bits, class_predicate=class_predicate)
+    weights = nn.utils.tree_flatten(baseline.parameters())
+    ours.load_weights(weights, strict=True)  # same arrays, no copy
+    mx.eval(ours.parameters())
+    return baseline, ours
+
+
+def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_size=2048):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx.synchronize()
+    t0 = time.perf_counter()
+    if ours:
+        steps = generate_tokens(model, prompt, max_tokens=gen_tokens, expert_log=log_path,
+                                prefill_step_size=prefill_step_size)
+    else:
+        steps = (t for t, _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens,
+                                             prompt_cache=make_prompt_cache(model),
+                                             prefill_step_size=prefill_step_size))
+    n = 0
+    for _ in steps:
+        n += 1
+        if n == 1:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--bits", type=int, default=4, help="4 or 8: MLX affine; 16: bf16")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--engines", default="mlx-lm,mlx-moe,mlx-moe+log,mlx-moe/mlx")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    config = dict(SHAPES[args.shape])
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    mx.random.seed(0)
+    baseline, ours = build_models(config, args.bits, args.group_size)
+    kernels = get_backend(args.kernels)
+    reference = get_backend("mlx")
+    engines = [e for e in args.engines.split(",") if e]
+    if kernels.name == "mlx":
+        engines = [e for e in engines if e != "mlx-moe/mlx"]
+    prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
+    tmp = tempfile.mkdtemp()
+
+    def run(engine):
+        if engine == "mlx-lm":
+            return run_once(baseline, prompt, args.gen_tokens, ours=False)
+        set_expert_backend(ours, reference if engine == "mlx-moe/mlx" else kernels)
+        log = os.path.join(tmp, "log.csv") if engine == "mlx-moe+log" else None
+        return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log)
+
+    for e in engines:  # warm-up: compile kernels, fill allocator caches
+        run(e) if args.gen_tokens <= 16 else None
+    results = {e: [] for e in engines}
+    for _ in range(args.reps):
+        for e in engines:
+            results[e].append(run(e))
+    summary = {}
+    for e, rs in results.items():
+        summary[e] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_tps", "decode_tps")}
+    base = summary.get("mlx-lm")
+    device = str(mx.default_device())
+    print(f"# bench_generate: {args.shape} ({config['num_hidden_layers']} layers), "
+          f"{'bf16' if args.bits == 16 else f'{args.bits}-bit g{args.group_size}'}, "
+          f"prefill {args.prompt_tokens}, decode {args.gen_tokens}, {args.reps} reps, device {device}, "
+          f"kernels {kernels.name}")
+    print("| engine | prefill tok/s | decode tok/s | prefill vs mlx-lm | decode vs mlx-lm |")
+    print("|---|---|---|---|---|")
+    for e, s in summary.items():
+        rp = f"{s['prefill_tps'] / base['prefill_tps']:.2f}x" if base else "-"
+        rd = f"{s['decode_tps'] / base['decode_tps']:.2f}x" if base else "-"
+        print(f"| {e} | {s['prefill_tps']:.1f} | {s['decode_tps']:.1f} | {rp} | {rd} |")
+    if "mlx-moe+log" in summary and "mlx-moe" in summary:
+        ov = 1 - summary["mlx-moe+log"]["decode_tps"] / summary["mlx-moe"]["decode_tps"]
+        print(f"\nexpert-log decode overhead: {100 * ov:.2f}% (median tok/s, same run)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device, "results": results, "summary": summary}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
