@@ -1,0 +1,239 @@
+// mul_mv_id: expert GEMVs for decode, one dispatch for all (token, slot) pairs.
+//
+// This file holds Metal source in sections.  Python (mlx_moe/kernels/registry.py)
+// passes the `helpers` section as the kernel header (after shims_metal.h on
+// Metal, shims_cuda.h on CUDA) and each `kernel` section as the body of one
+// kernel through mx.fast.metal_kernel / mx.fast.cuda_kernel; MLX writes the
+// signatures.  The same text runs on both backends and under the CPU
+// emulation of the Metal kernel environment.
+//
+// Weights, per expert e and output row n (rows = output features):
+//   Q4_0 (WT = uint16_t): row n is K/32 blocks of 9 ushort words
+//     (word 0 = fp16 d, words 1..8 = the 16 quant bytes);
+//   float (WT = half, bfloat16 or float): row n is K plain values.
+// ids [T, KS] int32: ids in [0, NE) are real experts, [NE, NE + NI) identity
+// experts (weight * x is added in the combine), anything else padding.  Only
+// real ids are ever used to address weights.
+//
+// Launch geometry (mlx_moe/kernels/dispatch.py owns the numbers):
+//   threadgroups of 32 * NSG threads laid out along x; a simdgroup owns NR
+//   consecutive output rows and walks the whole K dimension on its own;
+//   partial sums per lane, one simd_sum per row at the end.
+//   plain / swiglu: grid (ceil(N / (NR * NSG)) * 32 * NSG, 1, T * KS),
+//     threadgroup z = token * KS + slot; the expert comes from ids.
+//   down_combine: grid (ceil(N / NR) * 32 * NSG, T, 1); the NSG simdgroups of
+//     a threadgroup take slots sg, sg + NSG, ... of one token for the same NR
+//     rows and meet in threadgroup memory for the weighted sum.
+
+// ==== helpers ====
+
+// Row-tile dot products, per weight format.  acc[m * NR + r] accumulates this
+// lane's part of  W_m[row0 + r] . x  for the NM matrices W_0 (w0), W_1 (w1).
+// Rows at or past `nvalid` read row nvalid - 1 instead (valid memory, result
+// discarded by the caller), so no lane branches around the loads.
+template <typename WT>
+struct moe_rows {
+  // Length of one weight row, in WT elements, is K * NUM / DEN.
+  enum { NUM = 1, DEN = 1 };
+
+  // Float weights: in each step a simdgroup covers 128 columns, a lane the 4
+  // consecutive columns lane*4 .. lane*4+3.
+  template <int K, int NR, int NM, typename XP, typename WP, typename A>
+  static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
+    for (int c0 = int(lane) * 4; c0 < K; c0 += 128) {
+      float xv[4];
+      for (int i = 0; i < 4; ++i) {
+        xv[i] = (c0 + i < K) ? float(x[c0 + i]) : 0.0f;
+      }
+      for (int r = 0; r < NR; ++r) {
+        const int rr = (r < nvalid) ? r : nvalid - 1;
+        for (int m = 0; m < NM; ++m) {
+          auto w = (m == 0 ? w0 : w1) + rr * K + c0;
+          float s = 0.0f;
+          for (int i = 0; i < 4; ++i) {
+            if (c0 + i < K) {
+              s += float(w[i]) * xv[i];
+            }
+          }
+          acc[m * NR + r] += s;
+        }
+      }
+    }
+  }
+};
+
+// Q4_0 with ushort reads.  Lane t takes half a block: block ib = t/2 (+16
+// per step), quant words 4*(t%2) .. 4*(t%2)+3, i.e. weights il..il+7 and
+// il+16..il+23 with il = 8*(t%2).  Word k of a block's quants holds weights
+// 2k, 2k+1 in bits 0-3 and 8-11 and weights 2k+16, 2k+17 in bits 4-7 and
+// 12-15.  Masking without shifting leaves q * {1, 256, 16, 4096}, so the
+// activations are pre-scaled by the inverse powers of two (exact in float32)
+// and the -8 offset is applied once per half block: d * (sum(q*y) - 8*sum(y)).
+template <>
+struct moe_rows<ushort> {
+  enum { NUM = 9, DEN = 32 };
+
+  template <int K, int NR, int NM, typename XP, typename WP, typename A>
+  static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
+    constexpr int NB = K / 32;  // blocks per row
+    constexpr int RW = NB * 9;  // words per row
+    const int il = int(lane & 1u) * 8;
+    for (int ib = int(lane >> 1); ib < NB; ib += 16) {
+      // This lane's 16 activations of the block, pre-scaled, and their sum.
+      auto xb = x + ib * 32 + il;
+      float yl[16];
+      float sumy = 0.0f;
+      for (int i = 0; i < 4; ++i) {
+        const float a = float(xb[2 * i]);
+        const float b = float(xb[2 * i + 1]);
+        const float c = float(xb[2 * i + 16]);
+        const float d = float(xb[2 * i + 17]);
+        sumy += (a + b) + (c + d);
+        yl[2 * i] = a;
+        yl[2 * i + 1] = b * (1.0f / 256.0f);
+        yl[2 * i + 8] = c * (1.0f / 16.0f);
+        yl[2 * i + 9] = d * (1.0f / 4096.0f);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const int rr = (r < nvalid) ? r : nvalid - 1;
+        for (int m = 0; m < NM; ++m) {
+          auto blk = (m == 0 ? w0 : w1) + rr * RW + ib * 9;
+          const float scale = moe_f16_bits(blk[0]);
+          auto q = blk + 1 + il / 2;
+          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+          for (int i = 0; i < 4; ++i) {
+            const ushort wq = q[i];
+            s0 += yl[2 * i] * float(wq & 0x000F);
+            s1 += yl[2 * i + 1] * float(wq & 0x0F00);
+            s2 += yl[2 * i + 8] * float(wq & 0x00F0);
+            s3 += yl[2 * i + 9] * float(wq & 0xF000);
+          }
+          acc[m * NR + r] += scale * ((s0 + s1) + (s2 + s3) - 8.0f * sumy);
+        }
+      }
+    }
+  }
+};
+
+// ==== kernel: mul_mv_id ====
+// out[p, n] = W[ids[p]][n] . src[BCAST ? p / KS : p]   for p = token * KS + slot.
+// Template: T (src dtype), WT (weight element), K (cols), N (rows),
+// NE (real experts), KS (slots per token), NR, NSG, BCAST.
+// Inputs: src [T or T*KS, K], ids [T, KS], w [E, N, K*NUM/DEN].
+// Output: out [T*KS, N] float32; rows of identity/padding slots are zero.
+{
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const uint pair = threadgroup_position_in_grid.z;
+  const int row0 = int(threadgroup_position_in_grid.x * NSG + sg) * NR;
+  const int e = ids[pair];
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  if (row0 < N && e >= 0 && e < NE) {  // uniform per simdgroup
+    const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+    auto wr = w + (size_t(e) * N + row0) * RL;
+    auto xr = src + size_t(BCAST ? pair / KS : pair) * K;
+    moe_rows<WT>::template dot<K, NR, 1>(xr, wr, wr, nvalid, lane, acc);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float v = moe_simd_sum(acc[r]);
+    if (lane == 0 && row0 + r < N) {
+      out[size_t(pair) * N + row0 + r] = v;
+    }
+  }
+}
+
+// ==== kernel: mul_mv_id_swiglu ====
+// h[p, n] = silu(Wg[e][n] . x[t]) * (Wu[e][n] . x[t]),  e = ids[p], t = p / KS:
+// gate and up in one pass over x, the SwiGLU applied before the store.
+// Template: T, WT, K, N, NE, KS, NR, NSG.
+// Inputs: x [T, K], ids [T, KS], wg, wu [E, N, K*NUM/DEN].
+// Output: h [T*KS, N] float32; rows of identity/padding slots are left
+// unwritten (down_combine never reads them).
+{
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const uint pair = threadgroup_position_in_grid.z;
+  const int row0 = int(threadgroup_position_in_grid.x * NSG + sg) * NR;
+  const int e = ids[pair];
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
+  float acc[2 * NR];
+  for (int r = 0; r < 2 * NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  if (active) {
+    const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+    const size_t off = (size_t(e) * N + row0) * RL;
+    moe_rows<WT>::template dot<K, NR, 2>(x + size_t(pair / KS) * K, wg + off, wu + off, nvalid, lane, acc);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float g = moe_simd_sum(acc[r]);
+    const float u = moe_simd_sum(acc[NR + r]);
+    if (active && lane == 0 && row0 + r < N) {
+      h[size_t(pair) * N + row0 + r] = moe_silu(g) * u;
+    }
+  }
+}
+
+// ==== kernel: mul_mv_id_down_combine ====
+// y[t, n] = sum_s wts[t, s] * (Wd[ids[t, s]][n] . h[t*KS + s])   (real ids)
+//         + sum_s wts[t, s] * x[t, n]                            (identity ids)
+// Template: T (x and y dtype), WT, K (cols = ffn), N (rows = hidden), NE,
+// NI (identity experts), KS, NR, NSG.
+// Inputs: h [T*KS, K] float32, ids [T, KS], wts [T, KS] float32, x [T, N],
+// wd [E, N, K*NUM/DEN].  Output: y [T, N] in T.
+{
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const uint tok = threadgroup_position_in_grid.y;
+  const int row0 = int(threadgroup_position_in_grid.x) * NR;
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+  threadgroup float part[NSG * NR];
+
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  for (int s = int(sg); s < KS; s += NSG) {
+    const int e = ids[tok * KS + s];
+    if (nvalid > 0 && e >= 0 && e < NE) {  // uniform per simdgroup
+      float part_s[NR];
+      for (int r = 0; r < NR; ++r) {
+        part_s[r] = 0.0f;
+      }
+      auto wr = wd + (size_t(e) * N + row0) * RL;
+      moe_rows<WT>::template dot<K, NR, 1>(h + size_t(tok * KS + s) * K, wr, wr, nvalid, lane, part_s);
+      const float ws = wts[tok * KS + s];
+      for (int r = 0; r < NR; ++r) {
+        acc[r] += ws * moe_simd_sum(part_s[r]);
+      }
+    }
+  }
+  if (lane == 0) {
+    for (int r = 0; r < NR; ++r) {
+      part[sg * NR + r] = acc[r];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sg == 0 && int(lane) < nvalid) {
+    const int n = row0 + int(lane);
+    float v = 0.0f;
+    for (int g = 0; g < NSG; ++g) {
+      v += part[g * NR + int(lane)];
+    }
+    if (NI > 0) {
+      float wid = 0.0f;
+      for (int s = 0; s < KS; ++s) {
+        const int e = ids[tok * KS + s];
+        wid += (e >= NE && e < NE + NI) ? wts[tok * KS + s] : 0.0f;
+      }
+      v += wid * float(x[size_t(tok) * N + n]);
+    }
+    y[size_t(tok) * N + n] = static_cast<T>(v);
+  }
+}

@@ -1,0 +1,90 @@
+"""The `metal` and `cuda` expert backends: the project's kernels (metal/).
+
+Decode-sized batches (see mlx_moe/kernels/dispatch.py) run in two dispatches:
+
+1. mul_mv_id_swiglu: gate and up GEMVs of every (token, slot) pair, SwiGLU
+   fused, into h [T*k, ffn] float32;
+2. mul_mv_id_down_combine: the down GEMVs of all slots of a token, weighted
+   and summed in threadgroup memory, plus weight * x for identity experts,
+   written once in x's dtype.
+
+Identity and padding slots launch threadgroups that read no weights.  Other
+batches and formats go to the `mlx` backend.  `fuse_swiglu=False` /
+`fuse_combine=False` select the unfused variants (separate gate and up
+dispatches, per-slot down outputs combined with MLX ops) that
+tools/bench_kernels.py measures against.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..kernels.dispatch import use_decode_kernels, kernels_cover
+from ..kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu
+from .base import ExpertBackend, identity_term
+from .mlx import MLXBackend
+
+
+class KernelBackend(ExpertBackend):
+    """Expert compute on the custom kernels of one flavor: "metal", "cuda" or "emulated".
+
+    stats.rows counts (token, slot) pairs launched on the kernel path
+    (identity and padding pairs included: counting only real ones would need
+    a host sync); delegated batches count as in the `mlx` backend.
+    """
+
+    def __init__(self, flavor: str, fuse_swiglu: bool = True, fuse_combine: bool = True):
+        super().__init__()
+        self.name = flavor
+        self.flavor = flavor
+        self.fuse_swiglu = fuse_swiglu
+        self.fuse_combine = fuse_combine
+        self.fallback = MLXBackend()
+        self.fallback.stats = self.stats
+
+    def supports(self, experts) -> bool:
+        return kernels_cover(experts)
+
+    def __call__(self, x, ids, weights, experts, n_identity=0, may_pad=False):
+        if not use_decode_kernels(x, ids, experts):
+            return self.fallback(x, ids, weights, experts, n_identity=n_identity, may_pad=may_pad)
+        T, k = ids.shape
+        self.stats.calls += 1
+        self.stats.rows += T * k
+        ids = ids.astype(mx.int32)
+        weights = weights.astype(mx.float32)
+        wg = experts.gate_proj["weight"]
+        wu = experts.up_proj["weight"]
+        wd = experts.down_proj["weight"]
+        f = self.flavor
+        if self.fuse_swiglu:
+            h = mul_mv_id_swiglu(x, ids, wg, wu, f)
+        else:
+            h = nn.silu(mul_mv_id(x, ids, wg, True, f)) * mul_mv_id(x, ids, wu, True, f)
+        if self.fuse_combine:
+            return mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, f)
+        E = experts.num_experts
+        down = mul_mv_id(h, ids, wd, False, f).reshape(T, k, -1)  # zero rows for non-real slots
+        real = (ids >= 0) & (ids < E)
+        y = (down * mx.where(real, weights, 0.0)[..., None]).sum(axis=1)
+        if n_identity:
+            y = y + identity_term(x, ids, weights, E, n_identity)
+        return y.astype(x.dtype)
+
+
+def _available(flavor: str) -> bool:
+    if flavor == "metal":
+        return mx.metal.is_available()
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+def register() -> None:
+    from . import register_backend
+
+    for flavor in ("metal", "cuda"):
+        if _available(flavor):
+            register_backend(flavor, lambda flavor=flavor: KernelBackend(flavor))
+
+
+register()

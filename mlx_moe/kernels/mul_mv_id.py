@@ -1,0 +1,106 @@
+"""Typed calls of the mul_mv_id kernel family (metal/mul_mv_id.metal).
+
+Each function takes MLX arrays, picks the template arguments and the launch
+geometry, and returns the kernel's output.  `flavor` is "metal", "cuda" or
+"emulated" (see registry.py).  Weights are either Q4_0 (uint16 words
+[E, rows, cols/32*9]) or float [E, rows, cols]; the kernel reads ids to find
+each slot's expert and never touches weights of identity or padding ids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from .dispatch import DOWN, GATE_UP, Geometry
+from .registry import get_kernel
+
+FAMILY = "mul_mv_id"
+
+
+def _shape(w: mx.array) -> Tuple[str, int, int]:
+    """(kind, rows, cols) of stacked expert weights."""
+    if w.ndim != 3:
+        raise ValueError(f"expert weights must be [E, rows, cols]; got shape {tuple(w.shape)}")
+    if w.dtype == mx.uint16:
+        if w.shape[2] % 9:
+            raise ValueError(
+                f"Q4_0 expert weights hold 9 uint16 words per 32 columns; last dim {w.shape[2]} is not a multiple of 9"
+            )
+        return "q4_0", w.shape[1], w.shape[2] // 9 * 32
+    if w.dtype in (mx.float16, mx.bfloat16, mx.float32):
+        return "float", w.shape[1], w.shape[2]
+    raise TypeError(f"mul_mv_id reads Q4_0 (uint16) or float expert weights, not {w.dtype}")
+
+
+def _gemv_grid(rows: int, g: Geometry, z: int):
+    n_tg = -(-rows // (g.nr * g.nsg))
+    return (n_tg * 32 * g.nsg, 1, z), (32 * g.nsg, 1, 1)
+
+
+def mul_mv_id(
+    src: mx.array, ids: mx.array, w: mx.array, broadcast: bool, flavor: str,
+    geometry: Optional[Geometry] = None,
+) -> mx.array:
+    """out[t*k + s] = W[ids[t, s]] @ src[t if broadcast else t*k + s]: [T*k, rows] float32.
+
+    Rows of identity or padding slots are zero.
+    """
+    kind, rows, cols = _shape(w)
+    T, k = ids.shape
+    g = geometry or GATE_UP[kind]
+    grid, tg = _gemv_grid(rows, g, T * k)
+    kernel = get_kernel(flavor, FAMILY, "mul_mv_id", ["src", "ids", "w"], ["out"])
+    return kernel(
+        inputs=[src, ids, w],
+        template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("NE", w.shape[0]),
+                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg), ("BCAST", bool(broadcast))],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+    )[0]
+
+
+def mul_mv_id_swiglu(
+    x: mx.array, ids: mx.array, wg: mx.array, wu: mx.array, flavor: str,
+    geometry: Optional[Geometry] = None,
+) -> mx.array:
+    """h[t*k + s] = silu(Wg[e] @ x[t]) * (Wu[e] @ x[t]), e = ids[t, s]: [T*k, ffn] float32.
+
+    Rows of identity or padding slots are left unwritten.
+    """
+    kind, rows, cols = _shape(wg)
+    if wu.shape != wg.shape or wu.dtype != wg.dtype:
+        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    T, k = ids.shape
+    g = geometry or GATE_UP[kind]
+    grid, tg = _gemv_grid(rows, g, T * k)
+    kernel = get_kernel(flavor, FAMILY, "mul_mv_id_swiglu", ["x", "ids", "wg", "wu"], ["h"])
+    return kernel(
+        inputs=[x, ids, wg, wu],
+        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("NE", wg.shape[0]),
+                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg)],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+    )[0]
+
+
+def mul_mv_id_down_combine(
+    h: mx.array, ids: mx.array, weights: mx.array, x: mx.array, wd: mx.array, n_identity: int,
+    flavor: str, geometry: Optional[Geometry] = None,
+) -> mx.array:
+    """y[t] = sum_s w[t,s] * Wd[ids[t,s]] @ h[t*k+s] (real ids) + sum_s w[t,s] * x[t] (identity ids).
+
+    h [T*k, ffn] float32, x [T, hidden]; returns [T, hidden] in x's dtype.
+    """
+    kind, rows, cols = _shape(wd)
+    T, k = ids.shape
+    g = geometry or DOWN[kind]
+    nsg = min(g.nsg, k)
+    n_tg = -(-rows // g.nr)
+    kernel = get_kernel(flavor, FAMILY, "mul_mv_id_down_combine", ["h", "ids", "wts", "x", "wd"], ["y"])
+    return kernel(
+        inputs=[h, ids, weights, x, wd],
+        template=[("T", x.dtype), ("WT", wd.dtype), ("K", cols), ("N", rows), ("NE", wd.shape[0]),
+                  ("NI", int(n_identity)), ("KS", k), ("NR", g.nr), ("NSG", nsg)],
+        grid=(n_tg * 32 * nsg, T, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(T, rows)], output_dtypes=[x.dtype],
+    )[0]

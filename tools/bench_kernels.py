@@ -1,0 +1,227 @@
+"""Decode MoE-layer microbenchmark: the project's kernels against mlx-lm's SwitchGLU.
+
+One token (or a few), top-k of E experts on Qwen3-30B-A3B layer shapes by
+default (hidden 2048, expert ffn 768, 128 experts, top-8).  Each layer has its
+own weights and its own routing, and a timed pass runs all layers, so the
+weights read per pass (layers x k experts x 3 projections) are far larger
+than the GPU's L2 and every layer reads from HBM.
+
+Reported per variant: microseconds per MoE layer (gate + up + down + combine;
+median over reps of one pass of all layers divided by the layer count) and
+effective GB/s (bytes of the routed experts' weights / time).  The HBM read
+rate is measured in the same run (a sum over 1 GiB) for reference.
+
+    python tools/bench_kernels.py [--layers 48] [--tokens 1] [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
+
+from mlx_moe.backends.kernels import KernelBackend  # noqa: E402
+from mlx_moe.backends.mlx import MLXBackend  # noqa: E402
+from mlx_moe.experts import Experts  # noqa: E402
+from mlx_moe.kernels import dispatch  # noqa: E402
+from mlx_moe.kernels.dispatch import Geometry  # noqa: E402
+from mlx_moe.q4_0 import Q4_0SwitchLinear  # noqa: E402
+
+
+def flavor() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    raise SystemExit("bench_kernels needs a GPU (Metal or CUDA)")
+
+
+def timed(fn, reps: int, warmup: int = 3) -> float:
+    """Median wall seconds of fn() followed by a full eval."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hbm_read_gbs(reps: int) -> float:
+    a = mx.random.uniform(shape=(1 << 28,))  # 1 GiB float32
+    mx.eval(a)
+    t = timed(lambda: mx.sum(a), reps)
+    del a
+    return (1 << 30) / t / 1e9
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+def _bits16(shape) -> mx.array:
+    return mx.random.randint(0, 1 << 16, shape, dtype=mx.uint32).astype(mx.uint16)
+
+
+def q4_0_words(e: int, rows: int, cols: int) -> mx.array:
+    """Random Q4_0 words [e, rows, cols/32*9] with sane fp16 scales."""
+    nb = cols // 32
+    q = _bits16((e, rows, nb, 8))
+    d = mx.random.uniform(0.002, 0.02, (e, rows, nb, 1)).astype(mx.float16).view(mx.uint16)
+    return mx.concatenate([d, q], axis=-1).reshape(e, rows, nb * 9)
+
+
+def q4_0_experts(e, hidden, ffn) -> Experts:
+    ex = Experts(hidden, ffn, 1)
+    for name, (rows, cols) in {"gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+                               "down_proj": (hidden, ffn)}.items():
+        proj = Q4_0SwitchLinear(32, 1, 1)
+        proj.weight = q4_0_words(e, rows, cols)
+        setattr(ex, name, proj)
+    mx.eval(ex.parameters())
+    return ex
+
+
+def float_experts(e, hidden, ffn, dtype) -> Experts:
+    ex = Experts(hidden, ffn, 1)
+    for name, (rows, cols) in {"gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+                               "down_proj": (hidden, ffn)}.items():
+        getattr(ex, name).weight = (mx.random.normal((e, rows, cols)) * cols ** -0.5).astype(dtype)
+    mx.eval(ex.parameters())
+    return ex
+
+
+def mlx_lm_switch_glu(e, hidden, ffn, group_size=64, bits=4) -> SwitchGLU:
+    """mlx-lm's SwitchGLU with MLX affine 4-bit experts (random, made small then widened)."""
+    glu = SwitchGLU(hidden, ffn, 1)
+    nn.quantize(glu, group_size=group_size, bits=bits)
+    for name, (rows, cols) in {"gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+                               "down_proj": (hidden, ffn)}.items():
+        proj = getattr(glu, name)
+        shape = (e, rows, cols * bits // 32)
+        proj.weight = (_bits16(shape).astype(mx.uint32) << 16) | _bits16(shape).astype(mx.uint32)
+        proj.scales = mx.random.uniform(0.002, 0.02, (e, rows, cols // group_size)).astype(mx.float16)
+        proj.biases = (-8 * proj.scales).astype(mx.float16)
+    mx.eval(glu.parameters())
+    return glu
+
+
+def routing(layers, tokens, k, e):
+    ids, ws = [], []
+    for _ in range(layers):
+        ids.append(mx.stack([mx.random.permutation(e)[:k] for _ in range(tokens)]).astype(mx.int32))
+        ws.append(mx.softmax(mx.random.normal((tokens, k)), axis=-1))
+    mx.eval(ids, ws)
+    return ids, ws
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+def per_layer_us(layer_fn, layers: int, reps: int) -> float:
+    return timed(lambda: [layer_fn(l) for l in range(layers)], reps) / layers * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--sweep", action="store_true", help="also try other launch geometries")
+    p.add_argument("--float-layers", type=int, default=8, help="layers for the float16/bfloat16 runs (0: skip)")
+    p.add_argument("--json", type=str, default=None)
+    a = p.parse_args(argv)
+    fl = flavor()
+    E, D, F, k, L = a.experts, a.hidden, a.ffn, a.k, a.layers
+    results = {"device": str(mx.default_device()), "flavor": fl, "args": vars(a), "rows": []}
+
+    def report(name, tokens, us, nbytes):
+        gbs = nbytes / (us * 1e-6) / 1e9
+        row = {"variant": name, "tokens": tokens, "us_per_layer": round(us, 2), "GB_s": round(gbs, 1)}
+        results["rows"].append(row)
+        print(f"{name:44s} T={tokens:<3d} {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
+
+    hbm = hbm_read_gbs(a.reps)
+    results["hbm_read_GB_s"] = round(hbm, 1)
+    print(f"HBM read (mx.sum over 1 GiB float32): {hbm:.1f} GB/s", flush=True)
+
+    # Q4_0 (ours) and MLX affine g64 (mlx-lm) hold the same 4.5 bits per weight.
+    expert_bytes_4b = 3 * F * D * 18 // 32
+    q4 = [q4_0_experts(E, D, F) for _ in range(L)]
+    glu = [mlx_lm_switch_glu(E, D, F) for _ in range(L)]
+    for T in a.tokens:
+        ids, ws = routing(L, T, k, E)
+        xs = mx.random.normal((T, D)).astype(mx.bfloat16)
+        # Bytes that must come from HBM: each distinct expert of the layer once.
+        nbytes = expert_bytes_4b * statistics.mean(len(set(sum(r.tolist(), []))) for r in ids)
+        variants = [("ours q4_0 (swiglu fused, combine fused)", KernelBackend(fl)),
+                    ("ours q4_0 (gate|up separate, combine fused)", KernelBackend(fl, fuse_swiglu=False)),
+                    ("ours q4_0 (swiglu fused, combine in MLX ops)", KernelBackend(fl, fuse_combine=False))]
+        for name, be in variants:
+            if T * k > dispatch.MAX_DECODE_PAIRS:
+                break
+            report(name, T, per_layer_us(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
+
+        def mlx_lm_layer(l):
+            y = glu[l](xs, ids[l])  # [T, k, D]
+            return (y * ws[l][..., None].astype(y.dtype)).sum(axis=-2)
+
+        report("mlx-lm SwitchGLU (gather_qmm affine 4-bit g64) + combine", T,
+               per_layer_us(mlx_lm_layer, L, a.reps), nbytes)
+
+        if a.sweep and T == 1:
+            for nr, nsg in [(2, 2), (2, 4), (4, 1), (4, 4), (8, 1), (8, 2)]:
+                dispatch.GATE_UP["q4_0"] = Geometry(nr, nsg)
+                report(f"  sweep gate_up nr={nr} nsg={nsg}", T,
+                       per_layer_us(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
+            dispatch.GATE_UP["q4_0"] = Geometry(4, 2)
+            for nr, nsg in [(2, 8), (1, 8), (8, 8), (4, 4)]:
+                dispatch.DOWN["q4_0"] = Geometry(nr, nsg)
+                report(f"  sweep down nr={nr} nsg={nsg}", T,
+                       per_layer_us(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
+            dispatch.DOWN["q4_0"] = Geometry(4, 8)
+    del glu
+    mx.clear_cache()
+
+    # The project's own mlx backend on the same Q4_0 weights (gather_qmm, affine g32 f32 scales).
+    Lm = min(L, 24)
+    ids, ws = routing(Lm, 1, k, E)
+    xs = mx.random.normal((1, D)).astype(mx.bfloat16)
+    mb = MLXBackend()
+    report("mlx backend q4_0 (gather_qmm g32)", 1,
+           per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), Lm, a.reps), expert_bytes_4b * k)
+    del q4
+    mx.clear_cache()
+
+    for dtype in (mx.float16, mx.bfloat16) if a.float_layers else ():
+        Lf = a.float_layers
+        fe = [float_experts(E, D, F, dtype) for _ in range(Lf)]
+        ids, ws = routing(Lf, 1, k, E)
+        xs = mx.random.normal((1, D)).astype(dtype)
+        nb = 3 * F * D * 2 * k
+        be = KernelBackend(fl)
+        report(f"ours {dtype}", 1, per_layer_us(lambda l: be(xs, ids[l], ws[l], fe[l]), Lf, a.reps), nb)
+        report(f"mlx backend {dtype} (gather_mm)", 1,
+               per_layer_us(lambda l: mb(xs, ids[l], ws[l], fe[l]), Lf, a.reps), nb)
+        del fe
+        mx.clear_cache()
+
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
