@@ -106,11 +106,16 @@ def stream_generate(
         mx.random.seed(seed)
     tokens = encode_prompt(tokenizer, prompt, chat_template)
     sampler = make_sampler(temp=temp, top_p=top_p)
+    ep = getattr(model, "expert_parallel", None)  # set by mlx_moe.distributed.shard_experts
+    if ep is not None:
+        sampler = ep.agree_sampler(sampler)  # every rank takes rank 0's token
+        expert_log = expert_log if ep.rank == 0 else None  # one log, written by rank 0
     with routing_session(model, len(tokens), prompt_cache, expert_log, expert_log_weights):
-        yield from flushing(mlx_stream_generate(
+        steps = mlx_stream_generate(
             model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
             sampler=sampler, prompt_cache=prompt_cache, **kwargs,
-        ))
+        )
+        yield from flushing(ep.guard(steps) if ep is not None else steps)
 
 
 def generate_tokens(
@@ -128,9 +133,13 @@ def generate_tokens(
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    ep = getattr(model, "expert_parallel", None)  # see stream_generate
+    if ep is not None:
+        kwargs["sampler"] = ep.agree_sampler(kwargs.get("sampler") or (lambda x: mx.argmax(x, axis=-1)))
+        expert_log = expert_log if ep.rank == 0 else None
     with routing_session(model, len(prompt), cache, expert_log, expert_log_weights):
-        for token, _ in flushing(generate_step(mx.array(prompt), model, max_tokens=max_tokens,
-                                               prompt_cache=cache, **kwargs)):
+        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache, **kwargs)
+        for token, _ in flushing(ep.guard(steps) if ep is not None else steps):
             yield token
 
 
@@ -180,6 +189,16 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="write every routing decision (token, layer, experts) to this CSV")
     p.add_argument("--expert-log-weights", action="store_true", help="add weight_0..weight_{k-1} columns to the log")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    ep = p.add_argument_group("expert parallelism (run under `mlx.launch -n N ...`)")
+    ep.add_argument("--expert-parallel", action="store_true",
+                    help="split every MoE layer's experts over the N ranks (mx.distributed); "
+                         "attention and dense layers are replicated")
+    ep.add_argument("--placement-log", metavar="FILE.csv", default=None,
+                    help="an --expert-log of this model: spread the hot experts across ranks (default: by bytes)")
+    ep.add_argument("--ep-backend", default="any", choices=["any", "ring", "jaccl", "nccl", "mpi"],
+                    help="mx.distributed backend (default: what mlx.launch set up)")
+    ep.add_argument("--ep-timeout", type=float, default=120.0,
+                    help="seconds a rank waits on its peers (connecting, each step) before it stops with an error")
     return p
 
 
@@ -191,8 +210,20 @@ def main(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentPar
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     log = None
+    if args.placement_log and not args.expert_parallel:
+        print("error: --placement-log needs --expert-parallel", file=sys.stderr)
+        return 2
     try:
-        if args.expert_log:
+        group = None
+        if args.expert_parallel:
+            from . import distributed
+
+            group = distributed.init_group(args.ep_backend, args.ep_timeout)
+            if group.size() == 1:
+                print("[mlx-moe] --expert-parallel in a single process: start N ranks with "
+                      "`mlx.launch -n N -- mlx-moe generate --expert-parallel ...`", file=sys.stderr)
+        rank0 = group is None or group.rank() == 0
+        if args.expert_log and rank0:
             from .expert_log import ExpertLog
 
             ExpertLog.check_writable(args.expert_log)  # fail before loading a large model
@@ -202,10 +233,16 @@ def main(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentPar
             path = str(demo_model_path())
         else:
             path = args.model
-        model, tokenizer = load(path, kernels=args.kernels)
-        if args.expert_log:
+        if group is not None:
+            model, tokenizer = distributed.load(path, group=group, placement_log=args.placement_log,
+                                                kernels=args.kernels, timeout=args.ep_timeout)
+            if rank0:
+                print(f"[mlx-moe] {model.expert_parallel.describe()}", file=sys.stderr)
+        else:
+            model, tokenizer = load(path, kernels=args.kernels)
+        if args.expert_log and rank0:  # one log, written by rank 0 (every rank routes every token)
             log = ExpertLog.for_model(args.expert_log, model, weights=args.expert_log_weights, model_name=path)
-        generate(model, tokenizer, prompt, max_tokens=args.max_tokens, verbose=True, temp=args.temp,
+        generate(model, tokenizer, prompt, max_tokens=args.max_tokens, verbose=rank0, temp=args.temp,
                  top_p=args.top_p, seed=args.seed, chat_template=not args.no_chat_template and None,
                  expert_log=log, prefill_step_size=args.prefill_step_size)
     except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
