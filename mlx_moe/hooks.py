@@ -32,10 +32,36 @@ PREFILL = "prefill"
 DECODE = "decode"
 
 
+class _ForwardArrays:
+    """The (ids, weights) of all MoE layers of one forward pass, converted to
+    numpy and ordered by weight in one batch the first time any event asks."""
+
+    __slots__ = ("_ids", "_weights", "_result")
+
+    def __init__(self, ids: list, weights: list):
+        self._ids = ids
+        self._weights = weights
+        self._result = None
+
+    def all(self):
+        """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight."""
+        if self._result is None:
+            ids = np.stack([np.asarray(a) for a in self._ids]).astype(np.int32, copy=False)  # [L, T, k]
+            w = np.stack([np.asarray(a) for a in self._weights]).astype(np.float32, copy=False)
+            order = np.argsort(-w, axis=-1, kind="stable")
+            self._result = (np.take_along_axis(ids, order, -1), np.take_along_axis(w, order, -1))
+            self._ids = self._weights = None  # release the device arrays
+        return self._result
+
+    def get(self, i: int):
+        ids, w = self.all()
+        return ids[i], w[i]
+
+
 class RoutingEvent:
     """One MoE layer's routing for the tokens of one forward pass.
 
-    Attributes (numpy, computed on first access):
+    Attributes (numpy, computed on first access, off the device):
       layer        index of the decoder layer among *all* decoder layers
       positions    int64 [T]: absolute position of each token in its sequence
       expert_ids   int32 [T, k]: selected experts, by descending routing weight
@@ -51,41 +77,27 @@ class RoutingEvent:
     """
 
     __slots__ = ("layer", "phase", "n_experts", "n_zero_experts", "sequence_id",
-                 "forward_id", "_positions", "_ids", "_weights", "_sorted")
+                 "forward_id", "positions", "_arrays", "_index")
 
-    def __init__(self, layer, ids, weights, positions, phase, n_experts, n_zero_experts,
-                 sequence_id, forward_id):
+    def __init__(self, layer, arrays: _ForwardArrays, index, positions, phase, n_experts,
+                 n_zero_experts, sequence_id, forward_id):
         self.layer = layer
         self.phase = phase
         self.n_experts = n_experts
         self.n_zero_experts = n_zero_experts
         self.sequence_id = sequence_id
         self.forward_id = forward_id
-        self._positions = positions
-        self._ids = ids
-        self._weights = weights
-        self._sorted = None
-
-    def _ordered(self):
-        if self._sorted is None:
-            ids = np.array(self._ids, dtype=np.int32)
-            w = np.array(self._weights.astype(mx.float32), dtype=np.float32)
-            order = np.argsort(-w, axis=-1, kind="stable")
-            self._sorted = (np.take_along_axis(ids, order, -1), np.take_along_axis(w, order, -1))
-            self._ids = self._weights = None  # release the device arrays
-        return self._sorted
+        self.positions = positions
+        self._arrays = arrays
+        self._index = index
 
     @property
     def expert_ids(self) -> np.ndarray:
-        return self._ordered()[0]
+        return self._arrays.get(self._index)[0]
 
     @property
     def weights(self) -> np.ndarray:
-        return self._ordered()[1]
-
-    @property
-    def positions(self) -> np.ndarray:
-        return self._positions
+        return self._arrays.get(self._index)[1]
 
     @property
     def is_zero(self) -> Optional[np.ndarray]:
@@ -97,8 +109,19 @@ class RoutingEvent:
     def top_k(self) -> int:
         return self.expert_ids.shape[-1]
 
+    @staticmethod
+    def stacked(events: List["RoutingEvent"]):
+        """ids and weights of a forward pass's events as [L, T, k] arrays (one
+        conversion for all layers when the events came from one flush)."""
+        batch = events[0]._arrays
+        if all(ev._arrays is batch for ev in events) and [ev._index for ev in events] == list(range(len(events))):
+            ids, w = batch.all()
+            if len(ids) == len(events):
+                return ids, w
+        return np.stack([ev.expert_ids for ev in events]), np.stack([ev.weights for ev in events])
+
     def __repr__(self) -> str:
-        return (f"RoutingEvent(layer={self.layer}, phase={self.phase!r}, tokens={len(self._positions)}, "
+        return (f"RoutingEvent(layer={self.layer}, phase={self.phase!r}, tokens={len(self.positions)}, "
                 f"sequence_id={self.sequence_id})")
 
 
@@ -178,8 +201,9 @@ class RoutingHooks:
         mx.eval([a for f in done for r in f.records for a in r[1:3]])
         callbacks = list(self._callbacks)
         for f in done:
-            events = [RoutingEvent(layer, ids, w, f.positions, f.phase, ne, nz, f.sequence_id, f.forward_id)
-                      for layer, ids, w, ne, nz in f.records]
+            arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records])
+            events = [RoutingEvent(layer, arrays, i, f.positions, f.phase, ne, nz, f.sequence_id, f.forward_id)
+                      for i, (layer, _, _, ne, nz) in enumerate(f.records)]
             for _, fn, per_forward in callbacks:
                 if per_forward:
                     fn(events)
