@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_kernels_emulated import FLOAT_SHAPES, Q4_SHAPES, run_case  # noqa: E402
+from test_kernels_emulated import FLOAT_SHAPES, Q4_SHAPES, check_mul_mv_id_ragged_rows, run_case  # noqa: E402
 
 _HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")]
@@ -66,9 +66,14 @@ def test_unfused_variants(fuse):
     run_case(cuda_backend, "q4_0", (6, 96, 160, 3, 2), mx.float32, n_identity=1, n_pad=1, seed=11, fuse=fuse)
 
 
+def test_mul_mv_id_ragged_rows():
+    check_mul_mv_id_ragged_rows("cuda")
+
+
 if __name__ == "__main__":  # a few cases once, for compute-sanitizer
     run_case(cuda_backend, "q4_0", (6, 96, 160, 3, 2), mx.float32, n_identity=1, n_pad=2, seed=1)
     run_case(cuda_backend, "q4_0", (16, 64, 32, 10, 1), mx.float16, seed=2)
     run_case(cuda_backend, "bfloat16", (5, 100, 70, 3, 2), mx.bfloat16, n_identity=1, n_pad=1, seed=3)
     run_case(cuda_backend, "float16", (6, 130, 260, 4, 1), mx.float32, seed=4, fuse=(False, False))
+    check_mul_mv_id_ragged_rows("cuda")
     print("sanitizer cases ran")

@@ -52,8 +52,11 @@ class KernelBackend(ExpertBackend):
         T, k = ids.shape
         self.stats.calls += 1
         self.stats.rows += T * k
-        ids = ids.astype(mx.int32)
-        weights = weights.astype(mx.float32)
+        # astype always adds a graph node (a launch on the GPU): only convert when needed.
+        if ids.dtype != mx.int32:
+            ids = ids.astype(mx.int32)
+        if weights.dtype != mx.float32:
+            weights = weights.astype(mx.float32)
         wg = experts.gate_proj["weight"]
         wu = experts.up_proj["weight"]
         wd = experts.down_proj["weight"]

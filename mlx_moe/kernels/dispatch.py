@@ -31,9 +31,9 @@ class Geometry:
 
 
 # Gate+up (SwiGLU fused) and the plain per-slot GEMV: a threadgroup owns nr * nsg rows.
-GATE_UP = {"q4_0": Geometry(nr=4, nsg=2), "float": Geometry(nr=2, nsg=4)}
+GATE_UP = {"q4_0": Geometry(nr=8, nsg=2), "float": Geometry(nr=2, nsg=4)}
 # Down + combine: a threadgroup owns nr rows of one token, its simdgroups take the slots.
-DOWN = {"q4_0": Geometry(nr=4, nsg=8), "float": Geometry(nr=2, nsg=8)}
+DOWN = {"q4_0": Geometry(nr=2, nsg=8), "float": Geometry(nr=2, nsg=8)}
 
 
 def weight_kind(proj) -> Optional[str]:
