@@ -129,6 +129,10 @@ def test_uniform_random_routing_matches_nulls(tmp_path):
         assert abs(hits_at(ls, "lru", C, k) - C / E) < 0.02, C
         assert abs(hits_at(ls, "lfu", C, k) - C / E) < 0.02, C
         assert hits_at(ls, "belady", C, k) >= hits_at(ls, "lru", C, k)
+    # at C = k every policy holds exactly the previous token's experts, so the hits are the
+    # consecutive-overlap counts (one sequence, every slot a real expert)
+    for pol in ("lru", "lfu", "belady"):
+        assert hits_at(ls, pol, k, k) == pytest.approx(ls.overlap_hits / (n * k))
     # every expert resident: only the E cold misses miss
     assert hits_at(ls, "lru", E, k) == pytest.approx(1 - E / (n * k))
     assert ls.working_sets.mean() == pytest.approx(E * null_w, abs=0.3)
