@@ -410,6 +410,11 @@ def test_switch_linear_exact_against_gather_mm():
     got_s = layer(xs, ids, sorted_indices=True)
     ref_s = mx.gather_mm(xs, w_float.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True)
     np.testing.assert_array_equal(np.array(got_s), np.array(ref_s))
+    # a prefill-sized batch (MLX's tiled GEMM paths); the data stay exact even in TF32
+    xb = mx.array(rng.integers(-3, 4, size=(64, 1, 1, 128)).astype(np.float32))
+    idb = mx.array(rng.integers(0, 6, size=(64, 4)).astype(np.uint32))
+    ref_b = mx.gather_mm(xb, w_float.swapaxes(-1, -2), rhs_indices=idb)
+    np.testing.assert_array_equal(np.array(layer(xb, idb)), np.array(ref_b))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -430,6 +435,12 @@ def test_switch_linear_random_weights_and_bias(dtype):
 
 
 def test_switch_linear_stands_in_for_mlx_lm_switch_layers():
+    # On the CPU: fp32 matmuls on a GPU may run in TF32 on one side only.
+    with mx.stream(mx.cpu):
+        _check_switch_glu_stand_in()
+
+
+def _check_switch_glu_stand_in():
     rng = np.random.default_rng(13)
     hidden, ffn, n_exp = 64, 96, 8
     ref = SwitchGLU(hidden, ffn, n_exp)
