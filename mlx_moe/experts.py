@@ -100,11 +100,12 @@ def gather_project(
         )
     elif hasattr(proj, "affine"):
         # Q4_0 is affine with group 32 (scale d, bias -8d): the exact MLX form.
+        # The exact form has float32 scales, which promote the result: cast back.
         w, scales, biases = proj.affine()
         y = mx.gather_qmm(
             x, w, scales, biases, lhs_indices=lhs, rhs_indices=rhs,
             transpose=True, group_size=32, bits=4, sorted_indices=sorted_indices,
-        )
+        ).astype(x.dtype)
     else:
         raise TypeError(f"unknown expert projection type {type(proj).__name__}")
     if "bias" in proj:

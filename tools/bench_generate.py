@@ -79,6 +79,8 @@ def build_models(config: dict, bits: int, group_size: int):
         nn.quantize(baseline, group_size=group_size, bits=bits, class_predicate=class_predicate)
     else:
         baseline.set_dtype(mx.bfloat16)
+    for layer in baseline.layers:  # layer by layer: the float weights never all exist at once
+        mx.eval(layer.parameters())
     mx.eval(baseline.parameters())
     Model, Args = model_classes(dict(config))
     ours = Model(Args.from_dict(dict(config)))
@@ -88,6 +90,28 @@ def build_models(config: dict, bits: int, group_size: int):
     ours.load_weights(weights, strict=True)  # same arrays, no copy
     mx.eval(ours.parameters())
     return baseline, ours
+
+
+def random_q4_0_experts(model, scale: float = 0.02) -> None:
+    """Replace our experts by random Q4_0 blocks of the same shapes (4.5 bits per
+    weight, as MLX affine 4-bit g64): same bytes to read, for the kernels' path."""
+    import numpy as np
+
+    from mlx_moe.moe import moe_layers
+    from mlx_moe.q4_0 import Q4_0SwitchLinear
+
+    for layer in moe_layers(model):
+        ex = layer.switch_mlp
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            p = getattr(ex, name)
+            E, rows, cols = p.num_experts, p.output_dims, p.input_dims
+            nb = cols // 32
+            d = (mx.random.normal((E, rows, nb, 1)) * scale).astype(mx.float16).view(mx.uint16)
+            qs = mx.random.randint(0, 1 << 16, (E, rows, nb, 8)).astype(mx.uint16)
+            q = Q4_0SwitchLinear(cols, rows, E)
+            q.weight = mx.concatenate([d, qs], axis=-1).reshape(E, rows, nb * 9)
+            mx.eval(q.weight)
+            setattr(ex, name, q)
 
 
 def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_size=2048):
@@ -118,6 +142,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--bits", type=int, default=4, help="4 or 8: MLX affine; 16: bf16")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--experts", choices=["shared", "q4_0"], default="shared",
+                   help="shared: our experts are mlx-lm's arrays (MLX affine); q4_0: random Q4_0 experts "
+                        "of equal size for our engines (the custom kernels' format)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
@@ -131,6 +158,8 @@ def main(argv=None):
         config["num_hidden_layers"] = args.layers
     mx.random.seed(0)
     baseline, ours = build_models(config, args.bits, args.group_size)
+    if args.experts == "q4_0":
+        random_q4_0_experts(ours)
     kernels = get_backend(args.kernels)
     reference = get_backend("mlx")
     engines = [e for e in args.engines.split(",") if e]
@@ -160,7 +189,7 @@ def main(argv=None):
     print(f"# bench_generate: {args.shape} ({config['num_hidden_layers']} layers), "
           f"{'bf16' if args.bits == 16 else f'{args.bits}-bit g{args.group_size}'}, "
           f"prefill {args.prompt_tokens}, decode {args.gen_tokens}, {args.reps} reps, device {device}, "
-          f"kernels {kernels.name}")
+          f"kernels {kernels.name}, our experts {args.experts}")
     print("| engine | prefill tok/s | decode tok/s | prefill vs mlx-lm | decode vs mlx-lm |")
     print("|---|---|---|---|---|")
     for e, s in summary.items():
