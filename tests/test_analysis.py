@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_moe.analysis import ExpertLogError, analyze, knee_capacity  # noqa: E402
+from mlx_moe.analysis import LogFormatError, analyze, knee_capacity  # noqa: E402
 from mlx_moe.analysis.cache import lru_hist, stack_hists  # noqa: E402
 
 
@@ -322,7 +322,7 @@ def test_malformed_rows_name_the_line(tmp_path, bad, msg):
     p = tmp_path / "bad.csv"
     p.write_text("\n".join(lines) + "\n")
     Path(str(p) + ".json").write_text(json.dumps({"n_experts": 4, "n_zero_experts": 0, "top_k": 2}))
-    with pytest.raises(ExpertLogError, match=rf"bad.csv line 5: .*{msg}"):
+    with pytest.raises(LogFormatError, match=rf"bad.csv line 5: .*{msg}"):
         analyze([str(p)])
     rep = analyze([str(p)], skip_bad=True, policies=("lru",))
     assert rep.overall["skipped_rows"] == 1 and rep.layers[0].tokens == 5
@@ -331,11 +331,11 @@ def test_malformed_rows_name_the_line(tmp_path, bad, msg):
 
 def test_bad_phase_and_header(tmp_path):
     p = write_log(tmp_path / "p.csv", np.array([[0, 1], [1, 0]]), phase=["prefill", "generate"])
-    with pytest.raises(ExpertLogError, match="line 3: phase must be 'prefill' or 'decode'"):
+    with pytest.raises(LogFormatError, match="line 3: phase must be 'prefill' or 'decode'"):
         analyze([p], n_experts=2)
     q = tmp_path / "h.csv"
     q.write_text("token,layer,e0\n1,2,3\n")
-    with pytest.raises(ExpertLogError, match="header lacks token_id, layer_id, expert_0"):
+    with pytest.raises(LogFormatError, match="header lacks token_id, layer_id, expert_0"):
         analyze([str(q)])
 
 

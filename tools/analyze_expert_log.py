@@ -14,10 +14,10 @@ import os
 import sys
 
 try:
-    from mlx_moe.analysis import POLICIES, ExpertLogError, analyze
+    from mlx_moe.analysis import POLICIES, LogFormatError, analyze
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mlx_moe.analysis import POLICIES, ExpertLogError, analyze
+    from mlx_moe.analysis import POLICIES, LogFormatError, analyze
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                          window=a.window, skip_bad=a.skip_bad,
                          policies=[p.strip() for p in a.policies.split(",") if p.strip()],
                          knee_points=a.knee_points, seed=a.seed)
-    except (ExpertLogError, ValueError) as e:
+    except (LogFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = report.to_json() if a.json else report.to_markdown()

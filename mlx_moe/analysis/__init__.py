@@ -10,7 +10,7 @@ and the memory bound.
 
 from .analyze import analyze, knee_capacity
 from .cache import POLICIES
-from .reader import ExpertLogError, read_logs
+from .reader import LogFormatError, read_logs
 from .report import Report
 
-__all__ = ["analyze", "knee_capacity", "POLICIES", "ExpertLogError", "read_logs", "Report"]
+__all__ = ["analyze", "knee_capacity", "POLICIES", "LogFormatError", "read_logs", "Report"]

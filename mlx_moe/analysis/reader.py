@@ -35,7 +35,7 @@ NO_PHASE = -1  # phase code for logs without a phase column
 CHUNK_LINES = 1 << 16
 
 
-class ExpertLogError(ValueError):
+class LogFormatError(ValueError):
     """A log file that cannot be read as the expert-log format."""
 
 
@@ -68,10 +68,10 @@ def parse_header(line: str, path: str = "<log>") -> LogSchema:
     columns = [c.strip() for c in text.split(",")]
     where = {name: i for i, name in enumerate(columns)}
     if len(where) != len(columns):
-        raise ExpertLogError(f"{path} line 1: the header repeats a column name: {line.strip()!r}")
+        raise LogFormatError(f"{path} line 1: the header repeats a column name: {line.strip()!r}")
     missing = [c for c in ("token_id", "layer_id", "expert_0") if c not in where]
     if missing:
-        raise ExpertLogError(
+        raise LogFormatError(
             f"{path} line 1: the header lacks {', '.join(missing)}; expected "
             "'token_id,layer_id,expert_0,...,expert_{k-1}[,weight_0,...][,phase][,sequence_id]', "
             f"found {line.strip()[:200]!r}")
@@ -85,14 +85,14 @@ def parse_header(line: str, path: str = "<log>") -> LogSchema:
         while f"weight_{nw}" in where:
             nw += 1
         if nw != k:
-            raise ExpertLogError(f"{path} line 1: the header has {k} expert columns but {nw} weight "
+            raise LogFormatError(f"{path} line 1: the header has {k} expert columns but {nw} weight "
                                  "columns; they must match (one weight per selected expert)")
         weights = [where[f"weight_{i}"] for i in range(k)]
     known = {"token_id", "layer_id", "phase", "sequence_id"}
     known |= {f"expert_{i}" for i in range(k)} | {f"weight_{i}" for i in range(k)}
     unknown = [c for c in columns if c not in known]
     if unknown:
-        raise ExpertLogError(f"{path} line 1: unknown header columns {unknown}; the expert-log format "
+        raise LogFormatError(f"{path} line 1: unknown header columns {unknown}; the expert-log format "
                              "has token_id, layer_id, expert_i, weight_i, phase, sequence_id only")
     return LogSchema(columns, k, where["token_id"], where["layer_id"], experts, weights,
                      where.get("phase"), where.get("sequence_id"))
@@ -107,9 +107,9 @@ def read_sidecar(path: str) -> Optional[dict]:
         with open(side, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ExpertLogError(f"{side}: unreadable sidecar metadata ({e}); fix or delete it") from e
+        raise LogFormatError(f"{side}: unreadable sidecar metadata ({e}); fix or delete it") from e
     if not isinstance(meta, dict):
-        raise ExpertLogError(f"{side}: sidecar metadata must be a JSON object")
+        raise LogFormatError(f"{side}: sidecar metadata must be a JSON object")
     return meta
 
 
@@ -273,7 +273,7 @@ class _FileReader:
             except ValueError as e:
                 msg = _bad(self.path, first_lineno + j, str(e))
                 if not self.skip_bad:
-                    raise ExpertLogError(msg + " (pass --skip-bad / skip_bad=True to skip bad rows)") from None
+                    raise LogFormatError(msg + " (pass --skip-bad / skip_bad=True to skip bad rows)") from None
                 self.skipped += 1
                 if len(self.examples) < 5:
                     self.examples.append(msg)
@@ -309,7 +309,7 @@ def read_logs(paths: Sequence[str], id_limit: Optional[int] = None, skip_bad: bo
     repeating a (sequence, layer, token) stay in file order and are counted as duplicates).
     """
     if not paths:
-        raise ExpertLogError("no log files given")
+        raise LogFormatError("no log files given")
     acc = _Accumulator()
     k = None
     rows = skipped = 0
@@ -323,7 +323,7 @@ def read_logs(paths: Sequence[str], id_limit: Optional[int] = None, skip_bad: bo
         try:
             f = open(path, encoding="utf-8", newline="")
         except OSError as e:
-            raise ExpertLogError(f"{path}: cannot open ({e})") from e
+            raise LogFormatError(f"{path}: cannot open ({e})") from e
         with f:
             header = None
             lineno = 0
@@ -333,12 +333,12 @@ def read_logs(paths: Sequence[str], id_limit: Optional[int] = None, skip_bad: bo
                     header = line
                     break
             if header is None:
-                raise ExpertLogError(f"{path}: empty file (no header row)")
+                raise LogFormatError(f"{path}: empty file (no header row)")
             schema = parse_header(header, path)
             if k is None:
                 k = schema.k
             elif schema.k != k:
-                raise ExpertLogError(f"{path}: top-k {schema.k} differs from {k} in {paths[0]}; "
+                raise LogFormatError(f"{path}: top-k {schema.k} differs from {k} in {paths[0]}; "
                                      "analyze logs of one model together")
             has_phase &= schema.phase is not None
             has_seq &= schema.sequence is not None
@@ -363,7 +363,7 @@ def read_logs(paths: Sequence[str], id_limit: Optional[int] = None, skip_bad: bo
             skipped += reader.skipped
             examples += reader.examples
     if rows == 0:
-        raise ExpertLogError(f"no valid rows in {', '.join(paths)}")
+        raise LogFormatError(f"no valid rows in {', '.join(paths)}")
     id_dtype = np.int16 if max_id < 2**15 else np.int32
     layers = acc.finish(id_dtype)
     dups = 0
