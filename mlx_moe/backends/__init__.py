@@ -65,4 +65,9 @@ def _try_import_kernels() -> None:
         pass
 
 
+# Register the kernel backends now, so that `auto` sees them (mlx_moe/backends/kernels.py
+# registers `metal` / `cuda` only where the device has them).
+_try_import_kernels()
+
+
 __all__ = ["ExpertBackend", "ExpertStats", "MLXBackend", "get_backend", "register_backend", "resolve_backend_name"]

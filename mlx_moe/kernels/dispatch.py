@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ..experts import Experts, projection_format
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from ..experts import Experts
 
 # (token, slot) pairs per call up to which the GEMV kernels run.
 MAX_DECODE_PAIRS = 64
@@ -37,29 +39,44 @@ DOWN = {"q4_0": Geometry(nr=2, nsg=8), "float": Geometry(nr=2, nsg=8)}
 
 
 def weight_kind(proj) -> Optional[str]:
-    """'q4_0' or 'float' for projections the kernels read directly, else None."""
+    """'q4_0' or 'float' for projections the kernels read directly, else None.
+
+    Runs once per layer call: it reads the module's dict directly (nn.Module
+    attribute access costs microseconds, a noticeable part of a decode layer).
+    """
     if "bias" in proj:
         return None  # biased experts: not in the kernels; the mlx backend handles them
-    fmt = projection_format(proj)
-    if fmt.kind == "q4_0":
+    w = proj.get("weight")
+    if w is None or w.ndim != 3:
+        return None
+    if isinstance(proj, SwitchLinear):
+        return "float" if w.dtype in FLOAT_DTYPES else None
+    if hasattr(proj, "affine") and w.dtype == mx.uint16:  # mlx_moe.q4_0.Q4_0SwitchLinear
         return "q4_0"
-    if fmt.kind == "float" and fmt.dtype in FLOAT_DTYPES:
-        return "float"
-    return None
+    return None  # MLX-quantized (QuantizedSwitchLinear) and anything else
+
+
+def expert_weights(experts: Experts) -> Tuple[mx.array, mx.array, mx.array]:
+    """(gate, up, down) weight arrays, by dict access."""
+    return experts["gate_proj"]["weight"], experts["up_proj"]["weight"], experts["down_proj"]["weight"]
 
 
 def kernels_cover(experts: Experts) -> bool:
     """Whether the GEMV kernels can run this layer's experts at all."""
-    g, u, d = (weight_kind(p) for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    g, u, d = (weight_kind(experts[n]) for n in ("gate_proj", "up_proj", "down_proj"))
     if g is None or u is None or d is None or g != u:
         return False
-    return experts.gate_proj.weight.dtype == experts.up_proj.weight.dtype
+    return experts["gate_proj"]["weight"].dtype == experts["up_proj"]["weight"].dtype
+
+
+def decode_sized(x: mx.array, ids: mx.array) -> bool:
+    """Whether a batch is small enough for the GEMV kernels (and has a float activation)."""
+    if x.ndim != 2 or ids.ndim != 2 or x.dtype not in FLOAT_DTYPES:
+        return False
+    pairs = ids.shape[0] * ids.shape[1]
+    return 0 < pairs <= MAX_DECODE_PAIRS
 
 
 def use_decode_kernels(x: mx.array, ids: mx.array, experts: Experts) -> bool:
     """The rule: custom GEMV kernels for decode-sized batches the kernels cover."""
-    if x.ndim != 2 or ids.ndim != 2 or x.dtype not in FLOAT_DTYPES:
-        return False
-    if ids.shape[0] * ids.shape[1] > MAX_DECODE_PAIRS or ids.size == 0:
-        return False
-    return kernels_cover(experts)
+    return decode_sized(x, ids) and kernels_cover(experts)
