@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -39,7 +40,26 @@ CXXFLAGS = (
     "-w",
     "-fno-finite-loops",
     "-Wl,-z,now",
+    "-g1",  # line tables: failures inside a kernel are mapped to a source line
 )
+
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    """-mf16c / -mfma where the CPU has them: half<->float conversions and
+    fma() become single instructions instead of library calls (a large
+    speed-up for fp16 kernels).  The flags are part of every cache key."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return ()
+    return tuple(f"-m{name}" for name in ("f16c", "fma") if f" {name}" in flags)
+
+
+CXXFLAGS = CXXFLAGS + _cpu_flags()
 
 _lock = threading.RLock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -105,7 +125,7 @@ def runtime() -> ctypes.CDLL:
         if not so.exists():
             cpp = cache_dir() / f"metal_emu_rt_{key}.cpp"
             cpp.write_text('#include "metal_emu_runtime.h"\n')
-            _compile(cpp, so)
+            _compile(cpp, so, ("-ldl",))
         lib = ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.restype = ctypes.c_int
         _runtime = lib
@@ -127,16 +147,19 @@ def _excerpt(stderr: str, metal_file: Path, metal_source: str, limit: int = 40) 
     return text
 
 
-def kernel_library(cpp_source: str, metal_source: str, label: str) -> ctypes.CDLL:
+def kernel_library(
+    cpp_source: str, metal_source: str, label: str, preamble: str = ""
+) -> ctypes.CDLL:
     """Compile (or reuse) the library for one translated kernel.
 
     cpp_source is the translated text (its line numbers match metal_source);
     the generated file starts with a #line directive pointing at a copy of
-    the Metal source, so diagnostics quote the Metal lines.
+    the Metal source, so diagnostics quote the Metal lines.  preamble goes
+    before the header (configuration macros).
     """
     runtime()
     with _lock:
-        key = _digest(compiler(), " ".join(CXXFLAGS), _headers_digest(), cpp_source)
+        key = _digest(compiler(), " ".join(CXXFLAGS), _headers_digest(), preamble, cpp_source)
         if key in _loaded:
             return _loaded[key]
         base = cache_dir()
@@ -146,7 +169,7 @@ def kernel_library(cpp_source: str, metal_source: str, label: str) -> ctypes.CDL
             metal_file.write_text(metal_source)
             cpp = base / f"{key}.cpp"
             cpp.write_text(
-                '#include "metal_emu.h"\n'
+                preamble + '#include "metal_emu.h"\n'
                 f'#line 1 "{metal_file}"\n' + cpp_source
             )
             try:
@@ -159,3 +182,27 @@ def kernel_library(cpp_source: str, metal_source: str, label: str) -> ctypes.CDL
         lib = ctypes.CDLL(str(so))
         _loaded[key] = lib
         return lib
+
+
+def source_line_of(code_ref: str) -> int | None:
+    """Line of the Metal source for "lib.so+0x1f3" (None if unknown).
+
+    Uses binutils' addr2line on the kernel library's line tables; the
+    innermost frame that lies in the kernel source wins (the others are
+    metal_emu.h functions inlined into it).
+    """
+    path, _, offset = code_ref.rpartition("+")
+    tool = shutil.which("addr2line")
+    if not tool or not path:
+        return None
+    try:
+        proc = subprocess.run([tool, "-i", "-e", path, offset], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in proc.stdout.splitlines():
+        file, _, num = line.rpartition(":")
+        num = num.split()[0] if num else ""
+        if file.endswith(".metal") and num.isdigit():
+            return int(num)
+    return None

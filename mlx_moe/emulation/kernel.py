@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from typing import Any, Optional, Sequence
 
@@ -23,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import build
-from .errors import MetalEmulationError, MetalEmulationTimeout
+from .errors import MetalEmulationError, MetalEmulationTimeout, TranslationError
 from .source import (
     MAX_CONSTANT_ARRAY_SIZE,
     GeneratedKernel,
@@ -143,6 +144,34 @@ def _glue(gen: GeneratedKernel) -> str:
     )
 
 
+def _annotate(msg: str, metal_source: str) -> str:
+    """Turn code addresses into source lines and quote the lines a report names."""
+
+    def at(m: re.Match) -> str:
+        line = build.source_line_of(m.group(1))
+        return f" (line {line})" if line else m.group(0)
+
+    msg = re.sub(r" \[at ([^\]]+)\]", at, msg)
+    lines = metal_source.splitlines()
+    quoted = []
+    for n in sorted({int(n) for n in re.findall(r"\(line (\d+)\)", msg)}):
+        if 0 < n <= len(lines):
+            quoted.append(f"  line {n}: {lines[n - 1].strip()}")
+    if quoted:
+        msg += "\nlines of the generated Metal source (kernel.generated_source()):\n"
+        msg += "\n".join(quoted)
+    return msg
+
+
+def _preamble(metal_source: str) -> str:
+    """Configuration macros for metal_emu.h that depend on the kernel."""
+    # Per-lane fragment access makes lanes' copies of a simdgroup matrix
+    # differ: every matrix operation must then gather from the owners.
+    if "thread_elements" in metal_source:
+        return "#define METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP 1\n"
+    return ""
+
+
 class EmulatedMetalKernel:
     """A kernel object with the call signature of ``mx.fast.metal_kernel``'s."""
 
@@ -183,6 +212,11 @@ class EmulatedMetalKernel:
                 f"[metal_kernel] Expected `output_dtypes` to have size "
                 f"{len(self.output_names)} but got size {len(output_dtypes)}."
             )
+        if any(a.dtype == mx.float64 for a in arrays) or mx.float64 in list(output_dtypes):
+            raise TranslationError(
+                "[metal emulation] float64 inputs/outputs: Metal has no double type "
+                "(MLX's Metal kernel would not compile); use float32"
+            )
         infos = [InputInfo(a.dtype, a.ndim, a.size) for a in arrays]
         return generate(
             self.name,
@@ -202,10 +236,15 @@ class EmulatedMetalKernel:
         return self._generate(arrays, output_dtypes, template).source
 
     def cpp_source(self, *, inputs, output_dtypes, template=None) -> str:
-        """The C++ translation unit the emulator compiles (after the header)."""
+        """The C++ translation unit the emulator compiles."""
         arrays = [_as_array(x) for x in inputs]
         gen = self._generate(arrays, output_dtypes, template)
-        return translate(gen.source, gen.kernel_name) + _glue(gen)
+        return (
+            _preamble(gen.source)
+            + '#include "metal_emu.h"\n'
+            + translate(gen.source, gen.kernel_name)
+            + _glue(gen)
+        )
 
     # -- launch ---------------------------------------------------------------
 
@@ -243,7 +282,10 @@ class EmulatedMetalKernel:
             )
 
         lib = build.kernel_library(
-            translate(gen.source, gen.kernel_name) + _glue(gen), gen.source, self.name
+            translate(gen.source, gen.kernel_name) + _glue(gen),
+            gen.source,
+            self.name,
+            preamble=_preamble(gen.source),
         )
 
         keep: list[Any] = []  # everything the C side points into
@@ -305,7 +347,7 @@ class EmulatedMetalKernel:
                 ctypes.c_int(len(err)),
             )
         if rc != 0:
-            msg = err.value.decode(errors="replace")
+            msg = _annotate(err.value.decode(errors="replace"), gen.source)
             cls = MetalEmulationTimeout if rc == 2 else MetalEmulationError
             raise cls(f"[metal emulation] {msg}")
 

@@ -1127,10 +1127,20 @@ inline bool simd_is_first() { return emu_current_attrs()->thread_index_in_simdgr
 // simdgroup_matrix<T, 8, 8>.  Every lane holds the whole matrix (row-major
 // e[row][col]); lane l owns elements (r, c) and (r, c + 1) with the hardware
 // layout q = l / 4, r = (q & 4) + (l / 2) % 4, c = (q & 2) * 2 + (l % 2) * 2,
-// which is what thread_elements() exposes.  Each operation is a collective:
-// operands are gathered from their owners, the last lane to arrive performs
-// the operation once (loads and stores touch memory exactly once, at a
-// point where all 32 lanes are present), and every lane receives the result.
+// which is what thread_elements() exposes.
+//
+// simdgroup_store is always a collective: operands come from their owners
+// and the last lane to arrive writes memory once, while all 32 lanes are
+// present.  simdgroup_load and simdgroup_multiply(_accumulate) run in each
+// lane on its own full copy (identical in every lane), without blocking:
+// blocking costs a context switch per lane, and a tiled GEMM issues many of
+// them.  Each is recorded (operation, line, arguments) and the runtime checks
+// at the next barrier/collective/return that all lanes of the simdgroup
+// recorded the same sequence, so a divergent or non-uniform call still
+// fails.  A kernel that touches thread_elements() gets the exact lockstep
+// version of every operation (the translator defines
+// METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP), since a lane's copy then differs from
+// its owners' elements.
 // ---------------------------------------------------------------------------
 
 inline void emu_owner(unsigned lane, int& r, int& c) {
@@ -1170,6 +1180,24 @@ inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   for (int r = 0; r < 8; ++r)
     for (int c = 0; c < 8; ++c) m.e[r][c] = value;
   return m;
+}
+
+#ifndef METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP
+#define METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP 0
+#endif
+
+inline uint64_t emu_mix(uint64_t h, uint64_t v) {
+  h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+  return h;
+}
+
+// Number of threads of the calling thread's simdgroup.
+inline unsigned emu_simdgroup_size() {
+  const emu_attrs* a = emu_current_attrs();
+  unsigned n = a->threads_per_threadgroup[0] * a->threads_per_threadgroup[1] *
+               a->threads_per_threadgroup[2];
+  unsigned first = a->simdgroup_index_in_threadgroup * 32;
+  return n - first < 32 ? n - first : 32;
 }
 
 inline void emu_need_full_simdgroup(unsigned n, const char* op) {
@@ -1233,11 +1261,19 @@ template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P& src,
                            ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0),
                            bool transpose = false, int line = __builtin_LINE()) {
-  metal_emu::ptr<const T> p(src);
+  metal_emu::ptr<const T> p = src;  // copy-init: no silent element-type cast
   emu_mem_args<T> a{p, elements_per_row, origin.x, origin.y, uint8_t(transpose)};
-  emu_full<T> m = metal_emu::collective<emu_full<T>>("simdgroup_load", line, a,
-                                                     &emu_load_complete<T>);
-  __builtin_memcpy(d.e, m.e, sizeof(m.e));
+  if (METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP) {
+    emu_full<T> m = metal_emu::collective<emu_full<T>>("simdgroup_load", line, a,
+                                                       &emu_load_complete<T>);
+    __builtin_memcpy(d.e, m.e, sizeof(m.e));
+    return;
+  }
+  emu_need_full_simdgroup(emu_simdgroup_size(), "simdgroup_load");
+  uint64_t h = emu_mix(emu_mix((uint64_t)(uintptr_t)p.p_, a.epr), a.ox);
+  emu_note_op("simdgroup_load", line, emu_mix(emu_mix(h, a.oy), a.transpose));
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 8; ++c) d.e[r][c] = p[emu_mem_index(a, r, c)];
 }
 
 template <class T>
@@ -1263,7 +1299,7 @@ template <class T, class P>
 inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& s, const P& dst,
                             ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0),
                             bool transpose = false, int line = __builtin_LINE()) {
-  metal_emu::ptr<T> p(dst);
+  metal_emu::ptr<T> p = dst;
   emu_store_payload<T> pl{s.owned(), {p, elements_per_row, origin.x, origin.y, uint8_t(transpose)}};
   emu_simd_collective("simdgroup_store", line, &pl, sizeof(pl), nullptr, 0,
                       &emu_store_complete<T>);
@@ -1285,12 +1321,17 @@ void emu_mma_complete(const char* slots, size_t ps, unsigned n, char* res, size_
   emu_assemble(a, slots, ps, offsetof(P, a));
   emu_assemble(b, slots, ps, offsetof(P, b));
   emu_assemble(c, slots, ps, offsetof(P, c));
+  float fa[8][8], fb[8][8];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      fa[i][j] = static_cast<float>(a.e[i][j]);
+      fb[i][j] = static_cast<float>(b.e[i][j]);
+    }
   emu_full<TD> d;
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 8; ++j) {
       float s = static_cast<float>(c.e[i][j]);
-      for (int k = 0; k < 8; ++k)
-        s = __builtin_fmaf(static_cast<float>(a.e[i][k]), static_cast<float>(b.e[k][j]), s);
+      for (int k = 0; k < 8; ++k) s += fa[i][k] * fb[k][j];
       d.e[i][j] = static_cast<TD>(s);
     }
   for (unsigned i = 0; i < n; ++i) metal_emu::put(res, rs, i, d);
@@ -1301,10 +1342,28 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d,
                                           const simdgroup_matrix<TB, 8, 8>& b,
                                           const simdgroup_matrix<TC, 8, 8>& c,
                                           int line = __builtin_LINE()) {
-  emu_mma_payload<TA, TB, TC> pl{a.owned(), b.owned(), c.owned()};
-  emu_full<TD> r = metal_emu::collective<emu_full<TD>>(
-      "simdgroup_multiply_accumulate", line, pl, &emu_mma_complete<TD, TA, TB, TC>);
-  __builtin_memcpy(d.e, r.e, sizeof(r.e));
+  if (METAL_EMU_SIMDGROUP_MATRIX_LOCKSTEP) {
+    emu_mma_payload<TA, TB, TC> pl{a.owned(), b.owned(), c.owned()};
+    emu_full<TD> r = metal_emu::collective<emu_full<TD>>(
+        "simdgroup_multiply_accumulate", line, pl, &emu_mma_complete<TD, TA, TB, TC>);
+    __builtin_memcpy(d.e, r.e, sizeof(r.e));
+    return;
+  }
+  emu_need_full_simdgroup(emu_simdgroup_size(), "simdgroup_multiply_accumulate");
+  emu_note_op("simdgroup_multiply_accumulate", line, 0);
+  float fa[8][8], fb[8][8], fc[8][8];  // convert once: half->float is not free
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      fa[i][j] = static_cast<float>(a.e[i][j]);
+      fb[i][j] = static_cast<float>(b.e[i][j]);
+      fc[i][j] = static_cast<float>(c.e[i][j]);
+    }
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float s = fc[i][j];
+      for (int k = 0; k < 8; ++k) s += fa[i][k] * fb[k][j];
+      d.e[i][j] = static_cast<TD>(s);
+    }
 }
 template <class TD, class TA, class TB>
 inline void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,

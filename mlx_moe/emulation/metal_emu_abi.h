@@ -64,6 +64,10 @@ void emu_threadgroup_barrier(int line);
 void emu_simd_collective(const char* op, int line, const void* payload,
                          size_t payload_size, void* result, size_t result_size,
                          emu_complete_fn complete);
+// Records a simdgroup operation that runs without blocking (each lane does
+// it on its own copy).  Lanes of a simdgroup must record the same sequence;
+// the runtime compares them at the next barrier, collective or return.
+void emu_note_op(const char* op, int line, uint64_t args);
 void* emu_tg_alloc(int site, size_t bytes, size_t align, const char* name);
 // Finds the buffer or threadgroup allocation containing p; returns its id
 // (or -1 when p lies in none of them, e.g. a thread-local array).

@@ -18,9 +18,11 @@
 //   kills the child, and the parent reports it (timeouts included).
 #pragma once
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +31,10 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 #include "metal_emu_abi.h"
 
@@ -40,15 +46,20 @@ struct Lane {
   int state;
   const char* op;
   int line;
+  uint64_t ops_hash;  // the non-blocking simdgroup operations done so far
+  const char* last_op;
+  int last_line;
   emu_attrs attrs;
 };
 
 struct Simdgroup {
   pthread_cond_t cv;
   unsigned n_lanes, arrived, exited;
-  unsigned long long gen;
+  uint32_t gen;
   const char* op;
   int line;
+  uint64_t ops_hash;  // of the first lane to arrive / to return
+  int exit_seen;
   size_t psize, rsize;
   char* slots;    // 32 * EMU_MAX_PAYLOAD
   char* results;  // 32 * EMU_MAX_PAYLOAD
@@ -74,7 +85,7 @@ struct State {
   pthread_mutex_t m;
   pthread_cond_t bar_cv;
   unsigned n_threads, live, blocked, exited, bar_arrived;
-  unsigned long long bar_gen;
+  uint32_t bar_gen;
   int bar_line;
   uint32_t tgpos[3], tgdim[3];
   Simdgroup sg[32];
@@ -102,6 +113,17 @@ struct State {
 static State S;
 static thread_local int t_tid = -1;
 static emu_attrs zero_attrs;
+
+// " [at lib.so+0x1f3]": the code address of a failure inside a kernel
+// library; the Python side maps it to a line of the Metal source with
+// addr2line (kernels are built with line tables, -g1).
+static void code_address(const void* pc, char* out, size_t n) {
+  Dl_info info;
+  out[0] = 0;
+  if (pc && dladdr(pc, &info) && info.dli_fname && info.dli_fbase)
+    snprintf(out, n, " [at %s+0x%lx]", info.dli_fname,
+             (unsigned long)((const char*)pc - (const char*)info.dli_fbase));
+}
 
 static void context(char* out, size_t n) {
   if (t_tid < 0 || S.lanes == nullptr) {
@@ -194,6 +216,16 @@ static void check_deadlock() {
         "(a barrier or SIMD collective not reached by all threads)");
 }
 
+// Lanes of one simdgroup must have done the same non-blocking simdgroup
+// operations (see emu_note_op); S.m held.
+static void check_ops(const Lane& me, uint64_t reference, const char* where) {
+  if (me.ops_hash != reference)
+    failf("simdgroup divergence: the lanes of this simdgroup did not execute the same "
+          "simdgroup_matrix operations (or passed different arguments to them) before %s "
+          "(this lane's last one: %s, line %d)",
+          where, me.last_op ? me.last_op : "none", me.last_line);
+}
+
 static void thread_exit(int tid) {
   pthread_mutex_lock(&S.m);
   Lane& me = S.lanes[tid];
@@ -204,6 +236,12 @@ static void thread_exit(int tid) {
   S.exited++;
   Simdgroup& g = S.sg[tid / 32];
   g.exited++;
+  if (!g.exit_seen) {
+    g.exit_seen = 1;
+    g.ops_hash = me.ops_hash;
+  } else {
+    check_ops(me, g.ops_hash, "returning");
+  }
   if (g.arrived > 0)
     fail_deadlock(
         "a lane returned while other lanes of its simdgroup wait at a SIMD collective: "
@@ -214,6 +252,41 @@ static void thread_exit(int tid) {
         "of the threadgroup must reach each barrier");
   check_deadlock();
   pthread_mutex_unlock(&S.m);
+}
+
+// Waiting for a generation counter to move.  Waiters sleep on the counter
+// itself (a futex on Linux), not on the mutex: after a barrier releases N
+// threads they do not queue up again for the lock, which is what made the
+// first, condition-variable version slow (every collective costs a context
+// switch per lane; on two cores that is the emulator's main cost).
+static void wait_gen(uint32_t* gen, uint32_t old, pthread_cond_t* cv) {
+#ifdef __linux__
+  (void)cv;
+  while (__atomic_load_n(gen, __ATOMIC_ACQUIRE) == old)
+    syscall(SYS_futex, gen, FUTEX_WAIT_PRIVATE, old, nullptr, nullptr, 0);
+#else
+  pthread_mutex_lock(&S.m);
+  while (__atomic_load_n(gen, __ATOMIC_ACQUIRE) == old) pthread_cond_wait(cv, &S.m);
+  pthread_mutex_unlock(&S.m);
+#endif
+}
+
+// Releases the waiters: called with S.m held, unlocks it.
+static void release(uint32_t* gen, pthread_cond_t* cv) {
+  __atomic_store_n(gen, *gen + 1, __ATOMIC_RELEASE);
+#ifdef __linux__
+  (void)cv;
+  pthread_mutex_unlock(&S.m);
+  syscall(SYS_futex, gen, FUTEX_WAKE_PRIVATE, 0x7fffffff, nullptr, nullptr, 0);
+#else
+  pthread_cond_broadcast(cv);
+  pthread_mutex_unlock(&S.m);
+#endif
+}
+
+static void set_running(unsigned first, unsigned n) {
+  for (unsigned i = first; i < first + n; ++i)
+    if (S.lanes[i].state != EXITED) S.lanes[i].state = RUNNING;
 }
 
 static void fill_attrs(emu_attrs& a, unsigned tid) {
@@ -286,6 +359,7 @@ static void run_threadgroup(const uint32_t pos[3]) {
     g.arrived = g.exited = 0;
     g.op = nullptr;
     g.line = 0;
+    g.exit_seen = 0;
   }
   S.arena_used = 0;
   S.n_allocs = 0;
@@ -294,6 +368,9 @@ static void run_threadgroup(const uint32_t pos[3]) {
     l.state = RUNNING;
     l.op = nullptr;
     l.line = 0;
+    l.ops_hash = 0;
+    l.last_op = nullptr;
+    l.last_line = 0;
     fill_attrs(l.attrs, t);
   }
   pthread_mutex_lock(&S.pm);
@@ -375,17 +452,34 @@ static int run_grid(emu_entry_fn entry, const emu_buffer* bufs, int n_bufs,
   return rc;
 }
 
-static void on_signal(int sig) {
+static void on_signal(int sig, siginfo_t*, void* uc) {
+  const void* pc = nullptr;
+#if defined(__linux__) && defined(__x86_64__)
+  pc = (const void*)((ucontext_t*)uc)->uc_mcontext.gregs[REG_RIP];
+#elif defined(__linux__) && defined(__aarch64__)
+  pc = (const void*)((ucontext_t*)uc)->uc_mcontext.pc;
+#else
+  (void)uc;
+#endif
   const char* what = sig == SIGSEGV ? "SIGSEGV (an access through an unchecked pointer, "
                                       "or a stack overflow)"
                      : sig == SIGFPE ? "SIGFPE (integer division by zero)"
                      : sig == SIGBUS ? "SIGBUS"
                      : sig == SIGILL ? "SIGILL"
                                      : "SIGABRT";
-  if (!__atomic_exchange_n(&S.failed, 1, __ATOMIC_SEQ_CST)) {
+  if (__atomic_exchange_n(&S.failed, 1, __ATOMIC_SEQ_CST)) {
+    // Another thread is reporting (several threads often fault at once):
+    // let it finish writing before the process ends.
+    struct timespec ts = {2, 0};
+    nanosleep(&ts, nullptr);
+    _exit(5);
+  }
+  {
     char ctx[512];
     context(ctx, sizeof ctx);
-    if (S.err) snprintf(S.err, S.err_len, "%s: crashed with %s", ctx, what);
+    char where[600];
+    code_address(pc, where, sizeof where);
+    if (S.err) snprintf(S.err, S.err_len, "%s: crashed with %s%s", ctx, what, where);
   }
   _exit(5);
 }
@@ -406,7 +500,12 @@ const emu_attrs* emu_current_attrs(void) {
   return (t_tid >= 0 && S.lanes) ? &S.lanes[t_tid].attrs : &zero_attrs;
 }
 
-void emu_fail(const char* msg) { fail_msg(msg); }
+void emu_fail(const char* msg) {
+  char where[600], full[1200];
+  code_address((const char*)__builtin_return_address(0) - 1, where, sizeof where);
+  snprintf(full, sizeof full, "%s%s", msg, where);
+  fail_msg(full);
+}
 
 int emu_find_region(const void* p, const char** lo, const char** hi) {
   const char* c = (const char*)p;
@@ -430,6 +529,8 @@ int emu_find_region(const void* p, const char** lo, const char** hi) {
 
 void emu_fail_oob(int region, const void* p, size_t access_size, int line) {
   (void)line;
+  char where[600];
+  code_address((const char*)__builtin_return_address(0) - 1, where, sizeof where);
   const char* c = (const char*)p;
   if (region >= 0 && region < S.n_bufs) {
     const emu_buffer& b = S.bufs[region];
@@ -438,17 +539,28 @@ void emu_fail_oob(int region, const void* p, size_t access_size, int line) {
     long count = (long)(b.hi - b.lo) / es;
     long elem = off >= 0 ? off / es : -((-off + es - 1) / es);
     failf("out-of-bounds access to %s (%s, %ld elements): element %ld "
-          "(byte offset %ld, %zu-byte access)",
-          b.name, b.type, count, elem, off, access_size);
+          "(byte offset %ld, %zu-byte access)%s",
+          b.name, b.type, count, elem, off, access_size, where);
   }
   if (region >= 10000 && region - 10000 < S.n_allocs) {
     const Alloc& a = S.allocs[region - 10000];
     long off = (long)(c - (S.arena + a.off));
     failf("out-of-bounds access to threadgroup array '%s' (%zu bytes): byte offset %ld "
-          "(%zu-byte access)",
-          a.name, a.size, off, access_size);
+          "(%zu-byte access)%s",
+          a.name, a.size, off, access_size, where);
   }
-  failf("access through a null or uninitialized pointer");
+  failf("access through a null or uninitialized pointer%s", where);
+}
+
+void emu_note_op(const char* op, int line, uint64_t args) {
+  Lane& me = S.lanes[t_tid];
+  uint64_t h = me.ops_hash;
+  for (const char* c = op; *c; ++c) h = (h ^ (uint64_t)(unsigned char)*c) * 0x100000001B3ull;
+  h = (h ^ (uint64_t)(unsigned)line) * 0x100000001B3ull;
+  h = (h ^ args) * 0x100000001B3ull;
+  me.ops_hash = h;
+  me.last_op = op;
+  me.last_line = line;
 }
 
 void* emu_tg_alloc(int site, size_t bytes, size_t align, const char* name) {
@@ -489,21 +601,27 @@ void emu_threadgroup_barrier(int line) {
     fail_deadlock("threads wait at different threadgroup_barrier calls");
   }
   if (++S.bar_arrived == S.n_threads) {
+    for (unsigned i = 0; i < S.n_threads; ++i)
+      if (S.lanes[i].ops_hash != S.lanes[i / 32 * 32].ops_hash) {
+        int keep = t_tid;
+        t_tid = (int)i;
+        check_ops(S.lanes[i], S.lanes[i / 32 * 32].ops_hash, "threadgroup_barrier");
+        t_tid = keep;
+      }
     S.bar_arrived = 0;
-    S.bar_gen++;
     S.blocked -= S.n_threads - 1;
-    pthread_cond_broadcast(&S.bar_cv);
+    set_running(0, S.n_threads);
+    release(&S.bar_gen, &S.bar_cv);
   } else {
     me.state = WAIT_BARRIER;
     me.op = "threadgroup_barrier";
     me.line = line;
     S.blocked++;
     check_deadlock();
-    unsigned long long gen = S.bar_gen;
-    while (gen == S.bar_gen) pthread_cond_wait(&S.bar_cv, &S.m);
-    me.state = RUNNING;
+    uint32_t gen = S.bar_gen;
+    pthread_mutex_unlock(&S.m);
+    wait_gen(&S.bar_gen, gen, &S.bar_cv);
   }
-  pthread_mutex_unlock(&S.m);
 }
 
 void emu_simd_collective(const char* op, int line, const void* payload, size_t psize,
@@ -527,7 +645,11 @@ void emu_simd_collective(const char* op, int line, const void* payload, size_t p
     g.line = line;
     g.psize = psize;
     g.rsize = rsize;
-  } else if (strcmp(g.op, op) != 0 || g.line != line || g.psize != psize || g.rsize != rsize) {
+    g.ops_hash = me.ops_hash;
+  } else {
+    check_ops(me, g.ops_hash, op);
+  }
+  if (strcmp(g.op, op) != 0 || g.line != line || g.psize != psize || g.rsize != rsize) {
     me.state = WAIT_SIMD;
     me.op = op;
     me.line = line;
@@ -537,21 +659,22 @@ void emu_simd_collective(const char* op, int line, const void* payload, size_t p
   if (++g.arrived == g.n_lanes) {
     if (complete) complete(g.slots, psize, g.n_lanes, g.results, rsize);
     g.arrived = 0;
-    g.gen++;
     S.blocked -= g.n_lanes - 1;
-    pthread_cond_broadcast(&g.cv);
+    set_running((unsigned)t_tid / 32 * 32, g.n_lanes);
+    release(&g.gen, &g.cv);
   } else {
     me.state = WAIT_SIMD;
     me.op = op;
     me.line = line;
     S.blocked++;
     check_deadlock();
-    unsigned long long gen = g.gen;
-    while (gen == g.gen) pthread_cond_wait(&g.cv, &S.m);
-    me.state = RUNNING;
+    uint32_t gen = g.gen;
+    pthread_mutex_unlock(&S.m);
+    wait_gen(&g.gen, gen, &g.cv);
   }
+  // The results stay put until every lane, this one included, has arrived
+  // at the next collective of the simdgroup.
   if (rsize) memcpy(result, g.results + lane * rsize, rsize);
-  pthread_mutex_unlock(&S.m);
 }
 
 int emu_launch(emu_entry_fn entry, emu_buffer* bufs, int n_bufs, const uint32_t grid[3],
@@ -604,7 +727,8 @@ int emu_launch(emu_entry_fn entry, emu_buffer* bufs, int n_bufs, const uint32_t 
     S.fork_mode = 1;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
+    sa.sa_sigaction = on_signal;
+    sa.sa_flags = SA_SIGINFO;
     int sigs[] = {SIGSEGV, SIGFPE, SIGBUS, SIGILL, SIGABRT};
     for (int s : sigs) sigaction(s, &sa, nullptr);
     int rc = run_grid(entry, cb, n_bufs, grid, threadgroup, kernel_name, shm, err_len);

@@ -19,7 +19,8 @@ errors and runtime reports name the line of the Metal source):
    rather than silently turned into per-thread storage;
 6. the remaining address-space words (references, program-scope constants)
    are dropped;
-7. swizzles ``.xy``, ``.zw``, ``.xyz`` ... become ``.template sw<0, 1>()``.
+7. swizzles ``.xy``, ``.zw``, ``.xyz`` ... become ``.template sw<0, 1>()``;
+8. half literals ``1.5h`` become ``half(1.5f)``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ _TG_DECL = re.compile(
 _TG_REF = re.compile(rf"{_START}threadgroup(?=\s+{_CV}?{_TYPE}\s*(?:const\s*)?&)")
 _ADDRESS_SPACE = re.compile(rf"{_START}(?:device|constant|thread|threadgroup)(?!\w)")
 _SWIZZLE = re.compile(r"(?<=[\w)\]])\.([xyzw]{2,4})\b(?!\s*\()")
+_HALF_LITERAL = re.compile(
+    r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH](?!\w)"
+)
 _REINTERPRET = re.compile(r"reinterpret_cast\s*<(\s*::metal_emu::ptr<)")
 
 
@@ -120,4 +124,5 @@ def translate(mlx_source: str, kernel_name: str) -> str:
         text,
     )
     text = _REINTERPRET.sub(r"static_cast<\1", text)
+    text = _HALF_LITERAL.sub(r"half(\1f)", text)
     return text
