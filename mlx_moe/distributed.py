@@ -36,8 +36,9 @@ Pieces:
 - `Watchdog`: the ring backend raises when a peer's socket closes, but waits
   forever for a peer that hangs, cannot be reached, or never starts.  While a
   rank waits on its peers (connecting, the start-up check, each generation
-  step) a thread watches for progress; after `timeout` seconds without any it
-  prints why and ends the process with exit code `EXIT_PEER_TIMEOUT`.
+  step) a guard process watches for progress; after `timeout` seconds without
+  any it prints why and kills the rank (SIGKILL: a rank blocked inside MLX,
+  the GIL held, cannot run any exit code of its own).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ import gc
 import inspect
 import json
 import os
+import subprocess
 import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -64,7 +65,6 @@ from .backends import ExpertBackend
 from .moe import MoELayer, moe_layers
 
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits on its peers before giving up
-EXIT_PEER_TIMEOUT = 3  # exit status of a rank the watchdog stops
 EXPERT_PARAMS = ("weight", "scales", "biases", "bias")  # stacked [E, ...] tensors of a projection
 
 
@@ -211,9 +211,39 @@ def plan_placement(model: nn.Module, size: int, expert_log=None) -> Placement:
 # -- watchdog --------------------------------------------------------------------------------
 
 
+# The watchdog's guard process.  It must not be a thread of the rank: mx.distributed.init
+# (ring) blocks while holding the GIL, so no Python thread of the rank runs while it waits.
+# Protocol on its stdin: "arm WHAT" (start watching), "off" (stop), an empty line (progress).
+# EOF (the rank closed the pipe or died) ends it.
+_GUARD = r"""
+import os, select, signal, sys, time
+pid, timeout, template = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+fd, buf, what, last = sys.stdin.fileno(), b"", None, time.monotonic()
+while True:
+    wait = None if what is None else max(0.0, last + timeout - time.monotonic())
+    if select.select([fd], [], [], wait)[0]:
+        data = os.read(fd, 65536)
+        if not data:
+            sys.exit(0)
+        *lines, buf = (buf + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"arm "):
+                what = line[4:].decode()
+            elif line == b"off":
+                what = None
+        last = time.monotonic()
+    elif what is not None:
+        os.write(2, template.format(what=what, idle=time.monotonic() - last).encode())
+        os.kill(pid, signal.SIGKILL)
+        sys.exit(0)
+"""
+
+
 class Watchdog:
-    """Ends the process when it waits on its peers for more than `timeout` seconds with no
-    progress.  Armed only inside `watch()`; `beat()` marks progress."""
+    """Kills this process (SIGKILL, after printing why) when it waits on its peers for more
+    than `timeout` seconds with no progress.  Armed only inside `watch()`; `beat()` marks
+    progress.  The watching is done by a small guard process (see `_GUARD`), started on the
+    first `watch()` and ended by `close()` or this process's exit."""
 
     def __init__(self, timeout: float, rank: int, size: Optional[int]):
         if timeout <= 0:
@@ -221,57 +251,53 @@ class Watchdog:
         self.timeout = float(timeout)
         self.rank = rank
         self.size = size
-        self._what: Optional[str] = None
-        self._depth = 0
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
+        self._stack: List[str] = []
+        self._last_beat = 0.0
+        self._guard: Optional[subprocess.Popen] = None
+
+    def _message(self) -> str:
+        return (
+            f"\n[mlx-moe] error: expert-parallel rank {self.rank} of {self.size or '?'} waited {{idle:.0f}} s "
+            f"on its peers while {{what}} (timeout {self.timeout:g} s). Another rank has died, hangs, "
+            "was never started, or cannot be reached over the network. Stopping this rank; check the "
+            "other ranks' output, then restart all of them (raise the limit with --ep-timeout).\n"
+        )
+
+    def _send(self, line: str) -> None:
+        if self._guard is None:
+            self._guard = subprocess.Popen(
+                [sys.executable, "-c", _GUARD, str(os.getpid()), repr(self.timeout), self._message()],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+        try:
+            os.write(self._guard.stdin.fileno(), (line + "\n").encode())
+        except OSError:  # the guard is gone: nothing left to tell
+            pass
 
     def beat(self) -> None:
-        self._last = time.monotonic()
+        """Progress.  Cheap: at most a few pipe writes per second reach the guard."""
+        if self._stack:
+            now = time.monotonic()
+            if now - self._last_beat > min(0.5, self.timeout / 20):
+                self._last_beat = now
+                self._send("")
 
     @contextlib.contextmanager
     def watch(self, what: str) -> Iterator[None]:
         """Inside this block, `timeout` seconds without a `beat()` end the process."""
-        with self._lock:
-            outer = self._what
-            self._what = what
-            self._depth += 1
-            self.beat()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mlx-moe-ep-watchdog", daemon=True)
-                self._thread.start()
+        self._stack.append(what)
+        self._send("arm " + what.replace("\n", " "))
         try:
             yield
         finally:
-            with self._lock:
-                self._depth -= 1
-                self._what = outer if self._depth else None
-                self.beat()
+            self._stack.pop()
+            self._send("arm " + self._stack[-1] if self._stack else "off")
 
-    def _run(self) -> None:
-        period = min(1.0, self.timeout / 4)
-        while True:
-            time.sleep(period)
-            what = self._what
-            if what is None:
-                continue
-            idle = time.monotonic() - self._last
-            if idle > self.timeout:
-                self._fire(what, idle)
-
-    def _fire(self, what: str, idle: float) -> None:
-        msg = (
-            f"\n[mlx-moe] error: expert-parallel rank {self.rank} of {self.size or '?'} waited {idle:.0f} s "
-            f"on its peers while {what} (timeout {self.timeout:g} s). Another rank has died, hangs, "
-            "was never started, or cannot be reached over the network. Stopping this rank; check the "
-            "other ranks' output, then restart all of them (raise the limit with --ep-timeout).\n"
-        )
-        try:
-            sys.stderr.write(msg)
-            sys.stderr.flush()
-        finally:
-            os._exit(EXIT_PEER_TIMEOUT)
+    def close(self) -> None:
+        """Stop the guard process."""
+        if self._guard is not None:
+            self._guard.stdin.close()
+            self._guard.wait()
+            self._guard = None
 
 
 # -- group -----------------------------------------------------------------------------------
@@ -283,11 +309,13 @@ def init_group(backend: str = "any", timeout: float = DEFAULT_TIMEOUT):
     Started outside `mlx.launch` (no MLX_RANK etc.), this is a group of size 1."""
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)) or 0)
     dog = Watchdog(timeout, rank, _expected_size())
-    with dog.watch("connecting to the other ranks (mx.distributed.init)"):
-        try:
+    try:
+        with dog.watch("connecting to the other ranks (mx.distributed.init)"):
             return mx.distributed.init(strict=False, backend=backend)
-        except RuntimeError as e:
-            raise ExpertParallelError(f"rank {rank}: mx.distributed.init(backend={backend!r}) failed: {e}") from e
+    except RuntimeError as e:
+        raise ExpertParallelError(f"rank {rank}: mx.distributed.init(backend={backend!r}) failed: {e}") from e
+    finally:
+        dog.close()
 
 
 def _expected_size() -> Optional[int]:
