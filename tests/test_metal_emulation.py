@@ -120,6 +120,61 @@ def test_vectors_swizzles_as_type():
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-6)
 
 
+_IDIOMS_HEADER = """
+#include <metal_stdlib>
+#include <metal_simdgroup>
+using namespace metal;
+constant float kScale[2] = {2.0f, 3.0f};
+constant constexpr int kTwo = 2;
+struct blk { half d; uchar qs[16]; };   // 18 bytes, like a Q4_0 block
+template <typename T>
+inline float load_sum(const device T* p, int n) {
+  float s = 0.0f;
+  for (int i = 0; i < n; ++i) s += float(p[i]);
+  return s;
+}
+template <typename T>
+inline void tg_fill(threadgroup T* dst, uint t, T v) { dst[t] = v; }
+inline void bump(thread float& acc, float v) { acc += v; }
+"""
+
+
+def test_common_metal_idioms_translate():
+    # Helpers taking address-space pointers and references, program-scope
+    # constants, struct pointers through reinterpret_cast, pointer casts,
+    # threadgroup scalars and threadgroup atomics.
+    src = """
+        threadgroup float scratch[64];
+        threadgroup uint counter;
+        uint t = thread_index_in_threadgroup;
+        if (t == 0) counter = 0;
+        tg_fill(scratch, t, float(t));
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float acc = 0.0f;
+        bump(acc, load_sum(x, kTwo));
+        device const blk* b = reinterpret_cast<device const blk*>(raw) + (t % 2);
+        bump(acc, float(b->d) * float(b->qs[3]));
+        const device half* hp = (const device half*)(raw);
+        acc += float(hp[0]) * kScale[1];
+        threadgroup float* sp = scratch + 1;
+        acc += sp[t % 63];
+        atomic_fetch_add_explicit((threadgroup atomic_uint*)&counter, 1u, memory_order_relaxed);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[t] = acc + float(counter);
+    """
+    k = emu_metal_kernel("idioms", ["x", "raw"], ["out"], src, header=_IDIOMS_HEADER)
+    blocks = np.zeros(2, dtype=[("d", "<f2"), ("qs", "u1", 16)])
+    blocks["d"] = [0.5, 0.25]
+    blocks["qs"][:, 3] = [4, 8]
+    raw = np.frombuffer(blocks.tobytes(), np.uint8)
+    x = np.array([1.5, 2.5, 100], np.float32)
+    (out,) = k(inputs=[mx.array(x), mx.array(raw)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+               output_shapes=[(64,)], output_dtypes=[mx.float32])
+    t = np.arange(64)
+    ref = 4.0 + np.where(t % 2 == 0, 0.5 * 4, 0.25 * 8) + 0.5 * 3 + ((t % 63) + 1) + 64
+    np.testing.assert_array_equal(np.array(out), ref)
+
+
 # -- threadgroup memory, barriers, SIMD collectives ---------------------------
 
 def test_threadgroup_memory_tree_reduction():

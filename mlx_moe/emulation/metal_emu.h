@@ -1386,6 +1386,11 @@ enum memory_order {
 
 template <class T>
 struct alignas(sizeof(T)) atomic {
+  static_assert(std::is_same<T, int>::value || std::is_same<T, uint>::value ||
+                    std::is_same<T, float>::value || std::is_same<T, bool>::value ||
+                    std::is_same<T, ulong>::value || std::is_same<T, long>::value,
+                "Metal atomics exist for int, uint, float, bool (and 64-bit integers "
+                "on newer GPUs), not for this type");
   T v;
 };
 typedef atomic<int> atomic_int;
