@@ -19,7 +19,7 @@ import numpy as np
 
 from .tokenizer import byte_vocab_size, save_byte_tokenizer
 
-DEMO_NAME = "demo-qwen3-moe-v1"
+DEMO_NAME = "demo-qwen3-moe-v2"
 
 DEMO_CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -62,9 +62,16 @@ def demo_weights(config: dict = DEMO_CONFIG, seed: int = 0) -> dict:
         std = 1.0 / np.sqrt(fan_in or shape[-1])
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
+    lm_head = w(V, D)
+    # Byte tokenizer: only printable ASCII and newlines get non-zero logit rows, so
+    # the (meaningless) demo text never writes control bytes to a terminal.
+    printable = np.zeros(V, bool)
+    printable[32:127] = True
+    printable[10] = True
+    lm_head[~printable] = 0.0
     out = {"model.embed_tokens.weight": w(V, D, fan_in=1) * 0.5,
            "model.norm.weight": np.ones(D, np.float32),
-           "lm_head.weight": w(V, D)}
+           "lm_head.weight": lm_head}
     for l in range(config["num_hidden_layers"]):
         p = f"model.layers.{l}"
         out[f"{p}.input_layernorm.weight"] = np.ones(D, np.float32)
