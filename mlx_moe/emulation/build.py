@@ -12,6 +12,7 @@ library.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -88,6 +89,7 @@ def compiler() -> str:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _headers_digest() -> str:
     h = hashlib.sha256()
     for name in HEADERS:

@@ -198,6 +198,7 @@ class EmulatedMetalKernel:
         # Accepted for compatibility; the emulator computes in IEEE precision.
         self.compile_options = compile_options
         self.timeout_s: Optional[float] = None
+        self._libs: dict[str, ctypes.CDLL] = {}  # generated source -> library
 
     # -- source ---------------------------------------------------------------
 
@@ -281,12 +282,15 @@ class EmulatedMetalKernel:
                 "threads; Metal allows at most 1024"
             )
 
-        lib = build.kernel_library(
-            translate(gen.source, gen.kernel_name) + _glue(gen),
-            gen.source,
-            self.name,
-            preamble=_preamble(gen.source),
-        )
+        lib = self._libs.get(gen.source)
+        if lib is None:
+            lib = build.kernel_library(
+                translate(gen.source, gen.kernel_name) + _glue(gen),
+                gen.source,
+                self.name,
+                preamble=_preamble(gen.source),
+            )
+            self._libs[gen.source] = lib
 
         keep: list[Any] = []  # everything the C side points into
         bufs: list[tuple] = []
