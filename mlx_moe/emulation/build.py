@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -40,9 +41,8 @@ CXXFLAGS = (
     "-fno-strict-aliasing",
     "-w",
     "-fno-finite-loops",
-    "-Wl,-z,now",
     "-g1",  # line tables: failures inside a kernel are mapped to a source line
-)
+) + (("-Wl,-z,now",) if sys.platform.startswith("linux") else ())
 
 
 
@@ -105,6 +105,14 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()[:24]
 
 
+def _write(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename (other processes may read it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _compile(cpp: Path, out: Path, extra: tuple[str, ...] = ()) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
@@ -126,7 +134,7 @@ def runtime() -> ctypes.CDLL:
         so = cache_dir() / f"metal_emu_rt_{key}.so"
         if not so.exists():
             cpp = cache_dir() / f"metal_emu_rt_{key}.cpp"
-            cpp.write_text('#include "metal_emu_runtime.h"\n')
+            _write(cpp, '#include "metal_emu_runtime.h"\n')
             _compile(cpp, so, ("-ldl",))
         lib = ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.restype = ctypes.c_int
@@ -168,12 +176,10 @@ def kernel_library(
         so = base / f"{key}.so"
         if not so.exists():
             metal_file = base / f"{key}.metal"
-            metal_file.write_text(metal_source)
+            _write(metal_file, metal_source)
             cpp = base / f"{key}.cpp"
-            cpp.write_text(
-                preamble + '#include "metal_emu.h"\n'
-                f'#line 1 "{metal_file}"\n' + cpp_source
-            )
+            _write(cpp, preamble + '#include "metal_emu.h"\n'
+                   f'#line 1 "{metal_file}"\n' + cpp_source)
             try:
                 _compile(cpp, so)
             except CompileError as e:

@@ -25,15 +25,7 @@ import numpy as np
 
 from . import build
 from .errors import MetalEmulationError, MetalEmulationTimeout, TranslationError
-from .source import (
-    MAX_CONSTANT_ARRAY_SIZE,
-    GeneratedKernel,
-    InputInfo,
-    Param,
-    TemplateValue,
-    generate,
-    type_string,
-)
+from .source import GeneratedKernel, InputInfo, TemplateValue, generate, type_string
 from .translate import KERNEL_FUNCTION, translate
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -409,6 +401,4 @@ __all__ = [
     "MetalEmulationTimeout",
     "generated_source",
     "metal_kernel",
-    "MAX_CONSTANT_ARRAY_SIZE",
-    "Param",
 ]

@@ -114,15 +114,19 @@ static State S;
 static thread_local int t_tid = -1;
 static emu_attrs zero_attrs;
 
-// " [at lib.so+0x1f3]": the code address of a failure inside a kernel
+// " [at lib.so+0x1f3]": the code address of a failure inside the kernel
 // library; the Python side maps it to a line of the Metal source with
-// addr2line (kernels are built with line tables, -g1).
+// addr2line (kernels are built with line tables, -g1).  The library's path
+// and base are looked up before the fork (dladdr takes the loader's lock,
+// which a forked child of a multi-threaded process must not touch).
+static char so_path[4096];
+static const char* so_base;
+
 static void code_address(const void* pc, char* out, size_t n) {
-  Dl_info info;
   out[0] = 0;
-  if (pc && dladdr(pc, &info) && info.dli_fname && info.dli_fbase)
-    snprintf(out, n, " [at %s+0x%lx]", info.dli_fname,
-             (unsigned long)((const char*)pc - (const char*)info.dli_fbase));
+  if (pc && so_base && (const char*)pc >= so_base)
+    snprintf(out, n, " [at %s+0x%lx]", so_path,
+             (unsigned long)((const char*)pc - so_base));
 }
 
 static void context(char* out, size_t n) {
@@ -682,6 +686,12 @@ int emu_launch(emu_entry_fn entry, emu_buffer* bufs, int n_bufs, const uint32_t 
                const char* kernel_name, char* err, int err_len) {
   if (err_len > 0) err[0] = 0;
   memset(&S, 0, sizeof S);
+  Dl_info info;
+  so_base = nullptr;
+  if (dladdr((void*)entry, &info) && info.dli_fname && info.dli_fbase) {
+    snprintf(so_path, sizeof so_path, "%s", info.dli_fname);
+    so_base = (const char*)info.dli_fbase;
+  }
   if (!fork_mode) {
     S.err = err;
     S.err_len = err_len;
