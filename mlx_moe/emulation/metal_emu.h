@@ -219,11 +219,11 @@ inline void emu_put(T* dst, int& k, const A& a) {
   }                                                                            \
   T& operator[](int i) {                                                       \
     if ((unsigned)i >= (unsigned)N) emu_vector_index_error(i, N);              \
-    return (&x)[i];                                                            \
+    return v_[i];                                                              \
   }                                                                            \
   const T& operator[](int i) const {                                           \
     if ((unsigned)i >= (unsigned)N) emu_vector_index_error(i, N);              \
-    return (&x)[i];                                                            \
+    return v_[i];                                                              \
   }                                                                            \
   template <int... I>                                                          \
   swz<T, N, I...> sw() & {                                                     \
@@ -242,17 +242,32 @@ inline void emu_put(T* dst, int& k, const A& a) {
 
 template <class T>
 struct alignas(2 * sizeof(T)) vec<T, 2> {
-  T x, y;
+  union {  // named components and an array over the same storage
+    struct {
+      T x, y;
+    };
+    T v_[2];
+  };
   EMU_VEC_COMMON(2)
 };
 template <class T>
 struct alignas(4 * sizeof(T)) vec<T, 3> {
-  T x, y, z;
+  union {  // named components and an array over the same storage
+    struct {
+      T x, y, z;
+    };
+    T v_[3];
+  };
   EMU_VEC_COMMON(3)
 };
 template <class T>
 struct alignas(4 * sizeof(T)) vec<T, 4> {
-  T x, y, z, w;
+  union {  // named components and an array over the same storage
+    struct {
+      T x, y, z, w;
+    };
+    T v_[4];
+  };
   EMU_VEC_COMMON(4)
 };
 #undef EMU_VEC_COMMON
