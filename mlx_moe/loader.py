@@ -15,7 +15,7 @@ import contextlib
 import importlib
 import json
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -202,6 +202,23 @@ def check_weight_files(path: Path) -> None:
 # -- public ---------------------------------------------------------------------------------
 
 
+def _weights_error(source, e: ValueError, config_name: str = "config.json") -> ModelLoadError:
+    """mlx-lm's / MLX's ValueError on loading weights, as one clear ModelLoadError."""
+    msg = str(e)
+    if "shape" in msg or "parameters" in msg or "Missing" in msg or "Received" in msg:
+        return ModelLoadError(
+            f"{source}: the weights do not match {config_name}: {msg}. "
+            f"Check that {config_name} belongs to these weights (hidden_size, number of experts, layer count)."
+        )
+    return ModelLoadError(f"{source}: {msg}")
+
+
+def _finish(model: nn.Module, config: dict, kernels: str) -> nn.Module:
+    set_expert_backend(model, get_backend(kernels))
+    model.config = config
+    return model
+
+
 def load_model(path: Path, config: dict, lazy: bool = False, kernels: str = "auto") -> nn.Module:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -211,16 +228,39 @@ def load_model(path: Path, config: dict, lazy: bool = False, kernels: str = "aut
     except ModelLoadError:
         raise
     except ValueError as e:
-        msg = str(e)
-        if "shape" in msg or "parameters" in msg or "Missing" in msg or "Received" in msg:
-            raise ModelLoadError(
-                f"{path}: the weights do not match config.json: {msg}. "
-                "Check that config.json belongs to these weights (hidden_size, number of experts, layer count)."
-            ) from e
-        raise ModelLoadError(f"{path}: {msg}") from e
-    set_expert_backend(model, get_backend(kernels))
-    model.config = config
-    return model
+        raise _weights_error(path, e) from e
+    return _finish(model, config, kernels)
+
+
+def build_model(
+    config: dict,
+    weights: dict,
+    kernels: str = "auto",
+    source: str = "<weights>",
+    prepare: Optional[Callable[[nn.Module], None]] = None,
+) -> nn.Module:
+    """A model from a normalized config and a {name: mx.array} dict, no files.
+
+    For formats that are not a model directory (GGUF): the same model classes,
+    sanitize and strict weight check as `load_model`, without mlx-lm's file
+    reading or MLX-quantization handling.  `prepare(model)` runs before the
+    weights are loaded, to swap modules whose type the config cannot say
+    (e.g. per-tensor expert formats); `source` names the weights in errors.
+    """
+    model_cls, args_cls = model_classes(config)
+    try:
+        model = model_cls(args_cls.from_dict(config))
+        if prepare is not None:
+            prepare(model)
+        weights = model.sanitize(dict(weights))
+        model.load_weights(list(weights.items()), strict=True)
+    except ModelLoadError:
+        raise
+    except ValueError as e:
+        raise _weights_error(source, e, "its metadata") from e
+    mx.eval(model.parameters())
+    model.eval()
+    return _finish(model, config, kernels)
 
 
 def load(
