@@ -65,6 +65,7 @@ from .backends import ExpertBackend
 from .moe import MoELayer, moe_layers
 
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits on its peers before giving up
+SHUTDOWN_GRACE = 10.0  # seconds a rank that lost a peer has to report it and exit
 EXPERT_PARAMS = ("weight", "scales", "biases", "bias")  # stacked [E, ...] tensors of a projection
 
 
@@ -213,12 +214,12 @@ def plan_placement(model: nn.Module, size: int, expert_log=None) -> Placement:
 
 # The watchdog's guard process.  It must not be a thread of the rank: mx.distributed.init
 # (ring) blocks while holding the GIL, so no Python thread of the rank runs while it waits.
-# Protocol on its stdin: "arm WHAT" (start watching), "off" (stop), an empty line (progress).
-# EOF (the rank closed the pipe or died) ends it.
+# Protocol on its stdin: "arm SECONDS WHAT" (start watching with that limit), "off" (stop),
+# an empty line (progress).  EOF (the rank closed the pipe or died) ends it.
 _GUARD = r"""
 import os, select, signal, sys, time
-pid, timeout, template = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-fd, buf, what, last = sys.stdin.fileno(), b"", None, time.monotonic()
+pid, template = int(sys.argv[1]), sys.argv[2]
+fd, buf, what, timeout, last = sys.stdin.fileno(), b"", None, 0.0, time.monotonic()
 while True:
     wait = None if what is None else max(0.0, last + timeout - time.monotonic())
     if select.select([fd], [], [], wait)[0]:
@@ -228,12 +229,13 @@ while True:
         *lines, buf = (buf + data).split(b"\n")
         for line in lines:
             if line.startswith(b"arm "):
-                what = line[4:].decode()
+                limit, what = line[4:].decode().split(" ", 1)
+                timeout = float(limit)
             elif line == b"off":
                 what = None
         last = time.monotonic()
     elif what is not None:
-        os.write(2, template.format(what=what, idle=time.monotonic() - last).encode())
+        os.write(2, template.format(what=what, idle=time.monotonic() - last, limit=timeout).encode())
         os.kill(pid, signal.SIGKILL)
         sys.exit(0)
 """
@@ -253,12 +255,13 @@ class Watchdog:
         self.size = size
         self._stack: List[str] = []
         self._last_beat = 0.0
+        self._doomed = False
         self._guard: Optional[subprocess.Popen] = None
 
     def _message(self) -> str:
         return (
             f"\n[mlx-moe] error: expert-parallel rank {self.rank} of {self.size or '?'} waited {{idle:.0f}} s "
-            f"on its peers while {{what}} (timeout {self.timeout:g} s). Another rank has died, hangs, "
+            f"on its peers while {{what}} (limit {{limit:g}} s). Another rank has died, hangs, "
             "was never started, or cannot be reached over the network. Stopping this rank; check the "
             "other ranks' output, then restart all of them (raise the limit with --ep-timeout).\n"
         )
@@ -266,7 +269,7 @@ class Watchdog:
     def _send(self, line: str) -> None:
         if self._guard is None:
             self._guard = subprocess.Popen(
-                [sys.executable, "-c", _GUARD, str(os.getpid()), repr(self.timeout), self._message()],
+                [sys.executable, "-c", _GUARD, str(os.getpid()), self._message()],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
         try:
             os.write(self._guard.stdin.fileno(), (line + "\n").encode())
@@ -275,7 +278,7 @@ class Watchdog:
 
     def beat(self) -> None:
         """Progress.  Cheap: at most a few pipe writes per second reach the guard."""
-        if self._stack:
+        if self._stack and not self._doomed:
             now = time.monotonic()
             if now - self._last_beat > min(0.5, self.timeout / 20):
                 self._last_beat = now
@@ -284,13 +287,25 @@ class Watchdog:
     @contextlib.contextmanager
     def watch(self, what: str) -> Iterator[None]:
         """Inside this block, `timeout` seconds without a `beat()` end the process."""
-        self._stack.append(what)
-        self._send("arm " + what.replace("\n", " "))
+        self._stack.append(what.replace("\n", " "))
+        self._arm()
         try:
             yield
         finally:
             self._stack.pop()
-            self._send("arm " + self._stack[-1] if self._stack else "off")
+            self._arm()
+
+    def _arm(self) -> None:
+        if not self._doomed:
+            self._send(f"arm {self.timeout!r} {self._stack[-1]}" if self._stack else "off")
+
+    def doom(self, grace: float) -> None:
+        """A peer is lost and the group is unusable: this process gets `grace` seconds to
+        report and exit.  (Its exit can hang: MLX's communication thread may still wait on
+        a live peer that waits on it.)"""
+        if not self._doomed:
+            self._send(f"arm {float(grace)!r} shutting down after losing a peer rank")
+            self._doomed = True
 
     def close(self) -> None:
         """Stop the guard process."""
@@ -446,9 +461,11 @@ class ExpertParallel:
         except RuntimeError as e:
             if isinstance(e, ExpertParallelError) or not _is_peer_error(e):
                 raise
+            self.watchdog.doom(min(SHUTDOWN_GRACE, self.watchdog.timeout))
             raise ExpertParallelError(
                 f"expert-parallel rank {self.rank} of {self.size} lost its connection to a peer rank ({e}). "
-                "Another rank has died or the network failed; check the other ranks' output.") from e
+                "Another rank has died or the network failed; check the other ranks' output. "
+                f"This process ends within {min(SHUTDOWN_GRACE, self.watchdog.timeout):g} s.") from e
 
     def check_agreement(self, model: nn.Module) -> None:
         """All ranks must run the same model with the same placement: compare checksums."""
