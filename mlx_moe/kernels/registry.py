@@ -59,6 +59,16 @@ def read_family(family: str) -> Tuple[str, Dict[str, str]]:
     return helpers, bodies
 
 
+def kernel_names() -> Dict[str, str]:
+    """{kernel name: family} of every `kernel:` section in metal/*.metal, i.e. every
+    kernel the flavors can build (tools/verify_metal.py checks each has verification cases)."""
+    names: Dict[str, str] = {}
+    for path in sorted(metal_dir().glob("*.metal")):
+        for name in read_family(path.stem)[1]:
+            names[name] = path.stem
+    return names
+
+
 @lru_cache(maxsize=None)
 def _shims(flavor: str) -> str:
     name = "shims_cuda.h" if flavor == "cuda" else "shims_metal.h"
