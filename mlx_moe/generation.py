@@ -68,6 +68,16 @@ def routing_session(model, n_prompt: int, prompt_cache=None, expert_log=None, ex
             HOOKS.discard()
 
 
+def expert_parallel_setup(model, sampler, expert_log):
+    """Under expert parallelism (mlx_moe.distributed) every rank takes rank 0's
+    token, only rank 0 writes the expert log, and steps run under the peer
+    watchdog. Returns (sampler, expert_log, guard) for this rank."""
+    ep = getattr(model, "expert_parallel", None)
+    if ep is None:
+        return sampler, expert_log, lambda steps: steps
+    return ep.agree_sampler(sampler), (expert_log if ep.rank == 0 else None), ep.guard
+
+
 def flushing(steps: Iterable) -> Iterator:
     """Deliver routing events as tokens come out of mlx-lm's step generator.
 
@@ -106,16 +116,12 @@ def stream_generate(
         mx.random.seed(seed)
     tokens = encode_prompt(tokenizer, prompt, chat_template)
     sampler = make_sampler(temp=temp, top_p=top_p)
-    ep = getattr(model, "expert_parallel", None)  # set by mlx_moe.distributed.shard_experts
-    if ep is not None:
-        sampler = ep.agree_sampler(sampler)  # every rank takes rank 0's token
-        expert_log = expert_log if ep.rank == 0 else None  # one log, written by rank 0
+    sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
     with routing_session(model, len(tokens), prompt_cache, expert_log, expert_log_weights):
-        steps = mlx_stream_generate(
+        yield from flushing(guard(mlx_stream_generate(
             model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
             sampler=sampler, prompt_cache=prompt_cache, **kwargs,
-        )
-        yield from flushing(ep.guard(steps) if ep is not None else steps)
+        )))
 
 
 def generate_tokens(
@@ -133,13 +139,12 @@ def generate_tokens(
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    ep = getattr(model, "expert_parallel", None)  # see stream_generate
-    if ep is not None:
-        kwargs["sampler"] = ep.agree_sampler(kwargs.get("sampler") or (lambda x: mx.argmax(x, axis=-1)))
-        expert_log = expert_log if ep.rank == 0 else None
+    sampler = kwargs.pop("sampler", None) or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
     with routing_session(model, len(prompt), cache, expert_log, expert_log_weights):
-        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache, **kwargs)
-        for token, _ in flushing(ep.guard(steps) if ep is not None else steps):
+        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
+                              sampler=sampler, **kwargs)
+        for token, _ in flushing(guard(steps)):
             yield token
 
 
