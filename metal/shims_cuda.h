@@ -34,3 +34,57 @@ __device__ inline float moe_f16_bits(ushort b) {
 __device__ inline float moe_silu(float g) {
   return g / (1.0f + expf(-g));
 }
+
+// -- SIMD collectives for the prefill map and the router (mul_mm_id.metal,
+// router.metal).  Full-mask: every lane of the warp must reach each call.
+
+__device__ inline int moe_simd_sum_int(int v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+__device__ inline float moe_simd_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Exclusive prefix sum over lanes 0..lane-1 (Kogge-Stone on the inclusive sum).
+__device__ inline int moe_simd_prefix_exclusive_sum(int v) {
+  const int lane = int(threadIdx.x & 31u);
+  int s = v;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, s, offset);
+    s += (lane >= offset) ? o : 0;
+  }
+  return s - v;
+}
+
+__device__ inline uint moe_ballot(bool pred) {
+  return __ballot_sync(0xffffffffu, pred);
+}
+
+__device__ inline int moe_popcount(uint v) {
+  return __popc(v);
+}
+
+__device__ inline float moe_shuffle_xor(float v, ushort mask) {
+  return __shfl_xor_sync(0xffffffffu, v, int(mask));
+}
+__device__ inline int moe_shuffle_xor(int v, ushort mask) {
+  return __shfl_xor_sync(0xffffffffu, v, int(mask));
+}
+
+__device__ inline float moe_shuffle(float v, ushort src) {
+  return __shfl_sync(0xffffffffu, v, int(src));
+}
+
+__device__ inline float moe_exp(float v) {
+  return expf(v);
+}

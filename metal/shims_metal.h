@@ -22,3 +22,47 @@ inline float moe_f16_bits(ushort b) {
 inline float moe_silu(float g) {
   return g / (1.0f + metal::exp(-g));
 }
+
+// -- SIMD collectives for the prefill map and the router (mul_mm_id.metal,
+// router.metal).  Every lane of the simdgroup must reach each call.
+
+// Integer sum over the 32 lanes.
+inline int moe_simd_sum_int(int v) {
+  return simd_sum(v);
+}
+
+// Max over the 32 lanes.
+inline float moe_simd_max(float v) {
+  return simd_max(v);
+}
+
+// Exclusive prefix sum over lanes 0..lane-1.
+inline int moe_simd_prefix_exclusive_sum(int v) {
+  return simd_prefix_exclusive_sum(v);
+}
+
+// Bit l set when lane l's predicate holds (a simdgroup is 32 lanes wide).
+inline uint moe_ballot(bool pred) {
+  return uint(static_cast<ulong>(simd_ballot(pred)));
+}
+
+inline int moe_popcount(uint v) {
+  return int(popcount(v));
+}
+
+// Lane `lane ^ mask`'s value.
+inline float moe_shuffle_xor(float v, ushort mask) {
+  return simd_shuffle_xor(v, mask);
+}
+inline int moe_shuffle_xor(int v, ushort mask) {
+  return simd_shuffle_xor(v, mask);
+}
+
+// Lane `src`'s value.
+inline float moe_shuffle(float v, ushort src) {
+  return simd_shuffle(v, src);
+}
+
+inline float moe_exp(float v) {
+  return metal::exp(v);
+}

@@ -8,7 +8,18 @@ Decode-sized batches (see mlx_moe/kernels/dispatch.py) run in two dispatches:
    and summed in threadgroup memory, plus weight * x for identity experts,
    written once in x's dtype.
 
-Identity and padding slots launch threadgroups that read no weights.  Other
+Larger batches (see `kernel_path` in mlx_moe/kernels/dispatch.py) run the
+prefill path in four dispatches:
+
+1. mul_mm_id_map0: the pairs of each real expert (a counting sort on the
+   device, no host sync) and the table of GEMM tiles;
+2. mul_mm_id_swiglu: gate and up as tiled GEMMs over each expert's pairs,
+   SwiGLU fused, into h [T*k, ffn] float32;
+3. mul_mm_id: down over the same tiles, into d [T*k, hidden] float32;
+4. mul_mm_id_combine: the weighted sum over slots plus weight * x for
+   identity experts, in x's dtype.
+
+Identity and padding slots launch no weight reads on either path.  Other
 batches and formats go to the `mlx` backend.  `fuse_swiglu=False` /
 `fuse_combine=False` select the unfused variants (separate gate and up
 dispatches, per-slot down outputs combined with MLX ops) that
@@ -20,7 +31,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kernels.dispatch import decode_sized, expert_weights, kernels_cover
+from ..kernels.dispatch import expert_weights, kernel_path, kernels_cover, weight_kind
+from ..kernels.mul_mm_id import map0, mul_mm_id, mul_mm_id_combine, mul_mm_id_swiglu
 from ..kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu
 from .base import ExpertBackend, identity_term
 from .mlx import MLXBackend
@@ -47,19 +59,24 @@ class KernelBackend(ExpertBackend):
     def supports(self, experts) -> bool:
         return kernels_cover(experts)
 
-    def _covered(self, experts, wg, wu, wd) -> bool:
-        """kernels_cover(experts), remembered per layer while its weight arrays stay the same
-        (the full check reads module attributes: microseconds per call, per layer)."""
+    def _kind(self, experts, wg, wu, wd):
+        """The layer's weight kind ("q4_0", "float") if the kernels cover it, else None;
+        remembered per layer while its weight arrays stay the same (the full check
+        reads module attributes: microseconds per call, per layer)."""
         entry = self._cover.get(id(experts))
         if entry is None or entry[0] is not wg or entry[1] is not wu or entry[2] is not wd:
-            entry = (wg, wu, wd, kernels_cover(experts))
+            kind = weight_kind(experts["gate_proj"]) if kernels_cover(experts) else None
+            entry = (wg, wu, wd, kind)
             self._cover[id(experts)] = entry
         return entry[3]
 
     def __call__(self, x, ids, weights, experts, n_identity=0, may_pad=False):
         wg, wu, wd = expert_weights(experts)
-        if not (decode_sized(x, ids) and self._covered(experts, wg, wu, wd)):
+        path = kernel_path(x, ids, self._kind(experts, wg, wu, wd))
+        if path is None:
             return self.fallback(x, ids, weights, experts, n_identity=n_identity, may_pad=may_pad)
+        if path == "mm":
+            return self.prefill(x, ids, weights, experts, wg, wu, wd, n_identity)
         T, k = ids.shape
         self.stats.calls += 1
         self.stats.rows += T * k
@@ -82,6 +99,26 @@ class KernelBackend(ExpertBackend):
         if n_identity:
             y = y + identity_term(x, ids, weights, E, n_identity)
         return y.astype(x.dtype)
+
+
+    def prefill(self, x, ids, weights, experts, wg, wu, wd, n_identity):
+        """map0 -> gate/up GEMMs with SwiGLU -> down GEMM -> combine (module docstring)."""
+        T, k = ids.shape
+        self.stats.calls += 1
+        self.stats.rows += T * k
+        if ids.dtype != mx.int32:
+            ids = ids.astype(mx.int32)
+        if weights.dtype != mx.float32:
+            weights = weights.astype(mx.float32)
+        f = self.flavor
+        E = wg.shape[0]
+        route = map0(ids, E, f)
+        if self.fuse_swiglu:
+            h = mul_mm_id_swiglu(x, route, wg, wu, f)
+        else:
+            h = nn.silu(mul_mm_id(x, route, wg, True, f)) * mul_mm_id(x, route, wu, True, f)
+        d = mul_mm_id(h, route, wd, False, f)
+        return mul_mm_id_combine(d, ids, weights, x, E, n_identity, f)
 
 
 def _available(flavor: str) -> bool:

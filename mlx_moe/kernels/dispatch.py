@@ -1,10 +1,12 @@
 """Dispatch rules for the custom expert kernels, in one place.
 
 - which projection formats and activation dtypes the kernels cover;
-- the decode threshold: up to MAX_DECODE_PAIRS (token, slot) pairs per call the
-  GEMV kernels (mul_mv_id) run; above it the batch is prefill-like, every
-  expert is read for several tokens, and the `mlx` backend's gather GEMMs win
-  (a prefill GEMM kernel is a later issue);
+- the GEMV/GEMM switch (`kernel_path`): up to MV_MAX_PAIRS[kind] (token, slot)
+  pairs per call the GEMV kernels (mul_mv_id) run; above it the tiled routed
+  GEMMs (map0 + mul_mm_id), which read each expert's weights once per tile of
+  32 pairs instead of once per pair.  The crossover is to be measured on the
+  H100 per weight kind (BENCHMARKS.md, "to measure"); until then every kind
+  uses MAX_DECODE_PAIRS, the decode threshold of the first kernel version;
 - launch geometry per kernel and weight format: NR rows per simdgroup, NSG
   simdgroups per threadgroup (measured on the H100 with tools/bench_kernels.py).
 """
@@ -22,6 +24,15 @@ from ..experts import Experts
 
 # (token, slot) pairs per call up to which the GEMV kernels run.
 MAX_DECODE_PAIRS = 64
+
+# The GEMV -> GEMM crossover per weight kind, in (token, slot) pairs: the
+# largest batch on which mul_mv_id still beats map0 + mul_mm_id.
+# NOT YET MEASURED: no GPU was available when mul_mm_id was written; these are
+# the decode threshold above, a placeholder.  Measure with
+#   python3 tools/bench_kernels.py --prefill --crossover
+# on the H100 (BENCHMARKS.md, "to measure") and put the numbers here.
+# `None` means "use MAX_DECODE_PAIRS" (so benchmarks that move it move both).
+MV_MAX_PAIRS = {"q4_0": None, "float": None}
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -78,5 +89,28 @@ def decode_sized(x: mx.array, ids: mx.array) -> bool:
 
 
 def use_decode_kernels(x: mx.array, ids: mx.array, experts: Experts) -> bool:
-    """The rule: custom GEMV kernels for decode-sized batches the kernels cover."""
-    return decode_sized(x, ids) and kernels_cover(experts)
+    """Whether a batch runs on the GEMV kernels (kernel_path == "mv")."""
+    return kernels_cover(experts) and kernel_path(x, ids, weight_kind(experts["gate_proj"])) == "mv"
+
+
+def use_prefill_kernels(x: mx.array, ids: mx.array, experts: Experts) -> bool:
+    """Whether a batch runs on map0 + mul_mm_id (kernel_path == "mm")."""
+    return kernels_cover(experts) and kernel_path(x, ids, weight_kind(experts["gate_proj"])) == "mm"
+
+
+def mv_max_pairs(kind: str) -> int:
+    v = MV_MAX_PAIRS.get(kind)
+    return MAX_DECODE_PAIRS if v is None else v
+
+
+def kernel_path(x: mx.array, ids: mx.array, kind: Optional[str]) -> Optional[str]:
+    """The rule, in one place: "mv" (mul_mv_id GEMVs) up to mv_max_pairs(kind)
+    (token, slot) pairs, "mm" (map0 + mul_mm_id GEMMs) above; None when the
+    kernels do not take the batch (not [T, D] x [T, k], not a float activation,
+    no pairs, or weights the kernels do not read)."""
+    if kind is None or x.ndim != 2 or ids.ndim != 2 or x.dtype not in FLOAT_DTYPES:
+        return None
+    pairs = ids.shape[0] * ids.shape[1]
+    if pairs <= 0:
+        return None
+    return "mv" if pairs <= mv_max_pairs(kind) else "mm"

@@ -10,6 +10,15 @@ Metal.  Three flavors build kernels from the same text:
 - `emulated`: `mlx_moe.emulation.metal_kernel` (the Metal sources compiled as
   C++ and run on the CPU), header as for `metal`.
 
+Where a body cannot be shared (matrix units: simdgroup_matrix on Metal,
+tensor-core mma on CUDA), `metal/<family>_cuda.h` holds the CUDA twins in
+the same section format: its `helpers` are appended to the shared ones and
+its kernel bodies replace the shared bodies of the same name on CUDA.
+
+`KERNELS` names every kernel the package launches (family, input and output
+names); tools that check kernels (tests, tools/verify_metal.py) enumerate it,
+and `mlx_moe/kernels/cases.py` holds at least one verification case per name.
+
 MLX caches compiled kernels per process, keyed by name and source, but a
 kernel object is cheap to keep and costly to rebuild; `get_kernel` creates
 each one once.
@@ -20,7 +29,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import mlx.core as mx
 
@@ -40,10 +49,8 @@ def metal_dir() -> Path:
     )
 
 
-@lru_cache(maxsize=None)
-def read_family(family: str) -> Tuple[str, Dict[str, str]]:
-    """(helpers text, {kernel name: body}) of metal/<family>.metal."""
-    text = (metal_dir() / f"{family}.metal").read_text()
+def _sections(text: str) -> Tuple[str, Dict[str, str]]:
+    """(helpers, {kernel name: body}) of a text in the `// ==== ... ====` section format."""
     marks = list(_SECTION.finditer(text))
     helpers = ""
     bodies: Dict[str, str] = {}
@@ -54,19 +61,60 @@ def read_family(family: str) -> Tuple[str, Dict[str, str]]:
             helpers = chunk
         else:
             bodies[m.group(2)] = chunk
+    return helpers, bodies
+
+
+@lru_cache(maxsize=None)
+def read_family(family: str) -> Tuple[str, Dict[str, str]]:
+    """(helpers text, {kernel name: body}) of metal/<family>.metal."""
+    helpers, bodies = _sections((metal_dir() / f"{family}.metal").read_text())
     if not bodies:
         raise ValueError(f"metal/{family}.metal has no '// ==== kernel: <name> ====' sections")
     return helpers, bodies
 
 
-def kernel_names() -> Dict[str, str]:
-    """{kernel name: family} of every `kernel:` section in metal/*.metal, i.e. every
-    kernel the flavors can build (tools/verify_metal.py checks each has verification cases)."""
-    names: Dict[str, str] = {}
-    for path in sorted(metal_dir().glob("*.metal")):
-        for name in read_family(path.stem)[1]:
-            names[name] = path.stem
-    return names
+@lru_cache(maxsize=None)
+def read_cuda_twin(family: str) -> Tuple[str, Dict[str, str]]:
+    """(helpers, {kernel name: body}) of metal/<family>_cuda.h; empty when there is none."""
+    path = metal_dir() / f"{family}_cuda.h"
+    return _sections(path.read_text()) if path.is_file() else ("", {})
+
+
+def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
+    """(header, body) that `flavor` compiles for kernel `name` of metal/<family>.metal."""
+    helpers, bodies = read_family(family)
+    if flavor == "cuda":
+        twin_helpers, twin_bodies = read_cuda_twin(family)
+        helpers = helpers + "\n" + twin_helpers
+        bodies = {**bodies, **twin_bodies}
+    if name not in bodies:
+        raise KeyError(f"metal/{family}.metal has no kernel {name!r} (has: {', '.join(bodies)})")
+    return _shims(flavor) + "\n" + helpers, bodies[name]
+
+
+class KernelSpec(NamedTuple):
+    family: str  # metal/<family>.metal
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+
+
+# Every kernel the package launches.  Names are stable: tools and tests key on them.
+KERNELS: Dict[str, KernelSpec] = {
+    "mul_mv_id": KernelSpec("mul_mv_id", ("src", "ids", "w"), ("out",)),
+    "mul_mv_id_swiglu": KernelSpec("mul_mv_id", ("x", "ids", "wg", "wu"), ("h",)),
+    "mul_mv_id_down_combine": KernelSpec("mul_mv_id", ("h", "ids", "wts", "x", "wd"), ("y",)),
+    "mul_mm_id_map0": KernelSpec("mul_mm_id", ("ids",), ("counts", "offsets", "pairs", "tiles")),
+    "mul_mm_id": KernelSpec("mul_mm_id", ("src", "pairs", "tiles", "offsets", "w"), ("out",)),
+    "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
+    "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
+    "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
+}
+
+
+def kernel(flavor: str, name: str):
+    """The kernel object for a name of KERNELS, built on first use."""
+    spec = KERNELS[name]
+    return get_kernel(flavor, spec.family, name, list(spec.inputs), list(spec.outputs))
 
 
 @lru_cache(maxsize=None)
@@ -95,13 +143,10 @@ def get_kernel(flavor: str, family: str, name: str, inputs: List[str], outputs: 
     key = (flavor, family, name)
     kernel = _KERNELS.get(key)
     if kernel is None:
-        helpers, bodies = read_family(family)
-        if name not in bodies:
-            raise KeyError(f"metal/{family}.metal has no kernel {name!r} (has: {', '.join(bodies)})")
-        header = _shims(flavor) + "\n" + helpers
+        header, body = kernel_source(flavor, family, name)
         kernel = _maker(flavor)(
             name=f"mlx_moe_{name}", input_names=list(inputs), output_names=list(outputs),
-            source=bodies[name], header=header,
+            source=body, header=header,
         )
         _KERNELS[key] = kernel
     return kernel

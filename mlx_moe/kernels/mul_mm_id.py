@@ -1,0 +1,132 @@
+"""Typed calls of the mul_mm_id kernel family (metal/mul_mm_id.metal, CUDA twins
+in metal/mul_mm_id_cuda.h): the prefill path.
+
+    route = map0(ids, n_experts, flavor)              # per-expert pair lists, tile table
+    h = mul_mm_id_swiglu(x, route, wg, wu, flavor)    # [T*k, ffn] float32
+    d = mul_mm_id(h, route, wd, False, flavor)        # [T*k, hidden] float32
+    y = mul_mm_id_combine(d, ids, weights, x, n_experts, n_identity, flavor)
+
+Only real expert ids (0 <= id < n_experts) are in the lists: identity and
+padding slots launch no GEMM work, and rows of h and d that belong to them are
+never written (combine never reads them).  Weights are Q4_0 (uint16 words
+[E, rows, cols/32*9]) or float [E, rows, cols], as for mul_mv_id.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .mul_mv_id import _shape
+from .registry import kernel
+
+# The tile of metal/mul_mm_id.metal (MOE_MM_*): weight rows x routed pairs per
+# threadgroup, its thread count, and the combine kernel's threads per group.
+BM = 64
+BN = 32
+THREADS = 128
+COMBINE_TG = 256
+MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
+
+
+class Route(NamedTuple):
+    """map0's output: the (token, slot) pairs of each real expert and the GEMM tiles."""
+
+    ids: mx.array  # [T, k] int32, as given
+    counts: mx.array  # [E] int32: pairs per expert
+    offsets: mx.array  # [E + 1] int32: first position of each expert's list in `pairs`
+    pairs: mx.array  # [T*k] int32: pair ids t*k + s grouped by expert, -1 past offsets[E]
+    tiles: mx.array  # [G, 2] int32: (expert, first position) per tile, (-1, 0) unused
+
+
+def tile_table_size(pairs: int, n_experts: int) -> int:
+    """Tiles of BN pairs needed in the worst case: sum_e ceil(c_e / BN) with
+    sum_e c_e <= pairs and at most min(E, pairs) experts with c_e > 0."""
+    nz = min(n_experts, pairs)
+    return max(1, (pairs + nz * (BN - 1)) // BN)
+
+
+def map0_geometry(n_experts: int):
+    """(simdgroups, experts per simdgroup) of map0: 4 experts per simdgroup up
+    to 128 experts, then at most 32 simdgroups."""
+    nsg = max(1, min(MAP0_MAX_SIMDGROUPS, -(-n_experts // 4)))
+    return nsg, -(-n_experts // nsg)
+
+
+def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
+    """Counting sort of the (token, slot) pairs by real expert (no atomics)."""
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [tokens, k]; got shape {tuple(ids.shape)}")
+    if ids.dtype != mx.int32:
+        ids = ids.astype(mx.int32)
+    T, k = ids.shape
+    P = T * k
+    if P >= 2**31 // 2:
+        raise ValueError(f"{P} (token, slot) pairs is too many for int32 pair ids; split the batch")
+    G = tile_table_size(P, n_experts)
+    nsg, eps = map0_geometry(n_experts)
+    counts, offsets, pairs, tiles = kernel(flavor, "mul_mm_id_map0")(
+        inputs=[ids],
+        template=[("NE", n_experts), ("NSG", nsg), ("EPS", eps)],
+        grid=(32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(n_experts,), (n_experts + 1,), (P,), (G, 2)],
+        output_dtypes=[mx.int32] * 4,
+    )
+    return Route(ids, counts, offsets, pairs, tiles)
+
+
+def _mm_grid(rows: int, route: Route):
+    return (-(-rows // BM) * THREADS, route.tiles.shape[0], 1), (THREADS, 1, 1)
+
+
+def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor: str) -> mx.array:
+    """out[p] = W[e] @ src[p // k if broadcast else p] for every routed pair p of expert e:
+    [T*k, rows] float32 (rows of identity and padding pairs are not written)."""
+    _, rows, cols = _shape(w)
+    T, k = route.ids.shape
+    want = T if broadcast else T * k
+    if src.shape != (want, cols):
+        raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
+    grid, tg = _mm_grid(rows, route)
+    return kernel(flavor, "mul_mm_id")(
+        inputs=[src, route.pairs, route.tiles, route.offsets, w],
+        template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
+                  ("BCAST", bool(broadcast))],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+    )[0]
+
+
+def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flavor: str) -> mx.array:
+    """h[p] = silu(Wg[e] @ x[p // k]) * (Wu[e] @ x[p // k]) for every routed pair p:
+    [T*k, ffn] float32 (rows of identity and padding pairs are not written)."""
+    _, rows, cols = _shape(wg)
+    if wu.shape != wg.shape or wu.dtype != wg.dtype:
+        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    T, k = route.ids.shape
+    if x.shape != (T, cols):
+        raise ValueError(f"x must be [{T}, {cols}] for these ids and weights; got {tuple(x.shape)}")
+    grid, tg = _mm_grid(rows, route)
+    return kernel(flavor, "mul_mm_id_swiglu")(
+        inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
+        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+    )[0]
+
+
+def mul_mm_id_combine(
+    d: mx.array, ids: mx.array, weights: mx.array, x: mx.array, n_experts: int, n_identity: int,
+    flavor: str,
+) -> mx.array:
+    """y[t] = sum_s w[t,s] * d[t*k+s] (real ids) + sum_s w[t,s] * x[t] (identity ids): [T, hidden] in x's dtype."""
+    T, k = ids.shape
+    N = x.shape[1]
+    if d.shape != (T * k, N):
+        raise ValueError(f"d must be [{T * k}, {N}]; got {tuple(d.shape)}")
+    return kernel(flavor, "mul_mm_id_combine")(
+        inputs=[d, ids, weights, x],
+        template=[("T", x.dtype), ("N", N), ("NE", int(n_experts)), ("NI", int(n_identity)),
+                  ("KS", k), ("TG", COMBINE_TG)],
+        grid=(-(-N // COMBINE_TG) * COMBINE_TG, T, 1), threadgroup=(COMBINE_TG, 1, 1),
+        output_shapes=[(T, N)], output_dtypes=[x.dtype],
+    )[0]
