@@ -96,7 +96,8 @@ struct moe_dequant<ushort> {
   const uint sg = simdgroup_index_in_threadgroup;
   const uint tid = thread_index_in_threadgroup;
   const int P = int(ids_shape[0]) * int(ids_shape[1]);
-  const int G = max(1, (P + min(NE, P) * (MOE_MM_BN - 1)) / MOE_MM_BN);
+  const int nz = (NE < P) ? NE : P;  // at most this many experts have pairs
+  const int G = (P + nz * (MOE_MM_BN - 1)) / MOE_MM_BN > 1 ? (P + nz * (MOE_MM_BN - 1)) / MOE_MM_BN : 1;
   threadgroup int tg_off[NE + 1];   // counts, then each expert's first position
   threadgroup int tg_tile[NE + 1];  // each expert's first tile
 

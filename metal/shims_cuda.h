@@ -88,3 +88,6 @@ __device__ inline float moe_shuffle(float v, ushort src) {
 __device__ inline float moe_exp(float v) {
   return expf(v);
 }
+
+// -infinity (masked and absent scores in the router).
+#define MOE_NEG_INF (-__int_as_float(0x7f800000))

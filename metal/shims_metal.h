@@ -66,3 +66,6 @@ inline float moe_shuffle(float v, ushort src) {
 inline float moe_exp(float v) {
   return metal::exp(v);
 }
+
+// -infinity (masked and absent scores in the router).
+#define MOE_NEG_INF (as_type<float>(0xff800000u))

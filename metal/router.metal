@@ -1,0 +1,169 @@
+// Fused MoE router: scores -> selection bias -> (group limit) -> top-k ->
+// renormalization -> scaling, one simdgroup (CUDA: warp) per token.
+//
+// One body for Metal, CUDA (through shims_cuda.h) and the CPU emulation; see
+// mlx_moe/kernels/router.py for the calls and mlx_moe/router.py for the
+// per-family reference functions this kernel reproduces.
+//
+// Lane l holds the scores of experts l, l + 32, l + 64, ... (VPL of them).
+// Top-k is K rounds of a simdgroup argmax (butterfly over shuffles), the
+// winner masked to -inf for the next round.  Ties go to the lower expert id:
+// a lane scans its experts in increasing id with a strict `>`, and the
+// butterfly keeps the lower id when two scores are equal.  The k ids come out
+// in selection order (highest score first).
+
+// ==== helpers ====
+
+// (value, id) a beats (value, id) b: higher value, or equal value and lower id.
+inline bool moe_router_beats(float av, int ai, float bv, int bi) {
+  return av > bv || (av == bv && ai < bi);
+}
+
+// ==== kernel: moe_router_topk ====
+// Template:
+//   T       logits dtype;  NEXP  experts scored (real + identity experts);
+//   K       experts chosen per token;  VPL = ceil(NEXP / 32);
+//   SCORE   0: softmax over all NEXP (float32), weights = probabilities;
+//           1: sigmoid per expert, weights = sigmoids;
+//           2: selection on the raw logits, weights = softmax over the k
+//              chosen logits (Mixtral);
+//   HAS_BIAS  add bias[e] to the selection score only (LongCat's
+//           e_score_correction_bias); the weights stay unbiased;
+//   NGROUP, TOPKG  group-limited routing (DeepSeek-V2) when NGROUP > 1: the
+//           NEXP experts form NGROUP equal contiguous groups, a group's score
+//           is its largest selection score, only the TOPKG best groups stay
+//           eligible and every other expert's score and weight become 0 (as
+//           mlx_moe/router.py's group_limited_topk and transformers do);
+//   NORM    divide the k weights by their sum (+1e-20);
+//   TPG     tokens (simdgroups) per threadgroup.
+// Inputs: logits [T, NEXP], bias [NEXP] float32 (any 1-element array when
+// not HAS_BIAS), scale [1] float32 (multiplies the final weights).
+// Outputs: ids [T, K] int32, weights [T, K] float32.
+// Grid: (ceil(T / TPG) * 32 * TPG, 1, 1), threadgroup (32 * TPG, 1, 1).
+{
+  const uint lane = thread_index_in_simdgroup;
+  const int tok = int(threadgroup_position_in_grid.x) * TPG + int(simdgroup_index_in_threadgroup);
+  const int ntok = int(logits_shape[0]);
+  if (tok < ntok) {  // uniform per simdgroup: every lane reaches every collective below
+    float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
+    float c[VPL];  // selection scores
+    float m = MOE_NEG_INF;
+    for (int i = 0; i < VPL; ++i) {
+      const int e = int(lane) + 32 * i;
+      p[i] = (e < NEXP) ? float(logits[size_t(tok) * NEXP + e]) : MOE_NEG_INF;
+      m = (p[i] > m) ? p[i] : m;
+    }
+    if (SCORE == 0) {
+      m = moe_simd_max(m);
+      float s = 0.0f;
+      for (int i = 0; i < VPL; ++i) {
+        p[i] = moe_exp(p[i] - m);  // absent experts: exp(-inf) = 0
+        s += p[i];
+      }
+      s = moe_simd_sum(s);
+      for (int i = 0; i < VPL; ++i) {
+        p[i] = p[i] / s;
+      }
+    } else if (SCORE == 1) {
+      for (int i = 0; i < VPL; ++i) {
+        p[i] = 1.0f / (1.0f + moe_exp(-p[i]));
+      }
+    }
+    for (int i = 0; i < VPL; ++i) {
+      const int e = int(lane) + 32 * i;
+      c[i] = (e < NEXP) ? p[i] + (HAS_BIAS ? bias[e] : 0.0f) : MOE_NEG_INF;
+    }
+
+    if (NGROUP > 1) {
+      constexpr int GS = NEXP / NGROUP;
+      float gscore[NGROUP];
+      for (int gi = 0; gi < NGROUP; ++gi) {
+        float v = MOE_NEG_INF;
+        for (int i = 0; i < VPL; ++i) {
+          const int e = int(lane) + 32 * i;
+          v = (e < NEXP && e / GS == gi && c[i] > v) ? c[i] : v;
+        }
+        gscore[gi] = moe_simd_max(v);
+      }
+      // The TOPKG best groups (same values in every lane, no collectives).
+      bool keep[NGROUP];
+      for (int gi = 0; gi < NGROUP; ++gi) {
+        keep[gi] = false;
+      }
+      for (int r = 0; r < TOPKG; ++r) {
+        int best = -1;
+        for (int gi = 0; gi < NGROUP; ++gi) {
+          if (!keep[gi] && (best < 0 || gscore[gi] > gscore[best])) {
+            best = gi;
+          }
+        }
+        keep[best] = true;
+      }
+      for (int i = 0; i < VPL; ++i) {
+        const int e = int(lane) + 32 * i;
+        if (e < NEXP && !keep[e / GS]) {
+          c[i] = 0.0f;
+          p[i] = 0.0f;
+        }
+      }
+    }
+
+    int sel_id[K];
+    float sel_w[K];
+    for (int j = 0; j < K; ++j) {
+      float bv = MOE_NEG_INF;
+      int bi = NEXP;  // no expert: loses every tie against a real one
+      float bw = 0.0f;
+      for (int i = 0; i < VPL; ++i) {
+        if (c[i] > bv) {
+          bv = c[i];
+          bi = int(lane) + 32 * i;
+          bw = p[i];
+        }
+      }
+      for (ushort off = 16; off > 0; off >>= 1) {
+        const float ov = moe_shuffle_xor(bv, off);
+        const int oi = moe_shuffle_xor(bi, off);
+        const float ow = moe_shuffle_xor(bw, off);
+        if (moe_router_beats(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+          bw = ow;
+        }
+      }
+      sel_id[j] = bi;
+      sel_w[j] = bw;
+      for (int i = 0; i < VPL; ++i) {
+        c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
+      }
+    }
+
+    if (SCORE == 2) {
+      // softmax over the chosen logits; the first chosen is the largest.
+      const float top = sel_w[0];
+      float s = 0.0f;
+      for (int j = 0; j < K; ++j) {
+        sel_w[j] = moe_exp(sel_w[j] - top);
+        s += sel_w[j];
+      }
+      for (int j = 0; j < K; ++j) {
+        sel_w[j] = sel_w[j] / s;
+      }
+    }
+    float norm = 1.0f;
+    if (NORM) {
+      float s = 0.0f;
+      for (int j = 0; j < K; ++j) {
+        s += sel_w[j];
+      }
+      norm = 1.0f / (s + 1e-20f);
+    }
+    const float sc = scale[0] * norm;
+    if (lane == 0) {
+      for (int j = 0; j < K; ++j) {
+        ids[size_t(tok) * K + j] = sel_id[j];
+        weights[size_t(tok) * K + j] = sel_w[j] * sc;
+      }
+    }
+  }
+}

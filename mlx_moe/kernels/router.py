@@ -1,0 +1,89 @@
+"""The fused router kernel (metal/router.metal): one dispatch from router logits
+to (expert ids, routing weights), one simdgroup (CUDA: warp) per token.
+
+It reproduces mlx_moe/router.py's per-family functions:
+
+    family                         RouterParams
+    qwen3_moe, qwen2_moe, olmoe    RouterParams(k, normalize=norm_topk_prob)
+    mixtral                        RouterParams(k, score="topk_softmax")
+    deepseek_v2 greedy             RouterParams(k, scaling=routed_scaling_factor)
+    deepseek_v2 group_limited      RouterParams(k, n_group=..., topk_group=..., scaling=...)
+    longcat_flash                  RouterParams(k, bias=e_score_correction_bias,
+                                                normalize=norm_topk_prob, scaling=...)
+    (sigmoid scoring)              RouterParams(k, score="sigmoid", ...)
+
+Differences from mlx_moe/router.py, by design: the k ids of a token come in
+selection order (highest score first) instead of argpartition's order, and
+equal scores go to the lower expert id (argpartition leaves ties unspecified).
+
+This is an optional fast path for the kernel backends; the models' `route()`
+still call mlx_moe/router.py (see `fused_topk`'s docstring for the contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from .registry import kernel
+
+SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
+TOKENS_PER_GROUP = 4  # simdgroups (tokens) per threadgroup
+
+
+@dataclass(frozen=True)
+class RouterParams:
+    """One family's routing rule (see the module docstring)."""
+
+    k: int
+    score: str = "softmax"  # "softmax" | "sigmoid" | "topk_softmax" (Mixtral)
+    normalize: bool = False  # divide the k weights by their sum
+    scaling: float = 1.0  # multiply the final weights
+    n_group: int = 1  # group-limited routing when > 1 (DeepSeek-V2)
+    topk_group: int = 1
+    bias: Optional[mx.array] = None  # selection-only bias per expert (LongCat)
+
+
+def _check(logits: mx.array, p: RouterParams) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"router logits must be [tokens, experts]; got shape {tuple(logits.shape)}")
+    n = logits.shape[1]
+    if p.score not in SCORES:
+        raise ValueError(f"unknown router score {p.score!r}; choose one of {', '.join(SCORES)}")
+    if not 1 <= p.k <= min(n, 32):
+        raise ValueError(f"top-k must be in 1..min(experts, 32) = {min(n, 32)}; got k={p.k}")
+    if p.n_group > 1 and (n % p.n_group or not 1 <= p.topk_group <= p.n_group):
+        raise ValueError(
+            f"group-limited routing needs experts ({n}) divisible by n_group ({p.n_group}) "
+            f"and 1 <= topk_group ({p.topk_group}) <= n_group"
+        )
+    if p.n_group > 1 and p.k > p.topk_group * (n // p.n_group):
+        raise ValueError(f"k={p.k} exceeds the experts of the {p.topk_group} kept groups")
+    if p.bias is not None and p.bias.shape != (n,):
+        raise ValueError(f"router bias must have shape ({n},); got {tuple(p.bias.shape)}")
+
+
+def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.array, mx.array]:
+    """(ids [T, k] int32, weights [T, k] float32) of the family's routing rule, in one kernel.
+
+    Same result as the mlx_moe/router.py function of the family up to the
+    order of the k ids (here: highest score first) and float32 rounding.
+    """
+    _check(logits, params)
+    T, n = logits.shape
+    has_bias = params.bias is not None
+    bias = params.bias.astype(mx.float32) if has_bias else mx.zeros((1,), mx.float32)
+    scale = mx.array([params.scaling], dtype=mx.float32)
+    n_group = max(1, params.n_group)
+    tpg = TOKENS_PER_GROUP
+    return tuple(kernel(flavor, "moe_router_topk")(
+        inputs=[logits, bias, scale],
+        template=[("T", logits.dtype), ("NEXP", n), ("K", params.k), ("VPL", -(-n // 32)),
+                  ("SCORE", SCORES[params.score]), ("HAS_BIAS", has_bias), ("NGROUP", n_group),
+                  ("TOPKG", params.topk_group if n_group > 1 else 1), ("NORM", bool(params.normalize)),
+                  ("TPG", tpg)],
+        grid=(max(1, -(-T // tpg)) * 32 * tpg, 1, 1), threadgroup=(32 * tpg, 1, 1),
+        output_shapes=[(T, params.k), (T, params.k)], output_dtypes=[mx.int32, mx.float32],
+    ))

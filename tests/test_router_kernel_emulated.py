@@ -1,0 +1,128 @@
+"""The fused router kernel (metal/router.metal) under the CPU emulation of Metal,
+against mlx_moe/router.py's function for every family, and against a numpy
+oracle for sigmoid scoring and for ties (lower expert id wins).
+
+The kernel returns the k ids in selection order; mlx_moe/router.py returns
+them unordered, so both are compared per token after sorting by id.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_moe import router as R
+from mlx_moe.kernels.router import RouterParams, fused_topk
+
+FLAVOR = "emulated"
+
+
+def _logits(T, E, seed, dtype=mx.float32, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return mx.array((rng.standard_normal((T, E)) * scale).astype(np.float32)).astype(dtype)
+
+
+def _by_id(ids, w):
+    ids, w = np.array(ids), np.array(w)
+    order = np.argsort(ids, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(w, order, 1)
+
+
+def assert_same_routing(got, want, rtol=1e-5):
+    gi, gw = _by_id(*got)
+    wi, ww = _by_id(*want)
+    np.testing.assert_array_equal(gi, wi)
+    np.testing.assert_allclose(gw, ww, rtol=rtol, atol=1e-7)
+    assert got[0].dtype == mx.int32 and got[1].dtype == mx.float32
+
+
+def test_selection_order_is_descending():
+    lg = _logits(5, 40, 0)
+    ids, w = fused_topk(lg, RouterParams(6), FLAVOR)
+    probs = np.array(mx.softmax(lg, axis=-1))
+    sel = np.take_along_axis(probs, np.array(ids), 1)
+    assert np.all(np.diff(sel, axis=1) <= 0)
+    np.testing.assert_allclose(np.array(w), sel, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,E,k,normalize,dtype", [
+    (7, 128, 8, True, mx.float32),     # qwen3_moe (Qwen3-30B-A3B router shape)
+    (5, 60, 4, False, mx.bfloat16),    # qwen2_moe: 60 experts, not a multiple of 32
+    (6, 64, 8, True, mx.float16),      # olmoe
+])
+def test_softmax_topk_families(T, E, k, normalize, dtype):
+    lg = _logits(T, E, seed=E + k, dtype=dtype)
+    got = fused_topk(lg, RouterParams(k, normalize=normalize), FLAVOR)
+    assert_same_routing(got, R.softmax_topk(lg, k, normalize=normalize))
+
+
+def test_mixtral_topk_then_softmax():
+    lg = _logits(9, 8, seed=3)
+    got = fused_topk(lg, RouterParams(2, score="topk_softmax"), FLAVOR)
+    assert_same_routing(got, R.topk_softmax(lg, 2))
+
+
+def test_deepseek_greedy_with_scaling():
+    lg = _logits(5, 64, seed=4)
+    got = fused_topk(lg, RouterParams(6, scaling=2.5), FLAVOR)
+    assert_same_routing(got, R.greedy_topk(lg, 6, scaling=2.5))
+
+
+def test_deepseek_group_limited():
+    # 64 experts in 8 groups of 8, 3 groups kept, top-6, scaled.
+    lg = _logits(8, 64, seed=5)
+    got = fused_topk(lg, RouterParams(6, n_group=8, topk_group=3, scaling=16.0), FLAVOR)
+    assert_same_routing(got, R.group_limited_topk(lg, 6, 8, 3, scaling=16.0))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_longcat_bias_for_selection_and_scaling(normalize):
+    # 40 real + 20 identity experts, k = 12; a bias large enough to change the choice.
+    n = 60
+    lg = _logits(6, n, seed=6)
+    bias = mx.array(np.random.default_rng(7).uniform(-0.05, 0.05, n).astype(np.float32))
+    p = RouterParams(12, bias=bias, normalize=normalize, scaling=6.0)
+    got = fused_topk(lg, p, FLAVOR)
+    want = R.biased_topk(lg, 12, bias, normalize=normalize, scaling=6.0)
+    assert_same_routing(got, want)
+    unbiased = R.biased_topk(lg, 12, None, normalize=normalize, scaling=6.0)
+    assert not np.array_equal(_by_id(*want)[0], _by_id(*unbiased)[0]), "the bias changed nothing: a weak test"
+
+
+def test_sigmoid_scoring_against_numpy():
+    lg = _logits(6, 72, seed=8)
+    x = np.array(lg, dtype=np.float64)
+    bias = np.random.default_rng(9).uniform(-0.5, 0.5, 72)
+    sig = 1 / (1 + np.exp(-x))
+    ids = np.argsort(-(sig + bias), axis=1, kind="stable")[:, :8]
+    w = np.take_along_axis(sig, ids, 1)
+    w = w / w.sum(1, keepdims=True) * 2.5
+    got = fused_topk(lg, RouterParams(8, score="sigmoid", bias=mx.array(bias.astype(np.float32)),
+                                      normalize=True, scaling=2.5), FLAVOR)
+    np.testing.assert_array_equal(np.array(got[0]), ids)  # same order too: by score
+    np.testing.assert_allclose(np.array(got[1]), w, rtol=1e-5)
+
+
+def test_ties_go_to_the_lower_expert_id():
+    # Blocks of equal logits: expected = a stable sort on -score (lower id first among equals).
+    E, k = 48, 8
+    rng = np.random.default_rng(10)
+    x = rng.integers(0, 4, size=(6, E)).astype(np.float32)  # many exact ties
+    x[0] = 1.0  # every expert tied
+    ids, w = fused_topk(mx.array(x), RouterParams(k), FLAVOR)
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.array(ids), want)
+    np.testing.assert_array_equal(np.array(ids)[0], np.arange(k))
+
+
+def test_bad_parameters_raise_clear_errors():
+    lg = _logits(2, 16, seed=11)
+    with pytest.raises(ValueError, match="top-k"):
+        fused_topk(lg, RouterParams(17), FLAVOR)
+    with pytest.raises(ValueError, match="divisible by n_group"):
+        fused_topk(lg, RouterParams(2, n_group=3, topk_group=1), FLAVOR)
+    with pytest.raises(ValueError, match="router bias"):
+        fused_topk(lg, RouterParams(2, bias=mx.zeros((15,))), FLAVOR)
+    with pytest.raises(ValueError, match="unknown router score"):
+        fused_topk(lg, RouterParams(2, score="relu"), FLAVOR)
