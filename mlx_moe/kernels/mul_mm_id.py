@@ -123,10 +123,11 @@ def mul_mm_id_combine(
     N = x.shape[1]
     if d.shape != (T * k, N):
         raise ValueError(f"d must be [{T * k}, {N}]; got {tuple(d.shape)}")
+    tg = min(COMBINE_TG, -(-N // 32) * 32)
     return kernel(flavor, "mul_mm_id_combine")(
         inputs=[d, ids, weights, x],
         template=[("T", x.dtype), ("N", N), ("NE", int(n_experts)), ("NI", int(n_identity)),
-                  ("KS", k), ("TG", COMBINE_TG)],
-        grid=(-(-N // COMBINE_TG) * COMBINE_TG, T, 1), threadgroup=(COMBINE_TG, 1, 1),
+                  ("KS", k), ("TG", tg)],
+        grid=(-(-N // tg) * tg, T, 1), threadgroup=(tg, 1, 1),
         output_shapes=[(T, N)], output_dtypes=[x.dtype],
     )[0]

@@ -1,0 +1,196 @@
+"""The prefill kernels (metal/mul_mm_id.metal: map0, the tiled routed GEMMs on
+simdgroup_matrix, combine), run under the CPU emulation of the Metal kernel
+environment, against the `mlx` backend (MLX's gather_mm / gather_qmm on the
+CPU, float32) and, for map0, a numpy counting sort.
+
+Cases: Q4_0, float16, bfloat16 and float32 experts; rows and cols that are not
+multiples of the 64 x 32 tile; 1 to 300 tokens, and 2048 tokens at hidden 64;
+every token routed to one expert, experts with no token; identity and padding
+ids; repeated ids in a token; |x| ~ 1e5 activations and a float32
+intermediate beyond float16's range with float16 activations.
+
+The case builders are shared with tests/test_kernels_cuda.py's prefill cases
+(a GPU session runs them on the CUDA twins).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from test_kernels_emulated import TOL, make_experts, make_routing, make_x, reference
+
+from mlx_moe.kernels import dispatch
+from mlx_moe.kernels.dispatch import use_prefill_kernels
+from mlx_moe.kernels.mul_mm_id import BN, map0, tile_table_size
+
+FLAVOR = "emulated"
+
+
+def kernel_backend(flavor, fuse_swiglu=True):
+    from mlx_moe.backends.kernels import KernelBackend
+
+    be = KernelBackend(flavor, fuse_swiglu=fuse_swiglu)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the batch fell back to the mlx backend")
+
+    be.fallback = no_fallback
+    return be
+
+
+def assert_close(y, ref, x_dtype, tol=None):
+    assert y.dtype == x_dtype, f"output dtype {y.dtype}, expected {x_dtype}"
+    got = np.array(y.astype(mx.float32))
+    assert got.shape == ref.shape
+    assert np.isfinite(ref).all(), "the case itself overflows: fix the case"
+    assert np.isfinite(got).all(), "non-finite values in the kernel output"
+    err = np.abs(got - ref).max()
+    scale = np.abs(ref).max()
+    assert err <= (tol or TOL[x_dtype]) * scale, f"max |err| {err:.3g} vs max |ref| {scale:.3g}"
+
+
+def run_prefill(flavor, fmt, shape, x_dtype, ids=None, weights=None, n_identity=0, n_pad=0,
+                repeats=False, x_scale=1.0, down_scale=1.0, seed=0, fuse_swiglu=True, tol=None):
+    """The whole prefill path of a KernelBackend against the `mlx` backend."""
+    E, D, F, k, T = shape
+    experts = make_experts(E, D, F, fmt, seed=seed)
+    if down_scale != 1.0:
+        experts.down_proj.weight = scaled_weight(experts.down_proj.weight, down_scale)
+    if ids is None:
+        ids, weights = make_routing(T, k, E, n_identity, n_pad, repeats, seed=seed)
+    x = make_x(T, D, x_dtype, x_scale, seed=seed)
+    ref = reference(x, ids, weights, experts, n_identity)
+    assert use_prefill_kernels(x, ids, experts), "the case would not run on the prefill kernels"
+    y = kernel_backend(flavor, fuse_swiglu)(x, ids, weights, experts, n_identity=n_identity)
+    mx.eval(y)
+    assert_close(y, ref, x_dtype, tol)
+
+
+def scaled_weight(w, s):
+    if w.dtype == mx.uint16:  # Q4_0: scale the fp16 block scales (word 0 of each 9)
+        words = np.array(w).reshape(*w.shape[:2], -1, 9).copy()
+        d = words[..., 0].view(np.float16) * np.float16(s)
+        words[..., 0] = d.view(np.uint16)
+        return mx.array(words.reshape(w.shape))
+    return (w.astype(mx.float32) * s).astype(w.dtype)
+
+
+def skewed_routing(T, k, E, seed=0):
+    """Every token's slot 0 goes to expert 1; the other slots to experts 2 and 4 only:
+    experts 0, 3, 5, ... get no token, expert 1 gets all T (several tiles)."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((T, k), np.int32)
+    ids[:, 0] = 1
+    for s in range(1, k):
+        ids[:, s] = [2, 4][s % 2]
+    w = rng.random((T, k)).astype(np.float32) + 0.1
+    return mx.array(ids), mx.array(w / w.sum(1, keepdims=True))
+
+
+# -- map0 ------------------------------------------------------------------------------------
+
+def numpy_map(ids: np.ndarray, E: int):
+    flat = ids.reshape(-1)
+    lists = [np.nonzero(flat == e)[0] for e in range(E)]
+    counts = np.array([len(l) for l in lists])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    tiles = [(e, offsets[e] + i * BN) for e in range(E) for i in range(-(-counts[e] // BN))]
+    return counts, offsets, np.concatenate(lists + [np.zeros(0, np.int64)]), tiles
+
+
+def check_map0(flavor, T, k, E, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, E, size=(T, k)).astype(np.int32)  # repeats within a token are allowed
+    bad = rng.random((T, k)) < 0.2
+    ids[bad] = rng.choice([-1, E, E + 3, 2**31 - 1, -(2**31)], size=bad.sum())  # identity / padding
+    route = map0(mx.array(ids), E, flavor)
+    counts, offsets, pairs, tiles = numpy_map(ids, E)
+    np.testing.assert_array_equal(np.array(route.counts), counts)
+    np.testing.assert_array_equal(np.array(route.offsets), offsets)
+    got_pairs = np.array(route.pairs)
+    np.testing.assert_array_equal(got_pairs[:offsets[-1]], pairs)
+    assert (got_pairs[offsets[-1]:] == -1).all()
+    got_tiles = np.array(route.tiles)
+    assert got_tiles.shape == (tile_table_size(T * k, E), 2)
+    np.testing.assert_array_equal(got_tiles[:len(tiles)], np.array(tiles).reshape(-1, 2))
+    assert (got_tiles[len(tiles):, 0] == -1).all()
+
+
+@pytest.mark.parametrize("T,k,E", [(37, 3, 10), (300, 2, 5), (64, 8, 70)])
+def test_map0_matches_numpy_counting_sort(T, k, E):
+    check_map0(FLAVOR, T, k, E)
+
+
+def test_map0_worst_case_tile_table_is_enough():
+    # Every expert gets exactly 1 pair more than a multiple of BN: the most tiles per pair.
+    E, k = 3, 1
+    T = E * (BN + 1)
+    ids = np.repeat(np.arange(E, dtype=np.int32), BN + 1)[:, None]
+    route = map0(mx.array(ids), E, FLAVOR)
+    tiles = np.array(route.tiles)
+    assert (tiles[:, 0] >= 0).sum() == 2 * E
+    assert tiles.shape[0] >= 2 * E and T * k == ids.size
+
+
+# -- the whole prefill path ------------------------------------------------------------------
+
+# (n_experts, hidden, ffn, k, tokens)
+@pytest.mark.parametrize("fmt,shape,x_dtype", [
+    ("q4_0", (6, 96, 160, 3, 40), mx.float32),     # ffn 160 = 2.5 row tiles; hidden 96 = 1.5
+    ("q4_0", (5, 64, 96, 2, 300), mx.bfloat16),    # 300 tokens: an expert gets ~4 tiles
+    ("float16", (5, 100, 70, 4, 30), mx.float16),  # cols not multiples of 32 (K tails)
+    ("bfloat16", (4, 72, 40, 2, 33), mx.bfloat16),
+    ("float32", (6, 40, 100, 3, 25), mx.float32),
+])
+def test_prefill_matches_mlx(fmt, shape, x_dtype):
+    run_prefill(FLAVOR, fmt, shape, x_dtype, seed=1)
+
+
+def test_prefill_2048_tokens_small_hidden():
+    run_prefill(FLAVOR, "q4_0", (8, 64, 32, 2, 2048), mx.float16, seed=2)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_prefill_kernels_on_few_tokens(tokens, monkeypatch):
+    # Below the GEMV threshold the backend would take mul_mv_id; force the GEMM path.
+    monkeypatch.setattr(dispatch, "MV_MAX_PAIRS", {"q4_0": 0, "float": 0})
+    run_prefill(FLAVOR, "q4_0", (6, 96, 160, 3, tokens), mx.float32, seed=3)
+
+
+def test_skewed_routing_one_hot_expert_and_empty_experts():
+    E, k, T = 8, 3, 100
+    ids, w = skewed_routing(T, k, E)
+    run_prefill(FLAVOR, "q4_0", (E, 64, 96, k, T), mx.float32, ids=ids, weights=w, seed=4)
+
+
+def test_identity_padding_and_repeated_ids():
+    run_prefill(FLAVOR, "q4_0", (4, 64, 96, 8, 12), mx.float32, n_identity=3, n_pad=2,
+                repeats=True, seed=5)
+    run_prefill(FLAVOR, "float16", (5, 40, 64, 6, 20), mx.float16, n_identity=2, n_pad=2, seed=6)
+
+
+def test_all_slots_identity_or_padding():
+    # No real expert anywhere: no tiles at all, the output is the identity term alone.
+    run_prefill(FLAVOR, "q4_0", (4, 64, 32, 4, 20), mx.float16, n_identity=2, n_pad=2, seed=7)
+
+
+def test_unfused_gate_and_up():
+    # mul_mm_id with BCAST (gate and up as separate GEMMs, SwiGLU in MLX ops).
+    run_prefill(FLAVOR, "q4_0", (6, 96, 160, 3, 30), mx.float32, n_identity=1, n_pad=1,
+                seed=8, fuse_swiglu=False)
+
+
+@pytest.mark.parametrize("fmt,x_dtype", [("q4_0", mx.float32), ("float16", mx.float32),
+                                         ("q4_0", mx.bfloat16)])
+def test_huge_activations_stay_finite(fmt, x_dtype):
+    # |x| ~ 1e5 > 65504: nothing may round activations (or h ~ 1e10) to half.
+    run_prefill(FLAVOR, fmt, (6, 96, 64, 3, 30), x_dtype, x_scale=1e5, seed=9)
+
+
+def test_float16_activations_with_intermediate_beyond_half_range():
+    # f16 x ~ 600, f16 weights: gate*up ~ 1e5..1e6 > 65504 must stay float32; down scaled
+    # by 1e-3 brings the output back into float16's range.
+    run_prefill(FLAVOR, "float16", (5, 64, 96, 2, 40), mx.float16, x_scale=600.0, down_scale=1e-3,
+                seed=10)
