@@ -514,11 +514,9 @@ def load_gguf(path, kernels: str = "auto", tokenizer: bool = True):
     config = build_config(g)
     family = config["model_type"]
     config = FAMILIES[family].normalize_config(config)
-    config["mlx_moe"] = {"expert_format": "gguf", "converted_from": str(path)}
     weights, expert_types = read_weights(g, family, config)
-    # build_model must not swap experts by config: it follows the tensor types.
-    cfg = {k: v for k, v in config.items() if k != "mlx_moe"}
-    model = build_model(cfg, weights, kernels=kernels, source=str(path), prepare=_expert_modules(family, expert_types))
-    model.config = config
+    # No mlx_moe.expert_format in the config: expert modules follow each tensor's GGUF type.
+    model = build_model(config, weights, kernels=kernels, source=str(path), prepare=_expert_modules(family, expert_types))
+    model.config = {**config, "mlx_moe": {"source": "gguf", "path": str(path)}}
     tok = load_tokenizer(path, config.get("eos_token_id")) if tokenizer else None
     return model, tok
