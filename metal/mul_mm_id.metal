@@ -48,7 +48,7 @@ struct moe_dequant {
   enum { NUM = 1, DEN = 1 };
 
   template <int K, typename WP, typename VP>
-  static void load16(WP row, int k0, int half16, VP v) {
+  MOE_DEVICE static void load16(WP row, int k0, int half16, VP v) {
     const int c0 = k0 + 16 * half16;
     for (int i = 0; i < 16; ++i) {
       v[i] = (c0 + i < K) ? float(row[c0 + i]) : 0.0f;
@@ -65,7 +65,7 @@ struct moe_dequant<ushort> {
   enum { NUM = 9, DEN = 32 };
 
   template <int K, typename WP, typename VP>
-  static void load16(WP row, int k0, int half16, VP v) {
+  MOE_DEVICE static void load16(WP row, int k0, int half16, VP v) {
     auto blk = row + (k0 / 32) * 9;
     const float d = moe_f16_bits(blk[0]);
     const int sh = 4 * half16;

@@ -15,7 +15,7 @@
 // ==== helpers ====
 
 // (value, id) a beats (value, id) b: higher value, or equal value and lower id.
-inline bool moe_router_beats(float av, int ai, float bv, int bi) {
+MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
   return av > bv || (av == bv && ai < bi);
 }
 

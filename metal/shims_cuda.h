@@ -91,3 +91,8 @@ __device__ inline float moe_exp(float v) {
 
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (-__int_as_float(0x7f800000))
+
+// Marks helper functions of the shared bodies as device code.  NVRTC (MLX's
+// cuda_kernel) compiles with --device-as-default-execution-space and would not
+// need it; nvcc (tests/test_kernels_cuda_compile.py) does.
+#define MOE_DEVICE __device__

@@ -69,3 +69,6 @@ inline float moe_exp(float v) {
 
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (as_type<float>(0xff800000u))
+
+// Marks helper functions of the shared bodies as device code (nothing to say on Metal).
+#define MOE_DEVICE

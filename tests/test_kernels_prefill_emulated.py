@@ -26,6 +26,13 @@ from mlx_moe.kernels.dispatch import use_prefill_kernels
 from mlx_moe.kernels.mul_mm_id import BN, map0, tile_table_size
 
 FLAVOR = "emulated"
+_HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
+# Both flavors for the main cases: the CUDA twins run where MLX has a CUDA GPU
+# (a GPU session: pytest -m gpu tests/test_kernels_prefill_emulated.py).
+FLAVORS = ["emulated", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")])]
+# The CUDA GEMMs round their operands to TF32 (10-bit mantissa, like float16).
+TOL_CUDA = {mx.float32: 2e-3, mx.float16: 3e-3, mx.bfloat16: 1e-2}
 
 
 def kernel_backend(flavor, fuse_swiglu=True):
@@ -65,7 +72,7 @@ def run_prefill(flavor, fmt, shape, x_dtype, ids=None, weights=None, n_identity=
     assert use_prefill_kernels(x, ids, experts), "the case would not run on the prefill kernels"
     y = kernel_backend(flavor, fuse_swiglu)(x, ids, weights, experts, n_identity=n_identity)
     mx.eval(y)
-    assert_close(y, ref, x_dtype, tol)
+    assert_close(y, ref, x_dtype, tol or (TOL_CUDA[x_dtype] if flavor == "cuda" else None))
 
 
 def scaled_weight(w, s):
@@ -118,9 +125,10 @@ def check_map0(flavor, T, k, E, seed=0):
     assert (got_tiles[len(tiles):, 0] == -1).all()
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("T,k,E", [(37, 3, 10), (300, 2, 5), (64, 8, 70)])
-def test_map0_matches_numpy_counting_sort(T, k, E):
-    check_map0(FLAVOR, T, k, E)
+def test_map0_matches_numpy_counting_sort(flavor, T, k, E):
+    check_map0(flavor, T, k, E)
 
 
 def test_map0_worst_case_tile_table_is_enough():
@@ -144,12 +152,23 @@ def test_map0_worst_case_tile_table_is_enough():
     ("bfloat16", (4, 72, 40, 2, 33), mx.bfloat16),
     ("float32", (6, 40, 100, 3, 25), mx.float32),
 ])
-def test_prefill_matches_mlx(fmt, shape, x_dtype):
-    run_prefill(FLAVOR, fmt, shape, x_dtype, seed=1)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_prefill_matches_mlx(flavor, fmt, shape, x_dtype):
+    run_prefill(flavor, fmt, shape, x_dtype, seed=1)
 
 
-def test_prefill_2048_tokens_small_hidden():
-    run_prefill(FLAVOR, "q4_0", (8, 64, 32, 2, 2048), mx.float16, seed=2)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_prefill_2048_tokens_small_hidden(flavor):
+    run_prefill(flavor, "q4_0", (8, 64, 32, 2, 2048), mx.float16, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
+@pytest.mark.parametrize("tokens", [64, 512, 2048])
+@pytest.mark.parametrize("fmt,x_dtype", [("q4_0", mx.bfloat16), ("bfloat16", mx.bfloat16), ("float16", mx.float16)])
+def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
+    # Qwen3-30B-A3B MoE layer: 128 experts, top-8, hidden 2048, ffn 768.
+    run_prefill("cuda", fmt, (128, 2048, 768, 8, tokens), x_dtype, seed=12)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
@@ -159,21 +178,24 @@ def test_prefill_kernels_on_few_tokens(tokens, monkeypatch):
     run_prefill(FLAVOR, "q4_0", (6, 96, 160, 3, tokens), mx.float32, seed=3)
 
 
-def test_skewed_routing_one_hot_expert_and_empty_experts():
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_skewed_routing_one_hot_expert_and_empty_experts(flavor):
     E, k, T = 8, 3, 100
     ids, w = skewed_routing(T, k, E)
-    run_prefill(FLAVOR, "q4_0", (E, 64, 96, k, T), mx.float32, ids=ids, weights=w, seed=4)
+    run_prefill(flavor, "q4_0", (E, 64, 96, k, T), mx.float32, ids=ids, weights=w, seed=4)
 
 
-def test_identity_padding_and_repeated_ids():
-    run_prefill(FLAVOR, "q4_0", (4, 64, 96, 8, 12), mx.float32, n_identity=3, n_pad=2,
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_identity_padding_and_repeated_ids(flavor):
+    run_prefill(flavor, "q4_0", (4, 64, 96, 8, 12), mx.float32, n_identity=3, n_pad=2,
                 repeats=True, seed=5)
-    run_prefill(FLAVOR, "float16", (5, 40, 64, 6, 20), mx.float16, n_identity=2, n_pad=2, seed=6)
+    run_prefill(flavor, "float16", (5, 40, 64, 6, 20), mx.float16, n_identity=2, n_pad=2, seed=6)
 
 
-def test_all_slots_identity_or_padding():
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_all_slots_identity_or_padding(flavor):
     # No real expert anywhere: no tiles at all, the output is the identity term alone.
-    run_prefill(FLAVOR, "q4_0", (4, 64, 32, 4, 20), mx.float16, n_identity=2, n_pad=2, seed=7)
+    run_prefill(flavor, "q4_0", (4, 64, 32, 4, 20), mx.float16, n_identity=2, n_pad=2, seed=7)
 
 
 def test_unfused_gate_and_up():
@@ -182,15 +204,17 @@ def test_unfused_gate_and_up():
                 seed=8, fuse_swiglu=False)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("fmt,x_dtype", [("q4_0", mx.float32), ("float16", mx.float32),
                                          ("q4_0", mx.bfloat16)])
-def test_huge_activations_stay_finite(fmt, x_dtype):
+def test_huge_activations_stay_finite(flavor, fmt, x_dtype):
     # |x| ~ 1e5 > 65504: nothing may round activations (or h ~ 1e10) to half.
-    run_prefill(FLAVOR, fmt, (6, 96, 64, 3, 30), x_dtype, x_scale=1e5, seed=9)
+    run_prefill(flavor, fmt, (6, 96, 64, 3, 30), x_dtype, x_scale=1e5, seed=9)
 
 
-def test_float16_activations_with_intermediate_beyond_half_range():
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_float16_activations_with_intermediate_beyond_half_range(flavor):
     # f16 x ~ 600, f16 weights: gate*up ~ 1e5..1e6 > 65504 must stay float32; down scaled
     # by 1e-3 brings the output back into float16's range.
-    run_prefill(FLAVOR, "float16", (5, 64, 96, 2, 40), mx.float16, x_scale=600.0, down_scale=1e-3,
+    run_prefill(flavor, "float16", (5, 64, 96, 2, 40), mx.float16, x_scale=600.0, down_scale=1e-3,
                 seed=10)

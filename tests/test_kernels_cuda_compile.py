@@ -1,0 +1,184 @@
+"""The CUDA kernels of the prefill path and the router compile with nvcc for
+sm_90a (H100), in the source form mx.fast.cuda_kernel would hand to NVRTC.
+
+What this checks: the CUDA text the `cuda` flavor builds (shims_cuda.h +
+shared helpers + the CUDA twins in metal/mul_mm_id_cuda.h + each body) inside a
+reproduction of MLX 0.32's cuda_kernel source assembly (DESIGN.md section 5,
+notes/mlx-and-mlx-lm.md section 2): kernel `custom_kernel_<name>` in namespace
+mlx::core::cu, inputs `const T*`, `<input>_shape` as a by-value
+`cuda::std::array<int32_t, 10>` when the body names it, outputs `T*`,
+template arguments as `constexpr` locals / `using` at the top of the body.
+nvcc writes PTX and ptxas assembles it for sm_90a (so the inline mma.sync is
+checked by the assembler too); the GEMM kernels must contain the TF32 mma and
+the router its warp-shuffle butterfly; registers and shared memory per kernel
+are printed (pytest -s).
+
+What it does not check: MLX's real device headers are not available here, so a
+stand-in prelude declares only what the bodies use (fp16/bf16 headers, Shape);
+nvcc is not NVRTC (MLX compiles with --device-as-default-execution-space; the
+helpers carry MOE_DEVICE so nvcc accepts them too); nothing is run.
+Skipped when nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mlx_moe.kernels.registry import KERNELS, kernel_source
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
+
+# Stand-in for `#include "mlx/backend/cuda/device/utils.cuh"`: what the bodies use from it.
+PRELUDE = """\
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda/std/array>
+#include <cstdint>
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, 10>;
+using Strides = cuda::std::array<int64_t, 10>;
+}  // namespace mlx::core::cu
+#include <cooperative_groups.h>
+"""
+
+CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float",
+              "int32": "int32_t", "uint16": "uint16_t"}
+
+
+def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: list) -> str:
+    """One __global__ function as MLX's cuda_kernel writes it.
+
+    inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
+    """
+    spec = KERNELS[name]
+    _, body = kernel_source("cuda", spec.family, name)
+    params = []
+    for arg in spec.inputs:
+        params.append(f"const {CUDA_TYPES[inputs[arg]]}* {arg}")
+        if f"{arg}_shape" in body:
+            params.append(f"const __grid_constant__ Shape {arg}_shape")
+        if f"{arg}_strides" in body:
+            params.append(f"const __grid_constant__ Strides {arg}_strides")
+        if f"{arg}_ndim" in body:
+            params.append(f"int {arg}_ndim")
+    params += [f"{CUDA_TYPES[outputs[arg]]}* {arg}" for arg in spec.outputs]
+    consts = []
+    for tname, value in template:
+        if isinstance(value, bool):
+            consts.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            consts.append(f"  constexpr int {tname} = {value};")
+        else:
+            consts.append(f"  using {tname} = {CUDA_TYPES[value]};")
+    return (f"__global__ void custom_kernel_mlx_moe_{name}_{variant}({', '.join(params)}) {{\n"
+            + "\n".join(consts) + "\n" + body + "\n}\n")
+
+
+def translation_unit(family: str, kernels: list) -> str:
+    header, _ = kernel_source("cuda", family, next(n for n, *_ in kernels if KERNELS[n].family == family))
+    fns = "".join(kernel_text(*k) for k in kernels)
+    return PRELUDE + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
+
+
+def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
+    """(PTX text, ptxas -v report): nvcc to PTX, then ptxas to sm_90a machine code."""
+    src = tmp_path / f"{family}.cu"
+    src.write_text(translation_unit(family, kernels))
+    ptx = tmp_path / f"{family}.ptx"
+    r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-ptx", str(src), "-o", str(ptx)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc failed on {src}:\n{r.stderr[-6000:]}"
+    ptxas = str(Path(NVCC).resolve().parent / "ptxas")
+    if not os.path.exists(ptxas):
+        ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    r2 = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / f"{family}.cubin")],
+                        capture_output=True, text=True)
+    assert r2.returncode == 0, f"ptxas failed on {ptx}:\n{r2.stderr[-6000:]}"
+    return ptx.read_text(), r2.stderr + r2.stdout
+
+
+def _gemm(name, variant, x, wt, K, N, KS, extra=()):
+    wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[name]
+    inputs = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
+    inputs[wname[0]] = x
+    for wn in wname[1:]:
+        inputs[wn] = wt
+    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": "float32"}}[name]
+    template = [("T", x), ("WT", wt), ("K", K), ("N", N), ("KS", KS)] + list(extra)
+    return (name, variant, inputs, out, template)
+
+
+MM_KERNELS = [
+    ("mul_mm_id_map0", "e128", {"ids": "int32"}, {n: "int32" for n in ("counts", "offsets", "pairs", "tiles")},
+     [("NE", 128), ("NSG", 32), ("EPS", 4)]),
+    ("mul_mm_id_map0", "e512", {"ids": "int32"}, {n: "int32" for n in ("counts", "offsets", "pairs", "tiles")},
+     [("NE", 512), ("NSG", 32), ("EPS", 16)]),
+    _gemm("mul_mm_id_swiglu", "q4_0", "bfloat16", "uint16", 2048 // 32 * 32, 768, 8),
+    _gemm("mul_mm_id_swiglu", "f16", "float16", "float16", 2048, 768, 8),
+    _gemm("mul_mm_id", "down_q4_0", "float32", "uint16", 768, 2048, 8, [("BCAST", False)]),
+    _gemm("mul_mm_id", "gate_bf16", "bfloat16", "bfloat16", 2048, 768, 8, [("BCAST", True)]),
+    _gemm("mul_mm_id", "down_f32", "float32", "float32", 100, 70, 3, [("BCAST", False)]),
+    ("mul_mm_id_combine", "bf16", {"d": "float32", "ids": "int32", "wts": "float32", "x": "bfloat16"},
+     {"y": "bfloat16"}, [("T", "bfloat16"), ("N", 2048), ("NE", 128), ("NI", 0), ("KS", 8), ("TG", 256)]),
+    ("mul_mm_id_combine", "f16_identity", {"d": "float32", "ids": "int32", "wts": "float32", "x": "float16"},
+     {"y": "float16"}, [("T", "float16"), ("N", 6144), ("NE", 512), ("NI", 256), ("KS", 12), ("TG", 256)]),
+]
+
+
+def _router(variant, x, nexp, k, score, bias, ngroup=1, topkg=1, norm=False):
+    return ("moe_router_topk", variant, {"logits": x, "bias": "float32", "scale": "float32"},
+            {"ids": "int32", "weights": "float32"},
+            [("T", x), ("NEXP", nexp), ("K", k), ("VPL", -(-nexp // 32)), ("SCORE", score),
+             ("HAS_BIAS", bias), ("NGROUP", ngroup), ("TOPKG", topkg), ("NORM", norm), ("TPG", 4)])
+
+
+ROUTER_KERNELS = [
+    _router("qwen3", "bfloat16", 128, 8, 0, False, norm=True),
+    _router("mixtral", "float16", 8, 2, 2, False),
+    _router("deepseek_group", "bfloat16", 64, 6, 0, False, ngroup=8, topkg=3),
+    _router("longcat", "float32", 768, 12, 0, True, norm=True),
+    _router("sigmoid_bias", "float32", 256, 8, 1, True, norm=True),
+]
+
+
+def _report(out: str) -> dict:
+    """{kernel: (registers, shared bytes)} from ptxas -v."""
+    res = {}
+    for block in out.split("Compiling entry function ")[1:]:
+        name = re.search(r"custom_kernel_mlx_moe_(\w+?)P", block) or re.search(r"'(\w+)'", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        smem = re.search(r"(\d+) bytes smem", block)
+        res[name.group(1)] = (int(regs.group(1)) if regs else None, int(smem.group(1)) if smem else 0)
+    return res
+
+
+def _entries(ptx: str) -> dict:
+    """{entry name: its PTX text}."""
+    parts = re.split(r"\.visible \.entry ", ptx)[1:]
+    return {p.split("(", 1)[0]: p for p in parts}
+
+
+def test_prefill_kernels_compile_for_sm90a(tmp_path):
+    ptx, report = compile_sm90a(tmp_path, "mul_mm_id", MM_KERNELS)
+    entries = _entries(ptx)
+    assert len(entries) == len(MM_KERNELS)
+    # The tiled GEMMs issue TF32 tensor-core MMAs; map0 and combine none.
+    for name, text in entries.items():
+        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_(down|gate)", name)
+        assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm), name
+    print(_report(report))
+
+
+def test_router_kernels_compile_for_sm90a(tmp_path):
+    ptx, report = compile_sm90a(tmp_path, "router", ROUTER_KERNELS)
+    entries = _entries(ptx)
+    assert len(entries) == len(ROUTER_KERNELS)
+    assert all("shfl.sync.bfly" in text for text in entries.values())  # the argmax butterfly
+    print(_report(report))
