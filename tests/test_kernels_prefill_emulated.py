@@ -218,3 +218,9 @@ def test_float16_activations_with_intermediate_beyond_half_range(flavor):
     # by 1e-3 brings the output back into float16's range.
     run_prefill(flavor, "float16", (5, 64, 96, 2, 40), mx.float16, x_scale=600.0, down_scale=1e-3,
                 seed=10)
+
+
+def test_every_registered_kernel_has_a_verification_case():
+    from mlx_moe.kernels.kernel_cases import missing_cases
+
+    assert missing_cases() == []

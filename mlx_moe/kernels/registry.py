@@ -17,7 +17,8 @@ its kernel bodies replace the shared bodies of the same name on CUDA.
 
 `KERNELS` names every kernel the package launches (family, input and output
 names); tools that check kernels (tests, tools/verify_metal.py) enumerate it,
-and `mlx_moe/kernels/cases.py` holds at least one verification case per name.
+and `mlx_moe/kernels/kernel_cases.py` holds at least one verification case per name
+(`CASES[name]`, each with `.check(flavor)`).
 
 MLX caches compiled kernels per process, keyed by name and source, but a
 kernel object is cheap to keep and costly to rebuild; `get_kernel` creates
