@@ -12,6 +12,14 @@ effective GB/s (bytes of the routed experts' weights / time).  The HBM read
 rate is measured in the same run (a sum over 1 GiB) for reference.
 
     python tools/bench_kernels.py [--layers 48] [--tokens 1] [--sweep] [--json out.json]
+
+Prefill mode (`--prefill`): the map0 + mul_mm_id path at 512 and 2048 tokens
+(default) on the same shapes, in ms per MoE layer and TFLOP/s (2 * tokens *
+k * 3 * hidden * ffn flops), against mlx-lm's SwitchGLU in the same run;
+`--crossover` also times the GEMV (mul_mv_id) and GEMM (mul_mm_id) paths on
+1..128 tokens per weight kind, to set dispatch.MV_MAX_PAIRS:
+
+    python tools/bench_kernels.py --prefill [--tokens 512 2048] [--crossover] [--json out.json]
 """
 
 from __future__ import annotations
@@ -172,6 +180,77 @@ def per_layer_us(layer_fn, layers: int, reps: int) -> dict:
             "build": build_only(fn, reps) / layers * 1e6}
 
 
+def prefill_main(a, fl: str) -> dict:
+    """ms per MoE layer and TFLOP/s of the prefill path against mlx-lm's SwitchGLU."""
+    E, D, F, k = a.experts, a.hidden, a.ffn, a.k
+    L = min(a.layers, a.prefill_layers)
+    tokens = a.tokens if a.tokens != [1] else [512, 2048]
+    results = {"device": str(mx.default_device()), "flavor": fl, "args": vars(a), "rows": []}
+
+    def report(name, T, sec):
+        tflops = 2 * T * k * 3 * D * F / sec / 1e12
+        results["rows"].append({"variant": name, "tokens": T, "ms_per_layer": round(sec * 1e3, 4),
+                                "TFLOP_s": round(tflops, 2)})
+        print(f"{name:62s} T={T:<5d} {sec * 1e3:9.3f} ms/layer {tflops:7.2f} TFLOP/s", flush=True)
+
+    def per_layer(layer_fn, reps):
+        return timed(lambda: [layer_fn(l) for l in range(L)], reps) / L
+
+    q4 = [q4_0_experts(E, D, F) for _ in range(L)]
+    glu = [mlx_lm_switch_glu(E, D, F) for _ in range(L)]
+    mb = MLXBackend()
+    for T in tokens:
+        ids, ws = routing(L, T, k, E)
+        xs = mx.random.normal((T, D)).astype(mx.bfloat16)
+        reps = max(3, a.reps // (1 + T // 512))
+        dispatch.MV_MAX_PAIRS["q4_0"] = 0  # the GEMM path at every size measured here
+        for name, be in [("ours q4_0 (map0 + mul_mm_id, swiglu fused)", KernelBackend(fl)),
+                         ("ours q4_0 (gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False))]:
+            report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+
+        def mlx_lm_layer(l):
+            y = glu[l](xs, ids[l])
+            return (y * ws[l][..., None].astype(y.dtype)).sum(axis=-2)
+
+        report("mlx-lm SwitchGLU (gather_qmm affine 4-bit g64) + combine", T, per_layer(mlx_lm_layer, reps))
+        report("mlx backend q4_0 (gather_qmm affine g32, sorted)", T,
+               per_layer(lambda l: mb(xs, ids[l], ws[l], q4[l]), reps))
+    dispatch.MV_MAX_PAIRS["q4_0"] = None
+
+    if a.crossover:
+        for T in (1, 2, 4, 8, 16, 32, 64, 128):
+            ids, ws = routing(L, T, k, E)
+            xs = mx.random.normal((T, D)).astype(mx.bfloat16)
+            for path, limit in (("mv", 10**9), ("mm", 0)):
+                dispatch.MV_MAX_PAIRS["q4_0"] = limit
+                be = KernelBackend(fl)
+                report(f"crossover q4_0 {path}", T, per_layer(lambda l: be(xs, ids[l], ws[l], q4[l]), a.reps))
+        dispatch.MV_MAX_PAIRS["q4_0"] = None
+    del q4, glu
+    mx.clear_cache()
+
+    Lf = min(L, a.float_layers)
+    for dtype in (mx.bfloat16, mx.float16) if Lf else ():
+        fe = [float_experts(E, D, F, dtype) for _ in range(Lf)]
+        kind_tokens = tokens + ([1, 2, 4, 8, 16, 32, 64, 128] if a.crossover else [])
+        for T in kind_tokens:
+            ids, ws = routing(Lf, T, k, E)
+            xs = mx.random.normal((T, D)).astype(dtype)
+            paths = [("mv", 10**9), ("mm", 0)] if (a.crossover and T <= 128) else [("mm", 0)]
+            for path, limit in paths:
+                dispatch.MV_MAX_PAIRS["float"] = limit
+                be = KernelBackend(fl)
+                report(f"ours {dtype} ({path})", T,
+                       timed(lambda: [be(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
+            dispatch.MV_MAX_PAIRS["float"] = None
+            if T >= 512:
+                report(f"mlx backend {dtype} (gather_mm)", T,
+                       timed(lambda: [mb(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
+        del fe
+        mx.clear_cache()
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=48)
@@ -184,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also try other launch geometries")
     p.add_argument("--float-layers", type=int, default=8, help="layers for the float16/bfloat16 runs (0: skip)")
     p.add_argument("--json", type=str, default=None)
+    p.add_argument("--prefill", action="store_true", help="prefill mode: map0 + mul_mm_id vs mlx-lm (see above)")
+    p.add_argument("--prefill-layers", type=int, default=16, help="layers in prefill mode")
+    p.add_argument("--crossover", action="store_true", help="prefill mode: also time GEMV vs GEMM on 1..128 tokens")
     p.add_argument("--ncu", action="store_true",
                    help="run each variant on 4 layers once, for a kernel profiler (ncu) to time the kernels")
     a = p.parse_args(argv)
@@ -202,6 +284,11 @@ def main(argv=None) -> int:
 
     if a.ncu:
         return ncu_once(fl, E, D, F, k)
+    if a.prefill:
+        res = prefill_main(a, fl)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
     hbm = hbm_read_gbs(a.reps)
     results["hbm_read_GB_s"] = round(hbm, 1)
     print(f"HBM read (mx.sum over 1 GiB float32): {hbm:.1f} GB/s", flush=True)
