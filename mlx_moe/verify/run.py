@@ -18,7 +18,7 @@ class CheckResult:
     case: str
     target: str  # a kernel name, or "layer"
     status: str  # "pass", "fail" or "error"
-    rel_err: float = 0.0
+    rel_err: Optional[float] = None  # max |err| / max |ref|; None where the check reports no numbers
     max_err: float = 0.0
     ref_max: float = 0.0
     tol: float = 0.0
@@ -165,14 +165,15 @@ def run_checks(flavor: str, quick: bool, families: Optional[Sequence[str]] = Non
                                 else None, seconds=round(time.perf_counter() - t0, 3))
                 if m is not None:
                     r.status = "pass" if m.ok else "fail"
-                    r.rel_err, r.max_err, r.ref_max = m.rel_err, m.max_err, m.ref_max
+                    r.rel_err = m.rel_err if m.tol or m.compared else None
+                    r.max_err, r.ref_max = m.max_err, m.ref_max
                     r.tol, r.err_over_bound, r.compared = m.tol, m.worst, m.compared
                     r.detail = "" if m.ok else m.describe()
                     if target != C.LAYER and r.launched is not None and target not in r.launched:
                         r.status = "fail"
                         r.detail = (r.detail + "; " if r.detail else "") + f"{target} was not launched by its check"
                 else:
-                    r.detail = err.splitlines()[0][:2000] if err else "error"
+                    r.detail = " | ".join(err.splitlines()[:8])[:2000] if err else "error"
                 results.append(r)
                 progress(f"  {r.status.upper():5s} {fam:24s} {target:24s} {case.id}"
                          + (f"  -- {r.detail}" if r.status != "pass" else ""))
@@ -184,9 +185,10 @@ def summarize(results: List[CheckResult]) -> List[dict]:
     rows: Dict[tuple, dict] = {}
     for r in results:
         row = rows.setdefault((r.target, r.family), {"target": r.target, "family": r.family, "checks": 0,
-                                                     "failed": 0, "max_rel_err": 0.0, "status": "pass"})
+                                                     "failed": 0, "max_rel_err": None, "status": "pass"})
         row["checks"] += 1
-        row["max_rel_err"] = max(row["max_rel_err"], r.rel_err)
+        if r.rel_err is not None:
+            row["max_rel_err"] = max(row["max_rel_err"] or 0.0, r.rel_err)
         if r.status != "pass":
             row["failed"] += 1
             row["status"] = "FAIL"
@@ -203,7 +205,7 @@ def kernel_status(results: List[CheckResult], kernels: Sequence[str]) -> Dict[st
         launched_in = [r for r in results if r.launched and k in r.launched]
         bad = [r for r in own if r.status != "pass"]
         out[k] = {"checks": len(own), "failed": len(bad), "launched_in_checks": len(launched_in),
-                  "max_rel_err": max((r.rel_err for r in own), default=0.0),
+                  "max_rel_err": max((r.rel_err for r in own if r.rel_err is not None), default=None),
                   "status": "NOT RUN" if not own else ("FAIL" if bad else "PASS")}
     return out
 
