@@ -212,3 +212,45 @@ def test_benchmark_plan_fits_memory_and_rotates_beyond_the_cache(gib):
     assert p["prefill"]["layers"] * d["experts"] * bench.EXPERT_BYTES_4B >= 3 * 96e6
     g = p["generate"]["layers"]
     assert g >= 2 and (g == 48 or bench.E2E_FIXED_BYTES + (g + 1) * bench.E2E_LAYER_BYTES > budget)
+
+
+@needs_emulation
+def test_benchmark_part_runs_through_the_bench_tools(monkeypatch):
+    """The benchmark plumbing (tools/bench_kernels.py decode and prefill, tools/bench_generate.py)
+    on a tiny plan, with bench_kernels' kernels on the emulation (no GPU here): the rows come
+    back with the derived columns, and dispatch's thresholds are as before."""
+    from mlx_moe.kernels import dispatch
+
+    load = bench.load_tool
+
+    def load_tool(name):
+        mod = load(name)
+        if name == "bench_kernels":
+            monkeypatch.setattr(mod, "flavor", lambda: "emulated")
+            monkeypatch.setattr(mod, "hbm_read_gbs", lambda reps: 1.0)  # not a 1 GiB sum on the CPU
+        return mod
+
+    monkeypatch.setattr(bench, "load_tool", load_tool)
+    before = (dispatch.MAX_DECODE_PAIRS, dict(dispatch.MV_MAX_PAIRS), dict(dispatch.GATE_UP), dict(dispatch.DOWN))
+    small = dict(layers=1, experts=8, hidden=128, ffn=64, k=2, reps=1)
+    p = {"decode": {**small, "tokens": 1, "float_layers": 0, "rotated_MB_per_pass": 0},
+         "prefill": {**small, "tokens": 40, "rotated_MB_per_pass": 0},
+         "generate": {"shape": "tiny", "layers": 2, "prompt_tokens": 8, "gen_tokens": 3, "reps": 1}}
+    import io
+
+    log = io.StringIO()
+    kb = bench.kernel_bench(p, 100.0, log)
+    dec = {r["variant"]: r for r in kb["decode"]["rows"]}
+    ours = dec["ours q4_0 (swiglu fused, combine fused)"]
+    assert ours["us_per_layer"] > 0 and ours["pct_of_published"] == pytest.approx(ours["GB_s"], rel=0.01)
+    assert any(v.startswith("mlx-lm") for v in dec)
+    pre = kb["prefill"]["rows"]
+    assert pre and all(r["tokens"] == 40 and r["us_per_layer"] > 0 for r in pre)
+    assert any(r["variant"].startswith("ours") for r in pre) and any(r["variant"].startswith("mlx-lm") for r in pre)
+    assert (dispatch.MAX_DECODE_PAIRS, dispatch.MV_MAX_PAIRS, dispatch.GATE_UP, dispatch.DOWN) == before
+
+    g = bench.generate_bench(p, log)
+    assert g["status"] == "ok"
+    rows = {r["engine"]: r for r in g["rows"]}
+    assert {"mlx-lm", "mlx-moe"} <= set(rows)  # (+ "mlx-moe/mlx" where the kernels are not the mlx backend)
+    assert rows["mlx-lm"]["decode_vs_mlx_lm"] == 1.0 and rows["mlx-moe"]["decode_tok_s"] > 0

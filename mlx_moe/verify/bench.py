@@ -57,12 +57,15 @@ def plan(memory_bytes: int, budget_fraction: float = 0.35) -> dict:
     e2e_layers = int((budget - E2E_FIXED_BYTES) // E2E_LAYER_BYTES)
     return {
         "budget_GiB": round(budget / GiB, 1),
-        "decode": {"layers": layers, "experts": experts, "tokens": 1, "reps": 30,
+        "decode": {"layers": layers, "experts": experts, "hidden": HIDDEN, "ffn": FFN, "k": TOP_K,
+                   "tokens": 1, "reps": 30,
                    "float_layers": float_layers if float_layers >= 2 else 0,
                    "rotated_MB_per_pass": round(layers * TOP_K * EXPERT_BYTES_4B / 1e6)},
-        "prefill": {"layers": min(8, layers), "experts": experts, "tokens": 512, "reps": 5,
+        "prefill": {"layers": min(8, layers), "experts": experts, "hidden": HIDDEN, "ffn": FFN, "k": TOP_K,
+                    "tokens": 512, "reps": 5,
                     "rotated_MB_per_pass": round(min(8, layers) * experts * EXPERT_BYTES_4B / 1e6)},
-        "generate": {"layers": min(LAYERS, e2e_layers), "prompt_tokens": 256, "gen_tokens": 64, "reps": 3},
+        "generate": {"shape": "qwen3-30b-a3b", "layers": min(LAYERS, e2e_layers), "prompt_tokens": 256,
+                     "gen_tokens": 64, "reps": 3},
     }
 
 
@@ -96,13 +99,16 @@ def kernel_bench(p: dict, bandwidth: Optional[float], log) -> dict:
     and prefill rows (us/layer, TFLOP/s) from tools/bench_kernels.py."""
     bk = load_tool("bench_kernels")
     d, pf = p["decode"], p["prefill"]
-    dec = _call(bk, ["--layers", str(d["layers"]), "--experts", str(d["experts"]), "--tokens", str(d["tokens"]),
+
+    def shape(c):
+        return ["--experts", str(c["experts"]), "--hidden", str(c["hidden"]), "--ffn", str(c["ffn"]), "--k", str(c["k"])]
+
+    dec = _call(bk, ["--layers", str(d["layers"]), *shape(d), "--tokens", str(d["tokens"]),
                      "--reps", str(d["reps"]), "--float-layers", str(d["float_layers"])], log)
     for row in dec["rows"]:
         row["pct_of_published"] = round(100 * row["GB_s"] / bandwidth, 1) if bandwidth else None
     pre = _call(bk, ["--prefill", "--layers", str(pf["layers"]), "--prefill-layers", str(pf["layers"]),
-                     "--experts", str(pf["experts"]), "--tokens", str(pf["tokens"]), "--reps", str(pf["reps"]),
-                     "--float-layers", "0"], log)
+                     *shape(pf), "--tokens", str(pf["tokens"]), "--reps", str(pf["reps"]), "--float-layers", "0"], log)
     for row in pre["rows"]:
         row["us_per_layer"] = round(row["ms_per_layer"] * 1e3, 1)
     return {"decode": {"config": d, "hbm_read_GB_s": dec.get("hbm_read_GB_s"), "rows": dec["rows"]},
@@ -117,7 +123,7 @@ def generate_bench(p: dict, log) -> dict:
     if g["layers"] < 2:
         return {"status": "not run", "reason": "not enough memory for two layers of the model", "config": g}
     bg = load_tool("bench_generate")
-    res = _call(bg, ["--shape", "qwen3-30b-a3b", "--layers", str(g["layers"]), "--experts", "q4_0",
+    res = _call(bg, ["--shape", g["shape"], "--layers", str(g["layers"]), "--experts", "q4_0",
                      "--prompt-tokens", str(g["prompt_tokens"]), "--gen-tokens", str(g["gen_tokens"]),
                      "--reps", str(g["reps"]), "--engines", "mlx-lm,mlx-moe,mlx-moe/mlx"], log)
     summary = res["summary"]

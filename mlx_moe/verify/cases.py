@@ -12,7 +12,7 @@ and never asserts: the tests assert on it, the tool reports it.
 
 Coverage: KERNEL_FAMILIES maps registered kernels (registry.KERNELS) to the
 families whose cases target them; mlx_moe/kernels/kernel_cases.py's per-kernel
-CASES count too.  `coverage_gaps()` lists kernels with neither.
+CASES count too.  mlx_moe/verify/run.py `coverage_gaps()` lists kernels with neither.
 """
 
 from __future__ import annotations
