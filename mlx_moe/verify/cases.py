@@ -124,13 +124,12 @@ def dense_weights(proj, experts: Optional[Sequence[int]] = None) -> np.ndarray:
 
 
 def per_pair(proj, ids: np.ndarray, src: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """float64 W[ids[p]] @ src[p] for real pairs p, zero rows for the others."""
-    used = sorted(set(ids[real].tolist()))
-    dense = dense_weights(proj, used) if used else None
-    slot = {e: i for i, e in enumerate(used)}
+    """float64 W[ids[p]] @ src[p] for real pairs p, zero rows for the others; one expert's
+    weights at a time (a model-sized layer's experts in float64 would be gigabytes)."""
     out = np.zeros((ids.size, proj["weight"].shape[1]), np.float64)
-    for p in np.flatnonzero(real):
-        out[p] = dense[slot[int(ids[p])]] @ src[p].astype(np.float64)
+    for e in sorted(set(ids[real].tolist())):
+        rows = np.flatnonzero(real & (ids == e))
+        out[rows] = src[rows].astype(np.float64) @ dense_weights(proj, [e])[0].T
     return out
 
 
