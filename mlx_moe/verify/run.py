@@ -22,7 +22,7 @@ class CheckResult:
     max_err: float = 0.0
     ref_max: float = 0.0
     tol: float = 0.0
-    err_over_bound: float = 0.0
+    err_over_bound: Optional[float] = None  # max |err| / allowed error (pass: <= 1); None as rel_err
     compared: int = 0
     launched: Optional[List[str]] = None  # kernels the check asked the registry for (None: not tracked)
     detail: str = ""
@@ -167,7 +167,8 @@ def run_checks(flavor: str, quick: bool, families: Optional[Sequence[str]] = Non
                     r.status = "pass" if m.ok else "fail"
                     r.rel_err = m.rel_err if m.tol or m.compared else None
                     r.max_err, r.ref_max = m.max_err, m.ref_max
-                    r.tol, r.err_over_bound, r.compared = m.tol, m.worst, m.compared
+                    r.tol, r.compared = m.tol, m.compared
+                    r.err_over_bound = m.worst if r.rel_err is not None else None
                     r.detail = "" if m.ok else m.describe()
                     if target != C.LAYER and r.launched is not None and target not in r.launched:
                         r.status = "fail"
@@ -206,6 +207,8 @@ def kernel_status(results: List[CheckResult], kernels: Sequence[str]) -> Dict[st
         bad = [r for r in own if r.status != "pass"]
         out[k] = {"checks": len(own), "failed": len(bad), "launched_in_checks": len(launched_in),
                   "max_rel_err": max((r.rel_err for r in own if r.rel_err is not None), default=None),
+                  "max_err_over_bound": max((r.err_over_bound for r in own if r.err_over_bound is not None),
+                                            default=None),
                   "status": "NOT RUN" if not own else ("FAIL" if bad else "PASS")}
     return out
 
