@@ -70,6 +70,17 @@ class KernelBackend(ExpertBackend):
             self._cover[id(experts)] = entry
         return entry[3]
 
+    def _launch(self, ids, weights):
+        """Count the launched pairs; ids int32 and weights float32 as the kernels read them.
+        (astype always adds a graph node, a launch on the GPU: only convert when needed.)"""
+        self.stats.calls += 1
+        self.stats.rows += ids.size
+        if ids.dtype != mx.int32:
+            ids = ids.astype(mx.int32)
+        if weights.dtype != mx.float32:
+            weights = weights.astype(mx.float32)
+        return ids, weights
+
     def __call__(self, x, ids, weights, experts, n_identity=0, may_pad=False):
         wg, wu, wd = expert_weights(experts)
         path = kernel_path(x, ids, self._kind(experts, wg, wu, wd))
@@ -78,13 +89,7 @@ class KernelBackend(ExpertBackend):
         if path == "mm":
             return self.prefill(x, ids, weights, experts, wg, wu, wd, n_identity)
         T, k = ids.shape
-        self.stats.calls += 1
-        self.stats.rows += T * k
-        # astype always adds a graph node (a launch on the GPU): only convert when needed.
-        if ids.dtype != mx.int32:
-            ids = ids.astype(mx.int32)
-        if weights.dtype != mx.float32:
-            weights = weights.astype(mx.float32)
+        ids, weights = self._launch(ids, weights)
         f = self.flavor
         if self.fuse_swiglu:
             h = mul_mv_id_swiglu(x, ids, wg, wu, f)
@@ -100,16 +105,9 @@ class KernelBackend(ExpertBackend):
             y = y + identity_term(x, ids, weights, E, n_identity)
         return y.astype(x.dtype)
 
-
     def prefill(self, x, ids, weights, experts, wg, wu, wd, n_identity):
         """map0 -> gate/up GEMMs with SwiGLU -> down GEMM -> combine (module docstring)."""
-        T, k = ids.shape
-        self.stats.calls += 1
-        self.stats.rows += T * k
-        if ids.dtype != mx.int32:
-            ids = ids.astype(mx.int32)
-        if weights.dtype != mx.float32:
-            weights = weights.astype(mx.float32)
+        ids, weights = self._launch(ids, weights)
         f = self.flavor
         E = wg.shape[0]
         route = map0(ids, E, f)

@@ -37,23 +37,10 @@ def _close(got, want, rtol: float, what: str) -> None:
 
 
 def _experts(E, D, F, fmt, seed):
-    from mlx_lm.models.switch_layers import SwitchLinear
+    # One builder of random test experts for every verification path.
+    from ..verify.cases import make_experts
 
-    from ..experts import Experts
-    from ..q4_0 import Q4_0SwitchLinear
-
-    rng = np.random.default_rng(seed)
-    ex = Experts(D, F, E)
-    for name, (rows, cols) in {"gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}.items():
-        w = (rng.standard_normal((E, rows, cols)) / np.sqrt(cols)).astype(np.float32)
-        if fmt == "q4_0":
-            proj = Q4_0SwitchLinear.from_float(w, name=name)
-        else:
-            proj = SwitchLinear(cols, rows, E, bias=False)
-            proj.weight = mx.array(w).astype(getattr(mx, fmt))
-        setattr(ex, name, proj)
-    mx.eval(ex.parameters())
-    return ex
+    return make_experts(E, D, F, fmt, seed=seed)
 
 
 def _layer_case(fmt: str, shape, n_identity: int, x_dtype, rtol: float, path: str) -> Callable[[str], None]:
