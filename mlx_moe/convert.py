@@ -52,8 +52,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .loader import ModelLoadError, resolve_path
-from .models import FAMILIES, SUPPORTED_MODEL_TYPES
+from .loader import ModelLoadError, read_raw_config, resolve_path
+from .models import FAMILIES
 
 
 class ConvertError(ModelLoadError):
@@ -261,18 +261,7 @@ def _source_files(src: Path) -> List[Path]:
 
 
 def read_source(src: Path) -> Tuple[dict, Dict[str, TensorInfo]]:
-    cfg_file = src / "config.json"
-    if not cfg_file.exists():
-        raise ConvertError(f"{src}: no config.json; pass a Hugging Face model directory or repo id")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from e
-    if config.get("model_type") not in FAMILIES:
-        raise ConvertError(
-            f"{src}: model_type {config.get('model_type')!r} is not a supported MoE family; "
-            f"mlx-moe supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    config = read_raw_config(src)  # as written: the output keeps the source's dialect
     if "quantization" in config or "quantization_config" in config:
         raise ConvertError(
             f"{src}: this checkpoint is already quantized ({'quantization' if 'quantization' in config else 'quantization_config'} "

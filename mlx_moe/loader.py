@@ -155,7 +155,8 @@ def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
         ) from e
 
 
-def read_config(path: Path) -> dict:
+def read_raw_config(path: Path) -> dict:
+    """config.json as written (either dialect), checked to be a supported family."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelLoadError(f"{path}: no config.json; a model directory needs config.json and *.safetensors weights")
@@ -167,13 +168,18 @@ def read_config(path: Path) -> dict:
         config = {**config["text_config"], **{k: v for k, v in config.items() if k != "text_config"}}
     if "model_type" not in config:
         raise ModelLoadError(f"{cfg_file}: no model_type; mlx-moe supports: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    family = FAMILIES.get(config["model_type"])
-    if family is None:
+    if config["model_type"] not in FAMILIES:
         raise UnsupportedModelError(
             f"{path}: model_type {config['model_type']!r} is not a supported MoE family; "
             f"mlx-moe supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return family.normalize_config(config)
+    return config
+
+
+def read_config(path: Path) -> dict:
+    """config.json normalized for mlx-lm's ModelArgs (both dialects accepted)."""
+    config = read_raw_config(path)
+    return FAMILIES[config["model_type"]].normalize_config(config)
 
 
 def check_weight_files(path: Path) -> None:
