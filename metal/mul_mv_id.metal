@@ -39,7 +39,7 @@ struct moe_rows {
   // Float weights: in each step a simdgroup covers 128 columns, a lane the 4
   // consecutive columns lane*4 .. lane*4+3.
   template <int K, int NR, int NM, typename XP, typename WP, typename A>
-  static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
+  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
     for (int c0 = int(lane) * 4; c0 < K; c0 += 128) {
       float xv[4];
       for (int i = 0; i < 4; ++i) {
@@ -74,7 +74,7 @@ struct moe_rows<ushort> {
   enum { NUM = 9, DEN = 32 };
 
   template <int K, int NR, int NM, typename XP, typename WP, typename A>
-  static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
+  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
     constexpr int NB = K / 32;  // blocks per row
     constexpr int RW = NB * 9;  // words per row
     const int il = int(lane & 1u) * 8;

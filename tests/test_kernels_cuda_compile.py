@@ -182,3 +182,31 @@ def test_router_kernels_compile_for_sm90a(tmp_path):
     assert len(entries) == len(ROUTER_KERNELS)
     assert all("shfl.sync.bfly" in text for text in entries.values())  # the argmax butterfly
     print(_report(report))
+
+
+def _mv(name, variant, x, wt, K, N, extra):
+    """A decode kernel at Qwen3-30B-A3B shapes: K and N are the real columns and rows."""
+    inputs = {"mul_mv_id": {"src": x, "ids": "int32", "w": wt},
+              "mul_mv_id_swiglu": {"x": x, "ids": "int32", "wg": wt, "wu": wt},
+              "mul_mv_id_down_combine": {"h": "float32", "ids": "int32", "wts": "float32", "x": x, "wd": wt}}[name]
+    out = {"mul_mv_id": {"out": "float32"}, "mul_mv_id_swiglu": {"h": "float32"},
+           "mul_mv_id_down_combine": {"y": x}}[name]
+    t = "float32" if name == "mul_mv_id_down_combine" else x
+    return (name, variant, inputs, out, [("T", t), ("WT", wt), ("K", K), ("N", N), ("NE", 128)] + list(extra))
+
+
+MV_KERNELS = [
+    _mv("mul_mv_id_swiglu", "q4_0", "bfloat16", "uint16", 2048, 768, [("KS", 8), ("NR", 8), ("NSG", 2)]),
+    _mv("mul_mv_id_swiglu", "f16", "float16", "float16", 2048, 768, [("KS", 8), ("NR", 2), ("NSG", 4)]),
+    _mv("mul_mv_id_down_combine", "q4_0", "bfloat16", "uint16", 768, 2048,
+        [("NI", 0), ("KS", 8), ("NR", 2), ("NSG", 8)]),
+    _mv("mul_mv_id_down_combine", "bf16_identity", "float16", "bfloat16", 768, 2048,
+        [("NI", 4), ("KS", 12), ("NR", 2), ("NSG", 8)]),
+    _mv("mul_mv_id", "gate_q4_0", "float32", "uint16", 2048, 768, [("KS", 8), ("NR", 8), ("NSG", 2), ("BCAST", True)]),
+    _mv("mul_mv_id", "down_f32", "float32", "float32", 100, 70, [("KS", 3), ("NR", 2), ("NSG", 4), ("BCAST", False)]),
+]
+
+
+def test_decode_kernels_compile_for_sm90a(tmp_path):
+    ptx, report = compile_sm90a(tmp_path, "mul_mv_id", MV_KERNELS)
+    assert len(_entries(ptx)) == len(MV_KERNELS)
