@@ -18,7 +18,6 @@ load unchanged.  The compute lives in the expert backends, not here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
@@ -52,26 +51,6 @@ class Experts(nn.Module):
             for _, v in nn.utils.tree_flatten(proj.parameters()):
                 total += v.nbytes
         return total // self.num_experts
-
-
-@dataclass(frozen=True)
-class ProjectionFormat:
-    """What a kernel needs to know about one stacked projection."""
-
-    kind: str  # "float", "affine", "q4_0" or another MLX quantization mode
-    dtype: mx.Dtype  # float dtype of the weights, or of the scales
-    group_size: Optional[int] = None
-    bits: Optional[int] = None
-
-
-def projection_format(proj: nn.Module) -> ProjectionFormat:
-    if isinstance(proj, SwitchLinear):
-        return ProjectionFormat("float", proj.weight.dtype)
-    if isinstance(proj, QuantizedSwitchLinear):
-        return ProjectionFormat(proj.mode, proj.scales.dtype, proj.group_size, proj.bits)
-    if hasattr(proj, "affine"):  # mlx_moe.q4_0.Q4_0SwitchLinear
-        return ProjectionFormat("q4_0", mx.float16, 32, 4)
-    raise TypeError(f"unknown expert projection type {type(proj).__name__}")
 
 
 def gather_project(

@@ -32,9 +32,6 @@ class Family:
     is_moe_layer: Optional[Callable[[object, int], bool]] = None
     dense_mlp: Optional[Callable[[object], nn.Module]] = None
     sanitize: Callable[[dict, object], dict] = lambda w, args: w
-    n_experts: Callable[[object], int] = lambda a: a.num_experts
-    n_zero_experts: Callable[[object], int] = lambda a: 0
-    top_k: Callable[[object], int] = lambda a: a.num_experts_per_tok
 
 
 def normalize_rope(config: dict) -> dict:

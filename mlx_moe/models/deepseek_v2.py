@@ -70,5 +70,4 @@ FAMILY = Family(
     block=DeepseekV2Block,
     normalize_config=normalize_config,
     is_moe_layer=is_moe_layer,
-    n_experts=lambda a: a.n_routed_experts,
 )

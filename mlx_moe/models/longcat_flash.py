@@ -77,7 +77,4 @@ FAMILY = Family(
     block=LongcatFlashBlock,
     normalize_config=normalize_config,
     sanitize=sanitize,
-    n_experts=lambda a: a.n_routed_experts,
-    n_zero_experts=lambda a: a.zero_expert_num,
-    top_k=lambda a: a.moe_topk,
 )

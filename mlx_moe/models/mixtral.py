@@ -32,5 +32,4 @@ FAMILY = Family(
     block=MixtralBlock,
     moe_attr="block_sparse_moe",
     normalize_config=normalize_config,
-    n_experts=lambda a: a.num_local_experts,
 )
