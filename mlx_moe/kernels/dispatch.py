@@ -4,9 +4,8 @@
 - the GEMV/GEMM switch (`kernel_path`): up to MV_MAX_PAIRS[kind] (token, slot)
   pairs per call the GEMV kernels (mul_mv_id) run; above it the tiled routed
   GEMMs (map0 + mul_mm_id), which read each expert's weights once per tile of
-  32 pairs instead of once per pair.  The crossover is to be measured on the
-  H100 per weight kind (BENCHMARKS.md, "to measure"); until then every kind
-  uses MAX_DECODE_PAIRS, the decode threshold of the first kernel version;
+  32 pairs instead of once per pair.  The crossover is measured on the H100
+  per weight kind (MV_MAX_PAIRS below);
 - launch geometry per kernel and weight format: NR rows per simdgroup, NSG
   simdgroups per threadgroup (measured on the H100 with tools/bench_kernels.py).
 """
@@ -26,13 +25,12 @@ from ..experts import Experts
 MAX_DECODE_PAIRS = 64
 
 # The GEMV -> GEMM crossover per weight kind, in (token, slot) pairs: the
-# largest batch on which mul_mv_id still beats map0 + mul_mm_id.
-# NOT YET MEASURED: no GPU was available when mul_mm_id was written; these are
-# the decode threshold above, a placeholder.  Measure with
-#   python3 tools/bench_kernels.py --prefill --crossover
-# on the H100 (BENCHMARKS.md, "to measure") and put the numbers here.
-# `None` means "use MAX_DECODE_PAIRS" (so benchmarks that move it move both).
-MV_MAX_PAIRS = {"q4_0": None, "float": None}
+# largest batch on which mul_mv_id still beats map0 + mul_mm_id.  Measured on
+# the H100 (BENCHMARKS.md, "GEMV -> GEMM crossover"; top-8, Qwen3-30B-A3B
+# layer shapes): Q4_0 mv is faster up to 32 tokens (256 pairs: 0.78 vs
+# 1.00 ms), mm from 64 (1.14 vs 1.53 ms); bfloat16 mv up to 64 tokens (512
+# pairs: 1.60 vs 1.87 ms), mm from 128.  `None` means MAX_DECODE_PAIRS.
+MV_MAX_PAIRS = {"q4_0": 256, "float": 512}
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
