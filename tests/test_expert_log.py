@@ -4,6 +4,7 @@ positions and sequences, and a valid CSV after Ctrl-C, exceptions and a full dis
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,25 @@ def test_events_are_delivered_after_the_forward_not_inside(tiny_model):
         assert ev.positions.tolist() == [0, 1, 2, 3] and ev.phase == "prefill"
         assert np.all(ev.weights[:, 0] >= ev.weights[:, 1])
         assert ev.is_zero is None
+
+
+def test_routing_arrays_are_computed_by_the_steps_own_evaluation(tiny_model, tmp_path):
+    """The model output depends on one stacked ids and one weights array for
+    all layers, so evaluating the output computes them (no extra evaluation
+    per step, two host transfers instead of two per layer)."""
+    model, _ = tiny_model
+    with mlx_moe.routing_hook(lambda ev: None):
+        y = model(mx.array([[1, 2, 3]]))
+        dot = tmp_path / "graph.dot"
+        mx.export_to_dot(str(dot), y)
+        graph = dot.read_text()
+        mlx_moe.flush()
+    depends = re.search(r'(\d+) \[label ="Depends"', graph).group(1)
+    # its inputs: the forward's output, the stacked ids and the stacked weights
+    assert len(re.findall(rf'-> {depends}\n', graph)) == 3
+    # Without a hook the forward is untouched.
+    mx.export_to_dot(str(dot), model(mx.array([[1, 2, 3]])))
+    assert "Depends" not in dot.read_text()
 
 
 def test_sequences_and_positions_in_one_log(tiny_model, tmp_path):
