@@ -112,6 +112,24 @@ def test_routing_arrays_are_computed_by_the_steps_own_evaluation(tiny_model, tmp
     assert "Depends" not in dot.read_text()
 
 
+def test_per_layer_and_joined_delivery_write_the_same_log(tiny_model, tmp_path):
+    """The device-joined records (default) and the per-layer ones (kept for
+    benchmarks) log the same rows, weights included."""
+    from mlx_moe.hooks import HOOKS
+
+    model, tok = tiny_model
+    texts = []
+    for joined in (True, False):
+        HOOKS.join_on_device = joined
+        try:
+            path = tmp_path / f"log_{joined}.csv"
+            mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=4, expert_log=str(path), expert_log_weights=True)
+            texts.append(path.read_text())
+        finally:
+            HOOKS.join_on_device = True
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) == 1 + 8 * 2
+
+
 def test_sequences_and_positions_in_one_log(tiny_model, tmp_path):
     """Two generate calls and a continued chat turn into one log."""
     from mlx_lm.models.cache import make_prompt_cache
