@@ -1,0 +1,420 @@
+"""A compiled decode step: one `mx.compile` trace serves every decode step.
+
+Why: decode is host-bound (Python graph building plus MLX's per-op host cost,
+~35 ops per decoder layer).  Compiling the one-token forward replaces the
+Python side of every step by a replay of a recorded tape and fuses the
+elementwise ops (norms' tails, residual adds, SwiGLU, router glue).
+
+The obstacle is mlx-lm's `KVCache`: it writes at Python-int offsets and
+returns slices whose length grows every step, and a compiled function
+freezes both into its trace.  Here the cache has a fixed capacity and the
+write position is an array:
+
+- `StaticKVCache` holds keys/values of shape [B, H, capacity, D].  Prefill
+  runs uncompiled through it (int offset, mlx-lm's usual slices and causal
+  mask), so mlx-lm's attention code is used unchanged.
+- Inside the compiled step each layer sees a `_TracedCache`: `offset` is an
+  int32 array (mx.fast.rope takes array offsets), the new key/value go in
+  with `mx.slice_update` at that array index, and attention runs over the
+  whole capacity with a mask hiding positions > offset.  Shapes never
+  change, so the trace is reused until the cache has to grow.
+- The cache arrays are inputs and outputs of the compiled function (not
+  captured state), and the position is an input: nothing in the trace
+  depends on the step number.
+
+Routing hooks work under compile: while tracing, the MoE layers report to a
+capture object instead of `mlx_moe.hooks.HOOKS`; the captured (ids, weights)
+become extra outputs of the compiled function, and after each call they are
+handed to `HOOKS` (begin_forward, record per layer, end_forward) as lazy
+arrays, the calls our model wrapper makes around an uncompiled forward.  A trace with and one without these outputs exist
+side by side (a hook may be added between two generate calls).
+
+Supported: the standard-attention families (qwen3_moe, qwen2_moe, mixtral,
+olmoe) with a rope that accepts array offsets.  `unsupported_reason(model)`
+says why anything else (deepseek_v2 / longcat_flash MLA attention, expert
+parallelism) decodes uncompiled.
+
+The trace captures the model's weights and expert backends as constants: a
+decoder notices replaced parameters or backends (`fingerprint`) and
+re-traces on the next generate call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import moe as _moe
+
+COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
+
+
+class CapacityError(ValueError):
+    """A compiled decode step would write past the static cache's capacity."""
+
+
+def round_capacity(n: int, step: int = CAPACITY_STEP) -> int:
+    return max(step, -(-n // step) * step)
+
+
+# -- caches -------------------------------------------------------------------------------
+
+
+class StaticKVCache:
+    """A KV cache of fixed capacity, usable by mlx-lm's attention code as is.
+
+    Eager (uncompiled) calls, e.g. prefill, see mlx-lm's KVCache interface with
+    an int `offset`; `CompiledDecoder.step` passes the arrays through the
+    compiled function and advances `offset` on the host.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError(f"StaticKVCache capacity must be positive, got {capacity}")
+        self.capacity = int(capacity)
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+
+    def check_room(self, n: int) -> None:
+        if self.offset + n > self.capacity:
+            raise CapacityError(
+                f"static KV cache full: {self.offset} tokens + {n} new > capacity {self.capacity}; "
+                "make the cache larger (capacity=...), or grow it with StaticKVCache.grow"
+            )
+
+    def _allocate(self, keys: mx.array, values: mx.array) -> None:
+        B, H, _, Dk = keys.shape
+        self.keys = mx.zeros((B, H, self.capacity, Dk), keys.dtype)
+        self.values = mx.zeros((B, values.shape[1], self.capacity, values.shape[3]), values.dtype)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        self.check_room(n)
+        if self.keys is None:
+            self._allocate(keys, values)
+        prev = self.offset
+        self.offset += n
+        self.keys[..., prev:self.offset, :] = keys
+        self.values[..., prev:self.offset, :] = values
+        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(n, offset=self.offset, return_array=return_array, window_size=window_size)
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to `capacity` (the compiled step re-traces once for the new shape)."""
+        if capacity < self.capacity:
+            raise ValueError(f"cannot shrink a StaticKVCache from {self.capacity} to {capacity}")
+        if self.keys is not None and capacity > self.capacity:
+            pad = capacity - self.capacity
+
+            def padded(a):
+                return mx.concatenate([a, mx.zeros((*a.shape[:2], pad, a.shape[3]), a.dtype)], axis=2)
+
+            self.keys, self.values = padded(self.keys), padded(self.values)
+        self.capacity = capacity
+
+    @property
+    def state(self):
+        return [a for a in (self.keys, self.values) if a is not None]
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens (their slots are overwritten later, masked till then)."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class _TracedCache:
+    """One layer's cache inside the compiled step: the write position is an array."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys = keys
+        self.values = values
+        self.offset = offset  # int32 [], read by the attention's rope
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
+        if window_size is not None:
+            raise NotImplementedError("sliding-window attention is not supported by the compiled step")
+        # Query i (at position offset + i) sees keys 0..offset+i; for n == 1 that is
+        # every slot below offset + 1.  Empty slots hold zeros and must stay hidden.
+        capacity = self.keys.shape[2]
+        k_pos = mx.arange(capacity)[None]
+        q_pos = self.offset + mx.arange(n)[:, None]
+        return k_pos <= q_pos  # [n, capacity], broadcast over batch and heads
+
+
+# -- routing capture ----------------------------------------------------------------------
+
+
+class _RoutingCapture:
+    """Stands in for mlx_moe.hooks.HOOKS while the step is traced: the MoE layers'
+    `HOOKS.record(...)` land here (tracer arrays), to become outputs of the trace."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.records: list = []
+
+    def record(self, layer, ids, weights, n_experts, n_zero) -> None:
+        if self.active:
+            self.records.append((layer, ids, weights, n_experts, n_zero))
+
+
+@contextlib.contextmanager
+def _hooks_replaced(capture: _RoutingCapture):
+    """The MoE layer reads the module global `HOOKS` at call time (mlx_moe/moe.py)."""
+    original = _moe.HOOKS
+    _moe.HOOKS = capture
+    try:
+        yield
+    finally:
+        _moe.HOOKS = original
+
+
+# -- the decoder --------------------------------------------------------------------------
+
+
+def _mlx_lm_model_class(model: nn.Module):
+    """mlx-lm's Model class our model class derives from (its forward, without our
+    wrapper's hook bookkeeping, which needs the cache offset as a Python int)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("mlx_lm.models.") and cls.__name__ == "Model":
+            return cls
+    return None
+
+
+_ARRAY_OFFSET_ROPES = None
+
+
+def _array_offset_ropes() -> tuple:
+    """Rope modules whose forward hands `offset` straight to mx.fast.rope (arrays work)."""
+    global _ARRAY_OFFSET_ROPES
+    if _ARRAY_OFFSET_ROPES is None:
+        ru = importlib.import_module("mlx_lm.models.rope_utils")
+        _ARRAY_OFFSET_ROPES = (nn.RoPE,) + tuple(
+            getattr(ru, n) for n in ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE") if hasattr(ru, n))
+    return _ARRAY_OFFSET_ROPES
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why `model` cannot use the compiled decode step, or None if it can."""
+    model_type = getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
+    if model_type not in COMPILED_FAMILIES:
+        return (f"the compiled decode step covers {', '.join(COMPILED_FAMILIES)}; {model_type} "
+                "(e.g. MLA attention in deepseek_v2 / longcat_flash) decodes uncompiled")
+    if getattr(model, "expert_parallel", None) is not None:
+        return "expert parallelism (mx.distributed) is not compiled; decoding uncompiled"
+    if _mlx_lm_model_class(model) is None:
+        return f"{type(model).__name__} does not derive from an mlx-lm Model class"
+    ropes = _array_offset_ropes()
+    for i, layer in enumerate(model.layers):
+        attn = getattr(layer, "self_attn", None)
+        rope = getattr(attn, "rope", None)
+        if rope is None or not isinstance(rope, ropes):
+            return (f"layer {i}: attention rope {type(rope).__name__} is not known to accept an array "
+                    "offset; decoding uncompiled")
+    return None
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """Identity of what a trace captures as constants: parameter arrays and expert backends."""
+    params = tuple(id(a) for _, a in tree_flatten(model.parameters()))
+    backends = tuple(id(layer.backend) for layer in _moe.moe_layers(model))
+    return params, backends
+
+
+class CompiledDecoder:
+    """The model's one-token forward, compiled once per (capacity, hooks on/off).
+
+        decoder = CompiledDecoder(model)
+        cache = decoder.make_cache(capacity)
+        model(prompt[None, :-1], cache=cache)          # prefill, uncompiled
+        logprobs = decoder.step(prompt[-1:], cache)   # lazy [1, vocab]
+    """
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"cannot compile the decode step: {reason}")
+        self.model = model
+        self.base_call = _mlx_lm_model_class(model).__call__
+        self.fingerprint = fingerprint(model)
+        self.traces = 0  # times the step function body ran (tracing), for tests and reports
+        self._compiled = {}
+        self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
+        mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
+
+    def make_cache(self, capacity: int) -> List[StaticKVCache]:
+        return [StaticKVCache(capacity) for _ in self.model.layers]
+
+    def _function(self, record: bool):
+        fn = self._compiled.get(record)
+        if fn is None:
+            fn = mx.compile(self._traced_step(record))
+            self._compiled[record] = fn
+        return fn
+
+    def _traced_step(self, record: bool):
+        model, base_call = self.model, self.base_call
+
+        def step(token, offset, keys, values):
+            self.traces += 1
+            cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
+            capture = _RoutingCapture(record)
+            with _hooks_replaced(capture):
+                logits = base_call(model, token, cache=cache)
+            logits = logits[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
+            if record:
+                self._routing_meta = [(r[0], r[3], r[4]) for r in capture.records]
+                out += [[r[1] for r in capture.records], [r[2] for r in capture.records]]
+            return out
+
+        return step
+
+    def step(self, token: mx.array, cache: List[StaticKVCache]) -> mx.array:
+        """Run one token (ids of shape [1] or [1, 1]) at the cache's position; returns
+        lazy log-probabilities [1, vocab] and advances the cache by one."""
+        from .hooks import HOOKS
+
+        first = cache[0]
+        if first.keys is None:
+            raise ValueError("the compiled decode step needs a prefilled cache (run the prompt through it first)")
+        first.check_room(1)
+        offset = first.offset
+        record = HOOKS.active
+        token = token.reshape(1, 1)
+        if token.dtype != mx.int32:  # argmax gives uint32, prompts int32: one dtype, one trace
+            token = token.astype(mx.int32)
+        keys = [c.keys for c in cache]
+        values = [c.values for c in cache]
+        for c in cache:  # drop our references: the step's slice_update may then reuse the buffers
+            c.keys = c.values = None
+        try:
+            out = self._function(record)(token, mx.array(offset, mx.int32), keys, values)
+        except Exception:
+            for c, k, v in zip(cache, keys, values):
+                c.keys, c.values = k, v
+            raise
+        del keys, values
+        logprobs, new_keys, new_values = out[:3]
+        for c, k, v in zip(cache, new_keys, new_values):
+            c.keys, c.values = k, v
+            c.offset += 1
+        if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
+            HOOKS.begin_forward(1, 1, offset)
+            for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
+                HOOKS.record(layer, ids, weights, n_experts, n_zero)
+            logprobs = HOOKS.end_forward(logprobs)
+        return logprobs
+
+
+def decoder_for(model: nn.Module) -> CompiledDecoder:
+    """The model's CompiledDecoder, kept on the model and rebuilt when its weights or
+    expert backends were replaced (the old trace holds the old ones)."""
+    decoder = getattr(model, "_mlx_moe_compiled_decoder", None)
+    if decoder is None or decoder.fingerprint != fingerprint(model):
+        decoder = CompiledDecoder(model)
+        object.__setattr__(model, "_mlx_moe_compiled_decoder", decoder)
+    return decoder
+
+
+def compiled_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler=None,
+    prompt_cache: Optional[List[StaticKVCache]] = None,
+    prefill_step_size: int = 2048,
+    capacity: Optional[int] = None,
+    prompt_progress_callback=None,
+) -> Iterator[Tuple[int, mx.array]]:
+    """mlx-lm's `generate_step` contract (yields (token, logprobs)) with the decode
+    steps compiled.  The prompt but its last token is prefilled uncompiled, in
+    chunks; the last prompt token and every generated token go through the
+    compiled step, as mlx-lm runs them one by one.
+
+    capacity: KV slots (default: prompt + max_tokens rounded up to CAPACITY_STEP;
+    with max_tokens < 0 the cache grows by CAPACITY_STEP when full, one re-trace each).
+    prompt_cache: a list of StaticKVCache to continue (multi-turn); None: a new one.
+    """
+    from mlx_lm.generate import generation_stream
+
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    decoder = decoder_for(model)
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    progress = prompt_progress_callback or (lambda *_: None)
+    total = prompt.size
+    if prompt_cache is None:
+        want = total + (max_tokens if max_tokens >= 0 else 0)
+        prompt_cache = decoder.make_cache(capacity or round_capacity(want))
+    elif not all(isinstance(c, StaticKVCache) for c in prompt_cache):
+        raise ValueError("compiled decoding needs a prompt_cache of StaticKVCache (mlx_moe.compiled); "
+                         "make one with CompiledDecoder.make_cache or pass prompt_cache=None")
+    grow = max_tokens < 0
+
+    def step(y: mx.array):
+        c0 = prompt_cache[0]
+        if grow and c0.offset + 1 > c0.capacity:
+            for c in prompt_cache:
+                c.grow(c0.capacity + CAPACITY_STEP)
+        logprobs = decoder.step(y, prompt_cache)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    with mx.stream(generation_stream):
+        done = 0
+        progress(0, total)
+        if not grow:  # fail before any work: the prompt and every step need a slot
+            prompt_cache[0].check_room(total + max_tokens)
+        while total - done > 1:
+            n = min(prefill_step_size, total - done - 1)
+            model(prompt[done:done + n][None], cache=prompt_cache)
+            mx.eval([c.state for c in prompt_cache])
+            done += n
+            progress(done, total)
+            mx.clear_cache()
+        y, logprobs = step(prompt[done:])
+        mx.async_eval(y, logprobs)
+        n = 0
+        while True:
+            if n != max_tokens:
+                next_y, next_logprobs = step(y)
+                mx.async_eval(next_y, next_logprobs)
+            if n == 0:
+                mx.eval(y)
+                progress(total, total)
+            if n == max_tokens:
+                break
+            yield y.item(), logprobs
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs = next_y, next_logprobs
+            n += 1
