@@ -6,12 +6,19 @@ the chat template default.
 
     python -m mlx_moe.generate --prompt "Hello"          # the built-in demo model
     python -m mlx_moe.generate --model Qwen/Qwen3-30B-A3B --prompt "Hello" --expert-log log.csv
+    python -m mlx_moe.generate --model Qwen/Qwen3-30B-A3B --prompt "Hello" --compile
+
+compile=True (--compile) decodes with one mx.compile'd step over a
+fixed-capacity KV cache (mlx_moe/compiled.py); models or options it does not
+cover decode uncompiled, with a warning that says why.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import warnings
 from contextlib import contextmanager
 from typing import Iterable, Iterator, List, Optional, Union
 
@@ -89,6 +96,88 @@ def flushing(steps: Iterable) -> Iterator:
     HOOKS.flush()
 
 
+# generate_step options the compiled path implements itself; any other option given
+# a non-default value makes it fall back to mlx-lm's uncompiled generate_step.
+_COMPILED_OPTIONS = ("sampler", "prefill_step_size", "prompt_progress_callback", "max_tokens")
+
+
+def compile_fallback_reason(model, prompt_cache=None, options: Optional[dict] = None) -> Optional[str]:
+    """Why compile=True cannot be honoured for this call (None: it can)."""
+    from .compiled import StaticKVCache, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return reason
+    if prompt_cache is not None and not all(isinstance(c, StaticKVCache) for c in prompt_cache):
+        return ("the prompt_cache is not a list of mlx_moe.compiled.StaticKVCache "
+                "(make one with mlx_moe.compiled.decoder_for(model).make_cache(capacity))")
+    for key, value in (options or {}).items():
+        if key not in _COMPILED_OPTIONS and value not in (None, False, [], ()):
+            return f"option {key}={value!r} is not supported by the compiled decode step"
+    return None
+
+
+def _token_steps(model, prompt: List[int], compile: bool, prompt_cache, max_tokens: int, kwargs: dict):
+    """(token, logprobs) pairs: mlx-lm's generate_step, or the compiled one when
+    compile=True and the call allows it (else a warning says why not)."""
+    from mlx_lm.generate import generate_step
+
+    if compile:
+        reason = compile_fallback_reason(model, prompt_cache, kwargs)
+        if reason is None:
+            from .compiled import compiled_generate_step
+
+            return compiled_generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                          prompt_cache=prompt_cache, **kwargs)
+        warnings.warn(f"compile=True: {reason}; decoding uncompiled", RuntimeWarning, stacklevel=3)
+    if prompt_cache is None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        prompt_cache = make_prompt_cache(model)
+    return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=prompt_cache, **kwargs)
+
+
+def _responses(steps, tokenizer, n_prompt: int, max_tokens: int) -> Iterator:
+    """mlx-lm `GenerationResponse`s from (token, logprobs) pairs, with mlx-lm's
+    stream_generate semantics: stop at EOS (not yielded) or after max_tokens; the
+    last response carries finish_reason "stop" or "length"."""
+    from mlx_lm.generate import GenerationResponse
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    token = logprobs = None
+    finish = "length"
+    n = 0
+    for n, (token, logprobs) in enumerate(steps):
+        if n == 0:
+            prompt_tps = n_prompt / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            finish = "stop"
+            break
+        detokenizer.add_token(token)
+        if n + 1 == max_tokens:
+            break
+        yield GenerationResponse(
+            text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
+            prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=None)
+    if token is None:
+        return
+    detokenizer.finalize()
+    yield GenerationResponse(
+        text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
+        prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n + 1,
+        generation_tps=(n + 1) / (time.perf_counter() - tic),
+        peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -101,12 +190,15 @@ def stream_generate(
     prompt_cache=None,
     expert_log=None,
     expert_log_weights: bool = False,
+    compile: bool = False,
     **kwargs,
 ) -> Iterator:
     """Yield mlx-lm `GenerationResponse`s (text, token, prompt_tps, generation_tps, peak_memory...).
 
     expert_log: a CSV path (a new log) or an open `mlx_moe.expert_log.ExpertLog`
     (several calls into one file, one sequence_id each).
+    compile: decode with the compiled step (mlx_moe/compiled.py) where the model
+    and options allow it (else a RuntimeWarning says why, and it decodes uncompiled).
     Extra keyword arguments go to mlx-lm's `stream_generate` (e.g. prefill_step_size).
     """
     from mlx_lm.generate import stream_generate as mlx_stream_generate
@@ -118,6 +210,15 @@ def stream_generate(
     sampler = make_sampler(temp=temp, top_p=top_p)
     sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
     with routing_session(model, len(tokens), prompt_cache, expert_log, expert_log_weights):
+        if compile:
+            if max_tokens == 0:
+                raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+            from mlx_lm.generate import generation_stream, wired_limit
+
+            steps = _token_steps(model, tokens, True, prompt_cache, max_tokens, dict(kwargs, sampler=sampler))
+            with wired_limit(model, [generation_stream]):
+                yield from flushing(guard(_responses(steps, tokenizer, len(tokens), max_tokens)))
+            return
         yield from flushing(guard(mlx_stream_generate(
             model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
             sampler=sampler, prompt_cache=prompt_cache, **kwargs,
@@ -131,19 +232,16 @@ def generate_tokens(
     prompt_cache=None,
     expert_log=None,
     expert_log_weights: bool = False,
+    compile: bool = False,
     **kwargs,
 ) -> Iterator[int]:
     """Token ids only: no tokenizer, no stop on EOS (benchmarks, tests).
+    compile: as in `stream_generate`.
     Keyword arguments go to mlx-lm's `generate_step` (sampler, prefill_step_size...)."""
-    from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     sampler = kwargs.pop("sampler", None) or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
-    with routing_session(model, len(prompt), cache, expert_log, expert_log_weights):
-        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
-                              sampler=sampler, **kwargs)
+    with routing_session(model, len(prompt), prompt_cache, expert_log, expert_log_weights):
+        steps = _token_steps(model, prompt, compile, prompt_cache, max_tokens, dict(kwargs, sampler=sampler))
         for token, _ in flushing(guard(steps)):
             yield token
 
@@ -194,6 +292,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="write every routing decision (token, layer, experts) to this CSV")
     p.add_argument("--expert-log-weights", action="store_true", help="add weight_0..weight_{k-1} columns to the log")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with one compiled (mx.compile) step over a fixed-capacity KV cache "
+                        "(qwen3_moe, qwen2_moe, mixtral, olmoe; others decode uncompiled with a warning)")
     ep = p.add_argument_group("expert parallelism (run under `mlx.launch -n N ...`)")
     ep.add_argument("--expert-parallel", action="store_true",
                     help="split every MoE layer's experts over the N ranks (mx.distributed); "
@@ -249,7 +350,7 @@ def main(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentPar
             log = ExpertLog.for_model(args.expert_log, model, weights=args.expert_log_weights, model_name=path)
         generate(model, tokenizer, prompt, max_tokens=args.max_tokens, verbose=rank0, temp=args.temp,
                  top_p=args.top_p, seed=args.seed, chat_template=not args.no_chat_template and None,
-                 expert_log=log, prefill_step_size=args.prefill_step_size)
+                 expert_log=log, prefill_step_size=args.prefill_step_size, compile=args.compile)
     except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
