@@ -9,6 +9,26 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe       our model, expert backend --kernels (auto: the custom kernels on GPUs)
   mlx-moe+log   the same with --expert-log writing a CSV (the logging overhead)
   mlx-moe/mlx   our model on the `mlx` backend (when --kernels is not mlx)
+  mlx-moe+compile  our model, decode steps through one mx.compile'd step
+                (mlx_moe/compiled.py); its greedy tokens are checked against mlx-moe's
+
+--breakdown adds where a decode step's time goes, on our model (kernels as
+for mlx-moe) after a prefill of P tokens, each variant decoding G tokens the
+way generate does (next step queued before the current token is read), ms
+per token, medians over repetitions:
+
+  full          the whole step (uncompiled)
+  no-experts    routing kept, the expert backend returns zeros (no expert compute)
+  no-moe        every MoE block returns zeros (no router, experts, combine)
+  skeleton      no MoE block and no attention: embedding, norms, residual adds,
+                final norm, LM head and the Python loop over layers
+  build         building the full step's graph in Python, no evaluation
+  compiled      the compiled step (mlx_moe/compiled.py)
+  compiled build  calling the compiled step, no evaluation
+
+and the differences (experts = full - no-experts, router + combine =
+no-experts - no-moe, attention = no-moe - skeleton), plus the number of MLX
+graph nodes per step (mx.export_to_dot) with the most frequent primitives.
 
 Each repetition runs the engines in turn (prefill P random tokens, decode G
 tokens, greedy, no EOS); the report gives medians over repetitions and
@@ -16,14 +36,18 @@ ratios against mlx-lm.
 
   python tools/bench_generate.py --shape qwen3-30b-a3b --prompt-tokens 512 --gen-tokens 128
   python tools/bench_generate.py --shape tiny --reps 2            # CPU smoke test
+  python tools/bench_generate.py --engines mlx-lm,mlx-moe,mlx-moe+compile --breakdown --reps 2
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import importlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -34,10 +58,11 @@ import mlx.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mlx_moe.backends import get_backend  # noqa: E402
+from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
+from mlx_moe.compiled import StaticKVCache, decoder_for, round_capacity  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
 from mlx_moe.loader import model_classes  # noqa: E402
-from mlx_moe.moe import set_expert_backend  # noqa: E402
+from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
 
 QWEN3_30B_A3B = dict(
     model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_experts=128,
@@ -114,7 +139,7 @@ def random_q4_0_experts(model, scale: float = 0.02) -> None:
             setattr(ex, name, q)
 
 
-def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_size=2048):
+def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_size=2048, compile=False):
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -122,18 +147,192 @@ def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_
     t0 = time.perf_counter()
     if ours:
         steps = generate_tokens(model, prompt, max_tokens=gen_tokens, expert_log=log_path,
-                                prefill_step_size=prefill_step_size)
+                                prefill_step_size=prefill_step_size, compile=compile)
     else:
         steps = (t for t, _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens,
                                              prompt_cache=make_prompt_cache(model),
                                              prefill_step_size=prefill_step_size))
-    n = 0
-    for _ in steps:
-        n += 1
-        if n == 1:
+    tokens = []
+    for t in steps:
+        tokens.append(t)
+        if len(tokens) == 1:
             t1 = time.perf_counter()
     t2 = time.perf_counter()
-    return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1)}
+    n = len(tokens)
+    return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens}
+
+
+# -- per-component breakdown of a decode step ----------------------------------------------------
+
+
+class ZeroExperts(ExpertBackend):
+    """No expert compute: zeros of the layer's output shape.  They depend on the
+    routing (mx.depends), or lazy evaluation would skip the router too."""
+
+    name = "zero"
+
+    def __call__(self, x, ids, weights, experts, n_identity=0, may_pad=False):
+        return mx.depends(mx.zeros_like(x), [ids, weights])
+
+
+class Zeros(nn.Module):
+    """Stands in for a removed block (MoE block or attention): returns zeros like its input."""
+
+    def __call__(self, x, *args, **kwargs):
+        return mx.zeros_like(x)
+
+
+@contextlib.contextmanager
+def swapped_blocks(model, moe: bool, attention: bool):
+    """Temporarily replace every MoE block and/or every attention block by `Zeros`."""
+    saved = []
+    zeros = Zeros()
+    for layer in model.layers:
+        for name in list(layer.keys()):
+            block = layer[name]
+            if (moe and isinstance(block, MoELayer)) or (attention and name in ("self_attn", "attention")):
+                saved.append((layer, name, block))
+                setattr(layer, name, zeros)
+    try:
+        yield
+    finally:
+        for layer, name, block in saved:
+            setattr(layer, name, block)
+
+
+def uncompiled_step(model, cache):
+    def step(y):
+        logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.argmax(logprobs, axis=-1)
+    return step
+
+
+def compiled_step(decoder, cache):
+    def step(y):
+        return mx.argmax(decoder.step(y, cache), axis=-1)
+    return step
+
+
+def time_decode(step, y, n: int) -> float:
+    """ms per token of n pipelined steps, as generate runs them."""
+    y = step(y)
+    mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return 1e3 * (time.perf_counter() - t0) / (n + 1)
+
+
+def time_build(step, y, n: int) -> float:
+    """ms per token spent building the step's graph (no evaluation inside the timing)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        nxt = step(y)
+        times.append(time.perf_counter() - t)
+        mx.eval(nxt)
+        y = nxt
+    return 1e3 * statistics.median(times)
+
+
+def graph_nodes(step, y) -> tuple:
+    """(number of primitive nodes, most frequent primitives) of one unevaluated step."""
+    path = os.path.join(tempfile.mkdtemp(), "step.dot")
+    out = step(y)
+    mx.export_to_dot(path, out)
+    mx.eval(out)
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', open(path).read())
+    return len(labels), collections.Counter(labels).most_common(8)
+
+
+def breakdown(model, backend, prompt, gen_tokens: int, reps: int, prefill_step_size: int = 2048) -> dict:
+    """ms per decode token of each variant (module docstring), medians over reps."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    set_expert_backend(model, backend)
+    P = len(prompt)
+    first = mx.array(prompt[-1:])
+    cache = make_prompt_cache(model)
+    for i in range(0, P - 1, prefill_step_size):
+        model(mx.array(prompt[i:min(i + prefill_step_size, P - 1)])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+    def rewind():  # back to the prefilled prompt (a variant without attention writes nothing)
+        for c in cache:
+            c.trim(c.offset - (P - 1))
+
+    decoder = decoder_for(model)
+    static = decoder.make_cache(round_capacity(P + gen_tokens + 2))
+    for i in range(0, P - 1, prefill_step_size):
+        model(mx.array(prompt[i:min(i + prefill_step_size, P - 1)])[None], cache=static)
+        mx.eval([c.state for c in static])
+
+    def rewind_static():
+        for c in static:
+            c.trim(c.offset - (P - 1))
+
+    zero = ZeroExperts()
+    variants = {
+        "full": (contextlib.nullcontext, lambda: uncompiled_step(model, cache), time_decode, rewind),
+        "no-experts": (lambda: _backend(model, zero, backend), lambda: uncompiled_step(model, cache), time_decode, rewind),
+        "no-moe": (lambda: swapped_blocks(model, True, False), lambda: uncompiled_step(model, cache), time_decode, rewind),
+        "skeleton": (lambda: swapped_blocks(model, True, True), lambda: uncompiled_step(model, cache), time_decode, rewind),
+        "build": (contextlib.nullcontext, lambda: uncompiled_step(model, cache), time_build, rewind),
+        "compiled": (contextlib.nullcontext, lambda: compiled_step(decoder, static), time_decode, rewind_static),
+        "compiled build": (contextlib.nullcontext, lambda: compiled_step(decoder, static), time_build, rewind_static),
+    }
+    times = {name: [] for name in variants}
+    for rep in range(reps + 1):  # the first round warms up (kernel compiles, the compiled trace)
+        for name, (ctx, make, timer, reset) in variants.items():
+            with ctx():
+                ms = timer(make(), first, gen_tokens)
+            reset()
+            if rep:
+                times[name].append(ms)
+    result = {name: statistics.median(v) for name, v in times.items()}
+    result["nodes"] = graph_nodes(uncompiled_step(model, cache), first)
+    rewind()
+    result["compiled nodes"] = graph_nodes(compiled_step(decoder, static), first)
+    rewind_static()
+    return result
+
+
+@contextlib.contextmanager
+def _backend(model, backend, restore):
+    set_expert_backend(model, backend)
+    try:
+        yield
+    finally:
+        set_expert_backend(model, restore)
+
+
+def print_breakdown(b: dict, n_layers: int) -> None:
+    print(f"\n## decode step breakdown (ms per token, {n_layers} layers)")
+    print("| variant | ms/token | tok/s |")
+    print("|---|---|---|")
+    for name in ("full", "no-experts", "no-moe", "skeleton", "build", "compiled", "compiled build"):
+        print(f"| {name} | {b[name]:.3f} | {1e3 / b[name]:.1f} |")
+    parts = {
+        "experts (full - no-experts)": b["full"] - b["no-experts"],
+        "router + combine + MoE glue (no-experts - no-moe)": b["no-experts"] - b["no-moe"],
+        "attention (no-moe - skeleton)": b["no-moe"] - b["skeleton"],
+        "skeleton (embed, norms, residuals, LM head, loop)": b["skeleton"],
+        "Python graph building of the full step (overlaps the device)": b["build"],
+        "compiled step saves (full - compiled)": b["full"] - b["compiled"],
+    }
+    print("\n| component | ms/token | share of full |")
+    print("|---|---|---|")
+    for name, ms in parts.items():
+        print(f"| {name} | {ms:.3f} | {100 * ms / b['full']:.0f}% |")
+    for key in ("nodes", "compiled nodes"):
+        n, top = b[key]
+        print(f"\nMLX graph nodes per step, {'uncompiled' if key == 'nodes' else 'compiled'}: {n} "
+              f"({n / n_layers:.1f} per layer); most frequent: " + ", ".join(f"{l} {c}" for l, c in top))
 
 
 def main(argv=None):
@@ -150,6 +349,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--engines", default="mlx-lm,mlx-moe,mlx-moe+log,mlx-moe/mlx")
+    p.add_argument("--breakdown", action="store_true", help="per-component time of our decode step (docstring)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the warm-up round (one full run of every engine, not counted)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -173,10 +375,11 @@ def main(argv=None):
             return run_once(baseline, prompt, args.gen_tokens, ours=False)
         set_expert_backend(ours, reference if engine == "mlx-moe/mlx" else kernels)
         log = os.path.join(tmp, "log.csv") if engine == "mlx-moe+log" else None
-        return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log)
+        return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log, compile=engine == "mlx-moe+compile")
 
-    for e in engines:  # warm-up: compile kernels, fill allocator caches
-        run(e) if args.gen_tokens <= 16 else None
+    if not args.no_warmup:  # compile kernels and the decode step's trace, fill allocator caches
+        for e in engines:
+            run(e)
     results = {e: [] for e in engines}
     for _ in range(args.reps):
         for e in engines:
@@ -184,6 +387,10 @@ def main(argv=None):
     summary = {}
     for e, rs in results.items():
         summary[e] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_tps", "decode_tps")}
+    same_tokens = None
+    if "mlx-moe+compile" in results and "mlx-moe" in results:
+        a, b = results["mlx-moe"][-1]["tokens"], results["mlx-moe+compile"][-1]["tokens"]
+        same_tokens = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
     base = summary.get("mlx-lm")
     device = str(mx.default_device())
     print(f"# bench_generate: {args.shape} ({config['num_hidden_layers']} layers), "
@@ -199,9 +406,19 @@ def main(argv=None):
     if "mlx-moe+log" in summary and "mlx-moe" in summary:
         ov = 1 - summary["mlx-moe+log"]["decode_tps"] / summary["mlx-moe"]["decode_tps"]
         print(f"\nexpert-log decode overhead: {100 * ov:.2f}% (median tok/s, same run)")
+    if "mlx-moe+compile" in results and "mlx-moe" in results:
+        print("\ngreedy tokens, mlx-moe+compile vs mlx-moe: " + (
+            f"identical ({len(results['mlx-moe'][-1]['tokens'])} tokens)" if same_tokens is None
+            else f"DIFFER from token {same_tokens}"))
+        print()
+    details = None
+    if args.breakdown:
+        details = breakdown(ours, kernels, prompt, args.gen_tokens, args.reps)
+        print_breakdown(details, config["num_hidden_layers"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": device, "results": results, "summary": summary}, f, indent=2)
+            json.dump({"args": vars(args), "device": device, "results": results, "summary": summary,
+                       "compiled_tokens_differ_at": same_tokens, "breakdown": details}, f, indent=2)
 
 
 if __name__ == "__main__":
