@@ -18,7 +18,8 @@
 // Launch geometry (mlx_moe/kernels/dispatch.py owns the numbers):
 //   threadgroups of 32 * NSG threads laid out along x; a simdgroup owns NR
 //   consecutive output rows and walks the whole K dimension on its own;
-//   partial sums per lane, one simd_sum per row at the end.
+//   partial sums per lane, one simd_sum per row at the end.  NQ picks the
+//   Q4_0 lane map (moe_rows<ushort>; float weights ignore it).
 //   plain / swiglu: grid (ceil(N / (NR * NSG)) * 32 * NSG, 1, T * KS),
 //     threadgroup z = token * KS + slot; the expert comes from ids.
 //   down_combine: grid (ceil(N / NR) * 32 * NSG, T, 1); the NSG simdgroups of
@@ -38,7 +39,7 @@ struct moe_rows {
 
   // Float weights: in each step a simdgroup covers 128 columns, a lane the 4
   // consecutive columns lane*4 .. lane*4+3.
-  template <int K, int NR, int NM, typename XP, typename WP, typename A>
+  template <int K, int NR, int NM, int NQ, typename XP, typename WP, typename A>
   MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
     for (int c0 = int(lane) * 4; c0 < K; c0 += 128) {
       float xv[4];
@@ -62,53 +63,70 @@ struct moe_rows {
   }
 };
 
-// Q4_0 with ushort reads.  Lane t takes half a block: block ib = t/2 (+16
-// per step), quant words 4*(t%2) .. 4*(t%2)+3, i.e. weights il..il+7 and
-// il+16..il+23 with il = 8*(t%2).  Word k of a block's quants holds weights
-// 2k, 2k+1 in bits 0-3 and 8-11 and weights 2k+16, 2k+17 in bits 4-7 and
-// 12-15.  Masking without shifting leaves q * {1, 256, 16, 4096}, so the
-// activations are pre-scaled by the inverse powers of two (exact in float32)
-// and the -8 offset is applied once per half block: d * (sum(q*y) - 8*sum(y)).
+// Q4_0 with ushort reads.  A block's 16 quant bytes are 8 ushort words; word k
+// holds weights 2k, 2k+1 in bits 0-3 and 8-11 and weights 2k+16, 2k+17 in bits
+// 4-7 and 12-15.  Lane mapping (NQ = quant words per lane, 1, 2 or 4): 8/NQ
+// lanes share a block, lane t takes words kw .. kw+NQ-1 (kw = NQ*(t % (8/NQ)))
+// of block t / (8/NQ), and a simdgroup covers 4*NQ consecutive blocks per step.
+// Small NQ keeps each load instruction of a simdgroup within a few cache lines
+// (NQ = 1: 4 blocks = 72 bytes of a row, 128 activations); NQ also picks a
+// step that divides the row (K = 768: 24 blocks = 6 steps of 4, 3 of 8).
+//
+// No int->float conversion instruction: masking a word without shifting
+// leaves q * {1, 256, 16, 4096} in the low bits of 0x4B000000 | bits, which
+// read as a float is 2^23 + q * s exactly; subtracting 2^23 + 8 * s gives
+// s * (q - 8) (the Q4_0 offset folded in, exact), and the activations are
+// pre-scaled by 1/s (powers of two: exact in float32).  The activations of a
+// step are loaded once and shared by the NR rows of both matrices.
 template <>
 struct moe_rows<ushort> {
   enum { NUM = 9, DEN = 32 };
 
-  template <int K, int NR, int NM, typename XP, typename WP, typename A>
+  template <int K, int NR, int NM, int NQ, typename XP, typename WP, typename A>
   MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
-    constexpr int NB = K / 32;  // blocks per row
-    constexpr int RW = NB * 9;  // words per row
-    const int il = int(lane & 1u) * 8;
-    for (int ib = int(lane >> 1); ib < NB; ib += 16) {
-      // This lane's 16 activations of the block, pre-scaled, and their sum.
-      auto xb = x + ib * 32 + il;
-      float yl[16];
-      float sumy = 0.0f;
-      for (int i = 0; i < 4; ++i) {
-        const float a = float(xb[2 * i]);
-        const float b = float(xb[2 * i + 1]);
-        const float c = float(xb[2 * i + 16]);
-        const float d = float(xb[2 * i + 17]);
-        sumy += (a + b) + (c + d);
-        yl[2 * i] = a;
-        yl[2 * i + 1] = b * (1.0f / 256.0f);
-        yl[2 * i + 8] = c * (1.0f / 16.0f);
-        yl[2 * i + 9] = d * (1.0f / 4096.0f);
-      }
-      for (int r = 0; r < NR; ++r) {
-        const int rr = (r < nvalid) ? r : nvalid - 1;
-        for (int m = 0; m < NM; ++m) {
-          auto blk = (m == 0 ? w0 : w1) + rr * RW + ib * 9;
-          const float scale = moe_f16_bits(blk[0]);
-          auto q = blk + 1 + il / 2;
-          float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-          for (int i = 0; i < 4; ++i) {
-            const ushort wq = q[i];
-            s0 += yl[2 * i] * float(wq & 0x000F);
-            s1 += yl[2 * i + 1] * float(wq & 0x0F00);
-            s2 += yl[2 * i + 8] * float(wq & 0x00F0);
-            s3 += yl[2 * i + 9] * float(wq & 0xF000);
+    constexpr int NB = K / 32;            // blocks per row
+    constexpr int RW = NB * 9;            // words per row
+    constexpr int LPB = 8 / NQ;           // lanes per block
+    constexpr int BPS = 32 / LPB;         // blocks per step
+    constexpr int NSTEP = (NB + BPS - 1) / BPS;
+    const int kw = int(lane % uint(LPB)) * NQ;
+    const int ibl = int(lane / uint(LPB));
+    MOE_UNROLL
+    for (int st = 0; st < NSTEP; ++st) {
+      const int ib = st * BPS + ibl;
+      if (NB % BPS == 0 || ib < NB) {  // only the last step of a ragged row has idle lanes
+        // All weight loads of the step first (NR * NM rows: scale + NQ words each),
+        // so they are in flight together, then the activations, then the math.
+        ushort sw[NR * NM];
+        ushort qw[NR * NM * NQ];
+        for (int r = 0; r < NR; ++r) {
+          const int rr = (r < nvalid) ? r : nvalid - 1;
+          for (int m = 0; m < NM; ++m) {
+            auto blk = (m == 0 ? w0 : w1) + rr * RW + ib * 9;
+            sw[m * NR + r] = blk[0];
+            for (int i = 0; i < NQ; ++i) {
+              qw[(m * NR + r) * NQ + i] = blk[1 + kw + i];
+            }
           }
-          acc[m * NR + r] += scale * ((s0 + s1) + (s2 + s3) - 8.0f * sumy);
+        }
+        auto xb = x + ib * 32 + 2 * kw;
+        float y[4 * NQ];
+        for (int i = 0; i < NQ; ++i) {
+          y[4 * i] = float(xb[2 * i]);
+          y[4 * i + 1] = float(xb[2 * i + 1]) * (1.0f / 256.0f);
+          y[4 * i + 2] = float(xb[2 * i + 16]) * (1.0f / 16.0f);
+          y[4 * i + 3] = float(xb[2 * i + 17]) * (1.0f / 4096.0f);
+        }
+        for (int j = 0; j < NR * NM; ++j) {
+          float s = 0.0f;
+          for (int i = 0; i < NQ; ++i) {
+            const uint wq = uint(qw[j * NQ + i]);
+            s += y[4 * i] * (moe_as_float(0x4B000000u | (wq & 0x000Fu)) - 8388616.0f);
+            s += y[4 * i + 1] * (moe_as_float(0x4B000000u | (wq & 0x0F00u)) - 8390656.0f);
+            s += y[4 * i + 2] * (moe_as_float(0x4B000000u | (wq & 0x00F0u)) - 8388736.0f);
+            s += y[4 * i + 3] * (moe_as_float(0x4B000000u | (wq & 0xF000u)) - 8421376.0f);
+          }
+          acc[j] += moe_f16_bits(sw[j]) * s;
         }
       }
     }
@@ -118,7 +136,7 @@ struct moe_rows<ushort> {
 // ==== kernel: mul_mv_id ====
 // out[p, n] = W[ids[p]][n] . src[BCAST ? p / KS : p]   for p = token * KS + slot.
 // Template: T (src dtype), WT (weight element), K (cols), N (rows),
-// NE (real experts), KS (slots per token), NR, NSG, BCAST.
+// NE (real experts), KS (slots per token), NR, NSG, BCAST, NQ (Q4_0 lane map).
 // Inputs: src [T or T*KS, K], ids [T, KS], w [E, N, K*NUM/DEN].
 // Output: out [T*KS, N] float32; rows of identity/padding slots are zero.
 {
@@ -136,7 +154,7 @@ struct moe_rows<ushort> {
     const int nvalid = (N - row0 < NR) ? N - row0 : NR;
     auto wr = w + (size_t(e) * N + row0) * RL;
     auto xr = src + size_t(BCAST ? pair / KS : pair) * K;
-    moe_rows<WT>::template dot<K, NR, 1>(xr, wr, wr, nvalid, lane, acc);
+    moe_rows<WT>::template dot<K, NR, 1, NQ>(xr, wr, wr, nvalid, lane, acc);
   }
   for (int r = 0; r < NR; ++r) {
     const float v = moe_simd_sum(acc[r]);
@@ -149,7 +167,7 @@ struct moe_rows<ushort> {
 // ==== kernel: mul_mv_id_swiglu ====
 // h[p, n] = silu(Wg[e][n] . x[t]) * (Wu[e][n] . x[t]),  e = ids[p], t = p / KS:
 // gate and up in one pass over x, the SwiGLU applied before the store.
-// Template: T, WT, K, N, NE, KS, NR, NSG.
+// Template: T, WT, K, N, NE, KS, NR, NSG, NQ.
 // Inputs: x [T, K], ids [T, KS], wg, wu [E, N, K*NUM/DEN].
 // Output: h [T*KS, N] float32; rows of identity/padding slots are left
 // unwritten (down_combine never reads them).
@@ -168,7 +186,7 @@ struct moe_rows<ushort> {
   if (active) {
     const int nvalid = (N - row0 < NR) ? N - row0 : NR;
     const size_t off = (size_t(e) * N + row0) * RL;
-    moe_rows<WT>::template dot<K, NR, 2>(x + size_t(pair / KS) * K, wg + off, wu + off, nvalid, lane, acc);
+    moe_rows<WT>::template dot<K, NR, 2, NQ>(x + size_t(pair / KS) * K, wg + off, wu + off, nvalid, lane, acc);
   }
   for (int r = 0; r < NR; ++r) {
     const float g = moe_simd_sum(acc[r]);
@@ -183,7 +201,7 @@ struct moe_rows<ushort> {
 // y[t, n] = sum_s wts[t, s] * (Wd[ids[t, s]][n] . h[t*KS + s])   (real ids)
 //         + sum_s wts[t, s] * x[t, n]                            (identity ids)
 // Template: T (x and y dtype), WT, K (cols = ffn), N (rows = hidden), NE,
-// NI (identity experts), KS, NR, NSG.
+// NI (identity experts), KS, NR, NSG, NQ.
 // Inputs: h [T*KS, K] float32, ids [T, KS], wts [T, KS] float32, x [T, N],
 // wd [E, N, K*NUM/DEN].  Output: y [T, N] in T.
 {
@@ -207,7 +225,7 @@ struct moe_rows<ushort> {
         part_s[r] = 0.0f;
       }
       auto wr = wd + (size_t(e) * N + row0) * RL;
-      moe_rows<WT>::template dot<K, NR, 1>(h + size_t(tok * KS + s) * K, wr, wr, nvalid, lane, part_s);
+      moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(tok * KS + s) * K, wr, wr, nvalid, lane, part_s);
       const float ws = wts[tok * KS + s];
       for (int r = 0; r < NR; ++r) {
         acc[r] += ws * moe_simd_sum(part_s[r]);

@@ -96,3 +96,10 @@ __device__ inline float moe_exp(float v) {
 // cuda_kernel) compiles with --device-as-default-execution-space and would not
 // need it; nvcc (tests/test_kernels_cuda_compile.py) does.
 #define MOE_DEVICE __device__
+
+// -- Decode GEMV helpers (mul_mv_id.metal); see shims_metal.h.
+__device__ inline float moe_as_float(uint b) {
+  return __uint_as_float(b);
+}
+
+#define MOE_UNROLL _Pragma("unroll")

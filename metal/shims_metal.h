@@ -72,3 +72,15 @@ inline float moe_exp(float v) {
 
 // Marks helper functions of the shared bodies as device code (nothing to say on Metal).
 #define MOE_DEVICE
+
+// -- Decode GEMV helpers (mul_mv_id.metal).
+
+// A float's bits as a float (the 0x4B000000 magic-number conversion of small
+// integers: as_float(0x4B000000 | n) == 2^23 + n for n < 2^23).
+inline float moe_as_float(uint b) {
+  return as_type<float>(b);
+}
+
+// Full unrolling of a loop with a compile-time trip count (lets the compiler
+// issue every load of the loop before the first use).  Ignored by the CPU emulation.
+#define MOE_UNROLL _Pragma("clang loop unroll(full)")

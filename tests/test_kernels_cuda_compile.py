@@ -57,7 +57,7 @@ def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: 
 
     inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
     """
-    spec = KERNELS[name]
+    spec = KERNELS[name.removesuffix("_pipe")]  # a pipelined CUDA GEMM takes its base kernel's arguments
     _, body = kernel_source("cuda", spec.family, name)
     params = []
     for arg in spec.inputs:
@@ -105,12 +105,13 @@ def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
 
 
 def _gemm(name, variant, x, wt, K, N, KS, extra=()):
-    wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[name]
+    base = name.removesuffix("_pipe")
+    wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[base]
     inputs = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
     inputs[wname[0]] = x
     for wn in wname[1:]:
         inputs[wn] = wt
-    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": "float32"}}[name]
+    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": "float32"}}[base]
     template = [("T", x), ("WT", wt), ("K", K), ("N", N), ("KS", KS)] + list(extra)
     return (name, variant, inputs, out, template)
 
@@ -125,6 +126,13 @@ MM_KERNELS = [
     _gemm("mul_mm_id", "down_q4_0", "float32", "uint16", 768, 2048, 8, [("BCAST", False)]),
     _gemm("mul_mm_id", "gate_bf16", "bfloat16", "bfloat16", 2048, 768, 8, [("BCAST", True)]),
     _gemm("mul_mm_id", "down_f32", "float32", "float32", 100, 70, 3, [("BCAST", False)]),
+    # The pipelined twins (mul_mm_id.CUDA_GEMM = "pipe") at the same shapes.
+    _gemm("mul_mm_id_swiglu_pipe", "q4_0", "bfloat16", "uint16", 2048 // 32 * 32, 768, 8),
+    _gemm("mul_mm_id_swiglu_pipe", "f16", "float16", "float16", 2048, 768, 8),
+    _gemm("mul_mm_id_swiglu_pipe", "bf16_f32x", "float32", "bfloat16", 2048, 768, 8),
+    _gemm("mul_mm_id_pipe", "down_q4_0", "float32", "uint16", 768, 2048, 8, [("BCAST", False)]),
+    _gemm("mul_mm_id_pipe", "gate_bf16", "bfloat16", "bfloat16", 2048, 768, 8, [("BCAST", True)]),
+    _gemm("mul_mm_id_pipe", "down_f32", "float32", "float32", 100, 70, 3, [("BCAST", False)]),
     ("mul_mm_id_combine", "bf16", {"d": "float32", "ids": "int32", "wts": "float32", "x": "bfloat16"},
      {"y": "bfloat16"}, [("T", "bfloat16"), ("N", 2048), ("NE", 128), ("NI", 0), ("KS", 8), ("TG", 256)]),
     ("mul_mm_id_combine", "f16_identity", {"d": "float32", "ids": "int32", "wts": "float32", "x": "float16"},
@@ -169,11 +177,21 @@ def test_prefill_kernels_compile_for_sm90a(tmp_path):
     ptx, report = compile_sm90a(tmp_path, "mul_mm_id", MM_KERNELS)
     entries = _entries(ptx)
     assert len(entries) == len(MM_KERNELS)
-    # The tiled GEMMs issue TF32 tensor-core MMAs; map0 and combine none.
+    # The tiled GEMMs issue TF32 tensor-core MMAs; map0 and combine none.  The
+    # pipelined ones load their fragments with ldmatrix; the simple ones do not.
     for name, text in entries.items():
-        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_(down|gate)", name)
+        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_(pipe_)?(down|gate)", name)
         assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm), name
-    print(_report(report))
+        assert ("ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text) == ("pipe" in name), name
+    rep = _report(report)
+    print(rep)
+    # The pipelined GEMMs keep 4 blocks of 128 threads per SM: <= 128 registers, no spills,
+    # two stages in static shared memory (< 48 KiB).
+    for name, (regs, smem) in rep.items():
+        if "pipe" in name:
+            assert regs is not None and regs <= 128, (name, regs)
+            assert smem <= 48 * 1024, (name, smem)
+    assert " 0 bytes spill stores" in report or "spill" not in report
 
 
 def test_router_kernels_compile_for_sm90a(tmp_path):
@@ -191,22 +209,39 @@ def _mv(name, variant, x, wt, K, N, extra):
               "mul_mv_id_down_combine": {"h": "float32", "ids": "int32", "wts": "float32", "x": x, "wd": wt}}[name]
     out = {"mul_mv_id": {"out": "float32"}, "mul_mv_id_swiglu": {"h": "float32"},
            "mul_mv_id_down_combine": {"y": x}}[name]
-    t = "float32" if name == "mul_mv_id_down_combine" else x
-    return (name, variant, inputs, out, [("T", t), ("WT", wt), ("K", K), ("N", N), ("NE", 128)] + list(extra))
+    return (name, variant, inputs, out, [("T", x), ("WT", wt), ("K", K), ("N", N), ("NE", 128)] + list(extra))
 
 
-MV_KERNELS = [
-    _mv("mul_mv_id_swiglu", "q4_0", "bfloat16", "uint16", 2048, 768, [("KS", 8), ("NR", 8), ("NSG", 2)]),
-    _mv("mul_mv_id_swiglu", "f16", "float16", "float16", 2048, 768, [("KS", 8), ("NR", 2), ("NSG", 4)]),
-    _mv("mul_mv_id_down_combine", "q4_0", "bfloat16", "uint16", 768, 2048,
-        [("NI", 0), ("KS", 8), ("NR", 2), ("NSG", 8)]),
-    _mv("mul_mv_id_down_combine", "bf16_identity", "float16", "bfloat16", 768, 2048,
-        [("NI", 4), ("KS", 12), ("NR", 2), ("NSG", 8)]),
-    _mv("mul_mv_id", "gate_q4_0", "float32", "uint16", 2048, 768, [("KS", 8), ("NR", 8), ("NSG", 2), ("BCAST", True)]),
-    _mv("mul_mv_id", "down_f32", "float32", "float32", 100, 70, [("KS", 3), ("NR", 2), ("NSG", 4), ("BCAST", False)]),
-]
+def _q4_geoms(name, x, K, N, extra, geoms):
+    """One Q4_0 entry per (NR, NSG, NQ) geometry: every lane map (NQ 1, 2, 4) compiles."""
+    return [_mv(name, f"q4_0_{nr}x{nsg}x{nq}", x, "uint16", K, N,
+                list(extra) + [("NR", nr), ("NSG", nsg), ("NQ", nq)]) for nr, nsg, nq in geoms]
+
+
+MV_KERNELS = (
+    _q4_geoms("mul_mv_id_swiglu", "bfloat16", 2048, 768, [("KS", 8)], [(8, 2, 4), (2, 4, 1), (1, 4, 2)])
+    + _q4_geoms("mul_mv_id_down_combine", "bfloat16", 768, 2048, [("NI", 0), ("KS", 8)],
+                [(2, 8, 4), (4, 8, 1), (2, 8, 2)])
+    + [
+        _mv("mul_mv_id_swiglu", "f16", "float16", "float16", 2048, 768, [("KS", 8), ("NR", 2), ("NSG", 4), ("NQ", 1)]),
+        _mv("mul_mv_id_down_combine", "bf16_identity", "float16", "bfloat16", 768, 2048,
+            [("NI", 4), ("KS", 12), ("NR", 2), ("NSG", 8), ("NQ", 1)]),
+        _mv("mul_mv_id", "gate_q4_0", "float32", "uint16", 2048, 768,
+            [("KS", 8), ("NR", 8), ("NSG", 2), ("BCAST", True), ("NQ", 1)]),
+        _mv("mul_mv_id", "down_f32", "float32", "float32", 100, 70,
+            [("KS", 3), ("NR", 2), ("NSG", 4), ("BCAST", False), ("NQ", 1)]),
+    ]
+)
 
 
 def test_decode_kernels_compile_for_sm90a(tmp_path):
     ptx, report = compile_sm90a(tmp_path, "mul_mv_id", MV_KERNELS)
     assert len(_entries(ptx)) == len(MV_KERNELS)
+    entries = _entries(ptx)
+    for name, text in entries.items():
+        if "q4_0" in name:
+            # Q4_0 nibbles become floats through the 0x4B000000 magic number (or/sub), not
+            # int->float conversion instructions (a quarter-rate pipe on sm_90).
+            assert not re.search(r"cvt\.rn\.f32\.[us]\d+", text), f"{name}: int->float cvt in the Q4_0 path"
+            assert "0x4B000000" in text.replace("1258291200", "0x4B000000"), name
+    print(_report(report))

@@ -141,3 +141,129 @@ def test_whole_model_forward_matches_mlx_backend(tmp_path, monkeypatch):
     got = np.array(model(toks))
     assert backend.stats.calls == 4  # the demo model's 4 MoE layers
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# -- launch geometries (rows per simdgroup x simdgroups x Q4_0 words per lane) -----------------
+# Each Q4_0 lane map (nq = 1, 2, 4: 4, 8, 16 blocks per step) on rows of 17 and 3 blocks
+# (ragged last steps), row counts that no row tile divides, repeated ids, identity and
+# padding ids, |x| ~ 1e4; oracle: numpy on weights dequantized from the Q4_0 block layout
+# (DESIGN.md section 4), written here independently of the kernels and of mlx_moe.q4_0.
+
+# Row tiles of 1, 6, 15 and 32 rows against 96 and 544 rows; nr=5 / nr=3 leave partial tiles.
+GEOMETRIES = [(1, 1, 1), (3, 2, 2), (5, 3, 4), (4, 8, 1)]
+NE, NI, D, F = 5, 1, 544, 96
+IDS = np.array([[3, 3, 5, -1], [0, 2**31 - 1, 4, 6]], np.int32)  # 5: identity; -1, 2^31-1, 6: padding
+
+
+def _q4_words(rng, e, rows, cols):
+    """Random Q4_0 words [e, rows, cols/32*9]: an fp16 scale word, then 8 random quant words."""
+    nb = cols // 32
+    d = rng.uniform(0.002, 0.05, (e, rows, nb, 1)).astype(np.float16).view(np.uint16)
+    q = rng.integers(0, 1 << 16, (e, rows, nb, 8)).astype(np.uint16)
+    return np.concatenate([d, q], axis=-1).reshape(e, rows, nb * 9)
+
+
+def _dequant(words):
+    """float64 [e, rows, cols] from Q4_0 words: byte j of a block's quants holds weight j
+    (low nibble) and j+16 (high nibble), each d * (nibble - 8)."""
+    e, rows, nw = words.shape
+    blk = words.reshape(e, rows, nw // 9, 9)
+    d = blk[..., 0].view(np.float16).astype(np.float64)
+    qs = blk[..., 1:].astype("<u2").view(np.uint8)  # 16 bytes, little-endian words
+    lo = (qs & 0xF).astype(np.float64) - 8
+    hi = (qs >> 4).astype(np.float64) - 8
+    return (np.concatenate([lo, hi], axis=-1) * d[..., None]).reshape(e, rows, -1)
+
+
+@pytest.fixture(scope="module")
+def q4_layer():
+    rng = np.random.default_rng(21)
+    wg, wu, wd = _q4_words(rng, NE, F, D), _q4_words(rng, NE, F, D), _q4_words(rng, NE, D, F)
+    x = rng.standard_normal((2, D)).astype(np.float32) * 1e4
+    h = rng.standard_normal((IDS.size, F)).astype(np.float32)
+    wts = rng.uniform(0.1, 1.0, IDS.shape).astype(np.float32)
+    return wg, wu, wd, x, h, wts
+
+
+def _silu(a):
+    with np.errstate(over="ignore"):  # exp(-a) -> inf for a << 0: silu -> -0, as in the kernel
+        return a / (1 + np.exp(-a))
+
+
+def _close(got, want, what):
+    got = np.array(got).astype(np.float64)
+    scale = np.abs(want).max()
+    assert np.all(np.isfinite(got)), what
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("nr,nsg,nq", GEOMETRIES, ids=[f"{a}x{b}x{c}" for a, b, c in GEOMETRIES])
+def test_q4_0_geometries(q4_layer, nr, nsg, nq):
+    from mlx_moe.kernels.dispatch import Geometry
+    from mlx_moe.kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu
+
+    wg, wu, wd, x, h, wts = q4_layer
+    g = Geometry(nr, nsg, nq)
+    G, U, Dn = _dequant(wg), _dequant(wu), _dequant(wd)
+    ids = IDS.reshape(-1)
+    real = (ids >= 0) & (ids < NE)
+    tok = np.arange(ids.size) // IDS.shape[1]
+
+    got = np.array(mul_mv_id_swiglu(mx.array(x), mx.array(IDS), mx.array(wg), mx.array(wu), "emulated", g))
+    for p in np.flatnonzero(real):  # other rows are unwritten by contract
+        a, b = G[ids[p]] @ x[tok[p]], U[ids[p]] @ x[tok[p]]
+        _close(got[p], _silu(a) * b, f"swiglu pair {p}")
+
+    got = mul_mv_id(mx.array(h), mx.array(IDS), mx.array(wd), False, "emulated", g)
+    want = np.zeros((ids.size, D))
+    for p in np.flatnonzero(real):
+        want[p] = Dn[ids[p]] @ h[p]
+    assert not np.array(got)[~real].any(), "identity/padding rows must be zero"
+    _close(got, want, "mul_mv_id down rows")
+
+    y = mul_mv_id_down_combine(mx.array(h), mx.array(IDS), mx.array(wts), mx.array(x), mx.array(wd), NI,
+                               "emulated", g)
+    w = wts.reshape(-1)
+    ref = np.zeros((2, D))
+    for p in range(ids.size):
+        if real[p]:
+            ref[tok[p]] += w[p] * want[p]
+        elif NE <= ids[p] < NE + NI:
+            ref[tok[p]] += w[p] * x[tok[p]]
+    _close(y, ref, "down_combine")
+
+
+def test_q4_0_geometry_bfloat16_activations(q4_layer):
+    """The default geometries with bfloat16 activations in and out (x rounded first)."""
+    from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_swiglu
+
+    wg, wu, wd, x, h, wts = q4_layer
+    xb = mx.array(x / 1e4).astype(mx.bfloat16)
+    xf = np.array(xb.astype(mx.float32)).astype(np.float64)
+    G, U, Dn = _dequant(wg), _dequant(wu), _dequant(wd)
+    got = np.array(mul_mv_id_swiglu(xb, mx.array(IDS), mx.array(wg), mx.array(wu), "emulated"))
+    ids = IDS.reshape(-1)
+    for p in np.flatnonzero((ids >= 0) & (ids < NE)):
+        t = p // IDS.shape[1]
+        a, b = G[ids[p]] @ xf[t], U[ids[p]] @ xf[t]
+        _close(got[p], _silu(a) * b, f"swiglu pair {p}")
+    y = mul_mv_id_down_combine(mx.array(h), mx.array(IDS), mx.array(wts), xb, mx.array(wd), NI, "emulated")
+    assert y.dtype == mx.bfloat16
+    ref = np.zeros((2, D))
+    for p in range(ids.size):
+        t, e, w = p // IDS.shape[1], ids[p], wts.reshape(-1)[p]
+        if 0 <= e < NE:
+            ref[t] += w * (Dn[e] @ h[p])
+        elif NE <= e < NE + NI:
+            ref[t] += w * xf[t]
+    got = np.array(y.astype(mx.float32)).astype(np.float64)
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_geometry_rejects_bad_lane_map():
+    from mlx_moe.kernels.dispatch import Geometry
+
+    with pytest.raises(ValueError, match="nq"):
+        Geometry(2, 4, 3)
+    with pytest.raises(ValueError, match="nsg"):
+        Geometry(2, 33)

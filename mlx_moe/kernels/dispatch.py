@@ -39,12 +39,30 @@ FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 class Geometry:
     nr: int  # output rows per simdgroup
     nsg: int  # simdgroups per threadgroup (down_combine: slots in flight)
+    nq: int = 1  # Q4_0: quant words (of 8 per block) per lane: 1, 2 or 4; float weights ignore it
+
+    def __post_init__(self):
+        if self.nr < 1 or self.nsg < 1 or self.nsg > 32:
+            raise ValueError(f"launch geometry needs nr >= 1 and 1 <= nsg <= 32; got nr={self.nr} nsg={self.nsg}")
+        if self.nq not in (1, 2, 4):
+            raise ValueError(f"Geometry.nq (Q4_0 quant words per lane) must be 1, 2 or 4; got {self.nq}")
+
+    @property
+    def tag(self) -> str:
+        """'NRxNSGxNQ', the form tools/bench_kernels.py --geometries takes."""
+        return f"{self.nr}x{self.nsg}x{self.nq}"
 
 
+# PENDING THE H100 SWEEP (tools/bench_kernels.py --ncu --geometries ...): the Q4_0
+# entries below are a best guess from the kernels' structure, not measurements.
+# Many small simdgroups (few rows each) keep enough loads in flight to cover HBM
+# latency; nq=1 keeps each load instruction within a few cache lines.  Measured
+# on the H100 (GPU run 1) for the previous kernels: gate/up nr=8 nsg=2 (nq=4
+# layout) 26.7 us, down nr=2 nsg=8 20.9 us at Qwen3-30B-A3B decode shapes.
 # Gate+up (SwiGLU fused) and the plain per-slot GEMV: a threadgroup owns nr * nsg rows.
-GATE_UP = {"q4_0": Geometry(nr=8, nsg=2), "float": Geometry(nr=2, nsg=4)}
+GATE_UP = {"q4_0": Geometry(nr=2, nsg=4, nq=1), "float": Geometry(nr=2, nsg=4)}
 # Down + combine: a threadgroup owns nr rows of one token, its simdgroups take the slots.
-DOWN = {"q4_0": Geometry(nr=2, nsg=8), "float": Geometry(nr=2, nsg=8)}
+DOWN = {"q4_0": Geometry(nr=4, nsg=8, nq=1), "float": Geometry(nr=2, nsg=8)}
 
 
 def weight_kind(proj) -> Optional[str]:

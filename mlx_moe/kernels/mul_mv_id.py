@@ -55,7 +55,7 @@ def mul_mv_id(
     return kernel(
         inputs=[src, ids, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("NE", w.shape[0]),
-                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg), ("BCAST", bool(broadcast))],
+                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg), ("BCAST", bool(broadcast)), ("NQ", g.nq)],
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
     )[0]
 
@@ -78,7 +78,7 @@ def mul_mv_id_swiglu(
     return kernel(
         inputs=[x, ids, wg, wu],
         template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("NE", wg.shape[0]),
-                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg)],
+                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg), ("NQ", g.nq)],
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
     )[0]
 
@@ -100,7 +100,7 @@ def mul_mv_id_down_combine(
     return kernel(
         inputs=[h, ids, weights, x, wd],
         template=[("T", x.dtype), ("WT", wd.dtype), ("K", cols), ("N", rows), ("NE", wd.shape[0]),
-                  ("NI", int(n_identity)), ("KS", k), ("NR", g.nr), ("NSG", nsg)],
+                  ("NI", int(n_identity)), ("KS", k), ("NR", g.nr), ("NSG", nsg), ("NQ", g.nq)],
         grid=(n_tg * 32 * nsg, T, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(T, rows)], output_dtypes=[x.dtype],
     )[0]
