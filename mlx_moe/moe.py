@@ -2,8 +2,9 @@
 -> shared expert -> routing hook.
 
 Each family (mlx_moe/models/) subclasses `MoELayer` with its own parameter
-names (those of mlx-lm's sanitized checkpoints) and implements `route`, and
-`shared_output` where it has a shared expert.  Everything else is here:
+names (those of mlx-lm's sanitized checkpoints) and implements
+`router_logits` and `router_params` (its routing rule), and `shared_output`
+where it has a shared expert.  Everything else is here:
 
 - expert compute goes through the layer's `ExpertBackend` (one object shared
   by all layers of a model, set by `set_expert_backend`);
@@ -23,13 +24,15 @@ import mlx.nn as nn
 from .backends import ExpertBackend, MLXBackend
 from .experts import Experts
 from .hooks import HOOKS
+from .router import RouterParams
 
 _DEFAULT_BACKEND = MLXBackend()
 
 
 class MoELayer(nn.Module):
     """Base class of the per-family MoE blocks.  Subclasses must set
-    `self.switch_mlp` (an `Experts`) and implement `route`."""
+    `self.switch_mlp` (an `Experts`) and implement `router_logits` and
+    `router_params`."""
 
     def __init__(self, num_experts: int, top_k: int, n_identity: int = 0):
         super().__init__()
@@ -41,9 +44,18 @@ class MoELayer(nn.Module):
 
     # -- per family ----------------------------------------------------------------------
 
-    def route(self, x: mx.array) -> Tuple[mx.array, mx.array]:
-        """x [T, D] -> (ids int32 [T, k], weights float32 [T, k])."""
+    def router_logits(self, x: mx.array) -> mx.array:
+        """x [T, D] -> router logits [T, n] (n counts identity experts too)."""
         raise NotImplementedError
+
+    def router_params(self) -> RouterParams:
+        """The family's routing rule (mlx_moe.router.RouterParams)."""
+        raise NotImplementedError
+
+    def route(self, x: mx.array) -> Tuple[mx.array, mx.array]:
+        """x [T, D] -> (ids int32 [T, k], weights float32 [T, k]): the rule run by
+        the backend (MLX ops, or the fused router kernel on the kernel backends)."""
+        return self.backend.route(self.router_logits(x), self.router_params())
 
     def shared_output(self, x: mx.array) -> Optional[mx.array]:
         """The shared expert's contribution [T, D], or None where there is none."""

@@ -13,13 +13,40 @@ checked against transformers' reference implementations):
 All return ids as int32 [T, k] and weights as float32 [T, k].  The k ids of a
 token come in no particular order (as from `argpartition`); consumers that
 need an order (the routing hook) sort on the host.
+
+Each family states its rule once as a `RouterParams`; `route(logits, params)`
+runs it with these MLX ops, and the kernel backends run the same rule as one
+fused kernel (mlx_moe/kernels/router.py: `ExpertBackend.route`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class RouterParams:
+    """One family's routing rule, from router logits [T, n] to (ids, weights).
+
+        family                         RouterParams
+        qwen3_moe, qwen2_moe, olmoe    RouterParams(k, normalize=norm_topk_prob)
+        mixtral                        RouterParams(k, score="topk_softmax")
+        deepseek_v2 greedy             RouterParams(k, scaling=routed_scaling_factor)
+        deepseek_v2 group_limited      RouterParams(k, n_group=..., topk_group=..., scaling=...)
+        longcat_flash                  RouterParams(k, bias=e_score_correction_bias,
+                                                    normalize=norm_topk_prob, scaling=...)
+    """
+
+    k: int
+    score: str = "softmax"  # "softmax" | "sigmoid" | "topk_softmax" (Mixtral)
+    normalize: bool = False  # divide the k weights by their sum
+    scaling: float = 1.0  # multiply the final weights
+    n_group: int = 1  # group-limited routing when > 1 (DeepSeek-V2)
+    topk_group: int = 1
+    bias: Optional[mx.array] = None  # selection-only bias per expert (LongCat)
 
 
 def topk(scores: mx.array, k: int) -> mx.array:
@@ -99,3 +126,46 @@ def biased_topk(
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return ids, weights * scaling
+
+
+def sigmoid_topk(
+    logits: mx.array,
+    k: int,
+    correction_bias: Optional[mx.array] = None,
+    normalize: bool = False,
+    scaling: float = 1.0,
+) -> Tuple[mx.array, mx.array]:
+    """Sigmoid scores; the bias shifts only the choice; weights are the scores
+    (optionally renormalized) x `scaling` (DeepSeek-V3-style scoring)."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    choice = scores if correction_bias is None else scores + correction_bias.astype(mx.float32)
+    ids = topk(choice, k)
+    weights = mx.take_along_axis(scores, ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return ids, weights * scaling
+
+
+def route(logits: mx.array, p: RouterParams) -> Tuple[mx.array, mx.array]:
+    """Run the rule `p` on router logits [T, n] with MLX ops (the reference
+    the fused router kernel is tested against)."""
+    if p.score == "topk_softmax":
+        if p.normalize or p.scaling != 1.0 or p.bias is not None or p.n_group > 1:
+            raise ValueError("topk_softmax routing takes no normalize, scaling, bias or groups")
+        return topk_softmax(logits, p.k)
+    if p.score == "sigmoid":
+        if p.n_group > 1:
+            raise ValueError("group-limited routing is defined for softmax scores only")
+        return sigmoid_topk(logits, p.k, p.bias, p.normalize, p.scaling)
+    if p.score != "softmax":
+        raise ValueError(f"unknown router score {p.score!r}; choose softmax, sigmoid or topk_softmax")
+    if p.n_group > 1:
+        if p.normalize or p.bias is not None:
+            raise ValueError("group-limited routing takes no normalize or bias here")
+        return group_limited_topk(logits, p.k, p.n_group, p.topk_group, p.scaling)
+    if p.bias is not None:
+        return biased_topk(logits, p.k, p.bias, p.normalize, p.scaling)
+    if p.normalize:
+        ids, weights = softmax_topk(logits, p.k, normalize=True)
+        return (ids, weights * p.scaling) if p.scaling != 1.0 else (ids, weights)
+    return greedy_topk(logits, p.k, p.scaling) if p.scaling != 1.0 else softmax_topk(logits, p.k)

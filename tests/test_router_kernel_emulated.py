@@ -140,3 +140,29 @@ def test_bad_parameters_raise_clear_errors():
         fused_topk(lg, RouterParams(2, bias=mx.zeros((15,))), FLAVOR)
     with pytest.raises(ValueError, match="unknown router score"):
         fused_topk(lg, RouterParams(2, score="relu"), FLAVOR)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_mixed", "qwen2_moe_shared", "mixtral", "olmoe",
+                                  "deepseek_v2_group", "deepseek_v2_qlora_yarn", "longcat_flash"])
+def test_every_family_routes_the_same_through_the_kernel_backend(reference_checkpoints, name, monkeypatch):
+    """Each family's MoE layers, on the kernel backend, route through the fused
+    kernel (one launch, not the MLX-op rule) to the same experts and weights as
+    the family's rule in MLX ops, on the real router logits of a tiny model."""
+    import mlx_moe
+    import mlx_moe.backends.base as base
+    from mlx_moe.backends import MLXBackend
+    from mlx_moe.backends.kernels import KernelBackend
+
+    ref = reference_checkpoints.reference(name)
+    model, _ = mlx_moe.load(str(ref.path), tokenizer=False)
+    x = mx.array(np.random.default_rng(1).standard_normal((11, model.args.hidden_size)).astype(np.float32))
+    layers = mlx_moe.moe_layers(model)
+    want = [MLXBackend().route(layer.router_logits(x), layer.router_params()) for layer in layers]
+
+    def not_fused(*args):
+        raise AssertionError("the kernel backend fell back to the MLX-op router")
+
+    monkeypatch.setattr(base, "reference_route", not_fused)
+    for layer, w in zip(layers, want):
+        layer.backend = KernelBackend(FLAVOR)
+        assert_same_routing(layer.route(x), w)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..experts import Experts
+from ..router import RouterParams
+from ..router import route as reference_route
 
 
 @dataclass
@@ -43,6 +45,11 @@ class ExpertBackend:
 
     def supports(self, experts: Experts) -> bool:
         return True
+
+    def route(self, logits: mx.array, params: RouterParams):
+        """Router logits [T, n] -> (ids int32 [T, k], weights float32 [T, k]) by the
+        family's rule; kernel backends override this with the fused kernel."""
+        return reference_route(logits, params)
 
     def __call__(
         self,

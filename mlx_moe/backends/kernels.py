@@ -34,6 +34,8 @@ import mlx.nn as nn
 from ..kernels.dispatch import expert_weights, kernel_path, kernels_cover, weight_kind
 from ..kernels.mul_mm_id import map0, mul_mm_id, mul_mm_id_combine, mul_mm_id_swiglu
 from ..kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu
+from ..kernels.router import covers as router_covers
+from ..kernels.router import fused_topk
 from .base import ExpertBackend, identity_term
 from .mlx import MLXBackend
 
@@ -58,6 +60,13 @@ class KernelBackend(ExpertBackend):
 
     def supports(self, experts) -> bool:
         return kernels_cover(experts)
+
+    def route(self, logits, params):
+        """The family's routing rule as one fused kernel (metal/router.metal)
+        instead of five to eight MLX ops: in host-bound decode every op counts."""
+        if logits.ndim == 2 and router_covers(logits.shape[-1], params):
+            return fused_topk(logits, params, self.flavor)
+        return super().route(logits, params)
 
     def _kind(self, experts, wg, wu, wd):
         """The layer's weight kind ("q4_0", "float") if the kernels cover it, else None;

@@ -1,49 +1,39 @@
 """The fused router kernel (metal/router.metal): one dispatch from router logits
 to (expert ids, routing weights), one simdgroup (CUDA: warp) per token.
 
-It reproduces mlx_moe/router.py's per-family functions:
-
-    family                         RouterParams
-    qwen3_moe, qwen2_moe, olmoe    RouterParams(k, normalize=norm_topk_prob)
-    mixtral                        RouterParams(k, score="topk_softmax")
-    deepseek_v2 greedy             RouterParams(k, scaling=routed_scaling_factor)
-    deepseek_v2 group_limited      RouterParams(k, n_group=..., topk_group=..., scaling=...)
-    longcat_flash                  RouterParams(k, bias=e_score_correction_bias,
-                                                normalize=norm_topk_prob, scaling=...)
-    (sigmoid scoring)              RouterParams(k, score="sigmoid", ...)
+It runs the rule of a `mlx_moe.router.RouterParams` (every family's, and
+sigmoid scoring), the same as `mlx_moe.router.route` computes with MLX ops.
 
 Differences from mlx_moe/router.py, by design: the k ids of a token come in
 selection order (highest score first) instead of argpartition's order, and
 equal scores go to the lower expert id (argpartition leaves ties unspecified).
 
-This is an optional fast path for the kernel backends; the models' `route()`
-still call mlx_moe/router.py (see `fused_topk`'s docstring for the contract).
+The kernel backends route through it (`KernelBackend.route`): one launch per
+MoE layer instead of the five to eight MLX ops of the reference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import mlx.core as mx
 
+from ..router import RouterParams
 from .registry import kernel
 
 SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 TOKENS_PER_GROUP = 4  # simdgroups (tokens) per threadgroup
 
 
-@dataclass(frozen=True)
-class RouterParams:
-    """One family's routing rule (see the module docstring)."""
-
-    k: int
-    score: str = "softmax"  # "softmax" | "sigmoid" | "topk_softmax" (Mixtral)
-    normalize: bool = False  # divide the k weights by their sum
-    scaling: float = 1.0  # multiply the final weights
-    n_group: int = 1  # group-limited routing when > 1 (DeepSeek-V2)
-    topk_group: int = 1
-    bias: Optional[mx.array] = None  # selection-only bias per expert (LongCat)
+def covers(n_experts: int, p: RouterParams) -> bool:
+    """Whether the kernel runs rule `p` over `n_experts` router outputs (else
+    the caller uses mlx_moe.router.route); `fused_topk` raises for the rest."""
+    if p.score not in SCORES or not 1 <= p.k <= min(n_experts, 32):
+        return False
+    if p.n_group > 1 and (n_experts % p.n_group or not 1 <= p.topk_group <= p.n_group
+                          or p.k > p.topk_group * (n_experts // p.n_group)):
+        return False
+    return p.bias is None or p.bias.shape == (n_experts,)
 
 
 def _check(logits: mx.array, p: RouterParams) -> None:

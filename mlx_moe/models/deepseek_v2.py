@@ -10,7 +10,7 @@ from mlx_lm.models.deepseek_v2 import DeepseekV2MLP
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import greedy_topk, group_limited_topk
+from ..router import RouterParams
 from .base import Family, normalize_rope, rename
 
 
@@ -36,11 +36,13 @@ class DeepseekV2Block(MoELayer):
                 config=args, intermediate_size=args.moe_intermediate_size * args.n_shared_experts
             )
 
-    def route(self, x):
-        logits = x @ self.gate.weight.T
+    def router_logits(self, x):
+        return x @ self.gate.weight.T
+
+    def router_params(self):
         if self.topk_method == "group_limited_greedy":
-            return group_limited_topk(logits, self.top_k, self.n_group, self.topk_group, self.scaling)
-        return greedy_topk(logits, self.top_k, self.scaling)
+            return RouterParams(self.top_k, n_group=self.n_group, topk_group=self.topk_group, scaling=self.scaling)
+        return RouterParams(self.top_k, scaling=self.scaling)
 
     def shared_output(self, x):
         return self.shared_experts(x) if "shared_experts" in self else None

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import biased_topk
+from ..router import RouterParams
 from .base import Family, normalize_rope, rename
 
 
@@ -40,11 +40,12 @@ class LongcatFlashBlock(MoELayer):
         self.router = LongcatRouter(args)
         self.switch_mlp = Experts(args.hidden_size, args.expert_ffn_hidden_size, args.n_routed_experts)
 
-    def route(self, x):
-        return biased_topk(
-            self.router.classifier(x), self.top_k, self.router.e_score_correction_bias,
-            normalize=self.norm_topk_prob, scaling=self.scaling,
-        )
+    def router_logits(self, x):
+        return self.router.classifier(x)
+
+    def router_params(self):
+        return RouterParams(self.top_k, bias=self.router.e_score_correction_bias,
+                            normalize=self.norm_topk_prob, scaling=self.scaling)
 
 
 def normalize_config(config: dict) -> dict:

@@ -6,7 +6,7 @@ import mlx.nn as nn
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import topk_softmax
+from ..router import RouterParams
 from .base import Family, normalize_rope, rename
 
 
@@ -16,8 +16,11 @@ class MixtralBlock(MoELayer):
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
         self.switch_mlp = Experts(args.hidden_size, args.intermediate_size, args.num_local_experts)
 
-    def route(self, x):
-        return topk_softmax(self.gate(x), self.top_k)
+    def router_logits(self, x):
+        return self.gate(x)
+
+    def router_params(self):
+        return RouterParams(self.top_k, score="topk_softmax")
 
 
 def normalize_config(config: dict) -> dict:

@@ -6,7 +6,7 @@ import mlx.nn as nn
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import softmax_topk
+from ..router import RouterParams
 from .base import Family, normalize_rope, rename
 
 
@@ -17,8 +17,11 @@ class OlmoeBlock(MoELayer):
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = Experts(args.hidden_size, args.intermediate_size, args.num_experts, bias=args.mlp_bias)
 
-    def route(self, x):
-        return softmax_topk(self.gate(x), self.top_k, normalize=self.norm_topk_prob)
+    def router_logits(self, x):
+        return self.gate(x)
+
+    def router_params(self):
+        return RouterParams(self.top_k, normalize=self.norm_topk_prob)
 
 
 def normalize_config(config: dict) -> dict:

@@ -16,7 +16,7 @@ from mlx_lm.models.qwen2_moe import MLP
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import softmax_topk
+from ..router import RouterParams
 from .base import Family, arg, drop_keys, normalize_rope, rename
 from .qwen3_moe import is_moe_layer
 
@@ -35,8 +35,11 @@ class Qwen2MoeBlock(MoELayer):
     def has_shared_expert(self) -> bool:
         return "shared_expert" in self
 
-    def route(self, x):
-        return softmax_topk(self.gate(x), self.top_k, normalize=self.norm_topk_prob)
+    def router_logits(self, x):
+        return self.gate(x)
+
+    def router_params(self):
+        return RouterParams(self.top_k, normalize=self.norm_topk_prob)
 
     def shared_output(self, x):
         if "shared_expert" not in self:

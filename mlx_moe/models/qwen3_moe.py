@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..experts import Experts
 from ..moe import MoELayer
-from ..router import softmax_topk
+from ..router import RouterParams
 from .base import Family, arg, normalize_rope, rename
 
 
@@ -18,8 +18,11 @@ class Qwen3MoeBlock(MoELayer):
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = Experts(args.hidden_size, args.moe_intermediate_size, args.num_experts)
 
-    def route(self, x):
-        return softmax_topk(self.gate(x), self.top_k, normalize=self.norm_topk_prob)
+    def router_logits(self, x):
+        return self.gate(x)
+
+    def router_params(self):
+        return RouterParams(self.top_k, normalize=self.norm_topk_prob)
 
 
 def normalize_config(config: dict) -> dict:
