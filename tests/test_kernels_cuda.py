@@ -15,7 +15,15 @@ import mlx.core as mx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_kernels_emulated import FLOAT_SHAPES, Q4_SHAPES, check_mul_mv_id_ragged_rows, run_case  # noqa: E402
+from test_kernels_emulated import (  # noqa: E402
+    FLOAT_SHAPES,
+    GEOMETRIES,
+    Q4_SHAPES,
+    check_mul_mv_id_ragged_rows,
+    check_q4_0_geometry,
+    make_q4_layer,
+    run_case,
+)
 
 _HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")]
@@ -70,10 +78,31 @@ def test_mul_mv_id_ragged_rows():
     check_mul_mv_id_ragged_rows("cuda")
 
 
+@pytest.mark.parametrize("nr,nsg,nq", GEOMETRIES, ids=[f"{a}x{b}x{c}" for a, b, c in GEOMETRIES])
+def test_q4_0_geometries(nr, nsg, nq):
+    """Every Q4_0 lane map on ragged rows and tiles, ids of every kind, |x| ~ 1e4 (numpy oracle)."""
+    check_q4_0_geometry("cuda", make_q4_layer(), nr, nsg, nq)
+
+
+# Geometries the H100 sweep (tools/bench_kernels.py --ncu --geometries) tries, at model shapes.
+SWEEP = [((8, 2, 4), (2, 8, 4)), ((1, 4, 1), (4, 8, 1)), ((2, 4, 1), (8, 8, 1)), ((2, 8, 2), (2, 8, 2))]
+
+
+@pytest.mark.parametrize("gu,dn", SWEEP, ids=["x".join(map(str, a)) + "-" + "x".join(map(str, b)) for a, b in SWEEP])
+def test_q4_0_sweep_geometries_qwen3(gu, dn, monkeypatch):
+    from mlx_moe.kernels import dispatch
+
+    monkeypatch.setitem(dispatch.GATE_UP, "q4_0", dispatch.Geometry(*gu))
+    monkeypatch.setitem(dispatch.DOWN, "q4_0", dispatch.Geometry(*dn))
+    run_case(cuda_backend, "q4_0", QWEN3, mx.bfloat16, seed=4)
+
+
 if __name__ == "__main__":  # a few cases once, for compute-sanitizer
     run_case(cuda_backend, "q4_0", (6, 96, 160, 3, 2), mx.float32, n_identity=1, n_pad=2, seed=1)
     run_case(cuda_backend, "q4_0", (16, 64, 32, 10, 1), mx.float16, seed=2)
     run_case(cuda_backend, "bfloat16", (5, 100, 70, 3, 2), mx.bfloat16, n_identity=1, n_pad=1, seed=3)
     run_case(cuda_backend, "float16", (6, 130, 260, 4, 1), mx.float32, seed=4, fuse=(False, False))
     check_mul_mv_id_ragged_rows("cuda")
+    check_q4_0_geometry("cuda", make_q4_layer(), 5, 3, 4)
+    check_q4_0_geometry("cuda", make_q4_layer(), 1, 1, 1)
     print("sanitizer cases ran")

@@ -177,6 +177,10 @@ def _dequant(words):
 
 @pytest.fixture(scope="module")
 def q4_layer():
+    return make_q4_layer()
+
+
+def make_q4_layer():
     rng = np.random.default_rng(21)
     wg, wu, wd = _q4_words(rng, NE, F, D), _q4_words(rng, NE, F, D), _q4_words(rng, NE, D, F)
     x = rng.standard_normal((2, D)).astype(np.float32) * 1e4
@@ -199,6 +203,11 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("nr,nsg,nq", GEOMETRIES, ids=[f"{a}x{b}x{c}" for a, b, c in GEOMETRIES])
 def test_q4_0_geometries(q4_layer, nr, nsg, nq):
+    check_q4_0_geometry("emulated", q4_layer, nr, nsg, nq)
+
+
+def check_q4_0_geometry(flavor, q4_layer, nr, nsg, nq):
+    """swiglu, plain (per-pair src) and down_combine at one geometry against the numpy oracle."""
     from mlx_moe.kernels.dispatch import Geometry
     from mlx_moe.kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu
 
@@ -209,12 +218,12 @@ def test_q4_0_geometries(q4_layer, nr, nsg, nq):
     real = (ids >= 0) & (ids < NE)
     tok = np.arange(ids.size) // IDS.shape[1]
 
-    got = np.array(mul_mv_id_swiglu(mx.array(x), mx.array(IDS), mx.array(wg), mx.array(wu), "emulated", g))
+    got = np.array(mul_mv_id_swiglu(mx.array(x), mx.array(IDS), mx.array(wg), mx.array(wu), flavor, g))
     for p in np.flatnonzero(real):  # other rows are unwritten by contract
         a, b = G[ids[p]] @ x[tok[p]], U[ids[p]] @ x[tok[p]]
         _close(got[p], _silu(a) * b, f"swiglu pair {p}")
 
-    got = mul_mv_id(mx.array(h), mx.array(IDS), mx.array(wd), False, "emulated", g)
+    got = mul_mv_id(mx.array(h), mx.array(IDS), mx.array(wd), False, flavor, g)
     want = np.zeros((ids.size, D))
     for p in np.flatnonzero(real):
         want[p] = Dn[ids[p]] @ h[p]
@@ -222,7 +231,7 @@ def test_q4_0_geometries(q4_layer, nr, nsg, nq):
     _close(got, want, "mul_mv_id down rows")
 
     y = mul_mv_id_down_combine(mx.array(h), mx.array(IDS), mx.array(wts), mx.array(x), mx.array(wd), NI,
-                               "emulated", g)
+                               flavor, g)
     w = wts.reshape(-1)
     ref = np.zeros((2, D))
     for p in range(ids.size):

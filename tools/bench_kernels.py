@@ -20,6 +20,15 @@ k * 3 * hidden * ffn flops), against mlx-lm's SwitchGLU in the same run;
 1..128 tokens per weight kind, to set dispatch.MV_MAX_PAIRS:
 
     python tools/bench_kernels.py --prefill [--tokens 512 2048] [--crossover] [--json out.json]
+
+GPU kernel times of decode launch geometries, all in one process under ncu
+(each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
+table of median us and GB/s per kernel and the best geometry of each:
+
+    ncu --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+        --csv --log-file ncu.csv python tools/bench_kernels.py --ncu \
+        --geometries "gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1"
+    python tools/ncu_summary.py ncu.csv
 """
 
 from __future__ import annotations
@@ -157,12 +166,52 @@ def routing(layers, tokens, k, e):
     return ids, ws
 
 
-def ncu_once(fl, E, D, F, k, layers=4) -> int:
-    """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings."""
+def parse_geometries(text: str) -> dict:
+    """'gate_up=8x2x4,2x4 down=2x8,4x8x1' -> {"gate_up": [Geometry...], "down": [...]}.
+
+    Each geometry is NRxNSG or NRxNSGxNQ (rows per simdgroup, simdgroups per
+    threadgroup, Q4_0 quant words per lane; NQ defaults to 1)."""
+    out = {"gate_up": [], "down": []}
+    for part in text.replace(";", " ").split():
+        kernel, _, geoms = part.partition("=")
+        if kernel not in out or not geoms:
+            raise SystemExit(f"--geometries: {part!r} is not gate_up=NRxNSG[xNQ],... or down=NRxNSG[xNQ],...")
+        for g in geoms.split(","):
+            nums = g.lower().split("x")
+            if len(nums) not in (2, 3) or not all(n.isdigit() for n in nums):
+                raise SystemExit(f"--geometries: {g!r} in {part!r} is not NRxNSG or NRxNSGxNQ (e.g. 2x4x1)")
+            try:
+                out[kernel].append(Geometry(*(int(n) for n in nums)))
+            except ValueError as e:
+                raise SystemExit(f"--geometries: {g!r}: {e}")
+    return out
+
+
+def ncu_once(fl, E, D, F, k, layers=4, geometries=None) -> int:
+    """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings.
+
+    With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
+    geometry instead (gate_up: mul_mv_id_swiglu, down: mul_mv_id_down_combine on the
+    default gate_up's h), and mlx-lm is left out; the geometry is in each kernel's
+    name (template arguments NR, NSG, NQ last), which tools/ncu_summary.py reads."""
     q4 = [q4_0_experts(E, D, F) for _ in range(layers)]
-    glu = [mlx_lm_switch_glu(E, D, F) for _ in range(layers)]
     ids, ws = routing(layers, 1, k, E)
     xs = mx.random.normal((1, D)).astype(mx.bfloat16)
+    if geometries:
+        from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_swiglu
+
+        w = [(ex["gate_proj"]["weight"], ex["up_proj"]["weight"], ex["down_proj"]["weight"]) for ex in q4]
+        hs = [mul_mv_id_swiglu(xs, ids[l], w[l][0], w[l][1], fl) for l in range(layers)]
+        mx.eval(hs)
+        runs = [lambda l, g=g: mul_mv_id_swiglu(xs, ids[l], w[l][0], w[l][1], fl, g)
+                for g in geometries.get("gate_up", [])]
+        runs += [lambda l, g=g: mul_mv_id_down_combine(hs[l], ids[l], ws[l], xs, w[l][2], 0, fl, g)
+                 for g in geometries.get("down", [])]
+        for run in runs:
+            mx.eval(run(0))  # compile and warm up on one layer (one extra launch per variant)
+            mx.eval([run(l) for l in range(layers)])
+        return 0
+    glu = [mlx_lm_switch_glu(E, D, F) for _ in range(layers)]
     be = KernelBackend(fl)
     for _ in range(2):  # the first round compiles and warms up
         mx.eval([be(xs, ids[l], ws[l], q4[l]) for l in range(layers)])
@@ -184,6 +233,7 @@ def prefill_main(a, fl: str) -> dict:
     """ms per MoE layer and TFLOP/s of the prefill path against mlx-lm's SwitchGLU."""
     E, D, F, k = a.experts, a.hidden, a.ffn, a.k
     L = min(a.layers, a.prefill_layers)
+    mv_max_saved = dict(dispatch.MV_MAX_PAIRS)  # the measured crossover: restored after each forced path
     tokens = a.tokens if a.tokens != [1] else [512, 2048]
     results = {"device": str(mx.default_device()), "flavor": fl, "args": vars(a), "rows": []}
 
@@ -215,7 +265,7 @@ def prefill_main(a, fl: str) -> dict:
         report("mlx-lm SwitchGLU (gather_qmm affine 4-bit g64) + combine", T, per_layer(mlx_lm_layer, reps))
         report("mlx backend q4_0 (gather_qmm affine g32, sorted)", T,
                per_layer(lambda l: mb(xs, ids[l], ws[l], q4[l]), reps))
-    dispatch.MV_MAX_PAIRS["q4_0"] = None
+    dispatch.MV_MAX_PAIRS["q4_0"] = mv_max_saved["q4_0"]
 
     if a.crossover:
         for T in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -225,7 +275,7 @@ def prefill_main(a, fl: str) -> dict:
                 dispatch.MV_MAX_PAIRS["q4_0"] = limit
                 be = KernelBackend(fl)
                 report(f"crossover q4_0 {path}", T, per_layer(lambda l: be(xs, ids[l], ws[l], q4[l]), a.reps))
-        dispatch.MV_MAX_PAIRS["q4_0"] = None
+        dispatch.MV_MAX_PAIRS["q4_0"] = mv_max_saved["q4_0"]
     del q4, glu
     mx.clear_cache()
 
@@ -242,7 +292,7 @@ def prefill_main(a, fl: str) -> dict:
                 be = KernelBackend(fl)
                 report(f"ours {dtype} ({path})", T,
                        timed(lambda: [be(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
-            dispatch.MV_MAX_PAIRS["float"] = None
+            dispatch.MV_MAX_PAIRS["float"] = mv_max_saved["float"]
             if T >= 512:
                 report(f"mlx backend {dtype} (gather_mm)", T,
                        timed(lambda: [mb(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
@@ -268,7 +318,12 @@ def main(argv=None) -> int:
     p.add_argument("--crossover", action="store_true", help="prefill mode: also time GEMV vs GEMM on 1..128 tokens")
     p.add_argument("--ncu", action="store_true",
                    help="run each variant on 4 layers once, for a kernel profiler (ncu) to time the kernels")
+    p.add_argument("--geometries", type=str, default=None,
+                   help="with --ncu: Q4_0 decode launch geometries to run, e.g. "
+                        "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); summarize with tools/ncu_summary.py")
     a = p.parse_args(argv)
+    if a.geometries and not a.ncu:
+        raise SystemExit("--geometries is for --ncu runs (GPU kernel times come from ncu, not from this script)")
     fl = flavor()
     E, D, F, k, L = a.experts, a.hidden, a.ffn, a.k, a.layers
     results = {"device": str(mx.default_device()), "flavor": fl, "args": vars(a), "rows": []}
@@ -283,7 +338,7 @@ def main(argv=None) -> int:
               f"  (blocking {t['blocking']:.1f}, graph build {t['build']:.1f})", flush=True)
 
     if a.ncu:
-        return ncu_once(fl, E, D, F, k)
+        return ncu_once(fl, E, D, F, k, geometries=parse_geometries(a.geometries) if a.geometries else None)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
