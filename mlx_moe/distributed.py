@@ -33,6 +33,10 @@ Pieces:
   all_sums.
 - Agreement: the sampled token of every step is rank 0's (one tiny all_sum),
   so ranks can never drift apart, whatever the sampler or seed.
+- One communication stream: every collective of every sharded model in the
+  process runs on one dedicated stream, so collectives execute one at a time,
+  in the order they were queued, which is the same on every rank (see
+  `ExpertParallel` for the race this prevents).
 - `Watchdog`: the ring backend raises when a peer's socket closes, but waits
   forever for a peer that hangs, cannot be reached, or never starts.  While a
   rank waits on its peers (connecting, the start-up check, each generation
@@ -318,10 +322,14 @@ class Watchdog:
 # -- group -----------------------------------------------------------------------------------
 
 
+_init_backend = ["any"]  # the backend name the last init_group call asked for
+
+
 def init_group(backend: str = "any", timeout: float = DEFAULT_TIMEOUT):
     """`mx.distributed.init` with a bound on how long it may wait for the other ranks.
 
     Started outside `mlx.launch` (no MLX_RANK etc.), this is a group of size 1."""
+    _init_backend[0] = backend
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)) or 0)
     dog = Watchdog(timeout, rank, _expected_size())
     try:
@@ -331,6 +339,33 @@ def init_group(backend: str = "any", timeout: float = DEFAULT_TIMEOUT):
         raise ExpertParallelError(f"rank {rank}: mx.distributed.init(backend={backend!r}) failed: {e}") from e
     finally:
         dog.close()
+
+
+def comm_device(backend: Optional[str] = None) -> mx.Device:
+    """The device whose streams the group's collectives run on: the GPU for nccl, the CPU
+    for ring, jaccl and mpi (MLX's choice for each backend).
+
+    backend: the name given to `mx.distributed.init` (default: the last `init_group`'s).
+    "any" picks nccl as MLX does: on CUDA, when mlx.launch set NCCL_HOST_IP and NCCL_PORT."""
+    backend = backend or _init_backend[0]
+    if backend == "nccl":
+        return mx.gpu
+    if backend == "any" and mx.cuda.is_available() and os.environ.get("NCCL_HOST_IP") and os.environ.get("NCCL_PORT"):
+        return mx.gpu
+    return mx.cpu
+
+
+_comm_streams: Dict[str, mx.Stream] = {}
+
+
+def communication_stream(device: Optional[mx.Device] = None) -> mx.Stream:
+    """The one stream of this process that all expert-parallel collectives run on
+    (created on first use; device: default `comm_device()`)."""
+    device = device or comm_device()
+    key = str(device)
+    if key not in _comm_streams:
+        _comm_streams[key] = mx.new_stream(device)
+    return _comm_streams[key]
 
 
 def _expected_size() -> Optional[int]:
@@ -405,21 +440,36 @@ def expert_nbytes(model: nn.Module) -> int:
 
 
 class ExpertParallel:
-    """The expert-parallel state of one sharded model on one rank (`model.expert_parallel`)."""
+    """The expert-parallel state of one sharded model on one rank (`model.expert_parallel`).
 
-    def __init__(self, group, placement: Placement, timeout: float = DEFAULT_TIMEOUT):
+    All its collectives run on `self.stream`, by default `communication_stream()`, one
+    stream shared by every sharded model of the process.  Why (issue 8): MLX
+    runs a collective on the stream it is built in (by default the current default stream
+    of the backend's device), each CPU stream has its own thread, and the ring backend
+    gives every collective the same sockets and scratch buffers with no lock.  Two
+    collectives on two streams at once therefore mix their bytes, and a sum comes out
+    wrong (one ring segment, e.g. rows 8 on of 17) or a rank hangs.  That happened after
+    every generation: mlx-lm's generate_step queues its look-ahead step (with one all_sum
+    per MoE layer) on its `generation_stream` with async_eval, and stream_generate stops
+    without waiting for it, so the next forward pass on the default stream raced it;
+    tests/ep_race_repro.py shows it (two streams: 299 of 300 rounds wrong, one stream: 0).
+    One stream for every collective serializes them in the order they were queued, which is
+    the program order and the same on every rank; MLX adds the waits between streams."""
+
+    def __init__(self, group, placement: Placement, timeout: float = DEFAULT_TIMEOUT, stream=None):
         self.group = group
         self.rank = group.rank()
         self.size = group.size()
         self.placement = placement
         self.watchdog = Watchdog(timeout, self.rank, self.size)
+        self.stream = stream if stream is not None else communication_stream()
 
     def beat(self) -> None:
         self.watchdog.beat()
 
     def all_sum(self, x: mx.array) -> mx.array:
-        """The sum of `x` over the ranks (lazy, like every MLX op)."""
-        return mx.distributed.all_sum(x, group=self.group)
+        """The sum of `x` over the ranks (lazy, like every MLX op), on the communication stream."""
+        return mx.distributed.all_sum(x, group=self.group, stream=self.stream)
 
     def watch(self, what: str):
         """Context manager: a hang of the peers inside it ends the process (see `Watchdog`)."""
@@ -474,7 +524,7 @@ class ExpertParallel:
         mine = (zlib.crc32(desc.encode()) ^ self.placement.fingerprint()) & 0x7FFFFFFF
         with self.watch("checking that all ranks loaded the same model"), self._clear_errors():
             v = mx.array([mine, -mine], dtype=mx.int32)
-            hi = mx.distributed.all_max(v, group=self.group)
+            hi = mx.distributed.all_max(v, group=self.group, stream=self.stream)
             mx.eval(hi)
         if int(hi[0]) != mine or int(hi[1]) != -mine:
             raise ExpertParallelError(

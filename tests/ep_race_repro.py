@@ -1,0 +1,77 @@
+"""Reproduce the issue-8 race: ring collectives of one process on two CPU streams at once.
+
+    mlx.launch -n 2 --backend ring -- python tests/ep_race_repro.py MODE ROUNDS
+
+Each round mimics what generation followed by a prompt forward did: a chain of
+all_sums is queued with `async_eval` on a second CPU stream (mlx-lm's generate_step
+leaves its look-ahead step queued on `generation_stream` when stream_generate
+stops), then, without waiting for it, another chain runs on the default stream.
+Rank r contributes (r + 1) * base, so every sum is known exactly.
+
+MODE
+  two-streams   the collectives follow the stream they are built in (the bug)
+  comm-stream   every collective on one dedicated stream (the fix)
+  expert-parallel  the collectives are mlx_moe.distributed.ExpertParallel.all_sum
+                (what a sharded model uses; tests/test_distributed.py runs this mode)
+  sync          two streams, but the second stream is synchronized first
+
+Each rank prints one line: rank R: MODE rounds=N bad=M (bad: rounds where any value differs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def chain(x: mx.array, steps: int, rank: int, total: float, sum_fn) -> mx.array:
+    # x <- all_sum(x * (rank + 1)) / total: the value stays x exactly when the sums are right.
+    for _ in range(steps):
+        x = sum_fn(x * (rank + 1)) / total
+        x = x + 0.0  # a local op between collectives, as between MoE layers
+    return x
+
+
+def main(mode: str, rounds: int) -> int:
+    group = mx.distributed.init(strict=True, backend="ring")
+    n = group.size()
+    total = n * (n + 1) / 2
+    comm = mx.new_stream(mx.cpu)
+    other = mx.new_stream(mx.cpu)
+
+    if mode == "expert-parallel":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from mlx_moe.distributed import ExpertParallel, Placement
+
+        sum_fn = ExpertParallel(group, Placement(n, {})).all_sum
+    elif mode == "comm-stream":
+        sum_fn = lambda x: mx.distributed.all_sum(x, group=group, stream=comm)  # noqa: E731
+    elif mode in ("two-streams", "sync"):
+        sum_fn = lambda x: mx.distributed.all_sum(x, group=group)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+    bad = 0
+    rng = np.random.default_rng(0)  # same values on every rank
+    for i in range(rounds):
+        a0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
+        b0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
+        with mx.stream(other):
+            a = chain(a0, 4, group.rank(), total, sum_fn)
+            mx.async_eval(a)
+        if mode == "sync":
+            mx.synchronize(other)
+        b = chain(b0, 4, group.rank(), total, sum_fn)
+        mx.eval(b)
+        mx.eval(a)
+        if not (np.allclose(np.array(a), np.array(a0), atol=1e-5) and np.allclose(np.array(b), np.array(b0), atol=1e-5)):
+            bad += 1
+    print(f"rank {group.rank()}: {mode} rounds={rounds} bad={bad}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
