@@ -353,6 +353,7 @@ def compiled_generate_step(
     prompt_cache: Optional[List[StaticKVCache]] = None,
     prefill_step_size: int = 2048,
     capacity: Optional[int] = None,
+    capacity_step: int = CAPACITY_STEP,
     prompt_progress_callback=None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """mlx-lm's `generate_step` contract (yields (token, logprobs)) with the decode
@@ -361,7 +362,7 @@ def compiled_generate_step(
     compiled step, as mlx-lm runs them one by one.
 
     capacity: KV slots (default: prompt + max_tokens rounded up to CAPACITY_STEP;
-    with max_tokens < 0 the cache grows by CAPACITY_STEP when full, one re-trace each).
+    with max_tokens < 0 the cache grows by capacity_step when full, one re-trace each).
     prompt_cache: a list of StaticKVCache to continue (multi-turn); None: a new one.
     """
     from mlx_lm.generate import generation_stream
@@ -375,7 +376,7 @@ def compiled_generate_step(
     total = prompt.size
     if prompt_cache is None:
         want = total + (max_tokens if max_tokens >= 0 else 0)
-        prompt_cache = decoder.make_cache(capacity or round_capacity(want))
+        prompt_cache = decoder.make_cache(capacity or round_capacity(want, capacity_step))
     elif not all(isinstance(c, StaticKVCache) for c in prompt_cache):
         raise ValueError("compiled decoding needs a prompt_cache of StaticKVCache (mlx_moe.compiled); "
                          "make one with CompiledDecoder.make_cache or pass prompt_cache=None")
@@ -384,8 +385,9 @@ def compiled_generate_step(
     def step(y: mx.array):
         c0 = prompt_cache[0]
         if grow and c0.offset + 1 > c0.capacity:
+            bigger = c0.capacity + capacity_step
             for c in prompt_cache:
-                c.grow(c0.capacity + CAPACITY_STEP)
+                c.grow(bigger)
         logprobs = decoder.step(y, prompt_cache)
         return sampler(logprobs), logprobs.squeeze(0)
 
