@@ -14,6 +14,9 @@ MODE
   expert-parallel  the collectives are mlx_moe.distributed.ExpertParallel.all_sum
                 (what a sharded model uses; tests/test_distributed.py runs this mode)
   sync          two streams, but the second stream is synchronized first
+  generate      the real sequence on a tiny sharded Qwen3 model: stream_generate, then
+                a forward pass of the prompt, whose logits must equal those of a clean
+                forward pass (generate-old: with the all_sum of before the fix)
 
 Each rank prints one line: rank R: MODE rounds=N bad=M (bad: rounds where any value differs).
 """
@@ -35,8 +38,43 @@ def chain(x: mx.array, steps: int, rank: int, total: float, sum_fn) -> mx.array:
     return x
 
 
+def run_generate(group, rounds: int, old: bool) -> int:
+    """Rounds in which the prompt's logits after a generation differ from clean ones."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mlx_moe
+    from mlx_moe import distributed as D
+    from tiny import write_tiny_qwen3
+
+    if old:  # the collective follows the current default stream, as before the fix
+        D.ExpertParallel.all_sum = lambda self, x: mx.distributed.all_sum(x, group=self.group)
+    path = write_tiny_qwen3(Path(tempfile.mkdtemp(prefix="ep_race_")))
+    try:
+        model, tok = D.load(str(path), group=group)
+    finally:
+        shutil.rmtree(path)
+    prompt = list(b"Expert parallel: ")
+    want = model(mx.array([prompt]))[0]
+    mx.eval(want)
+    bad = 0
+    for _ in range(rounds):
+        for _ in mlx_moe.stream_generate(model, tok, prompt, max_tokens=3, temp=0.0):
+            pass
+        got = model(mx.array([prompt]))[0]
+        mx.eval(got)
+        bad += not np.allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    return bad
+
+
 def main(mode: str, rounds: int) -> int:
     group = mx.distributed.init(strict=True, backend="ring")
+    if mode in ("generate", "generate-old"):
+        bad = run_generate(group, rounds, old=mode == "generate-old")
+        print(f"rank {group.rank()}: {mode} rounds={rounds} bad={bad}", flush=True)
+        return 0
     n = group.size()
     total = n * (n + 1) / 2
     comm = mx.new_stream(mx.cpu)
