@@ -32,6 +32,11 @@
 #define MOE_MM_LDB (MOE_MM_BN + 8)  // B tile, k-major [BK][LDB]
 #define MOE_MM_LDS (MOE_MM_BM + 4)  // output stage [BN][LDS] (reuses the A tile)
 
+// The three PTX-level helpers (TF32 rounding, the mma, ldmatrix) are the only
+// inline assembly; tests/test_kernels_prefill_emulated.py defines
+// MOE_CUDA_MOCK and supplies warp-collective C++ stand-ins for them, to run
+// these bodies on the CPU.
+#ifndef MOE_CUDA_MOCK
 __device__ inline unsigned moe_tf32(float f) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
@@ -45,6 +50,25 @@ __device__ inline void moe_mma_tf32(float* d, const unsigned* a, const unsigned*
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8 x 4 float matrices from shared memory in one instruction: lane l
+// gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
+// aligned); register j of lane (g = lane / 4, q = lane % 4) receives float q
+// of row g of matrix j.  (ldmatrix moves 8 x 8 b16 matrices: one b16 pair =
+// one float.)  That is exactly a TF32 mma fragment's (row g, column q).
+__device__ inline void moe_ldsm_x4(unsigned* r, const float* p) {
+  unsigned a;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+#endif  // MOE_CUDA_MOCK
+
+__device__ inline float moe_tf32f(float f) {
+  return __uint_as_float(moe_tf32(f));
 }
 
 // One k8 step of a warp's 32 x 16 sub-tile: acc[(mi * 2 + ni) * 4 + c].
@@ -87,6 +111,266 @@ __device__ inline void moe_mm_warp_stage(const float* acc, float* stage, int sr,
       stage[(p + 1) * MOE_MM_LDS + r] = c[1];
       stage[p * MOE_MM_LDS + r + 8] = c[2];
       stage[(p + 1) * MOE_MM_LDS + r + 8] = c[3];
+    }
+  }
+}
+
+// ---- The pipelined GEMM (kernels mul_mm_id_pipe, mul_mm_id_swiglu_pipe) ----
+//
+// Same tile (BM x BN x BK = 64 x 32 x 32, 128 threads, 4 warps of 32 rows x
+// 16 pairs), same grid, same tile table and same results as mul_mm_id and
+// mul_mm_id_swiglu above (and as the Metal bodies); what differs is how a K
+// step is fed, because the simple bodies stall on every step (measured on
+// the H100: 1.1 ms per layer at 64 tokens, where the weights need 0.15 ms):
+// - the next K step's weights and activations are loaded from global memory
+//   into registers while the tensor cores work on the current one
+//   (software pipelining), and shared memory holds two stages, so one
+//   barrier per K step is enough;
+// - the tiles are stored already rounded to TF32 and k-contiguous ([rows][BK]
+//   for A, [pairs][BK] for B), so each fragment is one ldmatrix.x4 instead of
+//   four scalar loads and four conversions;
+// - activations and float weights move in 16-byte loads and stores; a Q4_0
+//   thread reads only the quarter block it dequantizes (4 words + scale), with
+//   an exact int -> float trick instead of a conversion instruction.
+#define MOE_MM_LDP (MOE_MM_BK + 4)  // row pitch (floats) of the pipelined tiles: 144 B, conflict-free
+
+__device__ inline bool moe_aligned16(const void* p) {
+  return (reinterpret_cast<size_t>(p) & 15) == 0;
+}
+
+// q - 8 for the 4-bit field of w at bit `sh`, exactly: the float with bits
+// 0x4B000000 | q is 2^23 + q, and 2^23 + 8 = 8388616.
+__device__ inline float moe_nib_m8(unsigned w, int sh) {
+  return __uint_as_float(0x4B000000u | ((w >> sh) & 0xFu)) - 8388616.0f;
+}
+
+__device__ inline float4 moe_tf32x4(float a, float b, float c, float d) {
+  return make_float4(moe_tf32f(a), moe_tf32f(b), moe_tf32f(c), moe_tf32f(d));
+}
+
+// One thread's share of an A (weight) tile for one K step: 16 weights of its
+// row.  Float rows: columns 16 * ah .. + 15 of the step.
+template <typename WT>
+struct moe_pipe_a {
+  uint4 raw[sizeof(WT)];  // 16 WT values
+
+  // vec: 16-byte loads (K % 32 == 0 and w 16-byte aligned), else one by one
+  // with zeros past K.
+  template <int K>
+  MOE_DEVICE void load(const WT* row, int k0, int ah, bool vec) {
+    const int c0 = k0 + 16 * ah;
+    if (vec) {
+      const uint4* p = reinterpret_cast<const uint4*>(row + c0);
+      for (int i = 0; i < int(sizeof(WT)); ++i) {
+        raw[i] = p[i];
+      }
+    } else {
+      WT* v = reinterpret_cast<WT*>(raw);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = (c0 + i < K) ? row[c0 + i] : WT(0.0f);
+      }
+    }
+  }
+
+  // Into the thread's row of the tile (dst = &tile[row][0]).
+  MOE_DEVICE void store(float* dst, int ah) const {
+    const WT* v = reinterpret_cast<const WT*>(raw);
+    float4* o = reinterpret_cast<float4*>(dst + 16 * ah);
+    for (int i = 0; i < 4; ++i) {
+      o[i] = moe_tf32x4(float(v[4 * i]), float(v[4 * i + 1]), float(v[4 * i + 2]), float(v[4 * i + 3]));
+    }
+  }
+};
+
+// Q4_0: the thread takes words 1 + 4 * ah .. 4 + 4 * ah of the K step's block
+// (quant bytes 8 * ah .. 8 * ah + 7): low nibbles are weights 8 * ah .. + 7,
+// high nibbles weights 16 + 8 * ah .. + 7 (layout in moe_dequant<ushort>).
+template <>
+struct moe_pipe_a<ushort> {
+  ushort d;
+  ushort q[4];
+
+  template <int K>
+  MOE_DEVICE void load(const ushort* row, int k0, int ah, bool) {
+    const ushort* blk = row + (k0 / 32) * 9;
+    d = blk[0];
+    for (int j = 0; j < 4; ++j) {
+      q[j] = blk[1 + 4 * ah + j];
+    }
+  }
+
+  MOE_DEVICE void store(float* dst, int ah) const {
+    const float s = moe_f16_bits(d);
+    float lo[8];
+    float hi[8];
+    for (int j = 0; j < 4; ++j) {
+      const unsigned w = q[j];
+      lo[2 * j] = s * moe_nib_m8(w, 0);  // d * (q - 8): exact in float32
+      lo[2 * j + 1] = s * moe_nib_m8(w, 8);
+      hi[2 * j] = s * moe_nib_m8(w, 4);
+      hi[2 * j + 1] = s * moe_nib_m8(w, 12);
+    }
+    float4* ol = reinterpret_cast<float4*>(dst + 8 * ah);
+    float4* oh = reinterpret_cast<float4*>(dst + 16 + 8 * ah);
+    ol[0] = moe_tf32x4(lo[0], lo[1], lo[2], lo[3]);
+    ol[1] = moe_tf32x4(lo[4], lo[5], lo[6], lo[7]);
+    oh[0] = moe_tf32x4(hi[0], hi[1], hi[2], hi[3]);
+    oh[1] = moe_tf32x4(hi[4], hi[5], hi[6], hi[7]);
+  }
+};
+
+// One thread's share of the B (activation) tile for one K step: 8
+// consecutive columns of one pair's source row.
+template <typename T>
+struct moe_pipe_b {
+  uint4 raw[sizeof(T) / 2];  // 8 T values
+
+  MOE_DEVICE void load(const T* xr, bool valid, int c0, int K, bool vec) {
+    if (vec) {
+      const uint4* p = reinterpret_cast<const uint4*>(xr + c0);
+      for (int i = 0; i < int(sizeof(T) / 2); ++i) {
+        raw[i] = valid ? p[i] : make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+      T* v = reinterpret_cast<T*>(raw);
+      for (int i = 0; i < 8; ++i) {
+        v[i] = (valid && c0 + i < K) ? xr[c0 + i] : T(0.0f);
+      }
+    }
+  }
+
+  MOE_DEVICE void store(float* dst) const {
+    const T* v = reinterpret_cast<const T*>(raw);
+    float4* o = reinterpret_cast<float4*>(dst);
+    o[0] = moe_tf32x4(float(v[0]), float(v[1]), float(v[2]), float(v[3]));
+    o[1] = moe_tf32x4(float(v[4]), float(v[5]), float(v[6]), float(v[7]));
+  }
+};
+
+// The whole pipelined tile: NA = 1 (out = W . src) or 2 (SwiGLU of W0 . x and
+// W1 . x).  Block (blockIdx.x, blockIdx.y) = (row tile, tile of the map), 128
+// threads, as the simple bodies.
+template <int NA, typename T, typename WT, int K, int N, int KS, bool BCAST>
+MOE_DEVICE inline void moe_mm_pipe(const T* src, const int* pairs, const int* tiles, const int* offsets,
+                                   const WT* w0, const WT* w1, float* out) {
+  constexpr int BM = MOE_MM_BM, BN = MOE_MM_BN, BK = MOE_MM_BK, LD = MOE_MM_LDP;
+  constexpr int RL = K * moe_dequant<WT>::NUM / moe_dequant<WT>::DEN;
+  constexpr int NK = (K + BK - 1) / BK;
+  constexpr int STAGE = (NA * BM + BN) * LD;  // floats per pipeline stage: NA A tiles, then B
+  // Two stages; after the K loop, stage 0 holds the output tile(s) [BN][LDS].
+  __shared__ __align__(16) float smem[2 * STAGE];
+
+  const int t = int(threadIdx.x);
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int g = int(blockIdx.y);
+  const int e = tiles[2 * g];
+  if (e < 0) {
+    return;  // an empty tile: the whole block leaves before any barrier
+  }
+  const int start = tiles[2 * g + 1];
+  const int left = offsets[e + 1] - start;
+  const int nvalid = left < BN ? left : BN;
+  const int row0 = int(blockIdx.x) * BM;
+
+  // A loads: warp w fills rows 16w .. 16w + 15, lanes 0-15 and 16-31 the two
+  // halves of a row (a quarter warp then stores 8 rows: 32 distinct banks).
+  const int arow = warp * 16 + (lane & 15);
+  const int ah = lane >> 4;
+  const size_t woff = (size_t(e) * N + ((row0 + arow < N) ? row0 + arow : N - 1)) * RL;
+  const WT* wr0 = w0 + woff;
+  const WT* wr1 = w1 + woff;
+  // B loads: pair bj, columns bk .. bk + 7 of each K step.
+  const int bj = t >> 2;
+  const int bk = (t & 3) * 8;
+  const int bp = (bj < nvalid) ? pairs[start + bj] : -1;
+  const T* xr = src + size_t(bp < 0 ? 0 : (BCAST ? bp / KS : bp)) * K;
+  const bool avec = (K % 32 == 0) && moe_aligned16(w0) && moe_aligned16(w1);
+  const bool bvec = (K % 32 == 0) && moe_aligned16(src);
+
+  moe_pipe_a<WT> ra[NA];
+  moe_pipe_b<T> rb;
+  ra[0].template load<K>(wr0, 0, ah, avec);
+  if (NA == 2) {
+    ra[NA - 1].template load<K>(wr1, 0, ah, avec);
+  }
+  rb.load(xr, bp >= 0, bk, K, bvec);
+
+  const int sr = (warp % 2) * 32;  // this warp's rows in the tile
+  const int sc = (warp / 2) * 16;  // and its pairs
+  // ldmatrix row addresses (see moe_ldsm_x4): A fragments take matrices
+  // (rows 0-7, k 0-3), (rows 8-15, k 0-3), (rows 0-7, k 4-7), (rows 8-15, k 4-7);
+  // the B fragments of both n8 halves (pairs 0-7, k 0-3), (0-7, 4-7), (8-15, 0-3), (8-15, 4-7).
+  const int a_ld = (sr + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 4 * (lane >> 4);
+  const int b_ld = (NA * BM + sc + (lane & 7) + 8 * (lane >> 4)) * LD + 4 * ((lane >> 3) & 1);
+  float acc[NA][16];
+  for (int a = 0; a < NA; ++a) {
+    for (int i = 0; i < 16; ++i) {
+      acc[a][i] = 0.0f;
+    }
+  }
+  for (int s = 0; s < NK; ++s) {
+    float* buf = smem + (s & 1) * STAGE;
+    // Stage s: the registers loaded during step s - 1 (or before the loop).
+    // Nobody reads this buffer now: its last readers (step s - 2) passed
+    // step s - 1's barrier first.
+    for (int a = 0; a < NA; ++a) {
+      ra[a].store(buf + (a * BM + arow) * LD, ah);
+    }
+    rb.store(buf + (NA * BM + bj) * LD + bk);
+    if (s + 1 < NK) {  // step s + 1's loads fly while step s computes
+      const int k1 = (s + 1) * BK;
+      ra[0].template load<K>(wr0, k1, ah, avec);
+      if (NA == 2) {
+        ra[NA - 1].template load<K>(wr1, k1, ah, avec);
+      }
+      rb.load(xr, bp >= 0, k1 + bk, K, bvec);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < BK; kk += 8) {
+      unsigned b[4];
+      moe_ldsm_x4(b, buf + b_ld + kk);
+      for (int a = 0; a < NA; ++a) {
+        for (int mi = 0; mi < 2; ++mi) {
+          unsigned af[4];
+          moe_ldsm_x4(af, buf + a * BM * LD + 16 * mi * LD + a_ld + kk);
+          moe_mma_tf32(acc[a] + (mi * 2) * 4, af, b);
+          moe_mma_tf32(acc[a] + (mi * 2 + 1) * 4, af, b + 2);
+        }
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the last stage before stage 0 becomes the output
+
+  for (int a = 0; a < NA; ++a) {
+    moe_mm_warp_stage(acc[a], smem + a * BN * MOE_MM_LDS, sr, sc, lane);
+  }
+  __syncthreads();
+  // Each thread writes 16 results of one pair (float4 stores where N allows).
+  const int oj = t >> 2;
+  const int or0 = (t & 3) * 16;
+  if (oj < nvalid) {
+    const int p = pairs[start + oj];
+    const float* sg = smem + oj * MOE_MM_LDS + or0;
+    const float* su = sg + BN * MOE_MM_LDS;
+    float* o = out + size_t(p) * N + row0 + or0;
+    for (int i = 0; i < 16; i += 4) {
+      float4 v = *reinterpret_cast<const float4*>(sg + i);
+      if (NA == 2) {
+        const float4 u = *reinterpret_cast<const float4*>(su + i);
+        v = make_float4(moe_silu(v.x) * u.x, moe_silu(v.y) * u.y, moe_silu(v.z) * u.z, moe_silu(v.w) * u.w);
+      }
+      const int n = row0 + or0 + i;
+      if (N % 4 == 0 && n + 3 < N) {
+        *reinterpret_cast<float4*>(o + i) = v;
+      } else {
+        const float vv[4] = {v.x, v.y, v.z, v.w};
+        for (int j = 0; j < 4; ++j) {
+          if (n + j < N) {
+            o[i + j] = vv[j];
+          }
+        }
+      }
     }
   }
 }
@@ -238,4 +522,16 @@ __device__ inline void moe_mm_warp_stage(const float* acc, float* stage, int sr,
       }
     }
   }
+}
+
+// ==== kernel: mul_mm_id_pipe ====
+// mul_mm_id, pipelined (moe_mm_pipe above): same grid, template, inputs, output.
+{
+  moe_mm_pipe<1, T, WT, K, N, KS, BCAST>(src, pairs, tiles, offsets, w, w, out);
+}
+
+// ==== kernel: mul_mm_id_swiglu_pipe ====
+// mul_mm_id_swiglu, pipelined (moe_mm_pipe above): same grid, template, inputs, output.
+{
+  moe_mm_pipe<2, T, WT, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
 }

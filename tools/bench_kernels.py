@@ -246,6 +246,11 @@ def prefill_main(a, fl: str) -> dict:
     def per_layer(layer_fn, reps):
         return timed(lambda: [layer_fn(l) for l in range(L)], reps) / L
 
+    from mlx_moe.kernels import mul_mm_id
+
+    # Both CUDA GEMM bodies (mul_mm_id.CUDA_GEMM), the default first; Metal has one.
+    gemm0 = mul_mm_id.CUDA_GEMM
+    gemms = [gemm0] + [g for g in mul_mm_id.CUDA_GEMMS if g != gemm0] if fl == "cuda" else [gemm0]
     q4 = [q4_0_experts(E, D, F) for _ in range(L)]
     glu = [mlx_lm_switch_glu(E, D, F) for _ in range(L)]
     mb = MLXBackend()
@@ -254,9 +259,14 @@ def prefill_main(a, fl: str) -> dict:
         xs = mx.random.normal((T, D)).astype(mx.bfloat16)
         reps = max(3, a.reps // (1 + T // 512))
         dispatch.MV_MAX_PAIRS["q4_0"] = 0  # the GEMM path at every size measured here
-        for name, be in [("ours q4_0 (map0 + mul_mm_id, swiglu fused)", KernelBackend(fl)),
-                         ("ours q4_0 (gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False))]:
-            report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+        for gemm in gemms:
+            mul_mm_id.CUDA_GEMM = gemm
+            variants = [(f"ours q4_0 (map0 + mul_mm_id {gemm}, swiglu fused)", KernelBackend(fl))]
+            if gemm == gemms[0]:
+                variants.append((f"ours q4_0 ({gemm}, gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False)))
+            for name, be in variants:
+                report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+        mul_mm_id.CUDA_GEMM = gemm0
 
         def mlx_lm_layer(l):
             y = glu[l](xs, ids[l])
@@ -289,9 +299,12 @@ def prefill_main(a, fl: str) -> dict:
             paths = [("mv", 10**9), ("mm", 0)] if (a.crossover and T <= 128) else [("mm", 0)]
             for path, limit in paths:
                 dispatch.MV_MAX_PAIRS["float"] = limit
-                be = KernelBackend(fl)
-                report(f"ours {dtype} ({path})", T,
-                       timed(lambda: [be(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
+                for gemm in gemms if path == "mm" else gemms[:1]:
+                    mul_mm_id.CUDA_GEMM = gemm
+                    be = KernelBackend(fl)
+                    report(f"ours {dtype} ({path}{' ' + gemm if path == 'mm' else ''})", T,
+                           timed(lambda: [be(xs, ids[l], ws[l], fe[l]) for l in range(Lf)], a.reps) / Lf)
+                mul_mm_id.CUDA_GEMM = gemm0
             dispatch.MV_MAX_PAIRS["float"] = mv_max_saved["float"]
             if T >= 512:
                 report(f"mlx backend {dtype} (gather_mm)", T,

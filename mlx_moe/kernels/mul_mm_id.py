@@ -19,7 +19,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .mul_mv_id import _shape
-from .registry import kernel
+from .registry import KERNELS, get_kernel, kernel
 
 # The tile of metal/mul_mm_id.metal (MOE_MM_*): weight rows x routed pairs per
 # threadgroup, its thread count, and the combine kernel's threads per group.
@@ -28,6 +28,15 @@ BN = 32
 THREADS = 128
 COMBINE_TG = 256
 MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
+
+# Which CUDA bodies run the two GEMMs (metal/mul_mm_id_cuda.h); Metal and the
+# CPU emulation have one body each.  "pipe": software-pipelined K loop, two
+# shared-memory stages, ldmatrix fragments (mul_mm_id_pipe,
+# mul_mm_id_swiglu_pipe); "simple": the first twins (mul_mm_id,
+# mul_mm_id_swiglu), one load-barrier-compute-barrier round per K step.  Same
+# tiles, grid and results; tools/bench_kernels.py --prefill times both.
+CUDA_GEMMS = ("pipe", "simple")
+CUDA_GEMM = "pipe"
 
 
 class Route(NamedTuple):
@@ -76,6 +85,17 @@ def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
     return Route(ids, counts, offsets, pairs, tiles)
 
 
+def gemm_kernel(flavor: str, name: str):
+    """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
+    `flavor`: on CUDA the body CUDA_GEMM selects."""
+    if flavor != "cuda" or CUDA_GEMM == "simple":
+        return kernel(flavor, name)
+    if CUDA_GEMM != "pipe":
+        raise ValueError(f"mul_mm_id.CUDA_GEMM is {CUDA_GEMM!r}; choose one of {', '.join(CUDA_GEMMS)}")
+    spec = KERNELS[name]
+    return get_kernel(flavor, spec.family, f"{name}_pipe", list(spec.inputs), list(spec.outputs))
+
+
 def _mm_grid(rows: int, route: Route):
     return (-(-rows // BM) * THREADS, route.tiles.shape[0], 1), (THREADS, 1, 1)
 
@@ -89,7 +109,7 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
     if src.shape != (want, cols):
         raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return kernel(flavor, "mul_mm_id")(
+    return gemm_kernel(flavor, "mul_mm_id")(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
                   ("BCAST", bool(broadcast))],
@@ -107,7 +127,7 @@ def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flav
     if x.shape != (T, cols):
         raise ValueError(f"x must be [{T}, {cols}] for these ids and weights; got {tuple(x.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return kernel(flavor, "mul_mm_id_swiglu")(
+    return gemm_kernel(flavor, "mul_mm_id_swiglu")(
         inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
         template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)],
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
