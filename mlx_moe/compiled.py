@@ -224,10 +224,10 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why `model` cannot use the compiled decode step, or None if it can."""
     model_type = getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
     if model_type not in COMPILED_FAMILIES:
-        return (f"the compiled decode step covers {', '.join(COMPILED_FAMILIES)}; {model_type} "
-                "(e.g. MLA attention in deepseek_v2 / longcat_flash) decodes uncompiled")
+        return (f"the compiled decode step covers {', '.join(COMPILED_FAMILIES)}, not {model_type} "
+                "(deepseek_v2 / longcat_flash: MLA attention, not written for a static cache yet)")
     if getattr(model, "expert_parallel", None) is not None:
-        return "expert parallelism (mx.distributed) is not compiled; decoding uncompiled"
+        return "expert parallelism (mx.distributed) is not compiled"
     if _mlx_lm_model_class(model) is None:
         return f"{type(model).__name__} does not derive from an mlx-lm Model class"
     ropes = _array_offset_ropes()
@@ -235,8 +235,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         attn = getattr(layer, "self_attn", None)
         rope = getattr(attn, "rope", None)
         if rope is None or not isinstance(rope, ropes):
-            return (f"layer {i}: attention rope {type(rope).__name__} is not known to accept an array "
-                    "offset; decoding uncompiled")
+            return f"layer {i}: attention rope {type(rope).__name__} is not known to accept an array offset"
     return None
 
 

@@ -15,7 +15,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
 --breakdown adds where a decode step's time goes, on our model (kernels as
 for mlx-moe) after a prefill of P tokens, each variant decoding G tokens the
 way generate does (next step queued before the current token is read), ms
-per token, medians over repetitions:
+per token, medians over --breakdown-reps rounds:
 
   full          the whole step (uncompiled)
   no-experts    routing kept, the expert backend returns zeros (no expert compute)
@@ -59,7 +59,7 @@ import mlx.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
-from mlx_moe.compiled import StaticKVCache, decoder_for, round_capacity  # noqa: E402
+from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
 from mlx_moe.loader import model_classes  # noqa: E402
 from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
@@ -266,9 +266,9 @@ def breakdown(model, backend, prompt, gen_tokens: int, reps: int, prefill_step_s
         for c in cache:
             c.trim(c.offset - (P - 1))
 
-    decoder = decoder_for(model)
-    static = decoder.make_cache(round_capacity(P + gen_tokens + 2))
-    for i in range(0, P - 1, prefill_step_size):
+    decoder = None if unsupported_reason(model) else decoder_for(model)
+    static = decoder.make_cache(round_capacity(P + gen_tokens + 2)) if decoder else []
+    for i in range(0, (P - 1) if decoder else 0, prefill_step_size):
         model(mx.array(prompt[i:min(i + prefill_step_size, P - 1)])[None], cache=static)
         mx.eval([c.state for c in static])
 
@@ -286,18 +286,33 @@ def breakdown(model, backend, prompt, gen_tokens: int, reps: int, prefill_step_s
         "compiled": (contextlib.nullcontext, lambda: compiled_step(decoder, static), time_decode, rewind_static),
         "compiled build": (contextlib.nullcontext, lambda: compiled_step(decoder, static), time_build, rewind_static),
     }
+    if decoder is None:  # e.g. MLA attention: no compiled step to time
+        variants = {k: v for k, v in variants.items() if not k.startswith("compiled")}
     times = {name: [] for name in variants}
     for rep in range(reps + 1):  # the first round warms up (kernel compiles, the compiled trace)
         for name, (ctx, make, timer, reset) in variants.items():
-            with ctx():
-                ms = timer(make(), first, gen_tokens)
-            reset()
+            if times[name] is None:
+                continue
+            try:
+                with ctx():
+                    ms = timer(make(), first, gen_tokens)
+            except Exception as e:  # noqa: BLE001 -- reported, the other variants still count
+                print(f"[bench_generate] breakdown variant {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                times[name] = None
+                continue
+            finally:
+                reset()
             if rep:
                 times[name].append(ms)
-    result = {name: statistics.median(v) for name, v in times.items()}
+    result = {name: (statistics.median(v) if v else float("nan")) for name, v in times.items()}
     result["nodes"] = graph_nodes(uncompiled_step(model, cache), first)
     rewind()
-    result["compiled nodes"] = graph_nodes(compiled_step(decoder, static), first)
+    for name in ("compiled", "compiled build"):
+        result.setdefault(name, float("nan"))
+    try:
+        result["compiled nodes"] = graph_nodes(compiled_step(decoder, static), first) if decoder else (0, [])
+    except Exception as e:  # noqa: BLE001
+        result["compiled nodes"] = (0, [(f"FAILED: {type(e).__name__}", 0)])
     rewind_static()
     return result
 
@@ -350,6 +365,9 @@ def main(argv=None):
     p.add_argument("--kernels", default="auto")
     p.add_argument("--engines", default="mlx-lm,mlx-moe,mlx-moe+log,mlx-moe/mlx")
     p.add_argument("--breakdown", action="store_true", help="per-component time of our decode step (docstring)")
+    p.add_argument("--breakdown-reps", type=int, default=1,
+                   help="timed rounds of every breakdown variant (after one warm-up round); each round "
+                        "decodes --gen-tokens tokens")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up round (one full run of every engine, not counted)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -377,13 +395,33 @@ def main(argv=None):
         log = os.path.join(tmp, "log.csv") if engine == "mlx-moe+log" else None
         return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log, compile=engine == "mlx-moe+compile")
 
+    failed = {}
+
+    def run_safely(engine):
+        """A failing engine is reported and dropped, not the whole run lost (one GPU run is precious)."""
+        if engine in failed:
+            return None
+        try:
+            return run(engine)
+        except Exception as e:  # noqa: BLE001 -- reported below, with its type
+            import traceback
+
+            traceback.print_exc()
+            failed[engine] = f"{type(e).__name__}: {e}"
+            return None
+
     if not args.no_warmup:  # compile kernels and the decode step's trace, fill allocator caches
         for e in engines:
-            run(e)
+            run_safely(e)
     results = {e: [] for e in engines}
     for _ in range(args.reps):
         for e in engines:
-            results[e].append(run(e))
+            r = run_safely(e)
+            if r is not None:
+                results[e].append(r)
+    for e in failed:
+        results.pop(e, None)
+        print(f"[bench_generate] engine {e} FAILED: {failed[e]}", file=sys.stderr)
     summary = {}
     for e, rs in results.items():
         summary[e] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_tps", "decode_tps")}
@@ -412,8 +450,12 @@ def main(argv=None):
             else f"DIFFER from token {same_tokens}"))
         print()
     details = None
+    for e, why in failed.items():
+        print(f"\nengine {e} FAILED: {why}")
+    if "mlx-moe+compile" in engines and unsupported_reason(ours):
+        print(f"\nmlx-moe+compile decoded UNCOMPILED: {unsupported_reason(ours)}")
     if args.breakdown:
-        details = breakdown(ours, kernels, prompt, args.gen_tokens, args.reps)
+        details = breakdown(ours, kernels, prompt, args.gen_tokens, args.breakdown_reps)
         print_breakdown(details, config["num_hidden_layers"])
     if args.json:
         with open(args.json, "w") as f:
