@@ -38,6 +38,31 @@ def chain(x: mx.array, steps: int, rank: int, total: float, sum_fn) -> mx.array:
     return x
 
 
+def two_stream_rounds(group, sum_fn, rounds: int, sync: bool = False) -> int:
+    """Rounds (of `rounds`) in which a chain of sums queued on a second stream and one run
+    on the default stream right after it do not both come out exact.  sync: wait for the
+    second stream first.  (tests/ep_worker.py runs this with ExpertParallel.all_sum.)"""
+    n, rank = group.size(), group.rank()
+    total = n * (n + 1) / 2
+    other = mx.new_stream(mx.cpu)
+    bad = 0
+    rng = np.random.default_rng(0)  # same values on every rank
+    for _ in range(rounds):
+        a0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
+        b0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
+        with mx.stream(other):
+            a = chain(a0, 4, rank, total, sum_fn)
+            mx.async_eval(a)
+        if sync:
+            mx.synchronize(other)
+        b = chain(b0, 4, rank, total, sum_fn)
+        mx.eval(b)
+        mx.eval(a)
+        if not (np.allclose(np.array(a), np.array(a0), atol=1e-5) and np.allclose(np.array(b), np.array(b0), atol=1e-5)):
+            bad += 1
+    return bad
+
+
 def run_generate(group, rounds: int, old: bool) -> int:
     """Rounds in which the prompt's logits after a generation differ from clean ones."""
     import shutil
@@ -75,16 +100,12 @@ def main(mode: str, rounds: int) -> int:
         bad = run_generate(group, rounds, old=mode == "generate-old")
         print(f"rank {group.rank()}: {mode} rounds={rounds} bad={bad}", flush=True)
         return 0
-    n = group.size()
-    total = n * (n + 1) / 2
     comm = mx.new_stream(mx.cpu)
-    other = mx.new_stream(mx.cpu)
-
     if mode == "expert-parallel":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from mlx_moe.distributed import ExpertParallel, Placement
 
-        sum_fn = ExpertParallel(group, Placement(n, {})).all_sum
+        sum_fn = ExpertParallel(group, Placement(group.size(), {})).all_sum
     elif mode == "comm-stream":
         sum_fn = lambda x: mx.distributed.all_sum(x, group=group, stream=comm)  # noqa: E731
     elif mode in ("two-streams", "sync"):
@@ -92,21 +113,7 @@ def main(mode: str, rounds: int) -> int:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
-    bad = 0
-    rng = np.random.default_rng(0)  # same values on every rank
-    for i in range(rounds):
-        a0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
-        b0 = mx.array(rng.standard_normal((17, 64)).astype(np.float32))
-        with mx.stream(other):
-            a = chain(a0, 4, group.rank(), total, sum_fn)
-            mx.async_eval(a)
-        if mode == "sync":
-            mx.synchronize(other)
-        b = chain(b0, 4, group.rank(), total, sum_fn)
-        mx.eval(b)
-        mx.eval(a)
-        if not (np.allclose(np.array(a), np.array(a0), atol=1e-5) and np.allclose(np.array(b), np.array(b0), atol=1e-5)):
-            bad += 1
+    bad = two_stream_rounds(group, sum_fn, rounds, sync=mode == "sync")
     print(f"rank {group.rank()}: {mode} rounds={rounds} bad={bad}", flush=True)
     return 0
 

@@ -11,6 +11,9 @@ JOB.json:
     plain        true: mlx_moe.load + generate in one process, no expert parallelism
     timeout      the expert-parallel watchdog's limit in seconds
     expert_log   true: every rank passes expert_log=out/NAME.csv (only rank 0 may write it)
+    race_rounds  rounds of tests/ep_race_repro.py's two-stream pattern with
+                 ExpertParallel.all_sum (issue 8); the rounds with a wrong sum go to
+                 "race_bad" in rank{r}.json
     cli          argv for `mlx_moe.generation.main`, run after the models on every rank;
                  its stdout goes to out/cli_stdout{r}.txt
     (per model)  "placement_log": an expert log CSV to place that model's experts by load
@@ -112,6 +115,13 @@ def main(job_file: str) -> int:
         (out / f"pid{rank}").write_text(str(os.getpid()))
         for entry in job["models"]:
             results["models"][entry["name"]] = run_model(entry, job, group, rank, out)
+        if job.get("race_rounds"):
+            from ep_race_repro import two_stream_rounds
+
+            ep = distributed.ExpertParallel(group, distributed.Placement(group.size(), {}))
+            with ep.watch("running the two-stream collectives check"):
+                results["race_bad"] = two_stream_rounds(group, ep.all_sum, job["race_rounds"])
+            ep.watchdog.close()
         if job.get("cli"):
             from mlx_moe.generation import main as cli_main
 

@@ -342,17 +342,17 @@ def _check_memory(single, ranks, n: int):
         assert got["peak_bytes"] - (want["active_bytes"] - experts) < experts
 
 
-# Known flaky (issue 8): about 1 run in 5 one family's logits differ from the single-process
-# run from prompt row 8 on (rows before it exact): a race in the expert-parallel combine or
-# MLX's CPU ring all_sum, not yet found. Excluded from the default run; `pytest -m multirank`.
-@pytest.mark.multirank
 def test_two_ranks_with_mlx_launch(checkpoints, single, tmp_path):
     """`mlx.launch -n 2 --backend ring`: same tokens and logits as one process, ~1/2 of the
-    expert memory, one expert log; and the `generate --expert-parallel` CLI in the same ranks."""
+    expert memory, one expert log; and the `generate --expert-parallel` CLI in the same ranks.
+    Also the issue-8 race check: collectives queued on two streams at once must still sum
+    exactly through ExpertParallel.all_sum (before its one communication stream, about one
+    run in five gave one family wrong logits from prompt row 8 on, and this check failed
+    in nearly every round)."""
     out = tmp_path / "out"
     cli_log = tmp_path / "cli.csv"
     job = {"models": _entries(checkpoints), "prompt": PROMPT, "max_tokens": MAX_TOKENS, "out": str(out),
-           "expert_log": True, "timeout": 60,
+           "expert_log": True, "timeout": 60, "race_rounds": 20,
            "cli": ["--expert-parallel", "--model", str(checkpoints["tiny_qwen3"]), "-p", "MoE", "-m", "6",
                    "--no-chat-template", "--expert-log", str(cli_log)]}
     job_file = tmp_path / "job.json"
@@ -363,6 +363,7 @@ def test_two_ranks_with_mlx_launch(checkpoints, single, tmp_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _check_against_single(single, out, 2)
+    assert [res["race_bad"] for res in ranks] == [0, 0]
     _check_memory(single, ranks, 2)
 
     # The CLI: rank 0 prints the text, rank 1 nothing; one log, as in a single-process run.
@@ -382,8 +383,12 @@ def test_two_ranks_with_mlx_launch(checkpoints, single, tmp_path):
     assert cli_log.read_bytes() == single_log.read_bytes()
 
 
-@pytest.mark.multirank  # flaky like test_two_ranks_with_mlx_launch (issue 8)
-@pytest.mark.slow  # about a minute on a loaded 2-core machine: 4 processes each import mlx-lm
+# Out of the default run for its time (run it with `pytest -m multirank`): on the 2-core CI
+# machine it takes one to two minutes.  The default run keeps the 2-rank comparison above and
+# the failure tests below (a hung rank, a missing rank); this one adds 4 ranks, placement by
+# load, and a rank killed mid-generation.
+@pytest.mark.multirank
+@pytest.mark.slow  # 4 processes each import mlx-lm
 def test_four_ranks_placement_by_load_then_a_rank_killed(checkpoints, single, tmp_path):
     """4 ranks started by hand; the memory model placed by the load in its own expert log.
     Then, in the same ranks (each start costs seconds here), rank 1 is killed in the middle
