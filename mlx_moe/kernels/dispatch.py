@@ -53,14 +53,14 @@ class Geometry:
         return f"{self.nr}x{self.nsg}x{self.nq}"
 
 
-# PENDING THE H100 SWEEP (tools/bench_kernels.py --ncu --geometries ...): the Q4_0
-# entries below are a best guess from the kernels' structure, not measurements.
-# Many small simdgroups (few rows each) keep enough loads in flight to cover HBM
-# latency; nq=1 keeps each load instruction within a few cache lines.  Measured
-# on the H100 (GPU run 1) for the previous kernels: gate/up nr=8 nsg=2 (nq=4
-# layout) 26.7 us, down nr=2 nsg=8 20.9 us at Qwen3-30B-A3B decode shapes.
+# Q4_0 geometries measured on the H100 (BENCHMARKS.md, "decode geometry sweep":
+# ncu GPU time at Qwen3-30B-A3B decode shapes, T = 1): gate/up 1x4x1 13.6 us
+# (2x4x1 14.3, 2x8x2 14.3, 8x2x4 20.5); down 4x8x1 8.8 us (8x8x1 8.9, 2x8x2
+# 12.2, 2x8x4 18.2).  Many small simdgroups keep enough loads in flight to
+# cover HBM latency; nq=1 keeps each load instruction within a few cache lines.
+# The float entries are not measured.
 # Gate+up (SwiGLU fused) and the plain per-slot GEMV: a threadgroup owns nr * nsg rows.
-GATE_UP = {"q4_0": Geometry(nr=2, nsg=4, nq=1), "float": Geometry(nr=2, nsg=4)}
+GATE_UP = {"q4_0": Geometry(nr=1, nsg=4, nq=1), "float": Geometry(nr=2, nsg=4)}
 # Down + combine: a threadgroup owns nr rows of one token, its simdgroups take the slots.
 DOWN = {"q4_0": Geometry(nr=4, nsg=8, nq=1), "float": Geometry(nr=2, nsg=8)}
 
