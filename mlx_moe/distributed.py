@@ -408,6 +408,12 @@ class ExpertParallelBackend(ExpertBackend):
     def supports(self, experts) -> bool:
         return self.inner.supports(experts)
 
+    def route(self, logits, params):
+        # Every rank routes every token itself, through the wrapped backend's router
+        # (the fused kernel on GPUs): the same rule and code on all ranks, so the
+        # same ids everywhere.
+        return self.inner.route(logits, params)
+
     def __call__(self, x, ids, weights, experts, n_identity=0, may_pad=False):
         self.ep.beat()
         local_ids = self.local_map[ids]
