@@ -109,6 +109,17 @@ def greedy_topk(
     return ids, weights * scaling
 
 
+def _biased_choice(scores, k, correction_bias, normalize, scaling):
+    """top-k of scores (+ a selection-only bias); weights are the unbiased scores
+    (optionally renormalized) x `scaling`."""
+    choice = scores if correction_bias is None else scores + correction_bias.astype(mx.float32)
+    ids = topk(choice, k)
+    weights = mx.take_along_axis(scores, ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return ids, weights * scaling
+
+
 def biased_topk(
     logits: mx.array,
     k: int,
@@ -120,12 +131,7 @@ def biased_topk(
     bias shifts only the choice, the weights are the unbiased probabilities
     (optionally renormalized) x `scaling`."""
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    choice = probs if correction_bias is None else probs + correction_bias.astype(mx.float32)
-    ids = topk(choice, k)
-    weights = mx.take_along_axis(probs, ids, axis=-1)
-    if normalize:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return ids, weights * scaling
+    return _biased_choice(probs, k, correction_bias, normalize, scaling)
 
 
 def sigmoid_topk(
@@ -135,15 +141,8 @@ def sigmoid_topk(
     normalize: bool = False,
     scaling: float = 1.0,
 ) -> Tuple[mx.array, mx.array]:
-    """Sigmoid scores; the bias shifts only the choice; weights are the scores
-    (optionally renormalized) x `scaling` (DeepSeek-V3-style scoring)."""
-    scores = mx.sigmoid(logits.astype(mx.float32))
-    choice = scores if correction_bias is None else scores + correction_bias.astype(mx.float32)
-    ids = topk(choice, k)
-    weights = mx.take_along_axis(scores, ids, axis=-1)
-    if normalize:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return ids, weights * scaling
+    """Sigmoid scores, otherwise as `biased_topk` (DeepSeek-V3-style scoring)."""
+    return _biased_choice(mx.sigmoid(logits.astype(mx.float32)), k, correction_bias, normalize, scaling)
 
 
 def route(logits: mx.array, p: RouterParams) -> Tuple[mx.array, mx.array]:

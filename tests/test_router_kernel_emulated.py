@@ -112,10 +112,12 @@ def test_sigmoid_scoring_against_numpy():
     ids = np.argsort(-(sig + bias), axis=1, kind="stable")[:, :8]
     w = np.take_along_axis(sig, ids, 1)
     w = w / w.sum(1, keepdims=True) * 2.5
-    got = fused_topk(lg, RouterParams(8, score="sigmoid", bias=mx.array(bias.astype(np.float32)),
-                                      normalize=True, scaling=2.5), FLAVOR)
+    params = RouterParams(8, score="sigmoid", bias=mx.array(bias.astype(np.float32)), normalize=True, scaling=2.5)
+    got = fused_topk(lg, params, FLAVOR)
     np.testing.assert_array_equal(np.array(got[0]), ids)  # same order too: by score
     np.testing.assert_allclose(np.array(got[1]), w, rtol=1e-5)
+    # the MLX-op rule (mlx_moe.router.route) against the same oracle, ids in any order
+    assert_same_routing(R.route(lg, params), (mx.array(ids.astype(np.int32)), mx.array(w.astype(np.float32))))
 
 
 def test_ties_go_to_the_lower_expert_id():
