@@ -22,12 +22,13 @@ write position is an array:
   captured state), and the position is an input: nothing in the trace
   depends on the step number.
 
-Routing hooks work under compile: while tracing, the MoE layers report to a
-capture object instead of `mlx_moe.hooks.HOOKS`; the captured (ids, weights)
-become extra outputs of the compiled function, and after each call they are
-handed to `HOOKS` (begin_forward, record per layer, end_forward) as lazy
-arrays, the calls our model wrapper makes around an uncompiled forward.  A trace with and one without these outputs exist
-side by side (a hook may be added between two generate calls).
+Routing hooks work under compile: while tracing, `HOOKS.capturing()` collects
+the MoE layers' records (tracer arrays); the captured (ids, weights) become
+extra outputs of the compiled function, and after each call they are handed
+to `HOOKS` (begin_forward, record per layer, end_forward) as lazy arrays, the
+calls our model wrapper makes around an uncompiled forward.  A trace with and
+one without these outputs exist side by side (a hook may be added between two
+generate calls).
 
 Supported: the standard-attention families (qwen3_moe, qwen2_moe, mixtral,
 olmoe) with a rope that accepts array offsets.  `unsupported_reason(model)`
@@ -41,7 +42,6 @@ re-traces on the next generate call.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from typing import Iterator, List, Optional, Tuple
 
@@ -50,6 +50,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import moe as _moe
+from .hooks import HOOKS
 
 COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
@@ -168,33 +169,6 @@ class _TracedCache:
         return k_pos <= q_pos  # [n, capacity], broadcast over batch and heads
 
 
-# -- routing capture ----------------------------------------------------------------------
-
-
-class _RoutingCapture:
-    """Stands in for mlx_moe.hooks.HOOKS while the step is traced: the MoE layers'
-    `HOOKS.record(...)` land here (tracer arrays), to become outputs of the trace."""
-
-    def __init__(self, active: bool):
-        self.active = active
-        self.records: list = []
-
-    def record(self, layer, ids, weights, n_experts, n_zero) -> None:
-        if self.active:
-            self.records.append((layer, ids, weights, n_experts, n_zero))
-
-
-@contextlib.contextmanager
-def _hooks_replaced(capture: _RoutingCapture):
-    """The MoE layer reads the module global `HOOKS` at call time (mlx_moe/moe.py)."""
-    original = _moe.HOOKS
-    _moe.HOOKS = capture
-    try:
-        yield
-    finally:
-        _moe.HOOKS = original
-
-
 # -- the decoder --------------------------------------------------------------------------
 
 
@@ -283,15 +257,14 @@ class CompiledDecoder:
         def step(token, offset, keys, values):
             self.traces += 1
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
-            capture = _RoutingCapture(record)
-            with _hooks_replaced(capture):
+            with HOOKS.capturing(record) as records:
                 logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
             if record:
-                self._routing_meta = [(r[0], r[3], r[4]) for r in capture.records]
-                out += [[r[1] for r in capture.records], [r[2] for r in capture.records]]
+                self._routing_meta = [(r[0], r[3], r[4]) for r in records]
+                out += [[r[1] for r in records], [r[2] for r in records]]
             return out
 
         return step
@@ -299,8 +272,6 @@ class CompiledDecoder:
     def step(self, token: mx.array, cache: List[StaticKVCache]) -> mx.array:
         """Run one token (ids of shape [1] or [1, 1]) at the cache's position; returns
         lazy log-probabilities [1, vocab] and advances the cache by one."""
-        from .hooks import HOOKS
-
         first = cache[0]
         if first.keys is None:
             raise ValueError("the compiled decode step needs a prefilled cache (run the prompt through it first)")

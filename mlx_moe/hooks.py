@@ -217,10 +217,26 @@ class RoutingHooks:
         # them per layer (one host transfer per layer and array): only for
         # tools/bench_generate.py's comparison of the two.
         self.join_on_device = True
+        self._capture: Optional[list] = None  # see capturing()
+        self._capture_on = False
 
     @property
     def active(self) -> bool:
+        if self._capture is not None:
+            return self._capture_on
         return bool(self._callbacks)
+
+    @contextmanager
+    def capturing(self, enabled: bool = True) -> Iterator[list]:
+        """While a compiled step is traced (mlx_moe/compiled.py): the MoE layers'
+        records go to the yielded list (tracer arrays, to become outputs of the
+        trace), not to a pending forward; `active` says `enabled` meanwhile."""
+        saved = self._capture, self._capture_on
+        self._capture, self._capture_on = [], enabled
+        try:
+            yield self._capture
+        finally:
+            self._capture, self._capture_on = saved
 
     def add(self, fn, per_forward: bool = False) -> int:
         """Register `fn`. per_forward=False: fn(event) per layer; True: fn([events]) per forward pass."""
@@ -248,6 +264,10 @@ class RoutingHooks:
         self._pending.append(_Forward(self._forward_id, positions, phase, self.sequence_id))
 
     def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int) -> None:
+        if self._capture is not None:
+            if self._capture_on:
+                self._capture.append((layer, ids, weights, n_experts, n_zero))
+            return
         if not self._callbacks:
             return
         if not self._pending:  # a layer called outside a wrapped model forward
