@@ -54,7 +54,7 @@ def cache_dir() -> Path:
 def demo_weights(config: dict = DEMO_CONFIG, seed: int = 0) -> dict:
     """Random weights in the Hugging Face layout, deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    D, F, I = config["hidden_size"], config["intermediate_size"], config["moe_intermediate_size"]
+    D, I = config["hidden_size"], config["moe_intermediate_size"]
     H, KV, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     E, V = config["num_experts"], config["vocab_size"]
 

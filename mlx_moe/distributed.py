@@ -66,7 +66,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .backends import ExpertBackend
-from .moe import MoELayer, moe_layers
+from .moe import moe_layers
 
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits on its peers before giving up
 SHUTDOWN_GRACE = 10.0  # seconds a rank that lost a peer has to report it and exit

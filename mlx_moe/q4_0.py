@@ -46,7 +46,6 @@ overflows float16 when |d| > 8188.  That is why float32 is the default.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx

@@ -7,7 +7,6 @@ Synthetic logs follow notes/EXPERT_LOG_FORMAT.md.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path

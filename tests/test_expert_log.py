@@ -3,7 +3,6 @@ positions and sequences, and a valid CSV after Ctrl-C, exceptions and a full dis
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess

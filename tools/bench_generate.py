@@ -142,8 +142,6 @@ def random_quantized(model) -> None:
 def random_q4_0_experts(model, scale: float = 0.02) -> None:
     """Replace our experts by random Q4_0 blocks of the same shapes (4.5 bits per
     weight, as MLX affine 4-bit g64): same bytes to read, for the kernels' path."""
-    import numpy as np
-
     from mlx_moe.moe import moe_layers
     from mlx_moe.q4_0 import Q4_0SwitchLinear
 

@@ -7,9 +7,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import stats
-from .cache import POLICIES, hit_curve, lru_hist, stack_hists
+from .cache import POLICIES, lru_hist, stack_hists
 from .modelinfo import model_info
-from .reader import PHASES, read_logs, read_sidecar
+from .reader import read_logs, read_sidecar
 from .report import LayerStats, Report
 
 KNEE_POINTS = 5.0

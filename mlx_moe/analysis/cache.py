@@ -54,7 +54,6 @@ def lru_hist(experts: np.ndarray, phase: np.ndarray, n_experts: int) -> np.ndarr
     last = np.full(E, -1, np.int64)  # time of each expert's latest request so far
     block = max(16, (1 << 22) // max(1, k * E))
     prow = _phase_rows(phase)
-    slot = np.arange(k, dtype=np.int64)
     for b0 in range(0, n, block):
         ex = experts[b0:b0 + block].astype(np.int64)
         nb = len(ex)

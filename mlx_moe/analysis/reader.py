@@ -20,7 +20,6 @@ that, reading holds one chunk of text at a time.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
