@@ -1,0 +1,247 @@
+"""A CPU mock of the CUDA features the CUDA GEMM bodies use (test support).
+
+The CUDA GEMM bodies (metal/mul_mm_id_cuda.h, both CUDA_GEMM variants) compiled
+with g++ against a stand-in for CUDA: one OS thread per CUDA thread,
+__syncthreads a real barrier, __shared__ arrays static (blocks run one after
+another), and the three PTX helpers (TF32 rounding, mma.sync m16n8k8,
+ldmatrix.x4) as warp-collective C++ that follows the PTX ISA's fragment layouts
+(the layouts are written out independently here; an index mistake in the kernel
+or the mock shows up as a wrong result against the mlx backend).  This checks
+the CUDA index math, the pipeline's stage handling and the vector loads on a
+machine without a GPU; it says nothing about speed.  Used by
+tests/test_kernels_prefill_emulated.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_moe.kernels.mul_mm_id import BM  # output rows per block (grid x = ceil(rows / BM))
+
+CXX = shutil.which("g++")
+
+CUDA_MOCK = r"""
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#define MOE_CUDA_MOCK 1
+#define __global__
+#define __device__
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
+#define MOE_DEVICE
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+struct __half {
+  _Float16 v;
+  __half() = default;
+  __half(float f) : v(f) {}
+  operator float() const { return float(v); }
+};
+struct __nv_bfloat16 {
+  uint16_t b;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) { unsigned u = __float_as_uint(f); b = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
+  operator float() const { return __uint_as_float(unsigned(b) << 16); }
+};
+inline float moe_f16_bits(ushort b) { _Float16 h; std::memcpy(&h, &b, 2); return float(h); }
+inline float moe_silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+static std::barrier<>* mock_block_bar;
+inline void __syncthreads() { mock_block_bar->arrive_and_wait(); }
+struct MockWarp { std::barrier<>* bar; const float* ptr[32]; unsigned a[32][4]; unsigned b[32][2]; };
+static MockWarp mock_warp[32];
+thread_local int mock_lane, mock_warp_id;
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
+inline unsigned moe_tf32(float f) { return (__float_as_uint(f) + 0x1000u) & 0xFFFFE000u; }
+
+// ldmatrix.x4 (b16 pairs = floats): register j of lane (g, q) = float q of the row whose
+// address lane 8 j + g gave.
+inline void moe_ldsm_x4(unsigned* r, const float* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) { std::fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n"); std::abort(); }
+  MockWarp& w = mock_warp[mock_warp_id];
+  w.ptr[mock_lane] = p;
+  w.bar->arrive_and_wait();
+  const int g = mock_lane >> 2, q = mock_lane & 3;
+  for (int j = 0; j < 4; ++j) r[j] = __float_as_uint(w.ptr[8 * j + g][q]);
+  w.bar->arrive_and_wait();
+}
+
+// mma.m16n8k8 tf32 (PTX ISA fragment layouts): A(r, k) in lane (r % 8) * 4 + k % 4, register
+// (r >= 8) + 2 (k >= 4); B(k, n) in lane 4 n + k % 4, register (k >= 4); C/D(r, n) in lane
+// (r % 8) * 4 + n / 2, register 2 (r >= 8) + n % 2.  The tensor cores ignore an operand's
+// 13 low mantissa bits.
+inline void moe_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+  MockWarp& w = mock_warp[mock_warp_id];
+  for (int i = 0; i < 4; ++i) w.a[mock_lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) w.b[mock_lane][i] = b[i];
+  w.bar->arrive_and_wait();
+  auto A = [&](int r, int k) { return __uint_as_float(w.a[(r % 8) * 4 + k % 4][(r >= 8) + 2 * (k >= 4)] & 0xFFFFE000u); };
+  auto B = [&](int k, int n) { return __uint_as_float(w.b[4 * n + k % 4][k >= 4] & 0xFFFFE000u); };
+  float res[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = (mock_lane >> 2) + 8 * (i >> 1), n = 2 * (mock_lane & 3) + (i & 1);
+    double s = d[i];
+    for (int k = 0; k < 8; ++k) s += double(A(r, k)) * double(B(k, n));
+    res[i] = float(s);
+  }
+  w.bar->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = res[i];
+}
+
+template <class F>
+void mock_launch(unsigned gx, unsigned gy, int threads, F f) {
+  std::barrier<> bb(threads);
+  mock_block_bar = &bb;
+  std::vector<std::unique_ptr<std::barrier<>>> wb;
+  for (int i = 0; i < threads / 32; ++i) { wb.emplace_back(new std::barrier<>(32)); mock_warp[i].bar = wb.back().get(); }
+  for (unsigned by = 0; by < gy; ++by) {
+    for (unsigned bx = 0; bx < gx; ++bx) {
+      std::vector<std::thread> ts;
+      for (int t = 0; t < threads; ++t) {
+        ts.emplace_back([=] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; mock_lane = t & 31; mock_warp_id = t >> 5; f(); });
+      }
+      for (auto& th : ts) th.join();
+    }
+  }
+}
+
+static std::vector<char> mock_read(const char* path) {
+  FILE* fp = std::fopen(path, "rb");
+  if (!fp) { std::perror(path); std::exit(2); }
+  std::fseek(fp, 0, SEEK_END); long n = std::ftell(fp); std::fseek(fp, 0, SEEK_SET);
+  std::vector<char> v(n + 64);
+  if (std::fread(v.data(), 1, n, fp) != size_t(n)) std::exit(3);
+  std::fclose(fp);
+  return v;
+}
+"""
+
+
+def _mock_function(key, name, inputs, outputs, template):
+    from test_kernels_cuda_compile import CUDA_TYPES, kernel_text
+
+    from mlx_moe.kernels.registry import KERNELS
+
+    spec = KERNELS[name.removesuffix("_pipe")]
+    fn = kernel_text(name, f"k{key}", inputs, outputs, template)
+    args = [f"reinterpret_cast<const {CUDA_TYPES[inputs[a]]}*>(in[{i}].data())" for i, a in enumerate(spec.inputs)]
+    call = f"mlx::core::cu::custom_kernel_mlx_moe_{name}_k{key}({', '.join(args)}, out)"
+    return fn, f"    case {key}: mock_launch(gx, gy, 128, [&] {{ {call}; }}); break;\n"
+
+
+def _mock_program(kernels):
+    """One g++ program running any of `kernels` [(name, inputs, outputs, template)]:
+    argv = kernel index, grid x, grid y, output file, output bytes, input files (KERNELS order)."""
+    from mlx_moe.kernels.registry import read_cuda_twin, read_family
+
+    helpers = read_family("mul_mm_id")[0] + "\n" + read_cuda_twin("mul_mm_id")[0]
+    fns, cases = zip(*(_mock_function(i, *kern) for i, kern in enumerate(kernels)))
+    main = """
+int main(int argc, char** argv) {
+  const int which = std::atoi(argv[1]);
+  const unsigned gx = std::atoi(argv[2]), gy = std::atoi(argv[3]);
+  const long nout = std::atol(argv[5]);
+  std::vector<std::vector<char>> in;
+  for (int i = 6; i < argc; ++i) in.push_back(mock_read(argv[i]));
+  std::vector<float> buf(nout / 4 + 16, std::nanf(""));  // rows the kernel must not write stay NaN
+  float* out = buf.data();
+  switch (which) {
+""" + "".join(cases) + """    default: return 4;
+  }
+  FILE* fp = std::fopen(argv[4], "wb");
+  std::fwrite(buf.data(), 1, nout, fp);
+  std::fclose(fp);
+  return 0;
+}
+"""
+    return CUDA_MOCK + helpers + "\nnamespace mlx::core::cu {\n" + "".join(fns) + "}\n" + main
+
+
+_DT = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.uint16: "uint16",
+       mx.int32: "int32"}
+_W_DT = {"q4_0": "uint16", "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+ROUTE_IN = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
+
+
+def layer_kernels(variant, fmt, shape, x_dtype):
+    """The (name, inputs, outputs, template) of the swiglu and down GEMMs of a mock layer."""
+    E, D, F, k, T = shape
+    sfx = "_pipe" if variant == "pipe" else ""
+    wt, xt = _W_DT[fmt], _DT[x_dtype]
+    return [("mul_mm_id_swiglu" + sfx, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": "float32"},
+             [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)]),
+            ("mul_mm_id" + sfx, {"src": "float32", "w": wt, **ROUTE_IN}, {"out": "float32"},
+             [("T", "float32"), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)])]
+
+
+
+_MOCK = {}
+
+
+def mock_binary(tmp_path_factory, layers):
+    """(executable, {kernel key: index}) of one program holding the GEMMs of all
+    `layers` (one g++ run), built on first use."""
+    key = repr(layers)
+    if key not in _MOCK:
+        kernels = []
+        for layer in layers:
+            for kern in layer_kernels(*layer):
+                if kern not in kernels:
+                    kernels.append(kern)
+        d = tmp_path_factory.mktemp("cuda_mock")
+        src = d / "mock.cpp"
+        src.write_text(_mock_program(kernels))
+        exe = d / "mock"
+        r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        _MOCK[key] = exe, {repr(k): i for i, k in enumerate(kernels)}
+    return _MOCK[key]
+
+
+def run_mock(tmp_path, mock, kern, arrays: dict, out_shape):
+    """Run kernel `kern` (an entry of layer_kernels) under the mock; arrays: {input name: mx.array}."""
+    from mlx_moe.kernels.registry import KERNELS
+
+    exe, index = mock
+    name = kern[0]
+    spec = KERNELS[name.removesuffix("_pipe")]
+    files = []
+    for a in spec.inputs:
+        f = tmp_path / f"{name}_{a}.bin"
+        arr = arrays[a]
+        assert _DT[arr.dtype] == kern[1][a], (a, arr.dtype)
+        raw = np.array(arr.view(mx.uint16) if arr.dtype in (mx.float16, mx.bfloat16) else arr)
+        f.write_bytes(raw.tobytes())
+        files.append(str(f))
+    out = tmp_path / f"{name}_out.bin"
+    n_out = int(np.prod(out_shape)) * 4
+    grid = (-(-out_shape[1] // BM), arrays["tiles"].shape[0])
+    r = subprocess.run([str(exe), str(index[repr(kern)]), *map(str, grid), str(out), str(n_out), *files],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return np.fromfile(out, dtype=np.float32).reshape(out_shape)
+
+
