@@ -196,7 +196,7 @@ class _Forward:
     phase: str
     sequence_id: int
     records: list = field(default_factory=list)  # (layer, ids, weights, n_experts, n_zero)
-    stacked: Optional[tuple] = None  # (ids [L, T, k], weights [L, T, k]) once end_forward ran
+    stacked: Optional[tuple] = None  # (ids [L * T, k], weights [L * T, k]) once end_forward ran
 
 
 Callback = Callable[[RoutingEvent], None]
@@ -214,8 +214,8 @@ class RoutingHooks:
         self.sequence_id = 0
         self.prompt_end: Optional[int] = None  # positions >= this are decode
         # Join each forward's records on the device (end_forward).  False keeps
-        # them per layer (one host transfer per layer and array): only for
-        # tools/bench_generate.py's comparison of the two.
+        # them per layer (one host transfer per layer and array): only to compare
+        # the two (tests/test_expert_log.py; an H100 A/B if ever needed).
         self.join_on_device = True
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
