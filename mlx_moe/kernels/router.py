@@ -14,7 +14,7 @@ MoE layer instead of the five to eight MLX ops of the reference.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -25,34 +25,36 @@ SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 TOKENS_PER_GROUP = 4  # simdgroups (tokens) per threadgroup
 
 
+def unsupported(n_experts: int, p: RouterParams) -> Optional[str]:
+    """Why the kernel cannot run rule `p` over `n_experts` router outputs, or None
+    when it can (one rule for `covers` and for `fused_topk`'s errors)."""
+    n = n_experts
+    if p.score not in SCORES:
+        return f"unknown router score {p.score!r}; choose one of {', '.join(SCORES)}"
+    if not 1 <= p.k <= min(n, 32):
+        return f"top-k must be in 1..min(experts, 32) = {min(n, 32)}; got k={p.k}"
+    if p.n_group > 1 and (n % p.n_group or not 1 <= p.topk_group <= p.n_group):
+        return (f"group-limited routing needs experts ({n}) divisible by n_group ({p.n_group}) "
+                f"and 1 <= topk_group ({p.topk_group}) <= n_group")
+    if p.n_group > 1 and p.k > p.topk_group * (n // p.n_group):
+        return f"k={p.k} exceeds the experts of the {p.topk_group} kept groups"
+    if p.bias is not None and p.bias.shape != (n,):
+        return f"router bias must have shape ({n},); got {tuple(p.bias.shape)}"
+    return None
+
+
 def covers(n_experts: int, p: RouterParams) -> bool:
     """Whether the kernel runs rule `p` over `n_experts` router outputs (else
-    the caller uses mlx_moe.router.route); `fused_topk` raises for the rest."""
-    if p.score not in SCORES or not 1 <= p.k <= min(n_experts, 32):
-        return False
-    if p.n_group > 1 and (n_experts % p.n_group or not 1 <= p.topk_group <= p.n_group
-                          or p.k > p.topk_group * (n_experts // p.n_group)):
-        return False
-    return p.bias is None or p.bias.shape == (n_experts,)
+    the caller uses mlx_moe.router.route)."""
+    return unsupported(n_experts, p) is None
 
 
 def _check(logits: mx.array, p: RouterParams) -> None:
     if logits.ndim != 2:
         raise ValueError(f"router logits must be [tokens, experts]; got shape {tuple(logits.shape)}")
-    n = logits.shape[1]
-    if p.score not in SCORES:
-        raise ValueError(f"unknown router score {p.score!r}; choose one of {', '.join(SCORES)}")
-    if not 1 <= p.k <= min(n, 32):
-        raise ValueError(f"top-k must be in 1..min(experts, 32) = {min(n, 32)}; got k={p.k}")
-    if p.n_group > 1 and (n % p.n_group or not 1 <= p.topk_group <= p.n_group):
-        raise ValueError(
-            f"group-limited routing needs experts ({n}) divisible by n_group ({p.n_group}) "
-            f"and 1 <= topk_group ({p.topk_group}) <= n_group"
-        )
-    if p.n_group > 1 and p.k > p.topk_group * (n // p.n_group):
-        raise ValueError(f"k={p.k} exceeds the experts of the {p.topk_group} kept groups")
-    if p.bias is not None and p.bias.shape != (n,):
-        raise ValueError(f"router bias must have shape ({n},); got {tuple(p.bias.shape)}")
+    problem = unsupported(logits.shape[1], p)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.array, mx.array]:
