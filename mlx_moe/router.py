@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built per layer per forward: slots, not frozen (3x cheaper to construct)
 class RouterParams:
     """One family's routing rule, from router logits [T, n] to (ids, weights).
 
