@@ -176,8 +176,10 @@ class ExpertLog:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.close()
+        if exc_type is None:
+            self.raise_error()
 
     # -- writer thread ---------------------------------------------------------------------
 

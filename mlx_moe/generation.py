@@ -63,8 +63,10 @@ def routing_session(model, n_prompt: int, prompt_cache=None, expert_log=None, ex
     offset = _cache_offset(prompt_cache)
     handle = log.attach(new_sequence=offset == 0) if log else None
     HOOKS.prompt_end = offset + n_prompt
+    finished = False
     try:
         yield log
+        finished = True
     finally:
         HOOKS.prompt_end = None
         if log is not None:
@@ -73,6 +75,8 @@ def routing_session(model, n_prompt: int, prompt_cache=None, expert_log=None, ex
                 log.close()
         if not HOOKS.active:
             HOOKS.discard()
+    if finished and log is not None:
+        log.raise_error()  # a write of the last rows failed: say so (the file keeps every complete row)
 
 
 def expert_parallel_setup(model, sampler, expert_log):
@@ -89,10 +93,17 @@ def flushing(steps: Iterable) -> Iterator:
     """Deliver routing events as tokens come out of mlx-lm's step generator.
 
     When mlx-lm yields token n it has already queued the step for token n+1,
-    so every forward pass but the newest is evaluated: deliver those."""
-    for item in steps:
+    so every forward pass but the newest is evaluated: `HOOKS.poll()` hands
+    those over in batches (mlx_moe/hooks.py).  If generation stops early (an
+    exception, Ctrl-C, the consumer closing the generator) the evaluated
+    forward passes are still delivered, so a log keeps every completed row."""
+    try:
+        for item in steps:
+            HOOKS.poll()
+            yield item
+    except BaseException:
         HOOKS.flush(keep_last=1)
-        yield item
+        raise
     HOOKS.flush()
 
 
@@ -351,6 +362,9 @@ def main(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentPar
         generate(model, tokenizer, prompt, max_tokens=args.max_tokens, verbose=rank0, temp=args.temp,
                  top_p=args.top_p, seed=args.seed, chat_template=not args.no_chat_template and None,
                  expert_log=log, prefill_step_size=args.prefill_step_size, compile=args.compile)
+        if log is not None:
+            log.close()
+            log.raise_error()  # the last rows' write failed (the file keeps every complete row)
     except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

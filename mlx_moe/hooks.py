@@ -11,22 +11,25 @@ Register a callback; it is called once per (MoE layer, forward pass) with a
 
 How it stays cheap: MoE layers only *record* their lazy (ids, weights)
 arrays; nothing is evaluated inside the forward pass.  At the end of a model
-forward (`end_forward`) the records are stacked into one ids and one weights
+forward (`end_forward`) the records are joined into one ids and one weights
 array for all layers, and the model's output is made to depend on them
-(`mx.depends`): they are computed by the step's own evaluation, and handing
-them to the host later is two device-to-host copies per step, not two per
-layer (on a GPU each copy is a synchronisation; 96 of them per token cost
-about 14% of decode speed on the H100).  The records are delivered after the
-step's own evaluation: `generate` flushes them after each token (holding
-back the step mlx-lm has already queued for the next token, so its
-pipelining is untouched), and `flush()` does it for direct `model(...)`
-calls.  Host-side work (conversion to numpy, ordering by weight) happens
-lazily when an event's fields are read, so a logger can do it on its own
-thread.
+(`mx.depends`): they are computed by the step's own evaluation.  Copying them
+to the host is what costs (on CUDA each copy is a synchronous cudaMemcpy made
+with the GIL held: 96 per-layer copies per token cost 14% of decode speed on
+the H100), so while generating, the forward passes of `transfer_every`
+tokens (default 16) share one copy: `generate` calls `poll()` after each
+token it reads, which launches the join of the waiting, already evaluated
+forward passes behind the step in flight and delivers it at the next poll.
+Events therefore arrive in order, up to `transfer_every` + 1 tokens late;
+every one is delivered when generation ends or fails, and `flush()` delivers
+at once (after a direct `model(...)` call).  Host-side work (conversion to
+numpy, ordering by weight) happens lazily when an event's fields are read,
+so a logger does it on its own thread.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -38,39 +41,67 @@ PREFILL = "prefill"
 DECODE = "decode"
 
 
+class _Transfer:
+    """The records of several forward passes, joined on the device into one ids
+    and one weights array: one device->host copy for all of them.
+
+    On MLX's CUDA backend every copy of a device array to the host is a
+    synchronous cudaMemcpy into newly mapped unified memory, made with the GIL
+    held (tenths of a millisecond); per token and per array that cost several
+    percent of decode speed.  `RoutingHooks.transfer_every` forward passes share
+    one.  Converted to numpy and ordered by weight in one batch, on first use, by
+    whichever thread asks first (the expert log's writer thread)."""
+
+    __slots__ = ("_arrays", "_host", "_lock")
+
+    def __init__(self, ids: mx.array, weights: mx.array):
+        self._arrays = (ids, weights)
+        self._host = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Queue the join on the device now (asynchronously)."""
+        mx.async_eval(self.device_arrays())
+
+    def device_arrays(self) -> list:
+        """The arrays still to be copied ([] once converted)."""
+        with self._lock:
+            return list(self._arrays) if self._arrays is not None else []
+
+    def host(self):
+        """ids int32 [R, k] and weights float32 [R, k], each row by descending weight
+        (a stable sort: equal weights keep the router's slot order)."""
+        with self._lock:
+            if self._host is None:
+                ids, w = self._arrays
+                ids = np.asarray(ids).astype(np.int32, copy=False)
+                w = np.asarray(w).astype(np.float32, copy=False)
+                n, k = ids.shape
+                # Gather through flat indices: 3x faster than take_along_axis.
+                flat = (np.argsort(-w, axis=-1, kind="stable") + np.arange(0, n * k, k)[:, None]).ravel()
+                self._host = (ids.ravel()[flat].reshape(n, k), w.ravel()[flat].reshape(n, k))
+                self._arrays = None  # release the device arrays
+        return self._host
+
+
 class _ForwardArrays:
-    """The (ids, weights) of all MoE layers of one forward pass, converted to
-    numpy and ordered by weight in one batch the first time any event asks.
+    """One forward pass's rows [start, stop) of a `_Transfer`, as [L, T, k]."""
 
-    `ids` and `weights` are device arrays [L * T, k] (concatenated by
-    `end_forward`) or lists of L per-layer [T, k] arrays (layers called
-    outside a model forward)."""
+    __slots__ = ("_transfer", "_start", "_stop", "_layers", "_result")
 
-    __slots__ = ("_ids", "_weights", "_layers", "_result")
-
-    def __init__(self, ids, weights, layers: int):
-        self._ids = ids
-        self._weights = weights
+    def __init__(self, transfer: _Transfer, start: int, stop: int, layers: int):
+        self._transfer = transfer
+        self._start, self._stop = start, stop
         self._layers = layers
         self._result = None
 
     def all(self):
-        """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight
-        (a stable sort: equal weights keep the router's slot order)."""
+        """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight."""
         if self._result is None:
-            ids, w = self._ids, self._weights
-            if isinstance(ids, list):
-                ids = np.concatenate([np.asarray(a) for a in ids])
-                w = np.concatenate([np.asarray(a) for a in w])
-            ids = np.asarray(ids).astype(np.int32, copy=False)
-            w = np.asarray(w).astype(np.float32, copy=False)
-            n, k = ids.shape
-            # Gather through flat indices: 3x faster than take_along_axis on
-            # these small arrays, and this runs once per token.
-            flat = (np.argsort(-w, axis=-1, kind="stable") + np.arange(0, n * k, k)[:, None]).ravel()
-            shape = (self._layers, n // self._layers, k)
-            self._result = (ids.ravel()[flat].reshape(shape), w.ravel()[flat].reshape(shape))
-            self._ids = self._weights = None  # release the device arrays
+            ids, w = self._transfer.host()
+            n = self._stop - self._start
+            shape = (self._layers, n // self._layers, ids.shape[1])
+            self._result = (ids[self._start:self._stop].reshape(shape), w[self._start:self._stop].reshape(shape))
         return self._result
 
     def get(self, i: int):
@@ -213,10 +244,13 @@ class RoutingHooks:
         self._forward_id = 0
         self.sequence_id = 0
         self.prompt_end: Optional[int] = None  # positions >= this are decode
-        # Join each forward's records on the device (end_forward).  False keeps
-        # them per layer (one host transfer per layer and array): only to compare
-        # the two (tests/test_expert_log.py; an H100 A/B if ever needed).
-        self.join_on_device = True
+        # Forward passes per device->host transfer while generating (see `poll`):
+        # 1 delivers every token's events one token after it is read; more make
+        # the transfers rarer (each costs ~0.3 ms of host time on CUDA) and
+        # deliver up to that many tokens later.  `flush()` always delivers all.
+        self.transfer_every = 16
+        self.transfers = 0  # device->host transfers made (tests and benchmarks read it)
+        self._launched: List[tuple] = []  # (forwards, _Transfer), queued on the device, not delivered
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
 
@@ -248,7 +282,7 @@ class RoutingHooks:
     def remove(self, handle: int) -> None:
         self._callbacks = [c for c in self._callbacks if c[0] != handle]
         if not self._callbacks:
-            self._pending.clear()
+            self.discard()
 
     # -- called by the model wrapper and the MoE layers -------------------------------
 
@@ -280,48 +314,89 @@ class RoutingHooks:
         forward's records into one [L * T, k] ids and one weights array, and
         return `output` made to depend on them, so the step's own evaluation
         computes them (no extra evaluation, no per-layer transfers later)."""
-        if not self._callbacks or not self._pending or not self.join_on_device:
+        if not self._callbacks or not self._pending:
             return output
         f = self._pending[-1]
         if f.stacked is not None or not f.records:
             return output
+        f.stacked = self._join(f)
+        # The per-layer arrays are no longer needed: only the joined ones are kept.
+        f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+        return mx.depends(output, list(f.stacked))
+
+    @staticmethod
+    def _join(f: _Forward) -> tuple:
         # concatenate, not stack: one graph node each ([L * T, k]), no per-layer reshape nodes
         ids = mx.concatenate([r[1] for r in f.records])
         weights = mx.concatenate([r[2] for r in f.records]).astype(mx.float32)
-        f.stacked = (ids, weights)
-        # The per-layer arrays are no longer needed: only the stacks are kept.
-        f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
-        return mx.depends(output, [ids, weights])
+        return ids, weights
 
     # -- delivery ------------------------------------------------------------------------
 
-    def flush(self, keep_last: int = 0) -> None:
-        """Deliver the records of all pending forward passes but the last `keep_last`.
+    def poll(self) -> None:
+        """Called by generate after each token it reads, when every forward pass
+        but the newest has been evaluated (mlx-lm has already queued the next
+        step).  Delivers the transfers launched at earlier polls, then, once
+        `transfer_every` evaluated forward passes wait, launches one transfer for
+        them: queued behind the step in flight, so it is done by the next poll
+        and never delays a step."""
+        self._deliver(self._launched)
+        self._launched = []
+        if len(self._pending) - 1 >= self.transfer_every:
+            transfer = self._launch(len(self._pending) - 1)
+            if transfer is not None:
+                transfer.start()
 
-        Evaluates the recorded arrays (free once their step has been evaluated)."""
-        if not self._pending:
-            return
-        n = len(self._pending) - keep_last
-        if n <= 0:
-            return
+    def flush(self, keep_last: int = 0) -> None:
+        """Deliver the records of all pending forward passes but the last
+        `keep_last`, now (evaluating them if their step has not been)."""
+        if len(self._pending) > keep_last:
+            self._launch(len(self._pending) - keep_last)
+        launched, self._launched = self._launched, []
+        # Evaluate here: a callback may read the arrays on another thread, and
+        # MLX graphs must be evaluated by the thread that builds them.
+        mx.eval([a for _, t in launched for a in t.device_arrays()])
+        self._deliver(launched)
+
+    def _launch(self, n: int) -> Optional[_Transfer]:
+        """Join the records of the first n pending forward passes into one transfer
+        (None when they recorded nothing)."""
         done, self._pending = self._pending[:n], self._pending[n:]
-        mx.eval([a for f in done for a in (f.stacked or [x for r in f.records for x in r[1:3]])])
-        callbacks = list(self._callbacks)
+        done = [f for f in done if f.records]
+        if not done:
+            return None
         for f in done:
-            if f.stacked is not None:
-                arrays = _ForwardArrays(*f.stacked, layers=len(f.records))
-            else:
-                arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records], len(f.records))
-            events = ForwardEvents(f, arrays)
-            for _, fn, per_forward in callbacks:
-                if per_forward:
-                    fn(events)
-                else:
-                    for ev in events:
-                        fn(ev)
+            if f.stacked is None:  # layers called outside a wrapped model forward
+                f.stacked = self._join(f)
+        if len(done) == 1:
+            ids, weights = done[0].stacked
+        else:
+            ids = mx.concatenate([f.stacked[0] for f in done])
+            weights = mx.concatenate([f.stacked[1] for f in done])
+        self.transfers += 1
+        transfer = _Transfer(ids, weights)
+        self._launched.append((done, transfer))
+        return transfer
+
+    def _deliver(self, launched: List[tuple]) -> None:
+        callbacks = list(self._callbacks)
+        for forwards, transfer in launched:
+            row = 0
+            for f in forwards:
+                rows = len(f.positions) * len(f.records)
+                events = ForwardEvents(f, _ForwardArrays(transfer, row, row + rows, len(f.records)))
+                row += rows
+                f.stacked = None
+                for _, fn, per_forward in callbacks:
+                    if per_forward:
+                        fn(events)
+                    else:
+                        for ev in events:
+                            fn(ev)
 
     def discard(self) -> None:
         self._pending.clear()
+        self._launched.clear()
 
 
 # The process-wide registry the MoE layers report to.

@@ -111,22 +111,29 @@ def test_routing_arrays_are_computed_by_the_steps_own_evaluation(tiny_model, tmp
     assert "Depends" not in dot.read_text()
 
 
-def test_per_layer_and_joined_delivery_write_the_same_log(tiny_model, tmp_path):
-    """The device-joined records (default) and the per-layer ones (kept for
-    benchmarks) log the same rows, weights included."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_batched_transfers_write_the_same_log(tiny_model, tmp_path, every):
+    """Transfers of `transfer_every` forward passes (default 16) give the same
+    rows as one transfer per token, and there are as few as that promises."""
     from mlx_moe.hooks import HOOKS
 
     model, tok = tiny_model
-    texts = []
-    for joined in (True, False):
-        HOOKS.join_on_device = joined
+    prompt, n = [5, 6, 7, 8], 11
+    texts, transfers = [], []
+    for value in (HOOKS.transfer_every, every):
+        saved = HOOKS.transfer_every
+        HOOKS.transfer_every, before = value, HOOKS.transfers
         try:
-            path = tmp_path / f"log_{joined}.csv"
-            mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=4, expert_log=str(path), expert_log_weights=True)
+            path = tmp_path / f"log_{value}.csv"
+            mlx_moe.generate(model, tok, prompt, max_tokens=n, expert_log=str(path), expert_log_weights=True)
             texts.append(path.read_text())
+            transfers.append(HOOKS.transfers - before)
         finally:
-            HOOKS.join_on_device = True
-    assert texts[0] == texts[1] and len(texts[0].splitlines()) == 1 + 8 * 2
+            HOOKS.transfer_every = saved
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) == 1 + (len(prompt) + n) * 2
+    # forward passes: the prompt's (one or two), then one per generated token
+    assert transfers[0] <= 2 < transfers[1]
+    assert transfers[1] <= 2 + n // every + 1
 
 
 def test_sequences_and_positions_in_one_log(tiny_model, tmp_path):

@@ -182,6 +182,22 @@ def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_
     return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens}
 
 
+def paired_overhead(plain: list, logged: list):
+    """The expert log's decode-time overhead in percent, from the repetitions of the
+    two engines taken in pairs (each pair ran back to back, so host drift that moves
+    single runs by 10-20% on the H100 machine cancels): the median and quartiles of
+    the per-pair overheads, and the pooled one (total decode time of all logged runs
+    over that of all plain runs)."""
+    pairs = [(a["decode_tps"], b["decode_tps"]) for a, b in zip(plain, logged)]
+    if len(pairs) < 2:
+        return None
+    per = sorted(100 * (a / b - 1) for a, b in pairs)  # extra time per token, percent
+    q = statistics.quantiles(per, n=4) if len(per) >= 4 else [per[0], statistics.median(per), per[-1]]
+    pooled = 100 * (sum(1 / b for _, b in pairs) / sum(1 / a for a, _ in pairs) - 1)
+    return {"median": statistics.median(per), "q1": q[0], "q3": q[2], "n": len(per), "pooled": pooled,
+            "per_pair": per}
+
+
 # -- per-component breakdown of a decode step ----------------------------------------------------
 
 
@@ -435,7 +451,8 @@ def main(argv=None):
             run_safely(e)
     results = {e: [] for e in engines}
     for rep in range(args.reps):
-        for e in engines:
+        # ABBA order: slow drifts of the host (clocks, other tenants) hit every engine alike
+        for e in (engines if rep % 2 == 0 else engines[::-1]):
             r = run_safely(e)
             if r is not None:
                 results[e].append(r)
@@ -464,9 +481,15 @@ def main(argv=None):
         rp = f"{s['prefill_tps'] / base['prefill_tps']:.2f}x" if base else "-"
         rd = f"{s['decode_tps'] / base['decode_tps']:.2f}x" if base else "-"
         print(f"| {e} | {s['prefill_tps']:.1f} | {s['decode_tps']:.1f} | {rp} | {rd} |")
+    paired = None
     if "mlx-moe+log" in summary and "mlx-moe" in summary:
         ov = 1 - summary["mlx-moe+log"]["decode_tps"] / summary["mlx-moe"]["decode_tps"]
         print(f"\nexpert-log decode overhead: {100 * ov:.2f}% (median tok/s, same run)")
+        paired = paired_overhead(results["mlx-moe"], results["mlx-moe+log"])
+        if paired:
+            print(f"expert-log decode overhead, paired by repetition: median {paired['median']:.2f}%, "
+                  f"quartiles {paired['q1']:.2f}% .. {paired['q3']:.2f}% over {paired['n']} pairs; "
+                  f"total decode time of all pairs {paired['pooled']:.2f}%")
     if "mlx-moe+compile" in results and "mlx-moe" in results:
         print("\ngreedy tokens, mlx-moe+compile vs mlx-moe: " + (
             f"identical ({len(results['mlx-moe'][-1]['tokens'])} tokens)" if same_tokens is None
@@ -483,7 +506,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results, "summary": summary,
-                       "compiled_tokens_differ_at": same_tokens, "breakdown": details}, f, indent=2)
+                       "compiled_tokens_differ_at": same_tokens, "breakdown": details,
+                       "log_overhead_paired": paired}, f, indent=2)
 
 
 if __name__ == "__main__":

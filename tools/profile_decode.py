@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Where the host time of a decode step goes: per-op launch cost and a Python profile.
+
+Decode of a 48-layer MoE model is host-bound on MLX's CUDA backend (BENCHMARKS.md):
+the GPU finishes a step's kernels long before the host has built and launched
+them.  This tool measures the two things that decide the host time:
+
+1. ops: the host cost of one graph node, by kind, as a chain of N dependent ops
+   built and evaluated (us per op, evaluation included) and built only (us per
+   op, Python and graph construction): an elementwise add, rms_norm,
+   quantized_matmul, custom kernels (a trivial one with a short or a long
+   source, with one or ten template arguments; the fused router), and the
+   copy of a small evaluated array to the host.  Times the node count of a
+   step (bench_generate --breakdown) gives the floor of a step.
+2. profile: cProfile of decoding --gen-tokens tokens through mlx_moe's generate
+   on a random model of --shape (Q4_0 experts, kernels --kernels), without and
+   with the expert log, top functions by own time.  Time inside MLX's C++
+   (graph building, evaluation) shows up under the Python call that entered it.
+
+  python tools/profile_decode.py --shape qwen3-30b-a3b --kernels cuda
+  python tools/profile_decode.py --shape tiny --kernels mlx --gen-tokens 16   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_generate import SHAPES, build_models, random_q4_0_experts  # noqa: E402
+
+from mlx_moe.backends import get_backend  # noqa: E402
+from mlx_moe.generation import generate_tokens  # noqa: E402
+from mlx_moe.moe import set_expert_backend  # noqa: E402
+from mlx_moe.router import RouterParams  # noqa: E402
+
+
+def op_costs(flavor: str, n: int = 400, reps: int = 5) -> dict:
+    """us per op (built and evaluated; built only) for chains of n dependent ops."""
+    x = mx.random.normal((1, 2048)).astype(mx.bfloat16)
+    w = mx.random.normal((2048, 2048)).astype(mx.bfloat16)
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    norm_w = mx.ones((2048,), dtype=mx.bfloat16)
+    logits = mx.random.normal((1, 128)).astype(mx.bfloat16)
+    mx.eval(x, wq, scales, biases, norm_w, logits)
+    params = RouterParams(k=8, normalize=True)
+    chains = {
+        "add": lambda y: y + 1,
+        "rms_norm": lambda y: mx.fast.rms_norm(y, norm_w, 1e-6),
+        "quantized_matmul": lambda y: mx.quantized_matmul(y, wq, scales, biases, transpose=True,
+                                                          group_size=64, bits=4),
+    }
+    if flavor == "cuda":
+        # what a custom kernel's host cost depends on: the source's length, the template arguments
+        from mlx_moe.kernels.registry import kernel_source
+
+        body = "uint i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 2048) y[i] = x[i] + T(1);"
+        header = kernel_source("cuda", "mul_mv_id", "mul_mv_id_swiglu")[0]
+        small = mx.fast.cuda_kernel(name="probe_small", input_names=["x"], output_names=["y"], source=body)
+        big = mx.fast.cuda_kernel(name="probe_header", input_names=["x"], output_names=["y"], source=body,
+                                  header=header)
+        many = [("T", mx.bfloat16)] + [(f"P{i}", i + 1) for i in range(9)]
+
+        def probe(kern, template):
+            return lambda y: kern(inputs=[y], template=template, grid=(2048, 1, 1), threadgroup=(256, 1, 1),
+                                  output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
+        chains["custom kernel, 100 B source, 1 template arg"] = probe(small, [("T", mx.bfloat16)])
+        chains[f"custom kernel, {len(header) // 1000} kB header, 1 template arg"] = probe(big, [("T", mx.bfloat16)])
+        chains["custom kernel, 100 B source, 10 template args"] = probe(small, many)
+    if flavor in ("cuda", "metal"):
+        from mlx_moe.kernels.router import fused_topk
+
+        # ids -> float logits again so the chain is dependent: 3 nodes per link, reported per link
+        chains["router kernel (+2 glue ops)"] = lambda y: (
+            fused_topk(y[:, :128], params, flavor)[1].astype(mx.bfloat16).sum() + y)
+    out = {}
+    for name, f in chains.items():
+        run, build = [], []
+        for _ in range(reps):
+            y = x
+            t0 = time.perf_counter()
+            for _ in range(n):
+                y = f(y)
+            t1 = time.perf_counter()
+            mx.eval(y)
+            t2 = time.perf_counter()
+            build.append((t1 - t0) / n * 1e6)
+            run.append((t2 - t0) / n * 1e6)
+        out[name] = {"us_per_op": statistics.median(run[1:]), "build_us_per_op": statistics.median(build[1:])}
+        print(f"{name:34s} {out[name]['us_per_op']:8.2f} us/op   build only {out[name]['build_us_per_op']:7.2f} us/op",
+              flush=True)
+    return out
+
+
+def transfer_cost(reps: int = 50) -> float:
+    """us per device->host copy (np.asarray) of a fresh, evaluated [48, 8] int32 array:
+    what the routing hook pays per transfer (mlx_moe/hooks.py)."""
+    import numpy as np
+
+    base = mx.arange(384, dtype=mx.int32)
+    times = []
+    for i in range(reps):
+        a = (base + i).reshape(48, 8)
+        mx.eval(a)
+        t0 = time.perf_counter()
+        np.asarray(a)
+        times.append(time.perf_counter() - t0)
+    us = 1e6 * statistics.median(times)
+    print(f"{'device->host copy, [48, 8] int32':34s} {us:8.2f} us", flush=True)
+    return us
+
+
+def profile_generate(model, prompt, gen_tokens: int, log_path=None, top: int = 30) -> str:
+    list(generate_tokens(model, prompt, max_tokens=4, expert_log=log_path))  # warm up
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    n = len(list(generate_tokens(model, prompt, max_tokens=gen_tokens, expert_log=log_path)))
+    pr.disable()
+    dt = time.perf_counter() - t0
+    s = io.StringIO()
+    s.write(f"{n} tokens in {dt:.3f} s under the profiler ({1e3 * dt / n:.2f} ms per token)\n")
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    return s.getvalue()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--skip-ops", action="store_true")
+    p.add_argument("--ops-only", action="store_true", help="only the per-node host costs (no model, no profile)")
+    args = p.parse_args(argv)
+
+    backend = get_backend(args.kernels)
+    print(f"# profile_decode: {args.shape}, kernels {backend.name}, device {mx.default_device()}", flush=True)
+    if not args.skip_ops:
+        print("\n## host cost per graph node (chains of dependent ops)")
+        op_costs(backend.name, n=400 if mx.default_device() == mx.gpu else 10)
+        transfer_cost()
+    if args.ops_only:
+        return
+    mx.random.seed(0)
+    config = dict(SHAPES[args.shape])
+    _, ours = build_models(config, 4, 64)
+    random_q4_0_experts(ours)
+    set_expert_backend(ours, backend)
+    prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
+    print("\n## cProfile, decode without the expert log")
+    print(profile_generate(ours, prompt, args.gen_tokens, top=args.top), flush=True)
+    print("\n## cProfile, decode with the expert log")
+    path = os.path.join(tempfile.mkdtemp(), "log.csv")
+    print(profile_generate(ours, prompt, args.gen_tokens, log_path=path, top=args.top), flush=True)
+
+
+if __name__ == "__main__":
+    main()
