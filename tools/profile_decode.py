@@ -65,7 +65,7 @@ def op_costs(flavor: str, n: int = 400, reps: int = 5) -> dict:
         # what a custom kernel's host cost depends on: the source's length, the template arguments
         from mlx_moe.kernels.registry import kernel_source
 
-        body = "uint i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 2048) y[i] = x[i] + T(1);"
+        body = "unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 2048) y[i] = x[i] + T(1);"
         header = kernel_source("cuda", "mul_mv_id", "mul_mv_id_swiglu")[0]
         small = mx.fast.cuda_kernel(name="probe_small", input_names=["x"], output_names=["y"], source=body)
         big = mx.fast.cuda_kernel(name="probe_header", input_names=["x"], output_names=["y"], source=body,
