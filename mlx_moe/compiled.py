@@ -25,7 +25,7 @@ write position is an array:
 Routing hooks work under compile: while tracing, `HOOKS.capturing()` collects
 the MoE layers' records (tracer arrays); the captured (ids, weights) become
 extra outputs of the compiled function, and after each call they are handed
-to `HOOKS` (begin_forward, record per layer, end_forward) as lazy arrays, the
+to `HOOKS` (begin_forward, record per layer) as lazy arrays, the
 calls our model wrapper makes around an uncompiled forward.  A trace with and
 one without these outputs exist side by side (a hook may be added between two
 generate calls).
@@ -300,7 +300,6 @@ class CompiledDecoder:
             HOOKS.begin_forward(1, 1, offset)
             for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
                 HOOKS.record(layer, ids, weights, n_experts, n_zero)
-            logprobs = HOOKS.end_forward(logprobs)
         return logprobs
 
 

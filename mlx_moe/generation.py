@@ -94,7 +94,7 @@ def flushing(steps: Iterable) -> Iterator:
 
     When mlx-lm yields token n it has already queued the step for token n+1,
     so every forward pass but the newest is evaluated: `HOOKS.poll()` hands
-    those over in batches (mlx_moe/hooks.py).  If generation stops early (an
+    those over (mlx_moe/hooks.py).  If generation stops early (an
     exception, Ctrl-C, the consumer closing the generator) the evaluated
     forward passes are still delivered, so a log keeps every completed row."""
     try:

@@ -10,21 +10,20 @@ Register a callback; it is called once per (MoE layer, forward pass) with a
         mlx_moe.generate(model, tokenizer, "Hello")
 
 How it stays cheap: MoE layers only *record* their lazy (ids, weights)
-arrays; nothing is evaluated inside the forward pass.  At the end of a model
-forward (`end_forward`) the records are joined into one ids and one weights
-array for all layers, and the model's output is made to depend on them
-(`mx.depends`): they are computed by the step's own evaluation.  Copying them
-to the host is what costs (on CUDA each copy is a synchronous cudaMemcpy made
-with the GIL held: 96 per-layer copies per token cost 14% of decode speed on
-the H100), so while generating, the forward passes of `transfer_every`
-tokens (default 16) share one copy: `generate` calls `poll()` after each
-token it reads, which launches the join of the waiting, already evaluated
-forward passes behind the step in flight and delivers it at the next poll.
-Events therefore arrive in order, up to `transfer_every` + 1 tokens late;
-every one is delivered when generation ends or fails, and `flush()` delivers
-at once (after a direct `model(...)` call).  Host-side work (conversion to
-numpy, ordering by weight) happens lazily when an event's fields are read,
-so a logger does it on its own thread.
+arrays, which the step computes anyway (the expert kernels read them):
+the hook adds no graph node, no launch and no evaluation to a forward pass.
+Events are delivered after the step's own evaluation: `generate` calls
+`poll()` after each token it reads (mlx-lm has then already queued the next
+step, so every forward pass but the newest is done and its pipelining is
+untouched), and `flush()` delivers at once (after a direct `model(...)`
+call).  Host-side work (copies to numpy, ordering by weight) happens lazily
+when an event's fields are read, so a logger does it on its own thread.
+
+Measured on the H100 (BENCHMARKS.md, tools/profile_decode.py): a launch
+costs the generating thread 4-9 us, copying a small evaluated array to the
+host 1.5 us.  Joining the 48 layers' records on the device (an earlier
+version) cost 96 copy launches per token, on the critical path; copying
+them per layer on the logger's thread costs less and nothing there.
 """
 
 from __future__ import annotations
@@ -41,67 +40,35 @@ PREFILL = "prefill"
 DECODE = "decode"
 
 
-class _Transfer:
-    """The records of several forward passes, joined on the device into one ids
-    and one weights array: one device->host copy for all of them.
+class _ForwardArrays:
+    """The (ids, weights) of all MoE layers of one forward pass: the per-layer
+    arrays the step itself computed, converted to numpy and ordered by weight in
+    one batch the first time any event asks, on the thread that asks (the expert
+    log's writer thread, off the generating thread)."""
 
-    On MLX's CUDA backend every copy of a device array to the host is a
-    synchronous cudaMemcpy into newly mapped unified memory, made with the GIL
-    held (tenths of a millisecond); per token and per array that cost several
-    percent of decode speed.  `RoutingHooks.transfer_every` forward passes share
-    one.  Converted to numpy and ordered by weight in one batch, on first use, by
-    whichever thread asks first (the expert log's writer thread)."""
+    __slots__ = ("_ids", "_weights", "_result", "_lock")
 
-    __slots__ = ("_arrays", "_host", "_lock")
-
-    def __init__(self, ids: mx.array, weights: mx.array):
-        self._arrays = (ids, weights)
-        self._host = None
+    def __init__(self, ids: list, weights: list):
+        self._ids = ids
+        self._weights = weights
+        self._result = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        """Queue the join on the device now (asynchronously)."""
-        mx.async_eval(self.device_arrays())
-
-    def device_arrays(self) -> list:
-        """The arrays still to be copied ([] once converted)."""
-        with self._lock:
-            return list(self._arrays) if self._arrays is not None else []
-
-    def host(self):
-        """ids int32 [R, k] and weights float32 [R, k], each row by descending weight
+    def all(self):
+        """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight
         (a stable sort: equal weights keep the router's slot order)."""
         with self._lock:
-            if self._host is None:
-                ids, w = self._arrays
-                ids = np.asarray(ids).astype(np.int32, copy=False)
-                w = np.asarray(w).astype(np.float32, copy=False)
-                n, k = ids.shape
+            if self._result is None:
+                ids = np.stack([np.asarray(a) for a in self._ids]).astype(np.int32, copy=False)
+                w = np.stack([np.asarray(a) for a in self._weights]).astype(np.float32, copy=False)
+                shape = ids.shape
+                k = shape[-1]
+                n = ids.size // k
+                ids, w = ids.reshape(n, k), w.reshape(n, k)
                 # Gather through flat indices: 3x faster than take_along_axis.
                 flat = (np.argsort(-w, axis=-1, kind="stable") + np.arange(0, n * k, k)[:, None]).ravel()
-                self._host = (ids.ravel()[flat].reshape(n, k), w.ravel()[flat].reshape(n, k))
-                self._arrays = None  # release the device arrays
-        return self._host
-
-
-class _ForwardArrays:
-    """One forward pass's rows [start, stop) of a `_Transfer`, as [L, T, k]."""
-
-    __slots__ = ("_transfer", "_start", "_stop", "_layers", "_result")
-
-    def __init__(self, transfer: _Transfer, start: int, stop: int, layers: int):
-        self._transfer = transfer
-        self._start, self._stop = start, stop
-        self._layers = layers
-        self._result = None
-
-    def all(self):
-        """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight."""
-        if self._result is None:
-            ids, w = self._transfer.host()
-            n = self._stop - self._start
-            shape = (self._layers, n // self._layers, ids.shape[1])
-            self._result = (ids[self._start:self._stop].reshape(shape), w[self._start:self._stop].reshape(shape))
+                self._result = (ids.ravel()[flat].reshape(shape), w.ravel()[flat].reshape(shape))
+                self._ids = self._weights = None  # release the device arrays
         return self._result
 
     def get(self, i: int):
@@ -227,7 +194,6 @@ class _Forward:
     phase: str
     sequence_id: int
     records: list = field(default_factory=list)  # (layer, ids, weights, n_experts, n_zero)
-    stacked: Optional[tuple] = None  # (ids [L * T, k], weights [L * T, k]) once end_forward ran
 
 
 Callback = Callable[[RoutingEvent], None]
@@ -244,13 +210,6 @@ class RoutingHooks:
         self._forward_id = 0
         self.sequence_id = 0
         self.prompt_end: Optional[int] = None  # positions >= this are decode
-        # Forward passes per device->host transfer while generating (see `poll`):
-        # 1 delivers every token's events one token after it is read; more make
-        # the transfers rarer (each costs ~0.3 ms of host time on CUDA) and
-        # deliver up to that many tokens later.  `flush()` always delivers all.
-        self.transfer_every = 16
-        self.transfers = 0  # device->host transfers made (tests and benchmarks read it)
-        self._launched: List[tuple] = []  # (forwards, _Transfer), queued on the device, not delivered
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
 
@@ -307,96 +266,41 @@ class RoutingHooks:
         if not self._pending:  # a layer called outside a wrapped model forward
             T = ids.shape[0]
             self.begin_forward(1, T, 0)
+        if weights.dtype != mx.float32:  # numpy has no bfloat16 (the routers give float32)
+            weights = weights.astype(mx.float32)
         self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
-
-    def end_forward(self, output: mx.array) -> mx.array:
-        """Called by the model wrapper with the forward's output: join this
-        forward's records into one [L * T, k] ids and one weights array, and
-        return `output` made to depend on them, so the step's own evaluation
-        computes them (no extra evaluation, no per-layer transfers later)."""
-        if not self._callbacks or not self._pending:
-            return output
-        f = self._pending[-1]
-        if f.stacked is not None or not f.records:
-            return output
-        f.stacked = self._join(f)
-        # The per-layer arrays are no longer needed: only the joined ones are kept.
-        f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
-        return mx.depends(output, list(f.stacked))
-
-    @staticmethod
-    def _join(f: _Forward) -> tuple:
-        # concatenate, not stack: one graph node each ([L * T, k]), no per-layer reshape nodes
-        ids = mx.concatenate([r[1] for r in f.records])
-        weights = mx.concatenate([r[2] for r in f.records]).astype(mx.float32)
-        return ids, weights
 
     # -- delivery ------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Called by generate after each token it reads, when every forward pass
-        but the newest has been evaluated (mlx-lm has already queued the next
-        step).  Delivers the transfers launched at earlier polls, then, once
-        `transfer_every` evaluated forward passes wait, launches one transfer for
-        them: queued behind the step in flight, so it is done by the next poll
-        and never delays a step."""
-        self._deliver(self._launched)
-        self._launched = []
-        if len(self._pending) - 1 >= self.transfer_every:
-            transfer = self._launch(len(self._pending) - 1)
-            if transfer is not None:
-                transfer.start()
+        """Called by generate after each token it reads: every forward pass but the
+        newest (the step mlx-lm has already queued) has been evaluated; deliver those."""
+        self.flush(keep_last=1)
 
     def flush(self, keep_last: int = 0) -> None:
-        """Deliver the records of all pending forward passes but the last
-        `keep_last`, now (evaluating them if their step has not been)."""
-        if len(self._pending) > keep_last:
-            self._launch(len(self._pending) - keep_last)
-        launched, self._launched = self._launched, []
-        # Evaluate here: a callback may read the arrays on another thread, and
-        # MLX graphs must be evaluated by the thread that builds them.
-        mx.eval([a for _, t in launched for a in t.device_arrays()])
-        self._deliver(launched)
+        """Deliver the records of all pending forward passes but the last `keep_last`.
 
-    def _launch(self, n: int) -> Optional[_Transfer]:
-        """Join the records of the first n pending forward passes into one transfer
-        (None when they recorded nothing)."""
+        Evaluates the recorded arrays here, on the thread that built them (free once
+        their step has been evaluated): a callback may read them on another thread."""
+        n = len(self._pending) - keep_last
+        if n <= 0:
+            return
         done, self._pending = self._pending[:n], self._pending[n:]
-        done = [f for f in done if f.records]
-        if not done:
-            return None
-        for f in done:
-            if f.stacked is None:  # layers called outside a wrapped model forward
-                f.stacked = self._join(f)
-        if len(done) == 1:
-            ids, weights = done[0].stacked
-        else:
-            ids = mx.concatenate([f.stacked[0] for f in done])
-            weights = mx.concatenate([f.stacked[1] for f in done])
-        self.transfers += 1
-        transfer = _Transfer(ids, weights)
-        self._launched.append((done, transfer))
-        return transfer
-
-    def _deliver(self, launched: List[tuple]) -> None:
+        mx.eval([a for f in done for r in f.records for a in r[1:3]])
         callbacks = list(self._callbacks)
-        for forwards, transfer in launched:
-            row = 0
-            for f in forwards:
-                rows = len(f.positions) * len(f.records)
-                events = ForwardEvents(f, _ForwardArrays(transfer, row, row + rows, len(f.records)))
-                row += rows
-                f.stacked = None
-                for _, fn, per_forward in callbacks:
-                    if per_forward:
-                        fn(events)
-                    else:
-                        for ev in events:
-                            fn(ev)
+        for f in done:
+            if not f.records:
+                continue
+            events = ForwardEvents(f, _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records]))
+            for _, fn, per_forward in callbacks:
+                if per_forward:
+                    fn(events)
+                else:
+                    for ev in events:
+                        fn(ev)
 
     def discard(self) -> None:
         self._pending.clear()
-        self._launched.clear()
 
 
 # The process-wide registry the MoE layers report to.

@@ -124,7 +124,7 @@ def model_classes(config: dict):
             if not HOOKS.active:
                 return super().__call__(inputs, cache=cache, **kwargs)
             HOOKS.begin_forward(inputs.shape[0], inputs.shape[1], _cache_offset(cache))
-            return HOOKS.end_forward(super().__call__(inputs, cache=cache, **kwargs))
+            return super().__call__(inputs, cache=cache, **kwargs)
 
     Model.__name__ = Model.__qualname__ = f"MoE{arch.Model.__name__}_{model_type}"
     Args.__name__ = Args.__qualname__ = f"{arch.ModelArgs.__name__}_{model_type}"

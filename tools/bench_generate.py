@@ -14,7 +14,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+log  the compiled step with the expert log
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
-tokens over the time to the first token).  The log's overhead is reported
+tokens over the time to the first token); the CPU time of the generating
+thread per decoded token is recorded too (less sensitive to a noisy host).  The log's overhead is reported
 three ways: ratio of the median tok/s, ratio of the best runs, and per pair of
 back-to-back runs (repetitions alternate the engine order, ABBA).
 
@@ -182,10 +183,12 @@ def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_
     for t in steps:
         tokens.append(t)
         t2 = time.perf_counter()  # decode ends at the last token; closing a log file is not decoding
+        c2 = time.thread_time()
         if len(tokens) == 1:
-            t1 = t2
+            t1, c1 = t2, c2
     n = len(tokens)
-    return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens}
+    return {"prefill_tps": len(prompt) / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "tokens": tokens,
+            "decode_cpu_ms": 1e3 * (c2 - c1) / (n - 1)}
 
 
 def paired_overhead(plain: list, logged: list):
@@ -497,6 +500,9 @@ def main(argv=None):
         best = 1 - max(r["decode_tps"] for r in results[logged]) / max(r["decode_tps"] for r in results[plain])
         print(f"\nexpert-log decode overhead, {logged} vs {plain}: {100 * ov:.2f}% (median tok/s), "
               f"{100 * best:.2f}% (best run of each), same run")
+        cpu = [statistics.median(r["decode_cpu_ms"] for r in results[e]) for e in (plain, logged)]
+        print(f"  CPU time of the generating thread per decoded token (median): {cpu[0]:.3f} ms without, "
+              f"{cpu[1]:.3f} ms with the log ({100 * (cpu[1] / cpu[0] - 1):+.2f}%)")
         paired[plain] = paired_overhead(results[plain], results[logged])
         if paired[plain]:
             q = paired[plain]
