@@ -291,7 +291,10 @@ class RoutingHooks:
         for f in done:
             if not f.records:
                 continue
-            events = ForwardEvents(f, _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records]))
+            arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records])
+            # From here only `arrays` holds the device arrays (and drops them once converted).
+            f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+            events = ForwardEvents(f, arrays)
             for _, fn, per_forward in callbacks:
                 if per_forward:
                     fn(events)

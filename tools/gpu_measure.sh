@@ -6,13 +6,16 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  1. end to end, Qwen3-30B-A3B shape: mlx-lm, ours, ours + expert log, ours compiled,
-#     with the per-component breakdown (issues 3, 5, 9)
-#  2. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
-#  3. decode kernels' GPU time per geometry under ncu (issue 5)
+#  1. expert-log overhead: short generations, many ABBA pairs (the H100 host's speed drifts
+#     by up to 1.7x within a minute: pairs must be short), uncompiled and compiled (issue 3)
+#  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9)
+#  3. end to end, Qwen3-30B-A3B shape, with the per-component breakdown (issues 5, 9)
 #  4. end to end, DeepSeek-V2-Lite shape (issue 9)
-#  5. the GPU tests (one NVRTC compile per kernel instantiation: ~10 s per test)
-#  6. compute-sanitizer memcheck on the decode and prefill kernels' GPU tests
+#  5. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
+#  6. decode kernels' GPU time per geometry under ncu (issue 5)
+#  7. the GPU tests, one file at a time, failures in full (one NVRTC compile per kernel
+#     instantiation: ~10 s per test)
+#  8. compute-sanitizer memcheck on the prefill kernels' GPU tests
 set -u
 OUT=${1:?usage: tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]}
 DEADLINE=${2:-1500}
@@ -34,20 +37,26 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe,mlx-moe+log,mlx-moe+compile \
+step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 16 --gen-tokens 32 --reps 40 \
+  --engines mlx-moe,mlx-moe+log,mlx-moe+compile,mlx-moe+compile+log --json "$OUT/log_ab.json"
+step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
+step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+compile \
   --breakdown --json "$OUT/e2e_qwen3.json"
-step 150 python3 tools/bench_kernels.py --prefill --tokens 64 512 2048 --prefill-layers 4 --reps 5 \
+step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \
+  --json "$OUT/e2e_dsv2.json"
+step 150 python3 tools/bench_kernels.py --prefill --tokens 512 2048 --prefill-layers 4 --reps 5 \
   --float-layers 2 --json "$OUT/prefill.json"
 step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
-  python3 tools/bench_kernels.py --ncu --geometries "gate_up=1x4x1,2x4x1,1x8x1 down=4x8x1,8x8x1,4x4x1"
+  python3 tools/bench_kernels.py --ncu --geometries "gate_up=1x4x1,1x8x1 down=4x8x1,8x8x1"
 [ -f "$OUT/ncu.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu.csv" --json "$OUT/ncu_summary.json"
-step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe,mlx-moe+log --breakdown \
-  --json "$OUT/e2e_dsv2.json"
-step 900 python3 -m pytest -m gpu -q -ra -p no:cacheprovider tests/
-step 400 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels_prefill_emulated.py \
-  -k "geometries or gemm_variants"
+for f in tests/test_router_kernel_emulated.py tests/test_kernels_prefill_emulated.py tests/test_kernels_cuda.py; do
+  step 300 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider "$f"
+done
+step 300 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
+  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
+  -k "gemm_variants or qwen3_layer_shapes"
 echo "=== done in $(( $(date +%s) - T0 ))s" | tee -a "$LOG"
