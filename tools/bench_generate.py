@@ -12,6 +12,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile  our model, decode steps through one mx.compile'd step
                 (mlx_moe/compiled.py); its greedy tokens are checked against mlx-moe's
   mlx-moe+compile+log  the compiled step with the expert log
+  mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
+                dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -70,6 +72,7 @@ from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # 
 from mlx_moe.generation import generate_tokens  # noqa: E402
 from mlx_moe.loader import model_classes  # noqa: E402
 from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
+from mlx_moe.prefill import dequantized_prefill  # noqa: E402
 
 QWEN3_30B_A3B = dict(
     model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_experts=128,
@@ -409,6 +412,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--engines", default="mlx-lm,mlx-moe,mlx-moe+log,mlx-moe/mlx")
+    p.add_argument("--dq-min-rows", type=int, default=64,
+                   help="mlx-moe+dq: rows from which dense projections dequantize and run a float GEMM")
     p.add_argument("--breakdown", action="store_true", help="per-component time of our decode step (docstring)")
     p.add_argument("--breakdown-reps", type=int, default=1,
                    help="timed rounds of every breakdown variant (after one warm-up round); each round "
@@ -438,8 +443,15 @@ def main(argv=None):
             return run_once(baseline, prompt, args.gen_tokens, ours=False)
         set_expert_backend(ours, reference if engine == "mlx-moe/mlx" else kernels)
         log = os.path.join(tmp, "log.csv") if engine.endswith("+log") else None
-        return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
-                        compile=engine.startswith("mlx-moe+compile"))
+        dq = "+dq" in engine
+        if dq:
+            dequantized_prefill(ours, args.dq_min_rows)
+        try:
+            return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
+                            compile=engine.startswith("mlx-moe+compile"))
+        finally:
+            if dq:
+                dequantized_prefill(ours, 0)
 
     failed = {}
 
@@ -475,10 +487,15 @@ def main(argv=None):
     summary = {}
     for e, rs in results.items():
         summary[e] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_tps", "decode_tps")}
-    same_tokens = None
-    if "mlx-moe+compile" in results and "mlx-moe" in results:
-        a, b = results["mlx-moe"][-1]["tokens"], results["mlx-moe+compile"][-1]["tokens"]
-        same_tokens = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    # Greedy tokens of every variant of our engine against the plain one (None: identical).
+    differ_at = {}
+    if "mlx-moe" in results:
+        a = results["mlx-moe"][-1]["tokens"]
+        for e in results:
+            if e.startswith("mlx-moe+") and results[e]:
+                b = results[e][-1]["tokens"]
+                differ_at[e] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                    None if len(a) == len(b) else min(len(a), len(b)))
     base = summary.get("mlx-lm")
     device = str(mx.default_device())
     print(f"# bench_generate: {args.shape} ({config['num_hidden_layers']} layers), "
@@ -508,11 +525,11 @@ def main(argv=None):
             q = paired[plain]
             print(f"  paired by repetition (extra time per token): median {q['median']:.2f}%, quartiles "
                   f"{q['q1']:.2f}% .. {q['q3']:.2f}% over {q['n']} pairs; all pairs' decode time {q['pooled']:.2f}%")
-    if "mlx-moe+compile" in results and "mlx-moe" in results:
-        print("\ngreedy tokens, mlx-moe+compile vs mlx-moe: " + (
-            f"identical ({len(results['mlx-moe'][-1]['tokens'])} tokens)" if same_tokens is None
-            else f"DIFFER from token {same_tokens}"))
+    if differ_at:
         print()
+    for e, at in differ_at.items():
+        print(f"greedy tokens, {e} vs mlx-moe: " + (
+            f"identical ({len(results['mlx-moe'][-1]['tokens'])} tokens)" if at is None else f"DIFFER from token {at}"))
     details = None
     for e, why in failed.items():
         print(f"\nengine {e} FAILED: {why}")
@@ -524,7 +541,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results, "summary": summary,
-                       "compiled_tokens_differ_at": same_tokens, "breakdown": details,
+                       "tokens_differ_at": differ_at, "breakdown": details,
                        "log_overhead_paired": paired}, f, indent=2)
 
 

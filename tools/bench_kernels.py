@@ -21,6 +21,14 @@ k * 3 * hidden * ffn flops), against mlx-lm's SwitchGLU in the same run;
 
     python tools/bench_kernels.py --prefill [--tokens 512 2048] [--crossover] [--json out.json]
 
+Dense mode (`--dense`): the attention projections of Qwen3-30B-A3B (q 2048->4096,
+k and v 2048->512, o 4096->2048; MLX affine 4-bit g64 as in mlx-community
+checkpoints) on T tokens, mx.quantized_matmul against dequantize-then-GEMM
+(mlx_moe/prefill.py), all 48 layers' weights in turn, ms per layer and
+TFLOP/s; sets whether and from how many rows `dequantized_prefill` pays:
+
+    python tools/bench_kernels.py --dense [--tokens 16 64 512 2048]
+
 GPU kernel times of decode launch geometries, all in one process under ncu
 (each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
 table of median us and GB/s per kernel and the best geometry of each:
@@ -314,6 +322,44 @@ def prefill_main(a, fl: str) -> dict:
     return results
 
 
+def dense_main(a) -> dict:
+    """--dense: quantized_matmul vs dequantize + GEMM on the attention projections."""
+    from mlx_moe.prefill import DequantizedPrefillLinear
+
+    D, H, KV, HD = 2048, 32, 4, 128  # Qwen3-30B-A3B attention
+    shapes = [(D, H * HD), (D, KV * HD), (D, KV * HD), (H * HD, D)]  # (in, out): q, k, v, o
+    layers = []
+    for _ in range(a.layers):
+        projs = []
+        for cin, cout in shapes:
+            q = nn.QuantizedLinear(cin, cout, bias=False, group_size=64, bits=4)
+            q.weight = mx.random.randint(0, 1 << 16, (cout, 2 * cin * 4 // 32)).astype(mx.uint16).view(mx.uint32)
+            q.scales = mx.full(q.scales.shape, 0.01, dtype=mx.bfloat16)
+            q.biases = mx.full(q.biases.shape, -0.075, dtype=mx.bfloat16)
+            mx.eval(q.parameters())
+            projs.append(q)
+        layers.append(projs)
+    rows = []
+    for T in a.tokens:
+        xs = {cin: mx.random.normal((T, cin)).astype(mx.bfloat16) for cin, _ in shapes}
+        mx.eval(list(xs.values()))
+        flops = 2 * T * sum(cin * cout for cin, cout in shapes)
+        res = {}
+        for name, cls in (("quantized_matmul", nn.QuantizedLinear), ("dequantize + GEMM", DequantizedPrefillLinear)):
+            for projs in layers:
+                for q in projs:
+                    q.__class__ = cls
+                    q.min_rows = 1
+            t = timed(lambda: [q(xs[q.weight.shape[1] * 32 // 4]) for projs in layers for q in projs], a.reps)
+            res[name] = 1e3 * t / a.layers
+            print(f"dense projections {name:20s} T={T:<5d} {res[name]:8.3f} ms/layer "
+                  f"{flops / (res[name] * 1e-3) / 1e12:7.2f} TFLOP/s", flush=True)
+        rows.append({"tokens": T, **{k: round(v, 4) for k, v in res.items()},
+                     "speedup": round(res["quantized_matmul"] / res["dequantize + GEMM"], 3)})
+        print(f"  dequantize + GEMM vs quantized_matmul at T={T}: {rows[-1]['speedup']:.2f}x", flush=True)
+    return {"device": str(mx.default_device()), "args": vars(a), "rows": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=48)
@@ -329,6 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", action="store_true", help="prefill mode: map0 + mul_mm_id vs mlx-lm (see above)")
     p.add_argument("--prefill-layers", type=int, default=16, help="layers in prefill mode")
     p.add_argument("--crossover", action="store_true", help="prefill mode: also time GEMV vs GEMM on 1..128 tokens")
+    p.add_argument("--dense", action="store_true",
+                   help="dense mode: attention projections, quantized_matmul vs dequantize + GEMM (see above)")
     p.add_argument("--ncu", action="store_true",
                    help="run each variant on 4 layers once, for a kernel profiler (ncu) to time the kernels")
     p.add_argument("--geometries", type=str, default=None,
@@ -337,6 +385,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.geometries and not a.ncu:
         raise SystemExit("--geometries is for --ncu runs (GPU kernel times come from ncu, not from this script)")
+    if a.dense:
+        res = dense_main(a)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
     fl = flavor()
     E, D, F, k, L = a.experts, a.hidden, a.ffn, a.k, a.layers
     results = {"device": str(mx.default_device()), "flavor": fl, "args": vars(a), "rows": []}

@@ -8,8 +8,10 @@
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
 #  1. expert-log overhead: short generations, many ABBA pairs (the H100 host's speed drifts
 #     by up to 1.7x within a minute: pairs must be short), uncompiled and compiled (issue 3)
-#  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9)
-#  3. end to end, Qwen3-30B-A3B shape, with the per-component breakdown (issues 5, 9)
+#  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9), and
+#     the dense projections as quantized_matmul vs dequantize + GEMM (mlx_moe/prefill.py)
+#  3. end to end, Qwen3-30B-A3B shape, with the per-component breakdown and the dense
+#     prefill path (mlx-moe+dq) (issues 5, 6, 9)
 #  4. end to end, DeepSeek-V2-Lite shape (issue 9)
 #  5. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
 #  6. decode kernels' GPU time per geometry under ncu (issue 5)
@@ -41,8 +43,9 @@ step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --
   --prompt-tokens 16 --gen-tokens 32 --reps 40 \
   --engines mlx-moe,mlx-moe+log,mlx-moe+compile,mlx-moe+compile+log --json "$OUT/log_ab.json"
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
+step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+compile \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+dq,mlx-moe+compile \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \

@@ -81,8 +81,9 @@ def op_costs(flavor: str, n: int = 400, reps: int = 5) -> dict:
     if flavor in ("cuda", "metal"):
         from mlx_moe.kernels.router import fused_topk
 
-        # ids -> float logits again so the chain is dependent: 3 nodes per link, reported per link
-        chains["router kernel (+2 glue ops)"] = lambda y: (
+        # weights back into the activations so the chain is dependent: 5 nodes per link
+        # (slice, router kernel, astype, sum, add), reported per link
+        chains["router kernel + 4 glue ops"] = lambda y: (
             fused_topk(y[:, :128], params, flavor)[1].astype(mx.bfloat16).sum() + y)
     out = {}
     for name, f in chains.items():
