@@ -40,6 +40,21 @@ PREFILL = "prefill"
 DECODE = "decode"
 
 
+def _to_numpy(arrays: list, mx_dtype, np_dtype) -> np.ndarray:
+    """Per-layer [T, k] arrays as one numpy [L * T, k] array of `np_dtype`.
+
+    Joining the arrays' buffers (memoryview) takes a third of the Python time of
+    np.asarray per array and np.stack; it runs on the expert log's writer thread,
+    holding the GIL the generating thread needs, 96 arrays per token at 48 layers."""
+    k = arrays[0].shape[-1]
+    if all(a.dtype == mx_dtype for a in arrays):
+        try:
+            return np.frombuffer(b"".join([memoryview(a) for a in arrays]), np_dtype).reshape(-1, k)
+        except (BufferError, ValueError, TypeError):  # a buffer that is not contiguous
+            pass
+    return np.concatenate([np.asarray(a).reshape(-1, k) for a in arrays]).astype(np_dtype, copy=False)
+
+
 class _ForwardArrays:
     """The (ids, weights) of all MoE layers of one forward pass: the per-layer
     arrays the step itself computed, converted to numpy and ordered by weight in
@@ -59,15 +74,13 @@ class _ForwardArrays:
         (a stable sort: equal weights keep the router's slot order)."""
         with self._lock:
             if self._result is None:
-                ids = np.stack([np.asarray(a) for a in self._ids]).astype(np.int32, copy=False)
-                w = np.stack([np.asarray(a) for a in self._weights]).astype(np.float32, copy=False)
-                shape = ids.shape
-                k = shape[-1]
-                n = ids.size // k
-                ids, w = ids.reshape(n, k), w.reshape(n, k)
+                L, (T, k) = len(self._ids), self._ids[0].shape
+                ids = _to_numpy(self._ids, mx.int32, np.int32)  # [L * T, k]
+                w = _to_numpy(self._weights, mx.float32, np.float32)
+                n = L * T
                 # Gather through flat indices: 3x faster than take_along_axis.
                 flat = (np.argsort(-w, axis=-1, kind="stable") + np.arange(0, n * k, k)[:, None]).ravel()
-                self._result = (ids.ravel()[flat].reshape(shape), w.ravel()[flat].reshape(shape))
+                self._result = (ids.ravel()[flat].reshape(L, T, k), w.ravel()[flat].reshape(L, T, k))
                 self._ids = self._weights = None  # release the device arrays
         return self._result
 

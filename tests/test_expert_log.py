@@ -256,3 +256,20 @@ def test_unwritable_log_fails_before_loading_the_model(tmp_path):
     assert p.returncode == 1
     assert "cannot write expert log" in err and "does not exist" in err
     assert "no-such-model" not in err  # the model was never looked at
+
+
+def test_host_conversion_of_per_layer_arrays():
+    """The joined-buffer fast path gives numpy's own conversion, and anything it cannot
+    take (a strided view, another dtype) goes the slow way with the same result."""
+    from mlx_moe.hooks import _to_numpy
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 300, (3, 4)).astype(np.int32) for _ in range(5)]
+    want = np.concatenate(parts)
+    np.testing.assert_array_equal(_to_numpy([mx.array(p) for p in parts], mx.int32, np.int32), want)
+    wide = [mx.array(np.repeat(p, 2, axis=1))[:, ::2] for p in parts]  # strided views of the same values
+    np.testing.assert_array_equal(_to_numpy(wide, mx.int32, np.int32), want)
+    as64 = [mx.array(p.astype(np.int64)) for p in parts]  # bytes must not be reinterpreted
+    got = _to_numpy(as64, mx.int32, np.int32)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
