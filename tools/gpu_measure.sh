@@ -6,8 +6,9 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  1. expert-log overhead: short generations, many ABBA pairs (the H100 host's speed drifts
-#     by up to 1.7x within a minute: pairs must be short), uncompiled and compiled (issue 3)
+#  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
+#     of 16 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
+#     generations cannot resolve 3%), uncompiled and compiled (issue 3)
 #  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9), and
 #     the dense projections as quantized_matmul vs dequantize + GEMM (mlx_moe/prefill.py)
 #  3. end to end, Qwen3-30B-A3B shape, with the per-component breakdown and the dense
@@ -39,13 +40,14 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 16 --gen-tokens 32 --reps 40 \
-  --engines mlx-moe,mlx-moe+log,mlx-moe+compile,mlx-moe+compile+log --json "$OUT/log_ab.json"
+step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 \
+  --json "$OUT/log_overhead.json"
+step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 --compile \
+  --json "$OUT/log_overhead_compiled.json"
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+dq,mlx-moe+compile \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+log,mlx-moe+dq,mlx-moe+compile \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \

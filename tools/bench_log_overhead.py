@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""The expert log's cost to decode speed, measured inside one generation.
+
+On the H100 machine the host's own speed drifts by up to 1.7x within a minute
+(BENCHMARKS.md), so two separate generations, one with the log and one
+without, cannot resolve a few percent.  This tool decodes one long sequence
+and switches the log on and off in blocks of --block-tokens tokens (order
+ABBA: on, off, off, on, ...), all in one pipelined loop as generate runs it
+(next step queued before the current token is read, routing events delivered
+after each token, the CSV written by the log's thread).  Neighbouring blocks
+see the same host, so the per-pair ratios are tight; their median, quartiles
+and the pooled ratio are reported, plus tok/s with and without.
+
+    python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40
+    python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --compile
+    python tools/bench_log_overhead.py --shape tiny --kernels mlx --blocks 8        # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_generate import SHAPES, build_models, compiled_step, random_q4_0_experts, uncompiled_step  # noqa: E402
+
+from mlx_moe.backends import get_backend  # noqa: E402
+from mlx_moe.compiled import decoder_for, round_capacity  # noqa: E402
+from mlx_moe.expert_log import ExpertLog  # noqa: E402
+from mlx_moe.hooks import HOOKS  # noqa: E402
+from mlx_moe.moe import set_expert_backend  # noqa: E402
+
+
+def pattern(blocks: int) -> list:
+    """ABBA...: True (log on) / False per block, each pair of neighbours one of each."""
+    return [(b % 4) in (0, 3) for b in range(blocks)]
+
+
+def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_blocks: int, compile: bool) -> dict:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    capacity = round_capacity(len(prompt) + (blocks + warmup_blocks + 2) * block_tokens)
+    if compile:
+        decoder = decoder_for(model)
+        cache = decoder.make_cache(capacity)
+        step = compiled_step(decoder, cache)
+    else:
+        cache = make_prompt_cache(model)
+        step = uncompiled_step(model, cache)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    log = ExpertLog.for_model(log_path, model)
+    handle = None
+    times = {True: [], False: []}
+    pairs = []
+    try:
+        cur = mx.array(prompt[-1:])
+        nxt = step(cur)
+        mx.async_eval(nxt)
+        # warm-up blocks alternate too: the first block with the log traces the compiled
+        # step's recording variant, which must not land in a timed block
+        order = pattern(warmup_blocks) + pattern(blocks)
+        for b, on in enumerate(order):
+            if on and handle is None:
+                handle = log.attach(new_sequence=False)
+            elif not on and handle is not None:
+                log.detach(handle)
+                handle = None
+            t0 = time.perf_counter()
+            for _ in range(block_tokens):
+                cur, nxt = nxt, step(nxt)
+                mx.async_eval(nxt)
+                cur.item()
+                HOOKS.poll()
+            dt = (time.perf_counter() - t0) / block_tokens
+            if b >= warmup_blocks:
+                times[on].append(dt)
+                pairs.append((on, dt))
+        nxt.item()
+    finally:
+        if handle is not None:
+            log.detach(handle)
+        log.close()
+    # neighbours (blocks 2i, 2i+1) form the pairs: one with the log, one without
+    per_pair = []
+    for i in range(0, len(pairs) - 1, 2):
+        (a_on, a), (_, b) = pairs[i], pairs[i + 1]  # pattern(): one of the two has the log
+        with_log, without = (a, b) if a_on else (b, a)
+        per_pair.append(100 * (with_log / without - 1))
+    per_pair.sort()
+    q = statistics.quantiles(per_pair, n=4) if len(per_pair) >= 4 else [min(per_pair), 0, max(per_pair)]
+    on_ms, off_ms = statistics.median(times[True]), statistics.median(times[False])
+    return {
+        "tok_s_with_log": 1 / on_ms, "tok_s_without": 1 / off_ms,
+        "overhead_median_tok_s_pct": 100 * (1 - off_ms / on_ms),
+        "overhead_per_pair_median_pct": statistics.median(per_pair), "per_pair_q1_pct": q[0],
+        "per_pair_q3_pct": q[2], "pairs": len(per_pair),
+        "overhead_pooled_pct": 100 * (sum(times[True]) / sum(times[False]) - 1),
+        "rows_logged": log.rows_written, "per_pair_pct": per_pair,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=40, help="timed blocks (a multiple of 4 keeps ABBA whole)")
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--warmup-blocks", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="decode through the compiled step (mlx_moe/compiled.py)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.blocks < 2:
+        raise SystemExit("--blocks must be at least 2 (one pair)")
+
+    mx.random.seed(0)
+    config = dict(SHAPES[args.shape])
+    _, model = build_models(config, 4, 64)
+    random_q4_0_experts(model)
+    backend = get_backend(args.kernels)
+    set_expert_backend(model, backend)
+    prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
+    path = os.path.join(tempfile.mkdtemp(), "log.csv")
+    r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile)
+    print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
+          f"{'compiled' if args.compile else 'uncompiled'} decode, {args.blocks} blocks of {args.block_tokens} "
+          f"tokens (ABBA), {r['rows_logged']} rows logged")
+    print(f"decode tok/s: {r['tok_s_without']:.1f} without the log, {r['tok_s_with_log']:.1f} with it "
+          f"(medians over blocks): overhead {r['overhead_median_tok_s_pct']:.2f}%")
+    print(f"per neighbouring pair (extra time per token): median {r['overhead_per_pair_median_pct']:.2f}%, "
+          f"quartiles {r['per_pair_q1_pct']:.2f}% .. {r['per_pair_q3_pct']:.2f}% over {r['pairs']} pairs; "
+          f"pooled {r['overhead_pooled_pct']:.2f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(mx.default_device()), **r}, f, indent=2)
+    return r
+
+
+if __name__ == "__main__":
+    main()
