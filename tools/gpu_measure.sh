@@ -11,7 +11,8 @@
 #     generations cannot resolve 3%), uncompiled and compiled (issue 3)
 #  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9), and
 #     the dense projections as quantized_matmul vs dequantize + GEMM (mlx_moe/prefill.py)
-#  3. end to end, Qwen3-30B-A3B shape, with the per-component breakdown and the dense
+#  3. end to end, Qwen3-30B-A3B shape: mlx-lm, our kernels, the mlx backend, the log, the
+#     compiled step, with the per-component breakdown and the dense
 #     prefill path (mlx-moe+dq) (issues 5, 6, 9)
 #  4. end to end, DeepSeek-V2-Lite shape (issue 9)
 #  5. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
@@ -47,7 +48,7 @@ step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cud
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe+log,mlx-moe+dq,mlx-moe+compile \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \
