@@ -43,6 +43,8 @@ re-traces on the next generate call.
 from __future__ import annotations
 
 import importlib
+import sys
+from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -51,8 +53,19 @@ from mlx.utils import tree_flatten
 
 from . import moe as _moe
 from .hooks import HOOKS
+from .kernels.attention import decode_attention
+from .kernels.attention import unsupported as attention_unsupported
 
 COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+# Attention of the compiled step through the decode attention kernel
+# (metal/attention.metal) instead of mx.fast.scaled_dot_product_attention with a
+# mask over the static cache, which MLX's fused CUDA kernels do not take (the
+# unfused fallback is ~10 graph nodes per layer, BENCHMARKS.md).  False: off (the
+# default until the H100 measures it: bench_generate's mlx-moe+compile+attn);
+# True: on for models whose expert backend is the metal or cuda kernels; a flavor
+# name forces that flavor (tests).
+ATTENTION_KERNEL = False
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
 
 
@@ -245,19 +258,20 @@ class CompiledDecoder:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
     def _function(self, record: bool):
-        fn = self._compiled.get(record)
+        key = (record, attention_flavor(self.model))
+        fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(record))
-            self._compiled[record] = fn
+            fn = mx.compile(self._traced_step(record, key[1]))
+            self._compiled[key] = fn
         return fn
 
-    def _traced_step(self, record: bool):
+    def _traced_step(self, record: bool, attention: Optional[str]):
         model, base_call = self.model, self.base_call
 
         def step(token, offset, keys, values):
             self.traces += 1
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
-            with HOOKS.capturing(record) as records:
+            with HOOKS.capturing(record) as records, _static_cache_attention(model, attention):
                 logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -301,6 +315,40 @@ class CompiledDecoder:
             for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
                 HOOKS.record(layer, ids, weights, n_experts, n_zero)
         return logprobs
+
+
+def attention_flavor(model: nn.Module) -> Optional[str]:
+    """The kernel flavor the compiled step's attention runs on (ATTENTION_KERNEL), or None."""
+    if not ATTENTION_KERNEL:
+        return None
+    if isinstance(ATTENTION_KERNEL, str):
+        return ATTENTION_KERNEL
+    flavors = {getattr(layer.backend, "flavor", None) for layer in _moe.moe_layers(model)}
+    return flavors.pop() if len(flavors) == 1 and flavors <= {"metal", "cuda"} else None
+
+
+@contextmanager
+def _static_cache_attention(model: nn.Module, flavor: Optional[str]):
+    """While a step is traced: the family module's scaled_dot_product_attention (mlx-lm's
+    attention calls it through its module globals) sends attention over our traced
+    static cache to the decode attention kernel; anything else to mlx-lm's function."""
+    module = sys.modules[_mlx_lm_model_class(model).__module__] if flavor else None
+    original = getattr(module, "scaled_dot_product_attention", None)
+    if original is None:
+        yield
+        return
+
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+        if (isinstance(cache, _TracedCache) and sinks is None
+                and attention_unsupported(queries.shape, keys.shape, values.shape) is None):
+            return decode_attention(queries, keys, values, cache.offset, scale, flavor)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    module.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        module.scaled_dot_product_attention = original
 
 
 def decoder_for(model: nn.Module) -> CompiledDecoder:

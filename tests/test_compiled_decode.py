@@ -226,3 +226,40 @@ def test_stream_generate_compile(tmp_path):
     assert "".join(r.text for r in got) == "".join(r.text for r in ref)
     assert got[-1].finish_reason == ref[-1].finish_reason
     assert got[-1].generation_tokens == ref[-1].generation_tokens
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])  # head dims 32 and 16
+def test_attention_kernel_wiring(models, family, monkeypatch):
+    """With ATTENTION_KERNEL on, the traced step sends every layer's attention over the
+    static cache to decode_attention (position array, whole capacity), and decodes
+    the same tokens.  The kernel itself cannot run inside a CPU trace (the emulation
+    evaluates eagerly), so an MLX-op stand-in takes its place here; the kernel is held
+    to mx.fast.scaled_dot_product_attention in tests/test_attention_kernel_emulated.py."""
+    from mlx_moe import compiled as C
+
+    calls = []
+
+    def stand_in(q, k, v, pos, scale, flavor):
+        calls.append((flavor, q.shape, k.shape))
+        rep = q.shape[1] // k.shape[1]
+        k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # [1, H, 1, C]
+        visible = mx.arange(k.shape[2]) <= pos.reshape(())
+        scores = mx.where(visible, scores, -mx.inf)
+        return mx.softmax(scores, axis=-1, precise=True) @ v
+
+    model = models[family]
+    want, want_lp = uncompiled(model, PROMPT, 10)
+    monkeypatch.setattr(C, "ATTENTION_KERNEL", "probe")
+    monkeypatch.setattr(C, "decode_attention", stand_in)
+    got, got_lp = compiled(model, PROMPT, 10)
+    assert got == want
+    np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    head_dim = model.layers[0].self_attn.k_proj.weight.shape[0] // model.args.num_key_value_heads
+    if head_dim % 32:  # the kernel's lanes hold 32 dims each: mx.fast's attention stays
+        assert calls == []
+    else:
+        assert len(calls) == len(model.layers)  # traced once: one call per layer
+        assert all(f == "probe" and q[2] == 1 and k[2] >= len(PROMPT) + 10 for f, q, k in calls)
+    monkeypatch.setattr(C, "ATTENTION_KERNEL", False)
+    assert C.attention_flavor(model) is None

@@ -12,6 +12,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile  our model, decode steps through one mx.compile'd step
                 (mlx_moe/compiled.py); its greedy tokens are checked against mlx-moe's
   mlx-moe+compile+log  the compiled step with the expert log
+  mlx-moe+compile+attn  the compiled step with its attention on the decode
+                attention kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
 
@@ -67,6 +69,7 @@ import mlx.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
@@ -446,10 +449,12 @@ def main(argv=None):
         dq = "+dq" in engine
         if dq:
             dequantized_prefill(ours, args.dq_min_rows)
+        compiled_module.ATTENTION_KERNEL = "+attn" in engine
         try:
             return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
                             compile=engine.startswith("mlx-moe+compile"))
         finally:
+            compiled_module.ATTENTION_KERNEL = False
             if dq:
                 dequantized_prefill(ours, 0)
 

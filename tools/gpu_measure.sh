@@ -12,8 +12,8 @@
 #  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9), and
 #     the dense projections as quantized_matmul vs dequantize + GEMM (mlx_moe/prefill.py)
 #  3. end to end, Qwen3-30B-A3B shape: mlx-lm, our kernels, the mlx backend, the log, the
-#     compiled step, with the per-component breakdown and the dense
-#     prefill path (mlx-moe+dq) (issues 5, 6, 9)
+#     compiled step with and without the attention kernel, with the per-component
+#     breakdown and the dense prefill path (mlx-moe+dq) (issues 5, 6, 9)
 #  4. end to end, DeepSeek-V2-Lite shape (issue 9)
 #  5. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
 #  6. decode kernels' GPU time per geometry under ncu (issue 5)
@@ -48,7 +48,7 @@ step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cud
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+attn \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \
@@ -59,7 +59,8 @@ step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
   python3 tools/bench_kernels.py --ncu --geometries "gate_up=1x4x1,1x8x1 down=4x8x1,8x8x1"
 [ -f "$OUT/ncu.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu.csv" --json "$OUT/ncu_summary.json"
-for f in tests/test_router_kernel_emulated.py tests/test_kernels_prefill_emulated.py tests/test_kernels_cuda.py; do
+for f in tests/test_kernels_cuda_compile.py tests/test_attention_kernel_emulated.py tests/test_router_kernel_emulated.py \
+         tests/test_kernels_prefill_emulated.py tests/test_kernels_cuda.py; do
   step 300 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider "$f"
 done
 step 300 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \

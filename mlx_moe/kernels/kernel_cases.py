@@ -151,6 +151,18 @@ def _router_case(flavor: str) -> None:
         _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"router weights {params}")
 
 
+def _attention_case(flavor: str) -> None:
+    from .attention import decode_attention
+
+    rng = np.random.default_rng(8)
+    q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in
+               ((1, 8, 1, 64), (1, 2, 24, 64), (1, 2, 24, 64)))
+    for pos in (0, 13, 23):
+        got = decode_attention(q, k, v, mx.array([pos], mx.int32), 0.125, flavor)
+        want = mx.fast.scaled_dot_product_attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1], scale=0.125)
+        _close(np.array(got), np.array(want), 1e-5, f"decode_attention pos {pos}")
+
+
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
 
 CASES: Dict[str, List[KernelCase]] = {
@@ -169,6 +181,8 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mm_id_combine": [KernelCase("weighted slot sum + identity term vs numpy", _combine_case)],
     "moe_router_topk": [KernelCase("softmax/renorm, Mixtral, DeepSeek group-limited vs mlx_moe.router",
                                    _router_case)],
+    "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
+                                    "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
 }
 
 

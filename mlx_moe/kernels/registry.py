@@ -109,7 +109,21 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
+    "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
 }
+
+
+_CONSTANTS: Dict[float, mx.array] = {}
+
+
+def constant(value: float) -> mx.array:
+    """A float32 [1] kernel input holding `value`, made once (from host data: no graph
+    node).  Built per call, it would be one more allocation and host-to-device copy
+    (or, as mx.zeros, one more launch) per layer and token, and decode is bound by those."""
+    a = _CONSTANTS.get(value)
+    if a is None:
+        a = _CONSTANTS[value] = mx.array([value], dtype=mx.float32)
+    return a
 
 
 def kernel(flavor: str, name: str):

@@ -14,12 +14,12 @@ MoE layer instead of the five to eight MLX ops of the reference.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
 from ..router import RouterParams
-from .registry import kernel
+from .registry import constant, kernel
 
 SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 TOKENS_PER_GROUP = 4  # simdgroups (tokens) per threadgroup
@@ -57,19 +57,6 @@ def _check(logits: mx.array, p: RouterParams) -> None:
         raise ValueError(problem)
 
 
-_CONSTANTS: Dict[float, mx.array] = {}
-
-
-def _constant(value: float) -> mx.array:
-    """A float32 [1] array holding `value`, made once (from host data: no graph node).
-    Built per call, it would be one more allocation and host-to-device copy (or, as
-    mx.zeros, one more launch) per MoE layer and token, and decode is bound by those."""
-    a = _CONSTANTS.get(value)
-    if a is None:
-        a = _CONSTANTS[value] = mx.array([value], dtype=mx.float32)
-    return a
-
-
 def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.array, mx.array]:
     """(ids [T, k] int32, weights [T, k] float32) of the family's routing rule, in one kernel.
 
@@ -79,8 +66,8 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.
     _check(logits, params)
     T, n = logits.shape
     has_bias = params.bias is not None
-    bias = params.bias.astype(mx.float32) if has_bias else _constant(0.0)
-    scale = _constant(params.scaling)
+    bias = params.bias.astype(mx.float32) if has_bias else constant(0.0)
+    scale = constant(params.scaling)
     n_group = max(1, params.n_group)
     tpg = TOKENS_PER_GROUP
     return tuple(kernel(flavor, "moe_router_topk")(
