@@ -66,6 +66,7 @@ COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 # True: on for models whose expert backend is the metal or cuda kernels; a flavor
 # name forces that flavor (tests).
 ATTENTION_KERNEL = False
+
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
 
 
