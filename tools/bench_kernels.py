@@ -324,7 +324,7 @@ def prefill_main(a, fl: str) -> dict:
 
 def dense_main(a) -> dict:
     """--dense: quantized_matmul vs dequantize + GEMM on the attention projections."""
-    from mlx_moe.prefill import DequantizedPrefillLinear
+    from mlx_moe.prefill import dequantized_prefill
 
     D, H, KV, HD = 2048, 32, 4, 128  # Qwen3-30B-A3B attention
     shapes = [(D, H * HD), (D, KV * HD), (D, KV * HD), (H * HD, D)]  # (in, out): q, k, v, o
@@ -345,11 +345,10 @@ def dense_main(a) -> dict:
         mx.eval(list(xs.values()))
         flops = 2 * T * sum(cin * cout for cin, cout in shapes)
         res = {}
-        for name, cls in (("quantized_matmul", nn.QuantizedLinear), ("dequantize + GEMM", DequantizedPrefillLinear)):
+        for name, min_rows in (("quantized_matmul", 0), ("dequantize + GEMM", 1)):
             for projs in layers:
                 for q in projs:
-                    q.__class__ = cls
-                    q.min_rows = 1
+                    dequantized_prefill(q, min_rows)
             t = timed(lambda: [q(xs[q.weight.shape[1] * 32 // 4]) for projs in layers for q in projs], a.reps)
             res[name] = 1e3 * t / a.layers
             print(f"dense projections {name:20s} T={T:<5d} {res[name]:8.3f} ms/layer "
