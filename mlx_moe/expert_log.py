@@ -11,28 +11,30 @@ file (a generate call continuing a KV cache keeps its sequence).  A sidecar
 FILE.csv.json holds the model's metadata (n_experts, n_zero_experts, top_k,
 MoE layers, bytes per expert) for the analyzer.
 
-The writing happens on a background thread, so decoding never waits on the
-disk: the routing hook hands over each forward pass's events, the thread
-formats and appends whole rows.  Every write ends on a row boundary and the
-offset after it is remembered; on any write error (disk full, file too
-large) the file is truncated back to that offset, logging stops and the
-error is raised in the generating thread at its next token.  Ctrl-C or an
-exception in generation closes the log after writing every forward pass
-that completed: the CSV never holds a partial line.
+The writing happens in a separate process (mlx_moe/log_writer.py), so
+decoding never waits on the disk and never shares the GIL with the
+formatting: the routing hook hands over each forward pass's events, this
+side joins their evaluated (ids, weights) buffers and writes them to a pipe,
+the writer process orders them by weight, formats and appends whole rows.
+Every write ends on a row boundary; on any write error (disk full, file too
+large) the file is truncated back to the last complete row, logging stops
+and the error is raised in the generating thread at its next token.  Ctrl-C
+or an exception in generation closes the log after writing every forward
+pass that completed; even if the generating process is killed, the writer
+keeps every forward pass it received: the CSV never holds a partial line.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import numpy as np
-
-from .hooks import HOOKS, ForwardEvents, RoutingEvent
+from .hooks import HOOKS, RoutingEvent
+from .log_writer import pack_frame
 
 FORMAT = "mlx-moe-expert-log/1"
 
@@ -48,32 +50,13 @@ def header(top_k: int, weights: bool) -> List[str]:
     return cols + ["phase", "sequence_id"]
 
 
-def format_rows(events: Sequence[RoutingEvent], weights: bool) -> str:
-    """The CSV rows of one forward pass: token-major, then layer.
-
-    This runs for every token on the writer thread, but holding the GIL the
-    generating thread needs, so it is one `%` over the whole chunk (ints stay
-    ints: the fast case of %d) rather than per-value Python formatting."""
-    if not len(events):
-        return ""
-    ids, w = RoutingEvent.stacked(events)  # [L, T, k]
-    L, T, k = ids.shape
-    if isinstance(events, ForwardEvents):
-        layers, positions, phase, seq = events.layers, events.positions, events.phase, events.sequence_id
-    else:
-        first = events[0]
-        layers, positions, phase, seq = [ev.layer for ev in events], first.positions, first.phase, first.sequence_id
-    # With weights the table is float64, which holds every id and position exactly.
-    table = np.empty((T * L, 2 + k + (k if weights else 0)), dtype=np.float64 if weights else np.int64)
-    table[:, 0] = np.repeat(positions, L)
-    table[:, 1] = np.tile(np.asarray(layers, dtype=np.int64), T)
-    table[:, 2:2 + k] = ids.transpose(1, 0, 2).reshape(T * L, k)
-    row = "%d,%d" + ",%d" * k
-    if weights:
-        table[:, 2 + k:] = w.transpose(1, 0, 2).reshape(T * L, k)
-        row += ",%.6g" * k
-    row += f",{phase},{seq}\n"
-    return (row * (T * L)) % tuple(table.ravel().tolist())
+def _writer_env() -> dict:
+    """The writer runs `-m mlx_moe.log_writer`: make this package importable there
+    even when it was put on sys.path by hand (a source checkout)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 class ExpertLog:
@@ -83,20 +66,24 @@ class ExpertLog:
         self.path = Path(path)
         self.top_k = top_k
         self.weights = weights
-        self.rows_written = 0
-        self.error: Optional[BaseException] = None
+        self.rows_written = 0  # rows in the file: known once the log is closed
+        self.error: Optional[str] = None
         self._next_sequence = 0
         self._sequence = 0
-        self._queue: "queue.Queue" = queue.Queue()
         self.check_writable(self.path)
-        self._file = open(self.path, "w", encoding="utf-8", newline="")
         self.columns = header(top_k, weights)
-        self._write_chunk(",".join(self.columns) + "\n", 0)
-        self._good_offset = self._file.tell()
+        with open(self.path, "w", encoding="utf-8", newline="") as f:
+            f.write(",".join(self.columns) + "\n")
         meta = {"format": FORMAT, "top_k": top_k, "columns": self.columns, **(metadata or {})}
         Path(str(self.path) + ".json").write_text(json.dumps(meta, indent=2))
-        self._thread = threading.Thread(target=self._run, name="mlx-moe-expert-log", daemon=True)
-        self._thread.start()
+        # Its own session: a terminal's Ctrl-C goes to the generating process only,
+        # which then closes the pipe; the writer finishes what it received.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_moe.log_writer", str(self.path)] + (["--weights"] if weights else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_writer_env(),
+            start_new_session=True)
+        self._fd = self._proc.stdin.fileno()
+        self._status_read = False
 
     @classmethod
     def for_model(cls, path, model, weights: bool = False, model_name: Optional[str] = None) -> "ExpertLog":
@@ -149,29 +136,74 @@ class ExpertLog:
         HOOKS.remove(handle)
 
     def _on_forward(self, events: Sequence[RoutingEvent]) -> None:
+        """Per forward pass, on the generating thread: join the buffers, write one frame."""
         self.raise_error()
-        self._queue.put(events)
+        if self._proc.stdin is None or self._proc.stdin.closed:
+            raise ExpertLogError(f"expert log {self.path} is closed; open a new ExpertLog")
+        if not len(events):
+            return
+        ids, weights = events.arrays.buffers()
+        L, T = len(events.layers), len(events.positions)
+        if len(ids) != L * T * self.top_k * 4:
+            raise ExpertLogError(f"expert log {self.path}: a MoE layer selected {len(ids) // (4 * L * T)} "
+                                 f"experts per token, the log was opened for top_k={self.top_k}")
+        frame = b"".join(pack_frame(events.positions, events.layers, ids, weights, self.top_k,
+                                    events.phase, events.sequence_id))
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        """Write one whole frame to the writer.  If Ctrl-C lands between two partial
+        writes of it, the rest still goes out before the interrupt goes on (the writer
+        must never see half a frame followed by the next one)."""
+        view = memoryview(frame)
+        try:
+            try:
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except (KeyboardInterrupt, SystemExit):
+                while view:
+                    view = view[os.write(self._fd, view):]
+                raise
+        except BrokenPipeError:  # the writer stopped: a write error, said in its status
+            self._proc.wait()
+            self._read_status()
+            self.raise_error()
+            raise ExpertLogError(f"expert log {self.path}: the writer process stopped unexpectedly")
 
     def raise_error(self) -> None:
+        if self.error is None and not self._status_read and self._proc.poll() is not None:
+            self._read_status()  # the writer stopped (a write error) while generation went on
         if self.error is not None:
             raise ExpertLogError(
                 f"expert log {self.path}: writing failed ({self.error}); logging stopped. "
-                f"The file holds the {self.rows_written} complete rows written before it."
-            ) from self.error
+                f"The file holds the {self.rows_written} complete rows written before it.")
+
+    def _read_status(self) -> None:
+        if self._status_read:
+            return
+        self._status_read = True
+        out = self._proc.stdout.read().decode(errors="replace").strip().splitlines()
+        err = self._proc.stderr.read().decode(errors="replace").strip()
+        words = out[-1].split(" ", 2) if out else []
+        if len(words) >= 2 and words[0] in ("ok", "error") and words[1].isdigit():
+            self.rows_written = int(words[1])
+            if words[0] == "error":
+                self.error = words[2] if len(words) > 2 else "unknown error"
+        else:  # it died without a word (killed, or failed to start)
+            self.error = f"the writer process exited with code {self._proc.returncode}" + (
+                f": {err.splitlines()[-1]}" if err else "")
 
     def close(self) -> None:
-        """Write everything handed over so far, then close the file. Idempotent."""
-        if self._file is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except OSError:
-            pass
-        self._file.close()
-        self._file = None
+        """Write everything handed over so far, then close the file. Idempotent;
+        an interrupted close may be called again."""
+        if not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()  # end of input: the writer writes what it has and exits
+            except BrokenPipeError:
+                pass
+        if not self._status_read:
+            self._proc.wait()
+            self._read_status()
 
     def __enter__(self):
         return self
@@ -180,43 +212,3 @@ class ExpertLog:
         self.close()
         if exc_type is None:
             self.raise_error()
-
-    # -- writer thread ---------------------------------------------------------------------
-
-    def _write_chunk(self, text: str, rows: int) -> None:
-        self._file.write(text)
-        self._file.flush()
-        self.rows_written += rows
-
-    def _run(self) -> None:
-        while True:
-            events = self._queue.get()
-            if events is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                text = format_rows(events, self.weights)
-                rows = len(events) * len(events[0].positions) if len(events) else 0
-                self._write_chunk(text, rows)
-                self._good_offset = self._file.tell()
-            except BaseException as e:  # disk full, file too large, I/O error
-                self.error = e
-                self._truncate_to_good()
-
-    def _truncate_to_good(self) -> None:
-        """Drop a partly written chunk: the file ends on the last complete row."""
-        try:
-            self._file = _reopen_truncated(self._file, self.path, self._good_offset)
-        except OSError:
-            pass
-
-
-def _reopen_truncated(f, path: Path, offset: int):
-    """Discard Python's buffer (it may hold a partial row), truncate, reopen for append."""
-    try:
-        f.close()
-    except OSError:
-        pass  # closing flushes the buffer: that may fail again on a full disk
-    os.truncate(path, offset)
-    return open(path, "a", encoding="utf-8", newline="")

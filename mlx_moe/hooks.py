@@ -17,13 +17,16 @@ Events are delivered after the step's own evaluation: `generate` calls
 step, so every forward pass but the newest is done and its pipelining is
 untouched), and `flush()` delivers at once (after a direct `model(...)`
 call).  Host-side work (copies to numpy, ordering by weight) happens lazily
-when an event's fields are read, so a logger does it on its own thread.
+when an event's fields are read; the expert log takes the raw buffers
+(`ForwardEvents.arrays.buffers()`) and leaves the rest to its writer process.
 
 Measured on the H100 (BENCHMARKS.md, tools/profile_decode.py): a launch
 costs the generating thread 4-9 us, copying a small evaluated array to the
 host 1.5 us.  Joining the 48 layers' records on the device (an earlier
-version) cost 96 copy launches per token, on the critical path; copying
-them per layer on the logger's thread costs less and nothing there.
+version) cost 96 copy launches per token, on the critical path; joining
+their host buffers costs less.  A thread in this process that converts and
+sorts them still takes the GIL from the generating thread (7-8% of decode
+speed on the H100), hence the expert log's separate writer process.
 """
 
 from __future__ import annotations
@@ -36,23 +39,34 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .log_writer import by_weight
+
 PREFILL = "prefill"
 DECODE = "decode"
 
 
-def _to_numpy(arrays: list, mx_dtype, np_dtype) -> np.ndarray:
-    """Per-layer [T, k] arrays as one numpy [L * T, k] array of `np_dtype`.
+def _to_bytes(arrays: list, mx_dtype, np_dtype) -> bytes:
+    """Per-layer [T, k] arrays' values, joined, as bytes of `np_dtype`.
 
     Joining the arrays' buffers (memoryview) takes a third of the Python time of
-    np.asarray per array and np.stack; it runs on the expert log's writer thread,
-    holding the GIL the generating thread needs, 96 arrays per token at 48 layers."""
-    k = arrays[0].shape[-1]
-    if all(a.dtype == mx_dtype for a in arrays):
+    np.asarray per array and np.concatenate: at 48 layers it is 96 arrays per token,
+    on the generating thread.  All are [T, k] from the same kind of router, so one
+    array's dtype and shape are read and the joined length stands for the rest (a
+    bfloat16 array among float32 ones would make it short)."""
+    if arrays[0].dtype == mx_dtype:
         try:
-            return np.frombuffer(b"".join([memoryview(a) for a in arrays]), np_dtype).reshape(-1, k)
+            joined = b"".join([memoryview(a) for a in arrays])
+            if len(joined) == len(arrays) * arrays[0].size * np.dtype(np_dtype).itemsize:
+                return joined
         except (BufferError, ValueError, TypeError):  # a buffer that is not contiguous
             pass
-    return np.concatenate([np.asarray(a).reshape(-1, k) for a in arrays]).astype(np_dtype, copy=False)
+    return np.concatenate([np.asarray(a.astype(mx_dtype)).ravel() for a in arrays]).astype(
+        np_dtype, copy=False).tobytes()
+
+
+def _to_numpy(arrays: list, mx_dtype, np_dtype) -> np.ndarray:
+    """Per-layer [T, k] arrays as one numpy [L * T, k] array of `np_dtype`."""
+    return np.frombuffer(_to_bytes(arrays, mx_dtype, np_dtype), np_dtype).reshape(-1, arrays[0].shape[-1])
 
 
 class _ForwardArrays:
@@ -74,15 +88,23 @@ class _ForwardArrays:
         (a stable sort: equal weights keep the router's slot order)."""
         with self._lock:
             if self._result is None:
-                L, (T, k) = len(self._ids), self._ids[0].shape
-                ids = _to_numpy(self._ids, mx.int32, np.int32)  # [L * T, k]
-                w = _to_numpy(self._weights, mx.float32, np.float32)
-                n = L * T
-                # Gather through flat indices: 3x faster than take_along_axis.
-                flat = (np.argsort(-w, axis=-1, kind="stable") + np.arange(0, n * k, k)[:, None]).ravel()
-                self._result = (ids.ravel()[flat].reshape(L, T, k), w.ravel()[flat].reshape(L, T, k))
+                shape = (len(self._ids), *self._ids[0].shape)  # [L, T, k]
+                ids = _to_numpy(self._ids, mx.int32, np.int32).reshape(shape)
+                w = _to_numpy(self._weights, mx.float32, np.float32).reshape(shape)
+                self._result = by_weight(ids, w)
                 self._ids = self._weights = None  # release the device arrays
         return self._result
+
+    def buffers(self):
+        """The raw bytes of ids (int32) and weights (float32), [L, T, k] layer-major, in
+        the router's slot order (or by weight if `all()` ran first: sorting is idempotent).
+
+        For a consumer in another process (the expert log's writer): this is the only
+        host work, on the calling thread; ~1 us per layer array."""
+        with self._lock:
+            if self._result is not None:
+                return self._result[0].tobytes(), self._result[1].tobytes()
+            return _to_bytes(self._ids, mx.int32, np.int32), _to_bytes(self._weights, mx.float32, np.float32)
 
     def get(self, i: int):
         ids, w = self.all()
@@ -279,8 +301,8 @@ class RoutingHooks:
         if not self._pending:  # a layer called outside a wrapped model forward
             T = ids.shape[0]
             self.begin_forward(1, T, 0)
-        if weights.dtype != mx.float32:  # numpy has no bfloat16 (the routers give float32)
-            weights = weights.astype(mx.float32)
+        # Dtypes are not checked here (a nanobind attribute read per layer per token):
+        # the routers give int32 / float32, anything else takes _to_bytes' slow path.
         self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
 
     # -- delivery ------------------------------------------------------------------------

@@ -273,3 +273,69 @@ def test_host_conversion_of_per_layer_arrays():
     got = _to_numpy(as64, mx.int32, np.int32)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, want)
+
+
+def _frames(rng, n, L=3, k=4):
+    """n random forward passes (1 token each but the first, a 5-token prefill)."""
+    from mlx_moe.log_writer import pack_frame
+
+    out, pos = [], 0
+    for i in range(n):
+        T = 5 if i == 0 else 1
+        ids = rng.integers(0, 64, (L, T, k)).astype(np.int32)
+        w = rng.choice([0.1, 0.2, 0.3, 0.4], (L, T, k)).astype(np.float32)  # ties on purpose
+        positions = np.arange(pos, pos + T)
+        pos += T
+        frame = b"".join(pack_frame(positions, [1, 4, 7], ids.tobytes(), w.tobytes(), k,
+                                    "prefill" if i == 0 else "decode", 3))
+        out.append((frame, positions, ids, w))
+    return out
+
+
+def _expected_rows(frames, L=3, k=4):
+    """Independently: per token, per layer, ids by descending weight (ties in slot order)."""
+    rows = []
+    for _, positions, ids, w in frames:
+        for t, p in enumerate(positions):
+            for l, layer in enumerate([1, 4, 7]):
+                order = sorted(range(k), key=lambda j: (-float(w[l, t, j]), j))
+                rows.append([str(p), str(layer)] + [str(ids[l, t, j]) for j in order]
+                            + ["prefill" if len(positions) > 1 else "decode", "3"])
+    return rows
+
+
+def test_writer_process_drops_a_frame_cut_short_and_ignores_ctrl_c(tmp_path):
+    """What the writer sees when the generating process dies mid-frame: every whole
+    frame becomes rows, the torn one none; a Ctrl-C meant for the generating
+    process does not stop it."""
+    log = ExpertLog(tmp_path / "log.csv", top_k=4)
+    frames = _frames(np.random.default_rng(0), 6)
+    for frame, *_ in frames[:3]:
+        log._send(frame)
+    deadline = time.time() + 60  # rows on disk: it is past its start-up (a terminal's Ctrl-C
+    while time.time() < deadline and len(read_log(tmp_path / "log.csv")[1]) < 15:  # never reaches
+        time.sleep(0.01)  # it, being in its own session; this one is sent to it directly)
+    log._proc.send_signal(signal.SIGINT)
+    for frame, *_ in frames[3:5]:
+        log._send(frame)
+    log._send(frames[5][0][: len(frames[5][0]) // 2])
+    log.close()
+    log.raise_error()
+    header, rows = read_log(tmp_path / "log.csv")
+    assert header == ["token_id", "layer_id", "expert_0", "expert_1", "expert_2", "expert_3", "phase",
+                      "sequence_id"]
+    assert rows == _expected_rows(frames[:5])
+    assert log.rows_written == len(rows) == (5 + 4) * 3
+
+
+def test_writer_process_failure_is_reported_in_the_generating_thread(tmp_path):
+    log = ExpertLog(tmp_path / "log.csv", top_k=4)
+    frames = _frames(np.random.default_rng(1), 2)
+    log._send(frames[0][0])
+    log._send(b"XXXX" + frames[1][0][4:])  # not a frame: the stream is out of step
+    log._proc.wait(timeout=60)
+    with pytest.raises(mlx_moe.expert_log.ExpertLogError, match="out of step.*15 complete rows"):
+        log.raise_error()
+    log.close()
+    _, rows = read_log(tmp_path / "log.csv")
+    assert rows == _expected_rows(frames[:1])
