@@ -6,6 +6,7 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
+#  0. the decode attention kernel's GPU test (the compiled step's +attn engine needs it right)
 #  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
 #     of 16 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
 #     generations cannot resolve 3%), uncompiled and compiled (issue 3)
@@ -41,6 +42,7 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
+step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 \
   --json "$OUT/log_overhead.json"
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 --compile \
@@ -59,7 +61,7 @@ step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
   python3 tools/bench_kernels.py --ncu --geometries "gate_up=1x4x1,1x8x1 down=4x8x1,8x8x1"
 [ -f "$OUT/ncu.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu.csv" --json "$OUT/ncu_summary.json"
-for f in tests/test_kernels_cuda_compile.py tests/test_attention_kernel_emulated.py tests/test_router_kernel_emulated.py \
+for f in tests/test_kernels_cuda_compile.py tests/test_router_kernel_emulated.py \
          tests/test_kernels_prefill_emulated.py tests/test_kernels_cuda.py; do
   step 300 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider "$f"
 done
