@@ -259,14 +259,14 @@ class CompiledDecoder:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
     def _function(self, record: bool):
-        key = (record, attention_flavor(self.model))
+        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(record, key[1]))
+            fn = mx.compile(self._traced_step(record, key[1], key[2]))
             self._compiled[key] = fn
         return fn
 
-    def _traced_step(self, record: bool, attention: Optional[str]):
+    def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str]):
         model, base_call = self.model, self.base_call
 
         def step(token, offset, keys, values):
@@ -279,7 +279,12 @@ class CompiledDecoder:
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
             if record:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
-                out += [[r[1] for r in records], [r[2] for r in records]]
+                ids, weights = [r[1] for r in records], [r[2] for r in records]
+                if join:  # one [L, 1, k] array each instead of 2L outputs (mlx_moe/hooks.py)
+                    from .kernels.routing_join import routing_join
+
+                    ids, weights = routing_join(ids, weights, join)
+                out += [ids, weights]
             return out
 
         return step
@@ -313,8 +318,11 @@ class CompiledDecoder:
             c.offset += 1
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset)
-            for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
-                HOOKS.record(layer, ids, weights, n_experts, n_zero)
+            if isinstance(out[3], mx.array):  # joined on the device
+                HOOKS.record_joined(self._routing_meta, out[3], out[4])
+            else:
+                for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
+                    HOOKS.record(layer, ids, weights, n_experts, n_zero)
         return logprobs
 
 

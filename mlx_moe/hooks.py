@@ -20,13 +20,16 @@ call).  Host-side work (copies to numpy, ordering by weight) happens lazily
 when an event's fields are read; the expert log takes the raw buffers
 (`ForwardEvents.arrays.buffers()`) and leaves the rest to its writer process.
 
-Measured on the H100 (BENCHMARKS.md, tools/profile_decode.py): a launch
-costs the generating thread 4-9 us, copying a small evaluated array to the
-host 1.5 us.  Joining the 48 layers' records on the device (an earlier
-version) cost 96 copy launches per token, on the critical path; joining
-their host buffers costs less.  A thread in this process that converts and
-sorts them still takes the GIL from the generating thread (7-8% of decode
-speed on the H100), hence the expert log's separate writer process.
+On MLX's CUDA backend one more thing: the host reading a device array
+costs a cudaMallocManaged and a synchronous copy, per array (MLX's
+Buffer::raw_ptr), so 96 per-layer arrays per token cost 5-9% of decode
+speed on the H100.  There the model wrapper ends each forward pass with
+`end_forward`: one kernel gathers all layers' records into one ids and one
+weights array (metal/routing_join.metal; MLX's concatenate would be one
+launch per input) and the model's output is made to depend on them
+(`mx.depends`), so the step's own evaluation computes them; the host then
+reads two arrays.  On the CPU and Metal the per-layer arrays are host
+memory already and nothing is joined (`join_flavor`).
 """
 
 from __future__ import annotations
@@ -75,11 +78,12 @@ class _ForwardArrays:
     one batch the first time any event asks, on the thread that asks (the expert
     log's writer thread, off the generating thread)."""
 
-    __slots__ = ("_ids", "_weights", "_result", "_lock")
+    __slots__ = ("_ids", "_weights", "_shape", "_result", "_lock")
 
-    def __init__(self, ids: list, weights: list):
-        self._ids = ids
+    def __init__(self, ids: list, weights: list, shape: tuple):
+        self._ids = ids  # per-layer [T, k] arrays, or one joined [L, T, k] array
         self._weights = weights
+        self._shape = shape  # (L, T, k)
         self._result = None
         self._lock = threading.Lock()
 
@@ -88,9 +92,8 @@ class _ForwardArrays:
         (a stable sort: equal weights keep the router's slot order)."""
         with self._lock:
             if self._result is None:
-                shape = (len(self._ids), *self._ids[0].shape)  # [L, T, k]
-                ids = _to_numpy(self._ids, mx.int32, np.int32).reshape(shape)
-                w = _to_numpy(self._weights, mx.float32, np.float32).reshape(shape)
+                ids = _to_numpy(self._ids, mx.int32, np.int32).reshape(self._shape)
+                w = _to_numpy(self._weights, mx.float32, np.float32).reshape(self._shape)
                 self._result = by_weight(ids, w)
                 self._ids = self._weights = None  # release the device arrays
         return self._result
@@ -229,6 +232,8 @@ class _Forward:
     phase: str
     sequence_id: int
     records: list = field(default_factory=list)  # (layer, ids, weights, n_experts, n_zero)
+    joined: Optional[tuple] = None  # (ids, weights) [L, T, k] of all records (then ids/weights are None)
+    shape: Optional[tuple] = None  # (L, T, k)
 
 
 Callback = Callable[[RoutingEvent], None]
@@ -247,6 +252,9 @@ class RoutingHooks:
         self.prompt_end: Optional[int] = None  # positions >= this are decode
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
+        # Which kernel flavor joins a forward's records on the device (end_forward):
+        # "auto" = "cuda" on MLX's CUDA backend, else none; None/False: never.
+        self.join_flavor = "auto"
 
     @property
     def active(self) -> bool:
@@ -305,6 +313,42 @@ class RoutingHooks:
         # the routers give int32 / float32, anything else takes _to_bytes' slow path.
         self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
 
+    def join_flavor_now(self) -> Optional[str]:
+        """The flavor end_forward joins with now (None: keep per-layer arrays)."""
+        flavor = self.join_flavor
+        if flavor == "auto":
+            gpu = mx.default_device().type == mx.DeviceType.gpu
+            return "cuda" if gpu and mx.cuda.is_available() else None
+        return flavor or None
+
+    def end_forward(self, output):
+        """Called by the model wrapper with a forward's output: on the CUDA backend,
+        join the forward's records into one ids and one weights array and return
+        `output` made to depend on them (the step's own evaluation computes them)."""
+        if not self._callbacks or not self._pending:
+            return output
+        f = self._pending[-1]
+        if f.joined is not None or not f.records:
+            return output
+        flavor = self.join_flavor_now()
+        if flavor is None:
+            return output
+        from .kernels.routing_join import routing_join
+
+        self.record_joined([(r[0], r[3], r[4]) for r in f.records],
+                           *routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor))
+        return mx.depends(output, list(f.joined))
+
+    def record_joined(self, meta: list, ids: mx.array, weights: mx.array) -> None:
+        """The current forward's records as joined [L, T, k] arrays; meta: per layer
+        (layer, n_experts, n_zero), in the order of the arrays' first axis."""
+        if not self._callbacks or not self._pending:
+            return
+        f = self._pending[-1]
+        f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
+        f.joined = (ids, weights)
+        f.shape = tuple(ids.shape)
+
     # -- delivery ------------------------------------------------------------------------
 
     def poll(self) -> None:
@@ -321,14 +365,19 @@ class RoutingHooks:
         if n <= 0:
             return
         done, self._pending = self._pending[:n], self._pending[n:]
-        mx.eval([a for f in done for r in f.records for a in r[1:3]])
+        mx.eval([a for f in done for a in (f.joined or [a for r in f.records for a in r[1:3]])])
         callbacks = list(self._callbacks)
         for f in done:
             if not f.records:
                 continue
-            arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records])
+            if f.joined is not None:
+                arrays = _ForwardArrays([f.joined[0]], [f.joined[1]], f.shape)
+            else:
+                arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records],
+                                        (len(f.records), *f.records[0][1].shape))
             # From here only `arrays` holds the device arrays (and drops them once converted).
             f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+            f.joined = None
             events = ForwardEvents(f, arrays)
             for _, fn, per_forward in callbacks:
                 if per_forward:

@@ -121,9 +121,10 @@ def model_classes(config: dict):
             return super().sanitize(weights)
 
         def __call__(self, inputs, cache=None, **kwargs):
-            if HOOKS.active:
-                HOOKS.begin_forward(inputs.shape[0], inputs.shape[1], _cache_offset(cache))
-            return super().__call__(inputs, cache=cache, **kwargs)
+            if not HOOKS.active:
+                return super().__call__(inputs, cache=cache, **kwargs)
+            HOOKS.begin_forward(inputs.shape[0], inputs.shape[1], _cache_offset(cache))
+            return HOOKS.end_forward(super().__call__(inputs, cache=cache, **kwargs))
 
     Model.__name__ = Model.__qualname__ = f"MoE{arch.Model.__name__}_{model_type}"
     Args.__name__ = Args.__qualname__ = f"{arch.ModelArgs.__name__}_{model_type}"

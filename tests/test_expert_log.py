@@ -339,3 +339,42 @@ def test_writer_process_failure_is_reported_in_the_generating_thread(tmp_path):
     log.close()
     _, rows = read_log(tmp_path / "log.csv")
     assert rows == _expected_rows(frames[:1])
+
+
+@pytest.fixture
+def joined_on_device():
+    """The CUDA backend's device-side join of the records (hooks.end_forward),
+    its kernel run by the Metal emulation on the CPU."""
+    from mlx_moe.hooks import HOOKS
+
+    HOOKS.join_flavor = "emulated"
+    try:
+        yield
+    finally:
+        HOOKS.join_flavor = "auto"
+
+
+def test_device_side_join_logs_the_same_from_two_arrays(tiny_model, tmp_path, joined_on_device):
+    """Where the host reads device arrays one costly copy at a time (CUDA), a forward's
+    records are joined by one kernel evaluated with the step: the host reads one ids
+    and one weights array per forward pass, and the log is the same as from the
+    per-layer arrays, uncompiled and compiled (the compiled step's wiring; the kernel
+    itself: kernel_cases' routing_join case, on the emulation and on CUDA)."""
+    from mlx_moe.hooks import HOOKS
+
+    model, tok = tiny_model
+    HOOKS.join_flavor = None
+    per_layer = tmp_path / "per_layer.csv"
+    mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=6, expert_log=per_layer, expert_log_weights=True)
+    HOOKS.join_flavor = "emulated"
+    host_arrays = []
+    with mlx_moe.routing_hook(lambda evs: host_arrays.append(len(evs.arrays._ids)), per_forward=True):
+        mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=3)
+    assert host_arrays and set(host_arrays) == {1}
+    for compile in (False, True):
+        path = tmp_path / f"joined_{compile}.csv"
+        # the emulation runs eagerly, not inside mx.compile: there MLX ops stand in for the kernel
+        HOOKS.join_flavor = "mlx" if compile else "emulated"
+        mlx_moe.generate(model, tok, [5, 6, 7, 8], max_tokens=6, expert_log=path, expert_log_weights=True,
+                         compile=compile)
+        assert read_log(path) == read_log(per_layer), compile

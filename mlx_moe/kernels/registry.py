@@ -110,6 +110,8 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
+    # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
+    "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("ids_out", "weights_out")),
 }
 
 
@@ -150,7 +152,26 @@ def _maker(flavor: str) -> Callable:
     raise ValueError(f"unknown kernel flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
 
 
-_KERNELS: Dict[Tuple[str, str, str], object] = {}
+_KERNELS: Dict[tuple, object] = {}
+_PER_LAYER = re.compile(r"^(\s*)PER_LAYER\((.*)\)\s*$", re.M)
+
+
+def layered_kernel(flavor: str, name: str, n_layers: int):
+    """The kernel object of a KERNELS name with per-layer inputs ("ids*" -> ids0 ..
+    ids{n_layers-1}), its body's PER_LAYER(text) lines expanded to one copy per layer
+    with @ -> the layer index; built once per layer count."""
+    spec = KERNELS[name]
+    key = (flavor, spec.family, n_layers, name)  # the name last, as in get_kernel (verify/run.py)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        header, body = kernel_source(flavor, spec.family, name)
+        body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
+                                                   for l in range(n_layers)), body)
+        inputs = [f"{n[:-1]}{l}" for n in spec.inputs for l in range(n_layers)]
+        kernel = _maker(flavor)(name=f"mlx_moe_{name}_{n_layers}", input_names=inputs,
+                                output_names=list(spec.outputs), source=body, header=header)
+        _KERNELS[key] = kernel
+    return kernel
 
 
 def get_kernel(flavor: str, family: str, name: str, inputs: List[str], outputs: List[str]):
