@@ -113,11 +113,12 @@ def build_models(config: dict, bits: int, group_size: int):
             return {"group_size": 64, "bits": 8}
         return predicate(path, module) if predicate else True
 
+    # bfloat16 first, as the checkpoints are (mlx-community's 4-bit ones too: bf16 scales,
+    # norms and embeddings): the activations are then bf16, not float32
+    baseline.set_dtype(mx.bfloat16)
     if bits < 16:
         nn.quantize(baseline, group_size=group_size, bits=bits, class_predicate=class_predicate)
         random_quantized(baseline)
-    else:
-        baseline.set_dtype(mx.bfloat16)
     for layer in baseline.layers:  # layer by layer: the float weights never all exist at once
         mx.eval(layer.parameters())
     mx.eval(baseline.parameters())
