@@ -100,8 +100,9 @@ TINY = dict(QWEN3_30B_A3B, hidden_size=256, num_hidden_layers=4, num_experts=16,
 SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "tiny": TINY}
 
 
-def build_models(config: dict, bits: int, group_size: int):
-    """mlx-lm's model with random quantized weights, and ours sharing them."""
+def build_models(config: dict, bits: int, group_size: int, dtype: mx.Dtype = mx.bfloat16):
+    """mlx-lm's model with random quantized weights, and ours sharing them; `dtype`:
+    the float parameters (scales, norms, embeddings) and so the activations."""
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     baseline = arch.Model(arch.ModelArgs.from_dict(config))
     predicate = getattr(baseline, "quant_predicate", None)
@@ -113,9 +114,9 @@ def build_models(config: dict, bits: int, group_size: int):
             return {"group_size": 64, "bits": 8}
         return predicate(path, module) if predicate else True
 
-    # bfloat16 first, as the checkpoints are (mlx-community's 4-bit ones too: bf16 scales,
-    # norms and embeddings): the activations are then bf16, not float32
-    baseline.set_dtype(mx.bfloat16)
+    # bfloat16 by default, as the checkpoints are (mlx-community's 4-bit ones too: bf16
+    # scales, norms and embeddings): the activations are then bf16, not float32
+    baseline.set_dtype(dtype)
     if bits < 16:
         nn.quantize(baseline, group_size=group_size, bits=bits, class_predicate=class_predicate)
         random_quantized(baseline)
@@ -406,7 +407,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    p.add_argument("--bits", type=int, default=4, help="4 or 8: MLX affine; 16: bf16")
+    p.add_argument("--bits", type=int, default=4, help="4 or 8: MLX affine; 16: unquantized (--dtype)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="float parameters and activations: bfloat16 as checkpoints are; float32 makes "
+                        "the greedy-token comparison of the engines exact (random weights leave the top "
+                        "logits within bf16 rounding of each other)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--experts", choices=["shared", "q4_0"], default="shared",
                    help="shared: our experts are mlx-lm's arrays (MLX affine); q4_0: random Q4_0 experts "
@@ -431,7 +436,7 @@ def main(argv=None):
     if args.layers:
         config["num_hidden_layers"] = args.layers
     mx.random.seed(0)
-    baseline, ours = build_models(config, args.bits, args.group_size)
+    baseline, ours = build_models(config, args.bits, args.group_size, getattr(mx, args.dtype))
     if args.experts == "q4_0":
         random_q4_0_experts(ours)
     kernels = get_backend(args.kernels)
@@ -505,7 +510,7 @@ def main(argv=None):
     base = summary.get("mlx-lm")
     device = str(mx.default_device())
     print(f"# bench_generate: {args.shape} ({config['num_hidden_layers']} layers), "
-          f"{'bf16' if args.bits == 16 else f'{args.bits}-bit g{args.group_size}'}, "
+          f"{'unquantized' if args.bits == 16 else f'{args.bits}-bit g{args.group_size}'}, {args.dtype}, "
           f"prefill {args.prompt_tokens}, decode {args.gen_tokens}, {args.reps} reps, device {device}, "
           f"kernels {kernels.name}, our experts {args.experts}")
     print("| engine | prefill tok/s | decode tok/s | prefill vs mlx-lm | decode vs mlx-lm |")

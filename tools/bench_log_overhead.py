@@ -82,6 +82,8 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
                 cur.item()
                 HOOKS.poll()
             dt = (time.perf_counter() - t0) / block_tokens
+            print(f"[block {b}{' warm-up' if b < warmup_blocks else ''}] log {'on ' if on else 'off'} "
+                  f"{1e3 * dt:.2f} ms/token", file=sys.stderr, flush=True)
             if b >= warmup_blocks:
                 times[on].append(dt)
                 pairs.append((on, dt))
@@ -123,6 +125,7 @@ def main(argv=None) -> dict:
     if args.blocks < 2:
         raise SystemExit("--blocks must be at least 2 (one pair)")
 
+    t_start = time.perf_counter()
     mx.random.seed(0)
     config = dict(SHAPES[args.shape])
     _, model = build_models(config, 4, 64)
@@ -131,6 +134,7 @@ def main(argv=None) -> dict:
     set_expert_backend(model, backend)
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
     path = os.path.join(tempfile.mkdtemp(), "log.csv")
+    print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile)
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
           f"{'compiled' if args.compile else 'uncompiled'} decode, {args.blocks} blocks of {args.block_tokens} "
