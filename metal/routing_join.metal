@@ -5,10 +5,11 @@
 // Why: on MLX's CUDA backend, reading a device array from the host moves it to
 // newly allocated unified memory (cudaMallocManaged + a synchronous cudaMemcpy,
 // mlx/backend/cuda/allocator.cpp, Buffer::raw_ptr), per array: 96 per token at
-// 48 layers cost the expert log 5-9% of decode speed on the H100.  MLX's
-// concatenate is one copy launch per input.  This kernel is one launch, and
-// the host then reads two arrays.  (On Metal and the CPU the per-layer arrays
-// are host memory already; the hook does not join there.)
+// 48 layers.  MLX's concatenate is one copy launch per input.  This kernel is
+// one launch, and the host then reads two arrays.  Opt-in (hooks.join_flavor):
+// on the H100 it did not measurably lower the expert log's cost, see
+// mlx_moe/hooks.py.  (On Metal and the CPU the per-layer arrays are host
+// memory already.)
 //
 // The inputs are per layer (ids0..ids{L-1}, weights0..weights{L-1}), so the
 // body is expanded per layer count by mlx_moe/kernels/registry.py: a line

@@ -20,16 +20,18 @@ call).  Host-side work (copies to numpy, ordering by weight) happens lazily
 when an event's fields are read; the expert log takes the raw buffers
 (`ForwardEvents.arrays.buffers()`) and leaves the rest to its writer process.
 
-On MLX's CUDA backend one more thing: the host reading a device array
-costs a cudaMallocManaged and a synchronous copy, per array (MLX's
-Buffer::raw_ptr), so 96 per-layer arrays per token cost 5-9% of decode
-speed on the H100.  There the model wrapper ends each forward pass with
-`end_forward`: one kernel gathers all layers' records into one ids and one
-weights array (metal/routing_join.metal; MLX's concatenate would be one
-launch per input) and the model's output is made to depend on them
-(`mx.depends`), so the step's own evaluation computes them; the host then
-reads two arrays.  On the CPU and Metal the per-layer arrays are host
-memory already and nothing is joined (`join_flavor`).
+On MLX's CUDA backend the host reading a device array moves it to newly
+allocated unified memory (cudaMallocManaged + a synchronous copy, per array:
+MLX's Buffer::raw_ptr), 96 arrays per token at 48 layers.  `join_flavor`
+switches on a remedy, off by default: the model wrapper ends each forward
+pass with `end_forward`, one kernel gathers all layers' records into one ids
+and one weights array (metal/routing_join.metal; MLX's concatenate would be
+one launch per input), the model's output is made to depend on them
+(`mx.depends`), and the host reads two arrays.  Why off: on the H100 it did
+not measurably lower the log's cost (BENCHMARKS.md, eighth to eleventh
+runs), and the uncompiled decode with it stalled in two of three runs
+(no block of tokens finished in 110-130 s; cause not found).  On the CPU
+and Metal the per-layer arrays are host memory already.
 """
 
 from __future__ import annotations
@@ -253,8 +255,9 @@ class RoutingHooks:
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
         # Which kernel flavor joins a forward's records on the device (end_forward):
-        # "auto" = "cuda" on MLX's CUDA backend, else none; None/False: never.
-        self.join_flavor = "auto"
+        # None: never (the default, see the module docstring); "auto": "cuda" on MLX's
+        # CUDA backend, else none; or a flavor ("cuda", "emulated", "mlx" for MLX ops).
+        self.join_flavor: Optional[str] = None
 
     @property
     def active(self) -> bool:

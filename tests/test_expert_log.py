@@ -347,11 +347,12 @@ def joined_on_device():
     its kernel run by the Metal emulation on the CPU."""
     from mlx_moe.hooks import HOOKS
 
+    saved = HOOKS.join_flavor
     HOOKS.join_flavor = "emulated"
     try:
         yield
     finally:
-        HOOKS.join_flavor = "auto"
+        HOOKS.join_flavor = saved
 
 
 def test_device_side_join_logs_the_same_from_two_arrays(tiny_model, tmp_path, joined_on_device):
