@@ -42,8 +42,17 @@ from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
 from mlx_moe.prefill import dequantized_prefill  # noqa: E402
 
 
+def _timed(fn, kind: str, totals: dict, args, kwargs):
+    """fn(*args, **kwargs), evaluated, its wall time added to totals[kind]."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    mx.eval(out)
+    totals[kind] += time.perf_counter() - t0
+    return out
+
+
 class Timed(nn.Module):
-    """Calls `inner`, evaluates its output and adds the wall time to `totals[kind]`."""
+    """A module in place of `inner` that times each call (`_timed`)."""
 
     def __init__(self, inner, kind: str, totals: dict):
         super().__init__()
@@ -52,11 +61,7 @@ class Timed(nn.Module):
         self._totals = totals
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self.inner(*args, **kwargs)
-        mx.eval(out)
-        self._totals[self._kind] += time.perf_counter() - t0
-        return out
+        return _timed(self.inner, self._kind, self._totals, args, kwargs)
 
 
 class TimedCall:
@@ -67,11 +72,7 @@ class TimedCall:
         self._fn, self._kind, self._totals = fn, kind, totals
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self._fn(*args, **kwargs)
-        mx.eval(out)
-        self._totals[self._kind] += time.perf_counter() - t0
-        return out
+        return _timed(self._fn, self._kind, self._totals, args, kwargs)
 
     def __getattr__(self, name):
         return getattr(self._fn, name)
