@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -158,31 +158,31 @@ _PER_LAYER = re.compile(r"^(\s*)PER_LAYER\((.*)\)\s*$", re.M)
 
 def layered_kernel(flavor: str, name: str, n_layers: int):
     """The kernel object of a KERNELS name with per-layer inputs ("ids*" -> ids0 ..
-    ids{n_layers-1}), its body's PER_LAYER(text) lines expanded to one copy per layer
-    with @ -> the layer index; built once per layer count."""
+    ids{n_layers-1}), built once per layer count (see get_kernel's n_layers)."""
     spec = KERNELS[name]
-    key = (flavor, spec.family, n_layers, name)  # the name last, as in get_kernel (verify/run.py)
-    kernel = _KERNELS.get(key)
-    if kernel is None:
-        header, body = kernel_source(flavor, spec.family, name)
-        body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
-                                                   for l in range(n_layers)), body)
-        inputs = [f"{n[:-1]}{l}" for n in spec.inputs for l in range(n_layers)]
-        kernel = _maker(flavor)(name=f"mlx_moe_{name}_{n_layers}", input_names=inputs,
-                                output_names=list(spec.outputs), source=body, header=header)
-        _KERNELS[key] = kernel
-    return kernel
+    return get_kernel(flavor, spec.family, name, _layer_inputs(spec.inputs, n_layers), spec.outputs, n_layers)
 
 
-def get_kernel(flavor: str, family: str, name: str, inputs: List[str], outputs: List[str]):
-    """The kernel object for `name` of metal/<family>.metal, built on first use."""
-    key = (flavor, family, name)
-    kernel = _KERNELS.get(key)
+@lru_cache(maxsize=None)
+def _layer_inputs(patterns: Tuple[str, ...], n_layers: int) -> Tuple[str, ...]:
+    return tuple(f"{p[:-1]}{l}" for p in patterns for l in range(n_layers))
+
+
+def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: Optional[int] = None):
+    """The kernel object for `name` of metal/<family>.metal, built on first use.
+
+    n_layers: the body's PER_LAYER(text) lines become one copy per layer with @ ->
+    the layer index, and the kernel is named and kept per layer count."""
+    key = (flavor, family, name) if n_layers is None else (flavor, family, n_layers, name)  # name last:
+    kernel = _KERNELS.get(key)  # verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
+        if n_layers is not None:
+            body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
+                                                       for l in range(n_layers)), body)
         kernel = _maker(flavor)(
-            name=f"mlx_moe_{name}", input_names=list(inputs), output_names=list(outputs),
-            source=body, header=header,
+            name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
+            input_names=list(inputs), output_names=list(outputs), source=body, header=header,
         )
         _KERNELS[key] = kernel
     return kernel
