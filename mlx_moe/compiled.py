@@ -284,6 +284,11 @@ class CompiledDecoder:
                     from .kernels.routing_join import routing_join
 
                     ids, weights = routing_join(ids, weights, join)
+                    # Evaluated with the step: nothing else the step computes reads the joined
+                    # arrays, so without this the join would run only when the host reads them,
+                    # behind the next queued step (a wait per token).  Per-layer arrays need no
+                    # such edge: the expert kernels read them.
+                    out[0] = mx.depends(out[0], [ids, weights])
                 out += [ids, weights]
             return out
 

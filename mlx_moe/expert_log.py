@@ -136,8 +136,11 @@ class ExpertLog:
         HOOKS.remove(handle)
 
     def _on_forward(self, events: Sequence[RoutingEvent]) -> None:
-        """Per forward pass, on the generating thread: join the buffers, write one frame."""
-        self.raise_error()
+        """Per forward pass, on the generating thread: join the buffers, write one frame.
+        A writer that stopped (a write error) is noticed by the write (a broken pipe),
+        not by polling its process every token."""
+        if self.error is not None:
+            self.raise_error()
         if self._proc.stdin is None or self._proc.stdin.closed:
             raise ExpertLogError(f"expert log {self.path} is closed; open a new ExpertLog")
         if not len(events):

@@ -255,9 +255,10 @@ class RoutingHooks:
         self._capture: Optional[list] = None  # see capturing()
         self._capture_on = False
         # Which kernel flavor joins a forward's records on the device (end_forward):
-        # None: never (the default, see the module docstring); "auto": "cuda" on MLX's
-        # CUDA backend, else none; or a flavor ("cuda", "emulated", "mlx" for MLX ops).
-        self.join_flavor: Optional[str] = None
+        # "auto" (the default): "cuda" on MLX's CUDA backend, else none (Metal and the
+        # CPU read the per-layer arrays at no cost); None: never; or a flavor ("cuda",
+        # "emulated", "mlx" for MLX ops).
+        self.join_flavor: Optional[str] = "auto"
 
     @property
     def active(self) -> bool:
@@ -294,7 +295,9 @@ class RoutingHooks:
     def begin_forward(self, batch: int, length: int, offset: int) -> None:
         if not self._callbacks:
             return
-        positions = np.tile(np.arange(offset, offset + length, dtype=np.int64), batch)
+        positions = np.arange(offset, offset + length, dtype=np.int64)
+        if batch > 1:
+            positions = np.tile(positions, batch)
         if self.prompt_end is not None:
             phase = PREFILL if offset < self.prompt_end else DECODE
         else:

@@ -355,6 +355,32 @@ def joined_on_device():
         HOOKS.join_flavor = saved
 
 
+def test_compiled_step_evaluates_the_join_with_its_output(tiny_model, tmp_path, joined_on_device):
+    """In the compiled step nothing reads the joined records, so the step's output must
+    depend on them: otherwise the join would run only when the host reads it, queued
+    behind the next step (the host would wait a step per token).  The uncompiled
+    forward makes the same edge in hooks.end_forward."""
+    from mlx_moe.compiled import decoder_for
+    from mlx_moe.hooks import HOOKS
+
+    model, _ = tiny_model
+    decoder = decoder_for(model)
+    cache = decoder.make_cache(16)
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    mx.eval([c.keys for c in cache] + [c.values for c in cache])
+    HOOKS.join_flavor = "mlx"  # MLX ops stand in for the kernel inside mx.compile
+    with mlx_moe.routing_hook(lambda evs: None, per_forward=True):
+        out = decoder.step(mx.array([8]), cache)
+        joined = HOOKS._pending[-1].joined
+        assert joined is not None
+        nodes = _graph_nodes(tmp_path, out)
+        mlx_moe.flush()
+    assert "Depends" in nodes, nodes
+    # and the joined arrays are in that graph: the dot file names every node it reaches
+    dot = (tmp_path / "graph.dot").read_text()
+    assert dot.count("Concatenate") >= 2
+
+
 def test_device_side_join_logs_the_same_from_two_arrays(tiny_model, tmp_path, joined_on_device):
     """Where the host reads device arrays one costly copy at a time (CUDA), a forward's
     records are joined by one kernel evaluated with the step: the host reads one ids

@@ -56,12 +56,16 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
     else:
         cache = make_prompt_cache(model)
         step = uncompiled_step(model, cache)
+    t0 = time.perf_counter()
     model(mx.array(prompt[:-1])[None], cache=cache)
     mx.eval([c.state for c in cache])
+    # the first forward of a process on a fresh machine compiles MLX's CUDA kernels (NVRTC, on this thread)
+    print(f"[bench_log_overhead] prompt prefill {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     log = ExpertLog.for_model(log_path, model)
     handle = None
     times = {True: [], False: []}
     pairs = []
+    poll_s = 0.0  # time in HOOKS.poll() during timed blocks with the log (delivery, joining, the pipe write)
     try:
         cur = mx.array(prompt[-1:])
         nxt = step(cur)
@@ -75,20 +79,25 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
             elif not on and handle is not None:
                 log.detach(handle)
                 handle = None
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0, tp = time.perf_counter(), time.thread_time(), 0.0
             for _ in range(block_tokens):
                 cur, nxt = nxt, step(nxt)
                 mx.async_eval(nxt)
                 cur.item()
+                t1 = time.perf_counter()
                 HOOKS.poll()
+                tp += time.perf_counter() - t1
             dt = (time.perf_counter() - t0) / block_tokens
             cpu = (time.thread_time() - c0) / block_tokens
             print(f"[block {b}{' warm-up' if b < warmup_blocks else ''}] log {'on ' if on else 'off'} "
-                  f"{1e3 * dt:.2f} ms/token, generating thread's CPU {1e3 * cpu:.2f} ms/token",
+                  f"{1e3 * dt:.2f} ms/token, generating thread's CPU {1e3 * cpu:.2f} ms/token, "
+                  f"delivery {1e3 * tp / block_tokens:.3f} ms/token",
                   file=sys.stderr, flush=True)
             if b >= warmup_blocks:
                 times[on].append(dt)
                 pairs.append((on, dt, cpu))
+                if on:
+                    poll_s += tp
         nxt.item()
     finally:
         if handle is not None:
@@ -110,7 +119,8 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
         "overhead_per_pair_median_pct": statistics.median(per_pair), "per_pair_q1_pct": q[0],
         "per_pair_q3_pct": q[2], "pairs": len(per_pair),
         "overhead_pooled_pct": 100 * (sum(times[True]) / sum(times[False]) - 1),
-        "rows_logged": log.rows_written, "per_pair_pct": per_pair,
+        "rows_logged": log.rows_written,
+        "delivery_ms_per_token": 1e3 * poll_s / (len(times[True]) * block_tokens), "per_pair_pct": per_pair,
         # the generating thread's CPU time per token (its host work, without waits): paired the same way
         "cpu_per_pair_median_pct": statistics.median(per_pair_cpu), "cpu_per_pair_pct": sorted(per_pair_cpu),
     }
@@ -125,6 +135,9 @@ def main(argv=None) -> dict:
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--warmup-blocks", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="decode through the compiled step (mlx_moe/compiled.py)")
+    p.add_argument("--join", default="auto", choices=["auto", "none", "cuda", "emulated", "mlx"],
+                   help="HOOKS.join_flavor: join each forward's routing records on the device; auto (the "
+                        "library's default): on MLX's CUDA backend; none: the host reads the per-layer arrays")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.blocks < 2:
@@ -139,15 +152,16 @@ def main(argv=None) -> dict:
     set_expert_backend(model, backend)
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
     path = os.path.join(tempfile.mkdtemp(), "log.csv")
+    HOOKS.join_flavor = None if args.join == "none" else args.join
     print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile)
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
-          f"{'compiled' if args.compile else 'uncompiled'} decode, {args.blocks} blocks of {args.block_tokens} "
+          f"{'compiled' if args.compile else 'uncompiled'} decode, routing {'joined (' + str(HOOKS.join_flavor_now()) + ')' if HOOKS.join_flavor_now() else 'per layer'}, {args.blocks} blocks of {args.block_tokens} "
           f"tokens (ABBA), {r['rows_logged']} rows logged")
     print(f"decode tok/s: {r['tok_s_without']:.1f} without the log, {r['tok_s_with_log']:.1f} with it "
           f"(medians over blocks): overhead {r['overhead_median_tok_s_pct']:.2f}%")
     print(f"generating thread's CPU time per token, per pair: median {r['cpu_per_pair_median_pct']:.2f}% more "
-          f"with the log")
+          f"with the log; delivering the routing to the log (HOOKS.poll) {r['delivery_ms_per_token']:.3f} ms/token")
     print(f"per neighbouring pair (extra time per token): median {r['overhead_per_pair_median_pct']:.2f}%, "
           f"quartiles {r['per_pair_q1_pct']:.2f}% .. {r['per_pair_q3_pct']:.2f}% over {r['pairs']} pairs; "
           f"pooled {r['overhead_pooled_pct']:.2f}%")
