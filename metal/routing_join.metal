@@ -1,15 +1,16 @@
 // Routing join: the (expert ids, routing weights) of every MoE layer of one
-// forward pass gathered into one [L, T, k] ids and one weights array, in one
-// launch, for the routing hook (mlx_moe/hooks.py).
+// forward pass gathered into one uint32 array, in one launch, for the routing
+// hook (mlx_moe/hooks.py): words [0, L*T*k) hold the ids (int32 bits) as
+// [L, T, k], words [L*T*k, 2*L*T*k) the weights (float32 bits); one array,
+// so the host reads one buffer per forward pass.
 //
 // Why: on MLX's CUDA backend, reading a device array from the host moves it to
 // newly allocated unified memory (cudaMallocManaged + a synchronous cudaMemcpy,
 // mlx/backend/cuda/allocator.cpp, Buffer::raw_ptr), per array: 96 per token at
 // 48 layers.  MLX's concatenate is one copy launch per input.  This kernel is
-// one launch, and the host then reads two arrays.  Opt-in (hooks.join_flavor):
-// on the H100 it did not measurably lower the expert log's cost, see
-// mlx_moe/hooks.py.  (On Metal and the CPU the per-layer arrays are host
-// memory already.)
+// one launch, and the host then reads one array (hooks.join_flavor, on by
+// default on CUDA; on Metal and the CPU the per-layer arrays are host memory
+// already).
 //
 // The inputs are per layer (ids0..ids{L-1}, weights0..weights{L-1}), so the
 // body is expanded per layer count by mlx_moe/kernels/registry.py: a line
@@ -20,13 +21,13 @@
 // ==== kernel: routing_join ====
 // Template: NL layers; N = T * k values per layer; TG threads per threadgroup.
 // Inputs ids@ [T, k] (any integer type), weights@ [T, k] (any float type);
-// outputs ids_out int32 [NL, T, k], weights_out float32 [NL, T, k].
+// output out uint32 [>= 2 * NL * N] (words past 2 * NL * N are not written).
 // One thread per (layer, value).
     const uint i = threadgroup_position_in_grid.x * uint(TG) + thread_index_in_threadgroup;
     if (i >= uint(NL * N)) return;
     const uint l = i / uint(N);
     const uint j = i - l * uint(N);
     switch (l) {
-    PER_LAYER(case @: ids_out[i] = int(ids@[j]); weights_out[i] = float(weights@[j]); break;)
+    PER_LAYER(case @: out[i] = uint(int(ids@[j])); out[NL * N + i] = moe_float_bits(float(weights@[j])); break;)
     default: break;
     }

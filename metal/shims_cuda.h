@@ -102,4 +102,9 @@ __device__ inline float moe_as_float(uint b) {
   return __uint_as_float(b);
 }
 
+// A float's bits as a uint (the routing join packs weights beside ids).
+__device__ inline uint moe_float_bits(float v) {
+  return __float_as_uint(v);
+}
+
 #define MOE_UNROLL _Pragma("unroll")

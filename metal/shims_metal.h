@@ -81,6 +81,11 @@ inline float moe_as_float(uint b) {
   return as_type<float>(b);
 }
 
+// A float's bits as a uint (the routing join packs weights beside ids).
+inline uint moe_float_bits(float v) {
+  return as_type<uint>(v);
+}
+
 // Full unrolling of a loop with a compile-time trip count (lets the compiler
 // issue every load of the loop before the first use).  Ignored by the CPU emulation.
 #define MOE_UNROLL _Pragma("clang loop unroll(full)")

@@ -253,6 +253,7 @@ class CompiledDecoder:
         self.traces = 0  # times the step function body ran (tracing), for tests and reports
         self._compiled = {}
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
+        self._routing_shape = None  # one layer's [T, k] records, set while tracing
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
 
     def make_cache(self, capacity: int) -> List[StaticKVCache]:
@@ -279,17 +280,20 @@ class CompiledDecoder:
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
             if record:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
+                self._routing_shape = tuple(records[0][1].shape)  # one layer's [T, k]
                 ids, weights = [r[1] for r in records], [r[2] for r in records]
-                if join:  # one [L, 1, k] array each instead of 2L outputs (mlx_moe/hooks.py)
+                if join:  # one packed array instead of 2L outputs (mlx_moe/hooks.py)
                     from .kernels.routing_join import routing_join
 
-                    ids, weights = routing_join(ids, weights, join)
-                    # Evaluated with the step: nothing else the step computes reads the joined
-                    # arrays, so without this the join would run only when the host reads them,
+                    packed = routing_join(ids, weights, join)
+                    # Evaluated with the step: nothing else the step computes reads the packed
+                    # array, so without this the join would run only when the host reads it,
                     # behind the next queued step (a wait per token).  Per-layer arrays need no
                     # such edge: the expert kernels read them.
-                    out[0] = mx.depends(out[0], [ids, weights])
-                out += [ids, weights]
+                    out[0] = mx.depends(out[0], [packed])
+                    out.append(packed)
+                else:
+                    out += [ids, weights]
             return out
 
         return step
@@ -323,8 +327,8 @@ class CompiledDecoder:
             c.offset += 1
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset)
-            if isinstance(out[3], mx.array):  # joined on the device
-                HOOKS.record_joined(self._routing_meta, out[3], out[4])
+            if len(out) == 4:  # joined on the device
+                HOOKS.record_joined(self._routing_meta, out[3], self._routing_shape)
             else:
                 for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
                     HOOKS.record(layer, ids, weights, n_experts, n_zero)

@@ -146,11 +146,12 @@ class ExpertLog:
         if not len(events):
             return
         ids, weights = events.arrays.buffers()
-        L, T = len(events.layers), len(events.positions)
+        layers = events.layers
+        L, T = len(layers), len(events.positions)
         if len(ids) != L * T * self.top_k * 4:
             raise ExpertLogError(f"expert log {self.path}: a MoE layer selected {len(ids) // (4 * L * T)} "
                                  f"experts per token, the log was opened for top_k={self.top_k}")
-        frame = b"".join(pack_frame(events.positions, events.layers, ids, weights, self.top_k,
+        frame = b"".join(pack_frame(events.positions, layers, ids, weights, self.top_k,
                                     events.phase, events.sequence_id))
         self._send(frame)
 

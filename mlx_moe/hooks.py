@@ -76,28 +76,39 @@ def _to_numpy(arrays: list, mx_dtype, np_dtype) -> np.ndarray:
 
 class _ForwardArrays:
     """The (ids, weights) of all MoE layers of one forward pass: the per-layer
-    arrays the step itself computed, converted to numpy and ordered by weight in
-    one batch the first time any event asks, on the thread that asks (the expert
-    log's writer thread, off the generating thread)."""
+    arrays the step itself computed, or one packed array of all of them (joined on
+    the device, mlx_moe/kernels/routing_join.py), converted to numpy and ordered by
+    weight in one batch the first time any event asks, on the thread that asks."""
 
-    __slots__ = ("_ids", "_weights", "_shape", "_result", "_lock")
+    __slots__ = ("_ids", "_weights", "_packed", "_shape", "_result", "_lock")
 
-    def __init__(self, ids: list, weights: list, shape: tuple):
-        self._ids = ids  # per-layer [T, k] arrays, or one joined [L, T, k] array
+    def __init__(self, ids: list, weights: list, shape: tuple, packed: Optional[mx.array] = None):
+        self._ids = ids  # per-layer [T, k] arrays (None when packed)
         self._weights = weights
+        self._packed = packed  # routing_join's uint32 array, or None
         self._shape = shape  # (L, T, k)
         self._result = None
         self._lock = threading.Lock()
+
+    def _raw(self):
+        """(ids, weights) in the router's slot order: numpy arrays of the packed array
+        (one read), or bytes of the per-layer arrays."""
+        if self._packed is not None:
+            from .kernels.routing_join import unpack
+
+            return unpack(memoryview(self._packed), self._shape)
+        return _to_bytes(self._ids, mx.int32, np.int32), _to_bytes(self._weights, mx.float32, np.float32)
 
     def all(self):
         """ids int32 [L, T, k] and weights float32 [L, T, k], by descending weight
         (a stable sort: equal weights keep the router's slot order)."""
         with self._lock:
             if self._result is None:
-                ids = _to_numpy(self._ids, mx.int32, np.int32).reshape(self._shape)
-                w = _to_numpy(self._weights, mx.float32, np.float32).reshape(self._shape)
+                ids, w = self._raw()
+                ids = np.frombuffer(ids, np.int32).reshape(self._shape)
+                w = np.frombuffer(w, np.float32).reshape(self._shape)
                 self._result = by_weight(ids, w)
-                self._ids = self._weights = None  # release the device arrays
+                self._ids = self._weights = self._packed = None  # release the device arrays
         return self._result
 
     def buffers(self):
@@ -105,11 +116,13 @@ class _ForwardArrays:
         the router's slot order (or by weight if `all()` ran first: sorting is idempotent).
 
         For a consumer in another process (the expert log's writer): this is the only
-        host work, on the calling thread; ~1 us per layer array."""
+        host work, on the calling thread; one read of the packed array, or ~1 us per
+        layer array."""
         with self._lock:
             if self._result is not None:
                 return self._result[0].tobytes(), self._result[1].tobytes()
-            return _to_bytes(self._ids, mx.int32, np.int32), _to_bytes(self._weights, mx.float32, np.float32)
+            ids, w = self._raw()
+            return bytes(ids), bytes(w)
 
     def get(self, i: int):
         ids, w = self.all()
@@ -234,7 +247,7 @@ class _Forward:
     phase: str
     sequence_id: int
     records: list = field(default_factory=list)  # (layer, ids, weights, n_experts, n_zero)
-    joined: Optional[tuple] = None  # (ids, weights) [L, T, k] of all records (then ids/weights are None)
+    joined: Optional[mx.array] = None  # routing_join's packed array of all records (then ids/weights are None)
     shape: Optional[tuple] = None  # (L, T, k)
 
 
@@ -329,8 +342,8 @@ class RoutingHooks:
 
     def end_forward(self, output):
         """Called by the model wrapper with a forward's output: on the CUDA backend,
-        join the forward's records into one ids and one weights array and return
-        `output` made to depend on them (the step's own evaluation computes them)."""
+        join the forward's records into one packed array and return `output` made to
+        depend on it (the step's own evaluation computes it)."""
         if not self._callbacks or not self._pending:
             return output
         f = self._pending[-1]
@@ -342,18 +355,19 @@ class RoutingHooks:
         from .kernels.routing_join import routing_join
 
         self.record_joined([(r[0], r[3], r[4]) for r in f.records],
-                           *routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor))
-        return mx.depends(output, list(f.joined))
+                           routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor),
+                           tuple(f.records[0][1].shape))
+        return mx.depends(output, [f.joined])
 
-    def record_joined(self, meta: list, ids: mx.array, weights: mx.array) -> None:
-        """The current forward's records as joined [L, T, k] arrays; meta: per layer
-        (layer, n_experts, n_zero), in the order of the arrays' first axis."""
+    def record_joined(self, meta: list, packed: mx.array, shape: tuple) -> None:
+        """The current forward's records as routing_join's packed array; meta: per
+        layer (layer, n_experts, n_zero), in the packed order; shape: one layer's [T, k]."""
         if not self._callbacks or not self._pending:
             return
         f = self._pending[-1]
         f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
-        f.joined = (ids, weights)
-        f.shape = tuple(ids.shape)
+        f.joined = packed
+        f.shape = (len(meta), *shape)
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -371,18 +385,20 @@ class RoutingHooks:
         if n <= 0:
             return
         done, self._pending = self._pending[:n], self._pending[n:]
-        mx.eval([a for f in done for a in (f.joined or [a for r in f.records for a in r[1:3]])])
+        mx.eval([a for f in done for a in ([f.joined] if f.joined is not None else
+                                           [a for r in f.records for a in r[1:3]])])
         callbacks = list(self._callbacks)
         for f in done:
             if not f.records:
                 continue
             if f.joined is not None:
-                arrays = _ForwardArrays([f.joined[0]], [f.joined[1]], f.shape)
+                arrays = _ForwardArrays(None, None, f.shape, packed=f.joined)
             else:
                 arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records],
                                         (len(f.records), *f.records[0][1].shape))
             # From here only `arrays` holds the device arrays (and drops them once converted).
-            f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+            if f.joined is None:
+                f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
             f.joined = None
             events = ForwardEvents(f, arrays)
             for _, fn, per_forward in callbacks:

@@ -164,18 +164,19 @@ def _attention_case(flavor: str) -> None:
 
 
 def _routing_join_case(flavor: str) -> None:
-    from .routing_join import routing_join
+    from .routing_join import routing_join, unpack
 
     rng = np.random.default_rng(9)
-    for L, T, k, idt, wdt in ((3, 5, 4, mx.int32, mx.float32), (48, 1, 8, mx.uint32, mx.bfloat16)):
+    for L, T, k, idt, wdt in ((3, 5, 4, mx.int32, mx.float32), (48, 1, 8, mx.uint32, mx.bfloat16),
+                              (4, 2, 3, mx.int32, mx.float16)):
         ids = [rng.integers(0, 300, (T, k)) for _ in range(L)]
         w = [rng.random((T, k)).astype(np.float32) for _ in range(L)]
-        got_i, got_w = routing_join([mx.array(a).astype(idt) for a in ids],
-                                    [mx.array(a).astype(wdt) for a in w], flavor)
+        packed = routing_join([mx.array(a).astype(idt) for a in ids], [mx.array(a).astype(wdt) for a in w], flavor)
+        assert packed.dtype == mx.uint32 and packed.shape == (2 * L * T * k,)
+        got_i, got_w = unpack(bytes(memoryview(packed)), (L, T, k))
         want_w = np.stack([np.array(mx.array(a).astype(wdt).astype(mx.float32)) for a in w])
-        assert got_i.dtype == mx.int32 and got_w.dtype == mx.float32
-        assert (np.array(got_i) == np.stack(ids)).all(), f"routing_join ids, {L} layers"
-        assert (np.array(got_w) == want_w).all(), f"routing_join weights, {L} layers"
+        assert (got_i == np.stack(ids)).all(), f"routing_join ids, {L} layers"
+        assert (got_w == want_w).all(), f"routing_join weights, {L} layers"
 
 
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
@@ -198,8 +199,8 @@ CASES: Dict[str, List[KernelCase]] = {
                                    _router_case)],
     "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
-    "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16 "
-                                "vs numpy stacking", _routing_join_case)],
+    "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "
+                                "4 x 2 x top-3 int32/float16 vs numpy stacking", _routing_join_case)],
 }
 
 

@@ -111,7 +111,7 @@ KERNELS: Dict[str, KernelSpec] = {
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
-    "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("ids_out", "weights_out")),
+    "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
 }
 
 

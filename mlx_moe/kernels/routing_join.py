@@ -1,21 +1,28 @@
 """One launch that gathers every MoE layer's (ids, weights) of a forward pass
-(metal/routing_join.metal), for the routing hook on MLX's CUDA backend, where
-each device array the host reads costs a cudaMallocManaged and a synchronous
-copy (see the .metal file's header)."""
+into one array (metal/routing_join.metal), for the routing hook on MLX's CUDA
+backend, where each device array the host reads costs a cudaMallocManaged and
+a synchronous copy (see the .metal file's header).
+
+    packed = routing_join(ids, weights, flavor)      # on the device, lazily
+    ids_np, weights_np = unpack(bytes(memoryview(packed)), (L, T, k))
+"""
 
 from __future__ import annotations
 
 from typing import List, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .registry import layered_kernel
 
 THREADS = 256
 
 
-def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str) -> Tuple[mx.array, mx.array]:
-    """ids int32 [L, T, k] and weights float32 [L, T, k] of L per-layer [T, k] arrays.
+def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str) -> mx.array:
+    """uint32 [2 * L * T * k] of L per-layer [T, k] arrays: words [0, L*T*k)
+    the ids' int32 bits ([L, T, k] order), the next L*T*k words the weights' float32
+    bits.  Read it back with `unpack`.
 
     flavor: a kernel flavor (mlx_moe/kernels/registry.py), or "mlx" for MLX's own ops
     (what the emulated flavor cannot do: run inside mx.compile, in tests)."""
@@ -26,11 +33,20 @@ def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str) -> T
     if len(shape) != 2 or any(a.shape != shape for a in ids + weights):
         raise ValueError(f"routing_join: every layer's ids and weights must have the same [T, k] shape; got "
                          f"{sorted({tuple(a.shape) for a in ids + weights})}")
-    if flavor == "mlx":  # MLX ops: the same result, one copy per input (a stand-in where kernels can't run)
-        return mx.stack(ids).astype(mx.int32), mx.stack(weights).astype(mx.float32)
     L, n = len(ids), shape[0] * shape[1]
+    if flavor == "mlx":  # MLX ops: the same result, one copy per input (a stand-in where kernels can't run)
+        return mx.concatenate([mx.stack(ids).astype(mx.int32).view(mx.uint32).reshape(-1),
+                               mx.stack(weights).astype(mx.float32).view(mx.uint32).reshape(-1)])
     total = L * n
-    return tuple(layered_kernel(flavor, "routing_join", L)(
+    return layered_kernel(flavor, "routing_join", L)(
         inputs=list(ids) + list(weights), template=[("NL", L), ("N", n), ("TG", THREADS)],
         grid=(max(1, -(-total // THREADS)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(L, *shape), (L, *shape)], output_dtypes=[mx.int32, mx.float32]))
+        output_shapes=[(2 * total,)], output_dtypes=[mx.uint32])[0]
+
+
+def unpack(raw, shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids int32, weights float32), each of `shape` (L, T, k), from the packed array's
+    bytes (or a buffer of them)."""
+    n = shape[0] * shape[1] * shape[2]
+    words = np.frombuffer(raw, np.uint32, count=2 * n)
+    return words[:n].view(np.int32).reshape(shape), words[n:].view(np.float32).reshape(shape)
