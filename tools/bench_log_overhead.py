@@ -7,9 +7,14 @@ without, cannot resolve a few percent.  This tool decodes one long sequence
 and switches the log on and off in blocks of --block-tokens tokens (order
 ABBA: on, off, off, on, ...), all in one pipelined loop as generate runs it
 (next step queued before the current token is read, routing events delivered
-after each token, the CSV written by the log's thread).  Neighbouring blocks
-see the same host, so the per-pair ratios are tight; their median, quartiles
-and the pooled ratio are reported, plus tok/s with and without.
+after each token, the CSV written by the log's writer process).  Neighbouring
+blocks see the same host, so the per-pair ratios are tight; their median,
+quartiles and the pooled ratio are reported, plus tok/s with and without, the
+generating thread's CPU time per pair, and the time per token spent delivering
+the routing to the log (HOOKS.poll: reading the records, framing, the pipe).
+--join chooses how the records reach the host (HOOKS.join_flavor: auto, the
+library's default, joins them on the device on MLX's CUDA backend; none reads
+the per-layer arrays).
 
     python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40
     python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --compile
