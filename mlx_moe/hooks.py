@@ -69,11 +69,6 @@ def _to_bytes(arrays: list, mx_dtype, np_dtype) -> bytes:
         np_dtype, copy=False).tobytes()
 
 
-def _to_numpy(arrays: list, mx_dtype, np_dtype) -> np.ndarray:
-    """Per-layer [T, k] arrays as one numpy [L * T, k] array of `np_dtype`."""
-    return np.frombuffer(_to_bytes(arrays, mx_dtype, np_dtype), np_dtype).reshape(-1, arrays[0].shape[-1])
-
-
 class _ForwardArrays:
     """The (ids, weights) of all MoE layers of one forward pass: the per-layer
     arrays the step itself computed, or one packed array of all of them (joined on

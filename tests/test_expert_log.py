@@ -261,7 +261,10 @@ def test_unwritable_log_fails_before_loading_the_model(tmp_path):
 def test_host_conversion_of_per_layer_arrays():
     """The joined-buffer fast path gives numpy's own conversion, and anything it cannot
     take (a strided view, another dtype) goes the slow way with the same result."""
-    from mlx_moe.hooks import _to_numpy
+    from mlx_moe.hooks import _to_bytes
+
+    def _to_numpy(arrays, mx_dtype, np_dtype):
+        return np.frombuffer(_to_bytes(arrays, mx_dtype, np_dtype), np_dtype).reshape(-1, arrays[0].shape[-1])
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 300, (3, 4)).astype(np.int32) for _ in range(5)]
