@@ -24,3 +24,20 @@ def test_tiny_run(tmp_path):
     # 4 MoE layers; 3 blocks with the log on (1 warm-up, 2 timed) of 3 tokens each; a switch
     # off may drop the one forward pass still queued
     assert r["rows_logged"] % 4 == 0 and 4 * (3 * 3 - 3) <= r["rows_logged"] <= 4 * 3 * 3
+
+
+def test_pair_statistics():
+    """Per-pair extra time and the pooled ratio, by hand: pairs of (with, without)."""
+    from bench_generate import pair_overheads, paired_overhead
+
+    r = pair_overheads([(1.1, 1.0), (1.2, 1.0), (0.9, 1.0), (2.0, 2.0)])
+    assert [round(p, 9) for p in r["per_pair"]] == [-10.0, 0.0, 10.0, 20.0]
+    assert abs(r["median"] - 5.0) < 1e-9 and r["n"] == 4
+    assert abs(r["pooled"] - 100 * (5.2 / 5.0 - 1)) < 1e-9
+    assert r["q1"] <= r["median"] <= r["q3"]
+    assert pair_overheads([(1.0, 1.0)]) is None  # one pair says nothing about spread
+    # generate's repetitions: tok/s of the plain and the logged engine, run in pairs
+    plain, logged = [{"decode_tps": 100.0}, {"decode_tps": 50.0}], [{"decode_tps": 80.0}, {"decode_tps": 50.0}]
+    r = paired_overhead(plain, logged)
+    assert [round(p, 9) for p in r["per_pair"]] == [0.0, 25.0]
+    assert abs(r["pooled"] - 100 * ((1 / 80 + 1 / 50) / (1 / 100 + 1 / 50) - 1)) < 1e-9

@@ -199,20 +199,24 @@ def run_once(model, prompt, gen_tokens, ours: bool, log_path=None, prefill_step_
             "decode_cpu_ms": 1e3 * (c2 - c1) / (n - 1)}
 
 
-def paired_overhead(plain: list, logged: list):
-    """The expert log's decode-time overhead in percent, from the repetitions of the
-    two engines taken in pairs (each pair ran back to back, so host drift that moves
-    single runs by 10-20% on the H100 machine cancels): the median and quartiles of
-    the per-pair overheads, and the pooled one (total decode time of all logged runs
-    over that of all plain runs)."""
-    pairs = [(a["decode_tps"], b["decode_tps"]) for a, b in zip(plain, logged)]
+def pair_overheads(pairs: list):
+    """Overhead in percent from (time with, time without) pairs, each pair measured back
+    to back so that host drift (10-20% between single runs on the H100 machine)
+    cancels: the median and quartiles of the per-pair extra time, and the pooled one
+    (total time with over total time without).  None for fewer than two pairs."""
     if len(pairs) < 2:
         return None
-    per = sorted(100 * (a / b - 1) for a, b in pairs)  # extra time per token, percent
+    per = sorted(100 * (w / o - 1) for w, o in pairs)
     q = statistics.quantiles(per, n=4) if len(per) >= 4 else [per[0], statistics.median(per), per[-1]]
-    pooled = 100 * (sum(1 / b for _, b in pairs) / sum(1 / a for a, _ in pairs) - 1)
+    pooled = 100 * (sum(w for w, _ in pairs) / sum(o for _, o in pairs) - 1)
     return {"median": statistics.median(per), "q1": q[0], "q3": q[2], "n": len(per), "pooled": pooled,
             "per_pair": per}
+
+
+def paired_overhead(plain: list, logged: list):
+    """The expert log's decode-time overhead (pair_overheads) from the repetitions of
+    the two engines taken in pairs (each pair ran back to back)."""
+    return pair_overheads([(1 / b["decode_tps"], 1 / a["decode_tps"]) for a, b in zip(plain, logged)])
 
 
 # -- per-component breakdown of a decode step ----------------------------------------------------

@@ -36,7 +36,8 @@ import mlx.core as mx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_generate import SHAPES, build_models, compiled_step, random_q4_0_experts, uncompiled_step  # noqa: E402
+from bench_generate import (SHAPES, build_models, compiled_step, pair_overheads, random_q4_0_experts,  # noqa: E402
+                            uncompiled_step)
 
 from mlx_moe.backends import get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity  # noqa: E402
@@ -109,25 +110,22 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
             log.detach(handle)
         log.close()
     # neighbours (blocks 2i, 2i+1) form the pairs: one with the log, one without
-    per_pair, per_pair_cpu = [], []
+    wall, cpu = [], []
     for i in range(0, len(pairs) - 1, 2):
         (a_on, a, ac), (_, b, bc) = pairs[i], pairs[i + 1]  # pattern(): one of the two has the log
-        (with_log, wc), (without, oc) = ((a, ac), (b, bc)) if a_on else ((b, bc), (a, ac))
-        per_pair.append(100 * (with_log / without - 1))
-        per_pair_cpu.append(100 * (wc / oc - 1))
-    per_pair.sort()
-    q = statistics.quantiles(per_pair, n=4) if len(per_pair) >= 4 else [min(per_pair), 0, max(per_pair)]
+        wall.append((a, b) if a_on else (b, a))
+        cpu.append((ac, bc) if a_on else (bc, ac))
+    per, per_cpu = pair_overheads(wall), pair_overheads(cpu)
     on_ms, off_ms = statistics.median(times[True]), statistics.median(times[False])
     return {
         "tok_s_with_log": 1 / on_ms, "tok_s_without": 1 / off_ms,
         "overhead_median_tok_s_pct": 100 * (1 - off_ms / on_ms),
-        "overhead_per_pair_median_pct": statistics.median(per_pair), "per_pair_q1_pct": q[0],
-        "per_pair_q3_pct": q[2], "pairs": len(per_pair),
-        "overhead_pooled_pct": 100 * (sum(times[True]) / sum(times[False]) - 1),
+        "overhead_per_pair_median_pct": per["median"], "per_pair_q1_pct": per["q1"],
+        "per_pair_q3_pct": per["q3"], "pairs": per["n"], "overhead_pooled_pct": per["pooled"],
         "rows_logged": log.rows_written,
-        "delivery_ms_per_token": 1e3 * poll_s / (len(times[True]) * block_tokens), "per_pair_pct": per_pair,
+        "delivery_ms_per_token": 1e3 * poll_s / (len(times[True]) * block_tokens), "per_pair_pct": per["per_pair"],
         # the generating thread's CPU time per token (its host work, without waits): paired the same way
-        "cpu_per_pair_median_pct": statistics.median(per_pair_cpu), "cpu_per_pair_pct": sorted(per_pair_cpu),
+        "cpu_per_pair_median_pct": per_cpu["median"], "cpu_per_pair_pct": per_cpu["per_pair"],
     }
 
 
@@ -136,7 +134,7 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     p.add_argument("--kernels", default="auto")
     p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=40, help="timed blocks (a multiple of 4 keeps ABBA whole)")
+    p.add_argument("--blocks", type=int, default=40, help="timed blocks, at least 4 (a multiple of 4 keeps ABBA whole)")
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--warmup-blocks", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="decode through the compiled step (mlx_moe/compiled.py)")
@@ -145,8 +143,8 @@ def main(argv=None) -> dict:
                         "library's default): on MLX's CUDA backend; none: the host reads the per-layer arrays")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.blocks < 2:
-        raise SystemExit("--blocks must be at least 2 (one pair)")
+    if args.blocks < 4:
+        raise SystemExit("--blocks must be at least 4 (two pairs of blocks, one of each with the log)")
 
     t_start = time.perf_counter()
     mx.random.seed(0)
