@@ -39,6 +39,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
@@ -67,6 +68,12 @@ def _to_bytes(arrays: list, mx_dtype, np_dtype) -> bytes:
             pass
     return np.concatenate([np.asarray(a.astype(mx_dtype)).ravel() for a in arrays]).astype(
         np_dtype, copy=False).tobytes()
+
+
+@lru_cache(maxsize=None)
+def _has_cuda() -> bool:
+    """Whether MLX runs on its CUDA backend here (asked once: it is called every forward)."""
+    return mx.cuda.is_available()
 
 
 class _ForwardArrays:
@@ -331,8 +338,7 @@ class RoutingHooks:
         """The flavor end_forward joins with now (None: keep per-layer arrays)."""
         flavor = self.join_flavor
         if flavor == "auto":
-            gpu = mx.default_device().type == mx.DeviceType.gpu
-            return "cuda" if gpu and mx.cuda.is_available() else None
+            return "cuda" if _has_cuda() and mx.default_device().type == mx.DeviceType.gpu else None
         return flavor or None
 
     def end_forward(self, output):

@@ -41,3 +41,20 @@ def test_pair_statistics():
     r = paired_overhead(plain, logged)
     assert [round(p, 9) for p in r["per_pair"]] == [0.0, 25.0]
     assert abs(r["pooled"] - 100 * ((1 / 80 + 1 / 50) / (1 / 100 + 1 / 50) - 1)) < 1e-9
+
+
+def test_breakdown_times_each_step_and_restores_them(tmp_path):
+    """--breakdown wraps the hook's and the log's steps for the timed blocks with the log,
+    and puts every one of them back afterwards (later generation must not pay for it)."""
+    from mlx_moe import expert_log, hooks
+    from mlx_moe.hooks import HOOKS
+
+    before = (hooks._ForwardArrays.buffers, expert_log.pack_frame)
+    r = blo.main(["--shape", "tiny", "--kernels", "mlx", "--prompt-tokens", "8", "--blocks", "4",
+                  "--block-tokens", "3", "--warmup-blocks", "2", "--breakdown"])
+    parts = r["breakdown_us_per_token"]
+    assert set(parts) == {label for label, _, _ in blo.HostBreakdown.PARTS}
+    # per-layer records on the CPU: every token of a block with the log recorded, read and framed
+    assert parts["record (per MoE layer)"] > 0 and parts["read the records (buffers)"] > 0 and parts["frame"] > 0
+    assert (hooks._ForwardArrays.buffers, expert_log.pack_frame) == before
+    assert not {"record", "begin_forward", "end_forward", "record_joined"} & set(vars(HOOKS))

@@ -51,7 +51,57 @@ def pattern(blocks: int) -> list:
     return [(b % 4) in (0, 3) for b in range(blocks)]
 
 
-def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_blocks: int, compile: bool) -> dict:
+class HostBreakdown:
+    """--breakdown: time spent in the routing hook's and the log's host steps on the
+    generating thread, accumulated while `on` (timed blocks with the log).  Each wrapped
+    call adds its own timing (~1 us), so the parts are for shares, not for the overhead
+    figure (run without --breakdown for that)."""
+
+    PARTS = (  # (label, owner, attribute): what each part is
+        ("record (per MoE layer)", "hooks", "record"),
+        ("begin_forward", "hooks", "begin_forward"),
+        ("end_forward (the join's launch)", "hooks", "end_forward"),
+        ("record_joined", "hooks", "record_joined"),
+        ("read the records (buffers)", "arrays", "buffers"),
+        ("frame", "expert_log", "pack_frame"),
+        ("pipe write", "log", "_send"),
+    )
+
+    def __init__(self, log):
+        import mlx_moe.expert_log as expert_log_module
+        from mlx_moe import hooks as hooks_module
+
+        self.on = False
+        self.seconds = {label: 0.0 for label, _, _ in self.PARTS}
+        self._owners = {"hooks": HOOKS, "arrays": hooks_module._ForwardArrays, "expert_log": expert_log_module,
+                        "log": log}
+        self._saved = []  # (object, name, its own attribute before, or None where it had none)
+        for label, owner, name in self.PARTS:
+            obj = self._owners[owner]
+            self._saved.append((obj, name, vars(obj).get(name)))
+            setattr(obj, name, self._timed(label, getattr(obj, name)))
+
+    def _timed(self, label, fn):
+        def wrapper(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - t
+        return wrapper
+
+    def restore(self) -> None:
+        for obj, name, own in self._saved:
+            if own is None:
+                delattr(obj, name)  # an instance: its class's method shows again
+            else:
+                setattr(obj, name, own)
+
+
+def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_blocks: int, compile: bool,
+            breakdown: bool = False) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     capacity = round_capacity(len(prompt) + (blocks + warmup_blocks + 2) * block_tokens)
@@ -68,6 +118,7 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
     # the first forward of a process on a fresh machine compiles MLX's CUDA kernels (NVRTC, on this thread)
     print(f"[bench_log_overhead] prompt prefill {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     log = ExpertLog.for_model(log_path, model)
+    parts = HostBreakdown(log) if breakdown else None
     handle = None
     times = {True: [], False: []}
     pairs = []
@@ -85,6 +136,8 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
             elif not on and handle is not None:
                 log.detach(handle)
                 handle = None
+            if parts is not None:
+                parts.on = on and b >= warmup_blocks
             t0, c0, tp = time.perf_counter(), time.thread_time(), 0.0
             for _ in range(block_tokens):
                 cur, nxt = nxt, step(nxt)
@@ -106,6 +159,8 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
                     poll_s += tp
         nxt.item()
     finally:
+        if parts is not None:
+            parts.restore()
         if handle is not None:
             log.detach(handle)
         log.close()
@@ -126,6 +181,8 @@ def measure(model, prompt, log_path, blocks: int, block_tokens: int, warmup_bloc
         "delivery_ms_per_token": 1e3 * poll_s / (len(times[True]) * block_tokens), "per_pair_pct": per["per_pair"],
         # the generating thread's CPU time per token (its host work, without waits): paired the same way
         "cpu_per_pair_median_pct": per_cpu["median"], "cpu_per_pair_pct": per_cpu["per_pair"],
+        "breakdown_us_per_token": None if parts is None else {
+            label: 1e6 * sec / (len(times[True]) * block_tokens) for label, sec in parts.seconds.items()},
     }
 
 
@@ -141,6 +198,8 @@ def main(argv=None) -> dict:
     p.add_argument("--join", default="auto", choices=["auto", "none", "cuda", "emulated", "mlx"],
                    help="HOOKS.join_flavor: join each forward's routing records on the device; auto (the "
                         "library's default): on MLX's CUDA backend; none: the host reads the per-layer arrays")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the hook's and the log's host steps per token (adds its own ~1 us per call)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.blocks < 4:
@@ -157,7 +216,8 @@ def main(argv=None) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "log.csv")
     HOOKS.join_flavor = None if args.join == "none" else args.join
     print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
-    r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile)
+    r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile,
+                args.breakdown)
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
           f"{'compiled' if args.compile else 'uncompiled'} decode, routing {'joined (' + str(HOOKS.join_flavor_now()) + ')' if HOOKS.join_flavor_now() else 'per layer'}, {args.blocks} blocks of {args.block_tokens} "
           f"tokens (ABBA), {r['rows_logged']} rows logged")
@@ -168,6 +228,9 @@ def main(argv=None) -> dict:
     print(f"per neighbouring pair (extra time per token): median {r['overhead_per_pair_median_pct']:.2f}%, "
           f"quartiles {r['per_pair_q1_pct']:.2f}% .. {r['per_pair_q3_pct']:.2f}% over {r['pairs']} pairs; "
           f"pooled {r['overhead_pooled_pct']:.2f}%")
+    if r["breakdown_us_per_token"]:
+        print("host time per token with the log, by step (--breakdown): " + ", ".join(
+            f"{label} {us:.1f} us" for label, us in r["breakdown_us_per_token"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(mx.default_device()), **r}, f, indent=2)
