@@ -218,8 +218,10 @@ def main(argv=None) -> dict:
     print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile,
                 args.breakdown)
+    join = HOOKS.join_flavor_now()
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
-          f"{'compiled' if args.compile else 'uncompiled'} decode, routing {'joined (' + str(HOOKS.join_flavor_now()) + ')' if HOOKS.join_flavor_now() else 'per layer'}, {args.blocks} blocks of {args.block_tokens} "
+          f"{'compiled' if args.compile else 'uncompiled'} decode, "
+          f"routing {f'joined ({join})' if join else 'per layer'}, {args.blocks} blocks of {args.block_tokens} "
           f"tokens (ABBA), {r['rows_logged']} rows logged")
     print(f"decode tok/s: {r['tok_s_without']:.1f} without the log, {r['tok_s_with_log']:.1f} with it "
           f"(medians over blocks): overhead {r['overhead_median_tok_s_pct']:.2f}%")
