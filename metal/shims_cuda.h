@@ -11,6 +11,7 @@
 #define simdgroup_index_in_threadgroup (threadIdx.x >> 5)
 #define thread_index_in_threadgroup (threadIdx.x)
 #define threadgroup_position_in_grid (blockIdx)
+#define threadgroups_per_grid (gridDim)
 #define threadgroup __shared__
 #define threadgroup_barrier(flags) __syncthreads()
 

@@ -26,7 +26,9 @@ Routing hooks work under compile: while tracing, `HOOKS.capturing()` collects
 the MoE layers' records (tracer arrays); the captured (ids, weights) become
 extra outputs of the compiled function, and after each call they are handed
 to `HOOKS` (begin_forward, record per layer) as lazy arrays, the
-calls our model wrapper makes around an uncompiled forward.  A trace with and
+calls our model wrapper makes around an uncompiled forward.  Where the
+records travel in a record chain (mlx_moe/hooks.py), the chain is one more
+input and output of the step instead.  A trace with and
 one without these outputs exist side by side (a hook may be added between two
 generate calls).
 
@@ -254,35 +256,51 @@ class CompiledDecoder:
         self._compiled = {}
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
+        self._chained_traces = set()  # keys of the traces whose routers all extended the record chain
+        self._k = None  # the MoE layers' top-k, see _top_k
+        self._moe_count = len(_moe.moe_layers(model))
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
 
     def make_cache(self, capacity: int) -> List[StaticKVCache]:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
-    def _function(self, record: bool):
-        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None)
+    def _function(self, record: bool, chained: bool):
+        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None, chained)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(record, key[1], key[2]))
+            fn = mx.compile(self._traced_step(key))
             self._compiled[key] = fn
-        return fn
+        return key, fn
 
-    def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str]):
+    def _top_k(self) -> int:
+        """The MoE layers' top-k (the record chain's size depends on it)."""
+        if self._k is None:
+            self._k = _moe.moe_layers(self.model)[0].router_params().k
+        return self._k
+
+    def _traced_step(self, key: tuple):
         model, base_call = self.model, self.base_call
+        record, attention, join, chained = key
 
-        def step(token, offset, keys, values):
+        def step(token, offset, keys, values, *chain):
             self.traces += 1
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
-            with HOOKS.capturing(record) as records, _static_cache_attention(model, attention):
+            with HOOKS.capturing(record, chain[0] if chained else None, self._top_k() if chained else None) as cap, \
+                    _static_cache_attention(model, attention):
                 logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
+            records = cap.records
             if record:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
                 self._routing_shape = tuple(records[0][1].shape)  # one layer's [T, k]
                 ids, weights = [r[1] for r in records], [r[2] for r in records]
-                if join:  # one packed array instead of 2L outputs (mlx_moe/hooks.py)
+                # every router extended the chain: it holds the records, computed with the routers
+                if chained and cap.chained == len(records) > 0:
+                    self._chained_traces.add(key)
+                    out.append(cap.chain)
+                elif join:  # one packed array instead of 2L outputs (mlx_moe/hooks.py)
                     from .kernels.routing_join import routing_join
 
                     packed = routing_join(ids, weights, join)
@@ -314,8 +332,13 @@ class CompiledDecoder:
         values = [c.values for c in cache]
         for c in cache:  # drop our references: the step's slice_update may then reuse the buffers
             c.keys = c.values = None
+        chain = None
+        if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
+            HOOKS.begin_forward(1, 1, offset, self._moe_count)
+            chain = HOOKS.record_input(1, self._top_k())
+        key, fn = self._function(record, chain is not None)
         try:
-            out = self._function(record)(token, mx.array(offset, mx.int32), keys, values)
+            out = fn(token, mx.array(offset, mx.int32), keys, values, *([chain] if chain is not None else []))
         except Exception:
             for c, k, v in zip(cache, keys, values):
                 c.keys, c.values = k, v
@@ -325,9 +348,10 @@ class CompiledDecoder:
         for c, k, v in zip(cache, new_keys, new_values):
             c.keys, c.values = k, v
             c.offset += 1
-        if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
-            HOOKS.begin_forward(1, 1, offset)
-            if len(out) == 4:  # joined on the device
+        if record:
+            if key in self._chained_traces:
+                HOOKS.record_chained(self._routing_meta, out[3], self._routing_shape)
+            elif len(out) == 4:  # joined on the device
                 HOOKS.record_joined(self._routing_meta, out[3], self._routing_shape)
             else:
                 for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):

@@ -22,16 +22,20 @@ when an event's fields are read; the expert log takes the raw buffers
 
 On MLX's CUDA backend the host reading a device array moves it to newly
 allocated unified memory (cudaMallocManaged + a synchronous copy, per array:
-MLX's Buffer::raw_ptr), 96 arrays per token at 48 layers.  So there, by
-default (`join_flavor = "auto"`), the model wrapper ends each forward pass
-with `end_forward`: one kernel packs all layers' records into one uint32
-array (metal/routing_join.metal; MLX's concatenate would be one launch per
-input), the model's output is made to depend on it (`mx.depends`, likewise
-in the compiled step), and the host reads one array per forward pass.
-Measured on the H100 (BENCHMARKS.md, twelfth to seventeenth runs): the
-delivery's time on the generating thread fell from 0.6-0.67 ms to 0.23-0.37
-ms per token.  On the CPU and Metal the per-layer arrays are host memory
-already and are read as they are.
+MLX's Buffer::raw_ptr): 96 arrays per token at 48 layers, and even one array
+per token cost 0.2-0.3 ms of the generating thread on the H100 (BENCHMARKS.md,
+eighteenth run).  So there, by default (`join_flavor = "auto"`), the records
+travel in a *record chain*: each MoE layer's router kernel also copies a small
+uint32 array forward with its layer's (ids, weights) written into the next
+free slot (metal/router.metal, option RECORD; `record_input` hands a layer the
+chain so far).  A chain spans `forwards_per_read` decode forwards (8), so the
+host reads one array per 8 tokens and no launch is added: the chain rides on
+launches the step makes anyway, and is evaluated with them.  Where a layer's
+router cannot extend the chain (the `mlx` backend, a rule the kernel does not
+cover), `end_forward` joins the forward's per-layer arrays with one kernel
+instead (metal/routing_join.metal) and the model's output is made to depend
+on it (`mx.depends`).  On the CPU and Metal the per-layer arrays are host
+memory already and are read as they are.
 """
 
 from __future__ import annotations
@@ -82,19 +86,23 @@ class _ForwardArrays:
     the device, mlx_moe/kernels/routing_join.py), converted to numpy and ordered by
     weight in one batch the first time any event asks, on the thread that asks."""
 
-    __slots__ = ("_ids", "_weights", "_packed", "_shape", "_result", "_lock")
+    __slots__ = ("_ids", "_weights", "_packed", "_host", "_shape", "_result", "_lock")
 
-    def __init__(self, ids: list, weights: list, shape: tuple, packed: Optional[mx.array] = None):
-        self._ids = ids  # per-layer [T, k] arrays (None when packed)
+    def __init__(self, ids: Optional[list], weights: Optional[list], shape: tuple,
+                 packed: Optional[mx.array] = None, host: Optional[tuple] = None):
+        self._ids = ids  # per-layer [T, k] arrays (None when packed or host)
         self._weights = weights
         self._packed = packed  # routing_join's uint32 array, or None
+        self._host = host  # (ids, weights) numpy [L, T, k], already read (a record chain's slots)
         self._shape = shape  # (L, T, k)
         self._result = None
         self._lock = threading.Lock()
 
     def _raw(self):
         """(ids, weights) in the router's slot order: numpy arrays of the packed array
-        (one read), or bytes of the per-layer arrays."""
+        (one read) or of a read record chain, or bytes of the per-layer arrays."""
+        if self._host is not None:
+            return self._host
         if self._packed is not None:
             from .kernels.routing_join import unpack
 
@@ -110,7 +118,7 @@ class _ForwardArrays:
                 ids = np.frombuffer(ids, np.int32).reshape(self._shape)
                 w = np.frombuffer(w, np.float32).reshape(self._shape)
                 self._result = by_weight(ids, w)
-                self._ids = self._weights = self._packed = None  # release the device arrays
+                self._ids = self._weights = self._packed = self._host = None  # release the device arrays
         return self._result
 
     def buffers(self):
@@ -242,6 +250,16 @@ class ForwardEvents(Sequence):
         return self._forward.sequence_id
 
 
+class _Chain:
+    """An open record chain (metal/router.metal, option RECORD): `array` is its latest
+    version, uint32 [2 * slots * tokens * k + 1]; `used` layer slots are written."""
+
+    __slots__ = ("array", "slots", "used", "tokens", "k")
+
+    def __init__(self, array: mx.array, slots: int, tokens: int, k: int):
+        self.array, self.slots, self.used, self.tokens, self.k = array, slots, 0, tokens, k
+
+
 @dataclass
 class _Forward:
     forward_id: int
@@ -249,8 +267,23 @@ class _Forward:
     phase: str
     sequence_id: int
     records: list = field(default_factory=list)  # (layer, ids, weights, n_experts, n_zero)
-    joined: Optional[mx.array] = None  # routing_join's packed array of all records (then ids/weights are None)
+    # the device array holding all records: routing_join's packed array, or the record
+    # chain as this forward left it (then ids/weights are None once delivered)
+    joined: Optional[mx.array] = None
     shape: Optional[tuple] = None  # (L, T, k)
+    layers: Optional[int] = None  # MoE layers announced by the model: chaining is on
+    chain: Optional[_Chain] = None  # the record chain this forward writes, from slot `slot0`
+    slot0: int = 0
+    chained: int = 0  # layers that extended the chain
+
+
+class _Capture:
+    """What the MoE layers record while a compiled step is traced (see capturing)."""
+
+    __slots__ = ("enabled", "records", "chain", "k", "chained")
+
+    def __init__(self, enabled: bool, chain: Optional[mx.array], k: Optional[int]):
+        self.enabled, self.records, self.chain, self.k, self.chained = enabled, [], chain, k, 0
 
 
 Callback = Callable[[RoutingEvent], None]
@@ -267,8 +300,10 @@ class RoutingHooks:
         self._forward_id = 0
         self.sequence_id = 0
         self.prompt_end: Optional[int] = None  # positions >= this are decode
-        self._capture: Optional[list] = None  # see capturing()
-        self._capture_on = False
+        self._capture: Optional[_Capture] = None  # see capturing()
+        self._chain: Optional[_Chain] = None  # the record chain forwards extend, if open
+        # Decode forwards per record chain: the host reads one array per this many tokens.
+        self.forwards_per_read = 8
         # Which kernel flavor joins a forward's records on the device (end_forward):
         # "auto" (the default): "cuda" on MLX's CUDA backend, else none (Metal and the
         # CPU read the per-layer arrays at no cost); None: never; or a flavor ("cuda",
@@ -278,20 +313,23 @@ class RoutingHooks:
     @property
     def active(self) -> bool:
         if self._capture is not None:
-            return self._capture_on
+            return self._capture.enabled
         return bool(self._callbacks)
 
     @contextmanager
-    def capturing(self, enabled: bool = True) -> Iterator[list]:
+    def capturing(self, enabled: bool = True, chain: Optional[mx.array] = None,
+                  k: Optional[int] = None) -> Iterator[_Capture]:
         """While a compiled step is traced (mlx_moe/compiled.py): the MoE layers'
-        records go to the yielded list (tracer arrays, to become outputs of the
-        trace), not to a pending forward; `active` says `enabled` meanwhile."""
-        saved = self._capture, self._capture_on
-        self._capture, self._capture_on = [], enabled
+        records go to the yielded capture's `records` (tracer arrays, to become
+        outputs of the trace), not to a pending forward; `active` says `enabled`
+        meanwhile.  chain: the step's record chain input (for routers of top-k `k`);
+        the capture's `chain` is then its latest version, extended by `chained` layers."""
+        saved = self._capture
+        self._capture = _Capture(enabled, chain, k)
         try:
             yield self._capture
         finally:
-            self._capture, self._capture_on = saved
+            self._capture = saved
 
     def add(self, fn, per_forward: bool = False) -> int:
         """Register `fn`. per_forward=False: fn(event) per layer; True: fn([events]) per forward pass."""
@@ -301,13 +339,21 @@ class RoutingHooks:
         return handle
 
     def remove(self, handle: int) -> None:
+        """Unregister.  The forward passes poll has kept back (see forwards_per_read) are
+        delivered first, all but the newest (mid-generation that one may still be running
+        or, after an error, incomplete); `flush()` before this delivers it too."""
+        if any(c[0] == handle for c in self._callbacks):
+            self.flush(keep_last=1)
         self._callbacks = [c for c in self._callbacks if c[0] != handle]
         if not self._callbacks:
             self.discard()
 
     # -- called by the model wrapper and the MoE layers -------------------------------
 
-    def begin_forward(self, batch: int, length: int, offset: int) -> None:
+    def begin_forward(self, batch: int, length: int, offset: int, moe_layers: Optional[int] = None) -> None:
+        """A forward pass of `batch` x `length` tokens from position `offset` begins.
+        moe_layers: how many MoE layers it runs, where the caller knows (the model
+        wrappers): that lets its records travel in a record chain (see the module's doc)."""
         if not self._callbacks:
             return
         positions = np.arange(offset, offset + length, dtype=np.int64)
@@ -318,12 +364,64 @@ class RoutingHooks:
         else:
             phase = PREFILL if length > 1 else DECODE
         self._forward_id += 1
-        self._pending.append(_Forward(self._forward_id, positions, phase, self.sequence_id))
+        f = _Forward(self._forward_id, positions, phase, self.sequence_id)
+        if moe_layers and self.join_flavor_now() is not None:
+            f.layers = moe_layers
+        self._pending.append(f)
 
-    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int) -> None:
-        if self._capture is not None:
-            if self._capture_on:
-                self._capture.append((layer, ids, weights, n_experts, n_zero))
+    def record_input(self, tokens: int, k: int) -> Optional[mx.array]:
+        """For a MoE layer about to route `tokens` tokens to top-`k`: the record chain its
+        router kernel should extend (then `record` gets the extended chain), or None."""
+        cap = self._capture
+        if cap is not None:
+            return cap.chain if cap.enabled and cap.k == k else None
+        if not self._pending or not self._callbacks:
+            return None
+        f = self._pending[-1]
+        if not f.layers:
+            return None
+        c = f.chain
+        if c is None:  # the forward's first MoE layer: continue the open chain or start one
+            c = self._chain
+            if c is None or c.tokens != tokens or c.k != k or c.used + f.layers > c.slots:
+                c = self._chain = self._new_chain(f.layers, tokens, k)
+                if c is None:  # too large for a chain: this forward is joined at its end
+                    f.layers = None
+                    return None
+            f.chain, f.slot0 = c, c.used
+        elif c.tokens != tokens or c.k != k:
+            self._unchain(f)
+            return None
+        return c.array
+
+    MAX_RECORD_WORDS = 1 << 20  # 4 MB: every layer's router copies the chain forward
+
+    def _new_chain(self, layers: int, tokens: int, k: int) -> Optional[_Chain]:
+        from .kernels.router import new_record
+
+        per_forward = 2 * layers * tokens * k
+        if per_forward + 1 > self.MAX_RECORD_WORDS:
+            return None
+        forwards = max(1, min(self.forwards_per_read, (self.MAX_RECORD_WORDS - 1) // per_forward))
+        return _Chain(new_record(forwards * layers, tokens, k), forwards * layers, tokens, k)
+
+    def _unchain(self, f: _Forward) -> None:
+        """Forward `f` stops using its record chain (its per-layer records are joined at
+        its end instead); the next forward starts a new chain."""
+        f.chain, f.layers, f.chained = None, None, 0
+        self._chain = None
+
+    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int,
+               record: Optional[mx.array] = None) -> None:
+        """A MoE layer's routing; record: the record chain extended by its router, where
+        `record_input` gave it one."""
+        cap = self._capture
+        if cap is not None:
+            if cap.enabled:
+                cap.records.append((layer, ids, weights, n_experts, n_zero))
+                if record is not None:
+                    cap.chain = record
+                    cap.chained += 1
             return
         if not self._callbacks:
             return
@@ -332,7 +430,15 @@ class RoutingHooks:
             self.begin_forward(1, T, 0)
         # Dtypes are not checked here (a nanobind attribute read per layer per token):
         # the routers give int32 / float32, anything else takes _to_bytes' slow path.
-        self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
+        f = self._pending[-1]
+        f.records.append((layer, ids, weights, n_experts, n_zero))
+        if f.chain is not None:
+            if record is None:
+                self._unchain(f)
+            else:
+                f.chain.array = record
+                f.chain.used += 1
+                f.chained += 1
 
     def join_flavor_now(self) -> Optional[str]:
         """The flavor end_forward joins with now (None: keep per-layer arrays)."""
@@ -342,14 +448,20 @@ class RoutingHooks:
         return flavor or None
 
     def end_forward(self, output):
-        """Called by the model wrapper with a forward's output: on the CUDA backend,
-        join the forward's records into one packed array and return `output` made to
-        depend on it (the step's own evaluation computes it)."""
+        """Called by the model wrapper with a forward's output.  Where every MoE layer
+        extended the record chain, the forward's records are in it (computed with the
+        routers); else, on the CUDA backend, join the records into one packed array
+        and return `output` made to depend on it (the step's own evaluation computes it)."""
         if not self._callbacks or not self._pending:
             return output
         f = self._pending[-1]
         if f.joined is not None or not f.records:
             return output
+        if f.chain is not None:
+            if f.chained == len(f.records) == f.layers:
+                f.joined, f.shape = f.chain.array, (f.layers, *f.records[0][1].shape)
+                return output
+            self._unchain(f)
         flavor = self.join_flavor_now()
         if flavor is None:
             return output
@@ -366,16 +478,38 @@ class RoutingHooks:
         if not self._callbacks or not self._pending:
             return
         f = self._pending[-1]
+        if f.chain is not None:
+            self._unchain(f)
         f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
         f.joined = packed
+        f.shape = (len(meta), *shape)
+
+    def record_chained(self, meta: list, chain: mx.array, shape: tuple) -> None:
+        """The current forward's records as the record chain its routers extended (the
+        compiled step); meta as for record_joined, in slot order from `record_input`'s."""
+        if not self._callbacks or not self._pending:
+            return
+        f = self._pending[-1]
+        if f.chain is None or len(meta) != f.layers:
+            raise RuntimeError(f"routing records: the compiled step extended a record chain by {len(meta)} "
+                               f"layers, but the forward {'announced ' + str(f.layers) if f.layers else 'has no chain'}")
+        f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
+        f.chain.array = f.joined = chain
+        f.chain.used += len(meta)
+        f.chained = len(meta)
         f.shape = (len(meta), *shape)
 
     # -- delivery ------------------------------------------------------------------------
 
     def poll(self) -> None:
         """Called by generate after each token it reads: every forward pass but the
-        newest (the step mlx-lm has already queued) has been evaluated; deliver those."""
-        self.flush(keep_last=1)
+        newest (the step mlx-lm has already queued) has been evaluated; deliver those,
+        once `forwards_per_read` of them wait where they travel in record chains."""
+        ready = len(self._pending) - 1
+        if ready <= 0:
+            return
+        if ready >= self.forwards_per_read or any(f.chain is None for f in self._pending[:ready]):
+            self.flush(keep_last=1)
 
     def flush(self, keep_last: int = 0) -> None:
         """Deliver the records of all pending forward passes but the last `keep_last`.
@@ -386,21 +520,25 @@ class RoutingHooks:
         if n <= 0:
             return
         done, self._pending = self._pending[:n], self._pending[n:]
+        if self._chain is not None and not self._pending:
+            self._chain = None  # nothing left to extend it: the next forward starts a new one
         mx.eval([a for f in done for a in ([f.joined] if f.joined is not None else
                                            [a for r in f.records for a in r[1:3]])])
+        chains = self._read_chains(done)
         callbacks = list(self._callbacks)
         for f in done:
             if not f.records:
                 continue
-            if f.joined is not None:
+            if f.chain is not None and f.joined is not None:
+                arrays = _ForwardArrays(None, None, f.shape, host=_chain_slots(chains[id(f.chain)], f))
+            elif f.joined is not None:
                 arrays = _ForwardArrays(None, None, f.shape, packed=f.joined)
             else:
                 arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records],
                                         (len(f.records), *f.records[0][1].shape))
             # From here only `arrays` holds the device arrays (and drops them once converted).
-            if f.joined is None:
-                f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
-            f.joined = None
+            f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+            f.joined = f.chain = None
             events = ForwardEvents(f, arrays)
             for _, fn, per_forward in callbacks:
                 if per_forward:
@@ -409,8 +547,36 @@ class RoutingHooks:
                     for ev in events:
                         fn(ev)
 
+    @staticmethod
+    def _read_chains(done: List[_Forward]) -> dict:
+        """{id(chain): its words as numpy uint32}: one host read per record chain, of the
+        version the last of `done` to extend it left (it holds every earlier slot)."""
+        words = {}
+        for f in reversed(done):
+            if f.chain is not None and f.joined is not None and id(f.chain) not in words:
+                words[id(f.chain)] = np.array(memoryview(f.joined), copy=True).view(np.uint32)
+        return words
+
     def discard(self) -> None:
         self._pending.clear()
+        self._chain = None
+
+
+def _chain_slots(words: np.ndarray, f: _Forward) -> tuple:
+    """Forward `f`'s (ids int32, weights float32) [L, T, k] out of its record chain's words."""
+    c = f.chain
+    L = f.shape[0]
+    n = c.slots * c.tokens * c.k
+    if words.size != 2 * n + 1 or words[-1] < f.slot0 + L:
+        raise RuntimeError(
+            f"routing records: the record chain holds {int(words[-1])} layer slots of {c.slots} "
+            f"({words.size} words), but forward {f.forward_id} wrote slots {f.slot0}..{f.slot0 + L - 1}; "
+            f"a router kernel did not extend it (set mlx_moe.hooks.HOOKS.join_flavor = None to read the "
+            f"per-layer arrays instead, and report this)")
+    shape = (c.slots, c.tokens, c.k)
+    ids = words[:n].view(np.int32).reshape(shape)[f.slot0:f.slot0 + L]
+    weights = words[n:2 * n].view(np.float32).reshape(shape)[f.slot0:f.slot0 + L]
+    return ids, weights
 
 
 # The process-wide registry the MoE layers report to.

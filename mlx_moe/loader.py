@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .backends import get_backend
 from .hooks import HOOKS
 from .models import FAMILIES, SUPPORTED_MODEL_TYPES, Family
-from .moe import MoELayer, set_expert_backend
+from .moe import MoELayer, moe_layers, set_expert_backend
 
 
 class ModelLoadError(Exception):
@@ -123,8 +123,15 @@ def model_classes(config: dict):
         def __call__(self, inputs, cache=None, **kwargs):
             if not HOOKS.active:
                 return super().__call__(inputs, cache=cache, **kwargs)
-            HOOKS.begin_forward(inputs.shape[0], inputs.shape[1], _cache_offset(cache))
+            HOOKS.begin_forward(inputs.shape[0], inputs.shape[1], _cache_offset(cache), self.moe_layer_count())
             return HOOKS.end_forward(super().__call__(inputs, cache=cache, **kwargs))
+
+        def moe_layer_count(self) -> int:
+            """How many MoE layers a forward runs (counted once: it walks the modules)."""
+            n = getattr(self, "_moe_layer_count", None)
+            if n is None:
+                n = self._moe_layer_count = len(moe_layers(self))
+            return n
 
     Model.__name__ = Model.__qualname__ = f"MoE{arch.Model.__name__}_{model_type}"
     Args.__name__ = Args.__qualname__ = f"{arch.ModelArgs.__name__}_{model_type}"

@@ -15,6 +15,11 @@ tensor-core mma on CUDA), `metal/<family>_cuda.h` holds the CUDA twins in
 the same section format: its `helpers` are appended to the shared ones and
 its kernel bodies replace the shared bodies of the same name on CUDA.
 
+A kernel with options (a `KernelSpec` whose `body` names another kernel's
+section) shares that body: lines between `//@if NAME` and `//@endif` are kept
+where NAME is one of the spec's options and dropped elsewhere (a template flag
+cannot hide code that names inputs the plain kernel does not have).
+
 `KERNELS` names every kernel the package launches (family, input and output
 names); tools that check kernels (tests, tools/verify_metal.py) enumerate it,
 and `mlx_moe/kernels/kernel_cases.py` holds at least one verification case per name
@@ -88,15 +93,28 @@ def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
         twin_helpers, twin_bodies = read_cuda_twin(family)
         helpers = helpers + "\n" + twin_helpers
         bodies = {**bodies, **twin_bodies}
-    if name not in bodies:
-        raise KeyError(f"metal/{family}.metal has no kernel {name!r} (has: {', '.join(bodies)})")
-    return _shims(flavor) + "\n" + helpers, bodies[name]
+    spec = KERNELS.get(name)
+    section = spec.body if spec is not None and spec.body else name
+    if section not in bodies:
+        raise KeyError(f"metal/{family}.metal has no kernel {section!r} (has: {', '.join(bodies)})")
+    return _shims(flavor) + "\n" + helpers, with_options(bodies[section], spec.options if spec else ())
+
+
+_OPTION = re.compile(r"^[ \t]*//@if (\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
+
+
+def with_options(body: str, options: Tuple[str, ...]) -> str:
+    """`body` with its `//@if NAME ... //@endif` blocks kept for the options given, dropped
+    for the others (not nested)."""
+    return _OPTION.sub(lambda m: m.group(2) if m.group(1) in options else "", body)
 
 
 class KernelSpec(NamedTuple):
     family: str  # metal/<family>.metal
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
+    body: Optional[str] = None  # the kernel section it runs, when not its own name
+    options: Tuple[str, ...] = ()  # the `//@if` blocks of that body it keeps
 
 
 # Every kernel the package launches.  Names are stable: tools and tests key on them.
@@ -109,6 +127,10 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
+    # the same router appending its layer's record to the routing hook's chain (mlx_moe/hooks.py)
+    "moe_router_topk_record": KernelSpec("router", ("logits", "bias", "scale", "record_in"),
+                                         ("ids", "weights", "record_out"), body="moe_router_topk",
+                                         options=("RECORD",)),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
