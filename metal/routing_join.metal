@@ -23,7 +23,16 @@
 // Inputs ids@ [T, k] (any integer type), weights@ [T, k] (any float type);
 // output out uint32 [>= 2 * NL * N] (words past 2 * NL * N are not written).
 // One thread per (layer, value).
-    const uint i = threadgroup_position_in_grid.x * uint(TG) + thread_index_in_threadgroup;
+//
+// routing_join_record (option RECORD) writes into the routing hook's record
+// chain instead (layout in metal/router.metal): input record_in, output
+// record_out uint32 [2 * S * N + 1]; the NL layers go to slots count ..
+// count + NL - 1 (those past S are dropped: never a write out of bounds),
+// every other word is copied, the count grows by NL.  Threads stride over
+// the grid, which covers the chain's words as well as the NL * N values.
+    const uint first = threadgroup_position_in_grid.x * uint(TG) + thread_index_in_threadgroup;
+//@if !RECORD
+    const uint i = first;
     if (i >= uint(NL * N)) return;
     const uint l = i / uint(N);
     const uint j = i - l * uint(N);
@@ -31,3 +40,35 @@
     PER_LAYER(case @: out[i] = uint(int(ids@[j])); out[NL * N + i] = moe_float_bits(float(weights@[j])); break;)
     default: break;
     }
+//@endif
+//@if RECORD
+    const uint words = uint(record_in_shape[0]);
+    const uint slots = (words - 1u) / (2u * uint(N));
+    const uint slot0 = record_in[words - 1u];
+    const uint lo = (slot0 < slots ? slot0 : slots) * uint(N);  // ids words this launch writes: [lo, hi)
+    const uint hi = (slot0 + uint(NL) < slots ? slot0 + uint(NL) : slots) * uint(N);
+    const uint wts = slots * uint(N);  // first weight word
+    const uint stride = uint(threadgroups_per_grid.x) * uint(TG);
+    for (uint w = first; w < words; w += stride) {
+      const bool written = (w >= lo && w < hi) || (w >= wts + lo && w < wts + hi);
+      if (w == words - 1u) {
+        record_out[w] = slot0 + uint(NL);
+      } else if (!written) {
+        record_out[w] = record_in[w];
+      }
+    }
+    for (uint i = first; i < uint(NL * N); i += stride) {
+      const uint l = i / uint(N);
+      const uint j = i - l * uint(N);
+      if (slot0 + l < slots) {
+        uint id_bits = 0u;
+        uint w_bits = 0u;
+        switch (l) {
+        PER_LAYER(case @: id_bits = uint(int(ids@[j])); w_bits = moe_float_bits(float(weights@[j])); break;)
+        default: break;
+        }
+        record_out[(slot0 + l) * uint(N) + j] = id_bits;
+        record_out[wts + (slot0 + l) * uint(N) + j] = w_bits;
+      }
+    }
+//@endif

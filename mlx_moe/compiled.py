@@ -265,7 +265,8 @@ class CompiledDecoder:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
     def _function(self, record: bool, chained: bool):
-        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None, chained)
+        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None,
+               HOOKS.chain_by if chained else None)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(key))
@@ -280,7 +281,8 @@ class CompiledDecoder:
 
     def _traced_step(self, key: tuple):
         model, base_call = self.model, self.base_call
-        record, attention, join, chained = key
+        record, attention, join, chain_by = key
+        chained = chain_by is not None
 
         def step(token, offset, keys, values, *chain):
             self.traces += 1
@@ -300,6 +302,13 @@ class CompiledDecoder:
                 if chained and cap.chained == len(records) > 0:
                     self._chained_traces.add(key)
                     out.append(cap.chain)
+                elif chained and join:  # one join appends them to the chain
+                    from .kernels.routing_join import routing_join
+
+                    self._chained_traces.add(key)
+                    packed = routing_join(ids, weights, join, record=chain[0])
+                    out[0] = mx.depends(out[0], [packed])  # evaluated with the step, as below
+                    out.append(packed)
                 elif join:  # one packed array instead of 2L outputs (mlx_moe/hooks.py)
                     from .kernels.routing_join import routing_join
 
@@ -335,7 +344,7 @@ class CompiledDecoder:
         chain = None
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset, self._moe_count)
-            chain = HOOKS.record_input(1, self._top_k())
+            chain = HOOKS.forward_chain(1, self._top_k()) if HOOKS.join_flavor_now() else None
         key, fn = self._function(record, chain is not None)
         try:
             out = fn(token, mx.array(offset, mx.int32), keys, values, *([chain] if chain is not None else []))

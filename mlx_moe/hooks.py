@@ -304,6 +304,9 @@ class RoutingHooks:
         self._chain: Optional[_Chain] = None  # the record chain forwards extend, if open
         # Decode forwards per record chain: the host reads one array per this many tokens.
         self.forwards_per_read = 8
+        # Who extends the record chain: "router" (each MoE layer's router kernel, in the
+        # launch it makes anyway) or "join" (one routing_join launch per forward).
+        self.chain_by = "router"
         # Which kernel flavor joins a forward's records on the device (end_forward):
         # "auto" (the default): "cuda" on MLX's CUDA backend, else none (Metal and the
         # CPU read the per-layer arrays at no cost); None: never; or a flavor ("cuda",
@@ -372,9 +375,17 @@ class RoutingHooks:
     def record_input(self, tokens: int, k: int) -> Optional[mx.array]:
         """For a MoE layer about to route `tokens` tokens to top-`k`: the record chain its
         router kernel should extend (then `record` gets the extended chain), or None."""
+        if self.chain_by != "router":
+            return None
         cap = self._capture
         if cap is not None:
             return cap.chain if cap.enabled and cap.k == k else None
+        return self.forward_chain(tokens, k)
+
+    def forward_chain(self, tokens: int, k: int) -> Optional[mx.array]:
+        """The record chain the current forward writes its records into, opened on the first
+        call (continuing the open chain where it has room, else a new one), or None where
+        the forward does not chain."""
         if not self._pending or not self._callbacks:
             return None
         f = self._pending[-1]
@@ -459,7 +470,10 @@ class RoutingHooks:
             return output
         if f.chain is not None:
             if f.chained == len(f.records) == f.layers:
+                # the routers wrote the records; drop the per-layer arrays now (the step's
+                # graph still holds them, so no buffer is freed on this thread)
                 f.joined, f.shape = f.chain.array, (f.layers, *f.records[0][1].shape)
+                f.records = [(r[0], None, None, r[3], r[4]) for r in f.records]
                 return output
             self._unchain(f)
         flavor = self.join_flavor_now()
@@ -467,6 +481,13 @@ class RoutingHooks:
             return output
         from .kernels.routing_join import routing_join
 
+        shape = tuple(f.records[0][1].shape)
+        chain = self.forward_chain(*shape) if self.chain_by == "join" and f.layers == len(f.records) else None
+        if chain is not None:  # one launch appends the forward's records to the chain
+            self.record_chained([(r[0], r[3], r[4]) for r in f.records],
+                                routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor,
+                                             record=chain), shape)
+            return mx.depends(output, [f.joined])
         self.record_joined([(r[0], r[3], r[4]) for r in f.records],
                            routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor),
                            tuple(f.records[0][1].shape))
@@ -485,8 +506,8 @@ class RoutingHooks:
         f.shape = (len(meta), *shape)
 
     def record_chained(self, meta: list, chain: mx.array, shape: tuple) -> None:
-        """The current forward's records as the record chain its routers extended (the
-        compiled step); meta as for record_joined, in slot order from `record_input`'s."""
+        """The current forward's records as the record chain (from `forward_chain`) extended
+        by its routers or by one join; meta as for record_joined, in slot order."""
         if not self._callbacks or not self._pending:
             return
         f = self._pending[-1]

@@ -71,8 +71,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         params = self.router_params()
+        active = HOOKS.active
         # the routing hook's record chain, for this layer's router kernel to extend
-        record = HOOKS.record_input(x.shape[0], params.k) if HOOKS.active else None
+        record = HOOKS.record_input(x.shape[0], params.k) if active else None
         if record is not None:
             ids, weights, record = self.backend.route_recorded(self.router_logits(x), params, record)
         else:
@@ -81,7 +82,7 @@ class MoELayer(nn.Module):
         shared = self.shared_output(x)
         if shared is not None:
             y = y + shared
-        if HOOKS.active:
+        if active:
             HOOKS.record(self.layer_idx, ids, weights, self.num_experts, self.n_identity, record)
         return y.reshape(shape)
 

@@ -74,9 +74,10 @@ def model_tok(tmp_path_factory):
 def hooks_config(model_tok):
     """Restores HOOKS' settings and the model's expert backend after a test."""
     model, _ = model_tok
-    saved = (HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, moe_layers(model)[0].backend)
+    saved = (HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, HOOKS.chain_by,
+             moe_layers(model)[0].backend)
     yield
-    HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, backend = saved
+    HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, HOOKS.chain_by, backend = saved
     if "MAX_RECORD_WORDS" in vars(HOOKS):
         del HOOKS.MAX_RECORD_WORDS
     set_expert_backend(model, backend)
@@ -104,11 +105,14 @@ def per_layer_log(model, tok, path, **kw):
     return read_log(path)
 
 
-def test_router_kernels_log_through_the_chain_as_from_per_layer_arrays(model_tok, tmp_path, hooks_config, reads):
-    """Emulated router kernels extend the chain; two generate calls into one log (chains
-    spanning sequences, a full chain followed by a new one); the host reads one chain per
-    delivery, never a per-layer array, and the log equals the per-layer one."""
+@pytest.mark.parametrize("chain_by", ["router", "join"])
+def test_kernels_log_through_the_chain_as_from_per_layer_arrays(model_tok, tmp_path, hooks_config, reads,
+                                                                chain_by):
+    """Emulated router (or join) kernels extend the chain; two generate calls into one log
+    (chains spanning sequences, a full chain followed by a new one); the host reads one
+    chain per delivery, never a per-layer array, and the log equals the per-layer one."""
     model, tok = model_tok
+    HOOKS.chain_by = chain_by
     set_expert_backend(model, KernelBackend("emulated"))
     want = tmp_path / "per_layer.csv"
     HOOKS.join_flavor = None
@@ -158,10 +162,12 @@ def test_chain_adds_no_launch_to_the_forward(model_tok, tmp_path, hooks_config):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_config, compile):
+@pytest.mark.parametrize("chain_by", ["router", "join"])
+def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_config, compile, chain_by):
     """The compiled step takes and returns the chain; a prompt too large for a chain is
     joined instead (MAX_RECORD_WORDS), decode forwards are chained: same log."""
     model, tok = model_tok
+    HOOKS.chain_by = chain_by
     set_expert_backend(model, MLXOpsChainBackend())
     want = per_layer_log(model, tok, tmp_path / "per_layer.csv", max_tokens=10, compile=compile)
     HOOKS.join_flavor = "mlx"
@@ -177,10 +183,13 @@ def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_c
     assert kinds[0] == "joined" and set(kinds[1:]) == {"chain"} and len(kinds) >= 10
 
 
-def test_exception_mid_generation_keeps_the_rows_of_every_chained_forward(model_tok, tmp_path, hooks_config):
+@pytest.mark.parametrize("chain_by", ["router", "join"])
+def test_exception_mid_generation_keeps_the_rows_of_every_chained_forward(model_tok, tmp_path, hooks_config,
+                                                                          chain_by):
     """Delivery every few forwards loses nothing when generation fails: the log holds the
     same rows as the per-layer log of the same failing generation."""
     model, tok = model_tok
+    HOOKS.chain_by = chain_by
     set_expert_backend(model, KernelBackend("emulated"))
 
     def failing(after):
@@ -232,10 +241,12 @@ def test_record_chain_shape_is_checked():
 @pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()),
                     reason="needs MLX's CUDA backend and an NVIDIA GPU")
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_chain_logs_as_per_layer_arrays(model_tok, tmp_path, hooks_config, compile):
-    """On CUDA (where the chain is the default): the cuda router kernels' chain, uncompiled
-    and compiled, logs the same rows as the per-layer arrays."""
+@pytest.mark.parametrize("chain_by", ["router", "join"])
+def test_cuda_chain_logs_as_per_layer_arrays(model_tok, tmp_path, hooks_config, compile, chain_by):
+    """On CUDA (where the chain is the default): the chain extended by the cuda router or
+    join kernels, uncompiled and compiled, logs the same rows as the per-layer arrays."""
     model, tok = model_tok
+    HOOKS.chain_by = chain_by
     set_expert_backend(model, KernelBackend("cuda"))
     want = per_layer_log(model, tok, tmp_path / "per_layer.csv", max_tokens=12, compile=compile)
     HOOKS.join_flavor = "auto"

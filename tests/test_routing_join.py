@@ -10,13 +10,15 @@ from mlx_moe.kernels.routing_join import routing_join
 _HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
-def test_emulated():
-    for case in CASES["routing_join"]:
+@pytest.mark.parametrize("name", ["routing_join", "routing_join_record"])
+def test_emulated(name):
+    for case in CASES[name]:
         case.check("emulated")
 
 
-def test_mlx_stand_in():
-    for case in CASES["routing_join"]:
+@pytest.mark.parametrize("name", ["routing_join", "routing_join_record"])
+def test_mlx_stand_in(name):
+    for case in CASES[name]:
         case.check("mlx")
 
 
@@ -30,6 +32,7 @@ def test_mismatched_layers_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-def test_cuda():
-    for case in CASES["routing_join"]:
+@pytest.mark.parametrize("name", ["routing_join", "routing_join_record"])
+def test_cuda(name):
+    for case in CASES[name]:
         case.check("cuda")

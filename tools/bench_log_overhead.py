@@ -210,6 +210,8 @@ def main(argv=None) -> dict:
     p.add_argument("--forwards-per-read", type=int, default=HOOKS.forwards_per_read,
                    help="HOOKS.forwards_per_read: decode forwards per record chain (one host read each); "
                         "default %(default)s")
+    p.add_argument("--chain-by", default=None, choices=["router", "join"],
+                   help="HOOKS.chain_by: who extends the record chain (default: the library's)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the hook's and the log's host steps per token (adds its own ~1 us per call)")
     p.add_argument("--json", default=None)
@@ -228,13 +230,15 @@ def main(argv=None) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "log.csv")
     HOOKS.join_flavor = None if args.join == "none" else args.join
     HOOKS.forwards_per_read = args.forwards_per_read
+    if args.chain_by:
+        HOOKS.chain_by = args.chain_by
     print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile,
                 args.breakdown)
     join = HOOKS.join_flavor_now()
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
           f"{'compiled' if args.compile else 'uncompiled'} decode, "
-          f"routing {f'chained or joined ({join}), {args.forwards_per_read} forwards per read' if join else 'per layer'}, "
+          f"routing {f'chained by {HOOKS.chain_by} ({join}), {args.forwards_per_read} forwards per read' if join else 'per layer'}, "
           f"{args.blocks} blocks of {args.block_tokens} "
           f"tokens (ABBA), {r['rows_logged']} rows logged")
     print(f"decode tok/s: {r['tok_s_without']:.1f} without the log, {r['tok_s_with_log']:.1f} with it "

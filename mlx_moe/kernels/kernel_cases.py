@@ -215,6 +215,32 @@ def _routing_join_case(flavor: str) -> None:
         assert (got_w == want_w).all(), f"routing_join weights, {L} layers"
 
 
+def _routing_join_record_case(flavor: str) -> None:
+    """routing_join_record: L layers into the chain's slots count .. count + L - 1 (those
+    past the end dropped), stale words carried, count + L; vs numpy."""
+    from .routing_join import routing_join
+
+    rng = np.random.default_rng(11)
+    for slots, L, T, k, start in ((8, 3, 5, 4, 2), (4, 3, 2, 3, 2), (384, 48, 1, 8, 48), (3, 2, 1, 2, 3)):
+        n = T * k
+        chain = rng.integers(0, 2**32, 2 * slots * n + 1, dtype=np.uint32)
+        chain[-1] = start
+        ids = [rng.integers(0, 300, (T, k)).astype(np.int32) for _ in range(L)]
+        w = [rng.random((T, k)).astype(np.float32) for _ in range(L)]
+        got = np.array(routing_join([mx.array(a) for a in ids], [mx.array(a) for a in w], flavor,
+                                    record=mx.array(chain)))
+        want = chain.copy()
+        for l in range(L):
+            if start + l < slots:
+                want[(start + l) * n:(start + l + 1) * n] = ids[l].reshape(-1).view(np.uint32)
+                want[(slots + start + l) * n:(slots + start + l + 1) * n] = w[l].reshape(-1).view(np.uint32)
+        want[-1] = start + L
+        bad = np.flatnonzero(got != want)
+        assert got.shape == want.shape and bad.size == 0, (
+            f"routing_join_record, {slots} slots, {L} layers x {T} x top-{k} from slot {start}: "
+            f"{bad.size} words differ, first at {bad[:5]}")
+
+
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
 
 CASES: Dict[str, List[KernelCase]] = {
@@ -238,6 +264,8 @@ CASES: Dict[str, List[KernelCase]] = {
                                           _router_record_case)],
     "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
+    "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
+                                       "slots past the end dropped, vs numpy", _routing_join_record_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "
                                 "4 x 2 x top-3 int32/float16 vs numpy stacking", _routing_join_case)],
 }

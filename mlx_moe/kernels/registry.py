@@ -17,8 +17,9 @@ its kernel bodies replace the shared bodies of the same name on CUDA.
 
 A kernel with options (a `KernelSpec` whose `body` names another kernel's
 section) shares that body: lines between `//@if NAME` and `//@endif` are kept
-where NAME is one of the spec's options and dropped elsewhere (a template flag
-cannot hide code that names inputs the plain kernel does not have).
+where NAME is one of the spec's options and dropped elsewhere, `//@if !NAME`
+blocks the other way round (a template flag cannot hide code that names
+inputs the plain kernel does not have).
 
 `KERNELS` names every kernel the package launches (family, input and output
 names); tools that check kernels (tests, tools/verify_metal.py) enumerate it,
@@ -100,13 +101,13 @@ def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
     return _shims(flavor) + "\n" + helpers, with_options(bodies[section], spec.options if spec else ())
 
 
-_OPTION = re.compile(r"^[ \t]*//@if (\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
+_OPTION = re.compile(r"^[ \t]*//@if (!?)(\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
 
 
 def with_options(body: str, options: Tuple[str, ...]) -> str:
-    """`body` with its `//@if NAME ... //@endif` blocks kept for the options given, dropped
-    for the others (not nested)."""
-    return _OPTION.sub(lambda m: m.group(2) if m.group(1) in options else "", body)
+    """`body` with its `//@if NAME ... //@endif` blocks kept for the options given and
+    dropped for the others; `//@if !NAME` blocks the other way round (not nested)."""
+    return _OPTION.sub(lambda m: m.group(3) if (m.group(2) in options) != bool(m.group(1)) else "", body)
 
 
 class KernelSpec(NamedTuple):
@@ -134,6 +135,8 @@ KERNELS: Dict[str, KernelSpec] = {
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
+    "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),
+                                      body="routing_join", options=("RECORD",)),
 }
 
 
@@ -187,7 +190,8 @@ def layered_kernel(flavor: str, name: str, n_layers: int):
 
 @lru_cache(maxsize=None)
 def _layer_inputs(patterns: Tuple[str, ...], n_layers: int) -> Tuple[str, ...]:
-    return tuple(f"{p[:-1]}{l}" for p in patterns for l in range(n_layers))
+    return tuple(name for p in patterns
+                 for name in ([f"{p[:-1]}{l}" for l in range(n_layers)] if p.endswith("*") else [p]))
 
 
 def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: Optional[int] = None):

@@ -82,7 +82,8 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str,
     output_dtypes = [mx.int32, mx.float32]
     name = "moe_router_topk"
     if record is not None:
-        words = record.shape[0] if record.ndim == 1 else 0
+        rshape = record.shape
+        words = rshape[0] if len(rshape) == 1 else 0
         if record.dtype != mx.uint32 or words < 1 or (words - 1) % (2 * T * params.k):
             raise ValueError(f"a routing record for {T} tokens of top-{params.k} must be uint32 "
                              f"[2 * slots * {T * params.k} + 1]; got {record.dtype} {tuple(record.shape)}")

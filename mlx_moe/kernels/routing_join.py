@@ -9,7 +9,7 @@ a synchronous copy (see the .metal file's header).
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -19,10 +19,15 @@ from .registry import layered_kernel
 THREADS = 256
 
 
-def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str) -> mx.array:
+def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str,
+                 record: Optional[mx.array] = None) -> mx.array:
     """uint32 [2 * L * T * k] of L per-layer [T, k] arrays: words [0, L*T*k)
     the ids' int32 bits ([L, T, k] order), the next L*T*k words the weights' float32
     bits.  Read it back with `unpack`.
+
+    record: the routing hook's record chain (uint32 [2 * S * T * k + 1], layout in
+    metal/router.metal); then the result is the chain with the L layers in its next
+    L slots and its count + L (kernel routing_join_record).
 
     flavor: a kernel flavor (mlx_moe/kernels/registry.py), or "mlx" for MLX's own ops
     (what the emulated flavor cannot do: run inside mx.compile, in tests)."""
@@ -34,14 +39,48 @@ def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str) -> m
         raise ValueError(f"routing_join: every layer's ids and weights must have the same [T, k] shape; got "
                          f"{sorted({tuple(a.shape) for a in ids + weights})}")
     L, n = len(ids), shape[0] * shape[1]
+    total = L * n
+    if record is not None:
+        words = record.shape[0] if record.ndim == 1 else 0
+        if record.dtype != mx.uint32 or words < 1 or (words - 1) % (2 * n):
+            raise ValueError(f"a routing record for [T, k] = {tuple(shape)} must be uint32 [2 * slots * {n} + 1]; "
+                             f"got {record.dtype} {tuple(record.shape)}")
+        if flavor == "mlx":
+            return _extend_with_mlx_ops(record, ids, weights)
+        groups = max(-(-total // THREADS), -(-words // (THREADS * RECORD_WORDS_PER_THREAD)), 1)
+        return layered_kernel(flavor, "routing_join_record", L)(
+            inputs=list(ids) + list(weights) + [record], template=[("NL", L), ("N", n), ("TG", THREADS)],
+            grid=(groups * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(words,)], output_dtypes=[mx.uint32])[0]
     if flavor == "mlx":  # MLX ops: the same result, one copy per input (a stand-in where kernels can't run)
         return mx.concatenate([mx.stack(ids).astype(mx.int32).view(mx.uint32).reshape(-1),
                                mx.stack(weights).astype(mx.float32).view(mx.uint32).reshape(-1)])
-    total = L * n
     return layered_kernel(flavor, "routing_join", L)(
         inputs=list(ids) + list(weights), template=[("NL", L), ("N", n), ("TG", THREADS)],
         grid=(max(1, -(-total // THREADS)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(2 * total,)], output_dtypes=[mx.uint32])[0]
+
+
+RECORD_WORDS_PER_THREAD = 4
+
+
+def _extend_with_mlx_ops(record: mx.array, ids: List[mx.array], weights: List[mx.array]) -> mx.array:
+    """routing_join_record's result with MLX ops (the slot comes from the chain's last
+    word, so it is a gather and selects over the chain, not a static slice)."""
+    L, n = len(ids), ids[0].size
+    words = record.shape[0]
+    slots = (words - 1) // (2 * n)
+    slot0 = record[-1].astype(mx.int32)
+    pos = mx.arange(words, dtype=mx.int32)
+    lo = mx.minimum(slot0, slots) * n
+    hi = mx.minimum(slot0 + L, slots) * n
+    id_bits = mx.stack(ids).astype(mx.int32).view(mx.uint32).reshape(-1)
+    w_bits = mx.stack(weights).astype(mx.float32).view(mx.uint32).reshape(-1)
+    in_ids = (pos >= lo) & (pos < hi)
+    in_w = (pos >= slots * n + lo) & (pos < slots * n + hi)
+    out = mx.where(in_ids, mx.take(id_bits, mx.clip(pos - lo, 0, L * n - 1)),
+                   mx.where(in_w, mx.take(w_bits, mx.clip(pos - slots * n - lo, 0, L * n - 1)), record))
+    return mx.where(pos == words - 1, (slot0 + L).astype(mx.uint32), out)
 
 
 def unpack(raw, shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
