@@ -40,30 +40,10 @@ MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
 // not HAS_BIAS), scale [1] float32 (multiplies the final weights).
 // Outputs: ids [T, K] int32, weights [T, K] float32.
 // Grid: (ceil(T / TPG) * 32 * TPG, 1, 1), threadgroup (32 * TPG, 1, 1).
-//
-// moe_router_topk_record (option RECORD) also appends the layer's routing to
-// the routing hook's record chain (mlx_moe/hooks.py): input record_in and
-// output record_out, uint32 [2 * S * T * K + 1] for S layer slots: slot s's
-// ids (int32 bits) at words [s*T*K, (s+1)*T*K), its weights (float32 bits)
-// S*T*K words later ([S, T, K] each, as routing_join writes them); the last
-// word counts the slots used.  record_out = record_in with this layer in the
-// next free slot and the count + 1.  With no free slot nothing but the count
-// changes (the host checks it): never a write out of bounds.  MLX outputs are
-// new buffers, so every word is copied: the grid may hold more threadgroups
-// than tokens need (the extra ones only copy).
 {
   const uint lane = thread_index_in_simdgroup;
   const int tok = int(threadgroup_position_in_grid.x) * TPG + int(simdgroup_index_in_threadgroup);
   const int ntok = int(logits_shape[0]);
-//@if RECORD
-  const uint rec_words = uint(record_in_shape[0]);
-  const uint rec_tk = uint(ntok) * uint(K);
-  const uint rec_slots = (rec_words - 1u) / (2u * rec_tk);
-  const uint rec_slot = record_in[rec_words - 1u];
-  const bool rec_room = rec_slot < rec_slots;
-  const uint rec_ids = rec_slot * rec_tk;                // this layer's first id word
-  const uint rec_wts = (rec_slots + rec_slot) * rec_tk;  // and its first weight word
-//@endif
   if (tok < ntok) {  // uniform per simdgroup: every lane reaches every collective below
     float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
     float c[VPL];  // selection scores
@@ -183,27 +163,7 @@ MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
       for (int j = 0; j < K; ++j) {
         ids[size_t(tok) * K + j] = sel_id[j];
         weights[size_t(tok) * K + j] = sel_w[j] * sc;
-//@if RECORD
-        if (rec_room) {
-          record_out[rec_ids + uint(tok) * uint(K) + uint(j)] = uint(sel_id[j]);
-          record_out[rec_wts + uint(tok) * uint(K) + uint(j)] = moe_float_bits(sel_w[j] * sc);
-        }
-//@endif
       }
     }
   }
-//@if RECORD
-  // Every other word of the record, copied by every thread of the grid.
-  const uint rec_threads = uint(threadgroups_per_grid.x) * uint(32 * TPG);
-  for (uint w = uint(threadgroup_position_in_grid.x) * uint(32 * TPG) + thread_index_in_threadgroup;
-       w < rec_words; w += rec_threads) {
-    const bool this_layer = rec_room && ((w >= rec_ids && w < rec_ids + rec_tk) ||
-                                         (w >= rec_wts && w < rec_wts + rec_tk));
-    if (w == rec_words - 1u) {
-      record_out[w] = rec_slot + 1u;
-    } else if (!this_layer) {
-      record_out[w] = record_in[w];
-    }
-  }
-//@endif
 }

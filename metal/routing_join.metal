@@ -10,7 +10,9 @@
 // 48 layers.  MLX's concatenate is one copy launch per input.  This kernel is
 // one launch, and the host then reads one array (hooks.join_flavor, on by
 // default on CUDA; on Metal and the CPU the per-layer arrays are host memory
-// already).
+// already).  Even one read per token cost the generating thread 0.2-0.3 ms on
+// the H100, so the hook uses the record-chain variant below: one read per
+// several forward passes.
 //
 // The inputs are per layer (ids0..ids{L-1}, weights0..weights{L-1}), so the
 // body is expanded per layer count by mlx_moe/kernels/registry.py: a line
@@ -25,11 +27,15 @@
 // One thread per (layer, value).
 //
 // routing_join_record (option RECORD) writes into the routing hook's record
-// chain instead (layout in metal/router.metal): input record_in, output
-// record_out uint32 [2 * S * N + 1]; the NL layers go to slots count ..
+// chain instead: input record_in, output record_out, uint32 [2 * S * N + 1]
+// for S layer slots: slot s's ids at words [s*N, (s+1)*N), its weights S*N
+// words later ([S, T, k] each, the packed layout above for S layers), the
+// last word counts the slots used.  The NL layers go to slots count ..
 // count + NL - 1 (those past S are dropped: never a write out of bounds),
-// every other word is copied, the count grows by NL.  Threads stride over
-// the grid, which covers the chain's words as well as the NL * N values.
+// every other word is copied (MLX outputs are new buffers), the count grows
+// by NL.  One chain spans several forward passes, so the host reads one
+// array per several tokens (mlx_moe/hooks.py).  Threads stride over the grid,
+// which covers the chain's words as well as the NL * N values.
     const uint first = threadgroup_position_in_grid.x * uint(TG) + thread_index_in_threadgroup;
 //@if !RECORD
     const uint i = first;

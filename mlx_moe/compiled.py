@@ -256,7 +256,6 @@ class CompiledDecoder:
         self._compiled = {}
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
-        self._chained_traces = set()  # keys of the traces whose routers all extended the record chain
         self._k = None  # the MoE layers' top-k, see _top_k
         self._moe_count = len(_moe.moe_layers(model))
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
@@ -265,13 +264,12 @@ class CompiledDecoder:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
     def _function(self, record: bool, chained: bool):
-        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None,
-               HOOKS.chain_by if chained else None)
+        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None, chained)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(key))
+            fn = mx.compile(self._traced_step(*key))
             self._compiled[key] = fn
-        return key, fn
+        return fn
 
     def _top_k(self) -> int:
         """The MoE layers' top-k (the record chain's size depends on it)."""
@@ -279,16 +277,13 @@ class CompiledDecoder:
             self._k = _moe.moe_layers(self.model)[0].router_params().k
         return self._k
 
-    def _traced_step(self, key: tuple):
+    def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str], chained: bool):
         model, base_call = self.model, self.base_call
-        record, attention, join, chain_by = key
-        chained = chain_by is not None
 
         def step(token, offset, keys, values, *chain):
             self.traces += 1
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
-            with HOOKS.capturing(record, chain[0] if chained else None, self._top_k() if chained else None) as cap, \
-                    _static_cache_attention(model, attention):
+            with HOOKS.capturing(record) as cap, _static_cache_attention(model, attention):
                 logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -298,14 +293,9 @@ class CompiledDecoder:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
                 self._routing_shape = tuple(records[0][1].shape)  # one layer's [T, k]
                 ids, weights = [r[1] for r in records], [r[2] for r in records]
-                # every router extended the chain: it holds the records, computed with the routers
-                if chained and cap.chained == len(records) > 0:
-                    self._chained_traces.add(key)
-                    out.append(cap.chain)
-                elif chained and join:  # one join appends them to the chain
+                if chained:  # one join appends them to the record chain, an input and output
                     from .kernels.routing_join import routing_join
 
-                    self._chained_traces.add(key)
                     packed = routing_join(ids, weights, join, record=chain[0])
                     out[0] = mx.depends(out[0], [packed])  # evaluated with the step, as below
                     out.append(packed)
@@ -344,8 +334,8 @@ class CompiledDecoder:
         chain = None
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset, self._moe_count)
-            chain = HOOKS.forward_chain(1, self._top_k()) if HOOKS.join_flavor_now() else None
-        key, fn = self._function(record, chain is not None)
+            chain = HOOKS.forward_chain(1, self._top_k())  # None unless records travel in a chain
+        fn = self._function(record, chain is not None)
         try:
             out = fn(token, mx.array(offset, mx.int32), keys, values, *([chain] if chain is not None else []))
         except Exception:
@@ -358,7 +348,7 @@ class CompiledDecoder:
             c.keys, c.values = k, v
             c.offset += 1
         if record:
-            if key in self._chained_traces:
+            if chain is not None:
                 HOOKS.record_chained(self._routing_meta, out[3], self._routing_shape)
             elif len(out) == 4:  # joined on the device
                 HOOKS.record_joined(self._routing_meta, out[3], self._routing_shape)

@@ -23,19 +23,17 @@ when an event's fields are read; the expert log takes the raw buffers
 On MLX's CUDA backend the host reading a device array moves it to newly
 allocated unified memory (cudaMallocManaged + a synchronous copy, per array:
 MLX's Buffer::raw_ptr): 96 arrays per token at 48 layers, and even one array
-per token cost 0.2-0.3 ms of the generating thread on the H100 (BENCHMARKS.md,
-eighteenth run).  So there, by default (`join_flavor = "auto"`), the records
-travel in a *record chain*: each MoE layer's router kernel also copies a small
-uint32 array forward with its layer's (ids, weights) written into the next
-free slot (metal/router.metal, option RECORD; `record_input` hands a layer the
-chain so far).  A chain spans `forwards_per_read` decode forwards (8), so the
-host reads one array per 8 tokens and no launch is added: the chain rides on
-launches the step makes anyway, and is evaluated with them.  Where a layer's
-router cannot extend the chain (the `mlx` backend, a rule the kernel does not
-cover), `end_forward` joins the forward's per-layer arrays with one kernel
-instead (metal/routing_join.metal) and the model's output is made to depend
-on it (`mx.depends`).  On the CPU and Metal the per-layer arrays are host
-memory already and are read as they are.
+per token cost the generating thread 0.2-0.3 ms on the H100 (BENCHMARKS.md).
+So there, by default (`join_flavor = "auto"`), the model wrapper ends each
+forward pass with `end_forward`: one kernel appends all layers' records to a
+*record chain*, a small uint32 array spanning `forwards_per_read` decode
+forwards (8; metal/routing_join.metal, routing_join_record), the model's
+output is made to depend on it (`mx.depends`, likewise in the compiled step,
+which takes and returns the chain), and the host reads one array per 8 tokens.
+(Extending the chain in each layer's router launch instead cost the
+uncompiled step more host time than the one join launch: measured, not kept.)
+On the CPU and Metal the per-layer arrays are host memory already and are read
+as they are.
 """
 
 from __future__ import annotations
@@ -251,7 +249,7 @@ class ForwardEvents(Sequence):
 
 
 class _Chain:
-    """An open record chain (metal/router.metal, option RECORD): `array` is its latest
+    """An open record chain (metal/routing_join.metal, routing_join_record): `array` is its latest
     version, uint32 [2 * slots * tokens * k + 1]; `used` layer slots are written."""
 
     __slots__ = ("array", "slots", "used", "tokens", "k")
@@ -274,16 +272,15 @@ class _Forward:
     layers: Optional[int] = None  # MoE layers announced by the model: chaining is on
     chain: Optional[_Chain] = None  # the record chain this forward writes, from slot `slot0`
     slot0: int = 0
-    chained: int = 0  # layers that extended the chain
 
 
 class _Capture:
     """What the MoE layers record while a compiled step is traced (see capturing)."""
 
-    __slots__ = ("enabled", "records", "chain", "k", "chained")
+    __slots__ = ("enabled", "records")
 
-    def __init__(self, enabled: bool, chain: Optional[mx.array], k: Optional[int]):
-        self.enabled, self.records, self.chain, self.k, self.chained = enabled, [], chain, k, 0
+    def __init__(self, enabled: bool):
+        self.enabled, self.records = enabled, []
 
 
 Callback = Callable[[RoutingEvent], None]
@@ -304,9 +301,6 @@ class RoutingHooks:
         self._chain: Optional[_Chain] = None  # the record chain forwards extend, if open
         # Decode forwards per record chain: the host reads one array per this many tokens.
         self.forwards_per_read = 8
-        # Who extends the record chain: "router" (each MoE layer's router kernel, in the
-        # launch it makes anyway) or "join" (one routing_join launch per forward).
-        self.chain_by = "router"
         # Which kernel flavor joins a forward's records on the device (end_forward):
         # "auto" (the default): "cuda" on MLX's CUDA backend, else none (Metal and the
         # CPU read the per-layer arrays at no cost); None: never; or a flavor ("cuda",
@@ -320,15 +314,13 @@ class RoutingHooks:
         return bool(self._callbacks)
 
     @contextmanager
-    def capturing(self, enabled: bool = True, chain: Optional[mx.array] = None,
-                  k: Optional[int] = None) -> Iterator[_Capture]:
+    def capturing(self, enabled: bool = True) -> Iterator[_Capture]:
         """While a compiled step is traced (mlx_moe/compiled.py): the MoE layers'
         records go to the yielded capture's `records` (tracer arrays, to become
         outputs of the trace), not to a pending forward; `active` says `enabled`
-        meanwhile.  chain: the step's record chain input (for routers of top-k `k`);
-        the capture's `chain` is then its latest version, extended by `chained` layers."""
+        meanwhile."""
         saved = self._capture
-        self._capture = _Capture(enabled, chain, k)
+        self._capture = _Capture(enabled)
         try:
             yield self._capture
         finally:
@@ -372,16 +364,6 @@ class RoutingHooks:
             f.layers = moe_layers
         self._pending.append(f)
 
-    def record_input(self, tokens: int, k: int) -> Optional[mx.array]:
-        """For a MoE layer about to route `tokens` tokens to top-`k`: the record chain its
-        router kernel should extend (then `record` gets the extended chain), or None."""
-        if self.chain_by != "router":
-            return None
-        cap = self._capture
-        if cap is not None:
-            return cap.chain if cap.enabled and cap.k == k else None
-        return self.forward_chain(tokens, k)
-
     def forward_chain(self, tokens: int, k: int) -> Optional[mx.array]:
         """The record chain the current forward writes its records into, opened on the first
         call (continuing the open chain where it has room, else a new one), or None where
@@ -392,23 +374,20 @@ class RoutingHooks:
         if not f.layers:
             return None
         c = f.chain
-        if c is None:  # the forward's first MoE layer: continue the open chain or start one
+        if c is None:
             c = self._chain
             if c is None or c.tokens != tokens or c.k != k or c.used + f.layers > c.slots:
                 c = self._chain = self._new_chain(f.layers, tokens, k)
-                if c is None:  # too large for a chain: this forward is joined at its end
+                if c is None:  # too large for a chain: this forward is joined on its own
                     f.layers = None
                     return None
             f.chain, f.slot0 = c, c.used
-        elif c.tokens != tokens or c.k != k:
-            self._unchain(f)
-            return None
         return c.array
 
-    MAX_RECORD_WORDS = 1 << 20  # 4 MB: every layer's router copies the chain forward
+    MAX_RECORD_WORDS = 1 << 20  # 4 MB: every forward's join copies the chain forward
 
     def _new_chain(self, layers: int, tokens: int, k: int) -> Optional[_Chain]:
-        from .kernels.router import new_record
+        from .kernels.routing_join import new_record
 
         per_forward = 2 * layers * tokens * k
         if per_forward + 1 > self.MAX_RECORD_WORDS:
@@ -416,23 +395,10 @@ class RoutingHooks:
         forwards = max(1, min(self.forwards_per_read, (self.MAX_RECORD_WORDS - 1) // per_forward))
         return _Chain(new_record(forwards * layers, tokens, k), forwards * layers, tokens, k)
 
-    def _unchain(self, f: _Forward) -> None:
-        """Forward `f` stops using its record chain (its per-layer records are joined at
-        its end instead); the next forward starts a new chain."""
-        f.chain, f.layers, f.chained = None, None, 0
-        self._chain = None
-
-    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int,
-               record: Optional[mx.array] = None) -> None:
-        """A MoE layer's routing; record: the record chain extended by its router, where
-        `record_input` gave it one."""
-        cap = self._capture
-        if cap is not None:
-            if cap.enabled:
-                cap.records.append((layer, ids, weights, n_experts, n_zero))
-                if record is not None:
-                    cap.chain = record
-                    cap.chained += 1
+    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int) -> None:
+        if self._capture is not None:
+            if self._capture.enabled:
+                self._capture.records.append((layer, ids, weights, n_experts, n_zero))
             return
         if not self._callbacks:
             return
@@ -441,15 +407,7 @@ class RoutingHooks:
             self.begin_forward(1, T, 0)
         # Dtypes are not checked here (a nanobind attribute read per layer per token):
         # the routers give int32 / float32, anything else takes _to_bytes' slow path.
-        f = self._pending[-1]
-        f.records.append((layer, ids, weights, n_experts, n_zero))
-        if f.chain is not None:
-            if record is None:
-                self._unchain(f)
-            else:
-                f.chain.array = record
-                f.chain.used += 1
-                f.chained += 1
+        self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
 
     def join_flavor_now(self) -> Optional[str]:
         """The flavor end_forward joins with now (None: keep per-layer arrays)."""
@@ -459,38 +417,28 @@ class RoutingHooks:
         return flavor or None
 
     def end_forward(self, output):
-        """Called by the model wrapper with a forward's output.  Where every MoE layer
-        extended the record chain, the forward's records are in it (computed with the
-        routers); else, on the CUDA backend, join the records into one packed array
-        and return `output` made to depend on it (the step's own evaluation computes it)."""
+        """Called by the model wrapper with a forward's output: on the CUDA backend,
+        append the forward's records to the record chain with one kernel (or, where no
+        chain fits, join them into one packed array), and return `output` made to depend
+        on the result (the step's own evaluation computes it)."""
         if not self._callbacks or not self._pending:
             return output
         f = self._pending[-1]
         if f.joined is not None or not f.records:
             return output
-        if f.chain is not None:
-            if f.chained == len(f.records) == f.layers:
-                # the routers wrote the records; drop the per-layer arrays now (the step's
-                # graph still holds them, so no buffer is freed on this thread)
-                f.joined, f.shape = f.chain.array, (f.layers, *f.records[0][1].shape)
-                f.records = [(r[0], None, None, r[3], r[4]) for r in f.records]
-                return output
-            self._unchain(f)
         flavor = self.join_flavor_now()
         if flavor is None:
             return output
         from .kernels.routing_join import routing_join
 
-        shape = tuple(f.records[0][1].shape)
-        chain = self.forward_chain(*shape) if self.chain_by == "join" and f.layers == len(f.records) else None
-        if chain is not None:  # one launch appends the forward's records to the chain
-            self.record_chained([(r[0], r[3], r[4]) for r in f.records],
-                                routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor,
-                                             record=chain), shape)
-            return mx.depends(output, [f.joined])
-        self.record_joined([(r[0], r[3], r[4]) for r in f.records],
-                           routing_join([r[1] for r in f.records], [r[2] for r in f.records], flavor),
-                           tuple(f.records[0][1].shape))
+        meta = [(r[0], r[3], r[4]) for r in f.records]
+        ids, weights = [r[1] for r in f.records], [r[2] for r in f.records]
+        shape = tuple(ids[0].shape)
+        chain = self.forward_chain(*shape) if f.layers == len(f.records) else None
+        if chain is not None:
+            self.record_chained(meta, routing_join(ids, weights, flavor, record=chain), shape)
+        else:
+            self.record_joined(meta, routing_join(ids, weights, flavor), shape)
         return mx.depends(output, [f.joined])
 
     def record_joined(self, meta: list, packed: mx.array, shape: tuple) -> None:
@@ -499,25 +447,22 @@ class RoutingHooks:
         if not self._callbacks or not self._pending:
             return
         f = self._pending[-1]
-        if f.chain is not None:
-            self._unchain(f)
         f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
         f.joined = packed
         f.shape = (len(meta), *shape)
 
     def record_chained(self, meta: list, chain: mx.array, shape: tuple) -> None:
-        """The current forward's records as the record chain (from `forward_chain`) extended
-        by its routers or by one join; meta as for record_joined, in slot order."""
+        """The current forward's records as the record chain from `forward_chain`, extended
+        by routing_join_record; meta as for record_joined, in slot order."""
         if not self._callbacks or not self._pending:
             return
         f = self._pending[-1]
         if f.chain is None or len(meta) != f.layers:
-            raise RuntimeError(f"routing records: the compiled step extended a record chain by {len(meta)} "
-                               f"layers, but the forward {'announced ' + str(f.layers) if f.layers else 'has no chain'}")
+            raise RuntimeError(f"routing records: {len(meta)} layers appended to a record chain, but the "
+                               f"forward {'announced ' + str(f.layers) if f.layers else 'has no chain'}")
         f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
         f.chain.array = f.joined = chain
         f.chain.used += len(meta)
-        f.chained = len(meta)
         f.shape = (len(meta), *shape)
 
     # -- delivery ------------------------------------------------------------------------
@@ -592,7 +537,7 @@ def _chain_slots(words: np.ndarray, f: _Forward) -> tuple:
         raise RuntimeError(
             f"routing records: the record chain holds {int(words[-1])} layer slots of {c.slots} "
             f"({words.size} words), but forward {f.forward_id} wrote slots {f.slot0}..{f.slot0 + L - 1}; "
-            f"a router kernel did not extend it (set mlx_moe.hooks.HOOKS.join_flavor = None to read the "
+            f"the join kernel did not extend it (set mlx_moe.hooks.HOOKS.join_flavor = None to read the "
             f"per-layer arrays instead, and report this)")
     shape = (c.slots, c.tokens, c.k)
     ids = words[:n].view(np.int32).reshape(shape)[f.slot0:f.slot0 + L]

@@ -70,20 +70,13 @@ class MoELayer(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        params = self.router_params()
-        active = HOOKS.active
-        # the routing hook's record chain, for this layer's router kernel to extend
-        record = HOOKS.record_input(x.shape[0], params.k) if active else None
-        if record is not None:
-            ids, weights, record = self.backend.route_recorded(self.router_logits(x), params, record)
-        else:
-            ids, weights = self.backend.route(self.router_logits(x), params)
+        ids, weights = self.route(x)
         y = self.backend(x, ids, weights, self.switch_mlp, n_identity=self.n_identity)
         shared = self.shared_output(x)
         if shared is not None:
             y = y + shared
-        if active:
-            HOOKS.record(self.layer_idx, ids, weights, self.num_experts, self.n_identity, record)
+        if HOOKS.active:
+            HOOKS.record(self.layer_idx, ids, weights, self.num_experts, self.n_identity)
         return y.reshape(shape)
 
 

@@ -57,4 +57,4 @@ def test_breakdown_times_each_step_and_restores_them(tmp_path):
     # per-layer records on the CPU: every token of a block with the log recorded, read and framed
     assert parts["record (per MoE layer)"] > 0 and parts["read the records (buffers)"] > 0 and parts["frame"] > 0
     assert (hooks._ForwardArrays.buffers, expert_log.pack_frame) == before
-    assert not {"record", "record_input", "begin_forward", "end_forward", "record_joined", "_read_chains"} & set(vars(HOOKS))
+    assert not {"record", "begin_forward", "end_forward", "record_joined", "record_chained", "_read_chains"} & set(vars(HOOKS))

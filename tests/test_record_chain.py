@@ -1,26 +1,22 @@
-"""The routing hook's record chain (mlx_moe/hooks.py, metal/router.metal option
-RECORD): where reading device arrays is costly (MLX's CUDA backend), each MoE
-layer's router kernel carries the forward's records forward in one small array,
-which the host reads once per `forwards_per_read` tokens.
+"""The routing hook's record chain (mlx_moe/hooks.py, metal/routing_join.metal's
+routing_join_record): where reading device arrays is costly (MLX's CUDA backend),
+each forward's records are appended by one kernel to a small array spanning
+several forwards, which the host reads once per `forwards_per_read` tokens.
 
-Checked here on the CPU: the router kernel under the Metal emulation (the kernel
-itself: kernel_cases' moe_router_topk_record case, also run on CUDA), and, for the
-compiled step (the emulation cannot run inside mx.compile), a stand-in backend that
-extends the chain with MLX ops.  The oracle is the same generation logged from the
-per-layer arrays."""
+Checked here on the CPU: the kernel under the Metal emulation (the kernel itself:
+kernel_cases' routing_join_record case, also run on CUDA), and, for the compiled
+step (the emulation cannot run inside mx.compile), its MLX-op stand-in.  The
+oracle is the same generation logged from the per-layer arrays."""
 
 import csv
+import re
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import mlx_moe
-from mlx_moe.backends.kernels import KernelBackend
-from mlx_moe.backends.mlx import MLXBackend
 from mlx_moe.expert_log import ExpertLog
 from mlx_moe.hooks import HOOKS, RoutingHooks
-from mlx_moe.moe import moe_layers, set_expert_backend
 from tiny import write_tiny_qwen3
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -31,56 +27,19 @@ def read_log(path):
         return list(csv.reader(f))
 
 
-def extend_with_mlx_ops(record: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
-    """The RECORD rule with MLX ops: (ids, weights) into the slot the last word counts,
-    the count + 1, everything else kept; a full chain only counts."""
-    words = record.shape[0]
-    n = ids.size
-    slots = (words - 1) // (2 * n)
-    slot = record[-1].astype(mx.int32)
-    pos = mx.arange(words, dtype=mx.int32)
-    room = slot < slots
-    lo_i, lo_w = slot * n, (slots + slot) * n
-    in_i = room & (pos >= lo_i) & (pos < lo_i + n)
-    in_w = room & (pos >= lo_w) & (pos < lo_w + n)
-    gi = mx.take(ids.reshape(-1).astype(mx.int32).view(mx.uint32), mx.clip(pos - lo_i, 0, n - 1))
-    gw = mx.take(weights.reshape(-1).astype(mx.float32).view(mx.uint32), mx.clip(pos - lo_w, 0, n - 1))
-    out = mx.where(in_i, gi, mx.where(in_w, gw, record))
-    return mx.where(pos == words - 1, (slot + 1).astype(mx.uint32), out)
-
-
-class MLXOpsChainBackend(MLXBackend):
-    """The `mlx` backend extending the record chain with MLX ops (runs inside mx.compile)."""
-
-    def route_recorded(self, logits, params, record):
-        ids, weights = self.route(logits, params)
-        return ids, weights, extend_with_mlx_ops(record, ids, weights)
-
-
-class StuckChainBackend(MLXBackend):
-    """A broken router: hands the chain back without extending it."""
-
-    def route_recorded(self, logits, params, record):
-        ids, weights = self.route(logits, params)
-        return ids, weights, record + 0
-
-
 @pytest.fixture(scope="module")
 def model_tok(tmp_path_factory):
     return mlx_moe.load(str(write_tiny_qwen3(tmp_path_factory.mktemp("tiny"))))
 
 
 @pytest.fixture
-def hooks_config(model_tok):
-    """Restores HOOKS' settings and the model's expert backend after a test."""
-    model, _ = model_tok
-    saved = (HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, HOOKS.chain_by,
-             moe_layers(model)[0].backend)
+def hooks_config():
+    """Restores HOOKS' settings after a test."""
+    saved = (HOOKS.join_flavor, HOOKS.forwards_per_read)
     yield
-    HOOKS.join_flavor, HOOKS.forwards_per_read, HOOKS.MAX_RECORD_WORDS, HOOKS.chain_by, backend = saved
+    HOOKS.join_flavor, HOOKS.forwards_per_read = saved
     if "MAX_RECORD_WORDS" in vars(HOOKS):
         del HOOKS.MAX_RECORD_WORDS
-    set_expert_backend(model, backend)
     HOOKS.discard()
 
 
@@ -105,15 +64,11 @@ def per_layer_log(model, tok, path, **kw):
     return read_log(path)
 
 
-@pytest.mark.parametrize("chain_by", ["router", "join"])
-def test_kernels_log_through_the_chain_as_from_per_layer_arrays(model_tok, tmp_path, hooks_config, reads,
-                                                                chain_by):
-    """Emulated router (or join) kernels extend the chain; two generate calls into one log
-    (chains spanning sequences, a full chain followed by a new one); the host reads one
-    chain per delivery, never a per-layer array, and the log equals the per-layer one."""
+def test_chain_logs_as_the_per_layer_arrays_with_one_read_per_chain(model_tok, tmp_path, hooks_config, reads):
+    """The emulated kernel extends the chain; two generate calls into one log (chains
+    spanning sequences, a full chain followed by a new one); the host reads one chain per
+    delivery, never a per-layer array, and the log equals the per-layer one."""
     model, tok = model_tok
-    HOOKS.chain_by = chain_by
-    set_expert_backend(model, KernelBackend("emulated"))
     want = tmp_path / "per_layer.csv"
     HOOKS.join_flavor = None
     with ExpertLog.for_model(want, model, weights=True) as log:
@@ -134,19 +89,19 @@ def test_kernels_log_through_the_chain_as_from_per_layer_arrays(model_tok, tmp_p
     assert sum(reads) <= len(reads) * 2 and 5 <= sum(reads) < len(delivered)
 
 
-def test_chain_adds_no_launch_to_the_forward(model_tok, tmp_path, hooks_config):
-    """The chain rides on the router launches: the forward's graph has the same nodes as
-    without a hook (no join kernel, no copy), and the chain is computed with it."""
-    import re
+def test_chain_is_evaluated_with_the_forward(model_tok, tmp_path, hooks_config):
+    """The forward's output depends on the extended chain (else the join would run only
+    when the host reads it, queued behind the next step).  MLX ops stand in for the
+    kernel: the emulation runs eagerly, outside the graph."""
+    from collections import Counter
 
     model, _ = model_tok
-    set_expert_backend(model, KernelBackend("emulated"))
-    HOOKS.join_flavor = "emulated"
+    HOOKS.join_flavor = "mlx"
 
     def nodes(out):
         dot = tmp_path / "graph.dot"
         mx.export_to_dot(str(dot), out)
-        return sorted(re.findall(r'label ="([^"]+)", shape=rectangle', dot.read_text()))
+        return Counter(re.findall(r'label ="([^"]+)", shape=rectangle', dot.read_text()))
 
     x = mx.array([[1, 2, 3]])
     plain = nodes(model(x))
@@ -155,22 +110,20 @@ def test_chain_adds_no_launch_to_the_forward(model_tok, tmp_path, hooks_config):
         y = model(x)
         f = HOOKS._pending[-1]
         assert f.chain is not None and f.joined is f.chain.array  # the forward is in the chain
-        assert nodes(y) == plain
+        hooked = nodes(y)
+        assert not plain - hooked and hooked["Depends"] == 1 and hooked["Select"] > plain["Select"]
         mx.eval(y)
         mlx_moe.flush()
     assert [ev.layer for ev in seen] == [0, 1] and seen[0].expert_ids.shape == (3, 2)
 
 
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("chain_by", ["router", "join"])
-def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_config, compile, chain_by):
+def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_config, compile):
     """The compiled step takes and returns the chain; a prompt too large for a chain is
-    joined instead (MAX_RECORD_WORDS), decode forwards are chained: same log."""
+    joined on its own (MAX_RECORD_WORDS), decode forwards are chained: same log."""
     model, tok = model_tok
-    HOOKS.chain_by = chain_by
-    set_expert_backend(model, MLXOpsChainBackend())
     want = per_layer_log(model, tok, tmp_path / "per_layer.csv", max_tokens=10, compile=compile)
-    HOOKS.join_flavor = "mlx"
+    HOOKS.join_flavor = "mlx"  # the kernel's MLX-op stand-in (runs inside mx.compile)
     HOOKS.MAX_RECORD_WORDS = 2 * 2 * 2 * 3 + 1  # 2 layers of top-2: 3 one-token forwards, not the prompt
     kinds = []
     with mlx_moe.routing_hook(lambda evs: kinds.append(
@@ -183,14 +136,10 @@ def test_chain_under_compile_and_across_chain_sizes(model_tok, tmp_path, hooks_c
     assert kinds[0] == "joined" and set(kinds[1:]) == {"chain"} and len(kinds) >= 10
 
 
-@pytest.mark.parametrize("chain_by", ["router", "join"])
-def test_exception_mid_generation_keeps_the_rows_of_every_chained_forward(model_tok, tmp_path, hooks_config,
-                                                                          chain_by):
+def test_exception_mid_generation_keeps_the_rows_of_every_chained_forward(model_tok, tmp_path, hooks_config):
     """Delivery every few forwards loses nothing when generation fails: the log holds the
     same rows as the per-layer log of the same failing generation."""
     model, tok = model_tok
-    HOOKS.chain_by = chain_by
-    set_expert_backend(model, KernelBackend("emulated"))
 
     def failing(after):
         calls = {"n": 0}
@@ -215,9 +164,11 @@ def test_exception_mid_generation_keeps_the_rows_of_every_chained_forward(model_
     assert logs[1] == logs[0] and len(logs[0]) > 1 + 2 * len(PROMPT)
 
 
-def test_a_chain_not_extended_is_an_error_not_wrong_rows(model_tok, hooks_config):
+def test_a_chain_not_extended_is_an_error_not_wrong_rows(model_tok, hooks_config, monkeypatch):
+    import mlx_moe.kernels.routing_join as rj
+
     model, tok = model_tok
-    set_expert_backend(model, StuckChainBackend())
+    monkeypatch.setattr(rj, "_extend_with_mlx_ops", lambda record, ids, weights: record + 0)  # a broken join
     HOOKS.join_flavor = "mlx"
     with pytest.raises(RuntimeError, match="did not extend it"):
         with mlx_moe.routing_hook(lambda ev: None):
@@ -225,34 +176,37 @@ def test_a_chain_not_extended_is_an_error_not_wrong_rows(model_tok, hooks_config
 
 
 def test_record_chain_shape_is_checked():
-    from mlx_moe.kernels.router import fused_topk
-    from mlx_moe.router import RouterParams
+    from mlx_moe.kernels.routing_join import routing_join
 
-    lg = mx.zeros((3, 16))
+    a = [mx.zeros((3, 2), mx.int32)] * 2
+    w = [mx.zeros((3, 2), mx.float32)] * 2
     with pytest.raises(ValueError, match=r"uint32 \[2 \* slots \* 6 \+ 1\]"):
-        fused_topk(lg, RouterParams(2), "emulated", record=mx.zeros((10,), mx.uint32))
+        routing_join(a, w, "emulated", record=mx.zeros((10,), mx.uint32))
     with pytest.raises(ValueError, match="uint32"):
-        fused_topk(lg, RouterParams(2), "emulated", record=mx.zeros((13,), mx.int32))
-    np.testing.assert_array_equal(np.array(fused_topk(lg, RouterParams(2), "emulated",
-                                                      record=mx.zeros((13,), mx.uint32))[2])[-1], 1)
+        routing_join(a, w, "emulated", record=mx.zeros((13,), mx.int32))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()),
                     reason="needs MLX's CUDA backend and an NVIDIA GPU")
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("chain_by", ["router", "join"])
-def test_cuda_chain_logs_as_per_layer_arrays(model_tok, tmp_path, hooks_config, compile, chain_by):
-    """On CUDA (where the chain is the default): the chain extended by the cuda router or
-    join kernels, uncompiled and compiled, logs the same rows as the per-layer arrays."""
+def test_cuda_chain_logs_as_per_layer_arrays(model_tok, tmp_path, hooks_config, compile):
+    """On CUDA (where the chain is the default) with the cuda kernels, uncompiled and
+    compiled: the same rows as from the per-layer arrays."""
+    from mlx_moe.backends.kernels import KernelBackend
+    from mlx_moe.moe import moe_layers, set_expert_backend
+
     model, tok = model_tok
-    HOOKS.chain_by = chain_by
+    saved = moe_layers(model)[0].backend
     set_expert_backend(model, KernelBackend("cuda"))
-    want = per_layer_log(model, tok, tmp_path / "per_layer.csv", max_tokens=12, compile=compile)
-    HOOKS.join_flavor = "auto"
-    kinds = []
-    with mlx_moe.routing_hook(lambda evs: kinds.append(evs.arrays._host is not None), per_forward=True):
-        path = tmp_path / "chain.csv"
-        mlx_moe.generate(model, tok, PROMPT, max_tokens=12, expert_log=path, expert_log_weights=True,
-                         compile=compile)
-    assert read_log(path) == want and kinds and all(kinds)
+    try:
+        want = per_layer_log(model, tok, tmp_path / "per_layer.csv", max_tokens=12, compile=compile)
+        HOOKS.join_flavor = "auto"
+        kinds = []
+        with mlx_moe.routing_hook(lambda evs: kinds.append(evs.arrays._host is not None), per_forward=True):
+            path = tmp_path / "chain.csv"
+            mlx_moe.generate(model, tok, PROMPT, max_tokens=12, expert_log=path, expert_log_weights=True,
+                             compile=compile)
+        assert read_log(path) == want and kinds and all(kinds)
+    finally:
+        set_expert_backend(model, saved)

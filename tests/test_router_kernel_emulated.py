@@ -171,18 +171,3 @@ def test_every_family_routes_the_same_through_the_kernel_backend(reference_check
         layer.backend = KernelBackend(FLAVOR)
         assert_same_routing(layer.route(x), w)
 
-
-def test_record_chain_variant_emulated():
-    from mlx_moe.kernels.kernel_cases import CASES
-
-    for case in CASES["moe_router_topk_record"]:
-        case.check(FLAVOR)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-def test_record_chain_variant_cuda():
-    from mlx_moe.kernels.kernel_cases import CASES
-
-    for case in CASES["moe_router_topk_record"]:
-        case.check("cuda")

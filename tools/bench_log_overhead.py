@@ -13,9 +13,9 @@ quartiles and the pooled ratio are reported, plus tok/s with and without, the
 generating thread's CPU time per pair, and the time per token spent delivering
 the routing to the log (HOOKS.poll: reading the records, framing, the pipe).
 --join chooses how the records reach the host (HOOKS.join_flavor: auto, the
-library's default, on MLX's CUDA backend: the router kernels' record chain, read
-once per --forwards-per-read tokens, or one join kernel per forward where a
-router cannot chain; none reads the per-layer arrays).
+library's default, on MLX's CUDA backend: one kernel per forward appends the
+records to a record chain, read once per --forwards-per-read tokens; none reads
+the per-layer arrays).
 
     python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40
     python tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --compile
@@ -59,11 +59,11 @@ class HostBreakdown:
     figure (run without --breakdown for that)."""
 
     PARTS = (  # (label, owner, attribute): what each part is
-        ("record_input (per MoE layer)", "hooks", "record_input"),
         ("record (per MoE layer)", "hooks", "record"),
         ("begin_forward", "hooks", "begin_forward"),
         ("end_forward (the join's launch)", "hooks", "end_forward"),
         ("record_joined", "hooks", "record_joined"),
+        ("record_chained", "hooks", "record_chained"),
         ("read record chains", "hooks", "_read_chains"),
         ("read the records (buffers)", "arrays", "buffers"),
         ("frame", "expert_log", "pack_frame"),
@@ -210,8 +210,6 @@ def main(argv=None) -> dict:
     p.add_argument("--forwards-per-read", type=int, default=HOOKS.forwards_per_read,
                    help="HOOKS.forwards_per_read: decode forwards per record chain (one host read each); "
                         "default %(default)s")
-    p.add_argument("--chain-by", default=None, choices=["router", "join"],
-                   help="HOOKS.chain_by: who extends the record chain (default: the library's)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the hook's and the log's host steps per token (adds its own ~1 us per call)")
     p.add_argument("--json", default=None)
@@ -230,15 +228,13 @@ def main(argv=None) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "log.csv")
     HOOKS.join_flavor = None if args.join == "none" else args.join
     HOOKS.forwards_per_read = args.forwards_per_read
-    if args.chain_by:
-        HOOKS.chain_by = args.chain_by
     print(f"[bench_log_overhead] model built in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     r = measure(model, prompt, path, args.blocks, args.block_tokens, args.warmup_blocks, args.compile,
                 args.breakdown)
     join = HOOKS.join_flavor_now()
     print(f"# bench_log_overhead: {args.shape}, kernels {backend.name}, device {mx.default_device()}, "
           f"{'compiled' if args.compile else 'uncompiled'} decode, "
-          f"routing {f'chained by {HOOKS.chain_by} ({join}), {args.forwards_per_read} forwards per read' if join else 'per layer'}, "
+          f"routing {f'record chain ({join}), {args.forwards_per_read} forwards per read' if join else 'per layer'}, "
           f"{args.blocks} blocks of {args.block_tokens} "
           f"tokens (ABBA), {r['rows_logged']} rows logged")
     print(f"decode tok/s: {r['tok_s_without']:.1f} without the log, {r['tok_s_with_log']:.1f} with it "

@@ -51,13 +51,6 @@ class ExpertBackend:
         family's rule; kernel backends override this with the fused kernel."""
         return reference_route(logits, params)
 
-    def route_recorded(self, logits: mx.array, params: RouterParams, record: mx.array):
-        """`route`, also appending the result to the routing hook's record chain
-        (mlx_moe/hooks.py): (ids, weights, the extended chain), or (ids, weights, None)
-        where this backend's router cannot (then the hook reads the per-layer arrays)."""
-        ids, weights = self.route(logits, params)
-        return ids, weights, None
-
     def __call__(
         self,
         x: mx.array,

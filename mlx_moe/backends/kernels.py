@@ -68,13 +68,6 @@ class KernelBackend(ExpertBackend):
             return fused_topk(logits, params, self.flavor)
         return super().route(logits, params)
 
-    def route_recorded(self, logits, params, record):
-        """The fused router, appending its layer's routing to the hook's record chain in
-        the same launch (metal/router.metal, option RECORD)."""
-        if logits.ndim == 2 and router_covers(logits.shape[-1], params):
-            return fused_topk(logits, params, self.flavor, record=record)
-        return super().route_recorded(logits, params, record)
-
     def _kind(self, experts, wg, wu, wd):
         """The layer's weight kind ("q4_0", "float") if the kernels cover it, else None;
         remembered per layer while its weight arrays stay the same (the full check

@@ -151,42 +151,6 @@ def _router_case(flavor: str) -> None:
         _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"router weights {params}")
 
 
-def _router_record_case(flavor: str) -> None:
-    """moe_router_topk_record: the chain comes out with the call's ids and weights (bit
-    for bit those of the plain router kernel) in the slot its count names, every other
-    word copied and the count + 1; a full chain only counts (never a write out of bounds)."""
-    from .router import RouterParams, fused_topk
-
-    rng = np.random.default_rng(10)
-    for slots, T, params, start in ((4, 5, RouterParams(4, normalize=True), 1),
-                                    (96, 1, RouterParams(8, normalize=True), 50),  # several copying groups
-                                    (3, 2, RouterParams(2, score="topk_softmax"), 2),
-                                    (2, 3, RouterParams(2), 2)):  # full: nothing but the count changes
-        k = params.k
-        words = 2 * slots * T * k + 1
-        chain = rng.integers(0, 2**32, words, dtype=np.uint32)  # stale contents must be carried over
-        chain[-1] = start
-        want = chain.copy()
-        rec = mx.array(chain)
-        for call in range(2):
-            lg = mx.array(rng.standard_normal((T, 64)).astype(np.float32))
-            ids, w, rec = fused_topk(lg, params, flavor, record=rec)
-            pi, pw = fused_topk(lg, params, flavor)
-            ids, w = np.array(ids), np.array(w)
-            assert (ids == np.array(pi)).all() and (w == np.array(pw)).all(), "record variant, ids/weights"
-            slot = start + call
-            if slot < slots:
-                n = T * k
-                want[slot * n:(slot + 1) * n] = ids.reshape(-1).view(np.uint32)
-                want[(slots + slot) * n:(slots + slot + 1) * n] = w.reshape(-1).view(np.uint32)
-            want[-1] = slot + 1
-            got = np.array(rec)
-            assert got.dtype == np.uint32 and got.shape == (words,)
-            bad = np.flatnonzero(got != want)
-            assert bad.size == 0, (f"record chain, {slots} slots x {T} tokens x top-{k}, call {call}: "
-                                   f"{bad.size} words differ, first at {bad[:5]}")
-
-
 def _attention_case(flavor: str) -> None:
     from .attention import decode_attention
 
@@ -259,9 +223,6 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mm_id_combine": [KernelCase("weighted slot sum + identity term vs numpy", _combine_case)],
     "moe_router_topk": [KernelCase("softmax/renorm, Mixtral, DeepSeek group-limited vs mlx_moe.router",
                                    _router_case)],
-    "moe_router_topk_record": [KernelCase("record chain: 4 and 96 slots, 1-5 tokens, stale words carried, "
-                                          "full chain only counts; vs numpy and the plain router kernel",
-                                          _router_record_case)],
     "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "

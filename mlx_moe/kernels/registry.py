@@ -128,10 +128,6 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
-    # the same router appending its layer's record to the routing hook's chain (mlx_moe/hooks.py)
-    "moe_router_topk_record": KernelSpec("router", ("logits", "bias", "scale", "record_in"),
-                                         ("ids", "weights", "record_out"), body="moe_router_topk",
-                                         options=("RECORD",)),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),

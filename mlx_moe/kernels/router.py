@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from ..router import RouterParams
 from .registry import constant, kernel
@@ -58,16 +57,11 @@ def _check(logits: mx.array, p: RouterParams) -> None:
         raise ValueError(problem)
 
 
-def fused_topk(logits: mx.array, params: RouterParams, flavor: str,
-               record: Optional[mx.array] = None) -> Tuple[mx.array, ...]:
+def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.array, mx.array]:
     """(ids [T, k] int32, weights [T, k] float32) of the family's routing rule, in one kernel.
 
     Same result as the mlx_moe/router.py function of the family up to the
     order of the k ids (here: highest score first) and float32 rounding.
-
-    record: the routing hook's record chain (uint32 [2 * S * T * k + 1], see
-    `new_record`); then the result has a third array, the chain with this call's
-    (ids, weights) in its next free slot (metal/router.metal, option RECORD).
     """
     _check(logits, params)
     T, n = logits.shape
@@ -76,50 +70,12 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str,
     scale = constant(params.scaling)
     n_group = max(1, params.n_group)
     tpg = TOKENS_PER_GROUP
-    groups = max(1, -(-T // tpg))
-    inputs = [logits, bias, scale]
-    output_shapes = [(T, params.k), (T, params.k)]
-    output_dtypes = [mx.int32, mx.float32]
-    name = "moe_router_topk"
-    if record is not None:
-        rshape = record.shape
-        words = rshape[0] if len(rshape) == 1 else 0
-        if record.dtype != mx.uint32 or words < 1 or (words - 1) % (2 * T * params.k):
-            raise ValueError(f"a routing record for {T} tokens of top-{params.k} must be uint32 "
-                             f"[2 * slots * {T * params.k} + 1]; got {record.dtype} {tuple(record.shape)}")
-        # enough threadgroups that each thread copies at most RECORD_WORDS_PER_THREAD words
-        groups = max(groups, -(-words // (32 * tpg * RECORD_WORDS_PER_THREAD)))
-        inputs.append(record)
-        output_shapes.append((words,))
-        output_dtypes.append(mx.uint32)
-        name = "moe_router_topk_record"
-    return tuple(kernel(flavor, name)(
-        inputs=inputs,
+    return tuple(kernel(flavor, "moe_router_topk")(
+        inputs=[logits, bias, scale],
         template=[("T", logits.dtype), ("NEXP", n), ("K", params.k), ("VPL", -(-n // 32)),
                   ("SCORE", SCORES[params.score]), ("HAS_BIAS", has_bias), ("NGROUP", n_group),
                   ("TOPKG", params.topk_group if n_group > 1 else 1), ("NORM", bool(params.normalize)),
                   ("TPG", tpg)],
-        grid=(groups * 32 * tpg, 1, 1), threadgroup=(32 * tpg, 1, 1),
-        output_shapes=output_shapes, output_dtypes=output_dtypes,
+        grid=(max(1, -(-T // tpg)) * 32 * tpg, 1, 1), threadgroup=(32 * tpg, 1, 1),
+        output_shapes=[(T, params.k), (T, params.k)], output_dtypes=[mx.int32, mx.float32],
     ))
-
-
-RECORD_WORDS_PER_THREAD = 4
-
-
-def record_words(slots: int, tokens: int, k: int) -> int:
-    """Length of a record chain of `slots` layer slots for `tokens` tokens of top-k."""
-    return 2 * slots * tokens * k + 1
-
-
-_EMPTY_RECORDS: dict = {}
-
-
-def new_record(slots: int, tokens: int, k: int) -> mx.array:
-    """An empty record chain (all zero, no slot used), made once per size from host
-    data: starting a chain adds no graph node (and works inside a compiled trace)."""
-    words = record_words(slots, tokens, k)
-    a = _EMPTY_RECORDS.get(words)
-    if a is None:
-        a = _EMPTY_RECORDS[words] = mx.array(np.zeros(words, dtype=np.uint32))
-    return a

@@ -26,7 +26,7 @@ def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str,
     bits.  Read it back with `unpack`.
 
     record: the routing hook's record chain (uint32 [2 * S * T * k + 1], layout in
-    metal/router.metal); then the result is the chain with the L layers in its next
+    metal/routing_join.metal, made by `new_record`); then the result is the chain with the L layers in its next
     L slots and its count + L (kernel routing_join_record).
 
     flavor: a kernel flavor (mlx_moe/kernels/registry.py), or "mlx" for MLX's own ops
@@ -61,7 +61,25 @@ def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str,
         output_shapes=[(2 * total,)], output_dtypes=[mx.uint32])[0]
 
 
-RECORD_WORDS_PER_THREAD = 4
+RECORD_WORDS_PER_THREAD = 4  # grid size of routing_join_record: at most this many chain words per thread
+
+
+def record_words(slots: int, tokens: int, k: int) -> int:
+    """Length of a record chain of `slots` layer slots for `tokens` tokens of top-k."""
+    return 2 * slots * tokens * k + 1
+
+
+_EMPTY_RECORDS: dict = {}
+
+
+def new_record(slots: int, tokens: int, k: int) -> mx.array:
+    """An empty record chain (all zero, no slot used), made once per size from host
+    data: starting a chain adds no graph node (and works inside a compiled trace)."""
+    words = record_words(slots, tokens, k)
+    a = _EMPTY_RECORDS.get(words)
+    if a is None:
+        a = _EMPTY_RECORDS[words] = mx.array(np.zeros(words, dtype=np.uint32))
+    return a
 
 
 def _extend_with_mlx_ops(record: mx.array, ids: List[mx.array], weights: List[mx.array]) -> mx.array:
