@@ -8,8 +8,9 @@
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
 #  0. the decode attention kernel's GPU test (the compiled step's +attn engine needs it right)
 #  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
-#     of 16 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
-#     generations cannot resolve 3%), uncompiled and compiled (issue 3)
+#     of 8 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
+#     generations cannot resolve 3%), uncompiled and compiled, after the record chain's GPU
+#     tests (issue 3)
 #  2. host cost per graph node by kind (tools/profile_decode.py --ops-only; issue 9), and
 #     the dense projections as quantized_matmul vs dequantize + GEMM (mlx_moe/prefill.py)
 #  3. end to end, Qwen3-30B-A3B shape: mlx-lm, our kernels, the mlx backend, the log, the
@@ -21,11 +22,18 @@
 #  7. the GPU tests, one file at a time, failures in full (one NVRTC compile per kernel
 #     instantiation: ~10 s per test)
 #  8. compute-sanitizer memcheck on the prefill kernels' GPU tests
+#
+# MLX compiles its own CUDA kernels on first use (NVRTC, on the calling thread): on a fresh
+# machine the first bfloat16 forward took 94 s.  Its PTX cache (MLX_PTX_CACHE_DIR, default
+# here OUTDIR/mlx-ptx-cache) keeps them between processes; copied to the next machine
+# (a few hundred kB, compressed) it cuts that to ~10 s.
 set -u
 OUT=${1:?usage: tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]}
 DEADLINE=${2:-1500}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-$OUT/mlx-ptx-cache}
+mkdir -p "$MLX_PTX_CACHE_DIR"
 LOG="$OUT/log.txt"
 T0=$(date +%s)
 CUDA_BIN=${CUDA_BIN:-/usr/local/cuda/bin}
@@ -43,10 +51,12 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
-step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 \
+step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_record_chain.py \
+  tests/test_routing_join.py
+step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
   --json "$OUT/log_overhead.json"
-step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 40 --compile \
-  --json "$OUT/log_overhead_compiled.json"
+step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
+  --compile --json "$OUT/log_overhead_compiled.json"
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
