@@ -28,13 +28,32 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 from .hooks import HOOKS, RoutingEvent
 from .log_writer import pack_frame
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[list]:
+    """Inside the block SIGINT is only noted (the yielded list becomes non-empty), not
+    raised; the caller raises KeyboardInterrupt after it.  Python runs signal handlers in
+    the main thread only, so elsewhere nothing changes."""
+    noted: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 FORMAT = "mlx-moe-expert-log/1"
 
@@ -156,23 +175,23 @@ class ExpertLog:
         self._send(frame)
 
     def _send(self, frame: bytes) -> None:
-        """Write one whole frame to the writer.  If Ctrl-C lands between two partial
-        writes of it, the rest still goes out before the interrupt goes on (the writer
-        must never see half a frame followed by the next one)."""
+        """Write one whole frame to the writer, exactly once.  Ctrl-C during the write is
+        held back until the frame is out, then raised: the writer must never see half a
+        frame followed by the next one, nor a frame twice (a KeyboardInterrupt raised
+        just after os.write returned, before its count was taken, would make a retry
+        write the same bytes again)."""
         view = memoryview(frame)
         try:
-            try:
+            with _sigint_deferred() as interrupted:
                 while view:
                     view = view[os.write(self._fd, view):]
-            except (KeyboardInterrupt, SystemExit):
-                while view:
-                    view = view[os.write(self._fd, view):]
-                raise
         except BrokenPipeError:  # the writer stopped: a write error, said in its status
             self._proc.wait()
             self._read_status()
             self.raise_error()
             raise ExpertLogError(f"expert log {self.path}: the writer process stopped unexpectedly")
+        if interrupted:
+            raise KeyboardInterrupt
 
     def raise_error(self) -> None:
         if self.error is None and not self._status_read and self._proc.poll() is not None:

@@ -492,26 +492,35 @@ class RoutingHooks:
                                            [a for r in f.records for a in r[1:3]])])
         chains = self._read_chains(done)
         callbacks = list(self._callbacks)
-        for f in done:
-            if not f.records:
-                continue
-            if f.chain is not None and f.joined is not None:
-                arrays = _ForwardArrays(None, None, f.shape, host=_chain_slots(chains[id(f.chain)], f))
-            elif f.joined is not None:
-                arrays = _ForwardArrays(None, None, f.shape, packed=f.joined)
+        for i, f in enumerate(done):
+            try:
+                self._deliver(f, chains, callbacks)
+            except BaseException:  # Ctrl-C in a callback: the rest wait for the next flush
+                self._pending[:0] = done[i + 1:]
+                raise
+
+    @staticmethod
+    def _deliver(f: "_Forward", chains: dict, callbacks: list) -> None:
+        """Hand forward `f`'s events to the callbacks (chains: `_read_chains`' words)."""
+        if not f.records:
+            return
+        if f.chain is not None and f.joined is not None:
+            arrays = _ForwardArrays(None, None, f.shape, host=_chain_slots(chains[id(f.chain)], f))
+        elif f.joined is not None:
+            arrays = _ForwardArrays(None, None, f.shape, packed=f.joined)
+        else:
+            arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records],
+                                    (len(f.records), *f.records[0][1].shape))
+        # From here only `arrays` holds the device arrays (and drops them once converted).
+        f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
+        f.joined = f.chain = None
+        events = ForwardEvents(f, arrays)
+        for _, fn, per_forward in callbacks:
+            if per_forward:
+                fn(events)
             else:
-                arrays = _ForwardArrays([r[1] for r in f.records], [r[2] for r in f.records],
-                                        (len(f.records), *f.records[0][1].shape))
-            # From here only `arrays` holds the device arrays (and drops them once converted).
-            f.records = [(layer, None, None, ne, nz) for layer, _, _, ne, nz in f.records]
-            f.joined = f.chain = None
-            events = ForwardEvents(f, arrays)
-            for _, fn, per_forward in callbacks:
-                if per_forward:
-                    fn(events)
-                else:
-                    for ev in events:
-                        fn(ev)
+                for ev in events:
+                    fn(ev)
 
     @staticmethod
     def _read_chains(done: List[_Forward]) -> dict:

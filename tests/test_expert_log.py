@@ -331,6 +331,60 @@ def test_writer_process_drops_a_frame_cut_short_and_ignores_ctrl_c(tmp_path):
     assert log.rows_written == len(rows) == (5 + 4) * 3
 
 
+def test_ctrl_c_in_a_callback_leaves_the_other_forwards_for_the_next_flush(tiny_model):
+    """Delivery of several forward passes at once (record chains deliver up to 8) stopped
+    by Ctrl-C in a callback: the forwards not yet handed over stay pending, none is lost
+    or delivered twice."""
+    model, _ = tiny_model
+    seen = []
+
+    def on_forward(events):
+        seen.append(events[0].forward_id)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with mlx_moe.routing_hook(on_forward, per_forward=True):
+        for i in range(4):
+            mx.eval(model(mx.array([[i + 1]])))  # four forwards pending (no cache: position 0 each)
+        with pytest.raises(KeyboardInterrupt):
+            mlx_moe.flush()
+        assert len(seen) == 2
+        mlx_moe.flush()
+    assert len(seen) == len(set(seen)) == 4
+
+
+def test_ctrl_c_just_after_a_write_sends_the_frame_once(tmp_path, monkeypatch):
+    """A SIGINT that lands after os.write has written (part of) a frame, before its count
+    is taken: the frame still goes out whole and exactly once, then KeyboardInterrupt."""
+    import os
+
+    import mlx_moe.expert_log as expert_log
+
+    log = ExpertLog(tmp_path / "log.csv", top_k=4)
+    frames = _frames(np.random.default_rng(2), 3)
+    log._send(frames[0][0])
+    real_write = os.write
+    calls = []
+
+    def write_then_signal(fd, data):
+        n = real_write(fd, data[: max(1, len(data) // 2)])  # a partial write, then the signal
+        calls.append(n)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+    monkeypatch.setattr(expert_log.os, "write", write_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        log._send(frames[1][0])
+    monkeypatch.setattr(expert_log.os, "write", real_write)
+    assert len(calls) > 1 and sum(calls) == len(frames[1][0])
+    log._send(frames[2][0])
+    log.close()
+    log.raise_error()
+    _, rows = read_log(tmp_path / "log.csv")
+    assert rows == _expected_rows(frames)
+
+
 def test_writer_process_failure_is_reported_in_the_generating_thread(tmp_path):
     log = ExpertLog(tmp_path / "log.csv", top_k=4)
     frames = _frames(np.random.default_rng(1), 2)
