@@ -32,28 +32,49 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .hooks import HOOKS, RoutingEvent
 from .log_writer import pack_frame
 
 
-@contextmanager
-def _sigint_deferred() -> Iterator[list]:
-    """Inside the block SIGINT is only noted (the yielded list becomes non-empty), not
-    raised; the caller raises KeyboardInterrupt after it.  Python runs signal handlers in
-    the main thread only, so elsewhere nothing changes."""
-    noted: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
+class _SigintGuard:
+    """A SIGINT handler that acts as the one it replaces (normally: KeyboardInterrupt at
+    once), except while `writing`: then the signal is only noted, and the writer raises
+    KeyboardInterrupt once its frame is out (a second Ctrl-C meanwhile is raised at once:
+    the writer drops a torn frame).  Installed once per log (signal.signal costs
+    ~10 us: too much per frame); Python runs signal handlers in the main thread only, so
+    from another thread it installs nothing."""
+
+    def __init__(self) -> None:
+        self.writing = False
+        self.noted = False
+        self._previous = None
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        # only if still the handler: one installed on top of it keeps delegating to it
+        if self._installed and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) == self._handle:
+                signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _handle(self, signum, frame):
+        if self.writing and not self.noted:  # a second Ctrl-C (a writer that hangs) goes through
+            self.noted = True
+            return None
+        previous = self._previous
+        if previous == signal.SIG_IGN:
+            return None
+        if callable(previous):
+            return previous(signum, frame)
+        raise KeyboardInterrupt
 
 FORMAT = "mlx-moe-expert-log/1"
 
@@ -103,6 +124,8 @@ class ExpertLog:
             start_new_session=True)
         self._fd = self._proc.stdin.fileno()
         self._status_read = False
+        self._sigint = _SigintGuard()  # a Ctrl-C never cuts a frame in two or sends it twice
+        self._sigint.install()
 
     @classmethod
     def for_model(cls, path, model, weights: bool = False, model_name: Optional[str] = None) -> "ExpertLog":
@@ -181,17 +204,24 @@ class ExpertLog:
         just after os.write returned, before its count was taken, would make a retry
         write the same bytes again)."""
         view = memoryview(frame)
+        guard = self._sigint
+        guard.writing = True
+        broken = False
         try:
-            with _sigint_deferred() as interrupted:
-                while view:
-                    view = view[os.write(self._fd, view):]
+            while view:
+                view = view[os.write(self._fd, view):]
         except BrokenPipeError:  # the writer stopped: a write error, said in its status
+            broken = True
+        finally:
+            guard.writing = False
+        if guard.noted:
+            guard.noted = False
+            raise KeyboardInterrupt
+        if broken:
             self._proc.wait()
             self._read_status()
             self.raise_error()
             raise ExpertLogError(f"expert log {self.path}: the writer process stopped unexpectedly")
-        if interrupted:
-            raise KeyboardInterrupt
 
     def raise_error(self) -> None:
         if self.error is None and not self._status_read and self._proc.poll() is not None:
@@ -219,6 +249,7 @@ class ExpertLog:
     def close(self) -> None:
         """Write everything handed over so far, then close the file. Idempotent;
         an interrupted close may be called again."""
+        self._sigint.uninstall()
         if not self._proc.stdin.closed:
             try:
                 self._proc.stdin.close()  # end of input: the writer writes what it has and exits

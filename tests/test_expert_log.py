@@ -360,6 +360,7 @@ def test_ctrl_c_just_after_a_write_sends_the_frame_once(tmp_path, monkeypatch):
 
     import mlx_moe.expert_log as expert_log
 
+    before = signal.getsignal(signal.SIGINT)
     log = ExpertLog(tmp_path / "log.csv", top_k=4)
     frames = _frames(np.random.default_rng(2), 3)
     log._send(frames[0][0])
@@ -381,6 +382,7 @@ def test_ctrl_c_just_after_a_write_sends_the_frame_once(tmp_path, monkeypatch):
     log._send(frames[2][0])
     log.close()
     log.raise_error()
+    assert signal.getsignal(signal.SIGINT) == before  # the log's handler is gone with it
     _, rows = read_log(tmp_path / "log.csv")
     assert rows == _expected_rows(frames)
 
