@@ -270,6 +270,7 @@ class _Forward:
     joined: Optional[mx.array] = None
     shape: Optional[tuple] = None  # (L, T, k)
     layers: Optional[int] = None  # MoE layers announced by the model: chaining is on
+    top_k: Optional[int] = None  # every record's k as its layer said (0: not said or not all alike)
     chain: Optional[_Chain] = None  # the record chain this forward writes, from slot `slot0`
     slot0: int = 0
 
@@ -336,12 +337,15 @@ class RoutingHooks:
     def remove(self, handle: int) -> None:
         """Unregister.  The forward passes poll has kept back (see forwards_per_read) are
         delivered first, all but the newest (mid-generation that one may still be running
-        or, after an error, incomplete); `flush()` before this delivers it too."""
-        if any(c[0] == handle for c in self._callbacks):
-            self.flush(keep_last=1)
-        self._callbacks = [c for c in self._callbacks if c[0] != handle]
-        if not self._callbacks:
-            self.discard()
+        or, after an error, incomplete); `flush()` before this delivers it too.  The
+        callback is unregistered even when that delivery fails."""
+        try:
+            if any(c[0] == handle for c in self._callbacks):
+                self.flush(keep_last=1)
+        finally:
+            self._callbacks = [c for c in self._callbacks if c[0] != handle]
+            if not self._callbacks:
+                self.discard()
 
     # -- called by the model wrapper and the MoE layers -------------------------------
 
@@ -395,7 +399,10 @@ class RoutingHooks:
         forwards = max(1, min(self.forwards_per_read, (self.MAX_RECORD_WORDS - 1) // per_forward))
         return _Chain(new_record(forwards * layers, tokens, k), forwards * layers, tokens, k)
 
-    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int) -> None:
+    def record(self, layer: int, ids: mx.array, weights: mx.array, n_experts: int, n_zero: int,
+               top_k: int = 0) -> None:
+        """A MoE layer's routing: ids and weights [tokens, top_k] (top_k: the layer's, where
+        it says it; then end_forward need not ask the arrays their shapes)."""
         if self._capture is not None:
             if self._capture.enabled:
                 self._capture.records.append((layer, ids, weights, n_experts, n_zero))
@@ -407,7 +414,10 @@ class RoutingHooks:
             self.begin_forward(1, T, 0)
         # Dtypes are not checked here (a nanobind attribute read per layer per token):
         # the routers give int32 / float32, anything else takes _to_bytes' slow path.
-        self._pending[-1].records.append((layer, ids, weights, n_experts, n_zero))
+        f = self._pending[-1]
+        f.records.append((layer, ids, weights, n_experts, n_zero))
+        if f.top_k != top_k:
+            f.top_k = top_k if f.top_k is None else 0
 
     def join_flavor_now(self) -> Optional[str]:
         """The flavor end_forward joins with now (None: keep per-layer arrays)."""
@@ -433,12 +443,14 @@ class RoutingHooks:
 
         meta = [(r[0], r[3], r[4]) for r in f.records]
         ids, weights = [r[1] for r in f.records], [r[2] for r in f.records]
-        shape = tuple(ids[0].shape)
+        # the routers' outputs are [tokens, top_k]: known without a nanobind call per array
+        known = (len(f.positions), f.top_k) if f.top_k else None
+        shape = known or tuple(ids[0].shape)
         chain = self.forward_chain(*shape) if f.layers == len(f.records) else None
         if chain is not None:
-            self.record_chained(meta, routing_join(ids, weights, flavor, record=chain), shape)
+            self.record_chained(meta, routing_join(ids, weights, flavor, record=chain, shape=known), shape)
         else:
-            self.record_joined(meta, routing_join(ids, weights, flavor), shape)
+            self.record_joined(meta, routing_join(ids, weights, flavor, shape=known), shape)
         return mx.depends(output, [f.joined])
 
     def record_joined(self, meta: list, packed: mx.array, shape: tuple) -> None:

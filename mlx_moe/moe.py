@@ -76,7 +76,7 @@ class MoELayer(nn.Module):
         if shared is not None:
             y = y + shared
         if HOOKS.active:
-            HOOKS.record(self.layer_idx, ids, weights, self.num_experts, self.n_identity)
+            HOOKS.record(self.layer_idx, ids, weights, self.num_experts, self.n_identity, self.top_k)
         return y.reshape(shape)
 
 

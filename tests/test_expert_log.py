@@ -74,6 +74,15 @@ def test_logged_experts_equal_transformers_routing(reference_checkpoints, tmp_pa
             assert r[-1] == "0"
     meta = json.loads(Path(str(log) + ".json").read_text())
     assert meta["moe_layers"] == moe_layers and meta["top_k"] == k
+    # what end_forward relies on instead of asking 2L arrays their shapes: every layer's
+    # routing is [tokens, top_k], top_k as the layer says it
+    from mlx_moe.hooks import HOOKS
+
+    with mlx_moe.routing_hook(lambda ev: None):
+        mx.eval(model(mx.array([ref.prompt])))
+        f = HOOKS._pending[-1]
+        assert f.top_k == k and len(f.records) == len(moe_layers)
+        assert all(r[1].shape == r[2].shape == (len(ref.prompt), k) for r in f.records)
 
 
 def test_events_are_delivered_after_the_forward_not_inside(tiny_model):

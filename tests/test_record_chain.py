@@ -173,6 +173,7 @@ def test_a_chain_not_extended_is_an_error_not_wrong_rows(model_tok, hooks_config
     with pytest.raises(RuntimeError, match="did not extend it"):
         with mlx_moe.routing_hook(lambda ev: None):
             mlx_moe.generate(model, tok, PROMPT, max_tokens=2)
+    assert not HOOKS.active and not HOOKS._pending  # the hook is gone all the same
 
 
 def test_record_chain_shape_is_checked():
