@@ -76,6 +76,7 @@ class _SigintGuard:
             return previous(signum, frame)
         raise KeyboardInterrupt
 
+
 FORMAT = "mlx-moe-expert-log/1"
 
 

@@ -26,8 +26,8 @@ def routing_join(ids: List[mx.array], weights: List[mx.array], flavor: str,
     bits.  Read it back with `unpack`.
 
     record: the routing hook's record chain (uint32 [2 * S * T * k + 1], layout in
-    metal/routing_join.metal, made by `new_record`); then the result is the chain with the L layers in its next
-    L slots and its count + L (kernel routing_join_record).
+    metal/routing_join.metal, made by `new_record`); then the result is the chain with
+    the L layers in its next L slots and its count + L (kernel routing_join_record).
 
     flavor: a kernel flavor (mlx_moe/kernels/registry.py), or "mlx" for MLX's own ops
     (what the emulated flavor cannot do: run inside mx.compile, in tests).
