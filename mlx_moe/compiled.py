@@ -256,8 +256,9 @@ class CompiledDecoder:
         self._compiled = {}
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
-        self._k = None  # the MoE layers' top-k, see _top_k
-        self._moe_count = len(_moe.moe_layers(model))
+        layers = _moe.moe_layers(model)
+        self._moe_count = len(layers)
+        self._top_k = layers[0].top_k if layers else 0  # the record chain's size depends on it
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
 
     def make_cache(self, capacity: int) -> List[StaticKVCache]:
@@ -270,12 +271,6 @@ class CompiledDecoder:
             fn = mx.compile(self._traced_step(*key))
             self._compiled[key] = fn
         return fn
-
-    def _top_k(self) -> int:
-        """The MoE layers' top-k (the record chain's size depends on it)."""
-        if self._k is None:
-            self._k = _moe.moe_layers(self.model)[0].router_params().k
-        return self._k
 
     def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str], chained: bool):
         model, base_call = self.model, self.base_call
@@ -293,16 +288,12 @@ class CompiledDecoder:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
                 self._routing_shape = tuple(records[0][1].shape)  # one layer's [T, k]
                 ids, weights = [r[1] for r in records], [r[2] for r in records]
-                if chained:  # one join appends them to the record chain, an input and output
+                if join:
+                    # one packed array instead of 2L outputs (mlx_moe/hooks.py), or the record
+                    # chain (a step input) extended by this step's records
                     from .kernels.routing_join import routing_join
 
-                    packed = routing_join(ids, weights, join, record=chain[0])
-                    out[0] = mx.depends(out[0], [packed])  # evaluated with the step, as below
-                    out.append(packed)
-                elif join:  # one packed array instead of 2L outputs (mlx_moe/hooks.py)
-                    from .kernels.routing_join import routing_join
-
-                    packed = routing_join(ids, weights, join)
+                    packed = routing_join(ids, weights, join, record=chain[0] if chained else None)
                     # Evaluated with the step: nothing else the step computes reads the packed
                     # array, so without this the join would run only when the host reads it,
                     # behind the next queued step (a wait per token).  Per-layer arrays need no
@@ -334,7 +325,7 @@ class CompiledDecoder:
         chain = None
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset, self._moe_count)
-            chain = HOOKS.forward_chain(1, self._top_k())  # None unless records travel in a chain
+            chain = HOOKS.forward_chain(1, self._top_k)  # None unless records travel in a chain
         fn = self._function(record, chain is not None)
         try:
             out = fn(token, mx.array(offset, mx.int32), keys, values, *([chain] if chain is not None else []))

@@ -472,10 +472,9 @@ class RoutingHooks:
         if f.chain is None or len(meta) != f.layers:
             raise RuntimeError(f"routing records: {len(meta)} layers appended to a record chain, but the "
                                f"forward {'announced ' + str(f.layers) if f.layers else 'has no chain'}")
-        f.records = [(layer, None, None, ne, nz) for layer, ne, nz in meta]
-        f.chain.array = f.joined = chain
+        self.record_joined(meta, chain, shape)
+        f.chain.array = chain
         f.chain.used += len(meta)
-        f.shape = (len(meta), *shape)
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -560,10 +559,10 @@ def _chain_slots(words: np.ndarray, f: _Forward) -> tuple:
             f"({words.size} words), but forward {f.forward_id} wrote slots {f.slot0}..{f.slot0 + L - 1}; "
             f"the join kernel did not extend it (set mlx_moe.hooks.HOOKS.join_flavor = None to read the "
             f"per-layer arrays instead, and report this)")
-    shape = (c.slots, c.tokens, c.k)
-    ids = words[:n].view(np.int32).reshape(shape)[f.slot0:f.slot0 + L]
-    weights = words[n:2 * n].view(np.float32).reshape(shape)[f.slot0:f.slot0 + L]
-    return ids, weights
+    from .kernels.routing_join import unpack  # a chain of S slots is the packed layout of S layers
+
+    ids, weights = unpack(words, (c.slots, c.tokens, c.k))
+    return ids[f.slot0:f.slot0 + L], weights[f.slot0:f.slot0 + L]
 
 
 # The process-wide registry the MoE layers report to.
