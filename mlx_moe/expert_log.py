@@ -43,9 +43,9 @@ class _SigintGuard:
     """A SIGINT handler that acts as the one it replaces (normally: KeyboardInterrupt at
     once), except while `writing`: then the signal is only noted, and the writer raises
     KeyboardInterrupt once its frame is out (a second Ctrl-C meanwhile is raised at once:
-    the writer drops a torn frame).  Installed once per log (signal.signal costs
-    ~10 us: too much per frame); Python runs signal handlers in the main thread only, so
-    from another thread it installs nothing."""
+    the writer drops a torn frame).  Installed once per log (signal.signal took ~10 us
+    in an ad-hoc timing on the developers' CPU: too much per frame); Python runs signal
+    handlers in the main thread only, so from another thread it installs nothing."""
 
     def __init__(self) -> None:
         self.writing = False
