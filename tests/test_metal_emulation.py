@@ -589,6 +589,28 @@ def test_out_of_bounds_through_cast_and_threadgroup_array_raise():
           output_shapes=[(64,)], output_dtypes=[mx.float32])
 
 
+def test_vector_loads_need_their_alignment():
+    """A uint4 read through a cast pointer: aligned (16 bytes) it reads the right words,
+    even from an MLX array whose CPU memory is less aligned than a GPU buffer; 8 bytes
+    off it fails naming the buffer and the offset, as it would fault on a GPU."""
+    src = """
+        uint i = thread_position_in_grid.x;
+        const device uint4* p = reinterpret_cast<const device uint4*>(inp + 8 * i + OFF);
+        uint4 v = *p;
+        out[i] = v.x + v.w;
+    """
+    k = emu_metal_kernel("vload", ["inp"], ["out"], src)
+    x = mx.arange(64).astype(mx.uint16)
+    (got,) = k(inputs=[x], template=[("OFF", 0)], grid=(8, 1, 1), threadgroup=(8, 1, 1),
+               output_shapes=[(8,)], output_dtypes=[mx.uint32])
+    words = np.arange(64, dtype=np.uint16).view(np.uint32).reshape(8, 4)
+    np.testing.assert_array_equal(np.array(got), words[:, 0] + words[:, 3])
+    with pytest.raises(MetalEmulationError, match=r"misaligned 16-byte access to input 'inp' at byte offset \d+: "
+                                                  r"the type needs 16-byte alignment"):
+        k(inputs=[x], template=[("OFF", 4)], grid=(7, 1, 1), threadgroup=(7, 1, 1),
+          output_shapes=[(7,)], output_dtypes=[mx.uint32])
+
+
 def test_unknown_metal_function_is_a_compile_error():
     src = """
         uint i = thread_position_in_grid.x;

@@ -80,8 +80,26 @@ def _host(a: mx.array, contiguous: bool) -> np.ndarray:
     _storage(a.dtype)
     n = np.asarray(a)
     if contiguous or n.ndim == 0:
-        n = np.ascontiguousarray(n)
+        n = _aligned(np.ascontiguousarray(n))
     return n
+
+
+# GPU buffers start at least this aligned (Metal: page-aligned buffers; CUDA: 256 bytes);
+# MLX's CPU allocator only promises 8.  A contiguous input is copied to such an address
+# when it is not there already, so a kernel's vector loads (uint4: 16 bytes) see the
+# alignment they would see on a GPU, and the misalignment check (metal_emu.h) flags only
+# accesses that would be misaligned there too.
+BUFFER_ALIGN = 256
+
+
+def _aligned(n: np.ndarray) -> np.ndarray:
+    if n.ctypes.data % BUFFER_ALIGN == 0 or n.nbytes == 0:
+        return n
+    raw = np.empty(n.nbytes + BUFFER_ALIGN, np.uint8)
+    start = -raw.ctypes.data % BUFFER_ALIGN
+    out = raw[start:start + n.nbytes].view(n.dtype).reshape(n.shape)
+    out[...] = n
+    return out
 
 
 def _extent(n: np.ndarray) -> tuple[int, int]:
@@ -310,7 +328,7 @@ class EmulatedMetalKernel:
             elif p.kind == "output":
                 dtype = output_dtypes[p.index]
                 shape = tuple(int(s) for s in output_shapes[p.index])
-                out = np.empty(shape, _storage(dtype))
+                out = _aligned(np.empty(shape, _storage(dtype)))
                 if init_value is not None:
                     fill = mx.array(init_value, dtype)
                     out[...] = _host(fill, True)

@@ -806,6 +806,20 @@ template <>
 struct emu_size<const void> {
   static constexpr size_t value = 1;
 };
+// Alignment an access of T needs on a GPU (Metal and CUDA fault or read wrong
+// data on a misaligned vector access; x86 mostly would not notice).
+template <class T>
+struct emu_align {
+  static constexpr size_t value = alignof(T);
+};
+template <>
+struct emu_align<void> {
+  static constexpr size_t value = 1;
+};
+template <>
+struct emu_align<const void> {
+  static constexpr size_t value = 1;
+};
 
 inline ptr_core emu_lookup(const void* raw) {
   ptr_core c;
@@ -853,6 +867,8 @@ struct ptr : ptr_base_t<T> {
     const char* c = (const char*)q;
     if (__builtin_expect(c < this->lo_ || c + emu_size<T>::value > this->hi_, 0))
       emu_fail_oob(this->id_, q, emu_size<T>::value, 0);
+    if (__builtin_expect(((uintptr_t)c & (emu_align<T>::value - 1)) != 0, 0))
+      emu_fail_misaligned(this->id_, q, emu_size<T>::value, emu_align<T>::value);
   }
   ref operator*() const {
     check(this->p_);

@@ -76,6 +76,8 @@ int emu_find_region(const void* p, const char** lo, const char** hi);
 const emu_attrs* emu_current_attrs(void);
 __attribute__((noreturn)) void emu_fail_oob(int region, const void* p,
                                             size_t access_size, int line);
+__attribute__((noreturn)) void emu_fail_misaligned(int region, const void* p,
+                                                   size_t access_size, size_t align);
 __attribute__((noreturn)) void emu_fail(const char* msg);
 
 // Host side: run a whole grid.  Returns 0 on success; otherwise writes a

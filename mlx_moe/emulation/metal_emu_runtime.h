@@ -556,6 +556,25 @@ void emu_fail_oob(int region, const void* p, size_t access_size, int line) {
   failf("access through a null or uninitialized pointer%s", where);
 }
 
+void emu_fail_misaligned(int region, const void* p, size_t access_size, size_t align) {
+  char where[600];
+  code_address((const char*)__builtin_return_address(0) - 1, where, sizeof where);
+  const char* c = (const char*)p;
+  if (region >= 0 && region < S.n_bufs) {
+    const emu_buffer& b = S.bufs[region];
+    failf("misaligned %zu-byte access to %s at byte offset %ld: the type needs %zu-byte "
+          "alignment (a GPU faults or reads wrong data)%s",
+          access_size, b.name, (long)(c - b.data), align, where);
+  }
+  if (region >= 10000 && region - 10000 < S.n_allocs) {
+    const Alloc& a = S.allocs[region - 10000];
+    failf("misaligned %zu-byte access to threadgroup array '%s' at byte offset %ld: the type "
+          "needs %zu-byte alignment (a GPU faults or reads wrong data)%s",
+          access_size, a.name, (long)(c - (S.arena + a.off)), align, where);
+  }
+  failf("misaligned %zu-byte access (the type needs %zu-byte alignment)%s", access_size, align, where);
+}
+
 void emu_note_op(const char* op, int line, uint64_t args) {
   Lane& me = S.lanes[t_tid];
   uint64_t h = me.ops_hash;
