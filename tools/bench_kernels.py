@@ -11,7 +11,11 @@ median over reps of one pass of all layers divided by the layer count) and
 effective GB/s (bytes of the routed experts' weights / time).  The HBM read
 rate is measured in the same run (a sum over 1 GiB) for reference.
 
-    python tools/bench_kernels.py [--layers 48] [--tokens 1] [--sweep] [--json out.json]
+    python tools/bench_kernels.py [--layers 48] [--tokens 1] [--geometries ...] [--json out.json]
+
+`--geometries "gate_up=1x8x1 down=8x8x1"` (NRxNSG[xNQ], see below) also times
+the one-token Q4_0 layer with each listed gate_up geometry (down at its default) and
+each listed down geometry (gate_up at its default), in the same run.
 
 Prefill mode (`--prefill`): the map0 + mul_mm_id path at 512 and 2048 tokens
 (default) on the same shapes, in ms per MoE layer and TFLOP/s (2 * tokens *
@@ -37,6 +41,11 @@ table of median us and GB/s per kernel and the best geometry of each:
         --csv --log-file ncu.csv python tools/bench_kernels.py --ncu \
         --geometries "gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1"
     python tools/ncu_summary.py ncu.csv
+
+`--ncu --floor` (CUDA only) instead runs a read-only kernel over exactly the bytes a
+one-token layer's kernels must read (the k routed experts' gate and up, then their down;
+16-byte loads, nothing computed): the GPU time any kernel reading them in one launch
+needs at least, on this device, to set the decode kernels' times against.
 """
 
 from __future__ import annotations
@@ -227,6 +236,56 @@ def ncu_once(fl, E, D, F, k, layers=4, geometries=None) -> int:
     return 0
 
 
+# A kernel that only reads: each thread loads U 16-byte words of every routed expert's
+# matrices (M of them, one input each) and folds them into one word, so nothing is elided.
+_READ_FLOOR = """
+  const int e = ids[blockIdx.y];
+  const size_t j0 = size_t(blockIdx.x) * blockDim.x * U + threadIdx.x;
+  unsigned acc = 0u;
+  #pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const uint4* base = reinterpret_cast<const uint4*>(m == 0 ? w0 : w1) + size_t(e) * EW;
+    uint4 v[U];
+    #pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const size_t j = j0 + size_t(i) * blockDim.x;
+      v[i] = j < size_t(EW) ? base[j] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    #pragma unroll
+    for (int i = 0; i < U; ++i) {
+      acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+    }
+  }
+  out[(size_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x] = acc;
+"""
+
+
+def read_floor_once(E, D, F, k, layers=4) -> int:
+    """The read-only kernel over each layer's routed gate+up bytes, then its down bytes,
+    once per layer after a warm-up, for ncu (kernel names contain read_floor)."""
+    if flavor() != "cuda":
+        raise SystemExit("--floor runs a CUDA kernel (mx.fast.cuda_kernel): it needs MLX's CUDA backend")
+    kern = mx.fast.cuda_kernel(name="mlx_moe_read_floor", input_names=["ids", "w0", "w1"],
+                               output_names=["out"], source=_READ_FLOOR)
+    q4 = [q4_0_experts(E, D, F) for _ in range(layers)]
+    ids, _ = routing(layers, 1, k, E)
+    tpb, U = 128, 4
+    for names in (("gate_proj", "up_proj"), ("down_proj",)):
+        for l in [0] + list(range(layers)):
+            ws = [q4[l][n]["weight"] for n in names]
+            nbytes = ws[0][0].size * 2  # uint16 words of one expert's matrix
+            if nbytes % 16:
+                raise SystemExit(f"--floor: an expert matrix of {nbytes} bytes is not a whole number of 16-byte words")
+            ew = nbytes // 16
+            nblk = -(-ew // (tpb * U))
+            (o,) = kern(inputs=[ids[l].reshape(-1), ws[0], ws[-1]],
+                        template=[("M", len(ws)), ("U", U), ("EW", ew)],
+                        grid=(nblk * tpb, k, 1), threadgroup=(tpb, 1, 1),
+                        output_shapes=[(k * nblk * tpb,)], output_dtypes=[mx.uint32])
+            mx.eval(o)
+    return 0
+
+
 # -- runs ------------------------------------------------------------------------------------
 
 def per_layer_us(layer_fn, layers: int, reps: int) -> dict:
@@ -368,7 +427,6 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--tokens", type=int, nargs="+", default=[1])
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--sweep", action="store_true", help="also try other launch geometries")
     p.add_argument("--float-layers", type=int, default=8, help="layers for the float16/bfloat16 runs (0: skip)")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--prefill", action="store_true", help="prefill mode: map0 + mul_mm_id vs mlx-lm (see above)")
@@ -378,12 +436,14 @@ def main(argv=None) -> int:
                    help="dense mode: attention projections, quantized_matmul vs dequantize + GEMM (see above)")
     p.add_argument("--ncu", action="store_true",
                    help="run each variant on 4 layers once, for a kernel profiler (ncu) to time the kernels")
+    p.add_argument("--floor", action="store_true",
+                   help="with --ncu: a read-only kernel over a one-token layer's routed weight bytes (CUDA)")
     p.add_argument("--geometries", type=str, default=None,
-                   help="with --ncu: Q4_0 decode launch geometries to run, e.g. "
-                        "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); summarize with tools/ncu_summary.py")
+                   help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
+                        "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
+                        "each runs once for ncu (summarize with tools/ncu_summary.py)")
     a = p.parse_args(argv)
-    if a.geometries and not a.ncu:
-        raise SystemExit("--geometries is for --ncu runs (GPU kernel times come from ncu, not from this script)")
+    geometries = parse_geometries(a.geometries) if a.geometries else None
     if a.dense:
         res = dense_main(a)
         if a.json:
@@ -402,8 +462,12 @@ def main(argv=None) -> int:
         print(f"{name:58s} T={tokens:<3d} {us:8.2f} us/layer {gbs:7.1f} GB/s"
               f"  (blocking {t['blocking']:.1f}, graph build {t['build']:.1f})", flush=True)
 
+    if a.floor and not a.ncu:
+        raise SystemExit("--floor is for --ncu runs (its GPU time comes from ncu)")
+    if a.ncu and a.floor:
+        return read_floor_once(E, D, F, k)
     if a.ncu:
-        return ncu_once(fl, E, D, F, k, geometries=parse_geometries(a.geometries) if a.geometries else None)
+        return ncu_once(fl, E, D, F, k, geometries=geometries)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
@@ -444,18 +508,14 @@ def main(argv=None) -> int:
         report("mlx backend q4_0 (gather_qmm affine g32, f32 scales)", T,
                per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
 
-        if a.sweep and T == 1:
-            gu0, dn0 = dispatch.GATE_UP["q4_0"], dispatch.DOWN["q4_0"]
-            for nr, nsg in [(4, 2), (8, 1), (8, 2), (8, 4), (16, 1)]:
-                dispatch.GATE_UP["q4_0"] = Geometry(nr, nsg)
-                report(f"  sweep gate_up nr={nr} nsg={nsg}", T,
-                       per_layer_us(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
-            dispatch.GATE_UP["q4_0"] = gu0
-            for nr, nsg in [(1, 8), (2, 8), (4, 8), (2, 4)]:
-                dispatch.DOWN["q4_0"] = Geometry(nr, nsg)
-                report(f"  sweep down nr={nr} nsg={nsg}", T,
-                       per_layer_us(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
-            dispatch.DOWN["q4_0"] = dn0
+        if geometries and T == 1:
+            defaults = dict(dispatch.GATE_UP), dict(dispatch.DOWN)
+            for table, kernel in ((dispatch.GATE_UP, "gate_up"), (dispatch.DOWN, "down")):
+                for g in geometries[kernel]:
+                    table["q4_0"] = g
+                    report(f"  geometry {kernel}={g.tag}", T,
+                           per_layer_us(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
+                table.update(defaults[0] if kernel == "gate_up" else defaults[1])
     del glu
     mx.clear_cache()
 
