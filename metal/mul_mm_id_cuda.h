@@ -2,7 +2,8 @@
 //
 // Same sections, same names, same tiles and steps as the Metal bodies; only
 // the matrix-unit part differs (DESIGN.md section 2): Metal multiplies 8x8
-// simdgroup_float8x8 fragments, CUDA issues mma.sync m16n8k8 on TF32.
+// simdgroup_float8x8 fragments, CUDA issues mma.sync m16n8k8 on TF32 (and,
+// for bfloat16 activations with Q4_0 weights, m16n8k16 on bf16: moe_mm_bf16).
 // mlx_moe/kernels/registry.py appends this file's helpers after the shared
 // helpers of mul_mm_id.metal (so MOE_MM_* and moe_dequant are defined) and
 // uses these bodies instead of the Metal ones on the `cuda` flavor.  map0 and
@@ -247,6 +248,51 @@ struct moe_pipe_b {
   }
 };
 
+// The pipelined tiles' epilogue: the accumulators of every warp (acc[a], 2 x 2 mma
+// tiles of 32 rows x 16 pairs) through shared memory (`smem`, at least NA * BN * LDS
+// floats, no longer read by any warp) to out, SwiGLU applied when NA = 2.
+template <int NA, int N>
+MOE_DEVICE inline void moe_mm_pipe_out(const float (*acc)[16], float* smem, const int* pairs, int start,
+                                       int nvalid, int row0, float* out) {
+  constexpr int BN = MOE_MM_BN;
+  const int t = int(threadIdx.x);
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int sr = (warp % 2) * 32;
+  const int sc = (warp / 2) * 16;
+  for (int a = 0; a < NA; ++a) {
+    moe_mm_warp_stage(acc[a], smem + a * BN * MOE_MM_LDS, sr, sc, lane);
+  }
+  __syncthreads();
+  // Each thread writes 16 results of one pair (float4 stores where N allows).
+  const int oj = t >> 2;
+  const int or0 = (t & 3) * 16;
+  if (oj < nvalid) {
+    const int p = pairs[start + oj];
+    const float* sg = smem + oj * MOE_MM_LDS + or0;
+    const float* su = sg + BN * MOE_MM_LDS;
+    float* o = out + size_t(p) * N + row0 + or0;
+    for (int i = 0; i < 16; i += 4) {
+      float4 v = *reinterpret_cast<const float4*>(sg + i);
+      if (NA == 2) {
+        const float4 u = *reinterpret_cast<const float4*>(su + i);
+        v = make_float4(moe_silu(v.x) * u.x, moe_silu(v.y) * u.y, moe_silu(v.z) * u.z, moe_silu(v.w) * u.w);
+      }
+      const int n = row0 + or0 + i;
+      if (N % 4 == 0 && n + 3 < N) {
+        *reinterpret_cast<float4*>(o + i) = v;
+      } else {
+        const float vv[4] = {v.x, v.y, v.z, v.w};
+        for (int j = 0; j < 4; ++j) {
+          if (n + j < N) {
+            o[i + j] = vv[j];
+          }
+        }
+      }
+    }
+  }
+}
+
 // The whole pipelined tile: NA = 1 (out = W . src) or 2 (SwiGLU of W0 . x and
 // W1 . x).  Block (blockIdx.x, blockIdx.y) = (row tile, tile of the map), 128
 // threads, as the simple bodies.
@@ -341,38 +387,166 @@ MOE_DEVICE inline void moe_mm_pipe(const T* src, const int* pairs, const int* ti
     }
   }
   __syncthreads();  // every warp is done with the last stage before stage 0 becomes the output
+  moe_mm_pipe_out<NA, N>(acc, smem, pairs, start, nvalid, row0, out);
+}
 
-  for (int a = 0; a < NA; ++a) {
-    moe_mm_warp_stage(acc[a], smem + a * BN * MOE_MM_LDS, sr, sc, lane);
+// ---- The bf16 GEMM for Q4_0 weights and bfloat16 activations ----
+// (kernels mul_mm_id_bf16, mul_mm_id_swiglu_bf16).  Same tile, grid, pipeline
+// and epilogue as moe_mm_pipe; the tensor cores run mma.m16n8k16 on bf16 with
+// float32 accumulation, twice the k per instruction of TF32, on tiles of half
+// the bytes.  Exact up to float32 accumulation: the A tile holds q - 8
+// (integers in [-8, 7], exact in bf16) and the B tile the bf16 activations as
+// given, so every product is exact; a K step is one Q4_0 block (BK = 32), so
+// each step is accumulated on its own and added to the result times the
+// block's scale, in float32.  (The TF32 path rounds each dequantized weight
+// d * (q - 8) to 10 mantissa bits.)
+// Fragments of mma.m16n8k16 .bf16 (PTX ISA), g = lane / 4, q = lane % 4, two
+// bf16 per register (the lower k in the low half): A (16 x 16, row): a0 (g,
+// 2q..2q+1), a1 (g + 8, 2q..), a2 (g, 2q + 8..), a3 (g + 8, 2q + 8..); B (16 x
+// 8, col): b0 (k 2q..2q+1, n g), b1 (k 2q + 8.., n g); C as m16n8k8.
+#define MOE_MM_LDH (MOE_MM_BK + 8)  // row pitch (bf16) of the bf16 tiles: 80 B, conflict-free ldmatrix
+
+#ifndef MOE_CUDA_MOCK
+// d += A (16 x 16) * B (16 x 8), bf16 operands, float32 accumulate.
+__device__ inline void moe_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two nibbles (bytes 0 and 1 of `nib`, each 0..15) as the bf16 pair (q0 - 8,
+// q1 - 8): a byte permute puts each under the exponent byte 0x43 (bf16 0x43nn
+// is 128 + nn), one packed subtraction of 136 leaves q - 8, exactly.
+__device__ inline unsigned moe_q4_bf16x2(unsigned nib) {
+  const unsigned v = __byte_perm(nib, 0x43434343u, 0x4140u);
+  const __nv_bfloat162 h = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __float2bfloat162_rn(136.0f));
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+#endif  // MOE_CUDA_MOCK
+
+// The thread's half block (moe_pipe_a<ushort>) as bf16 q - 8 into its tile row:
+// low nibbles are k = 8 ah .. 8 ah + 7, high nibbles k = 16 + 8 ah .. + 7.
+MOE_DEVICE inline void moe_q4_store_bf16(const moe_pipe_a<ushort>& ra, ushort* row, int ah) {
+  unsigned lo[4];
+  unsigned hi[4];
+  for (int j = 0; j < 4; ++j) {
+    const unsigned w = ra.q[j];
+    lo[j] = moe_q4_bf16x2(w & 0x0F0Fu);
+    hi[j] = moe_q4_bf16x2((w >> 4) & 0x0F0Fu);
   }
-  __syncthreads();
-  // Each thread writes 16 results of one pair (float4 stores where N allows).
-  const int oj = t >> 2;
-  const int or0 = (t & 3) * 16;
-  if (oj < nvalid) {
-    const int p = pairs[start + oj];
-    const float* sg = smem + oj * MOE_MM_LDS + or0;
-    const float* su = sg + BN * MOE_MM_LDS;
-    float* o = out + size_t(p) * N + row0 + or0;
-    for (int i = 0; i < 16; i += 4) {
-      float4 v = *reinterpret_cast<const float4*>(sg + i);
-      if (NA == 2) {
-        const float4 u = *reinterpret_cast<const float4*>(su + i);
-        v = make_float4(moe_silu(v.x) * u.x, moe_silu(v.y) * u.y, moe_silu(v.z) * u.z, moe_silu(v.w) * u.w);
+  *reinterpret_cast<uint4*>(row + 8 * ah) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  *reinterpret_cast<uint4*>(row + 16 + 8 * ah) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+}
+
+template <int NA, int K, int N, int KS, bool BCAST>
+MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, const int* tiles,
+                                   const int* offsets, const ushort* w0, const ushort* w1, float* out) {
+  constexpr int BM = MOE_MM_BM, BN = MOE_MM_BN, BK = MOE_MM_BK, LH = MOE_MM_LDH;
+  static_assert(BK == 32 && K % 32 == 0, "a K step is one Q4_0 block");
+  constexpr int RL = K / 32 * 9;
+  constexpr int NK = K / BK;
+  constexpr int TILE_H = (NA * BM + BN) * LH;     // bf16 per stage: NA A tiles, then B
+  constexpr int STAGE = TILE_H / 2 + NA * BM;     // floats per stage: the tiles, then the A rows' scales
+  constexpr int OUT = NA * BN * MOE_MM_LDS;       // the epilogue's stage
+  __shared__ __align__(16) float smem[2 * STAGE > OUT ? 2 * STAGE : OUT];
+
+  const int t = int(threadIdx.x);
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int g = int(blockIdx.y);
+  const int e = tiles[2 * g];
+  if (e < 0) {
+    return;  // an empty tile: the whole block leaves before any barrier
+  }
+  const int start = tiles[2 * g + 1];
+  const int left = offsets[e + 1] - start;
+  const int nvalid = left < BN ? left : BN;
+  const int row0 = int(blockIdx.x) * BM;
+
+  // Loads as moe_mm_pipe: A row arow, half block ah; B pair bj, columns bk .. bk + 7.
+  const int arow = warp * 16 + (lane & 15);
+  const int ah = lane >> 4;
+  const size_t woff = (size_t(e) * N + ((row0 + arow < N) ? row0 + arow : N - 1)) * RL;
+  const ushort* wr0 = w0 + woff;
+  const ushort* wr1 = w1 + woff;
+  const int bj = t >> 2;
+  const int bk = (t & 3) * 8;
+  const int bp = (bj < nvalid) ? pairs[start + bj] : -1;
+  const __nv_bfloat16* xr = src + size_t(bp < 0 ? 0 : (BCAST ? bp / KS : bp)) * K;
+  const bool bvec = moe_aligned16(src);
+
+  moe_pipe_a<ushort> ra[NA];
+  moe_pipe_b<__nv_bfloat16> rb;
+  ra[0].template load<K>(wr0, 0, ah, true);
+  if (NA == 2) {
+    ra[NA - 1].template load<K>(wr1, 0, ah, true);
+  }
+  rb.load(xr, bp >= 0, bk, K, bvec);
+
+  const int sr = (warp % 2) * 32;
+  const int sc = (warp / 2) * 16;
+  // ldmatrix row addresses (bf16 elements in a stage): A matrices (rows 0-7, k 0-7),
+  // (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = a0..a3; B (pairs 0-7, k 0-7), (0-7, 8-15),
+  // (8-15, 0-7), (8-15, 8-15) = b0, b1 of the first n8 half, then of the second.
+  const int a_ld = (sr + (lane & 7) + 8 * ((lane >> 3) & 1)) * LH + 8 * (lane >> 4);
+  const int b_ld = (NA * BM + sc + (lane & 7) + 8 * (lane >> 4)) * LH + 8 * ((lane >> 3) & 1);
+  float acc[NA][16];
+  for (int a = 0; a < NA; ++a) {
+    for (int i = 0; i < 16; ++i) {
+      acc[a][i] = 0.0f;
+    }
+  }
+  for (int s = 0; s < NK; ++s) {
+    float* buf = smem + (s & 1) * STAGE;
+    ushort* hb = reinterpret_cast<ushort*>(buf);
+    float* scale = buf + TILE_H / 2;
+    for (int a = 0; a < NA; ++a) {
+      moe_q4_store_bf16(ra[a], hb + (a * BM + arow) * LH, ah);
+      if (ah == 0) {
+        scale[a * BM + arow] = moe_f16_bits(ra[a].d);
       }
-      const int n = row0 + or0 + i;
-      if (N % 4 == 0 && n + 3 < N) {
-        *reinterpret_cast<float4*>(o + i) = v;
-      } else {
-        const float vv[4] = {v.x, v.y, v.z, v.w};
-        for (int j = 0; j < 4; ++j) {
-          if (n + j < N) {
-            o[i + j] = vv[j];
-          }
+    }
+    *reinterpret_cast<uint4*>(hb + (NA * BM + bj) * LH + bk) = rb.raw[0];
+    if (s + 1 < NK) {  // step s + 1's loads fly while step s computes
+      const int k1 = (s + 1) * BK;
+      ra[0].template load<K>(wr0, k1, ah, true);
+      if (NA == 2) {
+        ra[NA - 1].template load<K>(wr1, k1, ah, true);
+      }
+      rb.load(xr, bp >= 0, k1 + bk, K, bvec);
+    }
+    __syncthreads();
+    unsigned b[2][4];  // the two k16 halves of the step
+    moe_ldsm_x4(b[0], reinterpret_cast<const float*>(hb + b_ld));
+    moe_ldsm_x4(b[1], reinterpret_cast<const float*>(hb + b_ld + 16));
+    for (int a = 0; a < NA; ++a) {
+      for (int mi = 0; mi < 2; ++mi) {
+        float part[8];  // this block's products, 2 n8 tiles
+        for (int i = 0; i < 8; ++i) {
+          part[i] = 0.0f;
+        }
+        for (int kh = 0; kh < 2; ++kh) {
+          unsigned af[4];
+          moe_ldsm_x4(af, reinterpret_cast<const float*>(hb + (a * BM + 16 * mi) * LH + a_ld + 16 * kh));
+          moe_mma_bf16(part, af, b[kh]);
+          moe_mma_bf16(part + 4, af, b[kh] + 2);
+        }
+        const float d0 = scale[a * BM + sr + 16 * mi + (lane >> 2)];  // rows g and g + 8
+        const float d8 = scale[a * BM + sr + 16 * mi + 8 + (lane >> 2)];
+        float* c = acc[a] + 8 * mi;
+        for (int ni = 0; ni < 2; ++ni) {
+          c[4 * ni] += d0 * part[4 * ni];
+          c[4 * ni + 1] += d0 * part[4 * ni + 1];
+          c[4 * ni + 2] += d8 * part[4 * ni + 2];
+          c[4 * ni + 3] += d8 * part[4 * ni + 3];
         }
       }
     }
   }
+  __syncthreads();  // every warp is done with the last stage before stage 0 becomes the output
+  moe_mm_pipe_out<NA, N>(acc, smem, pairs, start, nvalid, row0, out);
 }
 
 // ==== kernel: mul_mm_id ====
@@ -534,4 +708,18 @@ MOE_DEVICE inline void moe_mm_pipe(const T* src, const int* pairs, const int* ti
 // mul_mm_id_swiglu, pipelined (moe_mm_pipe above): same grid, template, inputs, output.
 {
   moe_mm_pipe<2, T, WT, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
+}
+
+// ==== kernel: mul_mm_id_bf16 ====
+// mul_mm_id for bfloat16 src and Q4_0 weights on bf16 tensor cores (moe_mm_bf16
+// above): same grid, template, inputs, output.
+{
+  moe_mm_bf16<1, K, N, KS, BCAST>(src, pairs, tiles, offsets, w, w, out);
+}
+
+// ==== kernel: mul_mm_id_swiglu_bf16 ====
+// mul_mm_id_swiglu for bfloat16 x and Q4_0 weights on bf16 tensor cores
+// (moe_mm_bf16 above): same grid, template, inputs, output.
+{
+  moe_mm_bf16<2, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
 }

@@ -1,10 +1,11 @@
 """A CPU mock of the CUDA features the CUDA GEMM bodies use (test support).
 
-The CUDA GEMM bodies (metal/mul_mm_id_cuda.h, both CUDA_GEMM variants) compiled
+The CUDA GEMM bodies (metal/mul_mm_id_cuda.h, every CUDA_GEMM variant) compiled
 with g++ against a stand-in for CUDA: one OS thread per CUDA thread,
 __syncthreads a real barrier, __shared__ arrays static (blocks run one after
-another), and the three PTX helpers (TF32 rounding, mma.sync m16n8k8,
-ldmatrix.x4) as warp-collective C++ that follows the PTX ISA's fragment layouts
+another), and the PTX helpers (TF32 rounding, mma.sync m16n8k8 tf32 and
+m16n8k16 bf16, ldmatrix.x4, the nibble-to-bf16 conversion) as warp-collective C++
+that follows the PTX ISA's fragment layouts
 (the layouts are written out independently here; an index mistake in the kernel
 or the mock shows up as a wrong result against the mlx backend).  This checks
 the CUDA index math, the pipeline's stage handling and the vector loads on a
@@ -110,6 +111,34 @@ inline void moe_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
   for (int i = 0; i < 4; ++i) d[i] = res[i];
 }
 
+// mma.m16n8k16 bf16 (PTX ISA fragment layouts, two bf16 per register, the lower k in the
+// low half): A(r, k) in lane (r % 8) * 4 + (k % 8) / 2, register (r >= 8) + 2 (k >= 8);
+// B(k, n) in lane 4 n + (k % 8) / 2, register (k >= 8); C/D as m16n8k8.
+inline float mock_bf16_half(unsigned reg, int hi) { return __uint_as_float((hi ? reg >> 16 : reg & 0xFFFFu) << 16); }
+inline void moe_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+  MockWarp& w = mock_warp[mock_warp_id];
+  for (int i = 0; i < 4; ++i) w.a[mock_lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) w.b[mock_lane][i] = b[i];
+  w.bar->arrive_and_wait();
+  auto A = [&](int r, int k) { return mock_bf16_half(w.a[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k & 1); };
+  auto B = [&](int k, int n) { return mock_bf16_half(w.b[4 * n + (k % 8) / 2][k >= 8], k & 1); };
+  float res[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = (mock_lane >> 2) + 8 * (i >> 1), n = 2 * (mock_lane & 3) + (i & 1);
+    double s = d[i];
+    for (int k = 0; k < 16; ++k) s += double(A(r, k)) * double(B(k, n));
+    res[i] = float(s);
+  }
+  w.bar->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = res[i];
+}
+
+// Bytes 0 and 1 of nib (nibble values) minus 8, as a bf16 pair (low half first).
+inline unsigned moe_q4_bf16x2(unsigned nib) {
+  const __nv_bfloat16 lo(float(int(nib & 0xFFu) - 8)), hi(float(int((nib >> 8) & 0xFFu) - 8));
+  return unsigned(lo.b) | (unsigned(hi.b) << 16);
+}
+
 template <class F>
 void mock_launch(unsigned gx, unsigned gy, int threads, F f) {
   std::barrier<> bb(threads);
@@ -144,7 +173,7 @@ def _mock_function(key, name, inputs, outputs, template):
 
     from mlx_moe.kernels.registry import KERNELS
 
-    spec = KERNELS[name.removesuffix("_pipe")]
+    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]
     fn = kernel_text(name, f"k{key}", inputs, outputs, template)
     args = [f"reinterpret_cast<const {CUDA_TYPES[inputs[a]]}*>(in[{i}].data())" for i, a in enumerate(spec.inputs)]
     call = f"mlx::core::cu::custom_kernel_mlx_moe_{name}_k{key}({', '.join(args)}, out)"
@@ -188,9 +217,11 @@ ROUTE_IN = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
 def layer_kernels(variant, fmt, shape, x_dtype):
     """The (name, inputs, outputs, template) of the swiglu and down GEMMs of a mock layer."""
     E, D, F, k, T = shape
-    sfx = "_pipe" if variant == "pipe" else ""
+    sfx = "" if variant == "simple" else "_pipe"
     wt, xt = _W_DT[fmt], _DT[x_dtype]
-    return [("mul_mm_id_swiglu" + sfx, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": "float32"},
+    # "bf16": the bf16 body where it applies (bfloat16 x, Q4_0); the down GEMM's float32 h takes "pipe".
+    sfx_gu = "_bf16" if variant == "bf16" and fmt == "q4_0" and x_dtype == mx.bfloat16 else sfx
+    return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": "float32"},
              [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)]),
             ("mul_mm_id" + sfx, {"src": "float32", "w": wt, **ROUTE_IN}, {"out": "float32"},
              [("T", "float32"), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)])]
@@ -227,7 +258,7 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape):
 
     exe, index = mock
     name = kern[0]
-    spec = KERNELS[name.removesuffix("_pipe")]
+    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]
     files = []
     for a in spec.inputs:
         f = tmp_path / f"{name}_{a}.bin"

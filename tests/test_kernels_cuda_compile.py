@@ -57,7 +57,7 @@ def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: 
 
     inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
     """
-    spec = KERNELS[name.removesuffix("_pipe")]  # a pipelined CUDA GEMM takes its base kernel's arguments
+    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]  # a CUDA GEMM body takes its base kernel's arguments
     _, body = kernel_source("cuda", spec.family, name)
     params = []
     for arg in spec.inputs:
@@ -105,7 +105,7 @@ def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
 
 
 def _gemm(name, variant, x, wt, K, N, KS, extra=()):
-    base = name.removesuffix("_pipe")
+    base = name.removesuffix("_pipe").removesuffix("_bf16")
     wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[base]
     inputs = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
     inputs[wname[0]] = x
@@ -133,6 +133,9 @@ MM_KERNELS = [
     _gemm("mul_mm_id_pipe", "down_q4_0", "float32", "uint16", 768, 2048, 8, [("BCAST", False)]),
     _gemm("mul_mm_id_pipe", "gate_bf16", "bfloat16", "bfloat16", 2048, 768, 8, [("BCAST", True)]),
     _gemm("mul_mm_id_pipe", "down_f32", "float32", "float32", 100, 70, 3, [("BCAST", False)]),
+    # The bf16 bodies (CUDA_GEMM = "bf16": bfloat16 activations, Q4_0 weights).
+    _gemm("mul_mm_id_swiglu_bf16", "q4_0", "bfloat16", "uint16", 2048, 768, 8),
+    _gemm("mul_mm_id_bf16", "gate_q4_0", "bfloat16", "uint16", 2048, 768, 8, [("BCAST", True)]),
     ("mul_mm_id_combine", "bf16", {"d": "float32", "ids": "int32", "wts": "float32", "x": "bfloat16"},
      {"y": "bfloat16"}, [("T", "bfloat16"), ("N", 2048), ("NE", 128), ("NI", 0), ("KS", 8), ("TG", 256)]),
     ("mul_mm_id_combine", "f16_identity", {"d": "float32", "ids": "int32", "wts": "float32", "x": "float16"},
@@ -177,18 +180,21 @@ def test_prefill_kernels_compile_for_sm90a(tmp_path):
     ptx, report = compile_sm90a(tmp_path, "mul_mm_id", MM_KERNELS)
     entries = _entries(ptx)
     assert len(entries) == len(MM_KERNELS)
-    # The tiled GEMMs issue TF32 tensor-core MMAs; map0 and combine none.  The
-    # pipelined ones load their fragments with ldmatrix; the simple ones do not.
+    # The tiled GEMMs issue TF32 tensor-core MMAs, the bf16 bodies bf16 ones (and no
+    # TF32); map0 and combine none.  The pipelined and bf16 ones load their fragments
+    # with ldmatrix; the simple ones do not.
     for name, text in entries.items():
-        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_(pipe_)?(down|gate)", name)
-        assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm), name
-        assert ("ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text) == ("pipe" in name), name
+        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_((pipe|bf16)_)?(down|gate)", name)
+        bf16 = "bf16_q4_0" in name or "bf16_gate" in name
+        assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm and not bf16), name
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text) == bf16, name
+        assert ("ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text) == ("pipe" in name or bf16), name
     rep = _report(report)
     print(rep)
     # The pipelined GEMMs keep 4 blocks of 128 threads per SM: <= 128 registers, no spills,
     # two stages in static shared memory (< 48 KiB).
     for name, (regs, smem) in rep.items():
-        if "pipe" in name:
+        if "pipe" in name or "bf16_q4_0" in name or "bf16_gate" in name:
             assert regs is not None and regs <= 128, (name, regs)
             assert smem <= 48 * 1024, (name, smem)
     assert " 0 bytes spill stores" in report or "spill" not in report

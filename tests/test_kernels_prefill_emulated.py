@@ -191,9 +191,21 @@ def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
     ("bfloat16", (6, 256, 64, 2, 70), mx.float32, 1.0),    # float32 activations, 8 K steps
 ])
 def test_cuda_gemm_variants(gemm, fmt, shape, x_dtype, x_scale, monkeypatch):
-    # Both CUDA GEMM bodies (mul_mm_id.CUDA_GEMM) on the GPU against the mlx backend.
+    # Every CUDA GEMM body (mul_mm_id.CUDA_GEMM) on the GPU against the mlx backend.
     monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", gemm)
     run_prefill("cuda", fmt, shape, x_dtype, x_scale=x_scale, seed=13)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
+def test_cuda_bf16_gemms_unfused_huge_and_skewed(monkeypatch):
+    # The bf16 bodies: mul_mm_id_bf16 (gate and up unfused, BCAST) with identity and padding
+    # ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many tiles).
+    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", "bf16")
+    run_prefill("cuda", "q4_0", (6, 96, 160, 3, 30), mx.bfloat16, n_identity=1, n_pad=1, x_scale=1e5,
+                seed=14, fuse_swiglu=False)
+    ids, w = skewed_routing(200, 4, 8)
+    run_prefill("cuda", "q4_0", (8, 256, 128, 4, 200), mx.bfloat16, ids=ids, weights=w, seed=15)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
@@ -257,6 +269,7 @@ def test_every_registered_kernel_has_a_verification_case():
 # Every layer the mock tests run: one program holds all their kernels (one g++ run).
 MOCK_LAYERS = [
     ("pipe", "q4_0", (5, 96, 160, 3, 40), mx.bfloat16),    # ragged row tiles (160 = 2.5 x 64), 3 K steps
+    ("bf16", "q4_0", (5, 96, 160, 3, 40), mx.bfloat16),    # the bf16 swiglu body, same layer
     ("simple", "q4_0", (5, 96, 160, 3, 40), mx.bfloat16),  # the GPU-verified bodies: checks the mock
     ("pipe", "float16", (4, 100, 70, 2, 24), mx.float16),  # K tails: the scalar load paths, N % 4 != 0
     ("pipe", "bfloat16", (6, 256, 64, 2, 70), mx.float32),  # 8 K steps, float32 activations, skewed routing
@@ -299,7 +312,7 @@ def mock_layer(tmp_path, mock, variant, fmt, shape, x_dtype, ids=None, weights=N
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
-@pytest.mark.parametrize("layer", MOCK_LAYERS[:3], ids=lambda l: f"{l[0]}-{l[1]}-{l[2]}")
+@pytest.mark.parametrize("layer", MOCK_LAYERS[:4], ids=lambda l: f"{l[0]}-{l[1]}-{l[2]}")
 def test_cuda_gemms_under_cpu_mock(tmp_path, tmp_path_factory, layer):
     mock_layer(tmp_path, mock_binary(tmp_path_factory, MOCK_LAYERS), *layer, seed=21)
 
@@ -308,8 +321,14 @@ def test_cuda_gemms_under_cpu_mock(tmp_path, tmp_path_factory, layer):
 def test_cuda_pipe_gemms_under_cpu_mock_skewed_and_huge(tmp_path, tmp_path_factory):
     # One expert with several tiles and empty experts; |x| ~ 1e5 stays finite.
     mock = mock_binary(tmp_path_factory, MOCK_LAYERS)
-    layer = MOCK_LAYERS[3]
+    layer = MOCK_LAYERS[4]
     E, k, T = layer[2][0], layer[2][3], layer[2][4]
     ids, w = skewed_routing(T, k, E)
     mock_layer(tmp_path, mock, *layer, ids=ids, weights=w, seed=22)
-    mock_layer(tmp_path, mock, *MOCK_LAYERS[4], x_scale=1e5, seed=23)
+    mock_layer(tmp_path, mock, *MOCK_LAYERS[5], x_scale=1e5, seed=23)
+    # The bf16 body: skewed routing (one expert over several tiles, empty experts) and
+    # bfloat16 activations ~ 1e5 (bf16 keeps float32's range: nothing overflows).
+    bf = MOCK_LAYERS[1]
+    E, k, T = bf[2][0], bf[2][3], bf[2][4]
+    ids, w = skewed_routing(T, k, E)
+    mock_layer(tmp_path, mock, *bf, ids=ids, weights=w, x_scale=1e5, seed=24)

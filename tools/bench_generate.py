@@ -16,6 +16,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 attention kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
+  mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
+                (mul_mm_id.CUDA_GEMM = "pipe") instead of the default bf16 ones
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -70,6 +72,7 @@ import mlx.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mlx_moe import compiled as compiled_module  # noqa: E402
+from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
@@ -460,11 +463,15 @@ def main(argv=None):
         if dq:
             dequantized_prefill(ours, args.dq_min_rows)
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
+        gemm = mul_mm_id_module.CUDA_GEMM
+        if "+tf32" in engine:
+            mul_mm_id_module.CUDA_GEMM = "pipe"
         try:
             return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
                             compile=engine.startswith("mlx-moe+compile"))
         finally:
             compiled_module.ATTENTION_KERNEL = False
+            mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)
 

@@ -315,7 +315,7 @@ def prefill_main(a, fl: str) -> dict:
 
     from mlx_moe.kernels import mul_mm_id
 
-    # Both CUDA GEMM bodies (mul_mm_id.CUDA_GEMM), the default first; Metal has one.
+    # Every CUDA GEMM body (mul_mm_id.CUDA_GEMM), the default first; Metal has one.
     gemm0 = mul_mm_id.CUDA_GEMM
     gemms = [gemm0] + [g for g in mul_mm_id.CUDA_GEMMS if g != gemm0] if fl == "cuda" else [gemm0]
     q4 = [q4_0_experts(E, D, F) for _ in range(L)]

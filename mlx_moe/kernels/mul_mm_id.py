@@ -31,12 +31,15 @@ MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
 
 # Which CUDA bodies run the two GEMMs (metal/mul_mm_id_cuda.h); Metal and the
 # CPU emulation have one body each.  "pipe": software-pipelined K loop, two
-# shared-memory stages, ldmatrix fragments (mul_mm_id_pipe,
-# mul_mm_id_swiglu_pipe); "simple": the first twins (mul_mm_id,
-# mul_mm_id_swiglu), one load-barrier-compute-barrier round per K step.  Same
-# tiles, grid and results; tools/bench_kernels.py --prefill times both.
-CUDA_GEMMS = ("pipe", "simple")
-CUDA_GEMM = "pipe"
+# shared-memory stages, ldmatrix fragments, TF32 tensor cores (mul_mm_id_pipe,
+# mul_mm_id_swiglu_pipe); "bf16": for bfloat16 activations and Q4_0 weights the
+# same pipeline on bf16 tensor cores with exact q - 8 weights and the block
+# scale applied in float32 (mul_mm_id_bf16, mul_mm_id_swiglu_bf16), "pipe"
+# for everything else; "simple": the first twins (mul_mm_id, mul_mm_id_swiglu),
+# one load-barrier-compute-barrier round per K step.  Same tiles, grid and
+# results; tools/bench_kernels.py --prefill times them all.
+CUDA_GEMMS = ("bf16", "pipe", "simple")
+CUDA_GEMM = "bf16"
 
 
 class Route(NamedTuple):
@@ -85,15 +88,17 @@ def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
     return Route(ids, counts, offsets, pairs, tiles)
 
 
-def gemm_kernel(flavor: str, name: str):
+def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype):
     """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
-    `flavor`: on CUDA the body CUDA_GEMM selects."""
+    `flavor` and the activation and weight dtypes: on CUDA the body CUDA_GEMM selects."""
+    if CUDA_GEMM not in CUDA_GEMMS:
+        raise ValueError(f"mul_mm_id.CUDA_GEMM is {CUDA_GEMM!r}; choose one of {', '.join(CUDA_GEMMS)}")
     if flavor != "cuda" or CUDA_GEMM == "simple":
         return kernel(flavor, name)
-    if CUDA_GEMM != "pipe":
-        raise ValueError(f"mul_mm_id.CUDA_GEMM is {CUDA_GEMM!r}; choose one of {', '.join(CUDA_GEMMS)}")
+    bf16 = CUDA_GEMM == "bf16" and x_dtype == mx.bfloat16 and w_dtype == mx.uint16
     spec = KERNELS[name]
-    return get_kernel(flavor, spec.family, f"{name}_pipe", list(spec.inputs), list(spec.outputs))
+    return get_kernel(flavor, spec.family, f"{name}_{'bf16' if bf16 else 'pipe'}", list(spec.inputs),
+                      list(spec.outputs))
 
 
 def _mm_grid(rows: int, route: Route):
@@ -109,7 +114,7 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
     if src.shape != (want, cols):
         raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return gemm_kernel(flavor, "mul_mm_id")(
+    return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype)(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
                   ("BCAST", bool(broadcast))],
@@ -127,7 +132,7 @@ def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flav
     if x.shape != (T, cols):
         raise ValueError(f"x must be [{T}, {cols}] for these ids and weights; got {tuple(x.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return gemm_kernel(flavor, "mul_mm_id_swiglu")(
+    return gemm_kernel(flavor, "mul_mm_id_swiglu", x.dtype, wg.dtype)(
         inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
         template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)],
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
