@@ -248,49 +248,72 @@ struct moe_pipe_b {
   }
 };
 
-// The pipelined tiles' epilogue: the accumulators of every warp (acc[a], 2 x 2 mma
-// tiles of 32 rows x 16 pairs) through shared memory (`smem`, at least NA * BN * LDS
-// floats, no longer read by any warp) to out, SwiGLU applied when NA = 2.
-template <int NA, int N>
-MOE_DEVICE inline void moe_mm_pipe_out(const float (*acc)[16], float* smem, const int* pairs, int start,
-                                       int nvalid, int row0, float* out) {
+// Four results of one pair to out (n: the first one's row): float4 / 8-byte
+// stores where N allows, else one by one up to N.
+template <int N>
+MOE_DEVICE inline void moe_store4(float* o, float4 v, int n) {
+  if (N % 4 == 0 && n + 3 < N) {
+    *reinterpret_cast<float4*>(o) = v;
+    return;
+  }
+  const float vv[4] = {v.x, v.y, v.z, v.w};
+  for (int j = 0; j < 4 && n + j < N; ++j) {
+    o[j] = vv[j];
+  }
+}
+
+template <int N>
+MOE_DEVICE inline void moe_store4(__nv_bfloat16* o, float4 v, int n) {
+  const __nv_bfloat16 b[4] = {__nv_bfloat16(v.x), __nv_bfloat16(v.y), __nv_bfloat16(v.z), __nv_bfloat16(v.w)};
+  if (N % 4 == 0 && n + 3 < N) {
+    *reinterpret_cast<uint2*>(o) = *reinterpret_cast<const uint2*>(b);
+    return;
+  }
+  for (int j = 0; j < 4 && n + j < N; ++j) {
+    o[j] = b[j];
+  }
+}
+
+// The GEMM tiles' epilogue, after the results are staged in shared memory
+// (`smem`: NA stages [BN][LDS], pair-major) and a barrier: each thread writes
+// 16 results of one pair, SwiGLU applied when NA = 2.  O: float, or
+// __nv_bfloat16 for the bf16 h of the async bodies.
+template <int NA, int N, typename O>
+MOE_DEVICE inline void moe_mm_write(const float* smem, const int* pairs, int start, int nvalid, int row0,
+                                    O* out) {
   constexpr int BN = MOE_MM_BN;
   const int t = int(threadIdx.x);
-  const int lane = t & 31;
-  const int warp = t >> 5;
-  const int sr = (warp % 2) * 32;
-  const int sc = (warp / 2) * 16;
-  for (int a = 0; a < NA; ++a) {
-    moe_mm_warp_stage(acc[a], smem + a * BN * MOE_MM_LDS, sr, sc, lane);
-  }
-  __syncthreads();
-  // Each thread writes 16 results of one pair (float4 stores where N allows).
   const int oj = t >> 2;
   const int or0 = (t & 3) * 16;
   if (oj < nvalid) {
     const int p = pairs[start + oj];
     const float* sg = smem + oj * MOE_MM_LDS + or0;
     const float* su = sg + BN * MOE_MM_LDS;
-    float* o = out + size_t(p) * N + row0 + or0;
+    O* o = out + size_t(p) * N + row0 + or0;
     for (int i = 0; i < 16; i += 4) {
       float4 v = *reinterpret_cast<const float4*>(sg + i);
       if (NA == 2) {
         const float4 u = *reinterpret_cast<const float4*>(su + i);
         v = make_float4(moe_silu(v.x) * u.x, moe_silu(v.y) * u.y, moe_silu(v.z) * u.z, moe_silu(v.w) * u.w);
       }
-      const int n = row0 + or0 + i;
-      if (N % 4 == 0 && n + 3 < N) {
-        *reinterpret_cast<float4*>(o + i) = v;
-      } else {
-        const float vv[4] = {v.x, v.y, v.z, v.w};
-        for (int j = 0; j < 4; ++j) {
-          if (n + j < N) {
-            o[i + j] = vv[j];
-          }
-        }
-      }
+      moe_store4<N>(o + i, v, row0 + or0 + i);
     }
   }
+}
+
+// The pipelined tiles' epilogue: the accumulators of every warp (acc[a], 2 x 2 mma
+// tiles of 32 rows x 16 pairs) through shared memory (`smem`, at least NA * BN * LDS
+// floats, no longer read by any warp) to out.
+template <int NA, int N>
+MOE_DEVICE inline void moe_mm_pipe_out(const float (*acc)[16], float* smem, const int* pairs, int start,
+                                       int nvalid, int row0, float* out) {
+  const int lane = int(threadIdx.x) & 31;
+  const int warp = int(threadIdx.x) >> 5;
+  for (int a = 0; a < NA; ++a) {
+    moe_mm_warp_stage(acc[a], smem + a * MOE_MM_BN * MOE_MM_LDS, (warp % 2) * 32, (warp / 2) * 16, lane);
+  }
+  __syncthreads();
+  moe_mm_write<NA, N>(smem, pairs, start, nvalid, row0, out);
 }
 
 // The whole pipelined tile: NA = 1 (out = W . src) or 2 (SwiGLU of W0 . x and
@@ -549,6 +572,238 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
   moe_mm_pipe_out<NA, N>(acc, smem, pairs, start, nvalid, row0, out);
 }
 
+// ---- The asynchronous-copy GEMM for Q4_0 weights and bfloat16 activations ----
+// (kernels mul_mm_id_async, mul_mm_id_swiglu_async).  Same tile (BM x BN =
+// 64 x 32, 128 threads), grid, tile table and arithmetic as moe_mm_bf16 (exact
+// bf16 products of q - 8 and x, each Q4_0 block's partial sums scaled by its
+// d in float32); what differs is how the tensor cores are fed.  moe_mm_bf16
+// keeps one K step in flight per thread, in registers, loaded 2 bytes at a
+// time: its warps wait on memory (ncu on the TF32 twin: 35% issue, 15% tensor
+// pipe at 25% occupancy).  Here
+// - a stage is MOE_MM_AK = 2 Q4_0 blocks (K 64); MOE_MM_STAGES = 4 stages
+//   rotate in shared memory, filled with cp.async (the weights' raw bytes in
+//   4-byte pieces, the activations in 16-byte pieces, zero-filled for pairs
+//   past the tile's end), so three stages are in flight while one is used;
+// - the weights stay packed in shared memory (18 bytes a block, 4.5 bits a
+//   weight): each warp builds its own A fragments from the nibbles (lane
+//   (g, q) of m16n8k16 needs bytes 2q, 2q + 1, 2q + 8, 2q + 9 of rows g and
+//   g + 8; their low nibbles are k 0-15 of the block, their high nibbles
+//   k 16-31), so no bf16 A tile is stored and read back;
+// - warp w owns rows 16w .. 16w + 15 of each weight matrix and all 32 pairs:
+//   every weight is converted once per block, and each B fragment (ldmatrix
+//   from the activation stage) is shared by the NA x 1 A fragments of a k16.
+// h comes out in bfloat16 (O = __nv_bfloat16) for the down GEMM's own async
+// body, as mlx-lm's SwitchGLU keeps it in the activations' dtype.
+#define MOE_MM_AK 2        // Q4_0 blocks per stage
+#define MOE_MM_STAGES 4    // stages in the ring
+#define MOE_MM_AP 48       // bytes per weight row in a stage (36 used): conflict-free fragment reads
+#define MOE_MM_XP (32 * MOE_MM_AK + 8)  // bf16 per activation row in a stage: 144 B, conflict-free ldmatrix
+
+#ifndef MOE_CUDA_MOCK
+__device__ inline unsigned moe_smem(const void* p) {
+  unsigned a;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 4 bytes global -> shared, asynchronously (both 4-byte aligned).
+__device__ inline void moe_cp4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(moe_smem(dst)), "l"(src) : "memory");
+}
+
+// 16 bytes global -> shared, asynchronously (both 16-byte aligned); zeros when !valid.
+__device__ inline void moe_cp16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(moe_smem(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ inline void moe_cp_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ inline void moe_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// d = A (16 x 16) * B (16 x 8), bf16 operands, float32 result (no accumulator input).
+__device__ inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
+}
+#endif  // MOE_CUDA_MOCK
+
+// One ushort of a stage (2-byte aligned: blocks are 18 bytes).
+MOE_DEVICE inline unsigned moe_ld16(const unsigned char* p) {
+  return *reinterpret_cast<const ushort*>(p);
+}
+
+template <int NA, int K, int N, int KS, bool BCAST, typename O>
+MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, const int* tiles,
+                                    const int* offsets, const ushort* w0, const ushort* w1, O* out) {
+  constexpr int BM = MOE_MM_BM, BN = MOE_MM_BN, S = MOE_MM_STAGES, AK = MOE_MM_AK;
+  constexpr int AP = MOE_MM_AP, XP = MOE_MM_XP;
+  static_assert(K % (32 * AK) == 0 && AK % 2 == 0, "a stage is AK whole Q4_0 blocks, 4-byte aligned");
+  static_assert(MOE_MM_THREADS == 128 && BM == 64 && BN == 32, "the copy and warp layouts below");
+  constexpr int RL = K / 32 * 9;           // ushorts per weight row
+  constexpr int NK = K / (32 * AK);        // stages along K
+  constexpr int WB = 18 * AK;              // weight bytes per row and stage
+  constexpr int A_BYTES = NA * BM * AP;
+  constexpr int STAGE = A_BYTES + BN * XP * 2;
+  constexpr int OUT = NA * BN * MOE_MM_LDS * 4;  // the epilogue's stage (bytes)
+  __shared__ __align__(16) unsigned char smem[S * STAGE > OUT ? S * STAGE : OUT];
+
+  const int t = int(threadIdx.x);
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int g = int(blockIdx.y);
+  const int e = tiles[2 * g];
+  if (e < 0) {
+    return;  // an empty tile: the whole block leaves before any barrier
+  }
+  const int start = tiles[2 * g + 1];
+  const int left = offsets[e + 1] - start;
+  const int nvalid = left < BN ? left : BN;
+  const int row0 = int(blockIdx.x) * BM;
+
+  // Weight copies: NA = 2: thread t copies all WW words of row t % 64 of
+  // matrix t / 64; NA = 1: the first or second half of row t % 64's words.
+  // Rows past N read row N - 1 (their results are never written).
+  constexpr int WW = WB / 4;  // words per row and stage
+  const int cr = t & 63;
+  const int ca = NA == 2 ? t >> 6 : 0;
+  const int cw0 = NA == 2 ? 0 : ((WW + 1) / 2) * (t >> 6);
+  const int cw1 = NA == 2 ? WW : (t >> 6 ? WW : (WW + 1) / 2);
+  const ushort* wrow = (ca ? w1 : w0) + (size_t(e) * N + ((row0 + cr < N) ? row0 + cr : N - 1)) * RL;
+  unsigned char* adst = smem + (ca * BM + cr) * AP;
+  // Unaligned weights (a view into a larger buffer) fall back to 2-byte copies.
+  const bool a4 = ((reinterpret_cast<size_t>(w0) | reinterpret_cast<size_t>(w1)) & 3) == 0;
+  // Activation copies: pair t / 4, 16-byte pieces 2 (t % 4) and 2 (t % 4) + 1 of its stage row.
+  const int xj = t >> 2;
+  const int xc = (t & 3) * 16;  // first bf16 of the thread's pieces
+  const int xp = (xj < nvalid) ? pairs[start + xj] : -1;
+  const __nv_bfloat16* xrow = src + size_t(xp < 0 ? 0 : (BCAST ? xp / KS : xp)) * K;
+  const bool x16 = moe_aligned16(src);
+  unsigned char* xdst = smem + A_BYTES + (xj * XP + xc) * 2;
+
+  auto issue = [&](int s) {  // stage s's copies into ring slot s % S, one commit group
+    unsigned char* base = smem + (s % S) * STAGE;
+    const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wrow) + s * WB;
+    for (int i = cw0; i < cw1; ++i) {
+      if (a4) {
+        moe_cp4(base + (adst - smem) + 4 * i, wsrc + 4 * i);
+      } else {
+        const ushort* p = reinterpret_cast<const ushort*>(wsrc + 4 * i);
+        ushort* d = reinterpret_cast<ushort*>(base + (adst - smem) + 4 * i);
+        d[0] = p[0];
+        d[1] = p[1];
+      }
+    }
+    const __nv_bfloat16* xs = xrow + s * 32 * AK + xc;
+    unsigned char* xd = base + (xdst - smem);
+    for (int i = 0; i < 2; ++i) {
+      if (x16) {
+        moe_cp16(xd + 16 * i, xs + 8 * i, xp >= 0);
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          reinterpret_cast<__nv_bfloat16*>(xd + 16 * i)[j] = xp >= 0 ? xs[8 * i + j] : __nv_bfloat16(0.0f);
+        }
+      }
+    }
+    moe_cp_commit();
+  };
+
+  // Fragment addresses.  A: rows 16 warp + g and + 8, bytes 2 + 2q and 10 + 2q
+  // of a block.  B (ldmatrix, bf16 elements of the activation stage): matrices
+  // (pairs 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of a 16-pair half.
+  const int fg = lane >> 2;
+  const int fq = lane & 3;
+  const int a_off = (warp * 16 + fg) * AP;
+  const int b_ld = ((lane & 7) + 8 * (lane >> 4)) * XP + 8 * ((lane >> 3) & 1);
+  float acc[NA][16];
+  for (int a = 0; a < NA; ++a) {
+    for (int i = 0; i < 16; ++i) {
+      acc[a][i] = 0.0f;
+    }
+  }
+
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < NK) {
+      issue(s);
+    } else {
+      moe_cp_commit();  // empty groups keep the wait count uniform
+    }
+  }
+  for (int s = 0; s < NK; ++s) {
+    moe_cp_wait<S - 2>();  // this thread's copies of stage s have landed
+    __syncthreads();       // everyone's have; and everyone is done with stage s - 1's slot
+    if (s + S - 1 < NK) {
+      issue(s + S - 1);  // into the slot stage s - 1 used
+    } else {
+      moe_cp_commit();
+    }
+    const unsigned char* base = smem + (s % S) * STAGE;
+    const ushort* xs = reinterpret_cast<const ushort*>(base + A_BYTES);
+    for (int blk = 0; blk < AK; ++blk) {
+      unsigned b[2][2][4];  // [k16 half][pair half]
+      for (int kh = 0; kh < 2; ++kh) {
+        for (int ph = 0; ph < 2; ++ph) {
+          moe_ldsm_x4(b[kh][ph], reinterpret_cast<const float*>(xs + ph * 16 * XP + b_ld + 32 * blk + 16 * kh));
+        }
+      }
+      for (int a = 0; a < NA; ++a) {
+        const unsigned char* r0 = base + a * BM * AP + a_off + 18 * blk;
+        const unsigned char* r8 = r0 + 8 * AP;
+        const float d0 = moe_f16_bits(ushort(moe_ld16(r0)));
+        const float d8 = moe_f16_bits(ushort(moe_ld16(r8)));
+        const unsigned l0 = moe_ld16(r0 + 2 + 2 * fq), h0 = moe_ld16(r0 + 10 + 2 * fq);
+        const unsigned l8 = moe_ld16(r8 + 2 + 2 * fq), h8 = moe_ld16(r8 + 10 + 2 * fq);
+        unsigned af[2][4];
+        af[0][0] = moe_q4_bf16x2(l0 & 0x0F0Fu);  // (g, 2q..), k 0-15
+        af[0][1] = moe_q4_bf16x2(l8 & 0x0F0Fu);  // (g + 8, 2q..)
+        af[0][2] = moe_q4_bf16x2(h0 & 0x0F0Fu);  // (g, 2q + 8..)
+        af[0][3] = moe_q4_bf16x2(h8 & 0x0F0Fu);
+        af[1][0] = moe_q4_bf16x2((l0 >> 4) & 0x0F0Fu);  // the same for k 16-31
+        af[1][1] = moe_q4_bf16x2((l8 >> 4) & 0x0F0Fu);
+        af[1][2] = moe_q4_bf16x2((h0 >> 4) & 0x0F0Fu);
+        af[1][3] = moe_q4_bf16x2((h8 >> 4) & 0x0F0Fu);
+        for (int ni = 0; ni < 4; ++ni) {
+          float part[4];
+          moe_mma_bf16_z(part, af[0], b[0][ni >> 1] + 2 * (ni & 1));
+          moe_mma_bf16(part, af[1], b[1][ni >> 1] + 2 * (ni & 1));
+          float* c = acc[a] + 4 * ni;
+          c[0] += d0 * part[0];
+          c[1] += d0 * part[1];
+          c[2] += d8 * part[2];
+          c[3] += d8 * part[3];
+        }
+      }
+    }
+  }
+  moe_cp_wait<0>();
+  __syncthreads();  // every warp is done with the ring before it becomes the output stage
+  float* stage = reinterpret_cast<float*>(smem);
+  for (int a = 0; a < NA; ++a) {
+    for (int ni = 0; ni < 4; ++ni) {
+      const float* c = acc[a] + 4 * ni;
+      const int r = warp * 16 + fg;
+      const int p = 8 * ni + 2 * fq;
+      float* st = stage + a * BN * MOE_MM_LDS;
+      st[p * MOE_MM_LDS + r] = c[0];
+      st[(p + 1) * MOE_MM_LDS + r] = c[1];
+      st[p * MOE_MM_LDS + r + 8] = c[2];
+      st[(p + 1) * MOE_MM_LDS + r + 8] = c[3];
+    }
+  }
+  __syncthreads();
+  moe_mm_write<NA, N>(stage, pairs, start, nvalid, row0, out);
+}
+
 // ==== kernel: mul_mm_id ====
 // As metal/mul_mm_id.metal's mul_mm_id (grid, template, inputs, output).
 {
@@ -722,4 +977,18 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
 // (moe_mm_bf16 above): same grid, template, inputs, output.
 {
   moe_mm_bf16<2, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
+}
+
+// ==== kernel: mul_mm_id_async ====
+// mul_mm_id for bfloat16 src and Q4_0 weights, K % 64 == 0, fed by cp.async
+// (moe_mm_async above): same grid, template, inputs and output as mul_mm_id.
+{
+  moe_mm_async<1, K, N, KS, BCAST>(src, pairs, tiles, offsets, w, w, out);
+}
+
+// ==== kernel: mul_mm_id_swiglu_async ====
+// mul_mm_id_swiglu for bfloat16 x and Q4_0 weights, K % 64 == 0 (moe_mm_async
+// above): same grid, template and inputs; h in bfloat16.
+{
+  moe_mm_async<2, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
 }

@@ -15,13 +15,16 @@ tests/test_kernels_prefill_emulated.py.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_moe.kernels.mul_mm_id import BM  # output rows per block (grid x = ceil(rows / BM))
+from mlx_moe.kernels import mul_mm_id
+from mlx_moe.kernels.mul_mm_id import BM, cuda_body  # BM: output rows per block (grid x = ceil(rows / BM))
 
 CXX = shutil.which("g++")
 
@@ -48,6 +51,7 @@ thread_local dim3 threadIdx, blockIdx;
 typedef unsigned short ushort;
 typedef unsigned int uint;
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
 struct float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
@@ -139,6 +143,26 @@ inline unsigned moe_q4_bf16x2(unsigned nib) {
   return unsigned(lo.b) | (unsigned(hi.b) << 16);
 }
 
+// mma with a zero accumulator input (d = A * B).
+inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigned* b) {
+  for (int i = 0; i < 4; ++i) d[i] = 0.0f;
+  moe_mma_bf16(d, a, b);
+}
+
+// cp.async: the copy happens at once (the wait and the commit have nothing to do), so
+// the mock checks the addresses, alignments and the zero fill, not the ring's timing;
+// the kernel's barriers are what keeps a slot from being refilled while it is read.
+inline void moe_cp4(void* dst, const void* src) {
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 4) { std::fprintf(stderr, "cp.async 4: misaligned\n"); std::abort(); }
+  std::memcpy(dst, src, 4);
+}
+inline void moe_cp16(void* dst, const void* src, bool valid) {
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16) { std::fprintf(stderr, "cp.async 16: misaligned\n"); std::abort(); }
+  if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+}
+inline void moe_cp_commit() {}
+template <int N> inline void moe_cp_wait() {}
+
 template <class F>
 void mock_launch(unsigned gx, unsigned gy, int threads, F f) {
   std::barrier<> bb(threads);
@@ -169,14 +193,16 @@ static std::vector<char> mock_read(const char* path) {
 
 
 def _mock_function(key, name, inputs, outputs, template):
-    from test_kernels_cuda_compile import CUDA_TYPES, kernel_text
+    from test_kernels_cuda_compile import CUDA_TYPES, gemm_base, kernel_text
 
     from mlx_moe.kernels.registry import KERNELS
 
-    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]
+    spec = KERNELS[gemm_base(name)]
     fn = kernel_text(name, f"k{key}", inputs, outputs, template)
-    args = [f"reinterpret_cast<const {CUDA_TYPES[inputs[a]]}*>(in[{i}].data())" for i, a in enumerate(spec.inputs)]
-    call = f"mlx::core::cu::custom_kernel_mlx_moe_{name}_k{key}({', '.join(args)}, out)"
+    args = [f"reinterpret_cast<const {CUDA_TYPES[inputs[a]]}*>(ins[{i}].data())" for i, a in enumerate(spec.inputs)]
+    (odt,) = outputs.values()
+    call = (f"mlx::core::cu::custom_kernel_mlx_moe_{name}_k{key}({', '.join(args)}, "
+            f"reinterpret_cast<{CUDA_TYPES[odt]}*>(out))")
     return fn, f"    case {key}: mock_launch(gx, gy, 128, [&] {{ {call}; }}); break;\n"
 
 
@@ -194,7 +220,15 @@ int main(int argc, char** argv) {
   const long nout = std::atol(argv[5]);
   std::vector<std::vector<char>> in;
   for (int i = 6; i < argc; ++i) in.push_back(mock_read(argv[i]));
-  std::vector<float> buf(nout / 4 + 16, std::nanf(""));  // rows the kernel must not write stay NaN
+  // MOCK_SHIFT=n: every input starts n bytes into its buffer (a view at an offset), to run
+  // the kernels' paths for unaligned inputs; data() then points there.
+  const char* shift = std::getenv("MOCK_SHIFT");
+  struct Shifted { std::vector<char>& v; long n; const char* data() const { return v.data() + n; } };
+  std::vector<Shifted> ins;
+  const long sh = shift ? std::atol(shift) : 0;
+  for (auto& v : in) { std::memmove(v.data() + sh, v.data(), v.size() - 64); ins.push_back({v, sh}); }
+  std::vector<float> buf(nout / 4 + 16);
+  std::memset(buf.data(), 0xFF, buf.size() * 4);  // NaN as float32 and bfloat16: rows the kernel must not write stay NaN
   float* out = buf.data();
   switch (which) {
 """ + "".join(cases) + """    default: return 4;
@@ -217,14 +251,28 @@ ROUTE_IN = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
 def layer_kernels(variant, fmt, shape, x_dtype):
     """The (name, inputs, outputs, template) of the swiglu and down GEMMs of a mock layer."""
     E, D, F, k, T = shape
-    sfx = "" if variant == "simple" else "_pipe"
     wt, xt = _W_DT[fmt], _DT[x_dtype]
-    # "bf16": the bf16 body where it applies (bfloat16 x, Q4_0); the down GEMM's float32 h takes "pipe".
-    sfx_gu = "_bf16" if variant == "bf16" and fmt == "q4_0" and x_dtype == mx.bfloat16 else sfx
-    return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": "float32"},
+    # The bodies mul_mm_id.cuda_body picks under CUDA_GEMM = variant; the async swiglu
+    # body writes h in bfloat16, which the down GEMM then reads.
+    with _cuda_gemm(variant):
+        sfx_gu = cuda_body(x_dtype, mx.uint16 if fmt == "q4_0" else x_dtype, D)
+        ht = "bfloat16" if sfx_gu == "_async" else "float32"
+        sfx_d = cuda_body(mx.bfloat16 if sfx_gu == "_async" else mx.float32,
+                          mx.uint16 if fmt == "q4_0" else mx.float32, F)
+    return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": ht},
              [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)]),
-            ("mul_mm_id" + sfx, {"src": "float32", "w": wt, **ROUTE_IN}, {"out": "float32"},
-             [("T", "float32"), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)])]
+            ("mul_mm_id" + sfx_d, {"src": ht, "w": wt, **ROUTE_IN}, {"out": "float32"},
+             [("T", ht), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)])]
+
+
+@contextlib.contextmanager
+def _cuda_gemm(variant):
+    old = mul_mm_id.CUDA_GEMM
+    mul_mm_id.CUDA_GEMM = variant
+    try:
+        yield
+    finally:
+        mul_mm_id.CUDA_GEMM = old
 
 
 
@@ -252,13 +300,16 @@ def mock_binary(tmp_path_factory, layers):
     return _MOCK[key]
 
 
-def run_mock(tmp_path, mock, kern, arrays: dict, out_shape):
-    """Run kernel `kern` (an entry of layer_kernels) under the mock; arrays: {input name: mx.array}."""
+def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
+    """Run kernel `kern` (an entry of layer_kernels) under the mock; arrays: {input name: mx.array};
+    shift: every input placed that many bytes past an aligned address."""
+    from test_kernels_cuda_compile import gemm_base
+
     from mlx_moe.kernels.registry import KERNELS
 
     exe, index = mock
     name = kern[0]
-    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]
+    spec = KERNELS[gemm_base(name)]
     files = []
     for a in spec.inputs:
         f = tmp_path / f"{name}_{a}.bin"
@@ -268,11 +319,15 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape):
         f.write_bytes(raw.tobytes())
         files.append(str(f))
     out = tmp_path / f"{name}_out.bin"
-    n_out = int(np.prod(out_shape)) * 4
+    (odt,) = kern[2].values()
+    bf16_out = odt == "bfloat16"
+    n_out = int(np.prod(out_shape)) * (2 if bf16_out else 4)
     grid = (-(-out_shape[1] // BM), arrays["tiles"].shape[0])
     r = subprocess.run([str(exe), str(index[repr(kern)]), *map(str, grid), str(out), str(n_out), *files],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MOCK_SHIFT": str(shift)})
     assert r.returncode == 0, r.stderr[-4000:]
+    if bf16_out:  # bfloat16 is the top half of a float32
+        return (np.fromfile(out, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(out_shape)
     return np.fromfile(out, dtype=np.float32).reshape(out_shape)
 
 

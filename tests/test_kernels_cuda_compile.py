@@ -52,12 +52,17 @@ CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "floa
               "int32": "int32_t", "uint16": "uint16_t"}
 
 
+def gemm_base(name: str) -> str:
+    """The registered kernel whose arguments a CUDA GEMM body (mul_mm_id.cuda_body's suffixes) takes."""
+    return re.sub(r"_(async|bf16|pipe)$", "", name)
+
+
 def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: list) -> str:
     """One __global__ function as MLX's cuda_kernel writes it.
 
     inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
     """
-    spec = KERNELS[name.removesuffix("_pipe").removesuffix("_bf16")]  # a CUDA GEMM body takes its base kernel's arguments
+    spec = KERNELS[gemm_base(name)]  # a CUDA GEMM body takes its base kernel's arguments
     _, body = kernel_source("cuda", spec.family, name)
     params = []
     for arg in spec.inputs:
@@ -105,13 +110,15 @@ def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
 
 
 def _gemm(name, variant, x, wt, K, N, KS, extra=()):
-    base = name.removesuffix("_pipe").removesuffix("_bf16")
+    base = gemm_base(name)
     wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[base]
     inputs = {"pairs": "int32", "tiles": "int32", "offsets": "int32"}
     inputs[wname[0]] = x
     for wn in wname[1:]:
         inputs[wn] = wt
-    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": "float32"}}[base]
+    # The async swiglu body writes h in bfloat16 (mul_mm_id.mul_mm_id_swiglu).
+    h = "bfloat16" if name == "mul_mm_id_swiglu_async" else "float32"
+    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": h}}[base]
     template = [("T", x), ("WT", wt), ("K", K), ("N", N), ("KS", KS)] + list(extra)
     return (name, variant, inputs, out, template)
 
@@ -136,6 +143,9 @@ MM_KERNELS = [
     # The bf16 bodies (CUDA_GEMM = "bf16": bfloat16 activations, Q4_0 weights).
     _gemm("mul_mm_id_swiglu_bf16", "q4_0", "bfloat16", "uint16", 2048, 768, 8),
     _gemm("mul_mm_id_bf16", "gate_q4_0", "bfloat16", "uint16", 2048, 768, 8, [("BCAST", True)]),
+    # The async bodies (CUDA_GEMM = "async": bfloat16 activations, Q4_0 weights, K % 64 == 0).
+    _gemm("mul_mm_id_swiglu_async", "q4_0", "bfloat16", "uint16", 2048, 768, 8),
+    _gemm("mul_mm_id_async", "down_q4_0", "bfloat16", "uint16", 768, 2048, 8, [("BCAST", False)]),
     ("mul_mm_id_combine", "bf16", {"d": "float32", "ids": "int32", "wts": "float32", "x": "bfloat16"},
      {"y": "bfloat16"}, [("T", "bfloat16"), ("N", 2048), ("NE", 128), ("NI", 0), ("KS", 8), ("TG", 256)]),
     ("mul_mm_id_combine", "f16_identity", {"d": "float32", "ids": "int32", "wts": "float32", "x": "float16"},
@@ -180,21 +190,24 @@ def test_prefill_kernels_compile_for_sm90a(tmp_path):
     ptx, report = compile_sm90a(tmp_path, "mul_mm_id", MM_KERNELS)
     entries = _entries(ptx)
     assert len(entries) == len(MM_KERNELS)
-    # The tiled GEMMs issue TF32 tensor-core MMAs, the bf16 bodies bf16 ones (and no
-    # TF32); map0 and combine none.  The pipelined and bf16 ones load their fragments
-    # with ldmatrix; the simple ones do not.
+    # The tiled GEMMs issue TF32 tensor-core MMAs, the bf16 and async bodies bf16 ones
+    # (and no TF32); map0 and combine none.  The pipelined, bf16 and async ones load
+    # their fragments with ldmatrix, the simple ones do not; only the async ones copy
+    # with cp.async.
     for name, text in entries.items():
-        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_((pipe|bf16)_)?(down|gate)", name)
-        bf16 = "bf16_q4_0" in name or "bf16_gate" in name
+        gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_((pipe|bf16|async)_)?(down|gate)", name)
+        bf16 = bool(re.search(r"_(bf16|async)_((gate|down)_)?q4_0E", name))
+        asy = "_async_" in name
         assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm and not bf16), name
         assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text) == bf16, name
         assert ("ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text) == ("pipe" in name or bf16), name
+        assert ("cp.async.cg.shared.global" in text and "cp.async.wait_group" in text) == asy, name
     rep = _report(report)
     print(rep)
-    # The pipelined GEMMs keep 4 blocks of 128 threads per SM: <= 128 registers, no spills,
-    # two stages in static shared memory (< 48 KiB).
+    # The pipelined, bf16 and async GEMMs keep 4 blocks of 128 threads per SM: <= 128
+    # registers, no spills, their stages in static shared memory (< 48 KiB).
     for name, (regs, smem) in rep.items():
-        if "pipe" in name or "bf16_q4_0" in name or "bf16_gate" in name:
+        if "pipe" in name or re.search(r"_(bf16|async)_((gate|down)_)?q4_0E", name):
             assert regs is not None and regs <= 128, (name, regs)
             assert smem <= 48 * 1024, (name, smem)
     assert " 0 bytes spill stores" in report or "spill" not in report

@@ -198,11 +198,13 @@ def test_cuda_gemm_variants(gemm, fmt, shape, x_dtype, x_scale, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-def test_cuda_bf16_gemms_unfused_huge_and_skewed(monkeypatch):
-    # The bf16 bodies: mul_mm_id_bf16 (gate and up unfused, BCAST) with identity and padding
-    # ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many tiles).
-    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", "bf16")
-    run_prefill("cuda", "q4_0", (6, 96, 160, 3, 30), mx.bfloat16, n_identity=1, n_pad=1, x_scale=1e5,
+@pytest.mark.parametrize("gemm", ["bf16", "async"])
+def test_cuda_bf16_gemms_unfused_huge_and_skewed(gemm, monkeypatch):
+    # The bf16 and async bodies: mul_mm_id_{gemm} (gate and up unfused, BCAST) with identity
+    # and padding ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many
+    # tiles).  Hidden 128 and 256: the async bodies' K % 64 == 0.
+    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", gemm)
+    run_prefill("cuda", "q4_0", (6, 128, 160, 3, 30), mx.bfloat16, n_identity=1, n_pad=1, x_scale=1e5,
                 seed=14, fuse_swiglu=False)
     ids, w = skewed_routing(200, 4, 8)
     run_prefill("cuda", "q4_0", (8, 256, 128, 4, 200), mx.bfloat16, ids=ids, weights=w, seed=15)
@@ -274,12 +276,16 @@ MOCK_LAYERS = [
     ("pipe", "float16", (4, 100, 70, 2, 24), mx.float16),  # K tails: the scalar load paths, N % 4 != 0
     ("pipe", "bfloat16", (6, 256, 64, 2, 70), mx.float32),  # 8 K steps, float32 activations, skewed routing
     ("pipe", "q4_0", (4, 64, 128, 2, 20), mx.float32),     # huge activations
+    ("async", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # 2 K stages (ring of 4 half used), bf16 h
+    ("async", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # 5 K stages (the ring wraps); down K = 160: bf16 body
 ]
 
 
-def mock_layer(tmp_path, mock, variant, fmt, shape, x_dtype, ids=None, weights=None, x_scale=1.0, seed=0):
+def mock_layer(tmp_path, mock, variant, fmt, shape, x_dtype, ids=None, weights=None, x_scale=1.0, seed=0,
+               shift=0):
     """map0 (numpy) -> swiglu GEMM -> down GEMM (both under the mock) -> combine (numpy),
-    against the mlx backend; rows of non-routed pairs must stay unwritten."""
+    against the mlx backend; rows of non-routed pairs must stay unwritten.  shift: the
+    inputs start that many bytes past an aligned address."""
     E, D, F, k, T = shape
     experts = make_experts(E, D, F, fmt, seed=seed)
     if ids is None:
@@ -298,12 +304,13 @@ def mock_layer(tmp_path, mock, variant, fmt, shape, x_dtype, ids=None, weights=N
              "offsets": mx.array(offsets.astype(np.int32))}
     wg, wu, wd = (getattr(experts, n).weight for n in ("gate_proj", "up_proj", "down_proj"))
     k_gu, k_down = layer_kernels(variant, fmt, shape, x_dtype)
-    h = run_mock(tmp_path, mock, k_gu, {"x": x, "wg": wg, "wu": wu, **route}, (P, F))
+    h = run_mock(tmp_path, mock, k_gu, {"x": x, "wg": wg, "wu": wu, **route}, (P, F), shift)
     real = (ids_np >= 0) & (ids_np < E)
     assert np.isnan(h[~real.reshape(-1)]).all(), "rows of non-routed pairs were written"
     assert not np.isnan(h[real.reshape(-1)]).any(), "rows of routed pairs were not (all) written"
     h = np.where(np.isnan(h), 0, h).astype(np.float32)
-    d = run_mock(tmp_path, mock, k_down, {"src": mx.array(h), "w": wd, **route}, (P, D))
+    h = mx.array(h).astype(mx.bfloat16 if k_down[1]["src"] == "bfloat16" else mx.float32)  # exact: h came in that dtype
+    d = run_mock(tmp_path, mock, k_down, {"src": h, "w": wd, **route}, (P, D), shift)
     d = np.where(np.isnan(d), 0, d).reshape(T, k, D)
     y = (d * np.where(real, np.array(weights), 0)[..., None]).sum(1)
     assert np.isfinite(y).all()
@@ -312,9 +319,17 @@ def mock_layer(tmp_path, mock, variant, fmt, shape, x_dtype, ids=None, weights=N
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
-@pytest.mark.parametrize("layer", MOCK_LAYERS[:4], ids=lambda l: f"{l[0]}-{l[1]}-{l[2]}")
+@pytest.mark.parametrize("layer", MOCK_LAYERS[:4] + MOCK_LAYERS[6:], ids=lambda l: f"{l[0]}-{l[1]}-{l[2]}")
 def test_cuda_gemms_under_cpu_mock(tmp_path, tmp_path_factory, layer):
     mock_layer(tmp_path, mock_binary(tmp_path_factory, MOCK_LAYERS), *layer, seed=21)
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+@pytest.mark.parametrize("layer", [MOCK_LAYERS[i] for i in (0, 1, 7)], ids=lambda l: l[0])
+def test_cuda_gemms_under_cpu_mock_unaligned_inputs(tmp_path, tmp_path_factory, layer):
+    # Inputs 2 bytes past an aligned address (views into larger buffers): the bodies must
+    # take their unaligned copy and load paths (16-byte loads, cp.async, ldmatrix would fault).
+    mock_layer(tmp_path, mock_binary(tmp_path_factory, MOCK_LAYERS), *layer, seed=26, shift=2)
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
@@ -332,3 +347,8 @@ def test_cuda_pipe_gemms_under_cpu_mock_skewed_and_huge(tmp_path, tmp_path_facto
     E, k, T = bf[2][0], bf[2][3], bf[2][4]
     ids, w = skewed_routing(T, k, E)
     mock_layer(tmp_path, mock, *bf, ids=ids, weights=w, x_scale=1e5, seed=24)
+    # The async bodies, the same way (5 K stages: the ring wraps).
+    asy = MOCK_LAYERS[7]
+    E, k, T = asy[2][0], asy[2][3], asy[2][4]
+    ids, w = skewed_routing(T, k, E)
+    mock_layer(tmp_path, mock, *asy, ids=ids, weights=w, x_scale=1e5, seed=25)

@@ -17,7 +17,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
   mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
-                (mul_mm_id.CUDA_GEMM = "pipe") instead of the default bf16 ones
+                (mul_mm_id.CUDA_GEMM = "pipe") instead of the default async ones
+  mlx-moe+bf16  the same on the bf16 bodies (CUDA_GEMM = "bf16")
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -466,6 +467,8 @@ def main(argv=None):
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
+        elif "+bf16" in engine:
+            mul_mm_id_module.CUDA_GEMM = "bf16"
         try:
             return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
                             compile=engine.startswith("mlx-moe+compile"))

@@ -35,11 +35,17 @@ MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
 # mul_mm_id_swiglu_pipe); "bf16": for bfloat16 activations and Q4_0 weights the
 # same pipeline on bf16 tensor cores with exact q - 8 weights and the block
 # scale applied in float32 (mul_mm_id_bf16, mul_mm_id_swiglu_bf16), "pipe"
-# for everything else; "simple": the first twins (mul_mm_id, mul_mm_id_swiglu),
-# one load-barrier-compute-barrier round per K step.  Same tiles, grid and
-# results; tools/bench_kernels.py --prefill times them all.
-CUDA_GEMMS = ("bf16", "pipe", "simple")
-CUDA_GEMM = "bf16"
+# for everything else; "async": for bfloat16 activations, Q4_0 weights and K a
+# multiple of ASYNC_K, the bf16 arithmetic fed by a ring of cp.async stages
+# with the weights kept packed in shared memory (mul_mm_id_async,
+# mul_mm_id_swiglu_async; the fused SwiGLU then writes h in bfloat16, which the
+# down GEMM reads with the same body), "bf16" for other bf16 x Q4_0 shapes,
+# "pipe" for the rest; "simple": the first twins (mul_mm_id, mul_mm_id_swiglu),
+# one load-barrier-compute-barrier round per K step.  Same tiles and grid;
+# tools/bench_kernels.py --prefill times them all.
+CUDA_GEMMS = ("async", "bf16", "pipe", "simple")
+CUDA_GEMM = "async"
+ASYNC_K = 64  # the async bodies' K step: two Q4_0 blocks (MOE_MM_AK)
 
 
 class Route(NamedTuple):
@@ -88,17 +94,29 @@ def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
     return Route(ids, counts, offsets, pairs, tiles)
 
 
-def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype):
-    """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
-    `flavor` and the activation and weight dtypes: on CUDA the body CUDA_GEMM selects."""
+def cuda_body(x_dtype, w_dtype, K: int) -> str:
+    """The CUDA body CUDA_GEMM selects for these activations, weights and K: the
+    kernel name's suffix ("_async", "_bf16", "_pipe", or "" for the simple one)."""
     if CUDA_GEMM not in CUDA_GEMMS:
         raise ValueError(f"mul_mm_id.CUDA_GEMM is {CUDA_GEMM!r}; choose one of {', '.join(CUDA_GEMMS)}")
-    if flavor != "cuda" or CUDA_GEMM == "simple":
+    if CUDA_GEMM == "simple":
+        return ""
+    q4_bf16 = x_dtype == mx.bfloat16 and w_dtype == mx.uint16
+    if CUDA_GEMM == "async" and q4_bf16 and K % ASYNC_K == 0:
+        return "_async"
+    if CUDA_GEMM in ("async", "bf16") and q4_bf16:
+        return "_bf16"
+    return "_pipe"
+
+
+def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype, K: int):
+    """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
+    `flavor`, the activation and weight dtypes and K: on CUDA the body cuda_body picks."""
+    body = cuda_body(x_dtype, w_dtype, K) if flavor == "cuda" else ""
+    if not body:
         return kernel(flavor, name)
-    bf16 = CUDA_GEMM == "bf16" and x_dtype == mx.bfloat16 and w_dtype == mx.uint16
     spec = KERNELS[name]
-    return get_kernel(flavor, spec.family, f"{name}_{'bf16' if bf16 else 'pipe'}", list(spec.inputs),
-                      list(spec.outputs))
+    return get_kernel(flavor, spec.family, name + body, list(spec.inputs), list(spec.outputs))
 
 
 def _mm_grid(rows: int, route: Route):
@@ -114,7 +132,7 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
     if src.shape != (want, cols):
         raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype)(
+    return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype, cols)(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
                   ("BCAST", bool(broadcast))],
@@ -124,7 +142,8 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
 
 def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flavor: str) -> mx.array:
     """h[p] = silu(Wg[e] @ x[p // k]) * (Wu[e] @ x[p // k]) for every routed pair p:
-    [T*k, ffn] float32 (rows of identity and padding pairs are not written)."""
+    [T*k, ffn] float32, bfloat16 on the CUDA async body (rows of identity and
+    padding pairs are not written)."""
     _, rows, cols = _shape(wg)
     if wu.shape != wg.shape or wu.dtype != wg.dtype:
         raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
@@ -132,10 +151,12 @@ def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flav
     if x.shape != (T, cols):
         raise ValueError(f"x must be [{T}, {cols}] for these ids and weights; got {tuple(x.shape)}")
     grid, tg = _mm_grid(rows, route)
-    return gemm_kernel(flavor, "mul_mm_id_swiglu", x.dtype, wg.dtype)(
+    async_body = flavor == "cuda" and cuda_body(x.dtype, wg.dtype, cols) == "_async"
+    return gemm_kernel(flavor, "mul_mm_id_swiglu", x.dtype, wg.dtype, cols)(
         inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
         template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)],
-        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)],
+        output_dtypes=[mx.bfloat16 if async_body else mx.float32],
     )[0]
 
 
