@@ -197,9 +197,40 @@ def test_longcat_zero_experts_are_selected(reference_checkpoints, name):
         n_bias_changed += int(np.any(unbiased != np.sort(rec.indices, axis=-1), axis=-1).sum())
     assert n_zero > 0
     assert n_bias_changed > 0
-    # transformers-5 saves gate/up for the identity experts; hub checkpoints have none.
-    assert f"model.layers.0.mlp.experts.{n_real}.gate_proj.weight" in weights
+    # Early transformers 5 releases saved gate/up tensors for the identity experts,
+    # later ones (5.25) and hub checkpoints hold none; never a down projection.  The
+    # loader takes both forms: test_longcat_identity_expert_tensors_are_ignored.
     assert f"model.layers.0.mlp.experts.{n_real}.down_proj.weight" not in weights
+
+
+def test_longcat_identity_expert_tensors_are_ignored(reference_checkpoints, tmp_path):
+    """A LongCat checkpoint carrying gate/up tensors for its identity experts (the form
+    early transformers 5 releases wrote) loads to the same model as one without."""
+    import shutil
+
+    import mlx.core as mx
+    from safetensors.numpy import save_file
+
+    from mlx_moe import load
+
+    ref = reference_checkpoints.reference("longcat_flash")
+    cfg = ref.variant.config
+    n_real, hidden, ffn = cfg["n_routed_experts"], cfg["hidden_size"], cfg["expert_ffn_hidden_size"]
+    weights = saved_tensors(ref.path)
+    rng = np.random.default_rng(0)
+    for layer in range(cfg["num_layers"]):
+        for e in range(n_real, n_real + cfg["zero_expert_num"]):
+            for proj in ("gate_proj", "up_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                weights.setdefault(name, rng.standard_normal((ffn, hidden)).astype(np.float32))
+    with_extra = tmp_path / "longcat_extra"
+    shutil.copytree(ref.path, with_extra, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(weights, str(with_extra / "model.safetensors"), metadata={"format": "pt"})
+    tokens = ref.tokens[:8]
+    a = mlx_logits(load(str(ref.path))[0], tokens)
+    b = mlx_logits(load(str(with_extra))[0], tokens)
+    assert np.array_equal(a, b)
+    mx.clear_cache()
 
 
 # --------------------------------------------------------------------------- #
