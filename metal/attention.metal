@@ -13,7 +13,7 @@
 // mlx_moe/kernels/attention.py for the call.
 //
 // One threadgroup per query head; its NSG simdgroups take the valid slots
-// round-robin, each keeping a running max, sum and weighted value sum (the
+// round-robin, U at a time, each keeping a running max, sum and weighted value sum (the
 // online softmax), merged through threadgroup memory at the end.  Lane l holds
 // dimensions l, l + 32, ... of the head.
 
@@ -22,7 +22,8 @@
 // ==== kernel: decode_attention ====
 // Template: T  q/k/v/out dtype;  D  head dimension (a multiple of 32);
 //   HQ, HKV  query and key/value heads (GQA: HQ a multiple of HKV);
-//   C  cache capacity (slots);  NSG  simdgroups per threadgroup.
+//   C  cache capacity (slots);  NSG  simdgroups per threadgroup;  U  slots a
+//   simdgroup takes per step.
 // Inputs: q [HQ, D] (one token), k and v [HKV, C, D], pos int32 [1] (slots
 // 0..pos are attended to, clamped to the capacity), scale float32 [1].
 // Output: out [HQ, D].
@@ -46,19 +47,37 @@
   float m = MOE_NEG_INF;  // running max of the scores
   float l = 0.0f;         // running sum of exp(score - m)
   const size_t base = size_t(kvh) * C * D;
-  for (int j = sg; j < n; j += NSG) {  // uniform per simdgroup: every lane reaches the sum
-    const size_t row = base + size_t(j) * D + lane;
-    float s = 0.0f;
-    for (int i = 0; i < DPL; ++i) {
-      s += qv[i] * float(k[row + 32 * i]);
+  // U slots per step: their key and value loads are issued together, so a
+  // simdgroup waits for memory once per U slots, not once per slot.
+  for (int j0 = sg * U; j0 < n; j0 += NSG * U) {  // uniform per simdgroup: every lane reaches the sums
+    float s[U];
+    float vv[U][DPL];  // the values, read with the keys: one wait per step
+    for (int u = 0; u < U; ++u) {
+      const int j = (j0 + u < n) ? j0 + u : n - 1;  // past the end: a valid slot, masked below
+      const size_t row = base + size_t(j) * D + lane;
+      s[u] = 0.0f;
+      for (int i = 0; i < DPL; ++i) {
+        s[u] += qv[i] * float(k[row + 32 * i]);
+        vv[u][i] = float(v[row + 32 * i]);
+      }
     }
-    s = moe_simd_sum(s);
-    const float m2 = (s > m) ? s : m;
-    const float a = moe_exp(m - m2);  // first slot: exp(-inf) = 0
-    const float p = moe_exp(s - m2);
-    l = l * a + p;
+    float m2 = m;
+    for (int u = 0; u < U; ++u) {
+      const float su = moe_simd_sum(s[u]);
+      s[u] = (j0 + u < n) ? su : MOE_NEG_INF;
+      m2 = (s[u] > m2) ? s[u] : m2;
+    }
+    const float a = moe_exp(m - m2);  // first step: exp(-inf) = 0
+    l *= a;
     for (int i = 0; i < DPL; ++i) {
-      acc[i] = acc[i] * a + p * float(v[row + 32 * i]);
+      acc[i] *= a;
+    }
+    for (int u = 0; u < U; ++u) {
+      const float p = moe_exp(s[u] - m2);  // masked slots: exp(-inf) = 0
+      l += p;
+      for (int i = 0; i < DPL; ++i) {
+        acc[i] += p * vv[u][i];
+      }
     }
     m = m2;
   }

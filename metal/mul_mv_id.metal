@@ -204,6 +204,9 @@ struct moe_rows<ushort> {
 // NI (identity experts), KS, NR, NSG, NQ.
 // Inputs: h [T*KS, K] float32, ids [T, KS], wts [T, KS] float32, x [T, N],
 // wd [E, N, K*NUM/DEN].  Output: y [T, N] in T.
+// Option RESIDUAL (kernel mul_mv_id_down_combine_res): one more input, res [T, N]
+// in T, and y = T(res + T(sum)): the decoder layer's residual add after the MoE
+// block (mlx-lm's  out = h + mlp(...)), in the same launch.
 {
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
@@ -252,6 +255,11 @@ struct moe_rows<ushort> {
       }
       v += wid * float(x[size_t(tok) * N + n]);
     }
+//@if RESIDUAL
+    y[size_t(tok) * N + n] = static_cast<T>(float(res[size_t(tok) * N + n]) + float(static_cast<T>(v)));
+//@endif
+//@if !RESIDUAL
     y[size_t(tok) * N + n] = static_cast<T>(v);
+//@endif
   }
 }

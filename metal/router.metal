@@ -13,10 +13,147 @@
 // in selection order (highest score first).
 
 // ==== helpers ====
+//@uses decode_layer  (moe_router_gemv's dense GEMV: metal/decode_layer.metal's helpers)
 
 // (value, id) a beats (value, id) b: higher value, or equal value and lower id.
 MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
   return av > bv || (av == bv && ai < bi);
+}
+
+// The k experts a token's router outputs choose, and their final weights.
+template <int K>
+struct moe_router_pick {
+  int id[K];
+  float w[K];
+};
+
+// The rule of the kernel below on one token's NEXP router outputs `logits`
+// (device or threadgroup memory), run by the 32 lanes of one simdgroup (every
+// lane must call it; every lane gets the result).  Template parameters as the
+// kernel's; scale multiplies the final weights.
+template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM,
+          typename LP, typename BP>
+MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float scale, uint lane) {
+  float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
+  float c[VPL];  // selection scores
+  float m = MOE_NEG_INF;
+  for (int i = 0; i < VPL; ++i) {
+    const int e = int(lane) + 32 * i;
+    p[i] = (e < NEXP) ? float(logits[e]) : MOE_NEG_INF;
+    m = (p[i] > m) ? p[i] : m;
+  }
+  if (SCORE == 0) {
+    m = moe_simd_max(m);
+    float s = 0.0f;
+    for (int i = 0; i < VPL; ++i) {
+      p[i] = moe_exp(p[i] - m);  // absent experts: exp(-inf) = 0
+      s += p[i];
+    }
+    s = moe_simd_sum(s);
+    for (int i = 0; i < VPL; ++i) {
+      p[i] = p[i] / s;
+    }
+  } else if (SCORE == 1) {
+    for (int i = 0; i < VPL; ++i) {
+      p[i] = 1.0f / (1.0f + moe_exp(-p[i]));
+    }
+  }
+  for (int i = 0; i < VPL; ++i) {
+    const int e = int(lane) + 32 * i;
+    c[i] = (e < NEXP) ? p[i] + (HAS_BIAS ? bias[e] : 0.0f) : MOE_NEG_INF;
+  }
+
+  if (NGROUP > 1) {
+    constexpr int GS = NEXP / NGROUP;
+    float gscore[NGROUP];
+    for (int gi = 0; gi < NGROUP; ++gi) {
+      float v = MOE_NEG_INF;
+      for (int i = 0; i < VPL; ++i) {
+        const int e = int(lane) + 32 * i;
+        v = (e < NEXP && e / GS == gi && c[i] > v) ? c[i] : v;
+      }
+      gscore[gi] = moe_simd_max(v);
+    }
+    // The TOPKG best groups (same values in every lane, no collectives).
+    bool keep[NGROUP];
+    for (int gi = 0; gi < NGROUP; ++gi) {
+      keep[gi] = false;
+    }
+    for (int r = 0; r < TOPKG; ++r) {
+      int best = -1;
+      for (int gi = 0; gi < NGROUP; ++gi) {
+        if (!keep[gi] && (best < 0 || gscore[gi] > gscore[best])) {
+          best = gi;
+        }
+      }
+      keep[best] = true;
+    }
+    for (int i = 0; i < VPL; ++i) {
+      const int e = int(lane) + 32 * i;
+      if (e < NEXP && !keep[e / GS]) {
+        c[i] = 0.0f;
+        p[i] = 0.0f;
+      }
+    }
+  }
+
+  int sel_id[K];
+  float sel_w[K];
+  for (int j = 0; j < K; ++j) {
+    float bv = MOE_NEG_INF;
+    int bi = NEXP;  // no expert: loses every tie against a real one
+    float bw = 0.0f;
+    for (int i = 0; i < VPL; ++i) {
+      if (c[i] > bv) {
+        bv = c[i];
+        bi = int(lane) + 32 * i;
+        bw = p[i];
+      }
+    }
+    for (ushort off = 16; off > 0; off >>= 1) {
+      const float ov = moe_shuffle_xor(bv, off);
+      const int oi = moe_shuffle_xor(bi, off);
+      const float ow = moe_shuffle_xor(bw, off);
+      if (moe_router_beats(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+        bw = ow;
+      }
+    }
+    sel_id[j] = bi;
+    sel_w[j] = bw;
+    for (int i = 0; i < VPL; ++i) {
+      c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
+    }
+  }
+
+  if (SCORE == 2) {
+    // softmax over the chosen logits; the first chosen is the largest.
+    const float top = sel_w[0];
+    float s = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      sel_w[j] = moe_exp(sel_w[j] - top);
+      s += sel_w[j];
+    }
+    for (int j = 0; j < K; ++j) {
+      sel_w[j] = sel_w[j] / s;
+    }
+  }
+  float norm = 1.0f;
+  if (NORM) {
+    float s = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      s += sel_w[j];
+    }
+    norm = 1.0f / (s + 1e-20f);
+  }
+  const float sc = scale * norm;
+  moe_router_pick<K> pick;
+  for (int j = 0; j < K; ++j) {
+    pick.id[j] = sel_id[j];
+    pick.w[j] = sel_w[j] * sc;
+  }
+  return pick;
 }
 
 // ==== kernel: moe_router_topk ====
@@ -44,125 +181,100 @@ MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
   const uint lane = thread_index_in_simdgroup;
   const int tok = int(threadgroup_position_in_grid.x) * TPG + int(simdgroup_index_in_threadgroup);
   const int ntok = int(logits_shape[0]);
-  if (tok < ntok) {  // uniform per simdgroup: every lane reaches every collective below
-    float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
-    float c[VPL];  // selection scores
-    float m = MOE_NEG_INF;
-    for (int i = 0; i < VPL; ++i) {
-      const int e = int(lane) + 32 * i;
-      p[i] = (e < NEXP) ? float(logits[size_t(tok) * NEXP + e]) : MOE_NEG_INF;
-      m = (p[i] > m) ? p[i] : m;
-    }
-    if (SCORE == 0) {
-      m = moe_simd_max(m);
-      float s = 0.0f;
-      for (int i = 0; i < VPL; ++i) {
-        p[i] = moe_exp(p[i] - m);  // absent experts: exp(-inf) = 0
-        s += p[i];
-      }
-      s = moe_simd_sum(s);
-      for (int i = 0; i < VPL; ++i) {
-        p[i] = p[i] / s;
-      }
-    } else if (SCORE == 1) {
-      for (int i = 0; i < VPL; ++i) {
-        p[i] = 1.0f / (1.0f + moe_exp(-p[i]));
-      }
-    }
-    for (int i = 0; i < VPL; ++i) {
-      const int e = int(lane) + 32 * i;
-      c[i] = (e < NEXP) ? p[i] + (HAS_BIAS ? bias[e] : 0.0f) : MOE_NEG_INF;
-    }
-
-    if (NGROUP > 1) {
-      constexpr int GS = NEXP / NGROUP;
-      float gscore[NGROUP];
-      for (int gi = 0; gi < NGROUP; ++gi) {
-        float v = MOE_NEG_INF;
-        for (int i = 0; i < VPL; ++i) {
-          const int e = int(lane) + 32 * i;
-          v = (e < NEXP && e / GS == gi && c[i] > v) ? c[i] : v;
-        }
-        gscore[gi] = moe_simd_max(v);
-      }
-      // The TOPKG best groups (same values in every lane, no collectives).
-      bool keep[NGROUP];
-      for (int gi = 0; gi < NGROUP; ++gi) {
-        keep[gi] = false;
-      }
-      for (int r = 0; r < TOPKG; ++r) {
-        int best = -1;
-        for (int gi = 0; gi < NGROUP; ++gi) {
-          if (!keep[gi] && (best < 0 || gscore[gi] > gscore[best])) {
-            best = gi;
-          }
-        }
-        keep[best] = true;
-      }
-      for (int i = 0; i < VPL; ++i) {
-        const int e = int(lane) + 32 * i;
-        if (e < NEXP && !keep[e / GS]) {
-          c[i] = 0.0f;
-          p[i] = 0.0f;
-        }
-      }
-    }
-
-    int sel_id[K];
-    float sel_w[K];
-    for (int j = 0; j < K; ++j) {
-      float bv = MOE_NEG_INF;
-      int bi = NEXP;  // no expert: loses every tie against a real one
-      float bw = 0.0f;
-      for (int i = 0; i < VPL; ++i) {
-        if (c[i] > bv) {
-          bv = c[i];
-          bi = int(lane) + 32 * i;
-          bw = p[i];
-        }
-      }
-      for (ushort off = 16; off > 0; off >>= 1) {
-        const float ov = moe_shuffle_xor(bv, off);
-        const int oi = moe_shuffle_xor(bi, off);
-        const float ow = moe_shuffle_xor(bw, off);
-        if (moe_router_beats(ov, oi, bv, bi)) {
-          bv = ov;
-          bi = oi;
-          bw = ow;
-        }
-      }
-      sel_id[j] = bi;
-      sel_w[j] = bw;
-      for (int i = 0; i < VPL; ++i) {
-        c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
-      }
-    }
-
-    if (SCORE == 2) {
-      // softmax over the chosen logits; the first chosen is the largest.
-      const float top = sel_w[0];
-      float s = 0.0f;
-      for (int j = 0; j < K; ++j) {
-        sel_w[j] = moe_exp(sel_w[j] - top);
-        s += sel_w[j];
-      }
-      for (int j = 0; j < K; ++j) {
-        sel_w[j] = sel_w[j] / s;
-      }
-    }
-    float norm = 1.0f;
-    if (NORM) {
-      float s = 0.0f;
-      for (int j = 0; j < K; ++j) {
-        s += sel_w[j];
-      }
-      norm = 1.0f / (s + 1e-20f);
-    }
-    const float sc = scale[0] * norm;
+  if (tok < ntok) {  // uniform per simdgroup: every lane reaches every collective of the rule
+    const auto pick = moe_router_select<NEXP, K, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
     if (lane == 0) {
       for (int j = 0; j < K; ++j) {
-        ids[size_t(tok) * K + j] = sel_id[j];
-        weights[size_t(tok) * K + j] = sel_w[j] * sc;
+        ids[size_t(tok) * K + j] = pick.id[j];
+        weights[size_t(tok) * K + j] = pick.w[j];
+      }
+    }
+  }
+}
+
+// ==== kernel: moe_router_gemv ====
+// The whole router of one decode token in one threadgroup: the post-attention
+// RMSNorm, the router projection and the rule above.
+//   xn = rms_norm(h, gin, eps)  (rounded to T as MLX does; also an output: the
+//                                experts' input)
+//   logits = T(Wr . xn)         (NEXP rows, in threadgroup memory)
+//   ids, weights = the rule of moe_router_topk on logits
+// Template: T, FMT, GS (Wr's format, as decode_layer.metal), K (hidden), NEXP,
+//   KSEL (experts chosen), VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as
+//   moe_router_topk), NSG (simdgroups; ceil(NEXP / NSG) rows each).
+// Inputs: h [K] (T), gin [K] (T), w, w_s, w_b (router weight [NEXP, K]), bias
+// [NEXP] float32 (any 1-element array unless HAS_BIAS), cst float32 [2]: eps,
+// weight scale.
+// Outputs: xn [K] (T), ids [KSEL] int32, weights [KSEL] float32.
+// Grid: (32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1): one threadgroup.
+{
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int XS = moe_xs_size<K, PER>::value;
+  constexpr int NR = (NEXP + NSG - 1) / NSG;
+  constexpr int NT = 32 * NSG;
+  constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
+  constexpr int IT = (XS + NT - 1) / NT;
+  threadgroup float xs[XS];
+  threadgroup float red[NSG];
+  threadgroup float lg[NEXP];
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const int tid = int(thread_index_in_threadgroup);
+  const int row0 = int(sg) * NR;
+  const int nvalid = (NEXP - row0 < NR) ? NEXP - row0 : NR;
+  const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last expert reads row 0, writes nothing
+  const int lvalid = (nvalid > 0) ? nvalid : 1;
+
+  // Every read issued before the first wait: the first weights, the activations.
+  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
+  float hv[IT];
+  float gv[IT];
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    hv[i] = (c < K) ? float(h[c]) : 0.0f;
+    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
+  }
+  const float eps = cst[0];
+  const float wscale = cst[1];
+
+  float ss = 0.0f;
+  for (int i = 0; i < IT; ++i) {
+    ss += hv[i] * hv[i];
+  }
+  const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps);
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    float v = 0.0f;
+    if (c < K) {
+      const T r = T(gv[i] * float(T(hv[i] * inv)));
+      xn[c] = r;
+      v = float(r);
+    }
+    if (c < XS) {
+      xs[moe_xs_index<PER>(c)] = v;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
+  for (int r = 0; r < NR; ++r) {
+    const float sr = moe_simd_sum(acc[r]);
+    if (lane == 0 && r < nvalid) {
+      lg[row0 + r] = float(T(sr));
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sg == 0) {  // uniform per simdgroup
+    const auto pick = moe_router_select<NEXP, KSEL, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(lg, bias, wscale, lane);
+    if (lane == 0) {
+      for (int j = 0; j < KSEL; ++j) {
+        ids[j] = pick.id[j];
+        weights[j] = pick.w[j];
       }
     }
   }

@@ -109,3 +109,28 @@ __device__ inline uint moe_float_bits(float v) {
 }
 
 #define MOE_UNROLL _Pragma("unroll")
+
+// -- Dense GEMV and decode-layer helpers (decode_layer.metal); see shims_metal.h.
+template <typename P>
+__device__ inline uint4 moe_load_u4(P p, size_t i) {
+  return reinterpret_cast<const uint4*>(p)[i];
+}
+
+__device__ inline float moe_rsqrt(float v) {
+  return rsqrtf(v);
+}
+
+// In double precision, rounded to float: MLX's NVRTC may compile with fast math,
+// which turns exp2f/cosf/sinf into approximations whose error grows with the
+// argument (a RoPE angle at position 700 came out 3e-4 off); double math is left alone.
+__device__ inline float moe_exp2(float v) {
+  return float(exp2(double(v)));
+}
+
+__device__ inline float moe_cos(float v) {
+  return float(cos(double(v)));
+}
+
+__device__ inline float moe_sin(float v) {
+  return float(sin(double(v)));
+}

@@ -89,3 +89,27 @@ inline uint moe_float_bits(float v) {
 // Full unrolling of a loop with a compile-time trip count (lets the compiler
 // issue every load of the loop before the first use).  Ignored by the CPU emulation.
 #define MOE_UNROLL _Pragma("clang loop unroll(full)")
+
+// -- Dense GEMV and decode-layer helpers (decode_layer.metal).
+
+// The 16 bytes at index i (in 16-byte units) of a buffer (16-byte aligned).
+template <typename P>
+inline uint4 moe_load_u4(P p, size_t i) {
+  return reinterpret_cast<const device uint4*>(p)[i];
+}
+
+inline float moe_rsqrt(float v) {
+  return metal::precise::rsqrt(v);
+}
+
+inline float moe_exp2(float v) {
+  return metal::precise::exp2(v);
+}
+
+inline float moe_cos(float v) {
+  return metal::precise::cos(v);
+}
+
+inline float moe_sin(float v) {
+  return metal::precise::sin(v);
+}

@@ -14,7 +14,10 @@ import mlx.core as mx
 
 from .registry import constant, kernel
 
-NSG = 8  # simdgroups (warps) per query head
+# Simdgroups (warps) per query head and slots per simdgroup step: 16 x 8 keeps
+# 128 slots' loads in flight per head (512 threads: up to 128 registers each).
+NSG = 16
+U = 8
 
 
 def unsupported(q_shape, k_shape, v_shape) -> Optional[str]:
@@ -34,7 +37,7 @@ def unsupported(q_shape, k_shape, v_shape) -> Optional[str]:
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, pos: mx.array, scale: float,
-                     flavor: str, nsg: int = NSG) -> mx.array:
+                     flavor: str, nsg: int = NSG, u: int = U) -> mx.array:
     """softmax(scale * q k[:pos+1]^T) v[:pos+1] for q [1, HQ, 1, D] and a cache
     k, v [1, HKV, C, D]; `pos` int32 [1] on the device (slots beyond it are never
     read).  Returns [1, HQ, 1, D] in q's dtype."""
@@ -45,9 +48,11 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, pos: mx.array, scale
     _, HKV, C, _ = k.shape
     if pos.dtype != mx.int32:
         pos = pos.astype(mx.int32)
+    if pos.shape != (1,):  # (a reshape is one more graph node: callers pass [1] once per step)
+        pos = pos.reshape(1)
     return kernel(flavor, "decode_attention")(
-        inputs=[q, k, v, pos.reshape(1), constant(float(scale))],
-        template=[("T", q.dtype), ("D", D), ("HQ", HQ), ("HKV", HKV), ("C", C), ("NSG", nsg)],
+        inputs=[q, k, v, pos, constant(float(scale))],
+        template=[("T", q.dtype), ("D", D), ("HQ", HQ), ("HKV", HKV), ("C", C), ("NSG", nsg), ("U", u)],
         grid=(HQ * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(1, HQ, 1, D)], output_dtypes=[q.dtype],
     )[0]

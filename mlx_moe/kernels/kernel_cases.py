@@ -205,6 +205,154 @@ def _routing_join_record_case(flavor: str) -> None:
             f"{bad.size} words differ, first at {bad[:5]}")
 
 
+# -- the fused decoder layer's kernels (metal/decode_layer.metal, router.metal) --------
+
+def random_linear(rng, cols: int, rows: int, fmt: int, dtype, bias: bool = False, group_size: int = 64):
+    """An nn.Linear (fmt 16/17/32: float16/bfloat16/float32 weights) or an affine
+    nn.QuantizedLinear (fmt 4/8) with random weights, scales and biases in `dtype`."""
+    import mlx.nn as nn
+
+    lin = nn.Linear(cols, rows, bias=bias)
+    lin.weight = mx.array(rng.standard_normal((rows, cols)).astype(np.float32) * 0.1)
+    if bias:
+        lin.bias = mx.array(rng.standard_normal(rows).astype(np.float32)).astype(dtype)
+    if fmt in (4, 8):
+        q = nn.QuantizedLinear.from_linear(lin, group_size=group_size, bits=fmt)
+        q.scales, q.biases = q.scales.astype(dtype), q.biases.astype(dtype)
+        return q
+    lin.weight = lin.weight.astype({16: mx.float16, 17: mx.bfloat16, 32: mx.float32}[fmt])
+    return lin
+
+
+def attn_qkv_reference(x, gin, eps, projs, head_dim, heads, q_norm, k_norm, qk_eps, base, scale, trad, pos):
+    """q, k, v of one token by MLX's own ops, as mlx-lm's attention computes them."""
+    xn = mx.fast.rms_norm(x.reshape(1, -1), gin, eps)
+    out = []
+    for i, (proj, h) in enumerate(zip(projs, heads)):
+        y = proj(xn).reshape(1, 1, h, head_dim)
+        if i < 2 and q_norm is not None:
+            y = mx.fast.rms_norm(y, (q_norm, k_norm)[i], qk_eps)
+        y = y.transpose(0, 2, 1, 3)
+        if i < 2:
+            y = mx.fast.rope(y, head_dim, traditional=trad, base=base, scale=scale, offset=pos)
+        out.append(y)
+    return out
+
+
+def attn_qkv_check(flavor: str, fmt: int, dtype, qk_norm: bool, bias: bool, trad: bool, pos: int,
+                   hidden: int = 1280, head_dim: int = 64, heads=(4, 2), rtol: float = 2e-5, seed: int = 0) -> None:
+    """attn_qkv on `flavor` against attn_qkv_reference (computed on the CPU)."""
+    from .dense import attn_qkv, dense_weight
+
+    rng = np.random.default_rng(seed)
+    HQ, HK = heads
+    projs = [random_linear(rng, hidden, h * head_dim, fmt, dtype, bias) for h in (HQ, HK, HK)]
+    x = mx.array(rng.standard_normal(hidden).astype(np.float32) * 3).astype(dtype)
+    gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+    qn, kn = (mx.array(rng.random(head_dim).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
+    eps, base, scale = 1e-6, 1e6 if pos > 100 else 1e4, 1.0
+    with mx.stream(mx.cpu):
+        want = attn_qkv_reference(x, gin, eps, projs, head_dim, (HQ, HK, HK), qn if qk_norm else None, kn, 1e-6,
+                                  base, scale, trad, pos)
+        want = [np.array(w.astype(mx.float32)) for w in want]
+    got = attn_qkv(x, gin, eps, *(dense_weight(p) for p in projs), head_dim, HQ, HK, qn if qk_norm else None,
+                   kn if qk_norm else None, 1e-6, base, scale, trad, mx.array([pos], mx.int32), flavor)
+    # A RoPE angle is pos * inv_freq in float32: one ulp of inv_freq (exp2f of one
+    # backend against another's) moves it by pos * 2^-24 relative.
+    for name, g, w in zip("qkv", got, want):
+        tol = rtol + (pos * 2.0 ** -22 if name != "v" else 0.0)
+        _close(np.array(g.astype(mx.float32)), w, tol, f"attn_qkv {name} (fmt {fmt}, {dtype}, pos {pos})")
+
+
+def _exact_dense(proj) -> np.ndarray:
+    """The weight a projection multiplies by, in float64 (affine ones dequantized by MLX)."""
+    import mlx.nn as nn
+
+    if isinstance(proj, nn.QuantizedLinear):
+        w = mx.dequantize(proj.weight, proj.scales.astype(mx.float32), proj.biases.astype(mx.float32),
+                          proj.group_size, proj.bits)
+    else:
+        w = proj.weight.astype(mx.float32)
+    return np.array(w).astype(np.float64)
+
+
+def dense_residual_check(flavor: str, fmt: int, dtype, cols: int, rows: int, rtol: float, seed: int = 1) -> None:
+    """res + W x against float64 numpy on the weights MLX dequantizes."""
+    from .dense import dense_residual, dense_weight
+
+    rng = np.random.default_rng(seed)
+    proj = random_linear(rng, cols, rows, fmt, dtype, group_size=128 if fmt == 8 else 64)
+    x = mx.array(rng.standard_normal((1, 1, cols)).astype(np.float32)).astype(dtype)
+    res = mx.array(rng.standard_normal((1, 1, rows)).astype(np.float32)).astype(dtype)
+    want = np.array(res.astype(mx.float32)).reshape(-1) + _exact_dense(proj) @ np.array(x.astype(mx.float32)).reshape(-1)
+    got = dense_residual(x, dense_weight(proj), res, flavor)
+    assert got.shape == res.shape and got.dtype == dtype
+    _close(np.array(got.astype(mx.float32)).reshape(-1), want, rtol, f"dense_residual (fmt {fmt}, {dtype})")
+
+
+def router_gemv_check(flavor: str, fmt: int, dtype, hidden: int, params, reference, n_experts: int,
+                      seed: int = 2) -> None:
+    """(xn, ids, weights) against mx.fast.rms_norm, numpy's projection and the family's
+    rule (mlx_moe.router) on the same logits."""
+    from .dense import dense_weight
+    from .router import router_gemv
+
+    rng = np.random.default_rng(seed)
+    gate = random_linear(rng, hidden, n_experts, fmt, dtype)
+    h = mx.array(rng.standard_normal((1, 1, hidden)).astype(np.float32) * 2).astype(dtype)
+    gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+    with mx.stream(mx.cpu):
+        xn_want = mx.fast.rms_norm(h.reshape(1, hidden), gin, 1e-6)
+        logits = np.array(xn_want.astype(mx.float32)).astype(np.float64) @ _exact_dense(gate).T
+        logits = mx.array(logits.astype(np.float32)).astype(dtype)
+        wi, ww = (np.array(a) for a in reference(logits))
+    xn, gi, gw = router_gemv(h, gin, 1e-6, dense_weight(gate), params, flavor)
+    _close(np.array(xn.astype(mx.float32)), np.array(xn_want.astype(mx.float32)), 1e-6 if dtype == mx.float32 else 8e-3,
+           "router_gemv xn")
+    gi, gw = np.array(gi), np.array(gw)
+    og, ow = np.argsort(gi, 1), np.argsort(wi, 1)
+    assert (np.take_along_axis(gi, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"router_gemv ids {params}: {gi} vs {wi}"
+    _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-4, f"router_gemv weights {params}")
+
+
+def _attn_qkv_case(flavor: str) -> None:
+    attn_qkv_check(flavor, 4, mx.float32, qk_norm=True, bias=False, trad=False, pos=37)
+    attn_qkv_check(flavor, 17, mx.float32, qk_norm=False, bias=True, trad=True, pos=5, hidden=256, heads=(2, 1))
+
+
+def _dense_residual_case(flavor: str) -> None:
+    dense_residual_check(flavor, 4, mx.float32, 1280, 70, 1e-5)
+    dense_residual_check(flavor, 8, mx.float32, 512, 33, 1e-5)
+
+
+def _router_gemv_case(flavor: str) -> None:
+    from .. import router as R
+    from ..router import RouterParams
+
+    router_gemv_check(flavor, 8, mx.float32, 512, RouterParams(8, normalize=True),
+                      lambda lg: R.softmax_topk(lg, 8, True), 64)
+    router_gemv_check(flavor, 32, mx.float32, 256, RouterParams(2, score="topk_softmax"),
+                      lambda lg: R.topk_softmax(lg, 2), 8)
+
+
+def _down_combine_res_case(flavor: str) -> None:
+    """mul_mv_id_down_combine with the residual add: y - residual equals the plain kernel's y."""
+    from ..q4_0 import quantize
+    from .mul_mv_id import mul_mv_id_down_combine
+
+    rng = np.random.default_rng(14)
+    E, N, F, k, NI = 5, 70, 96, 3, 1
+    wd = mx.array(quantize(rng.standard_normal((E, N, F)).astype(np.float32)))
+    ids = mx.array(np.array([[4, 0, 5], [2, -1, 1]], np.int32))
+    w = mx.array(rng.random((2, k)).astype(np.float32))
+    h = mx.array(rng.standard_normal((2 * k, F)).astype(np.float32))
+    x = mx.array(rng.standard_normal((2, N)).astype(np.float32))
+    res = mx.array(rng.standard_normal((2, N)).astype(np.float32))
+    plain = np.array(mul_mv_id_down_combine(h, ids, w, x, wd, NI, flavor))
+    with_res = np.array(mul_mv_id_down_combine(h, ids, w, x, wd, NI, flavor, residual=res))
+    _close(with_res, plain + np.array(res), 1e-6, "mul_mv_id_down_combine_res")
+
+
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
 
 CASES: Dict[str, List[KernelCase]] = {
@@ -225,6 +373,15 @@ CASES: Dict[str, List[KernelCase]] = {
                                    _router_case)],
     "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
+    "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
+                                              "residual: the plain kernel's output + residual", _down_combine_res_case)],
+    "attn_qkv": [KernelCase("norm + q/k/v (4-bit affine, per-head q/k norm, rope at 37; bfloat16 weights with "
+                            "biases, traditional rope) vs MLX's rms_norm, projections and rope", _attn_qkv_case)],
+    "dense_residual": [KernelCase("4-bit (K 1280: a tail step) and 8-bit affine projection + residual vs float64 "
+                                  "numpy", _dense_residual_case)],
+    "moe_router_gemv": [KernelCase("norm + 8-bit router of 64 experts, softmax top-8 renormalized; float32 router "
+                                   "of 8, Mixtral top-2 softmax; vs MLX's rms_norm and mlx_moe.router",
+                                   _router_gemv_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "

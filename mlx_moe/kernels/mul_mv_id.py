@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from .dispatch import DOWN, GATE_UP, Geometry
 from .registry import get_kernel
+from .registry import kernel as registry_kernel
 
 FAMILY = "mul_mv_id"
 
@@ -85,20 +86,29 @@ def mul_mv_id_swiglu(
 
 def mul_mv_id_down_combine(
     h: mx.array, ids: mx.array, weights: mx.array, x: mx.array, wd: mx.array, n_identity: int,
-    flavor: str, geometry: Optional[Geometry] = None,
+    flavor: str, geometry: Optional[Geometry] = None, residual: Optional[mx.array] = None,
 ) -> mx.array:
     """y[t] = sum_s w[t,s] * Wd[ids[t,s]] @ h[t*k+s] (real ids) + sum_s w[t,s] * x[t] (identity ids).
 
     h [T*k, ffn] float32, x [T, hidden]; returns [T, hidden] in x's dtype.
+    residual [T, hidden] (x's dtype): y + residual instead, in the same launch (the
+    decoder layer's residual add after the MoE block; rounded as mlx-lm adds).
     """
     kind, rows, cols = _shape(wd)
     T, k = ids.shape
     g = geometry or DOWN[kind]
     nsg = min(g.nsg, k)
     n_tg = -(-rows // g.nr)
-    kernel = get_kernel(flavor, FAMILY, "mul_mv_id_down_combine", ["h", "ids", "wts", "x", "wd"], ["y"])
+    if residual is None:
+        kernel = get_kernel(flavor, FAMILY, "mul_mv_id_down_combine", ["h", "ids", "wts", "x", "wd"], ["y"])
+        extra = []
+    else:
+        if residual.shape != (T, rows) or residual.dtype != x.dtype:
+            raise ValueError(f"residual must be [{T}, {rows}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
+        kernel = registry_kernel(flavor, "mul_mv_id_down_combine_res")
+        extra = [residual]
     return kernel(
-        inputs=[h, ids, weights, x, wd],
+        inputs=[h, ids, weights, x, wd, *extra],
         template=[("T", x.dtype), ("WT", wd.dtype), ("K", cols), ("N", rows), ("NE", wd.shape[0]),
                   ("NI", int(n_identity)), ("KS", k), ("NR", g.nr), ("NSG", nsg), ("NQ", g.nq)],
         grid=(n_tg * 32 * nsg, T, 1), threadgroup=(32 * nsg, 1, 1),

@@ -10,6 +10,10 @@ Metal.  Three flavors build kernels from the same text:
 - `emulated`: `mlx_moe.emulation.metal_kernel` (the Metal sources compiled as
   C++ and run on the CPU), header as for `metal`.
 
+A family's helpers may build on another family's: a line `//@uses <family>` in
+its helpers section puts that family's helpers before its own in the header
+(router.metal's one-threadgroup router runs decode_layer.metal's dense GEMV).
+
 Where a body cannot be shared (matrix units: simdgroup_matrix on Metal,
 tensor-core mma on CUDA), `metal/<family>_cuda.h` holds the CUDA twins in
 the same section format: its `helpers` are appended to the shared ones and
@@ -87,13 +91,28 @@ def read_cuda_twin(family: str) -> Tuple[str, Dict[str, str]]:
     return _sections(path.read_text()) if path.is_file() else ("", {})
 
 
+_USES = re.compile(r"^//@uses (\w+)", re.M)
+
+
+def family_helpers(flavor: str, family: str, _seen: Tuple[str, ...] = ()) -> str:
+    """The helpers `flavor` compiles for metal/<family>.metal: those of the families
+    it uses (`//@uses`), then its own, then its CUDA twin's on CUDA."""
+    if family in _seen:
+        raise ValueError(f"metal/{family}.metal: //@uses forms a cycle ({' -> '.join(_seen + (family,))})")
+    helpers, _ = read_family(family)
+    used = [family_helpers(flavor, f, _seen + (family,)) for f in _USES.findall(helpers)]
+    text = "\n".join(used + [helpers])
+    if flavor == "cuda":
+        text = text + "\n" + read_cuda_twin(family)[0]
+    return text
+
+
 def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
     """(header, body) that `flavor` compiles for kernel `name` of metal/<family>.metal."""
-    helpers, bodies = read_family(family)
+    _, bodies = read_family(family)
+    helpers = family_helpers(flavor, family)
     if flavor == "cuda":
-        twin_helpers, twin_bodies = read_cuda_twin(family)
-        helpers = helpers + "\n" + twin_helpers
-        bodies = {**bodies, **twin_bodies}
+        bodies = {**bodies, **read_cuda_twin(family)[1]}
     spec = KERNELS.get(name)
     section = spec.body if spec is not None and spec.body else name
     if section not in bodies:
@@ -128,7 +147,15 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
+    "mul_mv_id_down_combine_res": KernelSpec("mul_mv_id", ("h", "ids", "wts", "x", "wd", "res"), ("y",),
+                                             body="mul_mv_id_down_combine", options=("RESIDUAL",)),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
+    # the fused one-token decoder layer (mlx_moe/fused_step.py)
+    "attn_qkv": KernelSpec("decode_layer", ("x", "gin", "wq", "wq_s", "wq_b", "wk", "wk_s", "wk_b", "wv", "wv_s",
+                                            "wv_b", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "pos", "cst"),
+                           ("qo", "ko", "vo")),
+    "dense_residual": KernelSpec("decode_layer", ("x", "w", "w_s", "w_b", "res"), ("out",)),
+    "moe_router_gemv": KernelSpec("router", ("h", "gin", "w", "w_s", "w_b", "bias", "cst"), ("xn", "ids", "weights")),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
     "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),
@@ -136,7 +163,7 @@ KERNELS: Dict[str, KernelSpec] = {
 }
 
 
-_CONSTANTS: Dict[float, mx.array] = {}
+_CONSTANTS: Dict[object, mx.array] = {}
 
 
 def constant(value: float) -> mx.array:
@@ -146,6 +173,25 @@ def constant(value: float) -> mx.array:
     a = _CONSTANTS.get(value)
     if a is None:
         a = _CONSTANTS[value] = mx.array([value], dtype=mx.float32)
+    return a
+
+
+def constants(values: Tuple[float, ...]) -> mx.array:
+    """A float32 [len(values)] kernel input holding `values`, made once (as `constant`)."""
+    a = _CONSTANTS.get(values)
+    if a is None:
+        a = _CONSTANTS[values] = mx.array(list(values), dtype=mx.float32)
+    return a
+
+
+_STAND_INS: Dict[object, mx.array] = {}
+
+
+def stand_in(dtype) -> mx.array:
+    """A 1-element input of `dtype` for a kernel input an option leaves unread (made once)."""
+    a = _STAND_INS.get(dtype)
+    if a is None:
+        a = _STAND_INS[dtype] = mx.array([0], dtype=dtype)
     return a
 
 

@@ -1,0 +1,378 @@
+// decode_layer: the dense half of a one-token decoder layer in two launches.
+//
+// Why: decode is host-bound.  MLX's backends cost the host 4-9 us per graph
+// node whatever its GPU work (BENCHMARKS.md), and mlx-lm's attention block is
+// about 20 nodes per layer (norm, three projections, reshapes, q/k norms,
+// ropes, attention, o_proj, residual add).  Here:
+//   attn_qkv        input RMSNorm -> q, k, v projections -> per-head q/k
+//                   RMSNorm -> RoPE at the cache position, one launch;
+//   dense_residual  o_proj and the residual add, one launch.
+// With the cache update (two slice_updates) and the decode attention kernel
+// (metal/attention.metal) the attention block is five nodes.
+//
+// Numerics follow mlx-lm's ops: the normalized input is rounded to T as
+// mx.fast.rms_norm rounds it, each projection's output is rounded to T as
+// quantized_matmul / matmul return it, the q/k norms and RoPE round as theirs.
+//
+// Dense weights (FMT), one row per output feature:
+//   4, 8   MLX affine quantization, BITS = FMT, group GS: w uint32 [N, K*BITS/32]
+//          (element j of a word in bits BITS*j ..), scales and biases [N, K/GS]
+//          of ST; value = scale * q + bias;
+//   16, 17, 32  float16, bfloat16, float32 weights [N, K].
+// A lane reads 16 bytes of a row per step (PER columns), so rows must be
+// 16-byte multiples (mlx_moe/kernels/dense.py checks).
+//
+// Activations are staged once per threadgroup in threadgroup memory as
+// float, in the order lanes read them (moe_xs_index): no bank conflicts.
+
+// ==== helpers ====
+
+// Columns of one 16-byte read of a row, per weight format.
+template <int FMT>
+struct moe_dense_per {
+  enum { value = (FMT == 4 || FMT == 8) ? 128 / FMT : (FMT == 32 ? 4 : 8) };
+};
+
+// Where column c of K-long activations sits in the staged vector: step s, lane
+// l, element i of the lane's PER columns go to (s * PER + i) * 32 + l, so the
+// 32 lanes of a step read consecutive words.
+template <int PER>
+MOE_DEVICE inline int moe_xs_index(int c) {
+  const int s = c / (32 * PER);
+  const int l = (c / PER) % 32;
+  const int i = c % PER;
+  return (s * PER + i) * 32 + l;
+}
+
+// Size of the staged vector for K columns (whole steps; the tail holds zeros).
+template <int K, int PER>
+struct moe_xs_size {
+  enum { value = ((K + 32 * PER - 1) / (32 * PER)) * 32 * PER };
+};
+
+// The 16 bytes at index i (in 16-byte units) of a weight matrix.
+template <typename P>
+MOE_DEVICE inline uint4 moe_dense_load(P w, size_t i) {
+  return moe_load_u4(w, i);
+}
+
+// PER float weights from the four words of one read.
+template <int FMT, typename F>
+MOE_DEVICE inline void moe_dense_floats(uint4 q, F f) {
+  const uint wd[4] = {q.x, q.y, q.z, q.w};
+  for (int m = 0; m < 4; ++m) {
+    if (FMT == 32) {
+      f[m] = moe_as_float(wd[m]);
+    } else if (FMT == 17) {  // bfloat16: the upper half of a float32
+      f[2 * m] = moe_as_float(wd[m] << 16);
+      f[2 * m + 1] = moe_as_float(wd[m] & 0xFFFF0000u);
+    } else {  // float16
+      f[2 * m] = moe_f16_bits(ushort(wd[m] & 0xFFFFu));
+      f[2 * m + 1] = moe_f16_bits(ushort(wd[m] >> 16));
+    }
+  }
+}
+
+// One lane's reads of CH consecutive steps (from step st0) of NR rows: the
+// 16-byte words and, for affine formats, each read's scale and bias.  Kept in
+// registers so a kernel can issue its first reads before its prologue (the
+// input norm, the staging barrier) and wait for memory once.
+template <int NR, int CH>
+struct moe_dense_chunk {
+  uint4 q[CH][NR];
+  float s[CH][NR];
+  float b[CH][NR];
+};
+
+// Steps of a K-long row (PER columns per lane and step), and the steps loaded at
+// once: 8 reads (32 registers) per lane at most.
+template <int K, int FMT, int NR>
+struct moe_dense_steps {
+  enum {
+    PER = moe_dense_per<FMT>::value,
+    NS = (K + 32 * PER - 1) / (32 * PER),
+    CH0 = 8 / NR > 0 ? 8 / NR : 1,
+    CH = CH0 < NS ? CH0 : NS,
+  };
+};
+
+// Issue the reads of steps st0 .. st0 + CH - 1 of rows row0 .. row0 + NR - 1.
+// Rows at or past nvalid read row nvalid - 1 (valid memory, result discarded by
+// the caller); columns past K read nothing.
+template <int K, int FMT, int GS, int NR, int CH, typename WP, typename SP>
+MOE_DEVICE inline moe_dense_chunk<NR, CH> moe_dense_load(WP w, SP sc, SP bi, int row0, int nvalid, int st0,
+                                                         uint lane) {
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int AFFINE = (FMT == 4 || FMT == 8) ? 1 : 0;
+  constexpr int ROW16 = K / PER;  // 16-byte reads per row
+  constexpr int G = AFFINE ? GS : 1;
+  moe_dense_chunk<NR, CH> ch;
+  for (int j = 0; j < CH; ++j) {
+    const int st = st0 + j;
+    const int c = (st * 32 + int(lane)) * PER;
+    for (int r = 0; r < NR; ++r) {
+      const int rr = (r < nvalid) ? r : nvalid - 1;
+      if (c < K) {
+        ch.q[j][r] = moe_dense_load(w, size_t(row0 + rr) * ROW16 + size_t(st * 32 + int(lane)));
+        if (AFFINE) {
+          const size_t g = size_t(row0 + rr) * (K / G) + size_t(c / G);
+          ch.s[j][r] = float(sc[g]);
+          ch.b[j][r] = float(bi[g]);
+        }
+      }
+    }
+  }
+  return ch;
+}
+
+// acc[r] += the chunk's part of  W[row0 + r] . x,  x staged in xs (moe_xs_index order).
+template <int K, int FMT, int NR, int CH, typename XS, typename A>
+MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs, uint lane, A acc) {
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int AFFINE = (FMT == 4 || FMT == 8) ? 1 : 0;
+  for (int j = 0; j < CH; ++j) {
+    const int st = st0 + j;
+    const int c = (st * 32 + int(lane)) * PER;
+    if (c < K) {
+      float xv[PER];
+      float xsum = 0.0f;
+      for (int i = 0; i < PER; ++i) {
+        xv[i] = xs[(st * PER + i) * 32 + int(lane)];
+        xsum += xv[i];
+      }
+      for (int r = 0; r < NR; ++r) {
+        float s = 0.0f;
+        if (AFFINE) {
+          const uint4 q = ch.q[j][r];
+          const uint wd[4] = {q.x, q.y, q.z, q.w};
+          constexpr int B = AFFINE ? FMT : 8;
+          constexpr int EPW = 32 / B;  // elements per word
+          constexpr uint MASK = (1u << B) - 1u;
+          for (int m = 0; m < 4; ++m) {
+            for (int e = 0; e < EPW; ++e) {
+              s += float((wd[m] >> uint(B * e)) & MASK) * xv[EPW * m + e];
+            }
+          }
+          acc[r] += ch.s[j][r] * s + ch.b[j][r] * xsum;
+        } else {
+          float f[PER];
+          moe_dense_floats<FMT>(ch.q[j][r], f);
+          for (int i = 0; i < PER; ++i) {
+            s += f[i] * xv[i];
+          }
+          acc[r] += s;
+        }
+      }
+    }
+  }
+}
+
+// acc[r] += this lane's part of  W[row0 + r] . x  for r < NR, x staged in xs;
+// `first`: the reads of the first chunk (steps 0 .. CH - 1), issued by the caller
+// before its prologue; the rest are read here, a chunk at a time.
+template <int K, int FMT, int GS, int NR, typename WP, typename SP, typename XS, typename A, typename C>
+MOE_DEVICE inline void moe_dense_rest(C first, WP w, SP sc, SP bi, int row0, int nvalid, XS xs, uint lane, A acc) {
+  constexpr int NS = moe_dense_steps<K, FMT, NR>::NS;
+  constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
+  moe_dense_math<K, FMT, NR, CH>(first, 0, xs, lane, acc);
+  for (int st0 = CH; st0 < NS; st0 += CH) {
+    const auto ch = moe_dense_load<K, FMT, GS, NR, CH>(w, sc, bi, row0, nvalid, st0, lane);
+    moe_dense_math<K, FMT, NR, CH>(ch, st0, xs, lane, acc);
+  }
+}
+
+// Sum of v over the threadgroup's NSG simdgroups, returned to every thread.
+// red: threadgroup float[NSG]; begins and ends with a barrier (red is reused).
+template <int NSG, typename R>
+MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
+  v = moe_simd_sum(v);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane == 0) {
+    red[sg] = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float t = 0.0f;
+  for (int g = 0; g < NSG; ++g) {
+    t += red[g];
+  }
+  return t;
+}
+
+// ==== kernel: attn_qkv ====
+// The attention block's input side for one token.  Threadgroup h owns one head:
+// q heads 0..HQ-1, then k heads, then v heads, D rows each.
+//   xn = rms_norm(x, gin, eps)              (staged, rounded to T as MLX does)
+//   y  = T(W . xn (+ bias))                 the head's D rows
+//   q, k heads: y = rms_norm(y, q_norm | k_norm, eps_qk) when QKNORM,
+//               then RoPE at position pos (pairs (i, i + D/2), or (2i, 2i+1) when TRAD)
+// Template: T, FMT, GS, K (hidden), D (head dim, <= 32 * NSG, D / NSG rows per
+//   simdgroup), HQ, HK, NSG, QKNORM, HAS_BIAS, TRAD.
+// Inputs: x [K], gin [K] (T); wq, wq_s, wq_b, wk, wk_s, wk_b, wv, wv_s, wv_b (dense
+//   weights; scales and biases of affine ones, any 1-element arrays otherwise);
+//   q_bias [HQ*D], k_bias, v_bias [HK*D] (T; any 1-element arrays unless HAS_BIAS);
+//   q_norm, k_norm [D] (T; any 1-element arrays unless QKNORM); pos int32 [1];
+//   cst float32 [4]: eps of the input norm, eps of the q/k norms, log2(rope base),
+//   rope position scale.
+// Outputs: qo [HQ*D], ko [HK*D], vo [HK*D] (T).
+// Grid: ((HQ + 2 * HK) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
+{
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int XS = moe_xs_size<K, PER>::value;
+  constexpr int NR = D / NSG;
+  constexpr int NT = 32 * NSG;
+  constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
+  constexpr int IT = (XS + NT - 1) / NT;
+  threadgroup float xs[XS];
+  threadgroup float red[NSG];
+  threadgroup float hb[D];
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const int tid = int(thread_index_in_threadgroup);
+  const int head = int(threadgroup_position_in_grid.x);
+  const int which = (head < HQ) ? 0 : ((head < HQ + HK) ? 1 : 2);  // q, k or v: uniform per threadgroup
+  const int hh = head - ((which == 0) ? 0 : ((which == 1) ? HQ : HQ + HK));
+  const auto w = (which == 0) ? wq : ((which == 1) ? wk : wv);
+  const auto w_s = (which == 0) ? wq_s : ((which == 1) ? wk_s : wv_s);
+  const auto w_b = (which == 0) ? wq_b : ((which == 1) ? wk_b : wv_b);
+  const int row0 = hh * D + int(sg) * NR;
+  const int t = tid;  // the head element this thread finishes (t < D)
+  const bool qk = which < 2;
+
+  // Every read this thread needs, issued before the first wait: its rows' first
+  // weights, its activations, its element's bias and norm weight, the constants.
+  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, row0, NR, 0, lane);
+  float xv[IT];
+  float gv[IT];
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    xv[i] = (c < K) ? float(x[c]) : 0.0f;
+    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
+  }
+  float bias_t = 0.0f;
+  if (HAS_BIAS && t < D) {
+    const auto bias = (which == 0) ? q_bias : ((which == 1) ? k_bias : v_bias);
+    bias_t = float(bias[hh * D + t]);
+  }
+  float nw_t = 0.0f;
+  if (QKNORM && qk && t < D) {
+    const auto nw = (which == 0) ? q_norm : k_norm;
+    nw_t = float(nw[t]);
+  }
+  const float eps_in = cst[0];
+  const float eps_qk = cst[1];
+  const float log2_base = cst[2];
+  const float angle0 = cst[3] * float(pos[0]);
+
+  // The input norm; xn staged in lane order.
+  float ss = 0.0f;
+  for (int i = 0; i < IT; ++i) {
+    ss += xv[i] * xv[i];
+  }
+  const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps_in);
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    if (c < XS) {
+      xs[moe_xs_index<PER>(c)] = (c < K) ? float(T(gv[i] * float(T(xv[i] * inv)))) : 0.0f;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, row0, NR, xs, lane, acc);
+  for (int r = 0; r < NR; ++r) {
+    const float sr = moe_simd_sum(acc[r]);
+    if (lane == 0) {
+      hb[int(sg) * NR + r] = sr;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  // Epilogue: thread t < D takes element t of the head.
+  float y = 0.0f;
+  if (t < D) {
+    y = float(T(hb[t] + bias_t));
+  }
+  if (QKNORM) {
+    const float n2 = moe_tg_sum<NSG>((t < D) ? y * y : 0.0f, red, lane, sg);
+    if (qk && t < D) {
+      y = float(T(nw_t * float(T(y * moe_rsqrt(n2 / float(D) + eps_qk)))));
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read hb
+  if (t < D) {
+    hb[t] = y;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (t < D) {
+    float o = y;
+    if (qk) {
+      constexpr int HALF = D / 2;
+      const int j = TRAD ? t / 2 : t % HALF;  // the rotation's frequency index
+      const bool lo = TRAD ? (t % 2 == 0) : (t < HALF);
+      const int i1 = TRAD ? 2 * j : j;
+      const int i2 = TRAD ? 2 * j + 1 : j + HALF;
+      const float theta = angle0 * moe_exp2(-(float(j) / float(HALF)) * log2_base);
+      const float cs = moe_cos(theta);
+      const float sn = moe_sin(theta);
+      o = lo ? hb[i1] * cs - hb[i2] * sn : hb[i1] * sn + hb[i2] * cs;
+    }
+    const auto out = (which == 0) ? qo : ((which == 1) ? ko : vo);
+    out[hh * D + t] = T(o);
+  }
+}
+
+// ==== kernel: dense_residual ====
+// out[n] = T(res[n] + T(W[n] . x)): a projection and the residual add after it
+// (mlx-lm's  h = x + o_proj(attn)), for one token.
+// Template: T, FMT, GS, K, N, NR (rows per simdgroup), NSG.
+// Inputs: x [K] (T), w, w_s, w_b (dense weight, as attn_qkv), res [N] (T).
+// Output: out [N] (T).
+// Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
+{
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int XS = moe_xs_size<K, PER>::value;
+  constexpr int NT = 32 * NSG;
+  constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
+  constexpr int IT = (XS + NT - 1) / NT;
+  threadgroup float xs[XS];
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const int tid = int(thread_index_in_threadgroup);
+  const int row0 = (int(threadgroup_position_in_grid.x) * NSG + int(sg)) * NR;
+  const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+  const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last row reads row 0, writes nothing
+  const int lvalid = (nvalid > 0) ? nvalid : 1;
+
+  // Every read issued before the first wait: the first weights, the activations, the residuals.
+  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
+  float xv[IT];
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    xv[i] = (c < K) ? float(x[c]) : 0.0f;
+  }
+  float rv[NR];
+  for (int r = 0; r < NR; ++r) {
+    rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
+  }
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    if (c < XS) {
+      xs[moe_xs_index<PER>(c)] = xv[i];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
+  for (int r = 0; r < NR; ++r) {
+    const float sr = moe_simd_sum(acc[r]);
+    if (lane == 0 && r < nvalid) {
+      out[row0 + r] = T(rv[r] + float(T(sr)));
+    }
+  }
+}
