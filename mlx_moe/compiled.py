@@ -37,6 +37,11 @@ olmoe) with a rope that accepts array offsets.  `unsupported_reason(model)`
 says why anything else (deepseek_v2 / longcat_flash MLA attention, expert
 parallelism) decodes uncompiled.
 
+On the metal and cuda expert backends the traced forward is the fused one of
+mlx_moe/fused_step.py (about eight graph nodes per layer) where the model
+allows it (`CompiledDecoder.fused_reason` says why not; FUSED_LAYERS turns it
+off), else mlx-lm's forward over the static cache.
+
 The trace captures the model's weights and expert backends as constants: a
 decoder notices replaced parameters or backends (`fingerprint`) and
 re-traces on the next generate call.
@@ -68,6 +73,12 @@ COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 # True: on for models whose expert backend is the metal or cuda kernels; a flavor
 # name forces that flavor (tests).
 ATTENTION_KERNEL = False
+
+# The step's forward through the fused decoder layers (mlx_moe/fused_step.py: about
+# eight graph nodes per layer instead of 30-40) where the model's family, weights and
+# expert backend allow it (`fused_step.unsupported` says why not); False: mlx-lm's
+# forward over the static cache, as before.
+FUSED_LAYERS = True
 
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
 
@@ -257,6 +268,14 @@ class CompiledDecoder:
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
         layers = _moe.moe_layers(model)
+        self.fused, self.fused_reason = None, "compiled.FUSED_LAYERS is off"
+        self.fused_setting = FUSED_LAYERS  # decoder_for rebuilds the decoder when it changes
+        if FUSED_LAYERS:
+            from . import fused_step
+
+            flavors = {getattr(layer.backend, "flavor", getattr(layer.backend, "name", None)) for layer in layers}
+            flavor = flavors.pop() if len(flavors) == 1 else None
+            self.fused, self.fused_reason = fused_step.plan_or_reason(model, flavor)
         self._moe_count = len(layers)
         self._top_k = layers[0].top_k if layers else 0  # the record chain's size depends on it
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
@@ -265,7 +284,8 @@ class CompiledDecoder:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
     def _function(self, record: bool, chained: bool):
-        key = (record, attention_flavor(self.model), HOOKS.join_flavor_now() if record else None, chained)
+        attention = "fused" if self.fused is not None else attention_flavor(self.model)
+        key = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*key))
@@ -278,8 +298,14 @@ class CompiledDecoder:
         def step(token, offset, keys, values, *chain):
             self.traces += 1
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
-            with HOOKS.capturing(record) as cap, _static_cache_attention(model, attention):
-                logits = base_call(model, token, cache=cache)
+            with HOOKS.capturing(record) as cap:
+                if attention == "fused":
+                    from .fused_step import forward
+
+                    logits = forward(model, self.fused, token, cache, offset.reshape(1))
+                else:
+                    with _static_cache_attention(model, attention):
+                        logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
@@ -387,7 +413,7 @@ def decoder_for(model: nn.Module) -> CompiledDecoder:
     """The model's CompiledDecoder, kept on the model and rebuilt when its weights or
     expert backends were replaced (the old trace holds the old ones)."""
     decoder = getattr(model, "_mlx_moe_compiled_decoder", None)
-    if decoder is None or decoder.fingerprint != fingerprint(model):
+    if decoder is None or decoder.fingerprint != fingerprint(model) or decoder.fused_setting != FUSED_LAYERS:
         decoder = CompiledDecoder(model)
         object.__setattr__(model, "_mlx_moe_compiled_decoder", decoder)
     return decoder

@@ -12,8 +12,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile  our model, decode steps through one mx.compile'd step
                 (mlx_moe/compiled.py); its greedy tokens are checked against mlx-moe's
   mlx-moe+compile+log  the compiled step with the expert log
-  mlx-moe+compile+attn  the compiled step with its attention on the decode
-                attention kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
+  mlx-moe+compile  (on the metal / cuda kernels) through the fused decoder layers
+                (mlx_moe/fused_step.py) where the model allows
+  mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
+  mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
+                kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
   mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
@@ -464,6 +467,7 @@ def main(argv=None):
         if dq:
             dequantized_prefill(ours, args.dq_min_rows)
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
+        compiled_module.FUSED_LAYERS = "+nofuse" not in engine
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
@@ -474,6 +478,7 @@ def main(argv=None):
                             compile=engine.startswith("mlx-moe+compile"))
         finally:
             compiled_module.ATTENTION_KERNEL = False
+            compiled_module.FUSED_LAYERS = True
             mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)
@@ -560,6 +565,10 @@ def main(argv=None):
         print(f"\nengine {e} FAILED: {why}")
     if "mlx-moe+compile" in engines and unsupported_reason(ours):
         print(f"\nmlx-moe+compile decoded UNCOMPILED: {unsupported_reason(ours)}")
+    elif any(e.startswith("mlx-moe+compile") for e in engines):
+        set_expert_backend(ours, kernels)
+        d = decoder_for(ours)
+        print(f"\nfused decoder layers in mlx-moe+compile: {'on' if d.fused else 'off (' + d.fused_reason + ')'}")
     if args.breakdown:
         details = breakdown(ours, kernels, prompt, args.gen_tokens, args.breakdown_reps)
         print_breakdown(details, config["num_hidden_layers"])

@@ -17,6 +17,17 @@ them.  This tool measures the two things that decide the host time:
    with the expert log, top functions by own time.  Time inside MLX's C++
    (graph building, evaluation) shows up under the Python call that entered it.
 
+3. --gpu-step: the GPU side of the compiled decode step.  Decodes --gen-tokens
+   tokens through the compiled step (warm), reports wall ms per token, then runs
+   --steps more steps between cudaProfilerStart/Stop (through torch), so that
+
+     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \
+         --csv --log-file step.csv python tools/profile_decode.py --gpu-step --kernels cuda
+     python tools/profile_decode.py --summarize step.csv --steps 2
+
+   gives every kernel of a step and the GPU time a token needs (ncu serializes the
+   kernels: their sum is the step's GPU work without overlap).
+
   python tools/profile_decode.py --shape qwen3-30b-a3b --kernels cuda
   python tools/profile_decode.py --shape tiny --kernels mlx --gen-tokens 16   # CPU smoke test
 """
@@ -136,6 +147,56 @@ def profile_generate(model, prompt, gen_tokens: int, log_path=None, top: int = 3
     return s.getvalue()
 
 
+def gpu_step(model, prompt, gen_tokens: int, steps: int) -> None:
+    """Mode --gpu-step (module docstring)."""
+    from mlx_moe.compiled import compiled_generate_step, decoder_for
+
+    decoder = decoder_for(model)
+    print(f"fused decoder layers: {'on' if decoder.fused else 'off (' + str(decoder.fused_reason) + ')'}")
+    gen = compiled_generate_step(mx.array(prompt), model, max_tokens=gen_tokens + 8 + steps)
+    for _ in range(8):  # trace, compile, warm
+        next(gen)
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        next(gen)
+    dt = (time.perf_counter() - t0) / gen_tokens
+    print(f"compiled decode: {1e3 * dt:.3f} ms per token ({1 / dt:.1f} tok/s)", flush=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device for torch: nothing profiled")
+        return
+    torch.cuda.init()
+    mx.synchronize()
+    torch.cuda.profiler.start()
+    for _ in range(steps):
+        next(gen)
+    mx.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"{steps} steps profiled", flush=True)
+
+
+def summarize(path: str, steps: int) -> None:
+    """GPU time per decode step by kernel, from an ncu CSV of --gpu-step (gpu__time_duration)."""
+    import collections
+    import csv
+
+    rows = list(csv.DictReader(line for line in open(path) if line.startswith('"')))
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for r in rows:
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        ns = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(
+            r.get("Metric Unit", "nsecond"), 1)
+        name = r["Kernel Name"].split("(")[0].split("<")[0][:60]
+        per[name][0] += 1
+        per[name][1] += ns
+    total = sum(v[1] for v in per.values())
+    print(f"GPU time per step: {total / steps / 1e3:.1f} us over {sum(v[0] for v in per.values()) / steps:.0f} kernels")
+    for name, (n, ns) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:60s} {n / steps:6.0f} per step {ns / steps / 1e3:9.1f} us")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
@@ -145,7 +206,13 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--skip-ops", action="store_true")
     p.add_argument("--ops-only", action="store_true", help="only the per-node host costs (no model, no profile)")
+    p.add_argument("--gpu-step", action="store_true", help="the compiled step's kernels, for ncu (docstring)")
+    p.add_argument("--steps", type=int, default=2, help="--gpu-step / --summarize: decode steps profiled")
+    p.add_argument("--summarize", default=None, help="an ncu CSV of --gpu-step: GPU time per step by kernel")
     args = p.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, args.steps)
+        return
 
     backend = get_backend(args.kernels)
     print(f"# profile_decode: {args.shape}, kernels {backend.name}, device {mx.default_device()}", flush=True)
@@ -161,6 +228,9 @@ def main(argv=None):
     random_q4_0_experts(ours)
     set_expert_backend(ours, backend)
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
+    if args.gpu_step:
+        gpu_step(ours, prompt, args.gen_tokens, args.steps)
+        return
     print("\n## cProfile, decode without the expert log")
     print(profile_generate(ours, prompt, args.gen_tokens, top=args.top), flush=True)
     print("\n## cProfile, decode with the expert log")

@@ -114,6 +114,18 @@ class KernelBackend(ExpertBackend):
             y = y + identity_term(x, ids, weights, E, n_identity)
         return y.astype(x.dtype)
 
+    def decode_residual(self, x, ids, weights, experts, n_identity, residual):
+        """residual + the layer's experts for a decode-sized batch in two launches
+        (mul_mv_id_swiglu, then mul_mv_id_down_combine with the residual add), or None
+        where the GEMV kernels do not take it (the caller then adds the residual to
+        this backend's plain call).  mlx_moe/fused_step.py's decoder layers use it."""
+        wg, wu, wd = expert_weights(experts)
+        if kernel_path(x, ids, self._kind(experts, wg, wu, wd)) != "mv":
+            return None
+        ids, weights = self._launch(ids, weights)
+        h = mul_mv_id_swiglu(x, ids, wg, wu, self.flavor)
+        return mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
+
     def prefill(self, x, ids, weights, experts, wg, wu, wd, n_identity):
         """map0 -> gate/up GEMMs with SwiGLU -> down GEMM -> combine (module docstring)."""
         ids, weights = self._launch(ids, weights)

@@ -1,0 +1,220 @@
+"""The one-token decoder forward on fused kernels: about eight graph nodes per layer.
+
+Why: decode on MLX is host-bound.  Each graph node costs the host 4-9 us on
+MLX's backends whatever its GPU work (BENCHMARKS.md), and mlx-lm's decoder
+layer is 30-40 nodes (norms, projections, reshapes, transposes, ropes, the
+cache update, attention, residual adds, the router's ops, the experts).  Here
+a layer is:
+
+  attn_qkv          input RMSNorm, q/k/v projections (+ biases), per-head q/k
+                    RMSNorm, RoPE at the cache position   (metal/decode_layer.metal)
+  2 x ScatterAxis   the new key and value into the static cache (put_along_axis)
+  decode_attention  one query over the cache's first pos + 1 slots (metal/attention.metal)
+  dense_residual    o_proj + the residual add              (metal/decode_layer.metal)
+  moe_router_gemv   post-attention RMSNorm, router projection, the family's
+                    top-k rule; its normalized input feeds the experts (metal/router.metal)
+  mul_mv_id_swiglu, mul_mv_id_down_combine_res
+                    the routed experts, the weighted combine and the residual
+                    add after the MoE block (metal/mul_mv_id.metal)
+
+with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
+expert backend's own call where the experts are not the kernels' formats
+(MLX-affine experts of mlx-community checkpoints).  The routing hook sees the
+same records as in the MoE layer's own forward.
+
+It runs inside the compiled decode step (mlx_moe/compiled.py), which owns the
+static KV cache with an array write position: `plan(model)` decides once per
+model whether every decoder layer can take this path (`unsupported` says why
+not), `forward` is the step's forward.  Numerics follow mlx-lm's ops (the
+same rounding points in the activation dtype); the float32 reductions run in
+another order, so float32 logits agree to ~1e-6 and greedy tokens are checked
+against the uncompiled path (tests/test_fused_step.py, the GPU tests).
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .hooks import HOOKS
+from .kernels.attention import decode_attention
+from .kernels.dense import DenseWeight, attn_qkv, attn_unsupported, dense_residual, dense_unsupported, dense_weight
+from .kernels.router import gemv_unsupported, router_gemv
+from .moe import MoELayer
+
+FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+
+class LayerPlan(NamedTuple):
+    in_norm: nn.RMSNorm
+    q: DenseWeight
+    k: DenseWeight
+    v: DenseWeight
+    o: DenseWeight
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float  # attention's softmax scale
+    q_norm: Optional[nn.RMSNorm]
+    k_norm: Optional[nn.RMSNorm]
+    rope: nn.RoPE
+    post_norm: nn.RMSNorm
+    moe: MoELayer
+    gate: DenseWeight  # the router projection
+
+
+class Plan(NamedTuple):
+    flavor: str
+    layers: List[LayerPlan]
+
+
+def _moe_of(layer) -> Optional[MoELayer]:
+    for _, child in layer.children().items():
+        if isinstance(child, MoELayer):
+            return child
+    return None
+
+
+def _layer_plan(i: int, layer):
+    """(LayerPlan, None) or (None, why layer i cannot take the fused path)."""
+    attn = getattr(layer, "self_attn", None)
+    moe = _moe_of(layer)
+    if attn is None or moe is None:
+        return None, f"layer {i} is not an attention + MoE layer (a dense MLP layer, or another block)"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        if type(getattr(layer, name, None)) is not nn.RMSNorm:
+            return None, f"layer {i}: {name} is not an RMSNorm"
+    rope = getattr(attn, "rope", None)
+    if type(rope) is not nn.RoPE:
+        return None, f"layer {i}: rope {type(rope).__name__} (the kernel does nn.RoPE's rotation)"
+    projs = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    for name, p in zip(("q_proj", "k_proj", "v_proj", "o_proj"), projs):
+        problem = dense_unsupported(p)
+        if problem is not None:
+            return None, f"layer {i}: {name}: {problem}"
+    gate = getattr(moe, "gate", None)
+    problem = dense_unsupported(gate) if gate is not None else f"{type(moe).__name__} has no `gate` projection"
+    if problem is not None:
+        return None, f"layer {i}: router: {problem}"
+    q, k, v, o = (dense_weight(p) for p in projs)
+    gate_w = dense_weight(gate)
+    n_heads = getattr(attn, "n_heads", getattr(attn, "num_heads", None))  # mixtral: num_heads
+    n_kv_heads = getattr(attn, "n_kv_heads", getattr(attn, "num_key_value_heads", None))
+    if not n_heads or not n_kv_heads:
+        return None, f"layer {i}: attention without head counts"
+    head_dim = q.rows // n_heads
+    if rope.dims != head_dim:
+        return None, f"layer {i}: rope over {rope.dims} of {head_dim} head dimensions"
+    problem = attn_unsupported(q, k, v, head_dim, n_heads, n_kv_heads)
+    if problem is None and o.bias is not None:
+        problem = "o_proj has a bias"
+    if problem is None:
+        problem = gemv_unsupported(gate_w, moe.router_params())
+    if problem is not None:
+        return None, f"layer {i}: {problem}"
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if (q_norm is None) != (k_norm is None):
+        return None, f"layer {i}: only one of q_norm, k_norm"
+    if q_norm is not None:
+        if type(q_norm) is not nn.RMSNorm or type(k_norm) is not nn.RMSNorm:
+            return None, f"layer {i}: q/k norms are not RMSNorms"
+        if q_norm.weight.shape != (head_dim,) or k_norm.weight.shape != (head_dim,) or q_norm.eps != k_norm.eps:
+            return None, f"layer {i}: q/k norms are not per-head RMSNorms of one eps (OLMoE's span all heads)"
+    return LayerPlan(layer.input_layernorm, q, k, v, o, n_heads, n_kv_heads, head_dim, float(attn.scale),
+                     q_norm, k_norm, rope, layer.post_attention_layernorm, moe, gate_w), None
+
+
+def unsupported(model: nn.Module, flavor: Optional[str]) -> Optional[str]:
+    """Why `model` cannot decode through the fused layers on kernel flavor `flavor`, or None."""
+    return plan_or_reason(model, flavor)[1]
+
+
+def plan_or_reason(model: nn.Module, flavor: Optional[str]):
+    """(Plan, None), or (None, the reason the fused path does not apply)."""
+    if flavor not in ("metal", "cuda", "emulated"):
+        return None, f"expert backend {flavor!r}: the fused layers run on the metal and cuda kernels"
+    model_type = getattr(getattr(model, "args", None), "model_type", None)
+    if model_type not in FUSED_FAMILIES:
+        return None, f"{model_type}: the fused layers cover {', '.join(FUSED_FAMILIES)}"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+        return None, "the model has no embed_tokens / layers / norm"
+    if getattr(inner, "pipeline_size", 1) != 1:
+        return None, "pipeline parallelism"
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        lp, why = _layer_plan(i, layer)
+        if lp is None:
+            return None, why
+        layers.append(lp)
+    return Plan(flavor, layers), None
+
+
+def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, ids: mx.array, weights: mx.array,
+                          flavor: str) -> mx.array:
+    """h + MoE(xn) (+ the shared expert) for one token, [1, 1, D]."""
+    moe = lp.moe
+    shared = moe.shared_output(xn)
+    res = h.reshape(1, -1) if shared is None else (h.reshape(1, -1) + shared)
+    backend = moe.backend
+    out = None
+    if getattr(backend, "flavor", None) == flavor:  # the kernels: experts, combine and residual in two launches
+        out = backend.decode_residual(xn, ids, weights, moe.switch_mlp, moe.n_identity, res)
+    if out is None:  # experts in another format: the backend's own call, then the residual add
+        out = res + backend(xn, ids, weights, moe.switch_mlp, n_identity=moe.n_identity)
+    return out.reshape(h.shape)
+
+
+def cache_index(pos: mx.array, n_kv_heads: int, head_dim: int) -> mx.array:
+    """The KV cache's write index for `put_along_axis`: pos broadcast to one token's
+    [1, HK, 1, D] keys, made once per step and shared by the layers.
+
+    Why not mx.slice_update: with an array start, MLX's CUDA backend launches its
+    dynamic-offset copy over the whole cache (one thread per cached element, for
+    one token's worth of work): 22 us per update on an H200, 2.2 ms per token for
+    48 layers (this session's ncu of the step).  ScatterAxis launches one thread
+    per written element, into the donated cache buffer as slice_update does."""
+    return mx.broadcast_to(pos.reshape(1, 1, 1, 1), (1, n_kv_heads, 1, head_dim))
+
+
+def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
+               index: Optional[mx.array] = None) -> mx.array:
+    """One decoder layer for one token h [1, 1, D]; `cache` has keys/values [1, HK, C, D]
+    and is updated at int32 position pos [1] (`index`: cache_index(pos, ...), shared
+    by the layers of a step)."""
+    qn, kn = lp.q_norm, lp.k_norm
+    q, k, v = attn_qkv(h, lp.in_norm.weight, lp.in_norm.eps, lp.q, lp.k, lp.v, lp.head_dim, lp.n_heads,
+                       lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+                       qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional,
+                       pos, flavor)
+    if index is None:
+        index = cache_index(pos, lp.n_kv_heads, lp.head_dim)
+    cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
+    cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
+    o = decode_attention(q, cache.keys, cache.values, pos, lp.scale, flavor)
+    h = dense_residual(o, lp.o, h, flavor)
+    xn, ids, weights = router_gemv(h, lp.post_norm.weight, lp.post_norm.eps, lp.gate, lp.moe.router_params(), flavor)
+    out = _experts_and_residual(lp, h, xn, ids, weights, flavor)
+    if HOOKS.active:
+        moe = lp.moe
+        HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)
+    return out
+
+
+def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array) -> mx.array:
+    """Logits [1, 1, vocab] of one token [1, 1] at position pos (int32 [1]); caches: one
+    object per layer with keys / values [1, HK, C, D] (updated in place of the attributes)."""
+    inner = model.model
+    h = inner.embed_tokens(token)
+    index = {}
+    for lp, c in zip(plan.layers, caches):
+        key = (lp.n_kv_heads, lp.head_dim)
+        if key not in index:
+            index[key] = cache_index(pos, *key)
+        h = layer_step(lp, h, c, pos, plan.flavor, index[key])
+    h = inner.norm(h)
+    if getattr(model.args, "tie_word_embeddings", False):
+        return inner.embed_tokens.as_linear(h)
+    return model.lm_head(h)

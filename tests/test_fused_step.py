@@ -1,0 +1,224 @@
+"""The fused one-token decoder layer (mlx_moe/fused_step.py) and its kernels.
+
+Oracles: MLX's own ops (mx.fast.rms_norm, nn.Linear / nn.QuantizedLinear,
+mx.fast.rope, mlx_moe.router's rules), float64 numpy on the weights MLX
+dequantizes, and mlx-lm's decoder forward over the same cache.  The Metal
+sources run under the CPU emulation here; the same checks run on the CUDA
+twins where MLX's CUDA backend is present (marked gpu).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_moe import fused_step
+from mlx_moe import router as R
+from mlx_moe.backends import MLXBackend
+from mlx_moe.backends.kernels import KernelBackend
+from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
+from mlx_moe.hooks import HOOKS, routing_hook
+from mlx_moe.kernels.kernel_cases import attn_qkv_check, dense_residual_check, router_gemv_check
+from mlx_moe.moe import set_expert_backend
+from mlx_moe.router import RouterParams
+from test_compiled_decode import CONFIGS, PROMPT, tiny_model
+
+_HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
+FLAVORS = ["emulated", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")])]
+
+
+# -- kernels ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("fmt,dtype,qk_norm,bias,trad,pos,hidden,rtol", [
+    (4, mx.float32, True, False, False, 0, 1280, 2e-5),     # Qwen3: per-head q/k norms, first position
+    (8, mx.float32, False, True, True, 700, 512, 2e-5),     # Qwen2: biases; traditional pairs, far position
+    (32, mx.float32, True, True, False, 37, 256, 2e-5),
+    (16, mx.float16, False, False, False, 5, 384, 4e-3),    # rounding points in float16 as MLX's ops
+    (17, mx.bfloat16, True, False, False, 300, 1024, 2e-2),  # and in bfloat16 (one ulp amplified by norm and rope)
+])
+def test_attn_qkv_matches_mlx_ops(flavor, fmt, dtype, qk_norm, bias, trad, pos, hidden, rtol):
+    attn_qkv_check(flavor, fmt, dtype, qk_norm, bias, trad, pos, hidden=hidden, rtol=rtol)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("fmt,dtype,cols,rows,rtol", [
+    (4, mx.float32, 4096, 130, 1e-5),   # o_proj-like K, rows not a multiple of the threadgroup's 8
+    (8, mx.bfloat16, 512, 70, 1e-2),    # bfloat16 output rounding
+    (17, mx.bfloat16, 256, 33, 1e-2),
+    (32, mx.float32, 96, 40, 1e-5),     # K smaller than one step of 128 columns
+])
+def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol):
+    dense_residual_check(flavor, fmt, dtype, cols, rows, rtol)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("fmt,dtype,hidden,n,params,ref", [
+    (8, mx.float32, 512, 128, RouterParams(8, normalize=True), lambda lg: R.softmax_topk(lg, 8, True)),
+    (4, mx.float32, 1024, 60, RouterParams(4, normalize=False), lambda lg: R.softmax_topk(lg, 4, False)),
+    (17, mx.bfloat16, 256, 8, RouterParams(2, score="topk_softmax"), lambda lg: R.topk_softmax(lg, 2)),
+    (32, mx.float32, 256, 64, RouterParams(6, n_group=8, topk_group=3, scaling=2.5),
+     lambda lg: R.group_limited_topk(lg, 6, 8, 3, 2.5)),
+])
+def test_router_gemv_matches_norm_projection_and_rule(flavor, fmt, dtype, hidden, n, params, ref):
+    router_gemv_check(flavor, fmt, dtype, hidden, params, ref, n)
+
+
+def test_unreadable_projections_are_named():
+    import mlx.nn as nn
+
+    from mlx_moe.kernels.dense import dense_unsupported, dense_weight
+
+    assert "3-bit" in dense_unsupported(nn.QuantizedLinear(256, 64, bits=3, group_size=64))
+    assert "16 bytes" in dense_unsupported(nn.Linear(10, 8))
+    assert "Embedding" in dense_unsupported(nn.Embedding(10, 8))
+    with pytest.raises(ValueError, match="cannot read this projection"):
+        dense_weight(nn.Linear(10, 8))
+
+
+# -- the fused forward against mlx-lm's ----------------------------------------------------
+
+FUSED = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def fused_model(family: str, quantize: bool = False, lm_head: bool = False):
+    """A tiny fp32 model of test_compiled_decode's configs with head_dim 32 (the
+    kernel's lanes hold 32 dims each); quantize: attention and router projections
+    as mlx-community checkpoints have them (MLX affine 4-bit, group 64), and the
+    LM head too when lm_head."""
+    import mlx.nn as nn
+
+    saved = CONFIGS[family]
+    if family != "qwen3_moe":
+        CONFIGS[family] = dict(saved, num_attention_heads=2, num_key_value_heads=1)
+    try:
+        model = tiny_model(family)
+    finally:
+        CONFIGS[family] = saved
+    if quantize:
+        nn.quantize(model, group_size=64, bits=4,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and (lm_head or "lm_head" not in p))
+        mx.eval(model.parameters())
+    return model
+
+
+def prefilled(model, capacity=16):
+    cache = [StaticKVCache(capacity) for _ in model.layers]
+    _mlx_lm_model_class(model).__call__(model, mx.array(PROMPT)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def copy_cache(cache):
+    out = [StaticKVCache(c.capacity) for c in cache]
+    for o, c in zip(out, cache):
+        o.keys, o.values, o.offset = mx.array(c.keys), mx.array(c.values), c.offset
+    return out
+
+
+def one_step(model, family, flavor, token=5):
+    """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
+    cache = prefilled(model)
+    ref_cache = copy_cache(cache)
+    tok = mx.array([[token]], mx.int32)
+    routes = {"ref": [], "fused": []}
+
+    def hook(which):
+        return lambda ev: routes[which].append((ev.layer, np.sort(np.array(ev.expert_ids), 1),
+                                                np.sort(np.array(ev.weights), 1)))
+
+    with routing_hook(hook("ref")):
+        HOOKS.begin_forward(1, 1, len(PROMPT), len(model.layers))
+        want = HOOKS.end_forward(_mlx_lm_model_class(model).__call__(model, tok, cache=ref_cache))
+        mx.eval(want)
+    plan, why = fused_step.plan_or_reason(model, flavor)
+    assert why is None, why
+    set_expert_backend(model, KernelBackend(flavor))
+    try:
+        pos = mx.array([len(PROMPT)], mx.int32)
+        traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
+        with routing_hook(hook("fused")):
+            HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
+            got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
+            mx.eval(got)
+    finally:
+        set_expert_backend(model, MLXBackend())
+    return got, want, traced, ref_cache, routes["fused"], routes["ref"]
+
+
+@pytest.mark.parametrize("family,quantize", [(f, False) for f in FUSED] + [("qwen3_moe", True), ("mixtral", True)])
+def test_fused_step_matches_mlx_lm_forward(family, quantize):
+    model = fused_model(family, quantize)
+    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, "emulated")
+    g, w = np.array(got), np.array(want)
+    assert g.shape == w.shape
+    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
+    assert g.argmax() == w.argmax()
+    for c, r in zip(cache, ref_cache):  # the new key and value landed in the slot mlx-lm wrote
+        np.testing.assert_allclose(np.array(c.keys[:, :, :len(PROMPT) + 1]),
+                                   np.array(r.keys[:, :, :len(PROMPT) + 1]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(c.values), np.array(r.values), rtol=1e-5, atol=1e-5)
+    # the routing hook sees the same experts and weights as through the MoE layers
+    assert [r[0] for r in routes] == [r[0] for r in ref_routes]
+    for (_, gi, gw), (_, wi, ww) in zip(routes, ref_routes):
+        assert (gi == wi).all()
+        np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_step_is_few_graph_nodes(tmp_path):
+    """About eight nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for."""
+    import re
+
+    model = fused_model("qwen3_moe")
+    plan, _ = fused_step.plan_or_reason(model, "emulated")
+    set_expert_backend(model, KernelBackend("emulated"))
+    try:
+        cache = prefilled(model)
+        pos = mx.array([len(PROMPT)], mx.int32)
+        traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
+        out = fused_step.forward(model, plan, mx.array([[5]], mx.int32), traced, pos)
+        mx.export_to_dot(str(tmp_path / "g.dot"), out)
+    finally:
+        set_expert_backend(model, MLXBackend())
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', (tmp_path / "g.dot").read_text())
+    per_layer = (len(labels) - 4) / len(model.layers)  # embedding, final norm, lm_head and the input's
+    assert per_layer <= 8, sorted(labels)
+
+
+def test_unsupported_models_say_why():
+    assert "cover" in fused_step.unsupported(tiny_model("olmoe"), "emulated")
+    assert "cover" in fused_step.unsupported(tiny_model("deepseek_v2"), "emulated")
+    assert "metal and cuda" in fused_step.unsupported(fused_model("qwen3_moe"), None)
+    model = tiny_model("mixtral")  # head_dim 16: decode_attention's lanes hold 32 dimensions each
+    assert "head dimension 16" in fused_step.unsupported(model, "emulated")
+
+
+# -- on the GPU: the compiled step through the fused layers -------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
+@pytest.mark.parametrize("family", FUSED)
+def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
+    """Every dense projection quantized: MLX's CUDA float32 matmuls run in TF32
+    (MLX_ENABLE_TF32, on by default), which would make the uncompiled reference the
+    inexact side; its quantized matmuls are float32."""
+    from mlx_moe import compiled as C
+    from test_compiled_decode import compiled, uncompiled
+
+    model = fused_model(family, quantize=True, lm_head=True)
+    set_expert_backend(model, KernelBackend("cuda"))
+    try:
+        want, want_lp = uncompiled(model, PROMPT, 12)
+        decoder = C.decoder_for(model)
+        assert decoder.fused is not None, decoder.fused_reason
+        got, got_lp = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(C, "FUSED_LAYERS", False)
+        assert C.decoder_for(model).fused is None  # rebuilt without the fused layers
+        plain, _ = compiled(model, PROMPT, 12)
+    finally:
+        set_expert_backend(model, MLXBackend())
+    assert got == want == plain
+    np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+
