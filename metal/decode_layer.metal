@@ -198,6 +198,35 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
   return t;
 }
 
+// The input RMSNorm of one token, staged for moe_dense_rest: xn = g * T(x * inv_rms)
+// rounded as mx.fast.rms_norm rounds it, into xs in lane order (0 past K), by the
+// NT threads of the threadgroup; ends with a barrier.  Callers issue their first
+// weight reads before it, so those are in flight while it waits for x.
+template <typename T, int K, int PER, int NT, int NSG, typename XP, typename GP, typename XS, typename R>
+MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int tid, uint lane, uint sg) {
+  constexpr int XN = moe_xs_size<K, PER>::value;
+  constexpr int IT = (XN + NT - 1) / NT;
+  float xv[IT];
+  float gv[IT];
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    xv[i] = (c < K) ? float(x[c]) : 0.0f;
+    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
+  }
+  float ss = 0.0f;
+  for (int i = 0; i < IT; ++i) {
+    ss += xv[i] * xv[i];
+  }
+  const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps);
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    if (c < XN) {
+      xs[moe_xs_index<PER>(c)] = (c < K) ? float(T(gv[i] * float(T(xv[i] * inv)))) : 0.0f;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 // ==== kernel: attn_qkv ====
 // The attention block's input side for one token.  Threadgroup h owns one head:
 // q heads 0..HQ-1, then k heads, then v heads, D rows each.
@@ -221,7 +250,6 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
   constexpr int NR = D / NSG;
   constexpr int NT = 32 * NSG;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  constexpr int IT = (XS + NT - 1) / NT;
   threadgroup float xs[XS];
   threadgroup float red[NSG];
   threadgroup float hb[D];
@@ -239,15 +267,8 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
   const bool qk = which < 2;
 
   // Every read this thread needs, issued before the first wait: its rows' first
-  // weights, its activations, its element's bias and norm weight, the constants.
+  // weights, its element's bias and norm weight, the constants, its activations.
   const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, row0, NR, 0, lane);
-  float xv[IT];
-  float gv[IT];
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    xv[i] = (c < K) ? float(x[c]) : 0.0f;
-    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
-  }
   float bias_t = 0.0f;
   if (HAS_BIAS && t < D) {
     const auto bias = (which == 0) ? q_bias : ((which == 1) ? k_bias : v_bias);
@@ -258,24 +279,10 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
     const auto nw = (which == 0) ? q_norm : k_norm;
     nw_t = float(nw[t]);
   }
-  const float eps_in = cst[0];
   const float eps_qk = cst[1];
   const float log2_base = cst[2];
   const float angle0 = cst[3] * float(pos[0]);
-
-  // The input norm; xn staged in lane order.
-  float ss = 0.0f;
-  for (int i = 0; i < IT; ++i) {
-    ss += xv[i] * xv[i];
-  }
-  const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps_in);
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    if (c < XS) {
-      xs[moe_xs_index<PER>(c)] = (c < K) ? float(T(gv[i] * float(T(xv[i] * inv)))) : 0.0f;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  moe_rms_stage<T, K, PER, NT, NSG>(x, gin, cst[0], xs, red, tid, lane, sg);
 
   float acc[NR];
   for (int r = 0; r < NR; ++r) {

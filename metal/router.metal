@@ -214,7 +214,6 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   constexpr int NR = (NEXP + NSG - 1) / NSG;
   constexpr int NT = 32 * NSG;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  constexpr int IT = (XS + NT - 1) / NT;
   threadgroup float xs[XS];
   threadgroup float red[NSG];
   threadgroup float lg[NEXP];
@@ -226,36 +225,13 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last expert reads row 0, writes nothing
   const int lvalid = (nvalid > 0) ? nvalid : 1;
 
-  // Every read issued before the first wait: the first weights, the activations.
+  // The first weights in flight while the norm waits for h.
   const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
-  float hv[IT];
-  float gv[IT];
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    hv[i] = (c < K) ? float(h[c]) : 0.0f;
-    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
-  }
-  const float eps = cst[0];
   const float wscale = cst[1];
-
-  float ss = 0.0f;
-  for (int i = 0; i < IT; ++i) {
-    ss += hv[i] * hv[i];
+  moe_rms_stage<T, K, PER, NT, NSG>(h, gin, cst[0], xs, red, tid, lane, sg);
+  for (int c = tid; c < K; c += NT) {  // the experts' input: the staged values are exact in T
+    xn[c] = T(xs[moe_xs_index<PER>(c)]);
   }
-  const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps);
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    float v = 0.0f;
-    if (c < K) {
-      const T r = T(gv[i] * float(T(hv[i] * inv)));
-      xn[c] = r;
-      v = float(r);
-    }
-    if (c < XS) {
-      xs[moe_xs_index<PER>(c)] = v;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
 
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
