@@ -301,6 +301,25 @@ MOE_DEVICE inline void moe_mm_write(const float* smem, const int* pairs, int sta
   }
 }
 
+// The block's tile of the map (grid y) and of the output rows (grid x), read from
+// map0's tile table: expert e (< 0: an empty tile, nothing else set), its first
+// pair `start` in the expert's list, the pairs it holds (at most BN), its first row.
+struct moe_mm_tile {
+  int e, start, nvalid, row0;
+};
+
+MOE_DEVICE inline moe_mm_tile moe_mm_tile_of(const int* tiles, const int* offsets) {
+  const int g = int(blockIdx.y);
+  moe_mm_tile tl = {tiles[2 * g], 0, 0, 0};
+  if (tl.e >= 0) {
+    tl.start = tiles[2 * g + 1];
+    const int left = offsets[tl.e + 1] - tl.start;
+    tl.nvalid = left < MOE_MM_BN ? left : MOE_MM_BN;
+    tl.row0 = int(blockIdx.x) * MOE_MM_BM;
+  }
+  return tl;
+}
+
 // The pipelined tiles' epilogue: the accumulators of every warp (acc[a], 2 x 2 mma
 // tiles of 32 rows x 16 pairs) through shared memory (`smem`, at least NA * BN * LDS
 // floats, no longer read by any warp) to out.
@@ -332,15 +351,11 @@ MOE_DEVICE inline void moe_mm_pipe(const T* src, const int* pairs, const int* ti
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const int g = int(blockIdx.y);
-  const int e = tiles[2 * g];
-  if (e < 0) {
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
-  const int start = tiles[2 * g + 1];
-  const int left = offsets[e + 1] - start;
-  const int nvalid = left < BN ? left : BN;
-  const int row0 = int(blockIdx.x) * BM;
+  const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
   // A loads: warp w fills rows 16w .. 16w + 15, lanes 0-15 and 16-31 the two
   // halves of a row (a quarter warp then stores 8 rows: 32 distinct banks).
@@ -478,15 +493,11 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const int g = int(blockIdx.y);
-  const int e = tiles[2 * g];
-  if (e < 0) {
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
-  const int start = tiles[2 * g + 1];
-  const int left = offsets[e + 1] - start;
-  const int nvalid = left < BN ? left : BN;
-  const int row0 = int(blockIdx.x) * BM;
+  const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
   // Loads as moe_mm_pipe: A row arow, half block ah; B pair bj, columns bk .. bk + 7.
   const int arow = warp * 16 + (lane & 15);
@@ -661,15 +672,11 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const int g = int(blockIdx.y);
-  const int e = tiles[2 * g];
-  if (e < 0) {
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
-  const int start = tiles[2 * g + 1];
-  const int left = offsets[e + 1] - start;
-  const int nvalid = left < BN ? left : BN;
-  const int row0 = int(blockIdx.x) * BM;
+  const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
   // Weight copies: NA = 2: thread t copies all WW words of row t % 64 of
   // matrix t / 64; NA = 1: the first or second half of row t % 64's words.
@@ -812,15 +819,11 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const int g = int(blockIdx.y);
-  const int e = tiles[2 * g];
-  if (e < 0) {
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
-  const int start = tiles[2 * g + 1];
-  const int left = offsets[e + 1] - start;
-  const int nvalid = left < BN ? left : BN;
-  const int row0 = int(blockIdx.x) * BM;
+  const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
   __shared__ float sa[BM * MOE_MM_LDA];  // A, then the output stage
   __shared__ float sb[BK * MOE_MM_LDB];
@@ -881,15 +884,11 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const int g = int(blockIdx.y);
-  const int e = tiles[2 * g];
-  if (e < 0) {
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
-  const int start = tiles[2 * g + 1];
-  const int left = offsets[e + 1] - start;
-  const int nvalid = left < BN ? left : BN;
-  const int row0 = int(blockIdx.x) * BM;
+  const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
   __shared__ float sag[BM * MOE_MM_LDA];  // gate weights, then the gate stage
   __shared__ float sau[BM * MOE_MM_LDA];  // up weights, then the up stage
