@@ -85,10 +85,6 @@ def dense_weight(module) -> DenseWeight:
     return DenseWeight(FLOAT_FMT[w.dtype], 0, w, none, none, w.shape[0], w.shape[1], bias)
 
 
-def _per(fmt: int) -> int:
-    return 128 // fmt if fmt in (4, 8) else (4 if fmt == 32 else 8)
-
-
 def _same_format(ws) -> bool:
     a = ws[0]
     return all(b.fmt == a.fmt and b.group_size == a.group_size and b.cols == a.cols
