@@ -154,17 +154,17 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
 
 def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, ids: mx.array, weights: mx.array,
                           flavor: str) -> mx.array:
-    """h + MoE(xn) (+ the shared expert) for one token, [1, 1, D]."""
+    """h + MoE(xn) (+ the shared expert) for one token, [1, D]."""
     moe = lp.moe
     shared = moe.shared_output(xn)
-    res = h.reshape(1, -1) if shared is None else (h.reshape(1, -1) + shared)
+    res = h if shared is None else h + shared
     backend = moe.backend
     out = None
     if getattr(backend, "flavor", None) == flavor:  # the kernels: experts, combine and residual in two launches
         out = backend.decode_residual(xn, ids, weights, moe.switch_mlp, moe.n_identity, res)
     if out is None:  # experts in another format: the backend's own call, then the residual add
         out = res + backend(xn, ids, weights, moe.switch_mlp, n_identity=moe.n_identity)
-    return out.reshape(h.shape)
+    return out
 
 
 def cache_index(pos: mx.array, n_kv_heads: int, head_dim: int) -> mx.array:
@@ -181,7 +181,8 @@ def cache_index(pos: mx.array, n_kv_heads: int, head_dim: int) -> mx.array:
 
 def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
                index: Optional[mx.array] = None) -> mx.array:
-    """One decoder layer for one token h [1, 1, D]; `cache` has keys/values [1, HK, C, D]
+    """One decoder layer for one token h [1, D] (the residual stream stays [1, D]
+    through the layers: no reshape nodes); `cache` has keys/values [1, HK, C, D]
     and is updated at int32 position pos [1] (`index`: cache_index(pos, ...), shared
     by the layers of a step)."""
     qn, kn = lp.q_norm, lp.k_norm
@@ -207,7 +208,7 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
     """Logits [1, 1, vocab] of one token [1, 1] at position pos (int32 [1]); caches: one
     object per layer with keys / values [1, HK, C, D] (updated in place of the attributes)."""
     inner = model.model
-    h = inner.embed_tokens(token)
+    h = inner.embed_tokens(token).reshape(1, -1)
     index = {}
     for lp, c in zip(plan.layers, caches):
         key = (lp.n_kv_heads, lp.head_dim)
@@ -216,5 +217,7 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
         h = layer_step(lp, h, c, pos, plan.flavor, index[key])
     h = inner.norm(h)
     if getattr(model.args, "tie_word_embeddings", False):
-        return inner.embed_tokens.as_linear(h)
-    return model.lm_head(h)
+        logits = inner.embed_tokens.as_linear(h)
+    else:
+        logits = model.lm_head(h)
+    return logits.reshape(1, 1, -1)
