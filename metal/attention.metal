@@ -12,12 +12,71 @@
 // One body for Metal, CUDA (through shims_cuda.h) and the CPU emulation; see
 // mlx_moe/kernels/attention.py for the call.
 //
-// One threadgroup per query head; its NSG simdgroups take the valid slots
-// round-robin, U at a time, each keeping a running max, sum and weighted value sum (the
+// decode_attention: one threadgroup per query head; its NSG simdgroups take the
+// valid slots round-robin, U at a time, each keeping a running max, sum and weighted value sum (the
 // online softmax), merged through threadgroup memory at the end.  Lane l holds
-// dimensions l, l + 32, ... of the head.
+// dimensions l, l + 32, ... of the head.  decode_attention_parts (the fused
+// decoder layers) splits each head's slots over S threadgroups and does the q/k
+// norms and RoPE itself (its section says why).
 
 // ==== helpers ====
+//@uses decode_layer  (moe_tg_sum)
+
+// One head's D projected values y (T, as dense_norm rounds them) made ready for
+// attention, into out (threadgroup float[D]) by the NT threads of the
+// threadgroup: when NORM, the per-head RMSNorm (weight nw, eps) rounded as
+// mx.fast.rms_norm rounds it; when ROPE, nn.RoPE's rotation at angle0 * inv_freq
+// (pairs (i, i + D/2), or (2i, 2i+1) when TRAD) rounded to T, as mlx-lm's
+// q_norm / k_norm and rope modules compute them.  tmp: threadgroup float[D]
+// scratch, red: float[NSG].  Every thread must call it; ends with a barrier.
+template <typename T, int D, int NT, int NSG, bool NORM, bool ROPE, bool TRAD, typename YP, typename NP,
+          typename TP, typename R>
+MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float log2_base, TP tmp, TP out,
+                                     R red, int tid, uint lane, uint sg) {
+  constexpr int IT = (D + NT - 1) / NT;
+  constexpr int HALF = D / 2;
+  float v[IT];
+  float ss = 0.0f;
+  for (int i = 0; i < IT; ++i) {
+    const int t = tid + i * NT;
+    v[i] = (t < D) ? float(y[t]) : 0.0f;
+    ss += v[i] * v[i];
+  }
+  if (NORM) {
+    const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(D) + eps);
+    for (int i = 0; i < IT; ++i) {
+      const int t = tid + i * NT;
+      if (t < D) {
+        v[i] = float(T(float(nw[t]) * float(T(v[i] * inv))));
+      }
+    }
+  }
+  for (int i = 0; i < IT; ++i) {
+    const int t = tid + i * NT;
+    if (t < D) {
+      tmp[t] = v[i];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int i = 0; i < IT; ++i) {
+    const int t = tid + i * NT;
+    if (t < D) {
+      float o = v[i];
+      if (ROPE) {
+        const int j = TRAD ? t / 2 : t % HALF;  // the rotation's frequency index
+        const bool lo = TRAD ? (t % 2 == 0) : (t < HALF);
+        const int i1 = TRAD ? 2 * j : j;
+        const int i2 = TRAD ? 2 * j + 1 : j + HALF;
+        const float theta = angle0 * moe_exp2(-(float(j) / float(HALF)) * log2_base);
+        const float cs = moe_cos(theta);
+        const float sn = moe_sin(theta);
+        o = float(T(lo ? tmp[i1] * cs - tmp[i2] * sn : tmp[i1] * sn + tmp[i2] * cs));
+      }
+      out[t] = o;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 
 // ==== kernel: decode_attention ====
 // Template: T  q/k/v/out dtype;  D  head dimension (a multiple of 32);
@@ -113,6 +172,149 @@
     }
     for (int i = 0; i < DPL; ++i) {
       out[size_t(h) * D + lane + 32 * i] = T(o[i] / total);
+    }
+  }
+}
+
+// ==== kernel: decode_attention_parts ====
+// The fused decoder layer's attention (mlx_moe/fused_step.py): from the raw
+// q/k/v projections of the new token to S partial softmax results per query
+// head, which dense_residual_parts combines.
+//   q, k = rms_norm per head (QKNORM) -> RoPE at position pos, rounded to T as
+//          mlx-lm's ops round them; v as projected;
+//   the new k and v are also outputs (the cache write after this launch); slot
+//   pos is read from them, the earlier slots from the cache;
+//   split s of a head takes slots [s * P, (s + 1) * P) of the pos + 1 valid ones
+//   (P = ceil((pos + 1) / S)), its NSG simdgroups U slots at a time as
+//   decode_attention does, and writes its unnormalized output and (max, sum).
+// Why S splits: one threadgroup per head walks all slots in sequence and uses
+// HQ of the SMs (32 of 132 on an H100/H200); HQ * S threadgroups keep every SM
+// loading, and the q/k norms and RoPE (the whole head's vector) cost each split
+// D values from L2.
+// Template: T, D (a multiple of 32), HQ, HKV, C (cache slots), NSG, U, S, QKNORM, TRAD.
+// Inputs: y [HQ + 2 * HKV, D] (T: q heads, k heads, v heads, as dense_norm
+//   stacks them), q_norm, k_norm [D] (T; 1-element stand-ins unless QKNORM),
+//   k, v [HKV, C, D] (the cache before this token), pos int32 [1],
+//   cst float32 [4]: eps of the q/k norms, log2(rope base), rope position scale,
+//   softmax scale.
+// Outputs: parts [HQ, S, D] float32 (sum_j exp(s_j - m) v_j), ml [HQ, S, 2]
+//   float32 (m, sum_j exp(s_j - m); an empty split: -inf, 0), kn, vn [HKV, D] (T).
+// Grid: (S * 32 * NSG, HQ, 1), threadgroup (32 * NSG, 1, 1).
+{
+  constexpr int DPL = D / 32;
+  constexpr int NT = 32 * NSG;
+  constexpr int G = HQ / HKV;
+  threadgroup float tq[D];
+  threadgroup float tk[D];
+  threadgroup float tv[D];
+  threadgroup float tmp[D];
+  threadgroup float red[NSG];
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const int tid = int(thread_index_in_threadgroup);
+  const int sp = int(threadgroup_position_in_grid.x);
+  const int h = int(threadgroup_position_in_grid.y);
+  const int kvh = h / G;
+  const int last = int(pos[0]);
+  const int n = (last + 1 < C) ? last + 1 : C;
+  const int per = (n + S - 1) / S;
+  const int b0 = sp * per;
+  const int b1 = (b0 + per < n) ? b0 + per : n;
+  const float angle0 = cst[2] * float(last);
+
+  moe_head_prep<T, D, NT, NSG, QKNORM, true, TRAD>(y + size_t(h) * D, q_norm, cst[0], angle0, cst[1], tmp, tq,
+                                                   red, tid, lane, sg);
+  moe_head_prep<T, D, NT, NSG, QKNORM, true, TRAD>(y + size_t(HQ + kvh) * D, k_norm, cst[0], angle0, cst[1], tmp,
+                                                   tk, red, tid, lane, sg);
+  moe_head_prep<T, D, NT, NSG, false, false, TRAD>(y + size_t(HQ + HKV + kvh) * D, k_norm, cst[0], angle0,
+                                                   cst[1], tmp, tv, red, tid, lane, sg);
+  if (sp == 0 && h % G == 0) {
+    for (int t = tid; t < D; t += NT) {
+      kn[size_t(kvh) * D + t] = T(tk[t]);
+      vn[size_t(kvh) * D + t] = T(tv[t]);
+    }
+  }
+
+  const float sc = cst[3];
+  float qv[DPL];
+  float acc[DPL];
+  for (int i = 0; i < DPL; ++i) {
+    qv[i] = tq[lane + 32 * i] * sc;
+    acc[i] = 0.0f;
+  }
+  float m = MOE_NEG_INF;
+  float l = 0.0f;
+  const size_t base = size_t(kvh) * C * D;
+  for (int j0 = b0 + int(sg) * U; j0 < b1; j0 += NSG * U) {  // uniform per simdgroup
+    float s[U];
+    float vv[U][DPL];
+    for (int u = 0; u < U; ++u) {
+      const int j = (j0 + u < b1) ? j0 + u : b1 - 1;  // past the split's end: a valid slot, masked below
+      const bool cur = (j == last);                  // the new token: from this launch's k and v
+      const size_t row = base + size_t(j) * D + lane;
+      s[u] = 0.0f;
+      for (int i = 0; i < DPL; ++i) {
+        const float kf = cur ? tk[lane + 32 * i] : float(k[row + 32 * i]);
+        s[u] += qv[i] * kf;
+        vv[u][i] = cur ? tv[lane + 32 * i] : float(v[row + 32 * i]);
+      }
+    }
+    float m2 = m;
+    for (int u = 0; u < U; ++u) {
+      const float su = moe_simd_sum(s[u]);
+      s[u] = (j0 + u < b1) ? su : MOE_NEG_INF;
+      m2 = (s[u] > m2) ? s[u] : m2;
+    }
+    const float a = moe_exp(m - m2);
+    l *= a;
+    for (int i = 0; i < DPL; ++i) {
+      acc[i] *= a;
+    }
+    for (int u = 0; u < U; ++u) {
+      const float p = moe_exp(s[u] - m2);
+      l += p;
+      for (int i = 0; i < DPL; ++i) {
+        acc[i] += p * vv[u][i];
+      }
+    }
+    m = m2;
+  }
+
+  threadgroup float tg_m[NSG];
+  threadgroup float tg_l[NSG];
+  threadgroup float tg_acc[NSG * D];
+  if (lane == 0) {
+    tg_m[sg] = m;
+    tg_l[sg] = l;
+  }
+  for (int i = 0; i < DPL; ++i) {
+    tg_acc[sg * D + lane + 32 * i] = acc[i];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sg == 0) {
+    float mx_all = MOE_NEG_INF;
+    for (int g = 0; g < NSG; ++g) {
+      mx_all = (tg_l[g] > 0.0f && tg_m[g] > mx_all) ? tg_m[g] : mx_all;
+    }
+    float total = 0.0f;
+    float o[DPL];
+    for (int i = 0; i < DPL; ++i) {
+      o[i] = 0.0f;
+    }
+    for (int g = 0; g < NSG; ++g) {
+      const float a = (tg_l[g] > 0.0f) ? moe_exp(tg_m[g] - mx_all) : 0.0f;
+      total += tg_l[g] * a;
+      for (int i = 0; i < DPL; ++i) {
+        o[i] += tg_acc[g * D + lane + 32 * i] * a;
+      }
+    }
+    const size_t at = size_t(h) * S + size_t(sp);
+    for (int i = 0; i < DPL; ++i) {
+      parts[at * D + lane + 32 * i] = o[i];
+    }
+    if (lane == 0) {
+      ml[at * 2] = mx_all;
+      ml[at * 2 + 1] = total;
     }
   }
 }

@@ -1,14 +1,18 @@
-// decode_layer: the dense half of a one-token decoder layer in two launches.
+// decode_layer: the dense GEMVs of a one-token decoder layer, spread over the GPU.
 //
-// Why: decode is host-bound.  MLX's backends cost the host 4-9 us per graph
-// node whatever its GPU work (BENCHMARKS.md), and mlx-lm's attention block is
-// about 20 nodes per layer (norm, three projections, reshapes, q/k norms,
-// ropes, attention, o_proj, residual add).  Here:
-//   attn_qkv        input RMSNorm -> q, k, v projections -> per-head q/k
-//                   RMSNorm -> RoPE at the cache position, one launch;
-//   dense_residual  o_proj and the residual add, one launch.
-// With the cache update (two slice_updates) and the decode attention kernel
-// (metal/attention.metal) the attention block is five nodes.
+// Why: a one-token layer is a chain of small launches, each as long as its
+// slowest threadgroup.  A launch with one threadgroup per attention head (40
+// for Qwen3-30B-A3B) or one for the router leaves most SMs idle and takes 11-17
+// us (ncu, BENCHMARKS.md); spread over every SM the same reads take 2-4 us.
+// So each GEMV here splits its rows over many threadgroups, and what needs a
+// whole vector (the q/k norms and RoPE, the attention's split combine) moves to
+// the launch that reads that vector anyway:
+//   dense_norm           input RMSNorm -> q, k, v projections (+ biases), one
+//                        launch; the router's projection (dense_norm_xn, which
+//                        also writes the normalized input for the experts);
+//   dense_residual       o_proj and the residual add (dense_residual_parts: the
+//                        attention's partial results combined while staged).
+// The q/k norms and RoPE run in the attention kernel (metal/attention.metal).
 //
 // Numerics follow mlx-lm's ops: the normalized input is rounded to T as
 // mx.fast.rms_norm rounds it, each projection's output is rounded to T as
@@ -227,107 +231,73 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-// ==== kernel: attn_qkv ====
-// The attention block's input side for one token.  Threadgroup h owns one head:
-// q heads 0..HQ-1, then k heads, then v heads, D rows each.
-//   xn = rms_norm(x, gin, eps)              (staged, rounded to T as MLX does)
-//   y  = T(W . xn (+ bias))                 the head's D rows
-//   q, k heads: y = rms_norm(y, q_norm | k_norm, eps_qk) when QKNORM,
-//               then RoPE at position pos (pairs (i, i + D/2), or (2i, 2i+1) when TRAD)
-// Template: T, FMT, GS, K (hidden), D (head dim, <= 32 * NSG, D / NSG rows per
-//   simdgroup), HQ, HK, NSG, QKNORM, HAS_BIAS, TRAD.
-// Inputs: x [K], gin [K] (T); wq, wq_s, wq_b, wk, wk_s, wk_b, wv, wv_s, wv_b (dense
-//   weights; scales and biases of affine ones, any 1-element arrays otherwise);
-//   q_bias [HQ*D], k_bias, v_bias [HK*D] (T; any 1-element arrays unless HAS_BIAS);
-//   q_norm, k_norm [D] (T; any 1-element arrays unless QKNORM); pos int32 [1];
-//   cst float32 [4]: eps of the input norm, eps of the q/k norms, log2(rope base),
-//   rope position scale.
-// Outputs: qo [HQ*D], ko [HK*D], vo [HK*D] (T).
-// Grid: ((HQ + 2 * HK) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
+// ==== kernel: dense_norm ====
+// y = T(W . rms_norm(x, gin, eps) (+ bias)) for one token, over up to three
+// weights stacked by rows (q, k and v: N0 + N1 + N2 rows; N1 = N2 = 0 for one):
+// each simdgroup takes NR rows of one of them, the threadgroups spread over all
+// rows (Qwen3-30B-A3B's q/k/v: 640 threadgroups, every SM busy), and each one
+// stages the norm itself (2048 features: 4 KB from L2) instead of waiting for
+// another launch to write it.
+// Template: T, FMT, GS, K (features), N0, N1, N2 (multiples of NR), NR, NSG, HAS_BIAS.
+// Inputs: x [K], gin [K] (T); w0, w0_s, w0_b, w1, w1_s, w1_b, w2, w2_s, w2_b (dense
+//   weights; scales and biases of affine ones, 1-element stand-ins otherwise; an
+//   unused matrix may repeat w0); b0 [N0], b1 [N1], b2 [N2] (T; 1-element stand-ins
+//   unless HAS_BIAS); cst float32 [1]: eps.
+// Output: y [N0 + N1 + N2] (T), rounded once as nn.Linear's addmm rounds.
+// Option XN (kernel dense_norm_xn): one more output, xn [K] (T), the normalized
+//   input (the router's: the experts read it), written by threadgroup 0.
+// Grid: (ceil((N0 + N1 + N2) / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
   constexpr int XS = moe_xs_size<K, PER>::value;
-  constexpr int NR = D / NSG;
   constexpr int NT = 32 * NSG;
+  constexpr int N = N0 + N1 + N2;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
   threadgroup float xs[XS];
   threadgroup float red[NSG];
-  threadgroup float hb[D];
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
-  const int head = int(threadgroup_position_in_grid.x);
-  const int which = (head < HQ) ? 0 : ((head < HQ + HK) ? 1 : 2);  // q, k or v: uniform per threadgroup
-  const int hh = head - ((which == 0) ? 0 : ((which == 1) ? HQ : HQ + HK));
-  const auto w = (which == 0) ? wq : ((which == 1) ? wk : wv);
-  const auto w_s = (which == 0) ? wq_s : ((which == 1) ? wk_s : wv_s);
-  const auto w_b = (which == 0) ? wq_b : ((which == 1) ? wk_b : wv_b);
-  const int row0 = hh * D + int(sg) * NR;
-  const int t = tid;  // the head element this thread finishes (t < D)
-  const bool qk = which < 2;
+  const int row = (int(threadgroup_position_in_grid.x) * NSG + int(sg)) * NR;  // in the stack
+  const int m = (row < N0) ? 0 : ((row < N0 + N1) ? 1 : 2);  // uniform per simdgroup (NR | N0, N1)
+  const int row0 = row - ((m == 0) ? 0 : ((m == 1) ? N0 : N0 + N1));
+  const int nm = (m == 0) ? N0 : ((m == 1) ? N1 : N2);
+  const int nvalid = (row >= N) ? 0 : ((nm - row0 < NR) ? nm - row0 : NR);
+  const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last row reads row 0, writes nothing
+  const int lvalid = (nvalid > 0) ? nvalid : 1;
+  const auto w = (m == 0) ? w0 : ((m == 1) ? w1 : w2);
+  const auto w_s = (m == 0) ? w0_s : ((m == 1) ? w1_s : w2_s);
+  const auto w_b = (m == 0) ? w0_b : ((m == 1) ? w1_b : w2_b);
 
-  // Every read this thread needs, issued before the first wait: its rows' first
-  // weights, its element's bias and norm weight, the constants, its activations.
-  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, row0, NR, 0, lane);
-  float bias_t = 0.0f;
-  if (HAS_BIAS && t < D) {
-    const auto bias = (which == 0) ? q_bias : ((which == 1) ? k_bias : v_bias);
-    bias_t = float(bias[hh * D + t]);
+  // Every read issued before the first wait: the first weights, the biases, then x.
+  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
+  float bv[NR];
+  for (int r = 0; r < NR; ++r) {
+    bv[r] = 0.0f;
+    if (HAS_BIAS && r < nvalid) {
+      const auto b = (m == 0) ? b0 : ((m == 1) ? b1 : b2);
+      bv[r] = float(b[row0 + r]);
+    }
   }
-  float nw_t = 0.0f;
-  if (QKNORM && qk && t < D) {
-    const auto nw = (which == 0) ? q_norm : k_norm;
-    nw_t = float(nw[t]);
-  }
-  const float eps_qk = cst[1];
-  const float log2_base = cst[2];
-  const float angle0 = cst[3] * float(pos[0]);
   moe_rms_stage<T, K, PER, NT, NSG>(x, gin, cst[0], xs, red, tid, lane, sg);
+//@if XN
+  if (threadgroup_position_in_grid.x == 0) {
+    for (int c = tid; c < K; c += NT) {  // the staged values are exact in T
+      xn[c] = T(xs[moe_xs_index<PER>(c)]);
+    }
+  }
+//@endif
 
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
     acc[r] = 0.0f;
   }
-  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, row0, NR, xs, lane, acc);
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
   for (int r = 0; r < NR; ++r) {
     const float sr = moe_simd_sum(acc[r]);
-    if (lane == 0) {
-      hb[int(sg) * NR + r] = sr;
+    if (lane == 0 && r < nvalid) {
+      y[row + r] = T(sr + bv[r]);
     }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // Epilogue: thread t < D takes element t of the head.
-  float y = 0.0f;
-  if (t < D) {
-    y = float(T(hb[t] + bias_t));
-  }
-  if (QKNORM) {
-    const float n2 = moe_tg_sum<NSG>((t < D) ? y * y : 0.0f, red, lane, sg);
-    if (qk && t < D) {
-      y = float(T(nw_t * float(T(y * moe_rsqrt(n2 / float(D) + eps_qk)))));
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read hb
-  if (t < D) {
-    hb[t] = y;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (t < D) {
-    float o = y;
-    if (qk) {
-      constexpr int HALF = D / 2;
-      const int j = TRAD ? t / 2 : t % HALF;  // the rotation's frequency index
-      const bool lo = TRAD ? (t % 2 == 0) : (t < HALF);
-      const int i1 = TRAD ? 2 * j : j;
-      const int i2 = TRAD ? 2 * j + 1 : j + HALF;
-      const float theta = angle0 * moe_exp2(-(float(j) / float(HALF)) * log2_base);
-      const float cs = moe_cos(theta);
-      const float sn = moe_sin(theta);
-      o = lo ? hb[i1] * cs - hb[i2] * sn : hb[i1] * sn + hb[i2] * cs;
-    }
-    const auto out = (which == 0) ? qo : ((which == 1) ? ko : vo);
-    out[hh * D + t] = T(o);
   }
 }
 
@@ -335,8 +305,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
 // out[n] = T(res[n] + T(W[n] . x)): a projection and the residual add after it
 // (mlx-lm's  h = x + o_proj(attn)), for one token.
 // Template: T, FMT, GS, K, N, NR (rows per simdgroup), NSG.
-// Inputs: x [K] (T), w, w_s, w_b (dense weight, as attn_qkv), res [N] (T).
+// Inputs: x [K] (T), w, w_s, w_b (dense weight, as dense_norm), res [N] (T).
 // Output: out [N] (T).
+// Option PARTS (kernel dense_residual_parts): x is the attention output in S
+//   parts per head (metal/attention.metal's decode_attention_parts), combined
+//   while staged: inputs parts [K / D, S, D] and ml [K / D, S, 2] float32 in
+//   place of x, template D and S.  Every threadgroup combines the whole vector
+//   (S * K floats from L2) rather than waiting on one more launch to do it.
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -353,17 +328,55 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last row reads row 0, writes nothing
   const int lvalid = (nvalid > 0) ? nvalid : 1;
 
-  // Every read issued before the first wait: the first weights, the activations, the residuals.
+  // Every read issued before the first wait: the first weights, the residuals, the activations.
   const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
-  float xv[IT];
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    xv[i] = (c < K) ? float(x[c]) : 0.0f;
-  }
   float rv[NR];
   for (int r = 0; r < NR; ++r) {
     rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
   }
+  float xv[IT];
+//@if PARTS
+  // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
+  // m of the head's non-empty splits (an empty one has l = 0 and weighs 0): the
+  // softmax over all its slots; rounded to T as the one-pass kernel's output.
+  constexpr int NH = K / D;
+  threadgroup float coef[NH * S];
+  for (int hd = tid; hd < NH; hd += NT) {
+    float mm = MOE_NEG_INF;
+    for (int s = 0; s < S; ++s) {
+      const float ms = ml[(hd * S + s) * 2];
+      mm = (ml[(hd * S + s) * 2 + 1] > 0.0f && ms > mm) ? ms : mm;
+    }
+    float tot = 0.0f;
+    for (int s = 0; s < S; ++s) {
+      const float ls = ml[(hd * S + s) * 2 + 1];
+      const float a = (ls > 0.0f) ? moe_exp(ml[(hd * S + s) * 2] - mm) : 0.0f;
+      coef[hd * S + s] = a;
+      tot += ls * a;
+    }
+    for (int s = 0; s < S; ++s) {
+      coef[hd * S + s] = coef[hd * S + s] / tot;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    float v = 0.0f;
+    if (c < K) {
+      const int hd = c / D;
+      for (int s = 0; s < S; ++s) {
+        v += parts[size_t(hd * S + s) * D + size_t(c % D)] * coef[hd * S + s];
+      }
+    }
+    xv[i] = float(T(v));
+  }
+//@endif
+//@if !PARTS
+  for (int i = 0; i < IT; ++i) {
+    const int c = tid + i * NT;
+    xv[i] = (c < K) ? float(x[c]) : 0.0f;
+  }
+//@endif
   for (int i = 0; i < IT; ++i) {
     const int c = tid + i * NT;
     if (c < XS) {

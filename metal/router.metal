@@ -13,7 +13,6 @@
 // in selection order (highest score first).
 
 // ==== helpers ====
-//@uses decode_layer  (moe_router_gemv's dense GEMV: metal/decode_layer.metal's helpers)
 
 // (value, id) a beats (value, id) b: higher value, or equal value and lower id.
 MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
@@ -188,69 +187,6 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
       for (int j = 0; j < K; ++j) {
         ids[size_t(tok) * K + j] = pick.id[j];
         weights[size_t(tok) * K + j] = pick.w[j];
-      }
-    }
-  }
-}
-
-// ==== kernel: moe_router_gemv ====
-// The whole router of one decode token in one threadgroup: the post-attention
-// RMSNorm, the router projection and the rule above.
-//   xn = rms_norm(h, gin, eps)  (rounded to T as MLX does; also an output: the
-//                                experts' input)
-//   logits = T(Wr . xn)         (NEXP rows, in threadgroup memory)
-//   ids, weights = the rule of moe_router_topk on logits
-// Template: T, FMT, GS (Wr's format, as decode_layer.metal), K (hidden), NEXP,
-//   KSEL (experts chosen), VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as
-//   moe_router_topk), NSG (simdgroups; ceil(NEXP / NSG) rows each).
-// Inputs: h [K] (T), gin [K] (T), w, w_s, w_b (router weight [NEXP, K]), bias
-// [NEXP] float32 (any 1-element array unless HAS_BIAS), cst float32 [2]: eps,
-// weight scale.
-// Outputs: xn [K] (T), ids [KSEL] int32, weights [KSEL] float32.
-// Grid: (32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1): one threadgroup.
-{
-  constexpr int PER = moe_dense_per<FMT>::value;
-  constexpr int XS = moe_xs_size<K, PER>::value;
-  constexpr int NR = (NEXP + NSG - 1) / NSG;
-  constexpr int NT = 32 * NSG;
-  constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  threadgroup float xs[XS];
-  threadgroup float red[NSG];
-  threadgroup float lg[NEXP];
-  const uint lane = thread_index_in_simdgroup;
-  const uint sg = simdgroup_index_in_threadgroup;
-  const int tid = int(thread_index_in_threadgroup);
-  const int row0 = int(sg) * NR;
-  const int nvalid = (NEXP - row0 < NR) ? NEXP - row0 : NR;
-  const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last expert reads row 0, writes nothing
-  const int lvalid = (nvalid > 0) ? nvalid : 1;
-
-  // The first weights in flight while the norm waits for h.
-  const auto first = moe_dense_load<K, FMT, GS, NR, CH>(w, w_s, w_b, lrow, lvalid, 0, lane);
-  const float wscale = cst[1];
-  moe_rms_stage<T, K, PER, NT, NSG>(h, gin, cst[0], xs, red, tid, lane, sg);
-  for (int c = tid; c < K; c += NT) {  // the experts' input: the staged values are exact in T
-    xn[c] = T(xs[moe_xs_index<PER>(c)]);
-  }
-
-  float acc[NR];
-  for (int r = 0; r < NR; ++r) {
-    acc[r] = 0.0f;
-  }
-  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
-  for (int r = 0; r < NR; ++r) {
-    const float sr = moe_simd_sum(acc[r]);
-    if (lane == 0 && r < nvalid) {
-      lg[row0 + r] = float(T(sr));
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (sg == 0) {  // uniform per simdgroup
-    const auto pick = moe_router_select<NEXP, KSEL, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(lg, bias, wscale, lane);
-    if (lane == 0) {
-      for (int j = 0; j < KSEL; ++j) {
-        ids[j] = pick.id[j];
-        weights[j] = pick.w[j];
       }
     }
   }

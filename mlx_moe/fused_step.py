@@ -1,21 +1,26 @@
-"""The one-token decoder forward on fused kernels: about eight graph nodes per layer.
+"""The one-token decoder forward on fused kernels: nine graph nodes per layer,
+each launch spread over the whole GPU.
 
-Why: decode on MLX is host-bound.  Each graph node costs the host 4-9 us on
-MLX's backends whatever its GPU work (BENCHMARKS.md), and mlx-lm's decoder
+Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
+on MLX's backends whatever its GPU work (BENCHMARKS.md), and mlx-lm's decoder
 layer is 30-40 nodes (norms, projections, reshapes, transposes, ropes, the
-cache update, attention, residual adds, the router's ops, the experts).  Here
-a layer is:
+cache update, attention, residual adds, the router's ops, the experts); and a
+launch of few threadgroups (one per head, or one) leaves most SMs idle for
+11-17 us where the same reads spread over every SM take 2-4.  Here a layer is:
 
-  attn_qkv          input RMSNorm, q/k/v projections (+ biases), per-head q/k
-                    RMSNorm, RoPE at the cache position   (metal/decode_layer.metal)
-  2 x ScatterAxis   the new key and value into the static cache (put_along_axis)
-  decode_attention  one query over the cache's first pos + 1 slots (metal/attention.metal)
-  dense_residual    o_proj + the residual add              (metal/decode_layer.metal)
-  moe_router_gemv   post-attention RMSNorm, router projection, the family's
-                    top-k rule; its normalized input feeds the experts (metal/router.metal)
+  dense_norm              input RMSNorm, q/k/v projections (+ biases), stacked
+                          (metal/decode_layer.metal)
+  decode_attention_parts  per-head q/k RMSNorm, RoPE at the cache position, the
+                          new key and value, attention over the first pos + 1
+                          slots in SPLITS parts per head (metal/attention.metal)
+  2 x ScatterAxis         the new key and value into the static cache (put_along_axis)
+  dense_residual_parts    the parts combined, o_proj, the residual add
+  dense_norm_xn           post-attention RMSNorm (its output feeds the experts),
+                          router projection
+  moe_router_topk         the family's top-k rule (metal/router.metal)
   mul_mv_id_swiglu, mul_mv_id_down_combine_res
-                    the routed experts, the weighted combine and the residual
-                    add after the MoE block (metal/mul_mv_id.metal)
+                          the routed experts, the weighted combine and the residual
+                          add after the MoE block (metal/mul_mv_id.metal)
 
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
@@ -39,9 +44,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hooks import HOOKS
-from .kernels.attention import decode_attention
-from .kernels.dense import DenseWeight, attn_qkv, attn_unsupported, dense_residual, dense_unsupported, dense_weight
-from .kernels.router import gemv_unsupported, router_gemv
+from .kernels import dense
+from .kernels.attention import decode_attention_parts
+from .kernels.dense import (MAX_STAGED, DenseWeight, dense_norm, dense_residual, dense_unsupported,
+                            dense_weight, stack_unsupported)
+from .kernels.router import fused_topk
+from .kernels.router import unsupported as rule_unsupported
 from .moe import MoELayer
 
 FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
@@ -107,11 +115,11 @@ def _layer_plan(i: int, layer):
     head_dim = q.rows // n_heads
     if rope.dims != head_dim:
         return None, f"layer {i}: rope over {rope.dims} of {head_dim} head dimensions"
-    problem = attn_unsupported(q, k, v, head_dim, n_heads, n_kv_heads)
-    if problem is None and o.bias is not None:
-        problem = "o_proj has a bias"
+    problem = _attention_unsupported(q, k, v, o, head_dim, n_heads, n_kv_heads)
+    if problem is None and gate_w.bias is not None:
+        problem = "the router projection has a bias"
     if problem is None:
-        problem = gemv_unsupported(gate_w, moe.router_params())
+        problem = stack_unsupported([gate_w], dense.ROUTER_NR) or rule_unsupported(gate_w.rows, moe.router_params())
     if problem is not None:
         return None, f"layer {i}: {problem}"
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -124,6 +132,22 @@ def _layer_plan(i: int, layer):
             return None, f"layer {i}: q/k norms are not per-head RMSNorms of one eps (OLMoE's span all heads)"
     return LayerPlan(layer.input_layernorm, q, k, v, o, n_heads, n_kv_heads, head_dim, float(attn.scale),
                      q_norm, k_norm, rope, layer.post_attention_layernorm, moe, gate_w), None
+
+
+def _attention_unsupported(q: DenseWeight, k: DenseWeight, v: DenseWeight, o: DenseWeight, head_dim: int,
+                           n_heads: int, n_kv_heads: int) -> Optional[str]:
+    """Why the attention kernels cannot take these projections and heads, or None."""
+    if head_dim % 32:  # decode_attention_parts' lanes hold head_dim / 32 dimensions each
+        return f"head dimension {head_dim} is not a multiple of 32"
+    if q.rows != n_heads * head_dim or k.rows != n_kv_heads * head_dim or v.rows != k.rows:
+        return f"projection rows {q.rows}/{k.rows}/{v.rows} do not match {n_heads}/{n_kv_heads} heads of {head_dim}"
+    if n_heads % n_kv_heads:
+        return f"{n_heads} query heads are not a multiple of {n_kv_heads} key/value heads"
+    if o.bias is not None:
+        return "o_proj has a bias"
+    if o.cols > MAX_STAGED:
+        return f"o_proj input of {o.cols} features > {MAX_STAGED}"
+    return stack_unsupported([q, k, v])
 
 
 def unsupported(model: nn.Module, flavor: Optional[str]) -> Optional[str]:
@@ -186,17 +210,22 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
     and is updated at int32 position pos [1] (`index`: cache_index(pos, ...), shared
     by the layers of a step)."""
     qn, kn = lp.q_norm, lp.k_norm
-    q, k, v = attn_qkv(h, lp.in_norm.weight, lp.in_norm.eps, lp.q, lp.k, lp.v, lp.head_dim, lp.n_heads,
-                       lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
-                       qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional,
-                       pos, flavor)
+    y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
+    parts, ml, k, v = decode_attention_parts(
+        y, lp.n_heads, lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+        qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional,
+        cache.keys, cache.values, pos, lp.scale, flavor)
     if index is None:
         index = cache_index(pos, lp.n_kv_heads, lp.head_dim)
+    # After the attention, which read the new token's key and value from its own
+    # registers: the scatters then write into the cache buffers in place (MLX
+    # donates them once the attention, their other reader, has run).
     cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
     cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
-    o = decode_attention(q, cache.keys, cache.values, pos, lp.scale, flavor)
-    h = dense_residual(o, lp.o, h, flavor)
-    xn, ids, weights = router_gemv(h, lp.post_norm.weight, lp.post_norm.eps, lp.gate, lp.moe.router_params(), flavor)
+    h = dense_residual((parts, ml), lp.o, h, flavor)
+    logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
+                            nr=dense.ROUTER_NR)
+    ids, weights = fused_topk(logits, lp.moe.router_params(), flavor)
     out = _experts_and_residual(lp, h, xn, ids, weights, flavor)
     if HOOKS.active:
         moe = lp.moe

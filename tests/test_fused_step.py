@@ -19,7 +19,7 @@ from mlx_moe.backends import MLXBackend
 from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
-from mlx_moe.kernels.kernel_cases import attn_qkv_check, dense_residual_check, router_gemv_check
+from mlx_moe.kernels.kernel_cases import attention_parts_check, dense_norm_check, dense_residual_check
 from mlx_moe.moe import set_expert_backend
 from mlx_moe.router import RouterParams
 from test_compiled_decode import CONFIGS, PROMPT, tiny_model
@@ -32,38 +32,51 @@ FLAVORS = ["emulated", pytest.param("cuda", marks=[
 # -- kernels ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("fmt,dtype,qk_norm,bias,trad,pos,hidden,rtol", [
-    (4, mx.float32, True, False, False, 0, 1280, 2e-5),     # Qwen3: per-head q/k norms, first position
-    (8, mx.float32, False, True, True, 700, 512, 2e-5),     # Qwen2: biases; traditional pairs, far position
-    (32, mx.float32, True, True, False, 37, 256, 2e-5),
-    (16, mx.float16, False, False, False, 5, 384, 4e-3),    # rounding points in float16 as MLX's ops
-    (17, mx.bfloat16, True, False, False, 300, 1024, 2e-2),  # and in bfloat16 (one ulp amplified by norm and rope)
+@pytest.mark.parametrize("fmt,dtype,hidden,rows,bias,rtol", [
+    (4, mx.float32, 1280, (128, 64, 64), False, 1e-5),     # Qwen3-like q/k/v; K 1280: a tail step
+    (8, mx.float32, 512, (64, 32, 32), True, 1e-5),        # Qwen2: biases
+    (32, mx.float32, 256, (96, 32, 32), True, 1e-5),
+    (16, mx.float16, 384, (64, 64, 64), False, 4e-3),      # output rounded once, as nn.Linear's addmm
+    (17, mx.bfloat16, 1024, (256, 128, 128), False, 1e-2),
 ])
-def test_attn_qkv_matches_mlx_ops(flavor, fmt, dtype, qk_norm, bias, trad, pos, hidden, rtol):
-    attn_qkv_check(flavor, fmt, dtype, qk_norm, bias, trad, pos, hidden=hidden, rtol=rtol)
+def test_dense_norm_matches_rms_norm_and_float64(flavor, fmt, dtype, hidden, rows, bias, rtol):
+    dense_norm_check(flavor, fmt, dtype, hidden, rows, bias, rtol)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("fmt,dtype,cols,rows,rtol", [
-    (4, mx.float32, 4096, 130, 1e-5),   # o_proj-like K, rows not a multiple of the threadgroup's 8
-    (8, mx.bfloat16, 512, 70, 1e-2),    # bfloat16 output rounding
-    (17, mx.bfloat16, 256, 33, 1e-2),
-    (32, mx.float32, 96, 40, 1e-5),     # K smaller than one step of 128 columns
+@pytest.mark.parametrize("fmt,dtype,hidden,n,rtol", [
+    (8, mx.float32, 512, 128, 1e-5),   # a router: one row per simdgroup, the normalized input too
+    (4, mx.bfloat16, 1024, 60, 1e-2),
+    (32, mx.float32, 256, 7, 1e-5),    # fewer experts than a threadgroup's rows
 ])
-def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol):
-    dense_residual_check(flavor, fmt, dtype, cols, rows, rtol)
+def test_dense_norm_xn_router_projection(flavor, fmt, dtype, hidden, n, rtol):
+    dense_norm_check(flavor, fmt, dtype, hidden, (n,), False, rtol, xn=True, nr=1)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("fmt,dtype,hidden,n,params,ref", [
-    (8, mx.float32, 512, 128, RouterParams(8, normalize=True), lambda lg: R.softmax_topk(lg, 8, True)),
-    (4, mx.float32, 1024, 60, RouterParams(4, normalize=False), lambda lg: R.softmax_topk(lg, 4, False)),
-    (17, mx.bfloat16, 256, 8, RouterParams(2, score="topk_softmax"), lambda lg: R.topk_softmax(lg, 2)),
-    (32, mx.float32, 256, 64, RouterParams(6, n_group=8, topk_group=3, scaling=2.5),
-     lambda lg: R.group_limited_topk(lg, 6, 8, 3, 2.5)),
+@pytest.mark.parametrize("dtype,qk_norm,trad,pos,head_dim,heads,capacity,splits,rtol", [
+    (mx.float32, True, False, 0, 64, (4, 2), 16, 4, 2e-5),      # first position: one slot, three empty splits
+    (mx.float32, True, False, 37, 128, (8, 2), 48, 4, 2e-5),    # Qwen3: per-head norms, GQA 4
+    (mx.float32, False, True, 700, 64, (4, 4), 768, 4, 2e-5),   # traditional pairs, far position, MHA
+    (mx.float32, False, False, 47, 32, (2, 1), 48, 16, 2e-5),   # the last slot; splits of 3
+    (mx.float16, True, False, 20, 64, (4, 2), 32, 4, 4e-3),     # rounding points in float16 as MLX's ops
+    (mx.bfloat16, True, False, 300, 128, (4, 1), 320, 4, 2e-2),
 ])
-def test_router_gemv_matches_norm_projection_and_rule(flavor, fmt, dtype, hidden, n, params, ref):
-    router_gemv_check(flavor, fmt, dtype, hidden, params, ref, n)
+def test_attention_parts_matches_mlx_ops(flavor, dtype, qk_norm, trad, pos, head_dim, heads, capacity, splits, rtol):
+    attention_parts_check(flavor, dtype, qk_norm, trad, pos, head_dim, heads, capacity, splits, rtol)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("fmt,dtype,cols,rows,rtol,parts", [
+    (4, mx.float32, 4096, 130, 1e-5, None),   # o_proj-like K, rows not a multiple of the threadgroup's 8
+    (8, mx.bfloat16, 512, 70, 1e-2, None),    # bfloat16 output rounding
+    (17, mx.bfloat16, 256, 33, 1e-2, None),
+    (32, mx.float32, 96, 40, 1e-5, None),     # K smaller than one step of 128 columns
+    (4, mx.float32, 4096, 66, 1e-5, (32, 4)),  # Qwen3-30B-A3B's attention output in 4 splits
+    (17, mx.bfloat16, 512, 40, 1e-2, (4, 8)),
+])
+def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, parts):
+    dense_residual_check(flavor, fmt, dtype, cols, rows, rtol, parts=parts)
 
 
 def test_unreadable_projections_are_named():
@@ -175,7 +188,7 @@ def _dot_nodes(path, arrays) -> int:
 
 
 def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch):
-    """About eight nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for.
+    """Nine nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for.
 
     The emulated kernels run eagerly (their outputs are evaluated arrays, no graph
     nodes), so here every kernel is a lazy stand-in: outputs made by constant ops
@@ -208,7 +221,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch):
         part = fused_step.Plan(plan.flavor, plan.layers[:n_layers])
         out = fused_step.forward(model, part, mx.array([[5]], mx.int32), traced, pos)
         total = _dot_nodes(tmp_path / "g.dot", [out] + [c.keys for c in traced] + [c.values for c in traced])
-        assert own["launches"] == 6 * n_layers  # attn_qkv, attention, o_proj, router, swiglu, down
+        assert own["launches"] == 7 * n_layers  # qkv, attention, o_proj, router, top-k, swiglu, down
         return total - own["nodes"] + own["launches"]
 
     set_expert_backend(model, KernelBackend("emulated"))
@@ -216,7 +229,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch):
         per_layer = nodes(2) - nodes(1)
     finally:
         set_expert_backend(model, MLXBackend())
-    assert per_layer <= 8, per_layer
+    assert per_layer <= 9, per_layer  # the seven launches and two cache writes
 
 
 def test_unsupported_models_say_why():

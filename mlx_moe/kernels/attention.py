@@ -1,23 +1,33 @@
-"""The decode attention kernel (metal/attention.metal): one query token against the
+"""The decode attention kernels (metal/attention.metal): one query token against the
 first pos + 1 slots of a fixed-capacity KV cache, in one launch, no mask array.
 
-Used by the compiled decode step (mlx_moe/compiled.py) when
-`compiled.ATTENTION_KERNEL` is on; the same result as
-mx.fast.scaled_dot_product_attention on the valid slots (tested against it).
+- `decode_attention`: q, k, v as mlx-lm's attention has them; used by the
+  compiled decode step (mlx_moe/compiled.py) when `compiled.ATTENTION_KERNEL` is
+  on; the same result as mx.fast.scaled_dot_product_attention on the valid slots
+  (tested against it).
+- `decode_attention_parts`: the fused decoder layers' (mlx_moe/fused_step.py),
+  from the raw q/k/v projections: the q/k norms and RoPE, the new key and value
+  (for the cache write), and each head's slots in SPLITS parts, which
+  dense.dense_residual combines.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import mlx.core as mx
 
-from .registry import constant, kernel
+from .registry import constant, constants, kernel, stand_in
 
 # Simdgroups (warps) per query head and slots per simdgroup step: 16 x 8 keeps
 # 128 slots' loads in flight per head (512 threads: up to 128 registers each).
 NSG = 16
 U = 8
+
+# decode_attention_parts: splits per head, simdgroups per split, slots per simdgroup
+# step (Qwen3-30B-A3B: 32 heads x 4 splits = 128 threadgroups of 256 threads).
+SPLITS, PARTS_NSG, PARTS_U = 4, 8, 8
 
 
 def unsupported(q_shape, k_shape, v_shape) -> Optional[str]:
@@ -56,3 +66,40 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, pos: mx.array, scale
         grid=(HQ * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(1, HQ, 1, D)], output_dtypes=[q.dtype],
     )[0]
+
+
+def decode_attention_parts(y: mx.array, n_heads: int, n_kv_heads: int, q_norm: Optional[mx.array],
+                           k_norm: Optional[mx.array], qk_eps: float, rope_base: float, rope_scale: float,
+                           traditional: bool, keys: mx.array, values: mx.array, pos: mx.array, scale: float,
+                           flavor: str, splits: Optional[int] = None, nsg: Optional[int] = None,
+                           u: Optional[int] = None):
+    """The attention of one token from its stacked q/k/v projections y [(HQ + 2 HK) * D]
+    (dense.dense_norm's output) over a cache keys / values [1, HK, C, D] holding
+    positions 0..pos-1: per-head q/k RMSNorms (q_norm / k_norm, or None), RoPE at pos
+    (int32 [1]), softmax(scale q k^T) v over slots 0..pos with the new key at pos.
+
+    Returns (parts [HQ, S, D], ml [HQ, S, 2]) float32 (dense.dense_residual combines
+    them) and the new key and value [1, HK, 1, D] in y's dtype, for the cache write.
+    splits, nsg, u: the launch geometry (default SPLITS, PARTS_NSG, PARTS_U)."""
+    splits, nsg, u = splits or SPLITS, nsg or PARTS_NSG, u or PARTS_U
+    _, HK, C, D = keys.shape
+    HQ = n_heads
+    if values.shape != keys.shape or HK != n_kv_heads or y.size != (HQ + 2 * HK) * D:
+        raise ValueError(f"decode_attention_parts: y of {y.size} values, cache {tuple(keys.shape)} / "
+                         f"{tuple(values.shape)} do not fit {HQ} + 2 x {n_kv_heads} heads")
+    if D % 32 or HQ % HK:
+        raise ValueError(f"decode_attention_parts: head dimension {D} (a multiple of 32) and {HQ} query heads "
+                         f"over {HK} key/value heads")
+    T = y.dtype
+    qk_norm = q_norm is not None
+    none = stand_in(T)
+    cst = constants((qk_eps, math.log2(rope_base), rope_scale, scale))
+    return tuple(kernel(flavor, "decode_attention_parts")(
+        inputs=[y, q_norm if qk_norm else none, k_norm if qk_norm else none, keys, values,
+                pos if pos.shape == (1,) else pos.reshape(1), cst],
+        template=[("T", T), ("D", D), ("HQ", HQ), ("HKV", HK), ("C", C), ("NSG", nsg), ("U", u), ("S", splits),
+                  ("QKNORM", qk_norm), ("TRAD", bool(traditional))],
+        grid=(splits * 32 * nsg, HQ, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(HQ, splits, D), (HQ, splits, 2), (1, HK, 1, D), (1, HK, 1, D)],
+        output_dtypes=[mx.float32, mx.float32, T, T],
+    ))

@@ -1,9 +1,10 @@
 """Typed calls of the decode_layer kernel family (metal/decode_layer.metal): the
-dense half of a one-token decoder layer, in two launches.
+dense GEMVs of a one-token decoder layer, their rows spread over the GPU.
 
-- `attn_qkv`: input RMSNorm -> q, k, v projections (+ biases) -> per-head q/k
-  RMSNorm -> RoPE at the cache position;
-- `dense_residual`: a projection plus the residual add after it (o_proj).
+- `dense_norm`: input RMSNorm -> up to three projections (+ biases), stacked
+  (q, k, v); with `xn=True` also the normalized input (the router's);
+- `dense_residual`: a projection plus the residual add after it (o_proj), its
+  input either a vector or the attention's split results (`parts`).
 
 The dense projections are mlx's own modules, read in place: `nn.QuantizedLinear`
 in MLX's affine mode (4 or 8 bits, groups of 32, 64 or 128: mlx-community
@@ -14,7 +15,6 @@ to the kernels, or why it cannot be read (the caller then keeps MLX's ops).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
@@ -26,14 +26,11 @@ FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)
 MAX_STAGED = 8192  # activations staged per threadgroup (float32: 32 KB, Metal's threadgroup limit)
 
-# Launch geometry (simdgroups per threadgroup, rows per simdgroup).  attn_qkv:
-# one threadgroup per head, head_dim / ATTN_NSG rows per simdgroup; 16
-# simdgroups (512 threads, so up to 128 registers a thread: each holds its rows'
-# first weight reads in registers) with only HQ + 2 HK threadgroups.
-# dense_residual: DENSE_NR rows per simdgroup, DENSE_NSG simdgroups
-# (Qwen3-30B-A3B's o_proj: 256 threadgroups).
-ATTN_NSG = 16
+# Launch geometry: DENSE_NR rows per simdgroup, DENSE_NSG simdgroups per
+# threadgroup (Qwen3-30B-A3B: q/k/v 640 threadgroups, o_proj 256); the router's
+# few rows take ROUTER_NR per simdgroup (128 experts: 32 threadgroups).
 DENSE_NR, DENSE_NSG = 2, 4
+ROUTER_NR = 1
 
 
 class DenseWeight(NamedTuple):
@@ -91,20 +88,20 @@ def _same_format(ws) -> bool:
                and b.scales.dtype == a.scales.dtype for b in ws[1:])
 
 
-def attn_unsupported(q: DenseWeight, k: DenseWeight, v: DenseWeight, head_dim: int, n_heads: int,
-                     n_kv_heads: int) -> Optional[str]:
-    """Why attn_qkv cannot take these projections and heads, or None."""
-    if not _same_format((q, k, v)):
-        return "q, k and v projections differ in format"
-    if (q.bias is None) != (k.bias is None) or (q.bias is None) != (v.bias is None):
-        return "only some of q, k, v have a bias"
-    if head_dim % 32 or head_dim > 32 * ATTN_NSG or head_dim % ATTN_NSG:
-        # 32: decode_attention's lanes hold head_dim / 32 dimensions each
-        return f"head dimension {head_dim} (needs a multiple of 32 and of {ATTN_NSG}, at most {32 * ATTN_NSG})"
-    if q.rows != n_heads * head_dim or k.rows != n_kv_heads * head_dim or v.rows != k.rows:
-        return f"projection rows {q.rows}/{k.rows}/{v.rows} do not match {n_heads}/{n_kv_heads} heads of {head_dim}"
-    if q.cols > MAX_STAGED:
-        return f"hidden size {q.cols} > {MAX_STAGED}"
+def stack_unsupported(ws, nr: Optional[int] = None) -> Optional[str]:
+    """Why dense_norm cannot take the projections `ws` (1 to 3, stacked by rows) with nr
+    rows a simdgroup (default DENSE_NR), or None."""
+    nr = nr or DENSE_NR
+    if not 1 <= len(ws) <= 3:
+        return f"dense_norm stacks 1 to 3 projections, not {len(ws)}"
+    if not _same_format(ws):
+        return "the stacked projections differ in format"
+    if len({w.bias is None for w in ws}) > 1:
+        return "only some of the stacked projections have a bias"
+    if any(w.rows % nr for w in ws[:-1]):
+        return f"projection rows {[w.rows for w in ws]} are not multiples of {nr} (a simdgroup's rows)"
+    if ws[0].cols > MAX_STAGED:
+        return f"hidden size {ws[0].cols} > {MAX_STAGED}"
     return None
 
 
@@ -116,51 +113,60 @@ def fmt_template(d: DenseWeight):
     return [("FMT", d.fmt), ("GS", d.group_size or 32)]
 
 
-def attn_qkv(x: mx.array, norm_weight: mx.array, eps: float, q: DenseWeight, k: DenseWeight, v: DenseWeight,
-             head_dim: int, n_heads: int, n_kv_heads: int, q_norm: Optional[mx.array], k_norm: Optional[mx.array],
-             qk_eps: float, rope_base: float, rope_scale: float, traditional: bool, pos: mx.array,
-             flavor: str) -> Tuple[mx.array, mx.array, mx.array]:
-    """q [1, HQ, 1, D], k and v [1, HK, 1, D] of one token x [..., hidden]: the input
-    RMSNorm, the three projections (+ biases), the per-head q/k RMSNorms (when
-    q_norm / k_norm are given) and RoPE at position pos (int32 [1]), in x's dtype."""
-    problem = attn_unsupported(q, k, v, head_dim, n_heads, n_kv_heads)
+def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, xn: bool = False,
+               nr: Optional[int] = None, nsg: Optional[int] = None):
+    """y [1, sum of rows] = T(W . rms_norm(x) (+ bias)) for one token x [..., K] over the
+    projections `ws` (DenseWeight, 1 to 3) stacked by rows, in x's dtype; with xn,
+    (y, the normalized input [1, K]).  nr, nsg: the launch geometry (default DENSE_NR, DENSE_NSG)."""
+    nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
+    problem = stack_unsupported(ws, nr)
     if problem is not None:
-        raise ValueError(f"attn_qkv: {problem}")
-    if x.size != q.cols:
-        raise ValueError(f"attn_qkv takes one token of {q.cols} features; got x of shape {tuple(x.shape)}")
+        raise ValueError(f"dense_norm: {problem}")
+    if x.size != ws[0].cols:
+        raise ValueError(f"dense_norm takes one token of {ws[0].cols} features; got x of shape {tuple(x.shape)}")
     T = x.dtype
-    qk_norm = q_norm is not None
-    none = stand_in(T)
-    biases = [q.bias, k.bias, v.bias] if q.bias is not None else [none] * 3
-    norms = [q_norm, k_norm] if qk_norm else [none] * 2
-    cst = constants((eps, qk_eps, math.log2(rope_base), rope_scale))
-    D, HQ, HK = head_dim, n_heads, n_kv_heads
-    outs = kernel(flavor, "attn_qkv")(
-        inputs=[x, norm_weight, *weight_inputs(q), *weight_inputs(k), *weight_inputs(v),
-                *biases, *norms, pos if pos.shape == (1,) else pos.reshape(1), cst],
-        template=[("T", T), *fmt_template(q), ("K", q.cols), ("D", D), ("HQ", HQ), ("HK", HK),
-                  ("NSG", ATTN_NSG), ("QKNORM", qk_norm), ("HAS_BIAS", q.bias is not None),
-                  ("TRAD", bool(traditional))],
-        grid=((HQ + 2 * HK) * 32 * ATTN_NSG, 1, 1), threadgroup=(32 * ATTN_NSG, 1, 1),
-        output_shapes=[(1, HQ, 1, D), (1, HK, 1, D), (1, HK, 1, D)], output_dtypes=[T, T, T],
+    full = list(ws) + [ws[0]] * (3 - len(ws))  # unused matrices: stand-ins with 0 rows
+    rows = [w.rows for w in ws] + [0] * (3 - len(ws))
+    has_bias = ws[0].bias is not None
+    biases = [w.bias for w in full] if has_bias else [stand_in(T)] * 3
+    n = sum(rows)
+    n_tg = -(-n // (nr * nsg))
+    outs = kernel(flavor, "dense_norm_xn" if xn else "dense_norm")(
+        inputs=[x, norm_weight, *(a for w in full for a in weight_inputs(w)), *biases, constant(float(eps))],
+        template=[("T", T), *fmt_template(ws[0]), ("K", ws[0].cols), ("N0", rows[0]), ("N1", rows[1]),
+                  ("N2", rows[2]), ("NR", nr), ("NSG", nsg), ("HAS_BIAS", has_bias)],
+        grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(1, n)] + ([(1, ws[0].cols)] if xn else []), output_dtypes=[T] * (2 if xn else 1),
     )
-    return outs[0], outs[1], outs[2]
+    return (outs[0], outs[1]) if xn else outs[0]
 
 
-def dense_residual(x: mx.array, d: DenseWeight, res: mx.array, flavor: str, nr: int = DENSE_NR,
-                   nsg: int = DENSE_NSG) -> mx.array:
-    """res + W . x for one token (x [..., K], res [..., N]): [N]-shaped like res, in res's dtype."""
+def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[int] = None,
+                   nsg: Optional[int] = None) -> mx.array:
+    """res + W . x for one token, in res's dtype and shape (res [..., N]).
+
+    x: the input vector [..., K], or a pair (parts [H, S, D], ml [H, S, 2]) of
+    decode_attention_parts, the attention output in S splits per head
+    (H * D = K), combined by the kernel.  nr, nsg: as dense_norm's."""
+    nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
     if d.bias is not None:
         raise ValueError("dense_residual: projections with a bias are not covered")
-    if x.size != d.cols or res.size != d.rows:
-        raise ValueError(f"dense_residual: x {tuple(x.shape)} / res {tuple(res.shape)} do not fit a "
+    parts = isinstance(x, tuple)
+    size = x[0].shape[0] * x[0].shape[2] if parts else x.size
+    if size != d.cols or res.size != d.rows:
+        raise ValueError(f"dense_residual: x of {size} values / res {tuple(res.shape)} do not fit a "
                          f"{d.rows} x {d.cols} projection")
     if d.cols > MAX_STAGED:
         raise ValueError(f"dense_residual: {d.cols} input features > {MAX_STAGED}")
     n_tg = -(-d.rows // (nr * nsg))
-    return kernel(flavor, "dense_residual")(
-        inputs=[x, *weight_inputs(d), res],
-        template=[("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)],
+    template = [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
+    if parts:
+        H, S, D = x[0].shape
+        if x[1].shape != (H, S, 2):
+            raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
+        template += [("D", D), ("S", S)]
+    return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(
+        inputs=[*(x if parts else [x]), *weight_inputs(d), res], template=template,
         grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[res.shape], output_dtypes=[res.dtype],
     )[0]

@@ -224,44 +224,66 @@ def random_linear(rng, cols: int, rows: int, fmt: int, dtype, bias: bool = False
     return lin
 
 
-def attn_qkv_reference(x, gin, eps, projs, head_dim, heads, q_norm, k_norm, qk_eps, base, scale, trad, pos):
-    """q, k, v of one token by MLX's own ops, as mlx-lm's attention computes them."""
-    xn = mx.fast.rms_norm(x.reshape(1, -1), gin, eps)
+def qkv_reference(y, head_dim, heads, q_norm, k_norm, qk_eps, base, scale, trad, pos):
+    """q, k, v [1, H, 1, D] from stacked projections y by MLX's own ops, as mlx-lm's
+    attention computes them after its projections (per-head norms, rope)."""
+    HQ, HK = heads
+    D = head_dim
+    y = y.reshape(-1)
     out = []
-    for i, (proj, h) in enumerate(zip(projs, heads)):
-        y = proj(xn).reshape(1, 1, h, head_dim)
+    for i, (lo, h) in enumerate(((0, HQ), (HQ * D, HK), ((HQ + HK) * D, HK))):
+        t = y[lo:lo + h * D].reshape(1, 1, h, D)
         if i < 2 and q_norm is not None:
-            y = mx.fast.rms_norm(y, (q_norm, k_norm)[i], qk_eps)
-        y = y.transpose(0, 2, 1, 3)
+            t = mx.fast.rms_norm(t, (q_norm, k_norm)[i], qk_eps)
+        t = t.transpose(0, 2, 1, 3)
         if i < 2:
-            y = mx.fast.rope(y, head_dim, traditional=trad, base=base, scale=scale, offset=pos)
-        out.append(y)
+            t = mx.fast.rope(t, D, traditional=trad, base=base, scale=scale, offset=pos)
+        out.append(t)
     return out
 
 
-def attn_qkv_check(flavor: str, fmt: int, dtype, qk_norm: bool, bias: bool, trad: bool, pos: int,
-                   hidden: int = 1280, head_dim: int = 64, heads=(4, 2), rtol: float = 2e-5, seed: int = 0) -> None:
-    """attn_qkv on `flavor` against attn_qkv_reference (computed on the CPU)."""
-    from .dense import attn_qkv, dense_weight
+def attention_parts_check(flavor: str, dtype, qk_norm: bool, trad: bool, pos: int, head_dim: int = 64,
+                          heads=(4, 2), capacity: int = 48, splits: int = 4, rtol: float = 2e-5, seed: int = 0) -> None:
+    """decode_attention_parts: the new key and value against qkv_reference, and the
+    parts, combined in numpy, against mx.fast.scaled_dot_product_attention over slots
+    0..pos with the new key and value at pos (the cache's slot pos holds garbage)."""
+    from .attention import decode_attention_parts
 
     rng = np.random.default_rng(seed)
     HQ, HK = heads
-    projs = [random_linear(rng, hidden, h * head_dim, fmt, dtype, bias) for h in (HQ, HK, HK)]
-    x = mx.array(rng.standard_normal(hidden).astype(np.float32) * 3).astype(dtype)
-    gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
-    qn, kn = (mx.array(rng.random(head_dim).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
-    eps, base, scale = 1e-6, 1e6 if pos > 100 else 1e4, 1.0
+    D = head_dim
+    y = mx.array(rng.standard_normal((HQ + 2 * HK) * D).astype(np.float32) * 2).astype(dtype)
+    keys, values = (mx.array(rng.standard_normal((1, HK, capacity, D)).astype(np.float32)).astype(dtype)
+                    for _ in range(2))
+    qn, kn = (mx.array(rng.random(D).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
+    base, rscale, scale = (1e6 if pos > 100 else 1e4), 1.0, D ** -0.5
     with mx.stream(mx.cpu):
-        want = attn_qkv_reference(x, gin, eps, projs, head_dim, (HQ, HK, HK), qn if qk_norm else None, kn, 1e-6,
-                                  base, scale, trad, pos)
-        want = [np.array(w.astype(mx.float32)) for w in want]
-    got = attn_qkv(x, gin, eps, *(dense_weight(p) for p in projs), head_dim, HQ, HK, qn if qk_norm else None,
-                   kn if qk_norm else None, 1e-6, base, scale, trad, mx.array([pos], mx.int32), flavor)
+        q, k, v = qkv_reference(y, D, heads, qn if qk_norm else None, kn, 1e-6, base, rscale, trad, pos)
+        kf = mx.concatenate([keys[:, :, :pos], k], axis=2)
+        vf = mx.concatenate([values[:, :, :pos], v], axis=2)
+        want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kf.astype(mx.float32),
+                                                    vf.astype(mx.float32), scale=scale)
+        want, k, v = (np.array(a.astype(mx.float32)) for a in (want, k, v))
+    parts, ml, got_k, got_v = decode_attention_parts(
+        y, HQ, HK, qn if qk_norm else None, kn if qk_norm else None, 1e-6, base, rscale, trad, keys, values,
+        mx.array([pos], mx.int32), scale, flavor, splits=splits)
     # A RoPE angle is pos * inv_freq in float32: one ulp of inv_freq (exp2f of one
     # backend against another's) moves it by pos * 2^-24 relative.
-    for name, g, w in zip("qkv", got, want):
-        tol = rtol + (pos * 2.0 ** -22 if name != "v" else 0.0)
-        _close(np.array(g.astype(mx.float32)), w, tol, f"attn_qkv {name} (fmt {fmt}, {dtype}, pos {pos})")
+    tol = rtol + pos * 2.0 ** -22
+    _close(np.array(got_k.astype(mx.float32)), k, tol, f"decode_attention_parts new key ({dtype}, pos {pos})")
+    _close(np.array(got_v.astype(mx.float32)), v, rtol, f"decode_attention_parts new value ({dtype}, pos {pos})")
+    parts, ml = np.array(parts).astype(np.float64), np.array(ml).astype(np.float64)
+    n = pos + 1
+    per = -(-n // splits)
+    for s in range(splits):  # empty splits say so: no slots, sum 0
+        if s * per >= n:
+            assert (ml[:, s, 1] == 0).all() and (parts[:, s] == 0).all(), f"split {s} of {n} slots is not empty"
+    live = ml[..., 1] > 0
+    m = np.where(live, ml[..., 0], -np.inf).max(1, keepdims=True)
+    a = np.where(live, np.exp(np.where(live, ml[..., 0], 0) - m), 0.0)
+    out = (parts * a[..., None]).sum(1) / (ml[..., 1] * a).sum(1, keepdims=True)
+    _close(out.reshape(1, HQ, 1, D), want, tol + (2e-5 if dtype == mx.float32 else 1e-2),
+           f"decode_attention_parts output ({dtype}, pos {pos}, {splits} splits)")
 
 
 def _exact_dense(proj) -> np.ndarray:
@@ -276,48 +298,73 @@ def _exact_dense(proj) -> np.ndarray:
     return np.array(w).astype(np.float64)
 
 
-def dense_residual_check(flavor: str, fmt: int, dtype, cols: int, rows: int, rtol: float, seed: int = 1) -> None:
-    """res + W x against float64 numpy on the weights MLX dequantizes."""
+def dense_norm_check(flavor: str, fmt: int, dtype, hidden: int, rows, bias: bool, rtol: float, xn: bool = False,
+                     nr: int = 2, seed: int = 0) -> None:
+    """dense_norm (and dense_norm_xn): the stacked projections of rms_norm(x) against
+    mx.fast.rms_norm and float64 numpy on the weights MLX dequantizes."""
+    from .dense import dense_norm, dense_weight
+
+    rng = np.random.default_rng(seed)
+    projs = [random_linear(rng, hidden, r, fmt, dtype, bias) for r in rows]
+    x = mx.array(rng.standard_normal((1, 1, hidden)).astype(np.float32) * 3).astype(dtype)
+    gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+    with mx.stream(mx.cpu):
+        xn_want = np.array(mx.fast.rms_norm(x.reshape(1, hidden), gin, 1e-6).astype(mx.float32))
+    want = np.concatenate([_exact_dense(p) @ xn_want.reshape(-1).astype(np.float64)
+                           + (np.array(p.bias.astype(mx.float32)) if bias else 0.0) for p in projs])
+    got = dense_norm(x, gin, 1e-6, [dense_weight(p) for p in projs], flavor, xn=xn, nr=nr)
+    if xn:
+        got, got_xn = got
+        _close(np.array(got_xn.astype(mx.float32)), xn_want, 1e-6 if dtype == mx.float32 else 8e-3,
+               "dense_norm_xn xn")  # float32: another summation order than MLX's
+    assert got.shape == (1, sum(rows)) and got.dtype == dtype
+    _close(np.array(got.astype(mx.float32)).reshape(-1), want, rtol, f"dense_norm (fmt {fmt}, {dtype}, rows {rows})")
+
+
+def dense_residual_check(flavor: str, fmt: int, dtype, cols: int, rows: int, rtol: float, seed: int = 1,
+                         parts=None) -> None:
+    """res + W x against float64 numpy on the weights MLX dequantizes; parts = (heads,
+    splits): x given as decode_attention_parts' split results (one split empty), combined
+    in numpy and rounded to dtype as the attention's output is."""
     from .dense import dense_residual, dense_weight
 
     rng = np.random.default_rng(seed)
     proj = random_linear(rng, cols, rows, fmt, dtype, group_size=128 if fmt == 8 else 64)
-    x = mx.array(rng.standard_normal((1, 1, cols)).astype(np.float32)).astype(dtype)
     res = mx.array(rng.standard_normal((1, 1, rows)).astype(np.float32)).astype(dtype)
-    want = np.array(res.astype(mx.float32)).reshape(-1) + _exact_dense(proj) @ np.array(x.astype(mx.float32)).reshape(-1)
+    if parts is None:
+        x = mx.array(rng.standard_normal((1, 1, cols)).astype(np.float32)).astype(dtype)
+        xv = np.array(x.astype(mx.float32)).reshape(-1)
+    else:
+        H, S = parts
+        D = cols // H
+        p = rng.standard_normal((H, S, D)).astype(np.float32) * 4
+        ml = np.stack([rng.standard_normal((H, S)) * 3, rng.random((H, S)) * 5 + 0.5], -1).astype(np.float32)
+        ml[:, -1] = (-np.inf, 0.0)  # an empty split (fewer slots than splits)
+        p[:, -1] = 0.0
+        a = np.exp(ml[..., 0] - ml[:, :-1, 0].max(1, keepdims=True))
+        a[:, -1] = 0.0
+        comb = (p * a[..., None]).sum(1) / (ml[..., 1] * a).sum(1, keepdims=True)
+        xv = np.array(mx.array(comb.astype(np.float32)).astype(dtype).astype(mx.float32)).reshape(-1)
+        x = (mx.array(p), mx.array(ml))
+    want = np.array(res.astype(mx.float32)).reshape(-1) + _exact_dense(proj) @ xv.astype(np.float64)
     got = dense_residual(x, dense_weight(proj), res, flavor)
     assert got.shape == res.shape and got.dtype == dtype
-    _close(np.array(got.astype(mx.float32)).reshape(-1), want, rtol, f"dense_residual (fmt {fmt}, {dtype})")
+    _close(np.array(got.astype(mx.float32)).reshape(-1), want, rtol,
+           f"dense_residual (fmt {fmt}, {dtype}{', parts' if parts else ''})")
 
 
-def router_gemv_check(flavor: str, fmt: int, dtype, hidden: int, params, reference, n_experts: int,
-                      seed: int = 2) -> None:
-    """(xn, ids, weights) against mx.fast.rms_norm, numpy's projection and the family's
-    rule (mlx_moe.router) on the same logits."""
-    from .dense import dense_weight
-    from .router import router_gemv
-
-    rng = np.random.default_rng(seed)
-    gate = random_linear(rng, hidden, n_experts, fmt, dtype)
-    h = mx.array(rng.standard_normal((1, 1, hidden)).astype(np.float32) * 2).astype(dtype)
-    gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
-    with mx.stream(mx.cpu):
-        xn_want = mx.fast.rms_norm(h.reshape(1, hidden), gin, 1e-6)
-        logits = np.array(xn_want.astype(mx.float32)).astype(np.float64) @ _exact_dense(gate).T
-        logits = mx.array(logits.astype(np.float32)).astype(dtype)
-        wi, ww = (np.array(a) for a in reference(logits))
-    xn, gi, gw = router_gemv(h, gin, 1e-6, dense_weight(gate), params, flavor)
-    _close(np.array(xn.astype(mx.float32)), np.array(xn_want.astype(mx.float32)), 1e-6 if dtype == mx.float32 else 8e-3,
-           "router_gemv xn")
-    gi, gw = np.array(gi), np.array(gw)
-    og, ow = np.argsort(gi, 1), np.argsort(wi, 1)
-    assert (np.take_along_axis(gi, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"router_gemv ids {params}: {gi} vs {wi}"
-    _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-4, f"router_gemv weights {params}")
+def _dense_norm_case(flavor: str) -> None:
+    dense_norm_check(flavor, 4, mx.float32, 1280, (64, 32, 32), bias=False, rtol=1e-5)
+    dense_norm_check(flavor, 17, mx.float32, 256, (32, 16, 16), bias=True, rtol=1e-5)
 
 
-def _attn_qkv_case(flavor: str) -> None:
-    attn_qkv_check(flavor, 4, mx.float32, qk_norm=True, bias=False, trad=False, pos=37)
-    attn_qkv_check(flavor, 17, mx.float32, qk_norm=False, bias=True, trad=True, pos=5, hidden=256, heads=(2, 1))
+def _dense_norm_xn_case(flavor: str) -> None:
+    dense_norm_check(flavor, 8, mx.float32, 512, (61,), bias=False, rtol=1e-5, xn=True, nr=1)
+
+
+def _attention_parts_case(flavor: str) -> None:
+    attention_parts_check(flavor, mx.float32, qk_norm=True, trad=False, pos=37)
+    attention_parts_check(flavor, mx.float32, qk_norm=False, trad=True, pos=2, heads=(2, 1), splits=8)
 
 
 def _dense_residual_case(flavor: str) -> None:
@@ -325,14 +372,8 @@ def _dense_residual_case(flavor: str) -> None:
     dense_residual_check(flavor, 8, mx.float32, 512, 33, 1e-5)
 
 
-def _router_gemv_case(flavor: str) -> None:
-    from .. import router as R
-    from ..router import RouterParams
-
-    router_gemv_check(flavor, 8, mx.float32, 512, RouterParams(8, normalize=True),
-                      lambda lg: R.softmax_topk(lg, 8, True), 64)
-    router_gemv_check(flavor, 32, mx.float32, 256, RouterParams(2, score="topk_softmax"),
-                      lambda lg: R.topk_softmax(lg, 2), 8)
+def _dense_residual_parts_case(flavor: str) -> None:
+    dense_residual_check(flavor, 4, mx.float32, 512, 40, 1e-5, parts=(8, 4))
 
 
 def _down_combine_res_case(flavor: str) -> None:
@@ -375,13 +416,17 @@ CASES: Dict[str, List[KernelCase]] = {
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
-    "attn_qkv": [KernelCase("norm + q/k/v (4-bit affine, per-head q/k norm, rope at 37; bfloat16 weights with "
-                            "biases, traditional rope) vs MLX's rms_norm, projections and rope", _attn_qkv_case)],
+    "dense_norm": [KernelCase("norm + stacked q/k/v (4-bit affine, K 1280: a tail step; bfloat16 weights with "
+                              "biases) vs MLX's rms_norm and float64 numpy", _dense_norm_case)],
+    "dense_norm_xn": [KernelCase("norm + an 8-bit router of 61 experts and the normalized input vs MLX's rms_norm "
+                                 "and float64 numpy", _dense_norm_xn_case)],
+    "decode_attention_parts": [KernelCase("per-head q/k norms, rope at 37 (and traditional at 2, 8 splits of 3 "
+                                          "slots), new key/value and split results vs MLX's rms_norm, rope and "
+                                          "scaled_dot_product_attention", _attention_parts_case)],
     "dense_residual": [KernelCase("4-bit (K 1280: a tail step) and 8-bit affine projection + residual vs float64 "
                                   "numpy", _dense_residual_case)],
-    "moe_router_gemv": [KernelCase("norm + 8-bit router of 64 experts, softmax top-8 renormalized; float32 router "
-                                   "of 8, Mixtral top-2 softmax; vs MLX's rms_norm and mlx_moe.router",
-                                   _router_gemv_case)],
+    "dense_residual_parts": [KernelCase("8 heads x 4 splits (one empty) combined, 4-bit projection + residual vs "
+                                        "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "

@@ -12,7 +12,7 @@ Metal.  Three flavors build kernels from the same text:
 
 A family's helpers may build on another family's: a line `//@uses <family>` in
 its helpers section puts that family's helpers before its own in the header
-(router.metal's one-threadgroup router runs decode_layer.metal's dense GEMV).
+(attention.metal's decode_attention_parts uses decode_layer.metal's threadgroup sum).
 
 Where a body cannot be shared (matrix units: simdgroup_matrix on Metal,
 tensor-core mma on CUDA), `metal/<family>_cuda.h` holds the CUDA twins in
@@ -151,11 +151,16 @@ KERNELS: Dict[str, KernelSpec] = {
                                              body="mul_mv_id_down_combine", options=("RESIDUAL",)),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # the fused one-token decoder layer (mlx_moe/fused_step.py)
-    "attn_qkv": KernelSpec("decode_layer", ("x", "gin", "wq", "wq_s", "wq_b", "wk", "wk_s", "wk_b", "wv", "wv_s",
-                                            "wv_b", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "pos", "cst"),
-                           ("qo", "ko", "vo")),
+    "dense_norm": KernelSpec("decode_layer", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2", "w2_s",
+                                              "w2_b", "b0", "b1", "b2", "cst"), ("y",)),
+    "dense_norm_xn": KernelSpec("decode_layer", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2",
+                                                 "w2_s", "w2_b", "b0", "b1", "b2", "cst"), ("y", "xn"),
+                                body="dense_norm", options=("XN",)),
+    "decode_attention_parts": KernelSpec("attention", ("y", "q_norm", "k_norm", "k", "v", "pos", "cst"),
+                                         ("parts", "ml", "kn", "vn")),
     "dense_residual": KernelSpec("decode_layer", ("x", "w", "w_s", "w_b", "res"), ("out",)),
-    "moe_router_gemv": KernelSpec("router", ("h", "gin", "w", "w_s", "w_b", "bias", "cst"), ("xn", "ids", "weights")),
+    "dense_residual_parts": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res"), ("out",),
+                                       body="dense_residual", options=("PARTS",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
     "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from ..router import RouterParams
-from .registry import constant, constants, kernel
+from .registry import constant, kernel
 
 SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 TOKENS_PER_GROUP = 4  # simdgroups (tokens) per threadgroup
@@ -79,53 +79,3 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.
         grid=(max(1, -(-T // tpg)) * 32 * tpg, 1, 1), threadgroup=(32 * tpg, 1, 1),
         output_shapes=[(T, params.k), (T, params.k)], output_dtypes=[mx.int32, mx.float32],
     ))
-
-
-# -- the one-threadgroup router of a decode token (kernel moe_router_gemv) --------------
-
-GEMV_NSG = 16  # simdgroups of the one threadgroup (512 threads: up to 128 registers each)
-GEMV_MAX_WEIGHTS = 1 << 20  # router sizes (experts x hidden) one threadgroup reads in a few us
-
-
-def gemv_unsupported(gate, params: RouterParams) -> Optional[str]:
-    """Why moe_router_gemv cannot run router projection `gate` (a DenseWeight) with
-    rule `params`, or None."""
-    from .dense import MAX_STAGED
-
-    if gate.bias is not None:
-        return "the router projection has a bias"
-    if gate.rows * gate.cols > GEMV_MAX_WEIGHTS:
-        return f"a {gate.rows} x {gate.cols} router is too large for one threadgroup"
-    if gate.cols > MAX_STAGED:
-        return f"hidden size {gate.cols} > {MAX_STAGED}"
-    return unsupported(gate.rows, params)
-
-
-def router_gemv(h: mx.array, norm_weight: mx.array, eps: float, gate, params: RouterParams,
-                flavor: str) -> Tuple[mx.array, mx.array, mx.array]:
-    """(xn [1, hidden] in h's dtype, ids [1, k] int32, weights [1, k] float32) for one
-    token h: the RMSNorm before the MoE block (xn, the experts' input), the router
-    projection `gate` (a mlx_moe.kernels.dense.DenseWeight) and rule `params`, in one
-    launch."""
-    problem = gemv_unsupported(gate, params)
-    if problem is not None:
-        raise ValueError(f"router_gemv: {problem}")
-    if h.size != gate.cols:
-        raise ValueError(f"router_gemv takes one token of {gate.cols} features; got {tuple(h.shape)}")
-    from .dense import fmt_template, weight_inputs
-
-    n = gate.rows
-    has_bias = params.bias is not None
-    bias = params.bias.astype(mx.float32) if has_bias else constant(0.0)
-    n_group = max(1, params.n_group)
-    xn, ids, weights = kernel(flavor, "moe_router_gemv")(
-        inputs=[h, norm_weight, *weight_inputs(gate), bias, constants((eps, params.scaling))],
-        template=[("T", h.dtype), *fmt_template(gate), ("K", gate.cols), ("NEXP", n), ("KSEL", params.k),
-                  ("VPL", -(-n // 32)), ("SCORE", SCORES[params.score]), ("HAS_BIAS", has_bias),
-                  ("NGROUP", n_group), ("TOPKG", params.topk_group if n_group > 1 else 1),
-                  ("NORM", bool(params.normalize)), ("NSG", GEMV_NSG)],
-        grid=(32 * GEMV_NSG, 1, 1), threadgroup=(32 * GEMV_NSG, 1, 1),
-        output_shapes=[(1, gate.cols), (1, params.k), (1, params.k)],
-        output_dtypes=[h.dtype, mx.int32, mx.float32],
-    )
-    return xn, ids, weights
