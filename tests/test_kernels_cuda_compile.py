@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_moe.kernels.registry import KERNELS, kernel_source
+from mlx_moe.kernels.registry import KERNELS, family_header, kernel_source
+from mlx_moe.kernels.source import prune
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
@@ -87,7 +88,10 @@ def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: 
 
 
 def translation_unit(family: str, kernels: list) -> str:
-    header, _ = kernel_source("cuda", family, next(n for n, *_ in kernels if KERNELS[n].family == family))
+    # One header for every kernel of the unit: the family's, pruned to what their
+    # bodies use together (each kernel's own pruned header is a subset of it).
+    bodies = "\n".join(kernel_source("cuda", KERNELS[gemm_base(n)].family, n)[1] for n, *_ in kernels)
+    header = prune(family_header("cuda", family), bodies)
     fns = "".join(kernel_text(*k) for k in kernels)
     return PRELUDE + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
 

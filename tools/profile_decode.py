@@ -28,6 +28,13 @@ them.  This tool measures the two things that decide the host time:
    gives every kernel of a step and the GPU time a token needs (ncu serializes the
    kernels: their sum is the step's GPU work without overlap).
 
+4. --host-split: whether the compiled step is host- or GPU-bound.  Decodes as
+   generate does (the next step queued before the current token is read) and
+   times, per token, the three parts of the loop: calling the compiled step
+   (the graph replayed: build), mx.async_eval (MLX encodes and launches every
+   node: encode), and reading the previous token (wait: the host idles for the
+   GPU).  wait near 0: host-bound, build + encode is the time per token.
+
   python tools/profile_decode.py --shape qwen3-30b-a3b --kernels cuda
   python tools/profile_decode.py --shape tiny --kernels mlx --gen-tokens 16   # CPU smoke test
 """
@@ -176,6 +183,41 @@ def gpu_step(model, prompt, gen_tokens: int, steps: int) -> None:
     print(f"{steps} steps profiled", flush=True)
 
 
+def host_split(model, prompt, gen_tokens: int) -> dict:
+    """Mode --host-split (module docstring): medians in ms per token."""
+    from mlx_moe.compiled import decoder_for, round_capacity
+
+    decoder = decoder_for(model)
+    print(f"fused decoder layers: {'on' if decoder.fused else 'off (' + str(decoder.fused_reason) + ')'}")
+    cache = decoder.make_cache(round_capacity(len(prompt) + gen_tokens + 16))
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+
+    def step(y):
+        return mx.argmax(decoder.step(y, cache), axis=-1)
+
+    y = step(mx.array(prompt[-1:]))
+    mx.async_eval(y)
+    parts = {"build": [], "encode": [], "wait": [], "total": []}
+    for i in range(gen_tokens + 8):
+        t0 = time.perf_counter()
+        nxt = step(y)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        y.item()
+        t3 = time.perf_counter()
+        y = nxt
+        if i >= 8:  # after the trace and the warm-up
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                parts[k].append(1e3 * v)
+    mx.eval(y)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    print("compiled step, ms per token (medians over %d tokens): " % gen_tokens
+          + ", ".join(f"{k} {v:.3f}" for k, v in med.items()), flush=True)
+    return med
+
+
 def summarize(path: str, steps: int) -> None:
     """GPU time per decode step by kernel, from an ncu CSV of --gpu-step (gpu__time_duration)."""
     import collections
@@ -208,6 +250,7 @@ def main(argv=None):
     p.add_argument("--ops-only", action="store_true", help="only the per-node host costs (no model, no profile)")
     p.add_argument("--gpu-step", action="store_true", help="the compiled step's kernels, for ncu (docstring)")
     p.add_argument("--steps", type=int, default=2, help="--gpu-step / --summarize: decode steps profiled")
+    p.add_argument("--host-split", action="store_true", help="build / encode / wait per token (docstring)")
     p.add_argument("--summarize", default=None, help="an ncu CSV of --gpu-step: GPU time per step by kernel")
     args = p.parse_args(argv)
     if args.summarize:
@@ -230,6 +273,9 @@ def main(argv=None):
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
     if args.gpu_step:
         gpu_step(ours, prompt, args.gen_tokens, args.steps)
+        return
+    if args.host_split:
+        host_split(ours, prompt, args.gen_tokens)
         return
     print("\n## cProfile, decode without the expert log")
     print(profile_generate(ours, prompt, args.gen_tokens, top=args.top), flush=True)

@@ -44,6 +44,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
+from .source import compact, prune
+
 FLAVORS = ("metal", "cuda", "emulated")
 _SECTION = re.compile(r"^// ==== (helpers|kernel: (\w+)) ====\s*$", re.M)
 
@@ -107,17 +109,25 @@ def family_helpers(flavor: str, family: str, _seen: Tuple[str, ...] = ()) -> str
     return text
 
 
+@lru_cache(maxsize=None)
+def family_header(flavor: str, family: str) -> str:
+    """The shims and every helper `flavor` compiles for metal/<family>.metal, compacted
+    (mlx_moe/kernels/source.py); kernel_source keeps of it what a kernel uses."""
+    return compact(_shims(flavor) + "\n" + family_helpers(flavor, family))
+
+
 def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
-    """(header, body) that `flavor` compiles for kernel `name` of metal/<family>.metal."""
+    """(header, body) that `flavor` compiles for kernel `name` of metal/<family>.metal:
+    compacted, the header pruned to the definitions the body uses (source.py says why)."""
     _, bodies = read_family(family)
-    helpers = family_helpers(flavor, family)
     if flavor == "cuda":
         bodies = {**bodies, **read_cuda_twin(family)[1]}
     spec = KERNELS.get(name)
     section = spec.body if spec is not None and spec.body else name
     if section not in bodies:
         raise KeyError(f"metal/{family}.metal has no kernel {section!r} (has: {', '.join(bodies)})")
-    return _shims(flavor) + "\n" + helpers, with_options(bodies[section], spec.options if spec else ())
+    body = compact(with_options(bodies[section], spec.options if spec else ()))
+    return prune(family_header(flavor, family), body), body
 
 
 _OPTION = re.compile(r"^[ \t]*//@if (!?)(\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
