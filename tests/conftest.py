@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Exact float32 matmuls on NVIDIA GPUs: MLX's CUDA backend runs them in TF32
+# unless this is 0 (read once, at the first matmul), and the tests compare
+# against float32 references.  No effect on the CPU.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 # Make `import mlx_moe` work from a plain checkout (no `pip install -e .`).
 _ROOT = Path(__file__).resolve().parents[1]
