@@ -182,8 +182,9 @@ MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float
 // head, which dense_residual_parts combines.
 //   q, k = rms_norm per head (QKNORM) -> RoPE at position pos, rounded to T as
 //          mlx-lm's ops round them; v as projected;
-//   the new k and v are also outputs (the cache write after this launch); slot
-//   pos is read from them, the earlier slots from the cache;
+//   the new k and v are also outputs (the cache write after this launch), or
+//   written into the cache in place (option KV); slot pos is read from them,
+//   the earlier slots from the cache;
 //   split s of a head takes slots [s * P, (s + 1) * P) of the pos + 1 valid ones
 //   (P = ceil((pos + 1) / S)), its NSG simdgroups U slots at a time as
 //   decode_attention does, and writes its unnormalized output and (max, sum).
@@ -199,6 +200,10 @@ MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float
 //   softmax scale.
 // Outputs: parts [HQ, S, D] float32 (sum_j exp(s_j - m) v_j), ml [HQ, S, 2]
 //   float32 (m, sum_j exp(s_j - m); an empty split: -inf, 0), kn, vn [HKV, D] (T).
+// Option KV (kernel decode_attention_parts_kv): no kn / vn outputs; the new key
+//   and value go straight into slot pos of the cache k, v (inputs written in
+//   place: two scatter launches fewer per layer and token, the decode step's
+//   host cost being per launch).
 // Grid: (S * 32 * NSG, HQ, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int DPL = D / 32;
@@ -228,12 +233,26 @@ MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float
                                                    tk, red, tid, lane, sg);
   moe_head_prep<T, D, NT, NSG, false, false, TRAD>(y + size_t(HQ + HKV + kvh) * D, k_norm, cst[0], angle0,
                                                    cst[1], tmp, tv, red, tid, lane, sg);
+//@if !KV
   if (sp == 0 && h % G == 0) {
     for (int t = tid; t < D; t += NT) {
       kn[size_t(kvh) * D + t] = T(tk[t]);
       vn[size_t(kvh) * D + t] = T(tv[t]);
     }
   }
+//@endif
+//@if KV
+  // Slot `last` of the cache, in place: no other threadgroup of this launch reads
+  // it (the split holding it takes the new key and value from tk / tv).
+  if (sp == 0 && h % G == 0 && last < C) {
+    const auto kw = moe_inplace(k);
+    const auto vw = moe_inplace(v);
+    for (int t = tid; t < D; t += NT) {
+      kw[(size_t(kvh) * C + size_t(last)) * D + t] = T(tk[t]);
+      vw[(size_t(kvh) * C + size_t(last)) * D + t] = T(tv[t]);
+    }
+  }
+//@endif
 
   const float sc = cst[3];
   float qv[DPL];

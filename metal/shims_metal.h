@@ -113,3 +113,12 @@ inline float moe_cos(float v) {
 inline float moe_sin(float v) {
   return metal::precise::sin(v);
 }
+
+// An input the kernel also writes: the fused decode step's KV cache, whose new
+// slot the attention kernel stores in place (a KernelSpec's `inplace` inputs,
+// mlx_moe/kernels/registry.py).  MLX declares every input const; the cache is
+// owned by the compiled step and read by no other node of it.
+template <typename T>
+inline device T* moe_inplace(const device T* p) {
+  return (device T*)p;
+}

@@ -38,7 +38,7 @@ says why anything else (deepseek_v2 / longcat_flash MLA attention, expert
 parallelism) decodes uncompiled.
 
 On the metal and cuda expert backends the traced forward is the fused one of
-mlx_moe/fused_step.py (about eight graph nodes per layer) where the model
+mlx_moe/fused_step.py (seven graph nodes per layer) where the model
 allows it (`CompiledDecoder.fused_reason` says why not; FUSED_LAYERS turns it
 off), else mlx-lm's forward over the static cache.
 
@@ -75,7 +75,7 @@ COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 ATTENTION_KERNEL = False
 
 # The step's forward through the fused decoder layers (mlx_moe/fused_step.py: about
-# eight graph nodes per layer instead of 30-40) where the model's family, weights and
+# seven graph nodes per layer instead of 30-40) where the model's family, weights and
 # expert backend allow it (`fused_step.unsupported` says why not); False: mlx-lm's
 # forward over the static cache, as before.
 FUSED_LAYERS = True
@@ -286,9 +286,13 @@ class CompiledDecoder:
     def _function(self, record: bool, chained: bool):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
         key = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
+        if attention == "fused":  # the trace follows the setting (a setting, a trace)
+            from .fused_step import KV_IN_PLACE
+
+            key += (KV_IN_PLACE,)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(*key))
+            fn = mx.compile(self._traced_step(*key[:4]))
             self._compiled[key] = fn
         return fn
 

@@ -1,4 +1,4 @@
-"""The one-token decoder forward on fused kernels: nine graph nodes per layer,
+"""The one-token decoder forward on fused kernels: seven graph nodes per layer,
 each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
@@ -11,9 +11,10 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
   dense_norm              input RMSNorm, q/k/v projections (+ biases), stacked
                           (metal/decode_layer.metal)
   decode_attention_parts  per-head q/k RMSNorm, RoPE at the cache position, the
-                          new key and value, attention over the first pos + 1
-                          slots in SPLITS parts per head (metal/attention.metal)
-  2 x ScatterAxis         the new key and value into the static cache (put_along_axis)
+                          new key and value (stored in the static cache's slot
+                          pos, in place: KV_IN_PLACE), attention over the first
+                          pos + 1 slots in SPLITS parts per head
+                          (metal/attention.metal)
   dense_residual_parts    the parts combined, o_proj, the residual add
   dense_norm_xn           post-attention RMSNorm (its output feeds the experts),
                           router projection
@@ -53,6 +54,13 @@ from .kernels.router import unsupported as rule_unsupported
 from .moe import MoELayer
 
 FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+# The new token's key and value: written into the static cache by the attention
+# kernel itself, in place (True: seven nodes per layer), or by two put_along_axis
+# scatters after it (False: nine).  In place is safe here because the compiled step
+# owns the cache and no other node of a step reads it (each layer's attention reads
+# its own cache, before writing the one slot no other threadgroup reads).
+KV_IN_PLACE = True
 
 
 class LayerPlan(NamedTuple):
@@ -211,17 +219,20 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
     by the layers of a step)."""
     qn, kn = lp.q_norm, lp.k_norm
     y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
-    parts, ml, k, v = decode_attention_parts(
+    out = decode_attention_parts(
         y, lp.n_heads, lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
         qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional,
-        cache.keys, cache.values, pos, lp.scale, flavor)
-    if index is None:
-        index = cache_index(pos, lp.n_kv_heads, lp.head_dim)
-    # After the attention, which read the new token's key and value from its own
-    # registers: the scatters then write into the cache buffers in place (MLX
-    # donates them once the attention, their other reader, has run).
-    cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
-    cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
+        cache.keys, cache.values, pos, lp.scale, flavor, write_cache=KV_IN_PLACE)
+    parts, ml = out[:2]
+    if not KV_IN_PLACE:
+        k, v = out[2:]
+        if index is None:
+            index = cache_index(pos, lp.n_kv_heads, lp.head_dim)
+        # After the attention, which read the new token's key and value from its own
+        # registers: the scatters then write into the cache buffers in place (MLX
+        # donates them once the attention, their other reader, has run).
+        cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
+        cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
     h = dense_residual((parts, ml), lp.o, h, flavor)
     logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
                             nr=dense.ROUTER_NR)
@@ -241,9 +252,9 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
     index = {}
     for lp, c in zip(plan.layers, caches):
         key = (lp.n_kv_heads, lp.head_dim)
-        if key not in index:
+        if key not in index and not KV_IN_PLACE:
             index[key] = cache_index(pos, *key)
-        h = layer_step(lp, h, c, pos, plan.flavor, index[key])
+        h = layer_step(lp, h, c, pos, plan.flavor, index.get(key))
     h = inner.norm(h)
     if getattr(model.args, "tie_word_embeddings", False):
         logits = inner.embed_tokens.as_linear(h)

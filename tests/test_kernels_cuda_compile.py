@@ -322,8 +322,9 @@ def test_decode_attention_compiles_for_sm90a(tmp_path):
              {"parts": "float32", "ml": "float32", "kn": "bfloat16", "vn": "bfloat16"},
              [("T", "bfloat16"), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("NSG", 8), ("U", 8), ("S", 4),
               ("QKNORM", True), ("TRAD", False)])
-    ptx, report = compile_sm90a(tmp_path, "attention", [att, parts])
-    assert len(_entries(ptx)) == 2
+    parts_kv = ("decode_attention_parts_kv",) + parts[1:3] + ({"parts": "float32", "ml": "float32"}, parts[4])
+    ptx, report = compile_sm90a(tmp_path, "attention", [att, parts, parts_kv])
+    assert len(_entries(ptx)) == 3
     rep = _report(report)
     # 512 and 256 threads a threadgroup: at most 128 and 255 registers a thread
     assert all(r is not None and r <= (128 if "parts" not in name else 255) for name, (r, _) in rep.items()), rep

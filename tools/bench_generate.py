@@ -14,6 +14,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+log  the compiled step with the expert log
   mlx-moe+compile  (on the metal / cuda kernels) through the fused decoder layers
                 (mlx_moe/fused_step.py) where the model allows
+  mlx-moe+compile+scatter  the fused layers with the new key and value written by two
+                scatters per layer (fused_step.KV_IN_PLACE off) instead of in place
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -76,6 +78,7 @@ import mlx.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mlx_moe import compiled as compiled_module  # noqa: E402
+from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
@@ -468,6 +471,7 @@ def main(argv=None):
             dequantized_prefill(ours, args.dq_min_rows)
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
         compiled_module.FUSED_LAYERS = "+nofuse" not in engine
+        fused_step_module.KV_IN_PLACE = "+scatter" not in engine
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
@@ -479,6 +483,7 @@ def main(argv=None):
         finally:
             compiled_module.ATTENTION_KERNEL = False
             compiled_module.FUSED_LAYERS = True
+            fused_step_module.KV_IN_PLACE = True
             mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)

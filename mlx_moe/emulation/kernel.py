@@ -84,6 +84,16 @@ def _host(a: mx.array, contiguous: bool) -> np.ndarray:
     return n
 
 
+def _memory(a: mx.array, name: str) -> np.ndarray:
+    """A writable numpy view of an in-place input's own buffer (bfloat16 as uint16 bits)."""
+    mx.eval(a)
+    v = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+    n = np.asarray(memoryview(v))
+    if not n.flags.c_contiguous or not n.flags.writeable:
+        raise ValueError(f"[metal emulation] in-place input '{name}' must be a row-contiguous array")
+    return n
+
+
 # GPU buffers start at least this aligned (Metal: page-aligned buffers; CUDA: 256 bytes);
 # MLX's CPU allocator only promises 8.  A contiguous input is copied to such an address
 # when it is not there already, so a kernel's vector loads (uint4: 16 bytes) see the
@@ -195,11 +205,19 @@ class EmulatedMetalKernel:
         ensure_row_contiguous: bool = True,
         atomic_outputs: bool = False,
         compile_options: Optional[dict] = None,
+        inplace_inputs: Sequence[str] = (),
     ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
+        unknown = [n for n in inplace_inputs if n not in input_names]
+        if unknown:
+            raise ValueError(f"[metal emulation] inplace_inputs {unknown} are not inputs of {name}")
         self.name = name
         self.input_names = list(input_names)
+        # Inputs the kernel writes through a cast of their const pointer (MLX's
+        # kernels can, the GPU writes the array's buffer): here they run in memory
+        # shared with the parent, as outputs do, and are copied back into the arrays.
+        self.inplace_inputs = tuple(inplace_inputs)
         self.output_names = list(output_names)
         self.source = source
         self.header = header
@@ -313,10 +331,15 @@ class EmulatedMetalKernel:
             bufs.append((base, base + lo, base + hi, nm, ty, arr.itemsize, int(is_output)))
 
         hosts = [_host(a, self.ensure_row_contiguous) for a in arrays]
+        written = {}  # input index -> its array's own memory, for the in-place inputs
+        for i, n in enumerate(self.input_names):
+            if n in self.inplace_inputs:
+                written[i] = _memory(arrays[i], n)
+                hosts[i] = _aligned(hosts[i].copy())  # the run writes a copy, then the array
         outputs: list[np.ndarray] = []
         for p in gen.params:
             if p.kind == "input":
-                add(hosts[p.index], f"input '{p.name}'", p.ctype, False)
+                add(hosts[p.index], f"input '{p.name}'", p.ctype, p.index in written)
             elif p.kind == "shape":
                 add(np.array(hosts[p.index].shape, np.int32), f"'{p.name}'", "int", False)
             elif p.kind == "strides":
@@ -365,6 +388,8 @@ class EmulatedMetalKernel:
             cls = MetalEmulationTimeout if rc == 2 else MetalEmulationError
             raise cls(f"[metal emulation] {msg}")
 
+        for i, mem in written.items():
+            mem[...] = hosts[i]
         results = []
         for out, dtype in zip(outputs, output_dtypes):
             arr = mx.array(out)
@@ -381,8 +406,10 @@ def metal_kernel(
     ensure_row_contiguous: bool = True,
     atomic_outputs: bool = False,
     compile_options: Optional[dict] = None,
+    inplace_inputs: Sequence[str] = (),
 ) -> EmulatedMetalKernel:
-    """Create an emulated kernel; same arguments as ``mx.fast.metal_kernel``."""
+    """Create an emulated kernel; same arguments as ``mx.fast.metal_kernel``, and
+    `inplace_inputs`: inputs the kernel writes (EmulatedMetalKernel says how)."""
     return EmulatedMetalKernel(
         name,
         input_names,
@@ -392,6 +419,7 @@ def metal_kernel(
         ensure_row_contiguous=ensure_row_contiguous,
         atomic_outputs=atomic_outputs,
         compile_options=compile_options,
+        inplace_inputs=inplace_inputs,
     )
 
 

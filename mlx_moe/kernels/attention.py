@@ -72,14 +72,17 @@ def decode_attention_parts(y: mx.array, n_heads: int, n_kv_heads: int, q_norm: O
                            k_norm: Optional[mx.array], qk_eps: float, rope_base: float, rope_scale: float,
                            traditional: bool, keys: mx.array, values: mx.array, pos: mx.array, scale: float,
                            flavor: str, splits: Optional[int] = None, nsg: Optional[int] = None,
-                           u: Optional[int] = None):
+                           u: Optional[int] = None, write_cache: bool = False):
     """The attention of one token from its stacked q/k/v projections y [(HQ + 2 HK) * D]
     (dense.dense_norm's output) over a cache keys / values [1, HK, C, D] holding
     positions 0..pos-1: per-head q/k RMSNorms (q_norm / k_norm, or None), RoPE at pos
     (int32 [1]), softmax(scale q k^T) v over slots 0..pos with the new key at pos.
 
     Returns (parts [HQ, S, D], ml [HQ, S, 2]) float32 (dense.dense_residual combines
-    them) and the new key and value [1, HK, 1, D] in y's dtype, for the cache write.
+    them) and the new key and value [1, HK, 1, D] in y's dtype, for the cache write;
+    with write_cache, only (parts, ml): the kernel stores the new key and value in
+    slot pos of keys / values itself, in place (the arrays change: only for a cache
+    that no other pending node reads, as the compiled step's).
     splits, nsg, u: the launch geometry (default SPLITS, PARTS_NSG, PARTS_U)."""
     splits, nsg, u = splits or SPLITS, nsg or PARTS_NSG, u or PARTS_U
     _, HK, C, D = keys.shape
@@ -94,12 +97,16 @@ def decode_attention_parts(y: mx.array, n_heads: int, n_kv_heads: int, q_norm: O
     qk_norm = q_norm is not None
     none = stand_in(T)
     cst = constants((qk_eps, math.log2(rope_base), rope_scale, scale))
-    return tuple(kernel(flavor, "decode_attention_parts")(
+    if write_cache and (keys.dtype != T or values.dtype != T):
+        raise ValueError(f"decode_attention_parts: a cache of {keys.dtype} written from {T} projections")
+    shapes, dtypes = [(HQ, splits, D), (HQ, splits, 2)], [mx.float32, mx.float32]
+    if not write_cache:
+        shapes, dtypes = shapes + [(1, HK, 1, D)] * 2, dtypes + [T, T]
+    return tuple(kernel(flavor, "decode_attention_parts_kv" if write_cache else "decode_attention_parts")(
         inputs=[y, q_norm if qk_norm else none, k_norm if qk_norm else none, keys, values,
                 pos if pos.shape == (1,) else pos.reshape(1), cst],
         template=[("T", T), ("D", D), ("HQ", HQ), ("HKV", HK), ("C", C), ("NSG", nsg), ("U", u), ("S", splits),
                   ("QKNORM", qk_norm), ("TRAD", bool(traditional))],
         grid=(splits * 32 * nsg, HQ, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(HQ, splits, D), (HQ, splits, 2), (1, HK, 1, D), (1, HK, 1, D)],
-        output_dtypes=[mx.float32, mx.float32, T, T],
+        output_shapes=shapes, output_dtypes=dtypes,
     ))

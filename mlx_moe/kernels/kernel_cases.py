@@ -243,10 +243,13 @@ def qkv_reference(y, head_dim, heads, q_norm, k_norm, qk_eps, base, scale, trad,
 
 
 def attention_parts_check(flavor: str, dtype, qk_norm: bool, trad: bool, pos: int, head_dim: int = 64,
-                          heads=(4, 2), capacity: int = 48, splits: int = 4, rtol: float = 2e-5, seed: int = 0) -> None:
+                          heads=(4, 2), capacity: int = 48, splits: int = 4, rtol: float = 2e-5, seed: int = 0,
+                          write_cache: bool = False) -> None:
     """decode_attention_parts: the new key and value against qkv_reference, and the
     parts, combined in numpy, against mx.fast.scaled_dot_product_attention over slots
-    0..pos with the new key and value at pos (the cache's slot pos holds garbage)."""
+    0..pos with the new key and value at pos (the cache's slot pos holds garbage).
+    write_cache (decode_attention_parts_kv): the new key and value are read from the
+    cache's slot pos after the launch, and every other slot must be unchanged."""
     from .attention import decode_attention_parts
 
     rng = np.random.default_rng(seed)
@@ -264,9 +267,22 @@ def attention_parts_check(flavor: str, dtype, qk_norm: bool, trad: bool, pos: in
         want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kf.astype(mx.float32),
                                                     vf.astype(mx.float32), scale=scale)
         want, k, v = (np.array(a.astype(mx.float32)) for a in (want, k, v))
-    parts, ml, got_k, got_v = decode_attention_parts(
+    before = [np.array(a.astype(mx.float32)) for a in (keys, values)]
+    out = decode_attention_parts(
         y, HQ, HK, qn if qk_norm else None, kn if qk_norm else None, 1e-6, base, rscale, trad, keys, values,
-        mx.array([pos], mx.int32), scale, flavor, splits=splits)
+        mx.array([pos], mx.int32), scale, flavor, splits=splits, write_cache=write_cache)
+    if write_cache:
+        assert len(out) == 2, "decode_attention_parts_kv returns (parts, ml)"
+        parts, ml = out
+        mx.eval(parts, ml)
+        for a, b in zip((keys, values), before):  # every slot but pos as it was
+            after = np.array(a.astype(mx.float32))
+            keep = np.ones(capacity, bool)
+            keep[pos] = False
+            assert np.array_equal(after[:, :, keep], b[:, :, keep]), "decode_attention_parts_kv wrote past slot pos"
+        got_k, got_v = keys[:, :, pos:pos + 1], values[:, :, pos:pos + 1]
+    else:
+        parts, ml, got_k, got_v = out
     # A RoPE angle is pos * inv_freq in float32: one ulp of inv_freq (exp2f of one
     # backend against another's) moves it by pos * 2^-24 relative.
     tol = rtol + pos * 2.0 ** -22
@@ -367,6 +383,12 @@ def _attention_parts_case(flavor: str) -> None:
     attention_parts_check(flavor, mx.float32, qk_norm=False, trad=True, pos=2, heads=(2, 1), splits=8)
 
 
+def _attention_parts_kv_case(flavor: str) -> None:
+    attention_parts_check(flavor, mx.float32, qk_norm=True, trad=False, pos=37, write_cache=True)
+    attention_parts_check(flavor, mx.bfloat16, qk_norm=False, trad=True, pos=47, heads=(2, 1), splits=8,
+                          rtol=2e-2, write_cache=True)  # the last slot
+
+
 def _dense_residual_case(flavor: str) -> None:
     dense_residual_check(flavor, 4, mx.float32, 1280, 70, 1e-5)
     dense_residual_check(flavor, 8, mx.float32, 512, 33, 1e-5)
@@ -423,6 +445,9 @@ CASES: Dict[str, List[KernelCase]] = {
     "decode_attention_parts": [KernelCase("per-head q/k norms, rope at 37 (and traditional at 2, 8 splits of 3 "
                                           "slots), new key/value and split results vs MLX's rms_norm, rope and "
                                           "scaled_dot_product_attention", _attention_parts_case)],
+    "decode_attention_parts_kv": [KernelCase("as decode_attention_parts, the new key/value written into the "
+                                             "cache in place (float32 at 37, bfloat16 at the last slot): slot pos "
+                                             "vs MLX's rope, every other slot unchanged", _attention_parts_kv_case)],
     "dense_residual": [KernelCase("4-bit (K 1280: a tail step) and 8-bit affine projection + residual vs float64 "
                                   "numpy", _dense_residual_case)],
     "dense_residual_parts": [KernelCase("8 heads x 4 splits (one empty) combined, 4-bit projection + residual vs "

@@ -145,6 +145,11 @@ class KernelSpec(NamedTuple):
     outputs: Tuple[str, ...]
     body: Optional[str] = None  # the kernel section it runs, when not its own name
     options: Tuple[str, ...] = ()  # the `//@if` blocks of that body it keeps
+    # Inputs the kernel also writes (through moe_inplace): MLX has no such notion,
+    # its kernels write through the input's pointer; the CPU emulation copies them
+    # back into the arrays.  Only for buffers no other node of the graph reads
+    # concurrently (the compiled decode step's KV cache).
+    inplace: Tuple[str, ...] = ()
 
 
 # Every kernel the package launches.  Names are stable: tools and tests key on them.
@@ -168,6 +173,9 @@ KERNELS: Dict[str, KernelSpec] = {
                                 body="dense_norm", options=("XN",)),
     "decode_attention_parts": KernelSpec("attention", ("y", "q_norm", "k_norm", "k", "v", "pos", "cst"),
                                          ("parts", "ml", "kn", "vn")),
+    "decode_attention_parts_kv": KernelSpec("attention", ("y", "q_norm", "k_norm", "k", "v", "pos", "cst"),
+                                            ("parts", "ml"), body="decode_attention_parts", options=("KV",),
+                                            inplace=("k", "v")),
     "dense_residual": KernelSpec("decode_layer", ("x", "w", "w_s", "w_b", "res"), ("out",)),
     "dense_residual_parts": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res"), ("out",),
                                        body="dense_residual", options=("PARTS",)),
@@ -263,9 +271,11 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
         if n_layers is not None:
             body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
                                                        for l in range(n_layers)), body)
+        spec = KERNELS.get(name)
+        extra = {"inplace_inputs": spec.inplace} if flavor == "emulated" and spec is not None and spec.inplace else {}
         kernel = _maker(flavor)(
             name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
-            input_names=list(inputs), output_names=list(outputs), source=body, header=header,
+            input_names=list(inputs), output_names=list(outputs), source=body, header=header, **extra,
         )
         _KERNELS[key] = kernel
     return kernel
