@@ -136,9 +136,9 @@ def fused_model(family: str, quantize: bool = False, lm_head: bool = False):
 
 
 def prefilled(model, capacity=16):
-    """A cache holding PROMPT, made by mlx-lm's forward on the CPU (on a GPU too: MLX
-    0.32.4's CUDA quantized matmul of a multi-token prompt gave different results
-    from run to run on these tiny shapes, BENCHMARKS.md)."""
+    """A cache holding PROMPT, made by mlx-lm's forward on the CPU (on a GPU too: on
+    MLX 0.32.4's CUDA backend the quantized forward of the prompt gave different
+    results from run to run on these tiny shapes, BENCHMARKS.md 2026-12-05)."""
     cache = [StaticKVCache(capacity) for _ in model.layers]
     with mx.stream(mx.cpu):
         _mlx_lm_model_class(model).__call__(model, mx.array(PROMPT)[None], cache=cache)
@@ -286,8 +286,9 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
     step then differs by 5e-3 in the logits).  Float weights, not MLX-quantized
-    ones: MLX 0.32.4's CUDA quantized matmul gave different logits from run to run
-    on these 64-wide projections (BENCHMARKS.md, 2026-12-05), uncompiled too."""
+    ones: on MLX 0.32.4's CUDA backend the quantized forward of the 7-token prompt
+    through these 64-feature projections gave different logits from run to run,
+    on the `mlx` expert backend too (BENCHMARKS.md, 2026-12-05)."""
     from mlx_moe import compiled as C
     from test_compiled_decode import compiled, uncompiled
 
