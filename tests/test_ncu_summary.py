@@ -61,3 +61,64 @@ def test_summary_of_gpu_run1():
     best = ncu_summary.best(stats)
     assert best["mul_mv_id_swiglu"].us == pytest.approx(26.67, abs=0.01)
     assert best["mul_mv_id_down_combine"].us == pytest.approx(20.8, abs=0.1)
+
+
+def test_fused_layer_kernel_geometries(tmp_path):
+    """The fused decoder layer's kernels (bench_kernels.py --ncu --fused): the geometry
+    read from MLX's kernel names (custom_kernel_<name> + _<template argument> each;
+    bools as t / f), NRxNSG for the dense ones and NSGxUxS for the attention."""
+    names = {
+        "custom_kernel_mlx_moe_dense_norm_bfloat16_t_4_64_2048_4096_512_512_2_4_f": ("dense_norm", "2x4"),
+        "custom_kernel_mlx_moe_dense_norm_bfloat16_t_4_64_2048_4096_512_512_4_8_f": ("dense_norm", "4x8"),
+        "custom_kernel_mlx_moe_dense_norm_xn_bfloat16_t_8_64_2048_128_0_0_1_4_f": ("dense_norm_xn", "1x4"),
+        "custom_kernel_mlx_moe_dense_residual_parts_bfloat16_t_4_64_4096_2048_2_4_128_4":
+            ("dense_residual_parts", "2x4"),
+        "custom_kernel_mlx_moe_decode_attention_parts_kv_bfloat16_t_128_32_4_512_8_8_4_t_f":
+            ("decode_attention_parts_kv", "8x8x4"),
+    }
+    lines = [HEAD]
+    for i, name in enumerate(names):
+        lines.append(_row(i, name, "(640, 1, 1)", "gpu__time_duration.sum", "us", f"{20 - i}"))
+    p = tmp_path / "ncu.csv"
+    p.write_text("".join(lines))
+    stats = ncu_summary.parse(str(p))
+    assert sorted((s.kernel, s.geometry) for s in stats.values()) == sorted(names.values())
+    assert ncu_summary.best(stats)["dense_norm"].geometry == "4x8"  # 19 us against 20
+
+
+def test_fused_geometry_option():
+    import bench_kernels
+
+    assert bench_kernels.parse_fused("dense=2x4,4x8 attn=8x8x4") == {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)]}
+    for bad in ("dense=2x4x1", "attn=8x8", "qkv=2x4", "dense=0x4"):
+        with pytest.raises(SystemExit):
+            bench_kernels.parse_fused(bad)
+
+
+def test_fused_layer_workload_runs(monkeypatch):
+    """--ncu --fused's workload, on tiny shapes under the Metal emulation: every
+    listed geometry launches (a wrong argument would only show on the GPU)."""
+    import bench_kernels
+    from mlx_moe.kernels import registry
+
+    launches = []
+    real = registry._maker
+
+    def counting(flavor):
+        make = real(flavor)
+
+        def maker(**kw):
+            k = make(**kw)
+            return lambda **call: launches.append(kw["name"]) or k(**call)
+
+        return maker
+
+    monkeypatch.setattr(registry, "_KERNELS", {})
+    monkeypatch.setattr(registry, "_maker", counting)
+    geoms = bench_kernels.parse_fused("dense=4x2 attn=4x4x2")
+    assert bench_kernels.fused_layer_once("emulated", geoms, layers=1, slots=16, shape=(256, 4, 2, 32, 16)) == 0
+    names = set(launches)
+    assert {"mlx_moe_dense_norm", "mlx_moe_dense_residual_parts", "mlx_moe_decode_attention_parts_kv",
+            "mlx_moe_dense_norm_xn"} <= names
+    # defaults + one listed geometry each, one warm-up and one timed launch per layer
+    assert launches.count("mlx_moe_dense_norm") == 4 and launches.count("mlx_moe_decode_attention_parts_kv") == 5

@@ -33,6 +33,11 @@ TFLOP/s; sets whether and from how many rows `dequantized_prefill` pays:
 
     python tools/bench_kernels.py --dense [--tokens 16 64 512 2048]
 
+`--ncu --fused "dense=4x4,4x8 attn=8x8x8"` does the same for the fused decoder
+layer's dense and attention kernels (mlx_moe/fused_step.py: dense_norm,
+dense_residual_parts, decode_attention_parts_kv, dense_norm_xn) at their defaults
+and the listed geometries (dense NRxNSG, attention NSGxUxS).
+
 GPU kernel times of decode launch geometries, all in one process under ncu
 (each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
 table of median us and GB/s per kernel and the best geometry of each:
@@ -381,23 +386,81 @@ def prefill_main(a, fl: str) -> dict:
     return results
 
 
+def random_qlinear(cin: int, cout: int, bits: int = 4) -> nn.QuantizedLinear:
+    """An MLX affine g64 projection with random words (as mlx-community checkpoints store them)."""
+    q = nn.QuantizedLinear(cin, cout, bias=False, group_size=64, bits=bits)
+    q.weight = mx.random.randint(0, 1 << 16, (cout, 2 * cin * bits // 32)).astype(mx.uint16).view(mx.uint32)
+    q.scales = mx.full(q.scales.shape, 0.01, dtype=mx.bfloat16)
+    q.biases = mx.full(q.biases.shape, -0.075, dtype=mx.bfloat16)
+    mx.eval(q.parameters())
+    return q
+
+
+def parse_fused(text: str) -> dict:
+    """'dense=2x4,4x8 attn=8x8x4' -> {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)]}."""
+    out = {"dense": [], "attn": []}
+    for part in text.replace(";", " ").split():
+        kind, _, geoms = part.partition("=")
+        want = {"dense": 2, "attn": 3}.get(kind)
+        for g in geoms.split(",") if want else []:
+            nums = g.lower().split("x")
+            if len(nums) != want or not all(n.isdigit() and int(n) > 0 for n in nums):
+                raise SystemExit(f"--fused: {g!r} in {part!r} is not {'NRxNSG' if want == 2 else 'NSGxUxS'}")
+            out[kind].append(tuple(int(n) for n in nums))
+        if not want or not geoms:
+            raise SystemExit(f"--fused: {part!r} is not dense=NRxNSG,... or attn=NSGxUxS,...")
+    return out
+
+
+def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 512,
+                     shape=(2048, 32, 4, 128, 128)) -> int:
+    """--ncu --fused: the fused decoder layer's dense and attention kernels
+    (mlx_moe/fused_step.py) on Qwen3-30B-A3B shapes, once per listed geometry (and
+    the defaults) on `layers` layers after a warm-up, for ncu: dense_norm (input
+    norm + q/k/v), dense_residual_parts (o_proj of the attention's splits) at each
+    dense NRxNSG, decode_attention_parts_kv over `slots` cached slots at each attn
+    NSGxUxS, dense_norm_xn (the router projection, 8-bit) at its default.  Each
+    kernel's name carries its geometry (tools/ncu_summary.py reads it).  shape:
+    hidden, query heads, key/value heads, head dimension, experts."""
+    from mlx_moe.kernels import attention, dense
+
+    D, H, KV, HD, E = shape
+    qkv = [[dense.dense_weight(random_qlinear(D, n)) for n in (H * HD, KV * HD, KV * HD)] for _ in range(layers)]
+    o = [dense.dense_weight(random_qlinear(H * HD, D)) for _ in range(layers)]
+    gate = [dense.dense_weight(random_qlinear(D, E, bits=8)) for _ in range(layers)]
+    g_in = mx.ones((D,), mx.bfloat16)
+    x = mx.random.normal((1, D)).astype(mx.bfloat16)
+    y = mx.random.normal(((H + 2 * KV) * HD,)).astype(mx.bfloat16)
+    caches = [[mx.random.normal((1, KV, slots, HD)).astype(mx.bfloat16) for _ in range(2)] for _ in range(layers)]
+    norms = [mx.ones((HD,), mx.bfloat16)] * 2
+    pos = mx.array([slots - 1], mx.int32)
+    mx.eval(x, y, caches)
+
+    def attn(l, g):
+        return attention.decode_attention_parts(y, H, KV, *norms, 1e-6, 1e6, 1.0, False, *caches[l], pos,
+                                                HD ** -0.5, fl, nsg=g[0], u=g[1], splits=g[2], write_cache=True)
+
+    parts = attn(0, (attention.PARTS_NSG, attention.PARTS_U, attention.SPLITS))
+    runs = [lambda l, g=g: dense.dense_norm(x, g_in, 1e-6, qkv[l], fl, nr=g[0], nsg=g[1])
+            for g in [(dense.DENSE_NR, dense.DENSE_NSG)] + geometries["dense"]]
+    runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1])
+             for g in [(dense.DENSE_NR, dense.DENSE_NSG)] + geometries["dense"]]
+    runs += [lambda l, g=g: attn(l, g)
+             for g in [(attention.PARTS_NSG, attention.PARTS_U, attention.SPLITS)] + geometries["attn"]]
+    runs.append(lambda l: dense.dense_norm(x, g_in, 1e-6, [gate[l]], fl, xn=True, nr=dense.ROUTER_NR))
+    for run in runs:
+        mx.eval(run(0))  # compile and warm up on one layer
+        mx.eval([run(l) for l in range(layers)])
+    return 0
+
+
 def dense_main(a) -> dict:
     """--dense: quantized_matmul vs dequantize + GEMM on the attention projections."""
     from mlx_moe.prefill import dequantized_prefill
 
     D, H, KV, HD = 2048, 32, 4, 128  # Qwen3-30B-A3B attention
     shapes = [(D, H * HD), (D, KV * HD), (D, KV * HD), (H * HD, D)]  # (in, out): q, k, v, o
-    layers = []
-    for _ in range(a.layers):
-        projs = []
-        for cin, cout in shapes:
-            q = nn.QuantizedLinear(cin, cout, bias=False, group_size=64, bits=4)
-            q.weight = mx.random.randint(0, 1 << 16, (cout, 2 * cin * 4 // 32)).astype(mx.uint16).view(mx.uint32)
-            q.scales = mx.full(q.scales.shape, 0.01, dtype=mx.bfloat16)
-            q.biases = mx.full(q.biases.shape, -0.075, dtype=mx.bfloat16)
-            mx.eval(q.parameters())
-            projs.append(q)
-        layers.append(projs)
+    layers = [[random_qlinear(cin, cout) for cin, cout in shapes] for _ in range(a.layers)]
     rows = []
     for T in a.tokens:
         xs = {cin: mx.random.normal((T, cin)).astype(mx.bfloat16) for cin, _ in shapes}
@@ -438,6 +501,10 @@ def main(argv=None) -> int:
                    help="run each variant on 4 layers once, for a kernel profiler (ncu) to time the kernels")
     p.add_argument("--floor", action="store_true",
                    help="with --ncu: a read-only kernel over a one-token layer's routed weight bytes (CUDA)")
+    p.add_argument("--fused", type=str, default=None,
+                   help="with --ncu: the fused decoder layer's dense and attention kernels at their defaults and "
+                        "at the listed geometries, e.g. 'dense=4x4,4x8 attn=8x8x8' (dense: NRxNSG of dense_norm "
+                        "and dense_residual_parts; attn: NSGxUxS of decode_attention_parts_kv)")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
@@ -466,6 +533,10 @@ def main(argv=None) -> int:
         raise SystemExit("--floor is for --ncu runs (its GPU time comes from ncu)")
     if a.ncu and a.floor:
         return read_floor_once(E, D, F, k)
+    if a.fused is not None:
+        if not a.ncu:
+            raise SystemExit("--fused is for --ncu runs (its GPU times come from ncu)")
+        return fused_layer_once(fl, parse_fused(a.fused) if a.fused.strip() else {"dense": [], "attn": []})
     if a.ncu:
         return ncu_once(fl, E, D, F, k, geometries=geometries)
     if a.prefill:

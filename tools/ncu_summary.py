@@ -26,9 +26,15 @@ BYTES = "dram__bytes_read.sum"
 _TIME_UNIT = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3,
               "s": 1.0, "second": 1.0}
 _BYTE_UNIT = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
-# Template-argument positions of the launch geometry (NR, NSG, NQ) after the two dtype names
-# (metal/mul_mv_id.metal: swiglu K N NE KS NR NSG NQ; down_combine K N NE NI KS NR NSG NQ).
-_GEOMETRY_AT = {"mul_mv_id_swiglu": 4, "mul_mv_id_down_combine": 5, "mul_mv_id": 4}
+# Where the launch geometry sits among a kernel's integer template arguments, and how
+# many it takes (metal/mul_mv_id.metal: swiglu K N NE KS NR NSG NQ, down_combine K N NE
+# NI KS NR NSG NQ; metal/decode_layer.metal: dense_norm FMT GS K N0 N1 N2 NR NSG,
+# dense_residual(_parts) FMT GS K N NR NSG; metal/attention.metal: attention parts
+# D HQ HKV C NSG U S).
+_GEOMETRY_AT = {"mul_mv_id_swiglu": (4, 3), "mul_mv_id_down_combine": (5, 3), "mul_mv_id": (4, 3),
+                "dense_norm": (6, 2), "dense_norm_xn": (6, 2), "dense_residual": (4, 2),
+                "dense_residual_parts": (4, 2), "decode_attention_parts": (4, 3),
+                "decode_attention_parts_kv": (4, 3)}
 
 
 @dataclass
@@ -70,8 +76,8 @@ def split_name(name: str):
         if rest.startswith(base + "_"):
             args = rest[len(base) + 1:]
             ints = re.findall(r"(?:^|_)(-?\d+)(?=_|$)", args)
-            at = _GEOMETRY_AT[base]
-            geo = "x".join(ints[at:at + 3]) if len(ints) > at + 1 else None
+            at, n = _GEOMETRY_AT[base]
+            geo = "x".join(ints[at:at + n]) if len(ints) > at + 1 else None
             return base, args, geo
     head = re.match(r"(.*?)_(?:float|bfloat|half|uint|int|bool|true|false|\d)", rest)
     base = head.group(1) if head else rest
