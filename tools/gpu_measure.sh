@@ -6,7 +6,7 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  0. the decode attention kernel's GPU test (the compiled step's +attn engine needs it right)
+#  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests
 #  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
 #     of 8 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
 #     generations cannot resolve 3%), uncompiled and compiled, after the record chain's GPU
@@ -18,7 +18,8 @@
 #     breakdown and the dense prefill path (mlx-moe+dq) (issues 5, 6, 9)
 #  4. end to end, DeepSeek-V2-Lite shape (issue 9)
 #  5. prefill per MoE layer, both CUDA GEMM variants vs mlx-lm (issue 6)
-#  6. decode kernels' GPU time per geometry under ncu (issue 5)
+#  6. decode kernels' GPU time per geometry under ncu (issue 5), and the fused layer's
+#     dense and attention kernels per geometry (issue 9)
 #  7. the GPU tests, one file at a time, failures in full (one NVRTC compile per kernel
 #     instantiation: ~10 s per test)
 #  8. compute-sanitizer memcheck on the prefill kernels' GPU tests
@@ -51,6 +52,7 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
+step 200 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_record_chain.py \
   tests/test_routing_join.py
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
@@ -60,7 +62,7 @@ step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cud
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+attn \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+scatter \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \
@@ -71,6 +73,10 @@ step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
   python3 tools/bench_kernels.py --ncu --geometries "gate_up=1x4x1,1x8x1 down=4x8x1,8x8x1"
 [ -f "$OUT/ncu.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu.csv" --json "$OUT/ncu_summary.json"
+step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe \
+  --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_fused.csv" \
+  python3 tools/bench_kernels.py --ncu --fused "dense=4x4,4x8,8x4,2x8 attn=8x8x8,16x8x4,4x8x16"
+[ -f "$OUT/ncu_fused.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu_fused.csv" --json "$OUT/ncu_fused.json"
 for f in tests/test_kernels_cuda_compile.py tests/test_router_kernel_emulated.py \
          tests/test_kernels_prefill_emulated.py tests/test_kernels_cuda.py; do
   step 300 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider "$f"
