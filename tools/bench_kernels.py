@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     if a.fused is not None:
         if not a.ncu:
             raise SystemExit("--fused is for --ncu runs (its GPU times come from ncu)")
-        return fused_layer_once(fl, parse_fused(a.fused) if a.fused.strip() else {"dense": [], "attn": []})
+        return fused_layer_once(fl, parse_fused(a.fused))  # "" times the defaults alone
     if a.ncu:
         return ncu_once(fl, E, D, F, k, geometries=geometries)
     if a.prefill:
