@@ -285,14 +285,15 @@ class CompiledDecoder:
 
     def _function(self, record: bool, chained: bool):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
-        key = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
+        args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
+        key = args
         if attention == "fused":  # the trace follows the setting (a setting, a trace)
             from .fused_step import KV_IN_PLACE
 
-            key += (KV_IN_PLACE,)
+            key = args + (KV_IN_PLACE,)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(*key[:4]))
+            fn = mx.compile(self._traced_step(*args))
             self._compiled[key] = fn
         return fn
 

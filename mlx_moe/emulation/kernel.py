@@ -90,7 +90,7 @@ def _memory(a: mx.array, name: str) -> np.ndarray:
     v = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
     n = np.asarray(memoryview(v))
     if not n.flags.c_contiguous or not n.flags.writeable:
-        raise ValueError(f"[metal emulation] in-place input '{name}' must be a row-contiguous array")
+        raise ValueError(f"[metal emulation] in-place input '{name}' must be a row-contiguous, writable array")
     return n
 
 

@@ -7,7 +7,8 @@ first pos + 1 slots of a fixed-capacity KV cache, in one launch, no mask array.
   (tested against it).
 - `decode_attention_parts`: the fused decoder layers' (mlx_moe/fused_step.py),
   from the raw q/k/v projections: the q/k norms and RoPE, the new key and value
-  (for the cache write), and each head's slots in SPLITS parts, which
+  (returned for a cache write, or with write_cache stored in the cache in place:
+  decode_attention_parts_kv), and each head's slots in SPLITS parts, which
   dense.dense_residual combines.
 """
 

@@ -275,10 +275,9 @@ def attention_parts_check(flavor: str, dtype, qk_norm: bool, trad: bool, pos: in
         assert len(out) == 2, "decode_attention_parts_kv returns (parts, ml)"
         parts, ml = out
         mx.eval(parts, ml)
+        keep = np.arange(capacity) != pos
         for a, b in zip((keys, values), before):  # every slot but pos as it was
             after = np.array(a.astype(mx.float32))
-            keep = np.ones(capacity, bool)
-            keep[pos] = False
             assert np.array_equal(after[:, :, keep], b[:, :, keep]), "decode_attention_parts_kv wrote past slot pos"
         got_k, got_v = keys[:, :, pos:pos + 1], values[:, :, pos:pos + 1]
     else:
