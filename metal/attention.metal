@@ -20,59 +20,88 @@
 // norms and RoPE itself (its section says why).
 
 // ==== helpers ====
-//@uses decode_layer  (moe_tg_sum)
 
-// One head's D projected values y (T, as dense_norm rounds them) made ready for
-// attention, into out (threadgroup float[D]) by the NT threads of the
-// threadgroup: when NORM, the per-head RMSNorm (weight nw, eps) rounded as
-// mx.fast.rms_norm rounds it; when ROPE, nn.RoPE's rotation at angle0 * inv_freq
+// The new token's heads made ready for attention by the NT threads of the
+// threadgroup, from the projections as dense_norm rounds them: query yq and key
+// yk, when NORM through their per-head RMSNorms (weights qn, kn, eps) rounded as
+// mx.fast.rms_norm rounds them, then nn.RoPE's rotation at angle0 * inv_freq
 // (pairs (i, i + D/2), or (2i, 2i+1) when TRAD) rounded to T, as mlx-lm's
-// q_norm / k_norm and rope modules compute them.  tmp: threadgroup float[D]
-// scratch, red: float[NSG].  Every thread must call it; ends with a barrier.
-template <typename T, int D, int NT, int NSG, bool NORM, bool ROPE, bool TRAD, typename YP, typename NP,
-          typename TP, typename R>
-MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float log2_base, TP tmp, TP out,
-                                     R red, int tid, uint lane, uint sg) {
+// q_norm / k_norm and rope modules compute them, into tq and tk; the value yv as
+// projected into tv (each threadgroup float[D]).
+// Why all three at once: every read is issued before the first wait and the two
+// norms share one reduction, so the prologue waits for memory once and passes
+// three barriers (one vector at a time waited for its y, then for its norm
+// weight, and passed three barriers per vector: ~8 dependent steps).
+// tmp: threadgroup float[2 * D] scratch, red: float[2 * NSG].  Every thread must
+// call it; ends with a barrier.
+template <typename T, int D, int NT, int NSG, bool NORM, bool TRAD, typename YP, typename NP, typename TP,
+          typename R>
+MOE_DEVICE inline void moe_heads_prep(YP yq, YP yk, YP yv, NP qn, NP kn, float eps, float angle0, float log2_base,
+                                      TP tmp, TP tq, TP tk, TP tv, R red, int tid, uint lane, uint sg) {
   constexpr int IT = (D + NT - 1) / NT;
   constexpr int HALF = D / 2;
+  float q[IT];
+  float k[IT];
   float v[IT];
-  float ss = 0.0f;
+  float gq[IT];
+  float gk[IT];
   for (int i = 0; i < IT; ++i) {
     const int t = tid + i * NT;
-    v[i] = (t < D) ? float(y[t]) : 0.0f;
-    ss += v[i] * v[i];
+    const bool in = t < D;
+    q[i] = in ? float(yq[t]) : 0.0f;
+    k[i] = in ? float(yk[t]) : 0.0f;
+    v[i] = in ? float(yv[t]) : 0.0f;
+    gq[i] = (NORM && in) ? float(qn[t]) : 0.0f;
+    gk[i] = (NORM && in) ? float(kn[t]) : 0.0f;
   }
   if (NORM) {
-    const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(D) + eps);
+    float sq = 0.0f;
+    float sk = 0.0f;
     for (int i = 0; i < IT; ++i) {
-      const int t = tid + i * NT;
-      if (t < D) {
-        v[i] = float(T(float(nw[t]) * float(T(v[i] * inv))));
-      }
+      sq += q[i] * q[i];
+      sk += k[i] * k[i];
+    }
+    sq = moe_simd_sum(sq);
+    sk = moe_simd_sum(sk);
+    if (lane == 0) {
+      red[sg] = sq;
+      red[NSG + sg] = sk;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float tq2 = 0.0f;
+    float tk2 = 0.0f;
+    for (int g = 0; g < NSG; ++g) {
+      tq2 += red[g];
+      tk2 += red[NSG + g];
+    }
+    const float iq = moe_rsqrt(tq2 / float(D) + eps);
+    const float ik = moe_rsqrt(tk2 / float(D) + eps);
+    for (int i = 0; i < IT; ++i) {
+      q[i] = float(T(gq[i] * float(T(q[i] * iq))));
+      k[i] = float(T(gk[i] * float(T(k[i] * ik))));
     }
   }
   for (int i = 0; i < IT; ++i) {
     const int t = tid + i * NT;
     if (t < D) {
-      tmp[t] = v[i];
+      tmp[t] = q[i];
+      tmp[D + t] = k[i];
+      tv[t] = v[i];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int i = 0; i < IT; ++i) {
     const int t = tid + i * NT;
     if (t < D) {
-      float o = v[i];
-      if (ROPE) {
-        const int j = TRAD ? t / 2 : t % HALF;  // the rotation's frequency index
-        const bool lo = TRAD ? (t % 2 == 0) : (t < HALF);
-        const int i1 = TRAD ? 2 * j : j;
-        const int i2 = TRAD ? 2 * j + 1 : j + HALF;
-        const float theta = angle0 * moe_exp2(-(float(j) / float(HALF)) * log2_base);
-        const float cs = moe_cos(theta);
-        const float sn = moe_sin(theta);
-        o = float(T(lo ? tmp[i1] * cs - tmp[i2] * sn : tmp[i1] * sn + tmp[i2] * cs));
-      }
-      out[t] = o;
+      const int j = TRAD ? t / 2 : t % HALF;  // the rotation's frequency index
+      const bool lo = TRAD ? (t % 2 == 0) : (t < HALF);
+      const int i1 = TRAD ? 2 * j : j;
+      const int i2 = TRAD ? 2 * j + 1 : j + HALF;
+      const float theta = angle0 * moe_exp2(-(float(j) / float(HALF)) * log2_base);
+      const float cs = moe_cos(theta);
+      const float sn = moe_sin(theta);
+      tq[t] = float(T(lo ? tmp[i1] * cs - tmp[i2] * sn : tmp[i1] * sn + tmp[i2] * cs));
+      tk[t] = float(T(lo ? tmp[D + i1] * cs - tmp[D + i2] * sn : tmp[D + i1] * sn + tmp[D + i2] * cs));
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -212,8 +241,8 @@ MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float
   threadgroup float tq[D];
   threadgroup float tk[D];
   threadgroup float tv[D];
-  threadgroup float tmp[D];
-  threadgroup float red[NSG];
+  threadgroup float tmp[2 * D];
+  threadgroup float red[2 * NSG];
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
@@ -227,12 +256,9 @@ MOE_DEVICE inline void moe_head_prep(YP y, NP nw, float eps, float angle0, float
   const int b1 = (b0 + per < n) ? b0 + per : n;
   const float angle0 = cst[2] * float(last);
 
-  moe_head_prep<T, D, NT, NSG, QKNORM, true, TRAD>(y + size_t(h) * D, q_norm, cst[0], angle0, cst[1], tmp, tq,
-                                                   red, tid, lane, sg);
-  moe_head_prep<T, D, NT, NSG, QKNORM, true, TRAD>(y + size_t(HQ + kvh) * D, k_norm, cst[0], angle0, cst[1], tmp,
-                                                   tk, red, tid, lane, sg);
-  moe_head_prep<T, D, NT, NSG, false, false, TRAD>(y + size_t(HQ + HKV + kvh) * D, k_norm, cst[0], angle0,
-                                                   cst[1], tmp, tv, red, tid, lane, sg);
+  moe_heads_prep<T, D, NT, NSG, QKNORM, TRAD>(y + size_t(h) * D, y + size_t(HQ + kvh) * D,
+                                             y + size_t(HQ + HKV + kvh) * D, q_norm, k_norm, cst[0], angle0, cst[1],
+                                             tmp, tq, tk, tv, red, tid, lane, sg);
 //@if !KV
   if (sp == 0 && h % G == 0) {
     for (int t = tid; t < D; t += NT) {

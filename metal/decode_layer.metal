@@ -38,14 +38,22 @@ struct moe_dense_per {
 };
 
 // Where column c of K-long activations sits in the staged vector: step s, lane
-// l, element i of the lane's PER columns go to (s * PER + i) * 32 + l, so the
-// 32 lanes of a step read consecutive words.
+// l, element i of the lane's PER columns go to row s * PER + i, column l, so the
+// 32 lanes of a step read one row's consecutive words.  The column is swizzled
+// (l ^ row % 32): the stagers write consecutive c, that is one l and PER rows per
+// 32 threads, all in one bank unswizzled (a 32-way conflict on every store of a
+// 4-bit row); swizzled they spread over the banks, and the readers' rows stay
+// conflict-free.
+MOE_DEVICE inline int moe_xs_at(int row, int l) {
+  return row * 32 + (l ^ (row & 31));
+}
+
 template <int PER>
 MOE_DEVICE inline int moe_xs_index(int c) {
   const int s = c / (32 * PER);
   const int l = (c / PER) % 32;
   const int i = c % PER;
-  return (s * PER + i) * 32 + l;
+  return moe_xs_at(s * PER + i, l);
 }
 
 // Size of the staged vector for K columns (whole steps; the tail holds zeros).
@@ -111,9 +119,11 @@ MOE_DEVICE inline moe_dense_chunk<NR, CH> moe_dense_load(WP w, SP sc, SP bi, int
   constexpr int ROW16 = K / PER;  // 16-byte reads per row
   constexpr int G = AFFINE ? GS : 1;
   moe_dense_chunk<NR, CH> ch;
+  MOE_UNROLL
   for (int j = 0; j < CH; ++j) {
     const int st = st0 + j;
     const int c = (st * 32 + int(lane)) * PER;
+    MOE_UNROLL
     for (int r = 0; r < NR; ++r) {
       const int rr = (r < nvalid) ? r : nvalid - 1;
       if (c < K) {
@@ -134,6 +144,7 @@ template <int K, int FMT, int NR, int CH, typename XS, typename A>
 MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs, uint lane, A acc) {
   constexpr int PER = moe_dense_per<FMT>::value;
   constexpr int AFFINE = (FMT == 4 || FMT == 8) ? 1 : 0;
+  MOE_UNROLL
   for (int j = 0; j < CH; ++j) {
     const int st = st0 + j;
     const int c = (st * 32 + int(lane)) * PER;
@@ -141,9 +152,10 @@ MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs
       float xv[PER];
       float xsum = 0.0f;
       for (int i = 0; i < PER; ++i) {
-        xv[i] = xs[(st * PER + i) * 32 + int(lane)];
+        xv[i] = xs[moe_xs_at(st * PER + i, int(lane))];
         xsum += xv[i];
       }
+      MOE_UNROLL
       for (int r = 0; r < NR; ++r) {
         float s = 0.0f;
         if (AFFINE) {
@@ -152,9 +164,11 @@ MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs
           constexpr int B = AFFINE ? FMT : 8;
           constexpr int EPW = 32 / B;  // elements per word
           constexpr uint MASK = (1u << B) - 1u;
+          // q as float through the 0x4B000000 magic number (2^23 + q, minus 2^23: exact),
+          // not an int->float conversion (a quarter-rate pipe on NVIDIA GPUs).
           for (int m = 0; m < 4; ++m) {
             for (int e = 0; e < EPW; ++e) {
-              s += float((wd[m] >> uint(B * e)) & MASK) * xv[EPW * m + e];
+              s += (moe_as_float(((wd[m] >> uint(B * e)) & MASK) | 0x4B000000u) - 8388608.0f) * xv[EPW * m + e];
             }
           }
           acc[r] += ch.s[j][r] * s + ch.b[j][r] * xsum;
@@ -334,7 +348,6 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   for (int r = 0; r < NR; ++r) {
     rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
   }
-  float xv[IT];
 //@if PARTS
   // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
   // m of the head's non-empty splits (an empty one has l = 0 and weighs 0): the
@@ -359,30 +372,64 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    float v = 0.0f;
-    if (c < K) {
-      const int hd = c / D;
+  // Each thread combines 4 consecutive columns at a time, reading them from every
+  // split as 16 bytes, a batch of QB column quads' reads issued before any is used:
+  // one L2 round trip per batch (a read, wait, combine loop per column made this
+  // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  D % 4 == 0, so a quad
+  // never straddles two heads.
+  constexpr int NQ4 = K / 4;
+  constexpr int IQ = (NQ4 + NT - 1) / NT;
+  constexpr int QB = IQ < 4 ? IQ : 4;
+  for (int i0 = 0; i0 < IQ; i0 += QB) {
+    uint4 pv[QB][S];
+    MOE_UNROLL
+    for (int b = 0; b < QB; ++b) {
+      const int qd = tid + (i0 + b) * NT;
+      const int c = ((qd < NQ4) ? qd : NQ4 - 1) * 4;  // past the end: a valid read, discarded
+      MOE_UNROLL
       for (int s = 0; s < S; ++s) {
-        v += parts[size_t(hd * S + s) * D + size_t(c % D)] * coef[hd * S + s];
+        pv[b][s] = moe_load_u4(parts, (size_t((c / D) * S + s) * D + size_t(c % D)) / 4);
       }
     }
-    xv[i] = float(T(v));
+    MOE_UNROLL
+    for (int b = 0; b < QB; ++b) {
+      const int qd = tid + (i0 + b) * NT;
+      if (i0 + b < IQ && qd < NQ4) {
+        const int c = qd * 4;
+        const int hd = c / D;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        MOE_UNROLL
+        for (int s = 0; s < S; ++s) {
+          const float cf = coef[hd * S + s];
+          v[0] += moe_as_float(pv[b][s].x) * cf;
+          v[1] += moe_as_float(pv[b][s].y) * cf;
+          v[2] += moe_as_float(pv[b][s].z) * cf;
+          v[3] += moe_as_float(pv[b][s].w) * cf;
+        }
+        MOE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          xs[moe_xs_index<PER>(c + e)] = float(T(v[e]));
+        }
+      }
+    }
+  }
+  for (int c = K + tid; c < XS; c += NT) {
+    xs[moe_xs_index<PER>(c)] = 0.0f;
   }
 //@endif
 //@if !PARTS
+  float xv[IT];
   for (int i = 0; i < IT; ++i) {
     const int c = tid + i * NT;
     xv[i] = (c < K) ? float(x[c]) : 0.0f;
   }
-//@endif
   for (int i = 0; i < IT; ++i) {
     const int c = tid + i * NT;
     if (c < XS) {
       xs[moe_xs_index<PER>(c)] = xv[i];
     }
   }
+//@endif
   threadgroup_barrier(mem_flags::mem_threadgroup);
   float acc[NR];
   for (int r = 0; r < NR; ++r) {

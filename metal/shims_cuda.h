@@ -120,21 +120,26 @@ __device__ inline float moe_rsqrt(float v) {
   return rsqrtf(v);
 }
 
-// In double precision, rounded to float: MLX's NVRTC may compile with fast math,
-// which turns exp2f/cosf/sinf into approximations whose error grows with the
-// argument (a RoPE angle at position 700 came out 3e-4 off); double math is left alone.
+// RoPE's angles (pos * inv_freq, up to pos radians).  MLX's NVRTC may compile with
+// fast math, which turns exp2f/cosf/sinf into approximations whose error grows with
+// the argument (a RoPE angle at position 700 came out 3e-4 off): exp2 runs in
+// double (a chain of DFMAs), and cos/sin reduce the angle to [-pi, pi] in double and
+// take the SFU's __cosf/__sinf there (absolute error <= 2^-21.4).  Not libm's double
+// cos/sin: they read coefficient tables from global memory, a dependent load in
+// the attention's prologue.
 __device__ inline float moe_exp2(float v) {
   return float(exp2(double(v)));
 }
-
+__device__ inline float moe_reduce_angle(float v) {
+  const double d = double(v);
+  return float(d - rint(d * 0.15915494309189535) * 6.283185307179586);
+}
 __device__ inline float moe_cos(float v) {
-  return float(cos(double(v)));
+  return __cosf(moe_reduce_angle(v));
 }
-
 __device__ inline float moe_sin(float v) {
-  return float(sin(double(v)));
+  return __sinf(moe_reduce_angle(v));
 }
-
 // An input the kernel also writes (see shims_metal.h).
 template <typename T>
 __device__ inline T* moe_inplace(const T* p) {
