@@ -27,6 +27,7 @@
 //     rows and meet in threadgroup memory for the weighted sum.
 
 // ==== helpers ====
+//@uses router  (moe_router_select: the swiglu kernel's ROUTE option)
 
 // Row-tile dot products, per weight format.  acc[m * NR + r] accumulates this
 // lane's part of  W_m[row0 + r] . x  for the NM matrices W_0 (w0), W_1 (w1).
@@ -171,12 +172,44 @@ struct moe_rows<ushort> {
 // Inputs: x [T, K], ids [T, KS], wg, wu [E, N, K*NUM/DEN].
 // Output: h [T*KS, N] float32; rows of identity/padding slots are left
 // unwritten (down_combine never reads them).
+// Option ROUTE (kernel mul_mv_id_swiglu_route): the routing too.  Inputs logits
+//   [T, NEXP], bias, scale (as moe_router_topk's) in place of ids; outputs ids
+//   [T, KS] int32 and weights [T, KS] float32 after h; template NEXP, VPL, SCORE,
+//   HAS_BIAS, NGROUP, TOPKG, NORM (moe_router_topk's, its K being KS).  Simdgroup
+//   0 of every threadgroup runs the family's top-k rule (metal/router.metal) on
+//   its token's router outputs; the token's first threadgroup writes the ids and
+//   weights (for the down kernel and the routing hook).  Why not a launch of its
+//   own: decode is bound by the host's cost per graph node (one fewer per layer),
+//   and the rule over a few hundred outputs is a few hundred instructions.
 {
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const uint pair = threadgroup_position_in_grid.z;
   const int row0 = int(threadgroup_position_in_grid.x * NSG + sg) * NR;
+//@if ROUTE
+  threadgroup int chosen[KS];
+  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+    const int tok = int(pair) / KS;
+    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
+    if (lane == 0) {
+      for (int j = 0; j < KS; ++j) {
+        chosen[j] = pick.id[j];
+      }
+      if (threadgroup_position_in_grid.x == 0 && int(pair) % KS == 0) {
+        for (int j = 0; j < KS; ++j) {
+          ids[size_t(tok) * KS + j] = pick.id[j];
+          weights[size_t(tok) * KS + j] = pick.w[j];
+        }
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int e = chosen[int(pair) % KS];
+//@endif
+//@if !ROUTE
   const int e = ids[pair];
+//@endif
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
   const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
   float acc[2 * NR];

@@ -288,9 +288,9 @@ class CompiledDecoder:
         args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
         key = args
         if attention == "fused":  # the trace follows the setting (a setting, a trace)
-            from .fused_step import KV_IN_PLACE
+            from . import fused_step
 
-            key = args + (KV_IN_PLACE,)
+            key = args + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args))

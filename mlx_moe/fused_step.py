@@ -62,6 +62,10 @@ FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # its own cache, before writing the one slot no other threadgroup reads).
 KV_IN_PLACE = True
 
+# The routing rule: inside the experts' gate/up launch (True: six nodes per layer,
+# metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its own (False).
+ROUTE_IN_EXPERTS = True
+
 
 class LayerPlan(NamedTuple):
     in_norm: nn.RMSNorm
@@ -184,19 +188,26 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     return Plan(flavor, layers), None
 
 
-def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, ids: mx.array, weights: mx.array,
-                          flavor: str) -> mx.array:
-    """h + MoE(xn) (+ the shared expert) for one token, [1, D]."""
+def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.array, flavor: str):
+    """(h + MoE(xn) (+ the shared expert), ids, weights) for one token [1, D] from its
+    router outputs.  On the kernels: two launches, the routing rule inside the gate/up
+    one (ROUTE_IN_EXPERTS), or three with moe_router_topk first; experts in another
+    format: moe_router_topk, the backend's own call, then the residual add."""
     moe = lp.moe
+    params = moe.router_params()
     shared = moe.shared_output(xn)
     res = h if shared is None else h + shared
     backend = moe.backend
-    out = None
-    if getattr(backend, "flavor", None) == flavor:  # the kernels: experts, combine and residual in two launches
-        out = backend.decode_residual(xn, ids, weights, moe.switch_mlp, moe.n_identity, res)
-    if out is None:  # experts in another format: the backend's own call, then the residual add
+    kernels = getattr(backend, "flavor", None) == flavor
+    if kernels and ROUTE_IN_EXPERTS:
+        routed = backend.decode_residual_routed(xn, logits, params, moe.switch_mlp, moe.n_identity, res)
+        if routed is not None:
+            return routed
+    ids, weights = fused_topk(logits, params, flavor)
+    out = backend.decode_residual(xn, ids, weights, moe.switch_mlp, moe.n_identity, res) if kernels else None
+    if out is None:
         out = res + backend(xn, ids, weights, moe.switch_mlp, n_identity=moe.n_identity)
-    return out
+    return out, ids, weights
 
 
 def cache_index(pos: mx.array, n_kv_heads: int, head_dim: int) -> mx.array:
@@ -236,8 +247,7 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
     h = dense_residual((parts, ml), lp.o, h, flavor)
     logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
                             nr=dense.ROUTER_NR)
-    ids, weights = fused_topk(logits, lp.moe.router_params(), flavor)
-    out = _experts_and_residual(lp, h, xn, ids, weights, flavor)
+    out, ids, weights = _experts_and_residual(lp, h, xn, logits, flavor)
     if HOOKS.active:
         moe = lp.moe
         HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)

@@ -153,7 +153,7 @@ def copy_cache(cache):
     return out
 
 
-def one_step(model, family, flavor, token=5, kv_in_place=True):
+def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=True):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -171,8 +171,8 @@ def one_step(model, family, flavor, token=5, kv_in_place=True):
     plan, why = fused_step.plan_or_reason(model, flavor)
     assert why is None, why
     set_expert_backend(model, KernelBackend(flavor))
-    saved = fused_step.KV_IN_PLACE
-    fused_step.KV_IN_PLACE = kv_in_place
+    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS
+    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS = kv_in_place, route_in_experts
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -181,20 +181,23 @@ def one_step(model, family, flavor, token=5, kv_in_place=True):
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE = saved
+        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("family,quantize,kv_in_place", [(f, False, True) for f in FUSED]
-                         + [("qwen3_moe", True, True), ("mixtral", True, True), ("qwen3_moe", False, False)])
-def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place):
+@pytest.mark.parametrize("family,quantize,kv_in_place,route_in_experts", [(f, False, True, True) for f in FUSED]
+                         + [("qwen3_moe", True, True, True), ("mixtral", True, True, True),
+                            ("qwen3_moe", False, False, True), ("qwen2_moe", False, True, False)])
+def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts):
     """One token through the fused layers against mlx-lm's forward over a copy of the
     same cache: logits, the cache after the step (the new key and value in slot pos,
-    written in place or by the scatters) and the routing the hook sees."""
+    written in place or by the scatters) and the routing the hook sees (made in the
+    experts' launch, or by moe_router_topk)."""
     model = fused_model(family, quantize)
-    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, kv_in_place=kv_in_place)
+    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, kv_in_place=kv_in_place,
+                                                               route_in_experts=route_in_experts)
     g, w = np.array(got), np.array(want)
     assert g.shape == w.shape
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
@@ -217,10 +220,11 @@ def _dot_nodes(path, arrays) -> int:
     return len(re.findall(r'label ="([^"]+)", shape=rectangle', path.read_text()))
 
 
-@pytest.mark.parametrize("kv_in_place,most", [(True, 7), (False, 9)])
-def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, most):
-    """Seven nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for;
-    nine with the cache written by two scatters.
+@pytest.mark.parametrize("kv_in_place,route_in_experts,most", [(True, True, 6), (True, False, 7), (False, True, 8)])
+def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route_in_experts, most):
+    """Six nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for;
+    seven with the routing rule in a launch of its own, eight with the cache written
+    by two scatters.
 
     The emulated kernels run eagerly (their outputs are evaluated arrays, no graph
     nodes), so here every kernel is a lazy stand-in: outputs made by constant ops
@@ -242,6 +246,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, most)
     monkeypatch.setattr(registry, "_KERNELS", {})
     monkeypatch.setattr(registry, "_maker", lambda flavor: lazy_maker)
     monkeypatch.setattr(fused_step, "KV_IN_PLACE", kv_in_place)
+    monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", route_in_experts)
     model = fused_model("qwen3_moe")
     plan, _ = fused_step.plan_or_reason(model, "emulated")
     cache = prefilled(model)  # (mlx backend)
@@ -254,7 +259,8 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, most)
         part = fused_step.Plan(plan.flavor, plan.layers[:n_layers])
         out = fused_step.forward(model, part, mx.array([[5]], mx.int32), traced, pos)
         total = _dot_nodes(tmp_path / "g.dot", [out] + [c.keys for c in traced] + [c.values for c in traced])
-        assert own["launches"] == 7 * n_layers  # qkv, attention, o_proj, router, top-k, swiglu, down
+        # qkv, attention, o_proj, router projection, (top-k,) swiglu, down
+        assert own["launches"] == (6 if route_in_experts else 7) * n_layers
         return total - own["nodes"] + own["launches"]
 
     set_expert_backend(model, KernelBackend("emulated"))
@@ -262,7 +268,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, most)
         per_layer = nodes(2) - nodes(1)
     finally:
         set_expert_backend(model, MLXBackend())
-    assert per_layer <= most, per_layer  # the seven launches (and two cache writes)
+    assert per_layer <= most, per_layer  # the launches (and two cache writes)
 
 
 def test_unsupported_models_say_why():

@@ -124,9 +124,14 @@ def kernel_path(x: mx.array, ids: mx.array, kind: Optional[str]) -> Optional[str
     (token, slot) pairs, "mm" (map0 + mul_mm_id GEMMs) above; None when the
     kernels do not take the batch (not [T, D] x [T, k], not a float activation,
     no pairs, or weights the kernels do not read)."""
-    if kind is None or x.ndim != 2 or ids.ndim != 2 or x.dtype not in FLOAT_DTYPES:
+    if ids.ndim != 2:
         return None
-    pairs = ids.shape[0] * ids.shape[1]
-    if pairs <= 0:
+    return pairs_path(x, ids.shape[0] * ids.shape[1], kind)
+
+
+def pairs_path(x: mx.array, pairs: int, kind: Optional[str]) -> Optional[str]:
+    """kernel_path for `pairs` (token, slot) pairs of x, before any ids exist (the
+    routed decode kernel makes them)."""
+    if kind is None or x.ndim != 2 or x.dtype not in FLOAT_DTYPES or pairs <= 0:
         return None
     return "mv" if pairs <= mv_max_pairs(kind) else "mm"

@@ -84,6 +84,38 @@ def mul_mv_id_swiglu(
     )[0]
 
 
+def mul_mv_id_swiglu_route(
+    x: mx.array, logits: mx.array, params, wg: mx.array, wu: mx.array, flavor: str,
+    geometry: Optional[Geometry] = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """(h, ids, weights): mul_mv_id_swiglu's h with the routing done in the same launch,
+    ids [T, k] int32 and weights [T, k] float32 as router.fused_topk returns them for
+    `logits` [T, experts] under rule `params` (a mlx_moe.router.RouterParams that
+    router.unsupported accepts)."""
+    from .router import rule_arguments, unsupported
+
+    kind, rows, cols = _shape(wg)
+    if wu.shape != wg.shape or wu.dtype != wg.dtype:
+        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    if logits.ndim != 2 or x.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"logits must be [tokens, experts] beside x [tokens, hidden]; got {tuple(logits.shape)}, "
+                         f"{tuple(x.shape)}")
+    problem = unsupported(logits.shape[1], params)
+    if problem is not None:
+        raise ValueError(problem)
+    T, k = logits.shape[0], params.k
+    inputs, rule = rule_arguments(logits.shape[1], params)
+    g = geometry or GATE_UP[kind]
+    grid, tg = _gemv_grid(rows, g, T * k)
+    return tuple(registry_kernel(flavor, "mul_mv_id_swiglu_route")(
+        inputs=[x, logits, *inputs, wg, wu],
+        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("NE", wg.shape[0]),
+                  ("KS", k), ("NR", g.nr), ("NSG", g.nsg), ("NQ", g.nq), *rule],
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows), (T, k), (T, k)],
+        output_dtypes=[mx.float32, mx.int32, mx.float32],
+    ))
+
+
 def mul_mv_id_down_combine(
     h: mx.array, ids: mx.array, weights: mx.array, x: mx.array, wd: mx.array, n_identity: int,
     flavor: str, geometry: Optional[Geometry] = None, residual: Optional[mx.array] = None,

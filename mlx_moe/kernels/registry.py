@@ -162,6 +162,8 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),
     "moe_router_topk": KernelSpec("router", ("logits", "bias", "scale"), ("ids", "weights")),
+    "mul_mv_id_swiglu_route": KernelSpec("mul_mv_id", ("x", "logits", "bias", "scale", "wg", "wu"),
+                                         ("h", "ids", "weights"), body="mul_mv_id_swiglu", options=("ROUTE",)),
     "mul_mv_id_down_combine_res": KernelSpec("mul_mv_id", ("h", "ids", "wts", "x", "wd", "res"), ("y",),
                                              body="mul_mv_id_down_combine", options=("RESIDUAL",)),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),

@@ -57,6 +57,18 @@ def _check(logits: mx.array, p: RouterParams) -> None:
         raise ValueError(problem)
 
 
+def rule_arguments(n_experts: int, params: RouterParams):
+    """(inputs [bias, scale], template) of routing rule `params` over `n_experts` router
+    outputs, as moe_router_topk and mul_mv_id_swiglu_route (its ROUTE option) take them."""
+    has_bias = params.bias is not None
+    bias = params.bias.astype(mx.float32) if has_bias else constant(0.0)
+    n_group = max(1, params.n_group)
+    template = [("NEXP", n_experts), ("VPL", -(-n_experts // 32)), ("SCORE", SCORES[params.score]),
+                ("HAS_BIAS", has_bias), ("NGROUP", n_group), ("TOPKG", params.topk_group if n_group > 1 else 1),
+                ("NORM", bool(params.normalize))]
+    return [bias, constant(params.scaling)], template
+
+
 def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.array, mx.array]:
     """(ids [T, k] int32, weights [T, k] float32) of the family's routing rule, in one kernel.
 
@@ -65,17 +77,11 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.
     """
     _check(logits, params)
     T, n = logits.shape
-    has_bias = params.bias is not None
-    bias = params.bias.astype(mx.float32) if has_bias else constant(0.0)
-    scale = constant(params.scaling)
-    n_group = max(1, params.n_group)
+    inputs, template = rule_arguments(n, params)
     tpg = TOKENS_PER_GROUP
     return tuple(kernel(flavor, "moe_router_topk")(
-        inputs=[logits, bias, scale],
-        template=[("T", logits.dtype), ("NEXP", n), ("K", params.k), ("VPL", -(-n // 32)),
-                  ("SCORE", SCORES[params.score]), ("HAS_BIAS", has_bias), ("NGROUP", n_group),
-                  ("TOPKG", params.topk_group if n_group > 1 else 1), ("NORM", bool(params.normalize)),
-                  ("TPG", tpg)],
+        inputs=[logits, *inputs],
+        template=[("T", logits.dtype), ("K", params.k), *template, ("TPG", tpg)],
         grid=(max(1, -(-T // tpg)) * 32 * tpg, 1, 1), threadgroup=(32 * tpg, 1, 1),
         output_shapes=[(T, params.k), (T, params.k)], output_dtypes=[mx.int32, mx.float32],
     ))
