@@ -18,7 +18,8 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
   dense_residual_parts    the parts combined, o_proj, the residual add
   dense_norm_xn           post-attention RMSNorm (its output feeds the experts),
                           router projection
-  moe_router_topk         the family's top-k rule (metal/router.metal)
+  moe_router_topk         the family's top-k rule (metal/router.metal; or run by
+                          the gate/up launch itself: ROUTE_IN_EXPERTS)
   mul_mv_id_swiglu, mul_mv_id_down_combine_res
                           the routed experts, the weighted combine and the residual
                           add after the MoE block (metal/mul_mv_id.metal)
@@ -63,8 +64,12 @@ FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 KV_IN_PLACE = True
 
 # The routing rule: inside the experts' gate/up launch (True: six nodes per layer,
-# metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its own (False).
-ROUTE_IN_EXPERTS = True
+# metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its own (False,
+# the default: on the H100 the routed launch took 28.5 us where the two take 18, every
+# one of its 1536 threadgroups running the rule on the same 128 outputs, which the
+# host's saving of one node a layer does not repay: 230 vs 279 tok/s, BENCHMARKS.md
+# 2026-12-05).
+ROUTE_IN_EXPERTS = False
 
 
 class LayerPlan(NamedTuple):

@@ -16,9 +16,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (mlx_moe/fused_step.py) where the model allows
   mlx-moe+compile+scatter  the fused layers with the new key and value written by two
                 scatters per layer (fused_step.KV_IN_PLACE off) instead of in place
-  mlx-moe+compile+topk  the fused layers with the routing rule in a moe_router_topk
-                launch of its own (fused_step.ROUTE_IN_EXPERTS off) instead of inside
-                the experts' gate/up launch
+  mlx-moe+compile+route  the fused layers with the routing rule inside the experts'
+                gate/up launch (fused_step.ROUTE_IN_EXPERTS on) instead of a
+                moe_router_topk launch of its own
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -475,7 +475,7 @@ def main(argv=None):
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
         compiled_module.FUSED_LAYERS = "+nofuse" not in engine
         fused_step_module.KV_IN_PLACE = "+scatter" not in engine
-        fused_step_module.ROUTE_IN_EXPERTS = "+topk" not in engine
+        fused_step_module.ROUTE_IN_EXPERTS = "+route" in engine
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
@@ -488,7 +488,7 @@ def main(argv=None):
             compiled_module.ATTENTION_KERNEL = False
             compiled_module.FUSED_LAYERS = True
             fused_step_module.KV_IN_PLACE = True
-            fused_step_module.ROUTE_IN_EXPERTS = True
+            fused_step_module.ROUTE_IN_EXPERTS = False
             mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)
