@@ -27,7 +27,8 @@
 // 16-byte multiples (mlx_moe/kernels/dense.py checks).
 //
 // Activations are staged once per threadgroup in threadgroup memory as
-// float, in the order lanes read them (moe_xs_index): no bank conflicts.
+// float, in the order lanes read them (moe_xs_at), prescaled for affine weights
+// (moe_xs_put4): no bank conflicts, no shifts in the weights' unpacking.
 
 // ==== helpers ====
 
@@ -39,21 +40,61 @@ struct moe_dense_per {
 
 // Where column c of K-long activations sits in the staged vector: step s, lane
 // l, element i of the lane's PER columns go to row s * PER + i, column l, so the
-// 32 lanes of a step read one row's consecutive words.  The column is swizzled
-// (l ^ row % 32): the stagers write consecutive c, that is one l and PER rows per
-// 32 threads, all in one bank unswizzled (a 32-way conflict on every store of a
-// 4-bit row); swizzled they spread over the banks, and the readers' rows stay
-// conflict-free.
+// 32 lanes of a step read one row's consecutive words, and a lane's PER reads of a
+// step sit at constant offsets from each other.  Rows are RS = 33 floats apart (a
+// pad word): the stagers write 4 consecutive c per thread, 128 per 32 threads, a
+// few l and many rows, which unpadded fall in a few banks (an 8-way conflict on
+// every store of a 4-bit row) and padded in 32.
+constexpr int MOE_XS_RS = 33;
+
 MOE_DEVICE inline int moe_xs_at(int row, int l) {
-  return row * 32 + (l ^ (row & 31));
+  return row * MOE_XS_RS + l;
 }
 
-template <int PER>
-MOE_DEVICE inline int moe_xs_index(int c) {
-  const int s = c / (32 * PER);
-  const int l = (c / PER) % 32;
-  const int i = c % PER;
-  return moe_xs_at(s * PER + i, l);
+// Floats of the staged vector of XS columns (XS a multiple of 32).
+template <int XS>
+struct moe_xs_alloc {
+  enum { value = XS / 32 * MOE_XS_RS };
+};
+
+// Affine weights' values are read in place, masked but not shifted, from the low
+// and the high 16 bits of each word: element k of a half-word (bits BITS * k ..)
+// comes out as q * 2^(BITS * k).  So the staged activation of column c carries the
+// inverse factor 2^-(BITS * (c % (16 / BITS))) (exact: a power of two), and the
+// affine bias term's sum of the lane's unscaled PER activations is staged apart
+// (xsums [steps * 32], at step * 32 + lane).  Float weights: activations as they are.
+template <int FMT>
+MOE_DEVICE inline float moe_xs_prescale(int c) {
+  return FMT == 4 ? (c % 4 == 0 ? 1.0f : (c % 4 == 1 ? 0.0625f : (c % 4 == 2 ? 0.00390625f : 0.000244140625f)))
+                  : (FMT == 8 ? (c % 2 == 0 ? 1.0f : 0.00390625f) : 1.0f);
+}
+
+// Stage the activations v of columns c .. c + 3 (c % 4 == 0; 0 past K): into xs,
+// prescaled for affine weights, and their sum into xsums[c / PER] (a shuffle over the
+// PER / 4 consecutive lanes that hold a lane group's columns).  Every lane of the
+// simdgroup must call it, lanes holding consecutive c (c = 4 * (lane + 32 * n) + ..).
+template <int FMT, int XS, typename X>
+MOE_DEVICE inline void moe_xs_put4(X xs, X xsums, int c, float v0, float v1, float v2, float v3, uint lane) {
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr bool AFFINE = FMT == 4 || FMT == 8;
+  const float v[4] = {v0, v1, v2, v3};
+  const uint uc = uint(c);  // unsigned: the divisions by powers of two are shifts
+  const uint row = (uc / uint(32 * PER)) * uint(PER) + uc % uint(PER);
+  const uint l = (uc / uint(PER)) % 32u;
+  for (int m = 0; m < 4; ++m) {
+    if (c + m < XS) {  // c % 4 == 0 and PER % 4 == 0: the 4 columns share l, rows row .. row + 3
+      xs[moe_xs_at(int(row) + m, int(l))] = v[m] * moe_xs_prescale<FMT>(m);
+    }
+  }
+  if (AFFINE) {
+    float t = v0 + v1 + v2 + v3;
+    for (int o = 1; o < PER / 4; o *= 2) {
+      t += moe_shuffle_xor(t, ushort(o));
+    }
+    if (lane % (PER / 4) == 0 && c < XS) {
+      xsums[c / PER] = t;
+    }
+  }
 }
 
 // Size of the staged vector for K columns (whole steps; the tail holds zeros).
@@ -139,9 +180,9 @@ MOE_DEVICE inline moe_dense_chunk<NR, CH> moe_dense_load(WP w, SP sc, SP bi, int
   return ch;
 }
 
-// acc[r] += the chunk's part of  W[row0 + r] . x,  x staged in xs (moe_xs_index order).
+// acc[r] += the chunk's part of  W[row0 + r] . x,  x staged in xs and xsums (moe_xs_put4).
 template <int K, int FMT, int NR, int CH, typename XS, typename A>
-MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs, uint lane, A acc) {
+MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs, XS xsums, uint lane, A acc) {
   constexpr int PER = moe_dense_per<FMT>::value;
   constexpr int AFFINE = (FMT == 4 || FMT == 8) ? 1 : 0;
   MOE_UNROLL
@@ -150,11 +191,10 @@ MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs
     const int c = (st * 32 + int(lane)) * PER;
     if (c < K) {
       float xv[PER];
-      float xsum = 0.0f;
       for (int i = 0; i < PER; ++i) {
         xv[i] = xs[moe_xs_at(st * PER + i, int(lane))];
-        xsum += xv[i];
       }
+      const float xsum = AFFINE ? xsums[st * 32 + int(lane)] : 0.0f;
       MOE_UNROLL
       for (int r = 0; r < NR; ++r) {
         float s = 0.0f;
@@ -162,13 +202,20 @@ MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs
           const uint4 q = ch.q[j][r];
           const uint wd[4] = {q.x, q.y, q.z, q.w};
           constexpr int B = AFFINE ? FMT : 8;
-          constexpr int EPW = 32 / B;  // elements per word
+          constexpr int EPH = 16 / B;  // elements per half-word
           constexpr uint MASK = (1u << B) - 1u;
-          // q as float through the 0x4B000000 magic number (2^23 + q, minus 2^23: exact),
-          // not an int->float conversion (a quarter-rate pipe on NVIDIA GPUs).
+          // q * 2^(B * k) as float through the 0x4B000000 magic number (2^23 + v,
+          // minus 2^23: exact for v < 2^16), not an int->float conversion (a
+          // quarter-rate pipe on NVIDIA GPUs); the activation carries 2^-(B * k).
+          // Each half-word gets the magic exponent once; an element is then one
+          // AND with a mask that keeps it, one subtraction and one FMA.
           for (int m = 0; m < 4; ++m) {
-            for (int e = 0; e < EPW; ++e) {
-              s += (moe_as_float(((wd[m] >> uint(B * e)) & MASK) | 0x4B000000u) - 8388608.0f) * xv[EPW * m + e];
+            for (int hf = 0; hf < 2; ++hf) {
+              const uint h = moe_opaque((hf ? (wd[m] >> 16) : (wd[m] & 0xFFFFu)) | 0x4B000000u);
+              for (int k = 0; k < EPH; ++k) {
+                const float f = moe_as_float(h & ((MASK << uint(B * k)) | 0xFFFF0000u)) - 8388608.0f;
+                s += f * xv[2 * EPH * m + EPH * hf + k];
+              }
             }
           }
           acc[r] += ch.s[j][r] * s + ch.b[j][r] * xsum;
@@ -189,13 +236,14 @@ MOE_DEVICE inline void moe_dense_math(moe_dense_chunk<NR, CH> ch, int st0, XS xs
 // `first`: the reads of the first chunk (steps 0 .. CH - 1), issued by the caller
 // before its prologue; the rest are read here, a chunk at a time.
 template <int K, int FMT, int GS, int NR, typename WP, typename SP, typename XS, typename A, typename C>
-MOE_DEVICE inline void moe_dense_rest(C first, WP w, SP sc, SP bi, int row0, int nvalid, XS xs, uint lane, A acc) {
+MOE_DEVICE inline void moe_dense_rest(C first, WP w, SP sc, SP bi, int row0, int nvalid, XS xs, XS xsums, uint lane,
+                                      A acc) {
   constexpr int NS = moe_dense_steps<K, FMT, NR>::NS;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  moe_dense_math<K, FMT, NR, CH>(first, 0, xs, lane, acc);
+  moe_dense_math<K, FMT, NR, CH>(first, 0, xs, xsums, lane, acc);
   for (int st0 = CH; st0 < NS; st0 += CH) {
     const auto ch = moe_dense_load<K, FMT, GS, NR, CH>(w, sc, bi, row0, nvalid, st0, lane);
-    moe_dense_math<K, FMT, NR, CH>(ch, st0, xs, lane, acc);
+    moe_dense_math<K, FMT, NR, CH>(ch, st0, xs, xsums, lane, acc);
   }
 }
 
@@ -217,30 +265,43 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
 }
 
 // The input RMSNorm of one token, staged for moe_dense_rest: xn = g * T(x * inv_rms)
-// rounded as mx.fast.rms_norm rounds it, into xs in lane order (0 past K), by the
-// NT threads of the threadgroup; ends with a barrier.  Callers issue their first
+// rounded as mx.fast.rms_norm rounds it, into xs and xsums (moe_xs_put4), by the NT
+// threads of the threadgroup, 4 consecutive columns a thread at a time; with
+// write_xn, also into out [K] (T).  Ends with a barrier.  Callers issue their first
 // weight reads before it, so those are in flight while it waits for x.
-template <typename T, int K, int PER, int NT, int NSG, typename XP, typename GP, typename XS, typename R>
-MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int tid, uint lane, uint sg) {
+template <typename T, int K, int FMT, int NT, int NSG, typename XP, typename GP, typename XS, typename R,
+          typename OP>
+MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R red, int tid, uint lane, uint sg,
+                                     OP out, bool write_xn) {
+  constexpr int PER = moe_dense_per<FMT>::value;
   constexpr int XN = moe_xs_size<K, PER>::value;
-  constexpr int IT = (XN + NT - 1) / NT;
-  float xv[IT];
-  float gv[IT];
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    xv[i] = (c < K) ? float(x[c]) : 0.0f;
-    gv[i] = (c < K) ? float(gin[c]) : 0.0f;
+  constexpr int IQ = (XN / 4 + NT - 1) / NT;  // 4-column groups per thread
+  float xv[IQ][4];
+  float gv[IQ][4];
+  for (int i = 0; i < IQ; ++i) {
+    for (int m = 0; m < 4; ++m) {
+      const int c = 4 * (tid + i * NT) + m;
+      xv[i][m] = (c < K) ? float(x[c]) : 0.0f;
+      gv[i][m] = (c < K) ? float(gin[c]) : 0.0f;
+    }
   }
   float ss = 0.0f;
-  for (int i = 0; i < IT; ++i) {
-    ss += xv[i] * xv[i];
+  for (int i = 0; i < IQ; ++i) {
+    for (int m = 0; m < 4; ++m) {
+      ss += xv[i][m] * xv[i][m];
+    }
   }
   const float inv = moe_rsqrt(moe_tg_sum<NSG>(ss, red, lane, sg) / float(K) + eps);
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    if (c < XN) {
-      xs[moe_xs_index<PER>(c)] = (c < K) ? float(T(gv[i] * float(T(xv[i] * inv)))) : 0.0f;
+  for (int i = 0; i < IQ; ++i) {
+    const int c = 4 * (tid + i * NT);
+    float v[4];
+    for (int m = 0; m < 4; ++m) {
+      v[m] = (c + m < K) ? float(T(gv[i][m] * float(T(xv[i][m] * inv)))) : 0.0f;
+      if (write_xn && c + m < K) {
+        out[c + m] = T(v[m]);
+      }
     }
+    moe_xs_put4<FMT, XN>(xs, xsums, c, v[0], v[1], v[2], v[3], lane);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
@@ -267,7 +328,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   constexpr int NT = 32 * NSG;
   constexpr int N = N0 + N1 + N2;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  threadgroup float xs[XS];
+  threadgroup float xs[moe_xs_alloc<XS>::value];
+  threadgroup float xsums[(FMT == 4 || FMT == 8) ? XS / PER : 1];
   threadgroup float red[NSG];
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
@@ -293,20 +355,19 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
       bv[r] = float(b[row0 + r]);
     }
   }
-  moe_rms_stage<T, K, PER, NT, NSG>(x, gin, cst[0], xs, red, tid, lane, sg);
 //@if XN
-  if (threadgroup_position_in_grid.x == 0) {
-    for (int c = tid; c < K; c += NT) {  // the staged values are exact in T
-      xn[c] = T(xs[moe_xs_index<PER>(c)]);
-    }
-  }
+  moe_rms_stage<T, K, FMT, NT, NSG>(x, gin, cst[0], xs, xsums, red, tid, lane, sg, xn,
+                                    threadgroup_position_in_grid.x == 0);
+//@endif
+//@if !XN
+  moe_rms_stage<T, K, FMT, NT, NSG>(x, gin, cst[0], xs, xsums, red, tid, lane, sg, y, false);
 //@endif
 
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
     acc[r] = 0.0f;
   }
-  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, xsums, lane, acc);
   for (int r = 0; r < NR; ++r) {
     const float sr = moe_simd_sum(acc[r]);
     if (lane == 0 && r < nvalid) {
@@ -332,8 +393,9 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   constexpr int XS = moe_xs_size<K, PER>::value;
   constexpr int NT = 32 * NSG;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  constexpr int IT = (XS + NT - 1) / NT;
-  threadgroup float xs[XS];
+  constexpr int IQ = (XS / 4 + NT - 1) / NT;  // 4-column groups per thread
+  threadgroup float xs[moe_xs_alloc<XS>::value];
+  threadgroup float xsums[(FMT == 4 || FMT == 8) ? XS / PER : 1];
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
@@ -378,7 +440,6 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  D % 4 == 0, so a quad
   // never straddles two heads.
   constexpr int NQ4 = K / 4;
-  constexpr int IQ = (NQ4 + NT - 1) / NT;
   constexpr int QB = IQ < 4 ? IQ : 4;
   for (int i0 = 0; i0 < IQ; i0 += QB) {
     uint4 pv[QB][S];
@@ -393,41 +454,34 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
     }
     MOE_UNROLL
     for (int b = 0; b < QB; ++b) {
-      const int qd = tid + (i0 + b) * NT;
-      if (i0 + b < IQ && qd < NQ4) {
+      if (i0 + b < IQ) {  // uniform: every lane stages (moe_xs_put4 shuffles)
+        const int qd = tid + (i0 + b) * NT;
         const int c = qd * 4;
-        const int hd = c / D;
+        const int hd = ((qd < NQ4) ? c : 0) / D;
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         MOE_UNROLL
         for (int s = 0; s < S; ++s) {
-          const float cf = coef[hd * S + s];
+          const float cf = (qd < NQ4) ? coef[hd * S + s] : 0.0f;
           v[0] += moe_as_float(pv[b][s].x) * cf;
           v[1] += moe_as_float(pv[b][s].y) * cf;
           v[2] += moe_as_float(pv[b][s].z) * cf;
           v[3] += moe_as_float(pv[b][s].w) * cf;
         }
-        MOE_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          xs[moe_xs_index<PER>(c + e)] = float(T(v[e]));
-        }
+        moe_xs_put4<FMT, XS>(xs, xsums, c, float(T(v[0])), float(T(v[1])), float(T(v[2])), float(T(v[3])), lane);
       }
     }
   }
-  for (int c = K + tid; c < XS; c += NT) {
-    xs[moe_xs_index<PER>(c)] = 0.0f;
-  }
 //@endif
 //@if !PARTS
-  float xv[IT];
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    xv[i] = (c < K) ? float(x[c]) : 0.0f;
-  }
-  for (int i = 0; i < IT; ++i) {
-    const int c = tid + i * NT;
-    if (c < XS) {
-      xs[moe_xs_index<PER>(c)] = xv[i];
+  float xv[IQ][4];
+  for (int i = 0; i < IQ; ++i) {
+    for (int m = 0; m < 4; ++m) {
+      const int c = 4 * (tid + i * NT) + m;
+      xv[i][m] = (c < K) ? float(x[c]) : 0.0f;
     }
+  }
+  for (int i = 0; i < IQ; ++i) {
+    moe_xs_put4<FMT, XS>(xs, xsums, 4 * (tid + i * NT), xv[i][0], xv[i][1], xv[i][2], xv[i][3], lane);
   }
 //@endif
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -435,7 +489,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, R red, int 
   for (int r = 0; r < NR; ++r) {
     acc[r] = 0.0f;
   }
-  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, lane, acc);
+  moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, xsums, lane, acc);
   for (int r = 0; r < NR; ++r) {
     const float sr = moe_simd_sum(acc[r]);
     if (lane == 0 && r < nvalid) {

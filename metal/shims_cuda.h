@@ -102,6 +102,13 @@ __device__ inline float moe_exp(float v) {
 __device__ inline float moe_as_float(uint b) {
   return __uint_as_float(b);
 }
+// v, opaque to the optimizer (an empty asm): the dense GEMVs OR the 0x4B000000
+// magic into a half-word once and then take each element with one AND; seeing the
+// constants, NVCC/NVRTC rewrite each element back into an AND and an OR.
+__device__ inline uint moe_opaque(uint v) {
+  asm("" : "+r"(v));
+  return v;
+}
 
 // A float's bits as a uint (the routing join packs weights beside ids).
 __device__ inline uint moe_float_bits(float v) {

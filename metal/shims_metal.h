@@ -81,6 +81,12 @@ inline float moe_as_float(uint b) {
   return as_type<float>(b);
 }
 
+// v, kept from the compiler's constant folding where that would undo a
+// hand-shared operation (see shims_cuda.h); Metal has no such barrier: v as is.
+inline uint moe_opaque(uint v) {
+  return v;
+}
+
 // A float's bits as a uint (the routing join packs weights beside ids).
 inline uint moe_float_bits(float v) {
   return as_type<uint>(v);

@@ -48,8 +48,8 @@ import mlx.nn as nn
 from .hooks import HOOKS
 from .kernels import dense
 from .kernels.attention import decode_attention_parts
-from .kernels.dense import (MAX_STAGED, DenseWeight, dense_norm, dense_residual, dense_unsupported,
-                            dense_weight, stack_unsupported)
+from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
+                            stack_unsupported)
 from .kernels.router import fused_topk
 from .kernels.router import unsupported as rule_unsupported
 from .moe import MoELayer
@@ -102,7 +102,7 @@ def _moe_of(layer) -> Optional[MoELayer]:
     return None
 
 
-def _layer_plan(i: int, layer):
+def _layer_plan(i: int, layer, flavor: str):
     """(LayerPlan, None) or (None, why layer i cannot take the fused path)."""
     attn = getattr(layer, "self_attn", None)
     moe = _moe_of(layer)
@@ -132,11 +132,12 @@ def _layer_plan(i: int, layer):
     head_dim = q.rows // n_heads
     if rope.dims != head_dim:
         return None, f"layer {i}: rope over {rope.dims} of {head_dim} head dimensions"
-    problem = _attention_unsupported(q, k, v, o, head_dim, n_heads, n_kv_heads)
+    problem = _attention_unsupported(q, k, v, o, head_dim, n_heads, n_kv_heads, flavor)
     if problem is None and gate_w.bias is not None:
         problem = "the router projection has a bias"
     if problem is None:
-        problem = stack_unsupported([gate_w], dense.ROUTER_NR) or rule_unsupported(gate_w.rows, moe.router_params())
+        problem = (stack_unsupported([gate_w], flavor, dense.ROUTER_NR)
+                   or rule_unsupported(gate_w.rows, moe.router_params()))
     if problem is not None:
         return None, f"layer {i}: {problem}"
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -152,7 +153,7 @@ def _layer_plan(i: int, layer):
 
 
 def _attention_unsupported(q: DenseWeight, k: DenseWeight, v: DenseWeight, o: DenseWeight, head_dim: int,
-                           n_heads: int, n_kv_heads: int) -> Optional[str]:
+                           n_heads: int, n_kv_heads: int, flavor: str) -> Optional[str]:
     """Why the attention kernels cannot take these projections and heads, or None."""
     if head_dim % 32:  # decode_attention_parts' lanes hold head_dim / 32 dimensions each
         return f"head dimension {head_dim} is not a multiple of 32"
@@ -162,9 +163,9 @@ def _attention_unsupported(q: DenseWeight, k: DenseWeight, v: DenseWeight, o: De
         return f"{n_heads} query heads are not a multiple of {n_kv_heads} key/value heads"
     if o.bias is not None:
         return "o_proj has a bias"
-    if o.cols > MAX_STAGED:
-        return f"o_proj input of {o.cols} features > {MAX_STAGED}"
-    return stack_unsupported([q, k, v])
+    if o.cols > max_staged(flavor):
+        return f"o_proj input of {o.cols} features > {max_staged(flavor)} (the {flavor} kernels' staging limit)"
+    return stack_unsupported([q, k, v], flavor)
 
 
 def unsupported(model: nn.Module, flavor: Optional[str]) -> Optional[str]:
@@ -186,7 +187,7 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
         return None, "pipeline parallelism"
     layers = []
     for i, layer in enumerate(inner.layers):
-        lp, why = _layer_plan(i, layer)
+        lp, why = _layer_plan(i, layer, flavor)
         if lp is None:
             return None, why
         layers.append(lp)

@@ -107,6 +107,22 @@ def test_unreadable_projections_are_named():
         dense_weight(nn.Linear(10, 8))
 
 
+def test_staging_limit_follows_the_flavor():
+    """Wide inputs: Metal's 32 KB of threadgroup memory stages 6144 features (the
+    emulation follows it), CUDA's 48 KB 8192 (Qwen3-235B's o_proj); beyond, a clear
+    error before any launch (the fused plan then says why and keeps MLX's ops)."""
+    import mlx.nn as nn
+
+    from mlx_moe.kernels.dense import dense_residual, dense_weight, stack_unsupported
+
+    wide = dense_weight(nn.QuantizedLinear(8192, 64, bias=False, bits=4, group_size=64))
+    assert stack_unsupported([wide], "cuda") is None
+    assert "6144" in stack_unsupported([wide], "emulated")
+    assert "6144" in stack_unsupported([wide], "metal")
+    with pytest.raises(ValueError, match="staging limit"):
+        dense_residual(mx.zeros((1, 8192), mx.bfloat16), wide, mx.zeros((1, 64), mx.bfloat16), "emulated")
+
+
 # -- the fused forward against mlx-lm's ----------------------------------------------------
 
 FUSED = ("qwen3_moe", "qwen2_moe", "mixtral")

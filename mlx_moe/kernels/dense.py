@@ -24,7 +24,15 @@ from .registry import constant, constants, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)
-MAX_STAGED = 8192  # activations staged per threadgroup (float32: 32 KB, Metal's threadgroup limit)
+# Input features a threadgroup stages (float32, rows padded to 33 floats, plus the
+# affine weights' per-lane sums): Metal's 32 KB of threadgroup memory holds 6144 of
+# them beside the attention combine's coefficients, CUDA's 48 KB of static shared
+# memory 8192 (Qwen3-235B's o_proj).  The emulation follows Metal.
+MAX_STAGED = {"metal": 6144, "emulated": 6144, "cuda": 8192}
+
+
+def max_staged(flavor: str) -> int:
+    return MAX_STAGED.get(flavor, min(MAX_STAGED.values()))
 
 # Launch geometry: DENSE_NR rows per simdgroup, DENSE_NSG simdgroups per
 # threadgroup (Qwen3-30B-A3B: q/k/v 640 threadgroups, o_proj 256); the router's
@@ -88,9 +96,9 @@ def _same_format(ws) -> bool:
                and b.scales.dtype == a.scales.dtype for b in ws[1:])
 
 
-def stack_unsupported(ws, nr: Optional[int] = None) -> Optional[str]:
-    """Why dense_norm cannot take the projections `ws` (1 to 3, stacked by rows) with nr
-    rows a simdgroup (default DENSE_NR), or None."""
+def stack_unsupported(ws, flavor: str, nr: Optional[int] = None) -> Optional[str]:
+    """Why dense_norm cannot take the projections `ws` (1 to 3, stacked by rows) on
+    kernel flavor `flavor` with nr rows a simdgroup (default DENSE_NR), or None."""
     nr = nr or DENSE_NR
     if not 1 <= len(ws) <= 3:
         return f"dense_norm stacks 1 to 3 projections, not {len(ws)}"
@@ -100,8 +108,8 @@ def stack_unsupported(ws, nr: Optional[int] = None) -> Optional[str]:
         return "only some of the stacked projections have a bias"
     if any(w.rows % nr for w in ws[:-1]):
         return f"projection rows {[w.rows for w in ws]} are not multiples of {nr} (a simdgroup's rows)"
-    if ws[0].cols > MAX_STAGED:
-        return f"hidden size {ws[0].cols} > {MAX_STAGED}"
+    if ws[0].cols > max_staged(flavor):
+        return f"hidden size {ws[0].cols} > {max_staged(flavor)} (the {flavor} kernels' staging limit)"
     return None
 
 
@@ -119,7 +127,7 @@ def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, 
     projections `ws` (DenseWeight, 1 to 3) stacked by rows, in x's dtype; with xn,
     (y, the normalized input [1, K]).  nr, nsg: the launch geometry (default DENSE_NR, DENSE_NSG)."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
-    problem = stack_unsupported(ws, nr)
+    problem = stack_unsupported(ws, flavor, nr)
     if problem is not None:
         raise ValueError(f"dense_norm: {problem}")
     if x.size != ws[0].cols:
@@ -156,8 +164,9 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
     if size != d.cols or res.size != d.rows:
         raise ValueError(f"dense_residual: x of {size} values / res {tuple(res.shape)} do not fit a "
                          f"{d.rows} x {d.cols} projection")
-    if d.cols > MAX_STAGED:
-        raise ValueError(f"dense_residual: {d.cols} input features > {MAX_STAGED}")
+    if d.cols > max_staged(flavor):
+        raise ValueError(f"dense_residual: {d.cols} input features > {max_staged(flavor)} (the {flavor} kernels' "
+                         f"staging limit)")
     n_tg = -(-d.rows // (nr * nsg))
     template = [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
     if parts:

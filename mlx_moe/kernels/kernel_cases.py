@@ -421,6 +421,9 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mv_id": [KernelCase("plain per-slot GEMV, Q4_0 37 x 96 (ragged rows), non-real ids give zero rows, "
                              "vs numpy", lambda f: _mv_plain_case(f))],
     "mul_mv_id_swiglu": [KernelCase("decode layer, Q4_0, 2 tokens x top-3, identity + padding slot", _DECODE)],
+    "mul_mv_id_swiglu_route": [KernelCase("gate/up with the routing rule in the launch: Q4_0 37 x 96, 12 experts, "
+                                          "softmax top-3 and Mixtral's top-2, vs mlx_moe.router and numpy",
+                                          lambda f: _swiglu_route_case(f))],
     "mul_mv_id_down_combine": [KernelCase("decode layer, Q4_0, 2 tokens x top-3, identity + padding slot",
                                           _DECODE)],
     "mul_mm_id_map0": [KernelCase("37 tokens x top-3 over 10 experts with identity/padding ids vs numpy",
@@ -476,6 +479,36 @@ def _mv_plain_case(flavor: str) -> None:
             _close(out[p], wf[e] @ src[p], 1e-4, f"mul_mv_id row {p}")
         else:
             assert not out[p].any(), f"mul_mv_id row {p} of a non-real id is not zero"
+
+
+def _swiglu_route_case(flavor: str) -> None:
+    """The routed gate/up kernel: its ids and weights against mlx_moe.router's rule, its
+    h against numpy with the Q4_0 weights dequantized by mlx_moe.q4_0."""
+    from .. import router as R
+    from ..q4_0 import dequantize, quantize
+    from .mul_mv_id import mul_mv_id_swiglu_route
+    from .router import RouterParams
+
+    rng = np.random.default_rng(17)
+    E, rows, cols, T = 12, 37, 96, 2
+    wg = quantize(rng.standard_normal((E, rows, cols)).astype(np.float32))
+    wu = quantize(rng.standard_normal((E, rows, cols)).astype(np.float32))
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    lg = mx.array(rng.standard_normal((T, E)).astype(np.float32) * 2)
+    for params, ref in [(RouterParams(3, normalize=True), lambda: R.softmax_topk(lg, 3, True)),
+                        (RouterParams(2, score="topk_softmax"), lambda: R.topk_softmax(lg, 2))]:
+        h, ids, w = (np.array(a) for a in mul_mv_id_swiglu_route(mx.array(x), lg, params, mx.array(wg),
+                                                                 mx.array(wu), flavor))
+        wi, ww = (np.array(a) for a in ref())
+        og, ow = np.argsort(ids, 1), np.argsort(wi, 1)
+        assert (np.take_along_axis(ids, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"routed ids {params}"
+        _close(np.take_along_axis(w, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"routed weights {params}")
+        g, u = dequantize(wg), dequantize(wu)
+        for t in range(T):
+            for s in range(params.k):
+                e = ids[t, s]
+                a, b = g[e] @ x[t], u[e] @ x[t]
+                _close(h[t * params.k + s], a / (1 + np.exp(-a)) * b, 1e-4, f"routed h, token {t} slot {s}")
 
 
 def missing_cases() -> List[str]:
