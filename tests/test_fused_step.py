@@ -40,6 +40,7 @@ FLAVORS = ["emulated", pytest.param("cuda", marks=[
     (32, mx.float32, 256, (96, 32, 32), True, 1e-5),
     (16, mx.float16, 384, (64, 64, 64), False, 4e-3),      # output rounded once, as nn.Linear's addmm
     (17, mx.bfloat16, 1024, (256, 128, 128), False, 1e-2),
+    (8, mx.float32, 6144, (16, 8, 8), False, 1e-5),      # the widest input Metal stages (dense.MAX_STAGED)
 ])
 def test_dense_norm_matches_rms_norm_and_float64(flavor, fmt, dtype, hidden, rows, bias, rtol):
     dense_norm_check(flavor, fmt, dtype, hidden, rows, bias, rtol)
@@ -90,6 +91,9 @@ def test_attention_parts_writes_the_cache_in_place(flavor, dtype, qk_norm, trad,
     (32, mx.float32, 96, 40, 1e-5, None),     # K smaller than one step of 128 columns
     (4, mx.float32, 4096, 66, 1e-5, (32, 4)),  # Qwen3-30B-A3B's attention output in 4 splits
     (17, mx.bfloat16, 512, 40, 1e-2, (4, 8)),
+    # the widest input Metal stages (dense.MAX_STAGED): 96 heads of 64 in 4 splits, the
+    # combine's coefficients beside it, inside the emulation's 32 KB of threadgroup memory
+    (8, mx.float32, 6144, 9, 1e-5, (96, 4)),
 ])
 def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, parts):
     dense_residual_check(flavor, fmt, dtype, cols, rows, rtol, parts=parts)

@@ -423,6 +423,7 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     kernel's name carries its geometry (tools/ncu_summary.py reads it).  shape:
     hidden, query heads, key/value heads, head dimension, experts."""
     from mlx_moe.kernels import attention, dense
+    from mlx_moe.kernels.registry import device_array
 
     D, H, KV, HD, E = shape
     qkv = [[dense.dense_weight(random_qlinear(D, n)) for n in (H * HD, KV * HD, KV * HD)] for _ in range(layers)]
@@ -433,8 +434,8 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     y = mx.random.normal(((H + 2 * KV) * HD,)).astype(mx.bfloat16)
     caches = [[mx.random.normal((1, KV, slots, HD)).astype(mx.bfloat16) for _ in range(2)] for _ in range(layers)]
     norms = [mx.ones((HD,), mx.bfloat16)] * 2
-    pos = mx.array([slots - 1], mx.int32)
-    mx.eval(x, y, caches)
+    pos = device_array([slots - 1], mx.int32)[:1]  # a device buffer, as the step's position should be
+    mx.eval(x, y, caches, pos)
 
     def attn(l, g):
         return attention.decode_attention_parts(y, H, KV, *norms, 1e-6, 1e6, 1.0, False, *caches[l], pos,

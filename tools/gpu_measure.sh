@@ -52,7 +52,7 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
-step 200 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py
+step 240 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py tests/test_swiglu_route.py
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_record_chain.py \
   tests/test_routing_join.py
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
@@ -62,7 +62,7 @@ step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cud
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+scatter \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+scatter,mlx-moe+compile+route \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \

@@ -191,21 +191,37 @@ KERNELS: Dict[str, KernelSpec] = {
 _CONSTANTS: Dict[object, mx.array] = {}
 
 
+def device_array(values, dtype=mx.float32) -> mx.array:
+    """`values` as an evaluated array in device memory, padded with zeros to 4 elements.
+
+    Why: MLX's CUDA allocator puts arrays made from host data, and every buffer of 8
+    bytes or less, in managed (unified) memory, the small ones packed together in
+    shared pages; a kernel's first read of such a page after the host touched one
+    of its neighbours (the step's position, a token read back) waits for the page
+    to migrate.  An operation's output of more than 8 bytes lives in device memory.
+    """
+    vals = list(values) + [0] * max(0, 4 - len(values))
+    a = mx.array(vals, dtype=dtype)
+    a = a + mx.zeros_like(a)  # made on the device: the output is a device buffer
+    mx.eval(a)
+    return a
+
+
 def constant(value: float) -> mx.array:
-    """A float32 [1] kernel input holding `value`, made once (from host data: no graph
-    node).  Built per call, it would be one more allocation and host-to-device copy
+    """A float32 kernel input holding `value` first (device_array: padded to 4
+    elements), made once: built per call, it would be one more allocation and copy
     (or, as mx.zeros, one more launch) per layer and token, and decode is bound by those."""
     a = _CONSTANTS.get(value)
     if a is None:
-        a = _CONSTANTS[value] = mx.array([value], dtype=mx.float32)
+        a = _CONSTANTS[value] = device_array([value])
     return a
 
 
 def constants(values: Tuple[float, ...]) -> mx.array:
-    """A float32 [len(values)] kernel input holding `values`, made once (as `constant`)."""
+    """A float32 kernel input holding `values` (device_array), made once (as `constant`)."""
     a = _CONSTANTS.get(values)
     if a is None:
-        a = _CONSTANTS[values] = mx.array(list(values), dtype=mx.float32)
+        a = _CONSTANTS[values] = device_array(values)
     return a
 
 
