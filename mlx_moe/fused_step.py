@@ -65,10 +65,11 @@ KV_IN_PLACE = True
 
 # The routing rule: inside the experts' gate/up launch (True: six nodes per layer,
 # metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its own (False,
-# the default: on the H100 the routed launch took 28.5 us where the two take 18, every
-# one of its 1536 threadgroups running the rule on the same 128 outputs, which the
-# host's saving of one node a layer does not repay: 230 vs 279 tok/s, BENCHMARKS.md
-# 2026-12-05).
+# the default).  On the H100 the routed launch took 28.5 us where the two take 18, and
+# decode ran at 230 tok/s against 279 on a fast host, 172.6 against 165.2 on a slow
+# one (BENCHMARKS.md, 2026-12-05, second session), measured while the router's scale
+# and bias (which all its 1536 threadgroups read) still sat in managed memory
+# (registry.device_array says why that mattered): off until measured again.
 ROUTE_IN_EXPERTS = False
 
 
