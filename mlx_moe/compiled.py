@@ -62,6 +62,7 @@ from . import moe as _moe
 from .hooks import HOOKS
 from .kernels.attention import decode_attention
 from .kernels.attention import unsupported as attention_unsupported
+from .kernels.registry import device_array
 
 COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
@@ -79,6 +80,14 @@ ATTENTION_KERNEL = False
 # expert backend allow it (`fused_step.unsupported` says why not); False: mlx-lm's
 # forward over the static cache, as before.
 FUSED_LAYERS = True
+
+# The step's write position: an int32 scalar made from the host every step (False),
+# or a 16-byte device array the step advances itself (True).  On MLX's CUDA backend a
+# host-made scalar lands in managed memory, in pages shared with other small arrays,
+# and a kernel's first read of it waits for the page to migrate
+# (kernels.registry.device_array).  Off until a GPU measures it (bench_generate's
+# engine suffix +devpos).
+DEVICE_POSITION = False
 
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
 
@@ -267,6 +276,7 @@ class CompiledDecoder:
         self._compiled = {}
         self._routing_meta = None  # [(layer, n_experts, n_zero)] in record order, set while tracing
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
+        self._position, self._position_at = None, -1  # DEVICE_POSITION: the next step's, and its value
         layers = _moe.moe_layers(model)
         self.fused, self.fused_reason = None, "compiled.FUSED_LAYERS is off"
         self.fused_setting = FUSED_LAYERS  # decoder_for rebuilds the decoder when it changes
@@ -286,34 +296,41 @@ class CompiledDecoder:
     def _function(self, record: bool, chained: bool):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
         args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
-        key = args
-        if attention == "fused":  # the trace follows the setting (a setting, a trace)
+        key = args + (DEVICE_POSITION,)  # the trace follows the settings (a setting, a trace)
+        if attention == "fused":
             from . import fused_step
 
-            key = args + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS)
+            key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = mx.compile(self._traced_step(*args))
+            fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))
             self._compiled[key] = fn
         return fn
 
-    def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str], chained: bool):
+    def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str], chained: bool,
+                     device_position: bool = False):
         model, base_call = self.model, self.base_call
+        one = device_array([1], mx.int32) if device_position else None  # [1, 0, 0, 0]
 
-        def step(token, offset, keys, values, *chain):
+        def step(token, position, keys, values, *chain):
             self.traces += 1
+            # position: int32 [] (host-made), or int32 [4] on the device (DEVICE_POSITION)
+            offset = position[0] if device_position else position
+            pos1 = position[:1] if device_position else position.reshape(1)
             cache = [_TracedCache(k, v, offset) for k, v in zip(keys, values)]
             with HOOKS.capturing(record) as cap:
                 if attention == "fused":
                     from .fused_step import forward
 
-                    logits = forward(model, self.fused, token, cache, offset.reshape(1))
+                    logits = forward(model, self.fused, token, cache, pos1)
                 else:
                     with _static_cache_attention(model, attention):
                         logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
+            if device_position:  # the next step's position, advanced on the device
+                out.append(position + one)
             records = cap.records
             if record:
                 self._routing_meta = [(r[0], r[3], r[4]) for r in records]
@@ -358,13 +375,22 @@ class CompiledDecoder:
             HOOKS.begin_forward(1, 1, offset, self._moe_count)
             chain = HOOKS.forward_chain(1, self._top_k)  # None unless records travel in a chain
         fn = self._function(record, chain is not None)
+        if DEVICE_POSITION:
+            if self._position is None or self._position_at != offset:  # a new sequence: one sync
+                self._position = device_array([offset], mx.int32)
+            position = self._position
+        else:
+            position = mx.array(offset, mx.int32)
         try:
-            out = fn(token, mx.array(offset, mx.int32), keys, values, *([chain] if chain is not None else []))
+            out = fn(token, position, keys, values, *([chain] if chain is not None else []))
         except Exception:
             for c, k, v in zip(cache, keys, values):
                 c.keys, c.values = k, v
             raise
         del keys, values
+        if DEVICE_POSITION:
+            self._position, self._position_at = out[3], offset + 1
+            out = out[:3] + out[4:]
         logprobs, new_keys, new_values = out[:3]
         for c, k, v in zip(cache, new_keys, new_values):
             c.keys, c.values = k, v

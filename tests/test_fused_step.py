@@ -309,8 +309,8 @@ def test_unsupported_models_say_why():
 @pytest.mark.parametrize("family", FUSED)
 def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     """12 greedy tokens of the compiled step through the fused layers (the cache
-    written in place, and by scatters) and without them, against the uncompiled
-    path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
+    written in place, and by scatters; the position on the device) and without them,
+    against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
     step then differs by 5e-3 in the logits).  Float weights, not MLX-quantized
     ones: on MLX 0.32.4's CUDA backend the quantized forward of the 7-token prompt
@@ -326,6 +326,9 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         decoder = C.decoder_for(model)
         assert decoder.fused is not None, decoder.fused_reason
         got, got_lp = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(C, "DEVICE_POSITION", True)
+        devpos, _ = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(C, "DEVICE_POSITION", False)
         monkeypatch.setattr(fused_step, "KV_IN_PLACE", False)
         scattered, scattered_lp = compiled(model, PROMPT, 12)
         monkeypatch.setattr(C, "FUSED_LAYERS", False)
@@ -335,6 +338,6 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         set_expert_backend(model, MLXBackend())
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
-    assert scattered == want and plain == want, (scattered, plain, want)
+    assert scattered == want and plain == want and devpos == want, (scattered, plain, devpos, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)

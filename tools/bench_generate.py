@@ -16,6 +16,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (mlx_moe/fused_step.py) where the model allows
   mlx-moe+compile+scatter  the fused layers with the new key and value written by two
                 scatters per layer (fused_step.KV_IN_PLACE off) instead of in place
+  mlx-moe+compile+devpos  the compiled step with its write position kept on the device
+                (compiled.DEVICE_POSITION) instead of a scalar made from the host each step
   mlx-moe+compile+route  the fused layers with the routing rule inside the experts'
                 gate/up launch (fused_step.ROUTE_IN_EXPERTS on) instead of a
                 moe_router_topk launch of its own
@@ -474,6 +476,7 @@ def main(argv=None):
             dequantized_prefill(ours, args.dq_min_rows)
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
         compiled_module.FUSED_LAYERS = "+nofuse" not in engine
+        compiled_module.DEVICE_POSITION = "+devpos" in engine
         fused_step_module.KV_IN_PLACE = "+scatter" not in engine
         fused_step_module.ROUTE_IN_EXPERTS = "+route" in engine
         gemm = mul_mm_id_module.CUDA_GEMM
@@ -487,6 +490,7 @@ def main(argv=None):
         finally:
             compiled_module.ATTENTION_KERNEL = False
             compiled_module.FUSED_LAYERS = True
+            compiled_module.DEVICE_POSITION = False
             fused_step_module.KV_IN_PLACE = True
             fused_step_module.ROUTE_IN_EXPERTS = False
             mul_mm_id_module.CUDA_GEMM = gemm
