@@ -79,11 +79,14 @@ class KernelBackend(ExpertBackend):
             self._cover[id(experts)] = entry
         return entry[3]
 
+    def _count(self, pairs: int) -> None:
+        self.stats.calls += 1
+        self.stats.rows += pairs
+
     def _launch(self, ids, weights):
         """Count the launched pairs; ids int32 and weights float32 as the kernels read them.
         (astype always adds a graph node, a launch on the GPU: only convert when needed.)"""
-        self.stats.calls += 1
-        self.stats.rows += ids.size
+        self._count(ids.size)
         if ids.dtype != mx.int32:
             ids = ids.astype(mx.int32)
         if weights.dtype != mx.float32:
@@ -137,8 +140,7 @@ class KernelBackend(ExpertBackend):
             return None
         if pairs_path(x, logits.shape[0] * params.k, self._kind(experts, wg, wu, wd)) != "mv":
             return None
-        self.stats.calls += 1
-        self.stats.rows += logits.shape[0] * params.k
+        self._count(logits.shape[0] * params.k)
         h, ids, weights = mul_mv_id_swiglu_route(x, logits, params, wg, wu, self.flavor)
         out = mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
         return out, ids, weights

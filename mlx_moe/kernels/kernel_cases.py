@@ -134,6 +134,15 @@ def _combine_case(flavor: str) -> None:
     _close(y, want, 1e-5, "mul_mm_id_combine")
 
 
+def _same_routing(got, want, what: str) -> None:
+    """The same ids per token (in any order) with the same weights."""
+    gi, gw = (np.array(a) for a in got)
+    wi, ww = (np.array(a) for a in want)
+    og, ow = np.argsort(gi, 1), np.argsort(wi, 1)
+    assert (np.take_along_axis(gi, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"{what}: ids"
+    _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"{what}: weights")
+
+
 def _router_case(flavor: str) -> None:
     from .. import router as R
     from .router import RouterParams, fused_topk
@@ -144,11 +153,7 @@ def _router_case(flavor: str) -> None:
                         (RouterParams(2, score="topk_softmax"), lambda: R.topk_softmax(lg, 2)),
                         (RouterParams(6, n_group=8, topk_group=3, scaling=2.0),
                          lambda: R.group_limited_topk(lg, 6, 8, 3, 2.0))]:
-        gi, gw = (np.array(a) for a in fused_topk(lg, params, flavor))
-        wi, ww = (np.array(a) for a in ref())
-        og, ow = np.argsort(gi, 1), np.argsort(wi, 1)
-        assert (np.take_along_axis(gi, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"router ids {params}"
-        _close(np.take_along_axis(gw, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"router weights {params}")
+        _same_routing(fused_topk(lg, params, flavor), ref(), f"router {params}")
 
 
 def _attention_case(flavor: str) -> None:
@@ -499,10 +504,7 @@ def _swiglu_route_case(flavor: str) -> None:
                         (RouterParams(2, score="topk_softmax"), lambda: R.topk_softmax(lg, 2))]:
         h, ids, w = (np.array(a) for a in mul_mv_id_swiglu_route(mx.array(x), lg, params, mx.array(wg),
                                                                  mx.array(wu), flavor))
-        wi, ww = (np.array(a) for a in ref())
-        og, ow = np.argsort(ids, 1), np.argsort(wi, 1)
-        assert (np.take_along_axis(ids, og, 1) == np.take_along_axis(wi, ow, 1)).all(), f"routed ids {params}"
-        _close(np.take_along_axis(w, og, 1), np.take_along_axis(ww, ow, 1), 1e-5, f"routed weights {params}")
+        _same_routing((ids, w), ref(), f"routed {params}")
         g, u = dequantize(wg), dequantize(wu)
         for t in range(T):
             for s in range(params.k):

@@ -35,6 +35,13 @@ def _shape(w: mx.array) -> Tuple[str, int, int]:
     raise TypeError(f"mul_mv_id reads Q4_0 (uint16) or float expert weights, not {w.dtype}")
 
 
+def _gate_up_shape(wg: mx.array, wu: mx.array) -> Tuple[str, int, int]:
+    """_shape of gate weights that up weights match."""
+    if wu.shape != wg.shape or wu.dtype != wg.dtype:
+        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    return _shape(wg)
+
+
 def _gemv_grid(rows: int, g: Geometry, z: int):
     n_tg = -(-rows // (g.nr * g.nsg))
     return (n_tg * 32 * g.nsg, 1, z), (32 * g.nsg, 1, 1)
@@ -69,9 +76,7 @@ def mul_mv_id_swiglu(
 
     Rows of identity or padding slots are left unwritten.
     """
-    kind, rows, cols = _shape(wg)
-    if wu.shape != wg.shape or wu.dtype != wg.dtype:
-        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    kind, rows, cols = _gate_up_shape(wg, wu)
     T, k = ids.shape
     g = geometry or GATE_UP[kind]
     grid, tg = _gemv_grid(rows, g, T * k)
@@ -92,17 +97,13 @@ def mul_mv_id_swiglu_route(
     ids [T, k] int32 and weights [T, k] float32 as router.fused_topk returns them for
     `logits` [T, experts] under rule `params` (a mlx_moe.router.RouterParams that
     router.unsupported accepts)."""
-    from .router import rule_arguments, unsupported
+    from .router import check_logits, rule_arguments
 
-    kind, rows, cols = _shape(wg)
-    if wu.shape != wg.shape or wu.dtype != wg.dtype:
-        raise ValueError(f"gate and up weights differ: {wg.shape} {wg.dtype} vs {wu.shape} {wu.dtype}")
+    kind, rows, cols = _gate_up_shape(wg, wu)
     if logits.ndim != 2 or x.ndim != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"logits must be [tokens, experts] beside x [tokens, hidden]; got {tuple(logits.shape)}, "
                          f"{tuple(x.shape)}")
-    problem = unsupported(logits.shape[1], params)
-    if problem is not None:
-        raise ValueError(problem)
+    check_logits(logits, params)
     T, k = logits.shape[0], params.k
     inputs, rule = rule_arguments(logits.shape[1], params)
     g = geometry or GATE_UP[kind]

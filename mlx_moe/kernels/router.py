@@ -49,7 +49,8 @@ def covers(n_experts: int, p: RouterParams) -> bool:
     return unsupported(n_experts, p) is None
 
 
-def _check(logits: mx.array, p: RouterParams) -> None:
+def check_logits(logits: mx.array, p: RouterParams) -> None:
+    """Raise ValueError unless the kernels can run rule `p` on router logits [T, experts]."""
     if logits.ndim != 2:
         raise ValueError(f"router logits must be [tokens, experts]; got shape {tuple(logits.shape)}")
     problem = unsupported(logits.shape[1], p)
@@ -75,7 +76,7 @@ def fused_topk(logits: mx.array, params: RouterParams, flavor: str) -> Tuple[mx.
     Same result as the mlx_moe/router.py function of the family up to the
     order of the k ids (here: highest score first) and float32 rounding.
     """
-    _check(logits, params)
+    check_logits(logits, params)
     T, n = logits.shape
     inputs, template = rule_arguments(n, params)
     tpg = TOKENS_PER_GROUP
