@@ -85,9 +85,10 @@ FUSED_LAYERS = True
 # or a 16-byte device array the step advances itself (True).  On MLX's CUDA backend a
 # host-made scalar lands in managed memory, in pages shared with other small arrays,
 # and a kernel's first read of it waits for the page to migrate
-# (kernels.registry.device_array).  Off until a GPU measures it (bench_generate's
-# engine suffix +devpos).
-DEVICE_POSITION = False
+# (kernels.registry.device_array).  On the H100: 394.2 tok/s against 376.4 with the
+# host-made scalar (medians of 3 in one run; BENCHMARKS.md, 2026-12-05, third session);
+# bench_generate's engine suffix +hostpos turns it off.
+DEVICE_POSITION = True
 
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
 

@@ -63,14 +63,14 @@ FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # its own cache, before writing the one slot no other threadgroup reads).
 KV_IN_PLACE = True
 
-# The routing rule: inside the experts' gate/up launch (True: six nodes per layer,
-# metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its own (False,
-# the default).  On the H100 the routed launch took 28.5 us where the two take 18, and
-# decode ran at 230 tok/s against 279 on a fast host, 172.6 against 165.2 on a slow
-# one (BENCHMARKS.md, 2026-12-05, second session), measured while the router's scale
-# and bias (which all its 1536 threadgroups read) still sat in managed memory
-# (registry.device_array says why that mattered): off until measured again.
-ROUTE_IN_EXPERTS = False
+# The routing rule: inside the experts' gate/up launch (True, the default: six nodes
+# per layer, metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its
+# own (False; bench_generate's engine suffix +topk).  On the H100, with the router's
+# scale and bias in device memory (registry.device_array): 387.4 tok/s against 376.4
+# (medians of 3 in one run; BENCHMARKS.md, 2026-12-05, third session).  Measured while
+# those constants still sat in managed memory (all 1536 threadgroups read them), the
+# routed launch had cost 28.5 us where the two took 18 (second session).
+ROUTE_IN_EXPERTS = True
 
 
 class LayerPlan(NamedTuple):

@@ -104,16 +104,18 @@ def test_tokens_and_logprobs_match_uncompiled(models, family):
         np.testing.assert_allclose(lp, ref_lp[:n], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device_position", [True, False], ids=["device", "host"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
-def test_device_position_matches_uncompiled(models, family, monkeypatch):
+def test_device_position_matches_uncompiled(models, family, device_position, monkeypatch):
     """compiled.DEVICE_POSITION: the write position a device array the step advances
-    itself; the same tokens and log-probabilities, across sequences (a new prompt
-    rebuilds the position) and cache growth (the position carries on)."""
+    itself (the default) or a scalar made from the host each step; the same tokens and
+    log-probabilities either way, across sequences (a new prompt rebuilds the position)
+    and cache growth (the position carries on)."""
     from mlx_moe import compiled as C
 
     model = models[family]
     ref_tokens, ref_lp = uncompiled(model, PROMPT, 40)
-    monkeypatch.setattr(C, "DEVICE_POSITION", True)
+    monkeypatch.setattr(C, "DEVICE_POSITION", device_position)
     for n in (24, 5):
         tokens, lp = compiled(model, PROMPT, n)
         assert tokens == ref_tokens[:n]
@@ -121,8 +123,9 @@ def test_device_position_matches_uncompiled(models, family, monkeypatch):
     tokens, lp = compiled(model, PROMPT, -1, capacity=16, capacity_step=16, take=40)
     assert tokens == ref_tokens
     np.testing.assert_allclose(lp, ref_lp, atol=2e-5, rtol=1e-5)
-    decoder = decoder_for(model)
-    assert decoder._position is not None and decoder._position.shape == (4,)
+    if device_position:
+        decoder = decoder_for(model)
+        assert decoder._position is not None and decoder._position.shape == (4,)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -132,6 +135,7 @@ def test_cache_growth_retraces_and_stays_exact(models, family):
     model = models[family]
     ref_tokens, ref_lp = uncompiled(model, PROMPT, 40)
     decoder = decoder_for(model)
+    decoder._compiled.clear()  # an earlier test may have traced these capacities already
     before = decoder.traces
     tokens, lp = compiled(model, PROMPT, -1, capacity=16, capacity_step=16, take=40)
     assert tokens == ref_tokens

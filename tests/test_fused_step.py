@@ -309,7 +309,8 @@ def test_unsupported_models_say_why():
 @pytest.mark.parametrize("family", FUSED)
 def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     """12 greedy tokens of the compiled step through the fused layers (the cache
-    written in place, and by scatters; the position on the device) and without them,
+    written in place, and by scatters; the position on the device and from the host;
+    the routing inside the gate/up launch and in its own) and without them,
     against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
     step then differs by 5e-3 in the logits).  Float weights, not MLX-quantized
@@ -325,10 +326,11 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         want, want_lp = uncompiled(model, PROMPT, 12)
         decoder = C.decoder_for(model)
         assert decoder.fused is not None, decoder.fused_reason
-        got, got_lp = compiled(model, PROMPT, 12)
-        monkeypatch.setattr(C, "DEVICE_POSITION", True)
-        devpos, _ = compiled(model, PROMPT, 12)
-        monkeypatch.setattr(C, "DEVICE_POSITION", False)
+        got, got_lp = compiled(model, PROMPT, 12)  # the defaults
+        monkeypatch.setattr(C, "DEVICE_POSITION", not C.DEVICE_POSITION)
+        other_pos, _ = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
+        other_route, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "KV_IN_PLACE", False)
         scattered, scattered_lp = compiled(model, PROMPT, 12)
         monkeypatch.setattr(C, "FUSED_LAYERS", False)
@@ -338,6 +340,7 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         set_expert_backend(model, MLXBackend())
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
-    assert scattered == want and plain == want and devpos == want, (scattered, plain, devpos, want)
+    assert scattered == want and plain == want and other_pos == want and other_route == want, \
+        (scattered, plain, other_pos, other_route, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)

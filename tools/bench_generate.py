@@ -16,11 +16,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (mlx_moe/fused_step.py) where the model allows
   mlx-moe+compile+scatter  the fused layers with the new key and value written by two
                 scatters per layer (fused_step.KV_IN_PLACE off) instead of in place
-  mlx-moe+compile+devpos  the compiled step with its write position kept on the device
-                (compiled.DEVICE_POSITION) instead of a scalar made from the host each step
-  mlx-moe+compile+route  the fused layers with the routing rule inside the experts'
-                gate/up launch (fused_step.ROUTE_IN_EXPERTS on) instead of a
-                moe_router_topk launch of its own
+  mlx-moe+compile+hostpos  the compiled step with its write position a scalar made from
+                the host each step (compiled.DEVICE_POSITION off; on by default: +devpos)
+  mlx-moe+compile+topk  the fused layers with the routing rule in a moe_router_topk
+                launch of its own (fused_step.ROUTE_IN_EXPERTS off) instead of inside the
+                experts' gate/up launch (the default: +route)
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -476,9 +476,10 @@ def main(argv=None):
             dequantized_prefill(ours, args.dq_min_rows)
         compiled_module.ATTENTION_KERNEL = "+attn" in engine
         compiled_module.FUSED_LAYERS = "+nofuse" not in engine
-        compiled_module.DEVICE_POSITION = "+devpos" in engine
+        position, route = compiled_module.DEVICE_POSITION, fused_step_module.ROUTE_IN_EXPERTS
+        compiled_module.DEVICE_POSITION = "+hostpos" not in engine and (position or "+devpos" in engine)
         fused_step_module.KV_IN_PLACE = "+scatter" not in engine
-        fused_step_module.ROUTE_IN_EXPERTS = "+route" in engine
+        fused_step_module.ROUTE_IN_EXPERTS = "+topk" not in engine and (route or "+route" in engine)
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
@@ -490,9 +491,9 @@ def main(argv=None):
         finally:
             compiled_module.ATTENTION_KERNEL = False
             compiled_module.FUSED_LAYERS = True
-            compiled_module.DEVICE_POSITION = False
+            compiled_module.DEVICE_POSITION = position
             fused_step_module.KV_IN_PLACE = True
-            fused_step_module.ROUTE_IN_EXPERTS = False
+            fused_step_module.ROUTE_IN_EXPERTS = route
             mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)

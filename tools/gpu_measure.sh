@@ -7,8 +7,8 @@
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
-#     the compiled step's unmeasured options against its default and mlx-lm: the write
-#     position on the device (+devpos), the routing inside the gate/up launch (+route)
+#     the compiled step against mlx-lm and with its measured defaults turned off: the write
+#     position from the host (+hostpos), the routing in a launch of its own (+topk)
 #  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
 #     of 8 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
 #     generations cannot resolve 3%), uncompiled and compiled, after the record chain's GPU
@@ -57,7 +57,7 @@ step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/te
 step 240 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py tests/test_swiglu_route.py
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 5 \
-  --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+devpos,mlx-moe+compile+route --json "$OUT/e2e_options.json"
+  --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+hostpos,mlx-moe+compile+topk --json "$OUT/e2e_options.json"
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_record_chain.py \
   tests/test_routing_join.py
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
@@ -67,7 +67,7 @@ step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cud
 step 60 python3 tools/profile_decode.py --ops-only --kernels cuda
 step 90 python3 tools/bench_kernels.py --dense --tokens 16 64 128 512 2048 --reps 5 --json "$OUT/dense.json"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+scatter,mlx-moe+compile+route \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe,mlx-moe/mlx,mlx-moe+log,mlx-moe+dq,mlx-moe+compile,mlx-moe+compile+scatter,mlx-moe+compile+topk \
   --breakdown --json "$OUT/e2e_qwen3.json"
 step 200 python3 tools/bench_generate.py --shape deepseek-v2-lite --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 3 --engines mlx-lm,mlx-moe --breakdown \
