@@ -301,7 +301,7 @@ class CompiledDecoder:
         if attention == "fused":
             from . import fused_step
 
-            key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS)
+            key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))

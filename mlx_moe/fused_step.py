@@ -24,6 +24,9 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           the routed experts, the weighted combine and the residual
                           add after the MoE block (metal/mul_mv_id.metal)
 
+and after the last layer one dense_norm launch for the final norm and the LM head
+(where the head is a projection of its own the kernels read).
+
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
 (MLX-affine experts of mlx-community checkpoints).  The routing hook sees the
@@ -73,6 +76,12 @@ KV_IN_PLACE = True
 ROUTE_IN_EXPERTS = True
 
 
+# The final norm and the LM head as one dense_norm launch where the plan has the head
+# (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
+# +mlxhead).
+HEAD_LAUNCH = True
+
+
 class LayerPlan(NamedTuple):
     in_norm: nn.RMSNorm
     q: DenseWeight
@@ -94,6 +103,9 @@ class LayerPlan(NamedTuple):
 class Plan(NamedTuple):
     flavor: str
     layers: List[LayerPlan]
+    # The LM head as one dense_norm launch (the final RMSNorm and the vocabulary
+    # projection), or None: MLX's ops (tied embeddings, a format the kernels do not read).
+    head: Optional[DenseWeight] = None
 
 
 def _moe_of(layer) -> Optional[MoELayer]:
@@ -192,7 +204,23 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
         if lp is None:
             return None, why
         layers.append(lp)
-    return Plan(flavor, layers), None
+    return Plan(flavor, layers, _head_plan(model, flavor)), None
+
+
+def _head_plan(model: nn.Module, flavor: str) -> Optional[DenseWeight]:
+    """The LM head for dense_norm, or None where MLX's ops keep it: tied embeddings (an
+    embedding's as_linear), a head or final norm the kernels do not read.  Why a
+    launch of its own: MLX's rms_norm and quantized_matmul are two nodes, and its qmv
+    read Qwen3's 155 MB head at 0.9 TB/s (176 us a token on the H100)."""
+    if getattr(model.args, "tie_word_embeddings", False) or type(model.model.norm) is not nn.RMSNorm:
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is None or dense_unsupported(head) is not None:
+        return None
+    w = dense_weight(head)
+    if w.bias is not None or stack_unsupported([w], flavor, dense.HEAD_NR) is not None:
+        return None
+    return w
 
 
 def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.array, flavor: str):
@@ -272,6 +300,10 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
         if key not in index and not KV_IN_PLACE:
             index[key] = cache_index(pos, *key)
         h = layer_step(lp, h, c, pos, plan.flavor, index.get(key))
+    if HEAD_LAUNCH and plan.head is not None:
+        logits = dense_norm(h, inner.norm.weight, inner.norm.eps, [plan.head], plan.flavor, nr=dense.HEAD_NR,
+                            nsg=dense.HEAD_NSG)
+        return logits.reshape(1, 1, -1)
     h = inner.norm(h)
     if getattr(model.args, "tie_word_embeddings", False):
         logits = inner.embed_tokens.as_linear(h)

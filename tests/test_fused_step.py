@@ -234,6 +234,25 @@ def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place
         np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("quantized_head", [False, True], ids=["float_head", "q4_head"])
+def test_lm_head_is_one_launch(flavor, quantized_head):
+    """The final norm and the LM head run as one dense_norm launch (plan.head) where the
+    head is a projection of its own: logits as mlx-lm's forward gives them (a float32
+    head, and a 4-bit one as mlx-community checkpoints have it); tied embeddings keep
+    MLX's ops (embed_tokens.as_linear)."""
+    model = fused_model("qwen3_moe", quantize=quantized_head, lm_head=quantized_head)
+    plan, why = fused_step.plan_or_reason(model, flavor)
+    assert why is None and plan.head is not None
+    assert plan.head.fmt == (4 if quantized_head else 32) and plan.head.rows == model.args.vocab_size
+    got, want, *_ = one_step(model, "qwen3_moe", flavor)
+    g, w = np.array(got), np.array(want)
+    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
+    tied = fused_model("qwen3_moe")
+    tied.args.tie_word_embeddings = True
+    assert fused_step.plan_or_reason(tied, flavor)[0].head is None
+
+
 def _dot_nodes(path, arrays) -> int:
     import re
 

@@ -21,6 +21,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+topk  the fused layers with the routing rule in a moe_router_topk
                 launch of its own (fused_step.ROUTE_IN_EXPERTS off) instead of inside the
                 experts' gate/up launch (the default: +route)
+  mlx-moe+compile+mlxhead  the fused layers with the final norm and LM head on MLX's
+                ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -480,6 +482,7 @@ def main(argv=None):
         compiled_module.DEVICE_POSITION = "+hostpos" not in engine and (position or "+devpos" in engine)
         fused_step_module.KV_IN_PLACE = "+scatter" not in engine
         fused_step_module.ROUTE_IN_EXPERTS = "+topk" not in engine and (route or "+route" in engine)
+        fused_step_module.HEAD_LAUNCH = "+mlxhead" not in engine
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
@@ -494,6 +497,7 @@ def main(argv=None):
             compiled_module.DEVICE_POSITION = position
             fused_step_module.KV_IN_PLACE = True
             fused_step_module.ROUTE_IN_EXPERTS = route
+            fused_step_module.HEAD_LAUNCH = True
             mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)

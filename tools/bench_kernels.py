@@ -36,7 +36,10 @@ TFLOP/s; sets whether and from how many rows `dequantized_prefill` pays:
 `--ncu --fused "dense=4x4,4x8 attn=8x8x8"` does the same for the fused decoder
 layer's dense and attention kernels (mlx_moe/fused_step.py: dense_norm,
 dense_residual_parts, decode_attention_parts_kv, dense_norm_xn) at their defaults
-and the listed geometries (dense NRxNSG, attention NSGxUxS).
+and the listed geometries (dense NRxNSG, attention NSGxUxS); `head=NRxNSG,...` also
+times the LM head (final norm + 151936 x 2048 4-bit projection) as one dense_norm
+launch per geometry against MLX's rms_norm + quantized_matmul (profile those too:
+`--kernel-name regex:"mlx_moe|qmv|rms_norm"`).
 
 GPU kernel times of decode launch geometries, all in one process under ncu
 (each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
@@ -397,18 +400,19 @@ def random_qlinear(cin: int, cout: int, bits: int = 4) -> nn.QuantizedLinear:
 
 
 def parse_fused(text: str) -> dict:
-    """'dense=2x4,4x8 attn=8x8x4' -> {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)]}."""
-    out = {"dense": [], "attn": []}
+    """'dense=2x4,4x8 attn=8x8x4 head=4x8' -> {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)],
+    "head": [(4, 8)]}."""
+    out = {"dense": [], "attn": [], "head": []}
     for part in text.replace(";", " ").split():
         kind, _, geoms = part.partition("=")
-        want = {"dense": 2, "attn": 3}.get(kind)
+        want = {"dense": 2, "attn": 3, "head": 2}.get(kind)
         for g in geoms.split(",") if want else []:
             nums = g.lower().split("x")
             if len(nums) != want or not all(n.isdigit() and int(n) > 0 for n in nums):
                 raise SystemExit(f"--fused: {g!r} in {part!r} is not {'NRxNSG' if want == 2 else 'NSGxUxS'}")
             out[kind].append(tuple(int(n) for n in nums))
         if not want or not geoms:
-            raise SystemExit(f"--fused: {part!r} is not dense=NRxNSG,... or attn=NSGxUxS,...")
+            raise SystemExit(f"--fused: {part!r} is not dense=NRxNSG,..., attn=NSGxUxS,... or head=NRxNSG,...")
     return out
 
 
@@ -452,6 +456,19 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     for run in runs:
         mx.eval(run(0))  # compile and warm up on one layer
         mx.eval([run(l) for l in range(layers)])
+    if geometries["head"]:
+        # The LM head (151936 x 2048, 4-bit: 175 MB with scales; two of them, past L2):
+        # one dense_norm launch per listed geometry (and the default) against MLX's
+        # rms_norm + quantized_matmul (qmv), as fused_step.forward runs it or not.
+        heads = [random_qlinear(D, 151936) for _ in range(2)]
+        hw = [dense.dense_weight(h) for h in heads]
+        mx.eval(heads)
+        runs = [lambda l, g=g: dense.dense_norm(x, g_in, 1e-6, [hw[l]], fl, nr=g[0], nsg=g[1])
+                for g in [(dense.HEAD_NR, dense.HEAD_NSG)] + geometries["head"]]
+        runs.append(lambda l: heads[l](mx.fast.rms_norm(x, g_in, 1e-6)))
+        for run in runs:
+            mx.eval(run(0))
+            mx.eval([run(l) for l in range(2)])
     return 0
 
 

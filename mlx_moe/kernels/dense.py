@@ -39,6 +39,9 @@ def max_staged(flavor: str) -> int:
 # few rows take ROUTER_NR per simdgroup (128 experts: 32 threadgroups).
 DENSE_NR, DENSE_NSG = 2, 4
 ROUTER_NR = 1
+# The LM head (the final norm and the vocabulary projection in one dense_norm launch:
+# Qwen3's 151936 rows, 19k threadgroups at 2 x 4).
+HEAD_NR, HEAD_NSG = 2, 4
 
 
 class DenseWeight(NamedTuple):
