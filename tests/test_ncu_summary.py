@@ -89,8 +89,10 @@ def test_fused_layer_kernel_geometries(tmp_path):
 def test_fused_geometry_option():
     import bench_kernels
 
-    assert bench_kernels.parse_fused("dense=2x4,4x8 attn=8x8x4") == {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)]}
-    for bad in ("dense=2x4x1", "attn=8x8", "qkv=2x4", "dense=0x4"):
+    assert bench_kernels.parse_fused("dense=2x4,4x8 attn=8x8x4") == {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)],
+                                                                      "head": []}
+    assert bench_kernels.parse_fused("head=4x8")["head"] == [(4, 8)]
+    for bad in ("dense=2x4x1", "attn=8x8", "qkv=2x4", "dense=0x4", "head=4x8x1"):
         with pytest.raises(SystemExit):
             bench_kernels.parse_fused(bad)
 
