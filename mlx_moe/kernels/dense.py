@@ -39,9 +39,11 @@ def max_staged(flavor: str) -> int:
 # few rows take ROUTER_NR per simdgroup (128 experts: 32 threadgroups).
 DENSE_NR, DENSE_NSG = 2, 4
 ROUTER_NR = 1
-# The LM head (the final norm and the vocabulary projection in one dense_norm launch:
-# Qwen3's 151936 rows, 19k threadgroups at 2 x 4).
-HEAD_NR, HEAD_NSG = 2, 4
+# The LM head (the final norm and the vocabulary projection in one dense_norm launch).
+# Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
+# session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),
+# MLX's rms_norm + qmv 180.2.  Fewer, larger threadgroups stage the norm fewer times.
+HEAD_NR, HEAD_NSG = 4, 8
 
 
 class DenseWeight(NamedTuple):
