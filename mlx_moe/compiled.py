@@ -33,9 +33,9 @@ one without these outputs exist side by side (a hook may be added between two
 generate calls).
 
 Supported: the standard-attention families (qwen3_moe, qwen2_moe, mixtral,
-olmoe) with a rope that accepts array offsets.  `unsupported_reason(model)`
-says why anything else (deepseek_v2 / longcat_flash MLA attention, expert
-parallelism) decodes uncompiled.
+olmoe) and deepseek_v2 (whose MLA caches keys and values per head) with a rope
+that accepts array offsets.  `unsupported_reason(model)` says why anything else
+(longcat_flash's MLA attention, expert parallelism) decodes uncompiled.
 
 On the metal and cuda expert backends the traced forward is the fused one of
 mlx_moe/fused_step.py (seven graph nodes per layer) where the model
@@ -64,7 +64,10 @@ from .kernels.attention import decode_attention
 from .kernels.attention import unsupported as attention_unsupported
 from .kernels.registry import device_array
 
-COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+# DeepSeek-V2's MLA attention in mlx-lm 0.32 caches full per-head keys (nope + rope
+# dims) and values, as standard attention does, so the static cache serves it as is.
+# LongCat-Flash's does not: two attentions per layer, each caching the latent.
+COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2")
 
 # Attention of the compiled step through the decode attention kernel
 # (metal/attention.metal) instead of mx.fast.scaled_dot_product_attention with a
@@ -226,8 +229,10 @@ def _array_offset_ropes() -> tuple:
     global _ARRAY_OFFSET_ROPES
     if _ARRAY_OFFSET_ROPES is None:
         ru = importlib.import_module("mlx_lm.models.rope_utils")
+        ds = importlib.import_module("mlx_lm.models.deepseek_v2")
         _ARRAY_OFFSET_ROPES = (nn.RoPE,) + tuple(
-            getattr(ru, n) for n in ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE") if hasattr(ru, n))
+            getattr(ru, n) for n in ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE") if hasattr(ru, n)) + tuple(
+            getattr(ds, n) for n in ("DeepseekV2YarnRotaryEmbedding",) if hasattr(ds, n))
     return _ARRAY_OFFSET_ROPES
 
 
@@ -236,7 +241,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     model_type = getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
     if model_type not in COMPILED_FAMILIES:
         return (f"the compiled decode step covers {', '.join(COMPILED_FAMILIES)}, not {model_type} "
-                "(deepseek_v2 / longcat_flash: MLA attention, not written for a static cache yet)")
+                "(longcat_flash: two MLA attentions a layer caching the latent, not written for a static "
+                "cache yet)")
     if getattr(model, "expert_parallel", None) is not None:
         return "expert parallelism (mx.distributed) is not compiled"
     if _mlx_lm_model_class(model) is None:

@@ -49,8 +49,23 @@ CONFIGS = {
                         first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=16, q_lora_rank=None,
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy",
                         n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    # DeepSeek-V2's attention with YaRN (its rope scaling q and k: mscale != 1), q through a LoRA.
+    "deepseek_v2_yarn": dict(COMMON, model_type="deepseek_v2", num_key_value_heads=4, intermediate_size=96,
+                             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                             n_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=16,
+                             q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                             topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                             rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=1024,
+                                               beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.5)),
+    # LongCat-Flash (two MLA attentions a layer, caching the latent): not compiled.
+    "longcat_flash": dict(vocab_size=256, hidden_size=32, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          max_position_embeddings=4096, model_type="longcat_flash", num_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                          qk_rope_head_dim=4, v_head_dim=8, ffn_hidden_size=48, q_lora_rank=16, head_dim=4,
+                          n_routed_experts=4, zero_expert_num=4, moe_topk=3, expert_ffn_hidden_size=32,
+                          routed_scaling_factor=2.0, rope_theta=10000.0),
 }
-COMPILED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+COMPILED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v2_yarn")
 PROMPT = [7, 3, 99, 150, 21, 42, 8]
 
 
@@ -58,7 +73,7 @@ def tiny_model(family: str, seed: int = 0):
     """A random fp32 model of the family, built by our loader's model classes.
     Weights are N(0, 0.3) (norm scales 1 + N(0, 0.1)) so that every block,
     the experts included, moves the logits."""
-    config = FAMILIES[family].normalize_config(dict(CONFIGS[family]))
+    config = FAMILIES[CONFIGS[family].get("model_type", family)].normalize_config(dict(CONFIGS[family]))
     Model, Args = model_classes(dict(config))
     model = Model(Args.from_dict(dict(config)))
     rng = np.random.default_rng(seed)
@@ -163,10 +178,10 @@ def test_generate_tokens_compile_flag(models, family):
 
 
 def test_unsupported_family_falls_back_with_reason(models):
-    model = models["deepseek_v2"]
+    model = models["longcat_flash"]
     reason = unsupported_reason(model)
-    assert reason is not None and "deepseek_v2" in reason
-    with pytest.warns(RuntimeWarning, match="deepseek_v2.*decoding uncompiled"):
+    assert reason is not None and "longcat_flash" in reason
+    with pytest.warns(RuntimeWarning, match="longcat_flash.*decoding uncompiled"):
         got = list(generate_tokens(model, PROMPT, max_tokens=10, compile=True))
     assert got == uncompiled(model, PROMPT, 10)[0]
     with pytest.raises(ValueError, match="cannot compile the decode step"):
