@@ -1,4 +1,4 @@
-"""The one-token decoder forward on fused kernels: seven graph nodes per layer,
+"""The one-token decoder forward on fused kernels: six graph nodes per layer,
 each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
@@ -18,10 +18,11 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
   dense_residual_parts    the parts combined, o_proj, the residual add
   dense_norm_xn           post-attention RMSNorm (its output feeds the experts),
                           router projection
-  moe_router_topk         the family's top-k rule (metal/router.metal; or run by
-                          the gate/up launch itself: ROUTE_IN_EXPERTS)
-  mul_mv_id_swiglu, mul_mv_id_down_combine_res
-                          the routed experts, the weighted combine and the residual
+  mul_mv_id_swiglu_route  the family's top-k rule (metal/router.metal) and the
+                          routed experts' gate/up with the SwiGLU (ROUTE_IN_EXPERTS;
+                          off: a moe_router_topk launch, then mul_mv_id_swiglu)
+  mul_mv_id_down_combine_res
+                          the experts' down, the weighted combine and the residual
                           add after the MoE block (metal/mul_mv_id.metal)
 
 and after the last layer one dense_norm launch for the final norm and the LM head
@@ -60,8 +61,8 @@ from .moe import MoELayer
 FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 # The new token's key and value: written into the static cache by the attention
-# kernel itself, in place (True: seven nodes per layer), or by two put_along_axis
-# scatters after it (False: nine).  In place is safe here because the compiled step
+# kernel itself, in place (True), or by two put_along_axis scatters after it (False:
+# two nodes more per layer).  In place is safe here because the compiled step
 # owns the cache and no other node of a step reads it (each layer's attention reads
 # its own cache, before writing the one slot no other threadgroup reads).
 KV_IN_PLACE = True
