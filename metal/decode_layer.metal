@@ -387,6 +387,15 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   while staged: inputs parts [K / D, S, D] and ml [K / D, S, 2] float32 in
 //   place of x, template D and S.  Every threadgroup combines the whole vector
 //   (S * K floats from L2) rather than waiting on one more launch to do it.
+// Option ROUTER (kernel dense_residual_parts_router, with PARTS): the next launch's
+//   work too, the post-attention RMSNorm of out and the router projection
+//   (dense_norm_xn's), done by the launch's last threadgroup once every other has
+//   written its rows (moe_ticket).  Inputs gpost [N] (T), wr, wr_s, wr_b (the
+//   router, NE x N, format RFMT, group RGS), cst float32 [4] (eps first), count
+//   uint32 [4] (written: a ticket counter, zero between launches); outputs xn [N]
+//   and logits [NE] (T); template RFMT, RGS, NE, RNR (router rows per simdgroup).
+//   Why: one graph node fewer per decoder layer (decode is bound by the host's
+//   cost per node), and the router's 0.3 MB no longer needs a launch of its own.
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -394,8 +403,23 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   constexpr int NT = 32 * NSG;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
   constexpr int IQ = (XS / 4 + NT - 1) / NT;  // 4-column groups per thread
+//@if ROUTER
+  constexpr int RPER = moe_dense_per<RFMT>::value;
+  constexpr int RXS = moe_xs_size<N, RPER>::value;  // the router's staged input
+  constexpr int XA = moe_xs_alloc<XS>::value > moe_xs_alloc<RXS>::value ? moe_xs_alloc<XS>::value
+                                                                         : moe_xs_alloc<RXS>::value;
+  constexpr int SUMS = (FMT == 4 || FMT == 8) ? XS / PER : 1;
+  constexpr int RSUMS = (RFMT == 4 || RFMT == 8) ? RXS / RPER : 1;
+  constexpr int XSUMS = SUMS > RSUMS ? SUMS : RSUMS;
+  threadgroup float xs[XA];
+  threadgroup float xsums[XSUMS];
+  threadgroup float red[NSG];
+  threadgroup uint ticket[1];
+//@endif
+//@if !ROUTER
   threadgroup float xs[moe_xs_alloc<XS>::value];
   threadgroup float xsums[(FMT == 4 || FMT == 8) ? XS / PER : 1];
+//@endif
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
@@ -496,4 +520,37 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
       out[row0 + r] = T(rv[r] + float(T(sr)));
     }
   }
+//@if ROUTER
+  // Rows written and fenced, a ticket per threadgroup; the last one normalizes the
+  // whole out vector and projects it (every read of out after its own fence).
+  moe_device_fence();
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    ticket[0] = moe_ticket(count);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (ticket[0] == uint(threadgroups_per_grid.x) - 1u) {  // uniform per threadgroup
+    moe_device_fence();
+    moe_rms_stage<T, N, RFMT, NT, NSG>(out, gpost, cst[0], xs, xsums, red, tid, lane, sg, xn, true);
+    constexpr int RCH = moe_dense_steps<N, RFMT, RNR>::CH;
+    for (int rt = int(sg) * RNR; rt < NE; rt += NSG * RNR) {  // uniform per simdgroup
+      const int rvalid = (NE - rt < RNR) ? NE - rt : RNR;
+      const auto rfirst = moe_dense_load<N, RFMT, RGS, RNR, RCH>(wr, wr_s, wr_b, rt, rvalid, 0, lane);
+      float ra[RNR];
+      for (int r = 0; r < RNR; ++r) {
+        ra[r] = 0.0f;
+      }
+      moe_dense_rest<N, RFMT, RGS, RNR>(rfirst, wr, wr_s, wr_b, rt, rvalid, xs, xsums, lane, ra);
+      for (int r = 0; r < RNR; ++r) {
+        const float sr = moe_simd_sum(ra[r]);
+        if (lane == 0 && r < rvalid) {
+          logits[rt + r] = T(sr);
+        }
+      }
+    }
+    if (tid == 0) {
+      moe_ticket_reset(count);
+    }
+  }
+//@endif
 }

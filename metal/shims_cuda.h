@@ -152,3 +152,14 @@ template <typename T>
 __device__ inline T* moe_inplace(const T* p) {
   return const_cast<T*>(p);
 }
+
+// A launch's last threadgroup (see shims_metal.h).
+__device__ inline void moe_device_fence() {
+  __threadfence();
+}
+__device__ inline uint moe_ticket(const uint* count) {
+  return atomicAdd(const_cast<uint*>(count), 1u);
+}
+__device__ inline void moe_ticket_reset(const uint* count) {
+  atomicExch(const_cast<uint*>(count), 0u);
+}

@@ -128,3 +128,17 @@ template <typename T>
 inline device T* moe_inplace(const device T* p) {
   return (device T*)p;
 }
+
+// A launch's last threadgroup (dense_residual's ROUTER option): each threadgroup
+// fences its device writes, then takes a ticket from a counter (a uint input the
+// kernel also writes, zero between launches); the one holding the last ticket sees
+// every other threadgroup's writes after its own fence, and zeroes the counter.
+inline void moe_device_fence() {
+  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+}
+inline uint moe_ticket(const device uint* count) {
+  return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
+}
+inline void moe_ticket_reset(const device uint* count) {
+  atomic_store_explicit((device atomic_uint*)count, 0u, memory_order_relaxed);
+}

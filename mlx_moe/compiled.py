@@ -307,7 +307,8 @@ class CompiledDecoder:
         if attention == "fused":
             from . import fused_step
 
-            key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH)
+            key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH,
+                         fused_step.ROUTER_IN_RESIDUAL)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))

@@ -77,6 +77,12 @@ KV_IN_PLACE = True
 ROUTE_IN_EXPERTS = True
 
 
+# The post-attention norm and the router projection: run by the last threadgroup of
+# the o_proj launch (True: five nodes per layer with ROUTE_IN_EXPERTS; dense_residual's
+# RouterTail) or a dense_norm_xn launch of their own (False).  Off until measured on a
+# GPU (bench_generate's engine suffix +tail).
+ROUTER_IN_RESIDUAL = False
+
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
 # +mlxhead).
@@ -99,6 +105,7 @@ class LayerPlan(NamedTuple):
     post_norm: nn.RMSNorm
     moe: MoELayer
     gate: DenseWeight  # the router projection
+    tail: Optional[dense.RouterTail] = None  # post_norm + gate as the o_proj launch's tail, where it can
 
 
 class Plan(NamedTuple):
@@ -162,8 +169,12 @@ def _layer_plan(i: int, layer, flavor: str):
             return None, f"layer {i}: q/k norms are not RMSNorms"
         if q_norm.weight.shape != (head_dim,) or k_norm.weight.shape != (head_dim,) or q_norm.eps != k_norm.eps:
             return None, f"layer {i}: q/k norms are not per-head RMSNorms of one eps (OLMoE's span all heads)"
+    post = layer.post_attention_layernorm
+    tail = None
+    if dense.router_tail_unsupported(gate_w, o.rows, flavor) is None:
+        tail = dense.RouterTail(post.weight, post.eps, gate_w, dense.ticket_counter())
     return LayerPlan(layer.input_layernorm, q, k, v, o, n_heads, n_kv_heads, head_dim, float(attn.scale),
-                     q_norm, k_norm, rope, layer.post_attention_layernorm, moe, gate_w), None
+                     q_norm, k_norm, rope, post, moe, gate_w, tail), None
 
 
 def _attention_unsupported(q: DenseWeight, k: DenseWeight, v: DenseWeight, o: DenseWeight, head_dim: int,
@@ -280,9 +291,13 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
         # donates them once the attention, their other reader, has run).
         cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
         cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
-    h = dense_residual((parts, ml), lp.o, h, flavor)
-    logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
-                            nr=dense.ROUTER_NR)
+    if ROUTER_IN_RESIDUAL and lp.tail is not None:
+        h, xn, logits = dense_residual((parts, ml), lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
+                                       router=lp.tail)
+    else:
+        h = dense_residual((parts, ml), lp.o, h, flavor)
+        logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
+                                nr=dense.ROUTER_NR)
     out, ids, weights = _experts_and_residual(lp, h, xn, logits, flavor)
     if HOOKS.active:
         moe = lp.moe

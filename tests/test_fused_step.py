@@ -21,7 +21,8 @@ from mlx_moe.backends import MLXBackend
 from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
-from mlx_moe.kernels.kernel_cases import attention_parts_check, dense_norm_check, dense_residual_check
+from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
+                                          router_tail_check)
 from mlx_moe.moe import set_expert_backend
 from mlx_moe.router import RouterParams
 from test_compiled_decode import CONFIGS, PROMPT, tiny_model
@@ -99,6 +100,19 @@ def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, pa
     dense_residual_check(flavor, fmt, dtype, cols, rows, rtol, parts=parts)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("fmt,rfmt,dtype,cols,hidden,experts,nr,nsg,rtol", [
+    (4, 8, mx.float32, 512, 128, 61, 2, 2, 1e-5),
+    (17, 4, mx.float32, 256, 192, 8, 1, 8, 1e-5),        # bfloat16 o_proj, 4-bit router of 8
+    (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 8, 1e-2),    # Qwen3-30B-A3B, the default tail geometry
+    (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 16, 1e-2),
+])
+def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol):
+    """dense_residual_parts_router: o_proj + residual, then the post-attention norm and
+    the router projection in the launch's last threadgroup, twice on one counter."""
+    router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol)
+
+
 def test_unreadable_projections_are_named():
     import mlx.nn as nn
 
@@ -173,7 +187,7 @@ def copy_cache(cache):
     return out
 
 
-def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False):
+def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -191,8 +205,9 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     plan, why = fused_step.plan_or_reason(model, flavor)
     assert why is None, why
     set_expert_backend(model, KernelBackend(flavor))
-    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS
-    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS = kv_in_place, route_in_experts
+    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL
+    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = \
+        kv_in_place, route_in_experts, tail
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -201,24 +216,27 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS = saved
+        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("family,quantize,kv_in_place,route_in_experts", [(f, False, True, False) for f in FUSED]
-                         + [("qwen3_moe", True, True, False), ("mixtral", True, True, False),
-                            ("qwen3_moe", False, False, False), ("qwen2_moe", False, True, True),
-                            ("mixtral", True, True, True)])
-def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts):
+@pytest.mark.parametrize("family,quantize,kv_in_place,route_in_experts,tail",
+                         [(f, False, True, False, False) for f in FUSED]
+                         + [("qwen3_moe", True, True, False, False), ("mixtral", True, True, False, False),
+                            ("qwen3_moe", False, False, False, False), ("qwen2_moe", False, True, True, False),
+                            ("mixtral", True, True, True, False), ("qwen3_moe", True, True, True, True),
+                            ("qwen2_moe", False, True, False, True)])
+def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts, tail):
     """One token through the fused layers against mlx-lm's forward over a copy of the
     same cache: logits, the cache after the step (the new key and value in slot pos,
     written in place or by the scatters) and the routing the hook sees (made in the
-    experts' launch, or by moe_router_topk)."""
+    experts' launch, or by moe_router_topk; the router's inputs from the o_proj
+    launch's tail or from a launch of their own)."""
     model = fused_model(family, quantize)
     got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, kv_in_place=kv_in_place,
-                                                               route_in_experts=route_in_experts)
+                                                               route_in_experts=route_in_experts, tail=tail)
     g, w = np.array(got), np.array(want)
     assert g.shape == w.shape
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
@@ -260,11 +278,12 @@ def _dot_nodes(path, arrays) -> int:
     return len(re.findall(r'label ="([^"]+)", shape=rectangle', path.read_text()))
 
 
-@pytest.mark.parametrize("kv_in_place,route_in_experts,most", [(True, False, 7), (True, True, 6), (False, False, 9)])
-def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route_in_experts, most):
+@pytest.mark.parametrize("kv_in_place,route_in_experts,tail,most", [(True, False, False, 7), (True, True, False, 6),
+                                                                    (False, False, False, 9), (True, True, True, 5)])
+def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route_in_experts, tail, most):
     """Seven nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for;
-    six with the routing rule inside the experts' launch, nine with the cache written
-    by two scatters.
+    six with the routing rule inside the experts' launch, five with the router's
+    projection in the o_proj launch too, nine with the cache written by two scatters.
 
     The emulated kernels run eagerly (their outputs are evaluated arrays, no graph
     nodes), so here every kernel is a lazy stand-in: outputs made by constant ops
@@ -287,6 +306,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route
     monkeypatch.setattr(registry, "_maker", lambda flavor: lazy_maker)
     monkeypatch.setattr(fused_step, "KV_IN_PLACE", kv_in_place)
     monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", route_in_experts)
+    monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", tail)
     model = fused_model("qwen3_moe")
     plan, _ = fused_step.plan_or_reason(model, "emulated")
     cache = prefilled(model)  # (mlx backend)
@@ -299,8 +319,8 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route
         part = fused_step.Plan(plan.flavor, plan.layers[:n_layers])
         out = fused_step.forward(model, part, mx.array([[5]], mx.int32), traced, pos)
         total = _dot_nodes(tmp_path / "g.dot", [out] + [c.keys for c in traced] + [c.values for c in traced])
-        # qkv, attention, o_proj, router projection, (top-k,) swiglu, down
-        assert own["launches"] == (6 if route_in_experts else 7) * n_layers
+        # qkv, attention, o_proj, (router projection,) (top-k,) swiglu, down
+        assert own["launches"] == (7 - route_in_experts - tail) * n_layers
         return total - own["nodes"] + own["launches"]
 
     set_expert_backend(model, KernelBackend("emulated"))
@@ -350,6 +370,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         other_pos, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
         other_route, _ = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", not fused_step.ROUTER_IN_RESIDUAL)
+        other_tail, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "KV_IN_PLACE", False)
         scattered, scattered_lp = compiled(model, PROMPT, 12)
         monkeypatch.setattr(C, "FUSED_LAYERS", False)
@@ -359,7 +381,7 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         set_expert_backend(model, MLXBackend())
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
-    assert scattered == want and plain == want and other_pos == want and other_route == want, \
-        (scattered, plain, other_pos, other_route, want)
+    assert scattered == want and plain == want and other_pos == want and other_route == want and \
+        other_tail == want, (scattered, plain, other_pos, other_route, other_tail, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)

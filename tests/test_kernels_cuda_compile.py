@@ -299,6 +299,14 @@ DECODE_LAYER_KERNELS = [
     _dense("o_q4", "bfloat16", 4, "uint32", "bfloat16", 4096, 2048),
     _dense("o_f16", "float16", 16, "float16", "float32", 4096, 2048),
     _dense("o_q4_parts", "bfloat16", 4, "uint32", "bfloat16", 4096, 2048, parts=(128, 4)),
+    # o_proj with the router tail (dense_residual_parts_router): 8-bit router of 128 experts
+    ("dense_residual_parts_router", "o_q4_router_q8",
+     {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
+      "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
+      "count": "uint32"},
+     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
+     [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 8), ("D", 128),
+      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 1)]),
 ]
 
 

@@ -90,7 +90,8 @@ def test_fused_geometry_option():
     import bench_kernels
 
     assert bench_kernels.parse_fused("dense=2x4,4x8 attn=8x8x4") == {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)],
-                                                                      "head": []}
+                                                                      "head": [], "tail": []}
+    assert bench_kernels.parse_fused("tail=2x16")["tail"] == [(2, 16)]
     assert bench_kernels.parse_fused("head=4x8")["head"] == [(4, 8)]
     for bad in ("dense=2x4x1", "attn=8x8", "qkv=2x4", "dense=0x4", "head=4x8x1"):
         with pytest.raises(SystemExit):
@@ -117,10 +118,10 @@ def test_fused_layer_workload_runs(monkeypatch):
 
     monkeypatch.setattr(registry, "_KERNELS", {})
     monkeypatch.setattr(registry, "_maker", counting)
-    geoms = bench_kernels.parse_fused("dense=4x2 attn=4x4x2")
+    geoms = bench_kernels.parse_fused("dense=4x2 attn=4x4x2 tail=2x4")
     assert bench_kernels.fused_layer_once("emulated", geoms, layers=1, slots=16, shape=(256, 4, 2, 32, 16)) == 0
     names = set(launches)
     assert {"mlx_moe_dense_norm", "mlx_moe_dense_residual_parts", "mlx_moe_decode_attention_parts_kv",
-            "mlx_moe_dense_norm_xn"} <= names
+            "mlx_moe_dense_norm_xn", "mlx_moe_dense_residual_parts_router"} <= names
     # defaults + one listed geometry each, one warm-up and one timed launch per layer
     assert launches.count("mlx_moe_dense_norm") == 4 and launches.count("mlx_moe_decode_attention_parts_kv") == 5

@@ -39,7 +39,8 @@ dense_residual_parts, decode_attention_parts_kv, dense_norm_xn) at their default
 and the listed geometries (dense NRxNSG, attention NSGxUxS); `head=NRxNSG,...` also
 times the LM head (final norm + 151936 x 2048 4-bit projection) as one dense_norm
 launch per geometry against MLX's rms_norm + quantized_matmul (profile those too:
-`--kernel-name regex:"mlx_moe|qmv|rms_norm"`).
+`--kernel-name regex:"mlx_moe|qmv|rms_norm"`); `tail=NRxNSG,...` times o_proj with the
+router tail (dense_residual_parts_router) at its default and each geometry.
 
 GPU kernel times of decode launch geometries, all in one process under ncu
 (each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
@@ -402,17 +403,18 @@ def random_qlinear(cin: int, cout: int, bits: int = 4) -> nn.QuantizedLinear:
 def parse_fused(text: str) -> dict:
     """'dense=2x4,4x8 attn=8x8x4 head=4x8' -> {"dense": [(2, 4), (4, 8)], "attn": [(8, 8, 4)],
     "head": [(4, 8)]}."""
-    out = {"dense": [], "attn": [], "head": []}
+    out = {"dense": [], "attn": [], "head": [], "tail": []}
     for part in text.replace(";", " ").split():
         kind, _, geoms = part.partition("=")
-        want = {"dense": 2, "attn": 3, "head": 2}.get(kind)
+        want = {"dense": 2, "attn": 3, "head": 2, "tail": 2}.get(kind)
         for g in geoms.split(",") if want else []:
             nums = g.lower().split("x")
             if len(nums) != want or not all(n.isdigit() and int(n) > 0 for n in nums):
                 raise SystemExit(f"--fused: {g!r} in {part!r} is not {'NRxNSG' if want == 2 else 'NSGxUxS'}")
             out[kind].append(tuple(int(n) for n in nums))
         if not want or not geoms:
-            raise SystemExit(f"--fused: {part!r} is not dense=NRxNSG,..., attn=NSGxUxS,... or head=NRxNSG,...")
+            raise SystemExit(f"--fused: {part!r} is not dense=NRxNSG,..., attn=NSGxUxS,..., head=NRxNSG,... or "
+                             "tail=NRxNSG,...")
     return out
 
 
@@ -453,6 +455,11 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     runs += [lambda l, g=g: attn(l, g)
              for g in [(attention.PARTS_NSG, attention.PARTS_U, attention.SPLITS)] + geometries["attn"]]
     runs.append(lambda l: dense.dense_norm(x, g_in, 1e-6, [gate[l]], fl, xn=True, nr=dense.ROUTER_NR))
+    # o_proj with the router tail (dense_residual_parts_router): replaces the
+    # dense_residual_parts + dense_norm_xn pair above.
+    tails = [dense.RouterTail(g_in, 1e-6, gate[l], dense.ticket_counter()) for l in range(layers)]
+    runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
+             for g in ([(dense.TAIL_NR, dense.TAIL_NSG)] if geometries["tail"] else []) + geometries["tail"]]
     for run in runs:
         mx.eval(run(0))  # compile and warm up on one layer
         mx.eval([run(l) for l in range(layers)])

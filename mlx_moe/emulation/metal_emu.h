@@ -1494,6 +1494,18 @@ EMU_ATOMIC_RMW(atomic_fetch_max_explicit, (x > b ? x : b))
 EMU_ATOMIC_RMW(atomic_fetch_min_explicit, (x < b ? x : b))
 #undef EMU_ATOMIC_RMW
 
+// Fences (MSL 3.2's atomic_thread_fence).  Threadgroups run one after another here,
+// so a fence only has to order this process's memory accesses.
+enum thread_scope {
+  thread_scope_thread = 0,
+  thread_scope_simdgroup = 1,
+  thread_scope_threadgroup = 2,
+  thread_scope_device = 3,
+};
+inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope_device) {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
 }  // namespace metal
 
 using namespace metal;

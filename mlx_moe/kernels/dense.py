@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .registry import constant, constants, kernel, stand_in
+from .registry import constant, constants, device_array, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)
@@ -39,6 +39,10 @@ def max_staged(flavor: str) -> int:
 # few rows take ROUTER_NR per simdgroup (128 experts: 32 threadgroups).
 DENSE_NR, DENSE_NSG = 2, 4
 ROUTER_NR = 1
+# dense_residual with the router tail (RouterTail): the launch's last threadgroup
+# runs the router projection alone, NE / (TAIL_NSG * ROUTER_NR) rows a simdgroup, so
+# it takes larger threadgroups than a plain o_proj launch.
+TAIL_NR, TAIL_NSG = 2, 8
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),
@@ -154,13 +158,38 @@ def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, 
     return (outs[0], outs[1]) if xn else outs[0]
 
 
+class RouterTail(NamedTuple):
+    """What dense_residual's last threadgroup also computes (the ROUTER option): the
+    post-attention RMSNorm (weight, eps) of its output and the router projection."""
+    norm_weight: mx.array
+    eps: float
+    gate: DenseWeight
+    count: mx.array  # ticket_counter(): one per call site, zero between launches
+
+
+def ticket_counter() -> mx.array:
+    """A fresh uint32 counter in device memory for RouterTail (device_array, zeroed)."""
+    return device_array([0], mx.uint32)
+
+
+def router_tail_unsupported(gate: DenseWeight, hidden: int, flavor: str) -> Optional[str]:
+    """Why dense_residual cannot run router projection `gate` as its tail, or None."""
+    if gate.bias is not None:
+        return "the router projection has a bias"
+    if gate.cols != hidden:
+        return f"router of {gate.cols} inputs after a {hidden}-feature residual"
+    return stack_unsupported([gate], flavor, ROUTER_NR)
+
+
 def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[int] = None,
-                   nsg: Optional[int] = None) -> mx.array:
+                   nsg: Optional[int] = None, router: Optional[RouterTail] = None):
     """res + W . x for one token, in res's dtype and shape (res [..., N]).
 
     x: the input vector [..., K], or a pair (parts [H, S, D], ml [H, S, 2]) of
     decode_attention_parts, the attention output in S splits per head
-    (H * D = K), combined by the kernel.  nr, nsg: as dense_norm's."""
+    (H * D = K), combined by the kernel.  nr, nsg: as dense_norm's.
+    router (with parts): (out, xn [1, N], router logits [1, E]) instead, xn and the
+    logits as dense_norm(out, ..., xn=True) gives them, from the same launch."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
     if d.bias is not None:
         raise ValueError("dense_residual: projections with a bias are not covered")
@@ -179,6 +208,21 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
         if x[1].shape != (H, S, 2):
             raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
         template += [("D", D), ("S", S)]
+    if router is not None:
+        if not parts:
+            raise ValueError("dense_residual: the router tail runs with the attention's parts as input")
+        problem = router_tail_unsupported(router.gate, d.rows, flavor)
+        if problem is not None:
+            raise ValueError(f"dense_residual: {problem}")
+        g = router.gate
+        outs = kernel(flavor, "dense_residual_parts_router")(
+            inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
+                    router.count],
+            template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", ROUTER_NR)],
+            grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+            output_shapes=[res.shape, (1, d.rows), (1, g.rows)], output_dtypes=[res.dtype] * 3,
+        )
+        return outs[0], outs[1], outs[2]
     return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(
         inputs=[*(x if parts else [x]), *weight_inputs(d), res], template=template,
         grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),

@@ -378,6 +378,41 @@ def _dense_norm_case(flavor: str) -> None:
     dense_norm_check(flavor, 17, mx.float32, 256, (32, 16, 16), bias=True, rtol=1e-5)
 
 
+def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden: int, experts: int, nr: int,
+                      nsg: int, rtol: float, seed: int = 3) -> None:
+    """dense_residual with the router tail, twice on one ticket counter (the second
+    launch finds it zeroed): out as the plain launch gives it, xn against
+    mx.fast.rms_norm of that out, the logits against float64 numpy on xn."""
+    from .dense import RouterTail, dense_residual, dense_weight, ticket_counter
+
+    rng = np.random.default_rng(seed)
+    o = dense_weight(random_linear(rng, cols, hidden, fmt, dtype))
+    gate = random_linear(rng, hidden, experts, rfmt, dtype)
+    gpost = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+    tail = RouterTail(gpost, 1e-6, dense_weight(gate), ticket_counter())
+    H, S = 8, 4
+    for call in range(2):
+        p = rng.standard_normal((H, S, cols // H)).astype(np.float32) * 4
+        ml = np.stack([rng.standard_normal((H, S)) * 3, rng.random((H, S)) * 5 + 0.5], -1).astype(np.float32)
+        x = (mx.array(p), mx.array(ml))
+        res = mx.array(rng.standard_normal((1, hidden)).astype(np.float32)).astype(dtype)
+        out, xn, logits = dense_residual(x, o, res, flavor, nr=nr, nsg=nsg, router=tail)
+        plain = dense_residual(x, o, res, flavor)
+        what = f"router tail (fmt {fmt}/{rfmt}, {dtype}, {nr}x{nsg}, launch {call + 1})"
+        assert out.dtype == xn.dtype == logits.dtype == dtype and logits.shape == (1, experts), what
+        _close(np.array(out.astype(mx.float32)), np.array(plain.astype(mx.float32)), 0.0, what + " out")
+        with mx.stream(mx.cpu):
+            xn_want = np.array(mx.fast.rms_norm(plain, gpost, 1e-6).astype(mx.float32))
+        _close(np.array(xn.astype(mx.float32)), xn_want, 1e-6 if dtype == mx.float32 else 8e-3, what + " xn")
+        want = _exact_dense(gate) @ np.array(xn.astype(mx.float32)).reshape(-1).astype(np.float64)
+        _close(np.array(logits.astype(mx.float32)).reshape(-1), want, rtol, what + " logits")
+
+
+def _router_tail_case(flavor: str) -> None:
+    router_tail_check(flavor, 4, 8, mx.float32, 512, 128, 61, 2, 2, 1e-5)
+    router_tail_check(flavor, 4, 8, mx.float32, 512, 256, 16, 2, 8, 1e-5, seed=4)
+
+
 def _dense_norm_xn_case(flavor: str) -> None:
     dense_norm_check(flavor, 8, mx.float32, 512, (61,), bias=False, rtol=1e-5, xn=True, nr=1)
 
@@ -457,6 +492,10 @@ CASES: Dict[str, List[KernelCase]] = {
                                              "vs MLX's rope, every other slot unchanged", _attention_parts_kv_case)],
     "dense_residual": [KernelCase("4-bit (K 1280: a tail step) and 8-bit affine projection + residual vs float64 "
                                   "numpy", _dense_residual_case)],
+    "dense_residual_parts_router": [KernelCase("o_proj of 8 heads x 4 splits + residual, then the post-attention "
+                                               "norm and an 8-bit router of 61 (16) experts in the last "
+                                               "threadgroup, twice on one counter: vs the plain launch, MLX's "
+                                               "rms_norm and float64 numpy", _router_tail_case)],
     "dense_residual_parts": [KernelCase("8 heads x 4 splits (one empty) combined, 4-bit projection + residual vs "
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
