@@ -247,6 +247,20 @@ MOE_DEVICE inline void moe_dense_rest(C first, WP w, SP sc, SP bi, int row0, int
   }
 }
 
+// Threadgroup `part` of `parts` asks L2 for its share of the n elements at p, a
+// 128-byte line per thread (dense_residual's ROUTER tail: the router's weights, which
+// one threadgroup reads alone at the end, are fetched by all of them at the start).
+template <typename P>
+MOE_DEVICE inline void moe_prefetch_share(P p, int n, int part, int parts, int tid, int nt) {
+  constexpr int EPL = 128 / int(sizeof(p[0]));  // elements per line
+  const int lines = (n + EPL - 1) / EPL;
+  const int per = (lines + parts - 1) / parts;
+  const int end = (part + 1) * per < lines ? (part + 1) * per : lines;
+  for (int l = part * per + tid; l < end; l += nt) {
+    moe_prefetch_l2(p + l * EPL);
+  }
+}
+
 // Sum of v over the threadgroup's NSG simdgroups, returned to every thread.
 // red: threadgroup float[NSG]; begins and ends with a barrier (red is reused).
 template <int NSG, typename R>
@@ -434,6 +448,17 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   for (int r = 0; r < NR; ++r) {
     rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
   }
+//@if ROUTER
+  {  // the router for the last threadgroup, into L2 (one threadgroup alone reading it from DRAM took 11 us)
+    const int part = int(threadgroup_position_in_grid.x), parts = int(threadgroups_per_grid.x);
+    constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
+    constexpr int RW = AFF ? NE * N * RFMT / 32 : NE * N;  // elements of wr: uint32 words or floats
+    constexpr int RG = AFF ? NE * (N / RGS) : 1;           // scales, biases (stand-ins for floats)
+    moe_prefetch_share(wr, RW, part, parts, tid, NT);
+    moe_prefetch_share(wr_s, RG, part, parts, tid, NT);
+    moe_prefetch_share(wr_b, RG, part, parts, tid, NT);
+  }
+//@endif
 //@if PARTS
   // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
   // m of the head's non-empty splits (an empty one has l = 0 and weighs 0): the

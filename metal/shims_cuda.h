@@ -110,6 +110,12 @@ __device__ inline uint moe_opaque(uint v) {
   return v;
 }
 
+// Asks L2 for the 128-byte line holding *p, without waiting for it (no register).
+template <typename P>
+__device__ inline void moe_prefetch_l2(P p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // A float's bits as a uint (the routing join packs weights beside ids).
 __device__ inline uint moe_float_bits(float v) {
   return __float_as_uint(v);

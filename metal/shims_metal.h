@@ -87,6 +87,14 @@ inline uint moe_opaque(uint v) {
   return v;
 }
 
+// L2 prefetch of the line holding *p (shims_cuda.h).  Metal has no prefetch: the read
+// is dead code a compiler drops; under the CPU emulation it bounds-checks p.
+template <typename P>
+inline void moe_prefetch_l2(P p) {
+  const auto v = *p;
+  (void)v;
+}
+
 // A float's bits as a uint (the routing join packs weights beside ids).
 inline uint moe_float_bits(float v) {
   return as_type<uint>(v);

@@ -306,7 +306,7 @@ DECODE_LAYER_KERNELS = [
       "count": "uint32"},
      {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
      [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 8), ("D", 128),
-      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 1)]),
+      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
 ]
 
 

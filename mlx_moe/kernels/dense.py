@@ -40,9 +40,10 @@ def max_staged(flavor: str) -> int:
 DENSE_NR, DENSE_NSG = 2, 4
 ROUTER_NR = 1
 # dense_residual with the router tail (RouterTail): the launch's last threadgroup
-# runs the router projection alone, NE / (TAIL_NSG * ROUTER_NR) rows a simdgroup, so
-# it takes larger threadgroups than a plain o_proj launch.
-TAIL_NR, TAIL_NSG = 2, 8
+# runs the router projection alone, TAIL_RNR rows a simdgroup at a time, so it takes
+# larger threadgroups than a plain o_proj launch (H100, Qwen3-30B-A3B, the router
+# read from DRAM: 2x16 20.4 us, 2x8 24.4, 2x4 37.1 against 13.8 for the two launches).
+TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),
@@ -218,7 +219,7 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
         outs = kernel(flavor, "dense_residual_parts_router")(
             inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
                     router.count],
-            template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", ROUTER_NR)],
+            template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", TAIL_RNR)],
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
             output_shapes=[res.shape, (1, d.rows), (1, g.rows)], output_dtypes=[res.dtype] * 3,
         )
