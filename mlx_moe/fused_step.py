@@ -1,4 +1,4 @@
-"""The one-token decoder forward on fused kernels: six graph nodes per layer,
+"""The one-token decoder forward on fused kernels: five graph nodes per layer,
 each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
@@ -15,9 +15,10 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           pos, in place: KV_IN_PLACE), attention over the first
                           pos + 1 slots in SPLITS parts per head
                           (metal/attention.metal)
-  dense_residual_parts    the parts combined, o_proj, the residual add
-  dense_norm_xn           post-attention RMSNorm (its output feeds the experts),
-                          router projection
+  dense_residual_parts    the parts combined, o_proj, the residual add; its last
+                          threadgroup then the post-attention RMSNorm (its output
+                          feeds the experts) and the router projection
+                          (ROUTER_IN_RESIDUAL; off: a dense_norm_xn launch)
   mul_mv_id_swiglu_route  the family's top-k rule (metal/router.metal) and the
                           routed experts' gate/up with the SwiGLU (ROUTE_IN_EXPERTS;
                           off: a moe_router_topk launch, then mul_mv_id_swiglu)
@@ -67,7 +68,7 @@ FUSED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # its own cache, before writing the one slot no other threadgroup reads).
 KV_IN_PLACE = True
 
-# The routing rule: inside the experts' gate/up launch (True, the default: six nodes
+# The routing rule: inside the experts' gate/up launch (True, the default: a node less
 # per layer, metal/mul_mv_id.metal's ROUTE option) or a moe_router_topk launch of its
 # own (False; bench_generate's engine suffix +topk).  On the H100, with the router's
 # scale and bias in device memory (registry.device_array): 387.4 tok/s against 376.4
@@ -78,10 +79,14 @@ ROUTE_IN_EXPERTS = True
 
 
 # The post-attention norm and the router projection: run by the last threadgroup of
-# the o_proj launch (True: five nodes per layer with ROUTE_IN_EXPERTS; dense_residual's
-# RouterTail) or a dense_norm_xn launch of their own (False).  Off until measured on a
-# GPU (bench_generate's engine suffix +tail).
-ROUTER_IN_RESIDUAL = False
+# the o_proj launch (True, the default: five nodes per layer with ROUTE_IN_EXPERTS;
+# dense_residual's RouterTail) or a dense_norm_xn launch of their own (False;
+# bench_generate's engine suffix +notail).  The trade, on the H100 (BENCHMARKS.md,
+# 2026-12-05, third session): the GPU spends ~5 us more a layer (the tail launch 18.6
+# us against 8.5 + 4.9 for the two), the host ~8 us less (one node): 347.1 against
+# 316.6 tok/s and 294.3 against 266.1 on two hosts that bound the step.  On a host
+# fast enough that the GPU bounds the step, the two-launch path may be the faster.
+ROUTER_IN_RESIDUAL = True
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
