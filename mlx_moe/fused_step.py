@@ -1,4 +1,4 @@
-"""The one-token decoder forward on fused kernels: five graph nodes per layer,
+"""The one-token decoder forward on fused kernels: five graph nodes per layer (six on Metal),
 each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
@@ -18,7 +18,7 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
   dense_residual_parts    the parts combined, o_proj, the residual add; its last
                           threadgroup then the post-attention RMSNorm (its output
                           feeds the experts) and the router projection
-                          (ROUTER_IN_RESIDUAL; off: a dense_norm_xn launch)
+                          (ROUTER_IN_RESIDUAL, CUDA; else a dense_norm_xn launch)
   mul_mv_id_swiglu_route  the family's top-k rule (metal/router.metal) and the
                           routed experts' gate/up with the SwiGLU (ROUTE_IN_EXPERTS;
                           off: a moe_router_topk launch, then mul_mv_id_swiglu)
@@ -79,14 +79,17 @@ ROUTE_IN_EXPERTS = True
 
 
 # The post-attention norm and the router projection: run by the last threadgroup of
-# the o_proj launch (True, the default: five nodes per layer with ROUTE_IN_EXPERTS;
-# dense_residual's RouterTail) or a dense_norm_xn launch of their own (False;
+# the o_proj launch (True: five nodes per layer with ROUTE_IN_EXPERTS; dense_residual's
+# RouterTail) or a dense_norm_xn launch of their own (False;
 # bench_generate's engine suffix +notail).  The trade, on the H100 (BENCHMARKS.md,
 # 2026-12-05, third session): the GPU spends ~5 us more a layer (the tail launch 18.6
 # us against 8.5 + 4.9 for the two), the host ~8 us less (one node): 347.1 against
 # 316.6 tok/s and 294.3 against 266.1 on two hosts that bound the step.  On a host
 # fast enough that the GPU bounds the step, the two-launch path may be the faster.
-ROUTER_IN_RESIDUAL = True
+# A tuple of kernel flavors turns it on for those: by default CUDA only, because the
+# last-threadgroup handoff leans on MSL 3.2's device-scope fence, which no Apple GPU
+# here has run (the Metal source is checked under the CPU emulation only).
+ROUTER_IN_RESIDUAL = ("cuda",)
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
@@ -296,7 +299,8 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
         # donates them once the attention, their other reader, has run).
         cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
         cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
-    if ROUTER_IN_RESIDUAL and lp.tail is not None:
+    tail_on = ROUTER_IN_RESIDUAL is True or (bool(ROUTER_IN_RESIDUAL) and flavor in ROUTER_IN_RESIDUAL)
+    if tail_on and lp.tail is not None:
         h, xn, logits = dense_residual((parts, ml), lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
                                        router=lp.tail)
     else:

@@ -25,7 +25,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
   mlx-moe+compile+tail  the fused layers with the post-attention norm and the router
                 projection run by the o_proj launch's last threadgroup
-                (fused_step.ROUTER_IN_RESIDUAL; +notail: their own launch)
+                (fused_step.ROUTER_IN_RESIDUAL, on by default on CUDA; +notail: their
+                own launch)
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -487,7 +488,8 @@ def main(argv=None):
         fused_step_module.ROUTE_IN_EXPERTS = "+topk" not in engine and (route or "+route" in engine)
         fused_step_module.HEAD_LAUNCH = "+mlxhead" not in engine
         tail = fused_step_module.ROUTER_IN_RESIDUAL
-        fused_step_module.ROUTER_IN_RESIDUAL = "+notail" not in engine and (tail or "+tail" in engine)
+        if "+notail" in engine or "+tail" in engine:
+            fused_step_module.ROUTER_IN_RESIDUAL = "+tail" in engine
         gemm = mul_mm_id_module.CUDA_GEMM
         if "+tf32" in engine:
             mul_mm_id_module.CUDA_GEMM = "pipe"
