@@ -26,12 +26,11 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           the experts' down, the weighted combine and the residual
                           add after the MoE block (metal/mul_mv_id.metal)
 
-and after the last layer one dense_norm launch for the final norm and the LM head
-(where the head is a projection of its own the kernels read).
-
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
-(MLX-affine experts of mlx-community checkpoints).  The routing hook sees the
+(MLX-affine experts of mlx-community checkpoints).  After the last layer, one
+dense_norm launch runs the final norm and the LM head (where the head is a
+projection of its own the kernels read).  The routing hook sees the
 same records as in the MoE layer's own forward.
 
 It runs inside the compiled decode step (mlx_moe/compiled.py), which owns the

@@ -41,8 +41,9 @@ DENSE_NR, DENSE_NSG = 2, 4
 ROUTER_NR = 1
 # dense_residual with the router tail (RouterTail): the launch's last threadgroup
 # runs the router projection alone, TAIL_RNR rows a simdgroup at a time, so it takes
-# larger threadgroups than a plain o_proj launch (H100, Qwen3-30B-A3B, the router
-# read from DRAM: 2x16 20.4 us, 2x8 24.4, 2x4 37.1 against 13.8 for the two launches).
+# larger threadgroups than a plain o_proj launch.  H100, Qwen3-30B-A3B (ncu; BENCHMARKS.md,
+# 2026-12-05, third session): 1x16 17.9 us, 2x16 18.6 (measured end to end), 2x8 19.2,
+# against 8.5 + 4.9 for o_proj and the router in two launches.
 TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
