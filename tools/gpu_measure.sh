@@ -8,7 +8,8 @@
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
 #     the compiled step against mlx-lm and with its measured defaults turned off: the write
-#     position from the host (+hostpos), the routing in a launch of its own (+topk)
+#     position from the host (+hostpos), the routing in a launch of its own (+topk), the
+#     router projection in a launch of its own (+notail), MLX's LM head (+mlxhead)
 #  1. expert-log overhead inside one generation, the log switched on and off in ABBA blocks
 #     of 8 tokens (the H100 host's speed drifts by up to 1.7x within a minute, so separate
 #     generations cannot resolve 3%), uncompiled and compiled, after the record chain's GPU
@@ -54,10 +55,14 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
-step 240 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py tests/test_swiglu_route.py
+step 240 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
+  tests/test_swiglu_route.py
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 5 \
-  --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+hostpos,mlx-moe+compile+topk --json "$OUT/e2e_options.json"
+  --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+hostpos,mlx-moe+compile+topk,mlx-moe+compile+notail,mlx-moe+compile+mlxhead \
+  --json "$OUT/e2e_options.json"
+step 120 env MLX_ENABLE_TF32=0 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --dtype float32 --prompt-tokens 32 --gen-tokens 48 --reps 1 --no-warmup --engines mlx-moe,mlx-moe+compile
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_record_chain.py \
   tests/test_routing_join.py
 step 120 python3 tools/bench_log_overhead.py --shape qwen3-30b-a3b --kernels cuda --blocks 160 --block-tokens 8 \
