@@ -428,6 +428,51 @@ def print_breakdown(b: dict, n_layers: int) -> None:
               f"({n / n_layers:.1f} per layer); most frequent: " + ", ".join(f"{l} {c}" for l, c in top))
 
 
+# Engine suffixes that switch a module setting for one run: suffix -> (module, name, value).
+SWITCHES = {
+    "+attn": (compiled_module, "ATTENTION_KERNEL", True),
+    "+nofuse": (compiled_module, "FUSED_LAYERS", False),
+    "+devpos": (compiled_module, "DEVICE_POSITION", True),
+    "+hostpos": (compiled_module, "DEVICE_POSITION", False),
+    "+scatter": (fused_step_module, "KV_IN_PLACE", False),
+    "+route": (fused_step_module, "ROUTE_IN_EXPERTS", True),
+    "+topk": (fused_step_module, "ROUTE_IN_EXPERTS", False),
+    "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
+    "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
+    "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
+    "+tf32": (mul_mm_id_module, "CUDA_GEMM", "pipe"),
+    "+bf16": (mul_mm_id_module, "CUDA_GEMM", "bf16"),
+}
+OTHER_SUFFIXES = ("+compile", "+log", "+dq")  # handled where the run is set up
+
+
+def engine_suffixes(engine: str) -> list:
+    """The "+..." parts of an engine name (mlx-moe+compile+topk -> [+compile, +topk]);
+    an unknown one is an error naming the known ones."""
+    suffixes = ["+" + part for part in engine.split("+")[1:]]
+    unknown = [x for x in suffixes if x not in SWITCHES and x not in OTHER_SUFFIXES]
+    if unknown:
+        raise SystemExit(f"engine {engine!r}: unknown suffix {', '.join(unknown)} (known: "
+                         f"{', '.join(OTHER_SUFFIXES + tuple(SWITCHES))})")
+    return suffixes
+
+
+@contextlib.contextmanager
+def engine_settings(engine: str):
+    """The module settings `engine`'s suffixes name, for the body of the with; every
+    setting of SWITCHES is back to its value afterwards."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in SWITCHES.values()]
+    try:
+        for suffix in engine_suffixes(engine):
+            if suffix in SWITCHES:
+                module, name, value = SWITCHES[suffix]
+                setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
@@ -472,41 +517,22 @@ def main(argv=None):
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
     tmp = tempfile.mkdtemp()
 
+    for e in engines:  # a typo must not cost a GPU run its last engine
+        engine_suffixes(e)
+
     def run(engine):
         if engine == "mlx-lm":
             return run_once(baseline, prompt, args.gen_tokens, ours=False)
         set_expert_backend(ours, reference if engine == "mlx-moe/mlx" else kernels)
         log = os.path.join(tmp, "log.csv") if engine.endswith("+log") else None
-        dq = "+dq" in engine
+        dq = "+dq" in engine_suffixes(engine)
         if dq:
             dequantized_prefill(ours, args.dq_min_rows)
-        compiled_module.ATTENTION_KERNEL = "+attn" in engine
-        compiled_module.FUSED_LAYERS = "+nofuse" not in engine
-        position, route = compiled_module.DEVICE_POSITION, fused_step_module.ROUTE_IN_EXPERTS
-        compiled_module.DEVICE_POSITION = "+hostpos" not in engine and (position or "+devpos" in engine)
-        fused_step_module.KV_IN_PLACE = "+scatter" not in engine
-        fused_step_module.ROUTE_IN_EXPERTS = "+topk" not in engine and (route or "+route" in engine)
-        fused_step_module.HEAD_LAUNCH = "+mlxhead" not in engine
-        tail = fused_step_module.ROUTER_IN_RESIDUAL
-        if "+notail" in engine or "+tail" in engine:
-            fused_step_module.ROUTER_IN_RESIDUAL = "+tail" in engine
-        gemm = mul_mm_id_module.CUDA_GEMM
-        if "+tf32" in engine:
-            mul_mm_id_module.CUDA_GEMM = "pipe"
-        elif "+bf16" in engine:
-            mul_mm_id_module.CUDA_GEMM = "bf16"
         try:
-            return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
-                            compile=engine.startswith("mlx-moe+compile"))
+            with engine_settings(engine):
+                return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
+                                compile=engine.startswith("mlx-moe+compile"))
         finally:
-            compiled_module.ATTENTION_KERNEL = False
-            compiled_module.FUSED_LAYERS = True
-            compiled_module.DEVICE_POSITION = position
-            fused_step_module.KV_IN_PLACE = True
-            fused_step_module.ROUTE_IN_EXPERTS = route
-            fused_step_module.HEAD_LAUNCH = True
-            fused_step_module.ROUTER_IN_RESIDUAL = tail
-            mul_mm_id_module.CUDA_GEMM = gemm
             if dq:
                 dequantized_prefill(ours, 0)
 
