@@ -353,6 +353,23 @@ def test_atomic_outputs_histogram():
     assert float(total[0]) == 250.0
 
 
+def test_threadgroups_run_last_first():
+    """A GPU runs threadgroups in no set order; the emulator runs the last-numbered
+    first, so a kernel that counts on the first (or on the last running last, as a
+    last-threadgroup handoff must not) fails here instead of passing by order."""
+    src = """
+        if (thread_index_in_threadgroup == 0) {
+          const uint tg = threadgroup_position_in_grid.x + threadgroups_per_grid.x * threadgroup_position_in_grid.y;
+          atomic_store_explicit(&order[tg], atomic_fetch_add_explicit(&counter[0], 1u, memory_order_relaxed),
+                                memory_order_relaxed);
+        }
+    """
+    k = emu_metal_kernel("order", ["x"], ["order", "counter"], src, atomic_outputs=True)
+    order, _ = k(inputs=[mx.zeros((1,))], grid=(4 * 32, 3, 1), threadgroup=(32, 1, 1),
+                 output_shapes=[(12,), (1,)], output_dtypes=[mx.uint32, mx.uint32], init_value=0)
+    assert np.array(order).tolist() == list(range(11, -1, -1))
+
+
 # -- simdgroup_matrix ----------------------------------------------------------
 
 def test_simdgroup_matrix_multiply_accumulate():

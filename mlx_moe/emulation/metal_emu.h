@@ -1494,8 +1494,8 @@ EMU_ATOMIC_RMW(atomic_fetch_max_explicit, (x > b ? x : b))
 EMU_ATOMIC_RMW(atomic_fetch_min_explicit, (x < b ? x : b))
 #undef EMU_ATOMIC_RMW
 
-// Fences (MSL 3.2's atomic_thread_fence).  Threadgroups run one after another here,
-// so a fence only has to order this process's memory accesses.
+// Fences (MSL 3.2's atomic_thread_fence).  Threadgroups run one after another here
+// (metal_emu_runtime.h), so a fence only has to order this process's memory accesses.
 enum thread_scope {
   thread_scope_thread = 0,
   thread_scope_simdgroup = 1,

@@ -6,7 +6,7 @@
 // Model:
 // - One OS thread per Metal thread of a threadgroup (a pool of as many
 //   threads as the dispatch threadgroup size, reused for every threadgroup);
-//   threadgroups run one after another.
+//   threadgroups run one after another, the last-numbered first.
 // - One mutex per launch guards all synchronisation state, which makes
 //   deadlock detection exact: a thread that blocks while every other live
 //   thread of its threadgroup is blocked too is a deadlock, reported at once
@@ -438,10 +438,18 @@ static int run_grid(emu_entry_fn entry, const emu_buffer* bufs, int n_bufs,
   }
   pthread_attr_destroy(&attr);
   if (rc == 0) {
+    // Last threadgroup first: a GPU runs them in no set order, and a kernel that
+    // counts on the lowest-numbered ones having run (or on the highest running
+    // last) must fail here rather than pass by the emulator's order.
     uint32_t pos[3];
-    for (pos[2] = 0; pos[2] < S.ntg[2]; ++pos[2])
-      for (pos[1] = 0; pos[1] < S.ntg[1]; ++pos[1])
-        for (pos[0] = 0; pos[0] < S.ntg[0]; ++pos[0]) run_threadgroup(pos);
+    for (uint32_t z = S.ntg[2]; z-- > 0;)
+      for (uint32_t y = S.ntg[1]; y-- > 0;)
+        for (uint32_t x = S.ntg[0]; x-- > 0;) {
+          pos[0] = x;
+          pos[1] = y;
+          pos[2] = z;
+          run_threadgroup(pos);
+        }
   }
   pthread_mutex_lock(&S.pm);
   S.quit = 1;
