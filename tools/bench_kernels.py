@@ -457,9 +457,10 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     runs.append(lambda l: dense.dense_norm(x, g_in, 1e-6, [gate[l]], fl, xn=True, nr=dense.ROUTER_NR))
     # o_proj with the router tail (dense_residual_parts_router): replaces the
     # dense_residual_parts + dense_norm_xn pair above.
-    tails = [dense.RouterTail(g_in, 1e-6, gate[l], dense.ticket_counter()) for l in range(layers)]
-    runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
-             for g in ([(dense.TAIL_NR, dense.TAIL_NSG)] if geometries["tail"] else []) + geometries["tail"]]
+    if geometries["tail"]:
+        tails = [dense.RouterTail(g_in, 1e-6, gate[l], dense.ticket_counter()) for l in range(layers)]
+        runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
+                 for g in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"]]
     for run in runs:
         mx.eval(run(0))  # compile and warm up on one layer
         mx.eval([run(l) for l in range(layers)])
