@@ -39,3 +39,16 @@ def test_tiny_run():
     (res,) = r["results"]
     assert res["tokens"] == 8 and res["whole_ms"] > 0
     assert set(res["components_ms"]) >= {"experts", "router", "attention projections"}
+
+
+def test_build_only_and_once_modes(capsys):
+    # --layers trims the model; --build-only times the graph building (one entry per rep);
+    # --once runs one plain prefill per size and reports nothing else.
+    out = pp.main(["--shape", "tiny", "--kernels", "mlx", "--tokens", "16", "--layers", "2", "--build-only",
+                   "--reps", "2"])
+    (r,) = out["results"]
+    assert r["tokens"] == 16 and len(r["build_ms"]) == 2 and all(m > 0 for m in r["build_ms"])
+    assert "per layer" in capsys.readouterr().out
+    assert pp.main(["--shape", "tiny", "--kernels", "mlx", "--tokens", "16", "--layers", "2", "--once"]) == \
+        {"results": []}
+    assert "one plain prefill" in capsys.readouterr().out

@@ -16,6 +16,16 @@ of the two says how much the per-component evaluations themselves cost.
 
 --dense-dequantized switches the dense projections to dequantize + GEMM for
 prompts of at least that many rows (mlx_moe/prefill.py).
+
+--build-only times the host's building of the prompt's graph alone (nothing runs
+on the device while Python builds it: mlx_moe/prefill.py's layer-by-layer
+evaluation is about that time).
+
+--once runs one plain prefill after the warm-up, for a kernel profiler to time
+every kernel (a few layers are enough: each layer launches the same kernels):
+
+    ncu --metrics gpu__time_duration.sum --csv --log-file prefill.csv \
+        python tools/profile_prefill.py --kernels cuda --layers 4 --once
 """
 
 from __future__ import annotations
@@ -130,6 +140,19 @@ def prefill(model, tokens: mx.array) -> float:
     return time.perf_counter() - t0
 
 
+def build_graph(model, tokens: mx.array) -> float:
+    """Seconds the host takes to build the prefill's lazy graph (evaluated afterwards, untimed)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.synchronize()
+    t0 = time.perf_counter()
+    logits = model(tokens[None], cache=cache)
+    t = time.perf_counter() - t0
+    mx.eval(logits, [c.state for c in cache])
+    return t
+
+
 def report(whole: float, instrumented_total: float, parts: dict, tokens: int, layers: int) -> dict:
     own = dict(parts)
     own["attention block"] = parts.get("attention block", 0) - parts.get("attention projections", 0)
@@ -159,11 +182,20 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, nargs="+", default=[512])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dense-dequantized", type=int, default=0, metavar="MIN_ROWS")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--once", action="store_true",
+                   help="one warm-up and one plain prefill per token count, nothing instrumented: "
+                        "the workload for a kernel profiler (ncu) to time every kernel")
+    p.add_argument("--build-only", action="store_true",
+                   help="time only the host's building of the prompt's graph (the forward call, nothing "
+                        "evaluated: kernels that run when called, e.g. the CPU emulation's, are timed too)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     mx.random.seed(0)
     config = dict(SHAPES[args.shape])
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
     _, model = build_models(config, 4, 64)
     if args.experts == "q4_0":
         random_q4_0_experts(model)
@@ -178,6 +210,15 @@ def main(argv=None) -> dict:
     for T in args.tokens:
         tokens = mx.random.randint(0, config["vocab_size"], (T,))
         prefill(model, tokens)  # warm-up: kernel compiles
+        if args.build_only:
+            ms = sorted(1e3 * build_graph(model, tokens) for _ in range(args.reps))
+            print(f"T={T}: building the graph {statistics.median(ms):.2f} ms (median of {args.reps}: "
+                  f"{', '.join(f'{m:.2f}' for m in ms)}), {statistics.median(ms) / n_layers:.3f} ms per layer")
+            results.append({"tokens": T, "build_ms": ms})
+            continue
+        if args.once:
+            print(f"T={T}: {1e3 * prefill(model, tokens):.1f} ms (one plain prefill, for a profiler)")
+            continue
         whole = statistics.median(prefill(model, tokens) for _ in range(args.reps))
         runs = []
         for rep in range(args.reps + 1):  # the first round warms the instrumented path up
