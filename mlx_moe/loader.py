@@ -24,6 +24,7 @@ from .backends import get_backend
 from .hooks import HOOKS
 from .models import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from .moe import MoELayer, moe_layers, set_expert_backend
+from .prefill import pipeline_layers
 
 
 class ModelLoadError(Exception):
@@ -114,6 +115,7 @@ def model_classes(config: dict):
                 super().__init__(args)
             _install_layers(self, family, args)
             _apply_expert_format(self, args.config)
+            pipeline_layers(self)  # long prompts may evaluate layer by layer (mlx_moe/prefill.py)
             self.family = family
 
         def sanitize(self, weights):

@@ -1,4 +1,23 @@
-"""Quantized dense projections for long prompts: dequantize once, then one float GEMM.
+"""How long prompts run: layer by layer on the device, and (optionally) dense
+projections as float GEMMs.
+
+Layer-by-layer evaluation
+-------------------------
+MLX is lazy: a prompt's forward first builds the whole graph on the host (every
+decoder layer: ~25-30 nodes, ~10 ms for Qwen3-30B-A3B's 48 layers, see
+BENCHMARKS.md) and only then evaluates it, so the device idles while Python
+builds.  `LAYER_EVAL_MIN_ROWS` > 0 makes each decoder layer start evaluating
+its output (`mx.async_eval`) as soon as it is built when the input has at least
+that many rows: the device runs layer l while the host builds layer l + 1.
+Results are unchanged (the same graph, evaluated in pieces); decode steps (one
+row) and traced functions (`mx.compile`, where evaluation is not allowed) are
+never affected.  The loader gives every decoder layer this behaviour
+(`pipeline_layers`); the setting is read at call time.  Off by default until
+an H100 run (`tools/bench_generate.py --engines ...,mlx-moe+layereval`) says
+what it is worth.
+
+Dequantized dense projections
+-----------------------------
 
 A model loaded from an mlx-community checkpoint keeps its dense projections
 (attention q/k/v/o, routers, shared experts) as MLX affine-quantized
@@ -20,8 +39,51 @@ measured by `tools/bench_kernels.py --dense` and
 
 from __future__ import annotations
 
+from typing import Dict
+
 import mlx.core as mx
 import mlx.nn as nn
+
+# Rows from which a decoder layer evaluates its output as soon as it is built (0: never).
+LAYER_EVAL_MIN_ROWS = 0
+
+
+def _rows(x) -> int:
+    return x.size // x.shape[-1] if isinstance(x, mx.array) and x.ndim else 0
+
+
+class _LayerEval:
+    """Mixin of the decoder-layer classes `pipeline_layers` makes: the layer's own
+    forward, then `mx.async_eval` of its output for inputs of LAYER_EVAL_MIN_ROWS
+    rows or more."""
+
+    def __call__(self, x, *args, **kwargs):
+        out = super().__call__(x, *args, **kwargs)
+        if LAYER_EVAL_MIN_ROWS and _rows(x) >= LAYER_EVAL_MIN_ROWS:
+            try:
+                mx.async_eval(out)
+            except ValueError:  # inside mx.compile / vmap / grad: nothing may be evaluated there
+                pass
+        return out
+
+
+_LAYER_CLASSES: Dict[type, type] = {}
+
+
+def pipeline_layers(model: nn.Module) -> int:
+    """Give each decoder layer of `model` (`model.layers`, mlx-lm's list) the
+    layer-by-layer evaluation above, by switching its class to a subclass (its
+    parameters and their names stay).  Returns the number of layers."""
+    n = 0
+    for layer in model.layers:
+        cls = type(layer)
+        if not issubclass(cls, _LayerEval):
+            sub = _LAYER_CLASSES.get(cls)
+            if sub is None:
+                sub = _LAYER_CLASSES[cls] = type(cls.__name__, (_LayerEval, cls), {"__module__": cls.__module__})
+            layer.__class__ = sub
+        n += 1
+    return n
 
 
 class DequantizedPrefillLinear(nn.QuantizedLinear):
