@@ -654,7 +654,7 @@ MOE_DEVICE inline unsigned moe_ld16(const unsigned char* p) {
   return *reinterpret_cast<const ushort*>(p);
 }
 
-template <int NA, int K, int N, int KS, bool BCAST, typename O>
+template <int NA, int K, int N, int KS, bool BCAST, int CP, typename O>
 MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, const int* tiles,
                                     const int* offsets, const ushort* w0, const ushort* w1, O* out) {
   constexpr int BM = MOE_MM_BM, BN = MOE_MM_BN, S = MOE_MM_STAGES, AK = MOE_MM_AK;
@@ -678,18 +678,41 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   }
   const int e = tile.e, start = tile.start, nvalid = tile.nvalid, row0 = tile.row0;
 
-  // Weight copies: NA = 2: thread t copies all WW words of row t % 64 of
-  // matrix t / 64; NA = 1: the first or second half of row t % 64's words.
-  // Rows past N read row N - 1 (their results are never written).
-  constexpr int WW = WB / 4;  // words per row and stage
-  const int cr = t & 63;
-  const int ca = NA == 2 ? t >> 6 : 0;
-  const int cw0 = NA == 2 ? 0 : ((WW + 1) / 2) * (t >> 6);
-  const int cw1 = NA == 2 ? WW : (t >> 6 ? WW : (WW + 1) / 2);
-  const ushort* wrow = (ca ? w1 : w0) + (size_t(e) * N + ((row0 + cr < N) ? row0 + cr : N - 1)) * RL;
-  unsigned char* adst = smem + (ca * BM + cr) * AP;
+  // Weight copies, WW 4-byte words per row and stage; rows past N read row N - 1
+  // (their results are never written).  Two layouts (template CP):
+  // - CP = 0 ("rows"): NA = 2: thread t copies all words of row t % 64 of matrix
+  //   t / 64; NA = 1: the first or second half of row t % 64's words.  One copy
+  //   instruction of a warp touches 32 rows (32 L1 wavefronts).
+  // - CP = 1 ("lanes"): warp w copies rows RPW w .. RPW w + RPW - 1 of the stacked
+  //   (matrix, row) list (all of one matrix), 8 lanes taking 8 consecutive words of
+  //   one row: an instruction touches 4 rows (the last word of each row: RPW rows),
+  //   about a quarter of the wavefronts for the same instruction count.
+  constexpr int WW = WB / 4;
+  constexpr int RPW = NA * BM / 4;
   // Unaligned weights (a view into a larger buffer) fall back to 2-byte copies.
   const bool a4 = ((reinterpret_cast<size_t>(w0) | reinterpret_cast<size_t>(w1)) & 3) == 0;
+  auto wrow_of = [&](int R) {  // the first byte of row R of the stacked (matrix, row) list
+    const int r = R % BM;
+    const ushort* w = R >= BM ? w1 : w0;
+    return reinterpret_cast<const unsigned char*>(w + (size_t(e) * N + ((row0 + r < N) ? row0 + r : N - 1)) * RL);
+  };
+  auto wcopy = [&](unsigned char* dst, const unsigned char* src) {
+    if (a4) {
+      moe_cp4(dst, src);
+    } else {
+      reinterpret_cast<ushort*>(dst)[0] = reinterpret_cast<const ushort*>(src)[0];
+      reinterpret_cast<ushort*>(dst)[1] = reinterpret_cast<const ushort*>(src)[1];
+    }
+  };
+  // CP = 0: the thread's row and word range.  CP = 1: its first row (rows rl + 4 j
+  // of the warp's matrix wm, clamped to N - 1) and the row of its last word.
+  const int cR = NA == 2 ? t : (t & 63);
+  const int cw0 = NA == 2 ? 0 : ((WW + 1) / 2) * (t >> 6);
+  const int cw1 = NA == 2 ? WW : (t >> 6 ? WW : (WW + 1) / 2);
+  const unsigned char* wr0 = wrow_of(cR);
+  const unsigned char* wm = reinterpret_cast<const unsigned char*>((RPW * warp >= BM ? w1 : w0) + size_t(e) * N * RL);
+  const int rl = row0 + (RPW * warp) % BM + (lane >> 3);
+  const unsigned char* wl1 = wrow_of(RPW * warp + (lane < RPW ? lane : 0));
   // Activation copies: pair t / 4, 16-byte pieces 2 (t % 4) and 2 (t % 4) + 1 of its stage row.
   const int xj = t >> 2;
   const int xc = (t & 3) * 16;  // first bf16 of the thread's pieces
@@ -700,15 +723,22 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
 
   auto issue = [&](int s) {  // stage s's copies into ring slot s % S, one commit group
     unsigned char* base = smem + (s % S) * STAGE;
-    const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wrow) + s * WB;
-    for (int i = cw0; i < cw1; ++i) {
-      if (a4) {
-        moe_cp4(base + (adst - smem) + 4 * i, wsrc + 4 * i);
-      } else {
-        const ushort* p = reinterpret_cast<const ushort*>(wsrc + 4 * i);
-        ushort* d = reinterpret_cast<ushort*>(base + (adst - smem) + 4 * i);
-        d[0] = p[0];
-        d[1] = p[1];
+    if (CP == 0) {
+      for (int i = cw0; i < cw1; ++i) {
+        wcopy(base + cR * AP + 4 * i, wr0 + s * WB + 4 * i);
+      }
+    } else {
+      for (int c = 0; c < WW / 8; ++c) {
+        const int i = 8 * c + (lane & 7);
+        for (int j = 0; j < RPW / 4; ++j) {
+          const int r = rl + 4 * j < N ? rl + 4 * j : N - 1;
+          wcopy(base + (RPW * warp + 4 * j + (lane >> 3)) * AP + 4 * i, wm + size_t(r) * RL * 2 + s * WB + 4 * i);
+        }
+      }
+      for (int i = WW / 8 * 8; i < WW; ++i) {
+        if (lane < RPW) {
+          wcopy(base + (RPW * warp + lane) * AP + 4 * i, wl1 + s * WB + 4 * i);
+        }
       }
     }
     const __nv_bfloat16* xs = xrow + s * 32 * AK + xc;
@@ -982,12 +1012,12 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
 // mul_mm_id for bfloat16 src and Q4_0 weights, K % 64 == 0, fed by cp.async
 // (moe_mm_async above): same grid, template, inputs and output as mul_mm_id.
 {
-  moe_mm_async<1, K, N, KS, BCAST>(src, pairs, tiles, offsets, w, w, out);
+  moe_mm_async<1, K, N, KS, BCAST, CP>(src, pairs, tiles, offsets, w, w, out);
 }
 
 // ==== kernel: mul_mm_id_swiglu_async ====
 // mul_mm_id_swiglu for bfloat16 x and Q4_0 weights, K % 64 == 0 (moe_mm_async
 // above): same grid, template and inputs; h in bfloat16.
 {
-  moe_mm_async<2, K, N, KS, true>(x, pairs, tiles, offsets, wg, wu, h);
+  moe_mm_async<2, K, N, KS, true, CP>(x, pairs, tiles, offsets, wg, wu, h);
 }

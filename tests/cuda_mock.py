@@ -254,25 +254,32 @@ def layer_kernels(variant, fmt, shape, x_dtype):
     wt, xt = _W_DT[fmt], _DT[x_dtype]
     # The bodies mul_mm_id.cuda_body picks under CUDA_GEMM = variant; the async swiglu
     # body writes h in bfloat16, which the down GEMM then reads.
+    # variant: a CUDA_GEMM name, for "async" optionally with its copy layout ("async:lanes").
     with _cuda_gemm(variant):
-        sfx_gu = cuda_body(x_dtype, mx.uint16 if fmt == "q4_0" else x_dtype, D)
+        wdt = mx.uint16 if fmt == "q4_0" else x_dtype
+        sfx_gu = cuda_body(x_dtype, wdt, D)
         ht = "bfloat16" if sfx_gu == "_async" else "float32"
-        sfx_d = cuda_body(mx.bfloat16 if sfx_gu == "_async" else mx.float32,
-                          mx.uint16 if fmt == "q4_0" else mx.float32, F)
+        hdt = mx.bfloat16 if sfx_gu == "_async" else mx.float32
+        wdd = mx.uint16 if fmt == "q4_0" else mx.float32
+        sfx_d = cuda_body(hdt, wdd, F)
+        cp_gu = mul_mm_id.async_template("cuda", x_dtype, wdt, D)
+        cp_d = mul_mm_id.async_template("cuda", hdt, wdd, F)
     return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": ht},
-             [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)]),
+             [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)] + cp_gu),
             ("mul_mm_id" + sfx_d, {"src": ht, "w": wt, **ROUTE_IN}, {"out": "float32"},
-             [("T", ht), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)])]
+             [("T", ht), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)] + cp_d)]
 
 
 @contextlib.contextmanager
 def _cuda_gemm(variant):
-    old = mul_mm_id.CUDA_GEMM
-    mul_mm_id.CUDA_GEMM = variant
+    gemm, _, copy = variant.partition(":")
+    old = mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY
+    mul_mm_id.CUDA_GEMM = gemm
+    mul_mm_id.ASYNC_COPY = copy or mul_mm_id.ASYNC_COPY
     try:
         yield
     finally:
-        mul_mm_id.CUDA_GEMM = old
+        mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY = old
 
 
 

@@ -181,9 +181,17 @@ def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
     run_prefill("cuda", fmt, (128, 2048, 768, 8, tokens), x_dtype, seed=12)
 
 
+def set_gemm(monkeypatch, gemm: str) -> None:
+    """mul_mm_id.CUDA_GEMM (and, after a colon, ASYNC_COPY) for the test."""
+    body, _, copy = gemm.partition(":")
+    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", body)
+    if copy:
+        monkeypatch.setattr(mul_mm_id_module, "ASYNC_COPY", copy)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", CUDA_GEMMS)
+@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:lanes",))
 @pytest.mark.parametrize("fmt,shape,x_dtype,x_scale", [
     ("q4_0", (128, 2048, 768, 8, 512), mx.bfloat16, 1.0),  # a Qwen3-30B-A3B layer
     ("q4_0", (6, 96, 160, 3, 40), mx.float32, 1e5),        # ragged row tiles, huge activations
@@ -191,19 +199,20 @@ def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
     ("bfloat16", (6, 256, 64, 2, 70), mx.float32, 1.0),    # float32 activations, 8 K steps
 ])
 def test_cuda_gemm_variants(gemm, fmt, shape, x_dtype, x_scale, monkeypatch):
-    # Every CUDA GEMM body (mul_mm_id.CUDA_GEMM) on the GPU against the mlx backend.
-    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", gemm)
+    # Every CUDA GEMM body (mul_mm_id.CUDA_GEMM; the async one with both copy layouts) on
+    # the GPU against the mlx backend.
+    set_gemm(monkeypatch, gemm)
     run_prefill("cuda", fmt, shape, x_dtype, x_scale=x_scale, seed=13)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", ["bf16", "async"])
+@pytest.mark.parametrize("gemm", ["bf16", "async:rows", "async:lanes"])
 def test_cuda_bf16_gemms_unfused_huge_and_skewed(gemm, monkeypatch):
     # The bf16 and async bodies: mul_mm_id_{gemm} (gate and up unfused, BCAST) with identity
     # and padding ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many
     # tiles).  Hidden 128 and 256: the async bodies' K % 64 == 0.
-    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", gemm)
+    set_gemm(monkeypatch, gemm)
     run_prefill("cuda", "q4_0", (6, 128, 160, 3, 30), mx.bfloat16, n_identity=1, n_pad=1, x_scale=1e5,
                 seed=14, fuse_swiglu=False)
     ids, w = skewed_routing(200, 4, 8)
@@ -276,8 +285,10 @@ MOCK_LAYERS = [
     ("pipe", "float16", (4, 100, 70, 2, 24), mx.float16),  # K tails: the scalar load paths, N % 4 != 0
     ("pipe", "bfloat16", (6, 256, 64, 2, 70), mx.float32),  # 8 K steps, float32 activations, skewed routing
     ("pipe", "q4_0", (4, 64, 128, 2, 20), mx.float32),     # huge activations
-    ("async", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # 2 K stages (ring of 4 half used), bf16 h
-    ("async", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # 5 K stages (the ring wraps); down K = 160: bf16 body
+    ("async:rows", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # 2 K stages (ring of 4 half used), bf16 h
+    ("async:rows", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # 5 K stages (the ring wraps); down K = 160: bf16 body
+    ("async:lanes", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # the other copy layout (mul_mm_id.ASYNC_COPY)
+    ("async:lanes", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # ... with a partial row tile (160 = 2.5 x 64)
 ]
 
 
@@ -325,7 +336,7 @@ def test_cuda_gemms_under_cpu_mock(tmp_path, tmp_path_factory, layer):
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
-@pytest.mark.parametrize("layer", [MOCK_LAYERS[i] for i in (0, 1, 7)], ids=lambda l: l[0])
+@pytest.mark.parametrize("layer", [MOCK_LAYERS[i] for i in (0, 1, 7, 9)], ids=lambda l: l[0])
 def test_cuda_gemms_under_cpu_mock_unaligned_inputs(tmp_path, tmp_path_factory, layer):
     # Inputs 2 bytes past an aligned address (views into larger buffers): the bodies must
     # take their unaligned copy and load paths (16-byte loads, cp.async, ldmatrix would fault).
@@ -348,7 +359,7 @@ def test_cuda_pipe_gemms_under_cpu_mock_skewed_and_huge(tmp_path, tmp_path_facto
     ids, w = skewed_routing(T, k, E)
     mock_layer(tmp_path, mock, *bf, ids=ids, weights=w, x_scale=1e5, seed=24)
     # The async bodies, the same way (5 K stages: the ring wraps).
-    asy = MOCK_LAYERS[7]
-    E, k, T = asy[2][0], asy[2][3], asy[2][4]
-    ids, w = skewed_routing(T, k, E)
-    mock_layer(tmp_path, mock, *asy, ids=ids, weights=w, x_scale=1e5, seed=25)
+    for asy in (MOCK_LAYERS[7], MOCK_LAYERS[9]):
+        E, k, T = asy[2][0], asy[2][3], asy[2][4]
+        ids, w = skewed_routing(T, k, E)
+        mock_layer(tmp_path, mock, *asy, ids=ids, weights=w, x_scale=1e5, seed=25)

@@ -46,6 +46,13 @@ MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
 CUDA_GEMMS = ("async", "bf16", "pipe", "simple")
 CUDA_GEMM = "async"
 ASYNC_K = 64  # the async bodies' K step: two Q4_0 blocks (MOE_MM_AK)
+# How the async bodies' threads split a stage's weight copies (template CP):
+# "rows": a thread copies the words of one row (32 rows per warp instruction, the
+# GPU-measured layout); "lanes": 8 lanes copy 8 consecutive words of one row (4
+# rows per instruction, a quarter of the L1 wavefronts).  tools/bench_kernels.py
+# --prefill times both.
+ASYNC_COPIES = ("rows", "lanes")
+ASYNC_COPY = "rows"
 
 
 class Route(NamedTuple):
@@ -109,6 +116,15 @@ def cuda_body(x_dtype, w_dtype, K: int) -> str:
     return "_pipe"
 
 
+def async_template(flavor: str, x_dtype, w_dtype, K: int) -> list:
+    """The template arguments only the async bodies take (their copy layout), else []."""
+    if flavor != "cuda" or cuda_body(x_dtype, w_dtype, K) != "_async":
+        return []
+    if ASYNC_COPY not in ASYNC_COPIES:
+        raise ValueError(f"mul_mm_id.ASYNC_COPY is {ASYNC_COPY!r}; choose one of {', '.join(ASYNC_COPIES)}")
+    return [("CP", ASYNC_COPIES.index(ASYNC_COPY))]
+
+
 def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype, K: int):
     """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
     `flavor`, the activation and weight dtypes and K: on CUDA the body cuda_body picks."""
@@ -135,7 +151,7 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
     return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype, cols)(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
-                  ("BCAST", bool(broadcast))],
+                  ("BCAST", bool(broadcast))] + async_template(flavor, src.dtype, w.dtype, cols),
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
     )[0]
 
@@ -154,7 +170,8 @@ def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flav
     async_body = flavor == "cuda" and cuda_body(x.dtype, wg.dtype, cols) == "_async"
     return gemm_kernel(flavor, "mul_mm_id_swiglu", x.dtype, wg.dtype, cols)(
         inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
-        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)],
+        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)]
+        + async_template(flavor, x.dtype, wg.dtype, cols),
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)],
         output_dtypes=[mx.bfloat16 if async_body else mx.float32],
     )[0]
