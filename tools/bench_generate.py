@@ -32,9 +32,14 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
+  mlx-moe+layereval  our model evaluating each decoder layer of a prompt as soon as it
+                is built (prefill.LAYER_EVAL_MIN_ROWS = 64): the device runs a layer
+                while the host builds the next
   mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
                 (mul_mm_id.CUDA_GEMM = "pipe") instead of the default async ones
   mlx-moe+bf16  the same on the bf16 bodies (CUDA_GEMM = "bf16")
+  mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
+                (mul_mm_id.ASYNC_COPY = "lanes")
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -90,6 +95,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
+from mlx_moe import prefill as prefill_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
@@ -440,8 +446,10 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
+    "+layereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 64),
     "+tf32": (mul_mm_id_module, "CUDA_GEMM", "pipe"),
     "+bf16": (mul_mm_id_module, "CUDA_GEMM", "bf16"),
+    "+lanes": (mul_mm_id_module, "ASYNC_COPY", "lanes"),
 }
 OTHER_SUFFIXES = ("+compile", "+log", "+dq")  # handled where the run is set up
 

@@ -326,6 +326,7 @@ def prefill_main(a, fl: str) -> dict:
 
     # Every CUDA GEMM body (mul_mm_id.CUDA_GEMM), the default first; Metal has one.
     gemm0 = mul_mm_id.CUDA_GEMM
+    copy0 = mul_mm_id.ASYNC_COPY
     gemms = [gemm0] + [g for g in mul_mm_id.CUDA_GEMMS if g != gemm0] if fl == "cuda" else [gemm0]
     q4 = [q4_0_experts(E, D, F) for _ in range(L)]
     glu = [mlx_lm_switch_glu(E, D, F) for _ in range(L)]
@@ -337,11 +338,18 @@ def prefill_main(a, fl: str) -> dict:
         dispatch.MV_MAX_PAIRS["q4_0"] = 0  # the GEMM path at every size measured here
         for gemm in gemms:
             mul_mm_id.CUDA_GEMM = gemm
-            variants = [(f"ours q4_0 (map0 + mul_mm_id {gemm}, swiglu fused)", KernelBackend(fl))]
-            if gemm == gemms[0]:
-                variants.append((f"ours q4_0 ({gemm}, gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False)))
-            for name, be in variants:
-                report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+            # The async bodies in both copy layouts (mul_mm_id.ASYNC_COPY), the default first.
+            copies = ([copy0] + [c for c in mul_mm_id.ASYNC_COPIES if c != copy0]
+                      if gemm == "async" and fl == "cuda" else [copy0])
+            for copy in copies:
+                mul_mm_id.ASYNC_COPY = copy
+                tag = f"{gemm}, {copy} copies" if len(copies) > 1 else gemm
+                variants = [(f"ours q4_0 (map0 + mul_mm_id {tag}, swiglu fused)", KernelBackend(fl))]
+                if gemm == gemms[0] and copy == copy0:
+                    variants.append((f"ours q4_0 ({tag}, gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False)))
+                for name, be in variants:
+                    report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+            mul_mm_id.ASYNC_COPY = copy0
         mul_mm_id.CUDA_GEMM = gemm0
 
         def mlx_lm_layer(l):

@@ -6,6 +6,10 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
+#  P. prefill (issue 6), first: the async GEMMs' GPU tests in both copy layouts
+#     (mul_mm_id.ASYNC_COPY), the prefill MoE layer per body and layout, the host's
+#     graph-building time of a 512-token prompt, and end to end the layer-by-layer
+#     evaluation (+layereval) and the coalesced copies (+lanes) against the defaults
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
 #     the compiled step against mlx-lm and with its measured defaults turned off: the write
 #     position from the host (+hostpos), the routing in a launch of its own (+topk), the
@@ -54,6 +58,15 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
+step 200 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
+  -k "async or bf16_gemms"
+step 150 python3 tools/bench_kernels.py --prefill --tokens 512 2048 --prefill-layers 4 --reps 5 --float-layers 0 \
+  --json "$OUT/prefill_layer.json"
+step 60 python3 tools/profile_prefill.py --kernels cuda --tokens 512 --build-only --reps 5
+step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 32 --reps 5 \
+  --engines mlx-moe+compile,mlx-moe+compile+layereval,mlx-moe+compile+lanes,mlx-moe+compile+layereval+lanes \
+  --json "$OUT/e2e_prefill.json"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
 step 240 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   tests/test_swiglu_route.py
