@@ -303,7 +303,11 @@ class CompiledDecoder:
     def _function(self, record: bool, chained: bool):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
         args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
-        key = args + (DEVICE_POSITION,)  # the trace follows the settings (a setting, a trace)
+        from .kernels import registry
+
+        # The trace follows the settings (a setting, a trace); the kernel objects it
+        # captured depend on how their source reaches MLX.
+        key = args + (DEVICE_POSITION, registry.CUDA_SOURCE_FILES)
         if attention == "fused":
             from . import fused_step
 

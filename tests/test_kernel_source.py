@@ -58,3 +58,107 @@ def test_every_kernel_source_is_smaller_and_keeps_its_body():
             for ident in set(re.findall(r"\b(moe_\w+)\s*[<(]", body)):
                 assert re.search(rf"\b{ident}\b", header), (name, flavor, ident)
     assert read_family("decode_layer")[1]  # the readable files are untouched
+
+
+# -- CUDA: the source as include files (source.as_include_files, registry.CUDA_SOURCE_FILES) --
+
+import os  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mlx_moe.kernels import registry  # noqa: E402
+from mlx_moe.kernels.source import as_include_files  # noqa: E402
+
+
+def test_include_files_hold_the_text_and_are_named_by_it(tmp_path):
+    header, body = kernel_source("cuda", "router", "moe_router_topk")
+    inc_h, inc_b = as_include_files(header, body, tmp_path)
+    paths = [re.match(r'#include "(.+)"\n', s).group(1) for s in (inc_h, inc_b.splitlines(True)[0])]
+    assert [open(p).read() for p in paths] == [header, body]
+    assert len(inc_h) + len(inc_b) < 300 < len(header) + len(body)
+    # MLX passes <input>_shape only where the source it sees names it: the body's names stay visible.
+    assert "logits_shape" in body and "logits_shape" in inc_b
+    # The same text: the same files (nothing rewritten); other text: other files.
+    mtimes = [os.stat(p).st_mtime_ns for p in paths]
+    assert as_include_files(header, body, tmp_path) == (inc_h, inc_b)
+    assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
+    other_h, _ = as_include_files(header + "// v2\n", body, tmp_path)
+    assert other_h != inc_h
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
+
+
+def test_unwritable_directory_falls_back_to_the_text(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("MLX_MOE_CUDA_SOURCE_DIR", str(blocked / "sub"))
+    monkeypatch.setattr(registry, "CUDA_SOURCE_FILES", True)
+    monkeypatch.setattr(registry, "_FILES_FAILED", [])
+    header, body = kernel_source("cuda", "mul_mv_id", "mul_mv_id")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert registry._cuda_source(header, body) == (header, body)
+    assert any("MLX_MOE_CUDA_SOURCE_DIR" in str(w.message) for w in caught)
+    monkeypatch.setenv("MLX_MOE_CUDA_SOURCE_DIR", str(tmp_path / "ok"))
+    assert registry._cuda_source(header, body) == (header, body)  # one failure: text from then on
+    monkeypatch.setattr(registry, "_FILES_FAILED", [])
+    assert registry._cuda_source(header, body)[0].startswith("#include")
+    monkeypatch.setattr(registry, "CUDA_SOURCE_FILES", False)
+    assert registry._cuda_source(header, body) == (header, body)
+
+
+def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
+    """nvcc on MLX's kernel text (tests/test_kernels_cuda_compile.py's reproduction of
+    cuda_kernel's source assembly) with the source inline and as include files: the
+    same PTX, for the fused decode layer's dense kernels, the router (whose body reads
+    an input's shape: MLX must still see the name) and the attention kernels."""
+    import subprocess
+
+    import test_kernels_cuda_compile as cc
+
+    if cc.NVCC is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    att = [k for k in _attention_kernels(cc)]
+    units = [("decode_layer", cc.DECODE_LAYER_KERNELS), ("router", cc.ROUTER_KERNELS), ("attention", att)]
+    inline = [cc.translation_unit(f, ks) for f, ks in units]
+    real_source = cc.kernel_source
+    src_dir = tmp_path / "src"
+
+    def files_source(flavor, family, name):
+        header, body = real_source(flavor, family, name)
+        return header, as_include_files(header, body, src_dir)[1]
+
+    files = []
+    for family, ks in units:
+        bodies = "\n".join(real_source("cuda", KERNELS[cc.gemm_base(n)].family, n)[1] for n, *_ in ks)
+        header = prune(family_header("cuda", family), bodies)
+        inc_h = as_include_files(header, "", src_dir)[0]
+        monkeypatch.setattr(cc, "kernel_source", files_source)
+        fns = "".join(cc.kernel_text(*k) for k in ks)
+        monkeypatch.setattr(cc, "kernel_source", real_source)
+        files.append(cc.PRELUDE + inc_h + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+                     + fns + "}\n")
+        assert len(files[-1]) < len(inline[len(files) - 1]) / 2
+    for i, (a, b) in enumerate(zip(inline, files)):
+        ptx = []
+        for form, text in (("inline", a), ("files", b)):
+            cu = tmp_path / f"{i}_{form}" / "k.cu"
+            cu.parent.mkdir()
+            cu.write_text(text)
+            r = subprocess.run([cc.NVCC, "-std=c++17", "-arch=sm_90a", "-ptx", str(cu), "-o", str(cu) + ".ptx"],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
+            # File-local symbols carry a hash of the file's path: the only difference allowed.
+            ptx.append(re.sub(r"_INTERNAL_[0-9a-f]+_", "_INTERNAL_", open(str(cu) + ".ptx").read()))
+        assert ptx[0] == ptx[1], units[i][0]
+        assert ptx[0].count(".entry") == len(units[i][1])
+
+
+def _attention_kernels(cc):
+    """The attention kernels' compile-test entries (built inside that test)."""
+    return [("decode_attention_parts_kv", "qwen3",
+             {"y": "bfloat16", "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16",
+              "pos": "int32", "cst": "float32"}, {"parts": "float32", "ml": "float32"},
+             [("T", "bfloat16"), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("NSG", 8), ("U", 8), ("S", 4),
+              ("QKNORM", True), ("TRAD", False)])]

@@ -38,6 +38,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
                 (mul_mm_id.CUDA_GEMM = "pipe") instead of the default async ones
   mlx-moe+bf16  the same on the bf16 bodies (CUDA_GEMM = "bf16")
+  mlx-moe+srcfiles  CUDA kernels handed to MLX as #include lines of source files
+                (kernels.registry.CUDA_SOURCE_FILES; MLX hashes a kernel's source on
+                every evaluation); +srctext: the source text itself
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes")
 
@@ -97,6 +100,7 @@ from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe import prefill as prefill_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
+from mlx_moe.kernels import registry as registry_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
@@ -450,6 +454,8 @@ SWITCHES = {
     "+tf32": (mul_mm_id_module, "CUDA_GEMM", "pipe"),
     "+bf16": (mul_mm_id_module, "CUDA_GEMM", "bf16"),
     "+lanes": (mul_mm_id_module, "ASYNC_COPY", "lanes"),
+    "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
+    "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
 }
 OTHER_SUFFIXES = ("+compile", "+log", "+dq")  # handled where the run is set up
 

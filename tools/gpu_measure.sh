@@ -10,6 +10,7 @@
 #     (mul_mm_id.ASYNC_COPY), the prefill MoE layer per body and layout, the host's
 #     graph-building time of a 512-token prompt, and end to end the layer-by-layer
 #     evaluation (+layereval) and the coalesced copies (+lanes) against the defaults
+#  S. the CUDA kernels handed to MLX as include files (+srcfiles): GPU tests, decode end to end
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
 #     the compiled step against mlx-lm and with its measured defaults turned off: the write
 #     position from the host (+hostpos), the routing in a launch of its own (+topk), the
@@ -67,6 +68,13 @@ step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --
   --prompt-tokens 512 --gen-tokens 32 --reps 5 \
   --engines mlx-moe+compile,mlx-moe+compile+layereval,mlx-moe+compile+lanes,mlx-moe+compile+layereval+lanes \
   --json "$OUT/e2e_prefill.json"
+# S. the CUDA kernels as include files (kernels/registry.py CUDA_SOURCE_FILES): the fused step's
+#    GPU tests in that mode, then decode end to end against the source text (issue 9)
+step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
+  -p no:cacheprovider tests/test_fused_step.py -k "compiled_fused_decode or matches_mlx_lm"
+step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+srcfiles \
+  --json "$OUT/e2e_srcfiles.json"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
 step 240 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   tests/test_swiglu_route.py

@@ -9,7 +9,8 @@ them.  This tool measures the two things that decide the host time:
    built and evaluated (us per op, evaluation included) and built only (us per
    op, Python and graph construction): an elementwise add, rms_norm,
    quantized_matmul, custom kernels (a trivial one with a short or a long
-   source, with one or ten template arguments; the fused router), and the
+   source, with one or ten template arguments, the long one as include files;
+   the fused router), and the
    copy of a small evaluated array to the host.  Times the node count of a
    step (bench_generate --breakdown) gives the floor of a step.
 2. profile: cProfile of decoding --gen-tokens tokens through mlx_moe's generate
@@ -96,6 +97,13 @@ def op_costs(flavor: str, n: int = 400, reps: int = 5) -> dict:
         chains["custom kernel, 100 B source, 1 template arg"] = probe(small, [("T", mx.bfloat16)])
         chains[f"custom kernel, {len(header) // 1000} kB header, 1 template arg"] = probe(big, [("T", mx.bfloat16)])
         chains["custom kernel, 100 B source, 10 template args"] = probe(small, many)
+        # the same header and body handed to MLX as #include lines (registry.CUDA_SOURCE_FILES)
+        from mlx_moe.kernels.source import as_include_files, cuda_source_dir
+
+        inc_h, inc_b = as_include_files(header, body, cuda_source_dir())
+        inc = mx.fast.cuda_kernel(name="probe_include", input_names=["x"], output_names=["y"], source=inc_b,
+                                  header=inc_h)
+        chains[f"custom kernel, {len(header) // 1000} kB header as an include file"] = probe(inc, [("T", mx.bfloat16)])
     if flavor in ("cuda", "metal"):
         from mlx_moe.kernels.router import fused_topk
 

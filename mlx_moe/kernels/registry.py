@@ -37,6 +37,7 @@ each one once.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
-from .source import compact, prune
+from .source import as_include_files, compact, cuda_source_dir, prune
 
 FLAVORS = ("metal", "cuda", "emulated")
 _SECTION = re.compile(r"^// ==== (helpers|kernel: (\w+)) ====\s*$", re.M)
@@ -265,6 +266,30 @@ def _maker(flavor: str) -> Callable:
 
 
 _KERNELS: Dict[tuple, object] = {}
+
+# CUDA: hand MLX `#include` lines of source files instead of the source text
+# (source.as_include_files: MLX hashes a kernel's whole source on every
+# evaluation).  Off until an H100 run measures it (tools/bench_generate.py
+# engine +srcfiles); MLX_MOE_CUDA_SOURCE_FILES=1 turns it on for a process (the
+# GPU tests' way).  Read when a kernel object is first built.
+CUDA_SOURCE_FILES = os.environ.get("MLX_MOE_CUDA_SOURCE_FILES", "0") == "1"
+_FILES_FAILED: list = []  # why the files could not be written (then the text is inlined)
+
+
+def _cuda_source(header: str, body: str) -> Tuple[str, str]:
+    """(header, body) as MLX receives them on CUDA: include lines where
+    CUDA_SOURCE_FILES is on and the files can be written, else the text."""
+    if not CUDA_SOURCE_FILES or _FILES_FAILED:
+        return header, body
+    try:
+        return as_include_files(header, body, cuda_source_dir())
+    except OSError as e:  # read-only home and temp: the kernels still work, inlined
+        import warnings
+
+        _FILES_FAILED.append(str(e))
+        warnings.warn(f"mlx-moe: cannot write CUDA kernel source files ({e}); passing the source text "
+                      f"to MLX instead (set MLX_MOE_CUDA_SOURCE_DIR to a writable directory)", RuntimeWarning)
+        return header, body
 _PER_LAYER = re.compile(r"^(\s*)PER_LAYER\((.*)\)\s*$", re.M)
 
 
@@ -286,13 +311,16 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
 
     n_layers: the body's PER_LAYER(text) lines become one copy per layer with @ ->
     the layer index, and the kernel is named and kept per layer count."""
-    key = (flavor, family, name) if n_layers is None else (flavor, family, n_layers, name)  # name last:
-    kernel = _KERNELS.get(key)  # verify/run.py reads it
+    files = flavor == "cuda" and CUDA_SOURCE_FILES
+    key = (flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ()) + (name,)
+    kernel = _KERNELS.get(key)  # name last: verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
         if n_layers is not None:
             body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
                                                        for l in range(n_layers)), body)
+        if files:
+            header, body = _cuda_source(header, body)
         spec = KERNELS.get(name)
         extra = {"inplace_inputs": spec.inplace} if flavor == "emulated" and spec is not None and spec.inplace else {}
         kernel = _maker(flavor)(
