@@ -45,7 +45,14 @@ def test_summary_medians_units_and_best(tmp_path):
     best = ncu_summary.best(stats)
     assert best["mul_mv_id_swiglu"].geometry == "2x4x1"
     assert best["mul_mv_id_down_combine"].geometry == "4x8x1"
-    assert "best per kernel" in ncu_summary.table(stats)
+    text = ncu_summary.table(stats)
+    assert "best per kernel" in text
+    # Totals: every launch summed, per kernel (both swiglu variants under one base name).
+    total_us = (27264 + 26688 + 25696 + 9000 + 8000 + 30000) / 1e3 + 18.0
+    assert by_geo["2x4x1"].total_us == pytest.approx(47.0)
+    assert f"all launches: {total_us / 1e3:.3f} ms" in text
+    swiglu_ms = (total_us - 18.0) / 1e3
+    assert any(line.split()[:2] == ["mul_mv_id_swiglu", f"{swiglu_ms:.3f}"] for line in text.splitlines())
 
 
 def test_summary_rejects_a_log_without_csv(tmp_path):

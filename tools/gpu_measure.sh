@@ -8,7 +8,8 @@
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
 #  P. prefill (issue 6), first: the async GEMMs' GPU tests in both copy layouts
 #     (mul_mm_id.ASYNC_COPY), the prefill MoE layer per body and layout, the host's
-#     graph-building time of a 512-token prompt, and end to end the layer-by-layer
+#     graph-building time of a 512-token prompt, every kernel of a prefill under ncu
+#     (where its GPU time goes), and end to end the layer-by-layer
 #     evaluation (+layereval) and the coalesced copies (+lanes) against the defaults
 #  S. the CUDA kernels handed to MLX as include files (+srcfiles): GPU tests, decode end to end
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
@@ -64,6 +65,11 @@ step 200 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/te
 step 150 python3 tools/bench_kernels.py --prefill --tokens 512 2048 --prefill-layers 4 --reps 5 --float-layers 0 \
   --json "$OUT/prefill_layer.json"
 step 60 python3 tools/profile_prefill.py --kernels cuda --tokens 512 --build-only --reps 5
+# every kernel of a 512-token prefill (4 layers: each layer launches the same kernels; the
+# warm-up and the timed prefill both run under ncu, so totals count two prefills)
+step 150 "$CUDA_BIN/ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+  --log-file "$OUT/ncu_prefill.csv" python3 tools/profile_prefill.py --kernels cuda --layers 4 --tokens 512 --once
+[ -f "$OUT/ncu_prefill.csv" ] && step 20 python3 tools/ncu_summary.py "$OUT/ncu_prefill.csv"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 32 --reps 5 \
   --engines mlx-moe+compile,mlx-moe+compile+layereval,mlx-moe+compile+lanes,mlx-moe+compile+layereval+lanes \

@@ -5,7 +5,9 @@ Reads what `ncu --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv
 workload), groups the launches by kernel name (MLX names a custom kernel
 `custom_kernel_<name>_<template args>`, so each launch geometry is its own
 row), and prints the median GPU microseconds, MB read and GB/s per kernel,
-then the fastest variant of each kernel:
+the total GPU time of all launches and its largest kernels (for a whole workload,
+e.g. tools/profile_prefill.py --once: where a prefill's GPU time goes), then the
+fastest variant of each kernel:
 
     python tools/ncu_summary.py ncu.csv [--json out.json]
 """
@@ -49,6 +51,10 @@ class KernelStats:
     @property
     def us(self) -> float:
         return statistics.median(self.seconds) * 1e6
+
+    @property
+    def total_us(self) -> float:
+        return sum(self.seconds) * 1e6
 
     @property
     def mb(self) -> float:
@@ -125,11 +131,19 @@ def best(stats: Dict[str, KernelStats]) -> Dict[str, KernelStats]:
 
 
 def table(stats: Dict[str, KernelStats]) -> str:
-    lines = [f"{'kernel':26s} {'geometry':9s} {'grid':13s} {'n':>3s} {'median us':>10s} {'MB read':>8s} "
-             f"{'GB/s':>7s}  variant"]
+    lines = [f"{'kernel':26s} {'geometry':9s} {'grid':13s} {'n':>4s} {'median us':>10s} {'total us':>10s} "
+             f"{'MB read':>8s} {'GB/s':>7s}  variant"]
     for st in sorted(stats.values(), key=lambda s: (s.kernel, s.us)):
-        lines.append(f"{st.kernel[:26]:26s} {st.geometry or '-':9s} {st.grid:13s} {len(st.seconds):3d} {st.us:10.2f} "
-                     f"{st.mb:8.2f} {st.gbs:7.1f}  {st.variant[:70]}")
+        lines.append(f"{st.kernel[:26]:26s} {st.geometry or '-':9s} {st.grid:13s} {len(st.seconds):4d} {st.us:10.2f} "
+                     f"{st.total_us:10.1f} {st.mb:8.2f} {st.gbs:7.1f}  {st.variant[:70]}")
+    total = sum(st.total_us for st in stats.values())
+    lines.append("")
+    lines.append(f"all launches: {total / 1e3:.3f} ms of GPU time; by kernel, largest first:")
+    by_kernel: Dict[str, float] = {}
+    for st in stats.values():
+        by_kernel[st.kernel] = by_kernel.get(st.kernel, 0.0) + st.total_us
+    for name, us in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:15]:
+        lines.append(f"  {name[:40]:40s} {us / 1e3:9.3f} ms {100 * us / total:5.1f}%")
     lines.append("")
     lines.append("best per kernel:")
     for name, st in sorted(best(stats).items()):
@@ -149,7 +163,8 @@ def main(argv=None) -> int:
     print(table(stats))
     if a.json:
         rows = [{"kernel": s.kernel, "geometry": s.geometry, "grid": s.grid, "variant": s.variant, "n": len(s.seconds),
-                 "median_us": round(s.us, 3), "MB": round(s.mb, 3), "GB_s": round(s.gbs, 1)}
+                 "median_us": round(s.us, 3), "total_us": round(s.total_us, 3), "MB": round(s.mb, 3),
+                 "GB_s": round(s.gbs, 1)}
                 for s in stats.values()]
         bst = {k: {"geometry": s.geometry, "variant": s.variant, "median_us": round(s.us, 3)}
                for k, s in best(stats).items()}
