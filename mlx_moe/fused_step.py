@@ -179,7 +179,7 @@ def _layer_plan(i: int, layer, flavor: str):
     post = layer.post_attention_layernorm
     tail = None
     if dense.router_tail_unsupported(gate_w, o.rows, flavor) is None:
-        tail = dense.RouterTail(post.weight, post.eps, gate_w, dense.ticket_counter())
+        tail = dense.RouterTail(post.weight, post.eps, gate_w, None)  # its counter: plan_or_reason
     return LayerPlan(layer.input_layernorm, q, k, v, o, n_heads, n_kv_heads, head_dim, float(attn.scale),
                      q_norm, k_norm, rope, post, moe, gate_w, tail), None
 
@@ -223,6 +223,10 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
         if lp is None:
             return None, why
         layers.append(lp)
+    # Every router tail's ticket counter, made in one evaluation.
+    counters = iter(dense.ticket_counters(sum(lp.tail is not None for lp in layers)))
+    layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
+              for lp in layers]
     return Plan(flavor, layers, _head_plan(model, flavor)), None
 
 

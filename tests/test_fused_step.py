@@ -387,3 +387,16 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         other_tail == want, (scattered, plain, other_pos, other_route, other_tail, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_every_layer_has_its_own_zeroed_ticket_counter():
+    """The router tails' ticket counters (made together, in one evaluation): one device
+    buffer per layer, zero, none shared (two layers' launches on one counter would hand
+    one layer's tail to a threadgroup of the other's)."""
+    model = fused_model("qwen3_moe")
+    plan, why = fused_step.plan_or_reason(model, "emulated")
+    assert why is None
+    counts = [lp.tail.count for lp in plan.layers]
+    assert len(counts) == len(model.model.layers) >= 2 and all(c is not None for c in counts)
+    assert all(c.dtype == mx.uint32 and np.array(c).tolist() == [0, 0, 0, 0] for c in counts)
+    assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer

@@ -466,7 +466,7 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     # o_proj with the router tail (dense_residual_parts_router): replaces the
     # dense_residual_parts + dense_norm_xn pair above.
     if geometries["tail"]:
-        tails = [dense.RouterTail(g_in, 1e-6, gate[l], dense.ticket_counter()) for l in range(layers)]
+        tails = [dense.RouterTail(g_in, 1e-6, gate[l], c) for l, c in enumerate(dense.ticket_counters(layers))]
         runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
                  for g in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"]]
     for run in runs:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .registry import constant, constants, device_array, kernel, stand_in
+from .registry import constant, constants, device_arrays, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)
@@ -171,7 +171,12 @@ class RouterTail(NamedTuple):
 
 def ticket_counter() -> mx.array:
     """A fresh uint32 counter in device memory for RouterTail (device_array, zeroed)."""
-    return device_array([0], mx.uint32)
+    return ticket_counters(1)[0]
+
+
+def ticket_counters(n: int) -> list:
+    """n fresh counters, made with one evaluation (a model's layers take one each)."""
+    return device_arrays([[0]] * n, mx.uint32)
 
 
 def router_tail_unsupported(gate: DenseWeight, hidden: int, flavor: str) -> Optional[str]:

@@ -205,11 +205,18 @@ def device_array(values, dtype=mx.float32) -> mx.array:
     of its neighbours (the step's position, a token read back) waits for the page
     to migrate.  An operation's output of more than 8 bytes lives in device memory.
     """
-    vals = list(values) + [0] * max(0, 4 - len(values))
-    a = mx.array(vals, dtype=dtype)
-    a = a + mx.zeros_like(a)  # made on the device: the output is a device buffer
-    mx.eval(a)
-    return a
+    return device_arrays([values], dtype)[0]
+
+
+def device_arrays(values_list, dtype=mx.float32) -> list:
+    """device_array of each of `values_list`, all evaluated at once (one wait, not one each)."""
+    out = []
+    for values in values_list:
+        vals = list(values) + [0] * max(0, 4 - len(values))
+        a = mx.array(vals, dtype=dtype)
+        out.append(a + mx.zeros_like(a))  # made on the device: the output is a device buffer
+    mx.eval(out)
+    return out
 
 
 def constant(value: float) -> mx.array:
