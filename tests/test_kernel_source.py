@@ -64,6 +64,7 @@ def test_every_kernel_source_is_smaller_and_keeps_its_body():
 
 import os  # noqa: E402
 import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
@@ -76,7 +77,7 @@ def test_include_files_hold_the_text_and_are_named_by_it(tmp_path):
     header, body = kernel_source("cuda", "router", "moe_router_topk")
     inc_h, inc_b = as_include_files(header, body, tmp_path)
     paths = [re.match(r'#include "(.+)"\n', s).group(1) for s in (inc_h, inc_b.splitlines(True)[0])]
-    assert [open(p).read() for p in paths] == [header, body]
+    assert [Path(p).read_text() for p in paths] == [header, body]
     assert len(inc_h) + len(inc_b) < 300 < len(header) + len(body)
     # MLX passes <input>_shape only where the source it sees names it: the body's names stay visible.
     assert "logits_shape" in body and "logits_shape" in inc_b
@@ -150,7 +151,7 @@ def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
                                capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-4000:]
             # File-local symbols carry a hash of the file's path: the only difference allowed.
-            ptx.append(re.sub(r"_INTERNAL_[0-9a-f]+_", "_INTERNAL_", open(str(cu) + ".ptx").read()))
+            ptx.append(re.sub(r"_INTERNAL_[0-9a-f]+_", "_INTERNAL_", Path(str(cu) + ".ptx").read_text()))
         assert ptx[0] == ptx[1], units[i][0]
         assert ptx[0].count(".entry") == len(units[i][1])
 
