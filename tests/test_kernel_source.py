@@ -1,5 +1,7 @@
 """The compacted, pruned kernel sources (mlx_moe/kernels/source.py)."""
 
+import re
+
 from mlx_moe.kernels.registry import KERNELS, family_header, kernel_source, read_family
 from mlx_moe.kernels.source import compact, prune
 
@@ -54,7 +56,6 @@ def test_every_kernel_source_is_smaller_and_keeps_its_body():
             assert len(header) <= len(family_header(flavor, spec.family))
             assert "//" not in body.replace("://", "")
             # every moe_* helper the body calls is defined in the pruned header
-            import re
             for ident in set(re.findall(r"\b(moe_\w+)\s*[<(]", body)):
                 assert re.search(rf"\b{ident}\b", header), (name, flavor, ident)
     assert read_family("decode_layer")[1]  # the readable files are untouched
@@ -63,7 +64,6 @@ def test_every_kernel_source_is_smaller_and_keeps_its_body():
 # -- CUDA: the source as include files (source.as_include_files, registry.CUDA_SOURCE_FILES) --
 
 import os  # noqa: E402
-import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 import warnings  # noqa: E402
 

@@ -15,12 +15,12 @@ to the kernels, or why it cannot be read (the caller then keeps MLX's ops).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .registry import constant, constants, device_arrays, kernel, stand_in
+from .registry import constant, device_arrays, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)

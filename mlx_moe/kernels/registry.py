@@ -297,6 +297,8 @@ def _cuda_source(header: str, body: str) -> Tuple[str, str]:
         warnings.warn(f"mlx-moe: cannot write CUDA kernel source files ({e}); passing the source text "
                       f"to MLX instead (set MLX_MOE_CUDA_SOURCE_DIR to a writable directory)", RuntimeWarning)
         return header, body
+
+
 _PER_LAYER = re.compile(r"^(\s*)PER_LAYER\((.*)\)\s*$", re.M)
 
 
