@@ -112,8 +112,8 @@ def test_unwritable_directory_falls_back_to_the_text(tmp_path, monkeypatch):
 def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
     """nvcc on MLX's kernel text (tests/test_kernels_cuda_compile.py's reproduction of
     cuda_kernel's source assembly) with the source inline and as include files: the
-    same PTX, for the fused decode layer's dense kernels, the router (whose body reads
-    an input's shape: MLX must still see the name) and the attention kernels."""
+    same PTX, for every family's compile-test kernels (the router's and map0's bodies
+    read an input's shape: MLX must still see the name)."""
     import subprocess
 
     import test_kernels_cuda_compile as cc
@@ -121,7 +121,8 @@ def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
     if cc.NVCC is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed")
     att = [k for k in _attention_kernels(cc)]
-    units = [("decode_layer", cc.DECODE_LAYER_KERNELS), ("router", cc.ROUTER_KERNELS), ("attention", att)]
+    units = [("decode_layer", cc.DECODE_LAYER_KERNELS), ("router", cc.ROUTER_KERNELS), ("attention", att),
+             ("mul_mv_id", cc.MV_KERNELS), ("mul_mm_id", cc.MM_KERNELS)]
     inline = [cc.translation_unit(f, ks) for f, ks in units]
     real_source = cc.kernel_source
     src_dir = tmp_path / "src"
