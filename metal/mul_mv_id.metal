@@ -121,11 +121,13 @@ struct moe_rows<ushort> {
         for (int j = 0; j < NR * NM; ++j) {
           float s = 0.0f;
           for (int i = 0; i < NQ; ++i) {
-            const uint wq = uint(qw[j * NQ + i]);
-            s += y[4 * i] * (moe_as_float(0x4B000000u | (wq & 0x000Fu)) - 8388616.0f);
-            s += y[4 * i + 1] * (moe_as_float(0x4B000000u | (wq & 0x0F00u)) - 8390656.0f);
-            s += y[4 * i + 2] * (moe_as_float(0x4B000000u | (wq & 0x00F0u)) - 8388736.0f);
-            s += y[4 * i + 3] * (moe_as_float(0x4B000000u | (wq & 0xF000u)) - 8421376.0f);
+            // The magic ORed into the word once, each weight then one AND (moe_opaque
+            // keeps the compiler from splitting it back into an AND and an OR a weight).
+            const uint wq = moe_opaque(0x4B000000u | uint(qw[j * NQ + i]));
+            s += y[4 * i] * (moe_as_float(wq & 0x4B00000Fu) - 8388616.0f);
+            s += y[4 * i + 1] * (moe_as_float(wq & 0x4B000F00u) - 8390656.0f);
+            s += y[4 * i + 2] * (moe_as_float(wq & 0x4B0000F0u) - 8388736.0f);
+            s += y[4 * i + 3] * (moe_as_float(wq & 0x4B00F000u) - 8421376.0f);
           }
           acc[j] += moe_f16_bits(sw[j]) * s;
         }
