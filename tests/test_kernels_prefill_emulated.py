@@ -191,7 +191,7 @@ def set_gemm(monkeypatch, gemm: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:lanes",))
+@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:rows",))
 @pytest.mark.parametrize("fmt,shape,x_dtype,x_scale", [
     ("q4_0", (128, 2048, 768, 8, 512), mx.bfloat16, 1.0),  # a Qwen3-30B-A3B layer
     ("q4_0", (6, 96, 160, 3, 40), mx.float32, 1e5),        # ragged row tiles, huge activations
@@ -287,7 +287,7 @@ MOCK_LAYERS = [
     ("pipe", "q4_0", (4, 64, 128, 2, 20), mx.float32),     # huge activations
     ("async:rows", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # 2 K stages (ring of 4 half used), bf16 h
     ("async:rows", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # 5 K stages (the ring wraps); down K = 160: bf16 body
-    ("async:lanes", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # the other copy layout (mul_mm_id.ASYNC_COPY)
+    ("async:lanes", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # the default copy layout (mul_mm_id.ASYNC_COPY)
     ("async:lanes", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # ... with a partial row tile (160 = 2.5 x 64)
 ]
 

@@ -33,8 +33,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
                 dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
   mlx-moe+layereval  our model evaluating each decoder layer of a prompt as soon as it
-                is built (prefill.LAYER_EVAL_MIN_ROWS = 64): the device runs a layer
-                while the host builds the next
+                is built (prefill.LAYER_EVAL_MIN_ROWS = 64, the default): the device
+                runs a layer while the host builds the next; +nolayereval: one
+                evaluation of the whole prompt
   mlx-moe+tf32  our model with the prefill GEMMs on the TF32 bodies
                 (mul_mm_id.CUDA_GEMM = "pipe") instead of the default async ones
   mlx-moe+bf16  the same on the bf16 bodies (CUDA_GEMM = "bf16")
@@ -42,7 +43,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (kernels.registry.CUDA_SOURCE_FILES; MLX hashes a kernel's source on
                 every evaluation); +srctext: the source text itself
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
-                (mul_mm_id.ASYNC_COPY = "lanes")
+                (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -451,9 +452,11 @@ SWITCHES = {
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
     "+layereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 64),
+    "+nolayereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 0),
     "+tf32": (mul_mm_id_module, "CUDA_GEMM", "pipe"),
     "+bf16": (mul_mm_id_module, "CUDA_GEMM", "bf16"),
     "+lanes": (mul_mm_id_module, "ASYNC_COPY", "lanes"),
+    "+rows": (mul_mm_id_module, "ASYNC_COPY", "rows"),
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
 }
