@@ -9,9 +9,10 @@
 #  P. prefill (issue 6), first: the async GEMMs' GPU tests in both copy layouts
 #     (mul_mm_id.ASYNC_COPY), the prefill MoE layer per body and layout, the host's
 #     graph-building time of a 512-token prompt, every kernel of a prefill under ncu
-#     (where its GPU time goes), and end to end the layer-by-layer
-#     evaluation (+layereval) and the coalesced copies (+lanes) against the defaults
+#     (where its GPU time goes), and end to end the defaults against each turned off
+#     (+nolayereval: one evaluation of the prompt; +rows: a row a thread in the copies)
 #  S. the CUDA kernels handed to MLX as include files (+srcfiles): GPU tests, decode end to end
+#     (no gain on a GPU-bound host: worth a rerun on a slower one)
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
 #     the compiled step against mlx-lm and with its measured defaults turned off: the write
 #     position from the host (+hostpos), the routing in a launch of its own (+topk), the
@@ -72,7 +73,7 @@ step 150 "$CUDA_BIN/ncu" --clock-control none --metrics gpu__time_duration.sum -
 [ -f "$OUT/ncu_prefill.csv" ] && step 20 python3 tools/ncu_summary.py "$OUT/ncu_prefill.csv"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 32 --reps 5 \
-  --engines mlx-moe+compile,mlx-moe+compile+layereval,mlx-moe+compile+lanes,mlx-moe+compile+layereval+lanes \
+  --engines mlx-moe+compile,mlx-moe+compile+nolayereval,mlx-moe+compile+rows,mlx-moe+compile+rows+nolayereval \
   --json "$OUT/e2e_prefill.json"
 # S. the CUDA kernels as include files (kernels/registry.py CUDA_SOURCE_FILES): the fused step's
 #    GPU tests in that mode, then decode end to end against the source text (issue 9)
