@@ -62,6 +62,7 @@ from . import moe as _moe
 from .hooks import HOOKS
 from .kernels.attention import decode_attention
 from .kernels.attention import unsupported as attention_unsupported
+from .kernels import registry as _registry
 from .kernels.registry import device_array
 
 # DeepSeek-V2's MLA attention in mlx-lm 0.32 caches full per-head keys (nope + rope
@@ -303,11 +304,9 @@ class CompiledDecoder:
     def _function(self, record: bool, chained: bool):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
         args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
-        from .kernels import registry
-
         # The trace follows the settings (a setting, a trace); the kernel objects it
         # captured depend on how their source reaches MLX.
-        key = args + (DEVICE_POSITION, registry.CUDA_SOURCE_FILES)
+        key = args + (DEVICE_POSITION, _registry.CUDA_SOURCE_FILES)
         if attention == "fused":
             from . import fused_step
 

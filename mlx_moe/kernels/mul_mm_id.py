@@ -168,13 +168,12 @@ def mul_mm_id_swiglu(x: mx.array, route: Route, wg: mx.array, wu: mx.array, flav
     if x.shape != (T, cols):
         raise ValueError(f"x must be [{T}, {cols}] for these ids and weights; got {tuple(x.shape)}")
     grid, tg = _mm_grid(rows, route)
-    async_body = flavor == "cuda" and cuda_body(x.dtype, wg.dtype, cols) == "_async"
+    async_args = async_template(flavor, x.dtype, wg.dtype, cols)  # non-empty: the async body, h in bfloat16
     return gemm_kernel(flavor, "mul_mm_id_swiglu", x.dtype, wg.dtype, cols)(
         inputs=[x, route.pairs, route.tiles, route.offsets, wg, wu],
-        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)]
-        + async_template(flavor, x.dtype, wg.dtype, cols),
+        template=[("T", x.dtype), ("WT", wg.dtype), ("K", cols), ("N", rows), ("KS", k)] + async_args,
         grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)],
-        output_dtypes=[mx.bfloat16 if async_body else mx.float32],
+        output_dtypes=[mx.bfloat16 if async_args else mx.float32],
     )[0]
 
 
