@@ -193,6 +193,145 @@ struct moe_dequant<ushort> {
   }
 }
 
+// ==== kernel: mul_mm_id_map0_count ====
+// map0 over the whole GPU, first of two kernels (mul_mm_id_map0_lists is the
+// second): the one-threadgroup map0 above compares every id with every
+// expert on one core (a 512-token Qwen3-30B-A3B prompt: 4,096 pairs x 128
+// experts, ~56 us on the H100); here threadgroup b owns experts b * EPB ..
+// b * EPB + EPB - 1 and its NW simdgroups split the pairs into NW
+// consecutive segments of SEG = 32 * ceil(P / (32 * NW)) pairs, so the work
+// spreads over NE / EPB cores and still needs no atomics.
+// Template: NE, EPB, NW (simdgroups a threadgroup).  Grid: ceil(NE / EPB)
+// threadgroups of 32 * NW threads.
+// Inputs: ids [T, KS] int32.  Output: seg [NE, NW] (pairs of segment w routed
+// to expert e, at e * NW + w).
+{
+  const uint lane = thread_index_in_simdgroup;
+  const int w = int(simdgroup_index_in_threadgroup);
+  const int e0 = int(threadgroup_position_in_grid.x) * EPB;
+  const int P = int(ids_shape[0]) * int(ids_shape[1]);
+  const int SEG = 32 * ((P + 32 * NW - 1) / (32 * NW));
+  const int p1 = (w + 1) * SEG < P ? (w + 1) * SEG : P;
+  int cnt[EPB];
+  for (int j = 0; j < EPB; ++j) {
+    cnt[j] = 0;
+  }
+  for (int p = w * SEG + int(lane); p < p1; p += 32) {
+    const int id = ids[p];
+    for (int j = 0; j < EPB; ++j) {
+      cnt[j] += (id == e0 + j) ? 1 : 0;
+    }
+  }
+  for (int j = 0; j < EPB; ++j) {
+    const int c = moe_simd_sum_int(cnt[j]);
+    if (lane == 0 && e0 + j < NE) {
+      seg[(e0 + j) * NW + w] = c;
+    }
+  }
+}
+
+// ==== kernel: mul_mm_id_map0_lists ====
+// map0 over the whole GPU, second kernel: every threadgroup sums seg into the
+// experts' counts and takes their exclusive prefix sums (pairs and tiles; NE
+// values, cheap to repeat per threadgroup), then writes its own experts'
+// counts, offsets, tiles and lists: simdgroup w writes the matches of its
+// segment from offsets[e] + (matches in segments before w), each at its rank
+// among the segment's matches (a ballot per 32 ids), so every list comes out
+// in pair (= token) order as from the one-threadgroup map0.  The unused tail
+// of pairs and tiles (-1) is filled by all threadgroups together.
+// Template, grid and geometry as mul_mm_id_map0_count.
+// Inputs: ids [T, KS] int32, seg [NE, NW] from mul_mm_id_map0_count.
+// Outputs: counts, offsets, pairs, tiles as mul_mm_id_map0.
+{
+  const uint lane = thread_index_in_simdgroup;
+  const int w = int(simdgroup_index_in_threadgroup);
+  const int tid = int(thread_index_in_threadgroup);
+  const int b = int(threadgroup_position_in_grid.x);
+  const int e0 = b * EPB;
+  const int TPG = 32 * NW;  // threads a threadgroup
+  const int P = int(ids_shape[0]) * int(ids_shape[1]);
+  const int SEG = 32 * ((P + 32 * NW - 1) / (32 * NW));
+  const int nz = (NE < P) ? NE : P;
+  const int G = (P + nz * (MOE_MM_BN - 1)) / MOE_MM_BN > 1 ? (P + nz * (MOE_MM_BN - 1)) / MOE_MM_BN : 1;
+  threadgroup int tg_off[NE + 1];   // counts, then each expert's first position
+  threadgroup int tg_tile[NE + 1];  // each expert's first tile
+
+  for (int e = tid; e < NE; e += TPG) {
+    int c = 0;
+    for (int v = 0; v < NW; ++v) {
+      c += seg[e * NW + v];
+    }
+    tg_off[e] = c;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (w == 0) {
+    int run = 0;
+    int run_tiles = 0;
+    for (int base = 0; base < NE; base += 32) {
+      const int e = base + int(lane);
+      const int c = (e < NE) ? tg_off[e] : 0;
+      const int nt = (c + MOE_MM_BN - 1) / MOE_MM_BN;
+      const int before = moe_simd_prefix_exclusive_sum(c);
+      const int tiles_before = moe_simd_prefix_exclusive_sum(nt);
+      if (e >= e0 && e < e0 + EPB && e < NE) {
+        counts[e] = c;
+        offsets[e] = run + before;
+      }
+      if (e < NE) {
+        tg_off[e] = run + before;
+        tg_tile[e] = run_tiles + tiles_before;
+      }
+      run += moe_simd_sum_int(c);
+      run_tiles += moe_simd_sum_int(nt);
+    }
+    if (lane == 0) {
+      if (b == 0) {
+        offsets[NE] = run;
+      }
+      tg_off[NE] = run;
+      tg_tile[NE] = run_tiles;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  const uint below = (1u << lane) - 1u;  // lanes before this one
+  for (int j = 0; j < EPB; ++j) {
+    const int e = e0 + j;
+    if (e >= NE) {
+      break;  // uniform across the threadgroup
+    }
+    int pos = tg_off[e];
+    for (int v = 0; v < w; ++v) {
+      pos += seg[e * NW + v];
+    }
+    const int p1 = (w + 1) * SEG < P ? (w + 1) * SEG : P;
+    for (int base = w * SEG; base < p1; base += 32) {
+      const int p = base + int(lane);
+      const bool mine = p < p1 && ids[p] == e;
+      const uint mask = moe_ballot(mine);
+      if (mine) {
+        pairs[pos + moe_popcount(mask & below)] = p;
+      }
+      pos += moe_popcount(mask);
+    }
+    const int t0 = tg_tile[e];
+    const int nt = tg_tile[e + 1] - t0;
+    for (int i = tid; i < nt; i += TPG) {
+      tiles[2 * (t0 + i)] = e;
+      tiles[2 * (t0 + i) + 1] = tg_off[e] + i * MOE_MM_BN;
+    }
+  }
+  const int gi = b * TPG + tid;
+  const int stride = int(threadgroups_per_grid.x) * TPG;
+  for (int g = tg_tile[NE] + gi; g < G; g += stride) {
+    tiles[2 * g] = -1;
+    tiles[2 * g + 1] = 0;
+  }
+  for (int q = tg_off[NE] + gi; q < P; q += stride) {
+    pairs[q] = -1;
+  }
+}
+
 // ==== kernel: mul_mm_id ====
 // out[p, n] = W[e][n] . src[BCAST ? p / KS : p] for every pair p of every tile
 // (e = the tile's expert): a BM x BN tile of (weight rows) x (routed pairs)
@@ -396,8 +535,8 @@ struct moe_dequant<ushort> {
 // never read (mul_mm_id does not write them).
 // Template: T (x and y dtype), N (hidden), NE, NI, KS, TG (threads per group).
 // Grid: (ceil(N / TG) * TG, T, 1), threadgroup (TG, 1, 1).
-// Inputs: d [P, N] float32, ids [T, KS], wts [T, KS] float32, x [T, N].
-// Output: y [T, N] in T.
+// Inputs: d [P, N] float32 (bfloat16 from the CUDA async GEMM), ids [T, KS], wts [T, KS]
+// float32, x [T, N].  Output: y [T, N] in T.
 {
   const int tok = int(threadgroup_position_in_grid.y);
   const int n = int(threadgroup_position_in_grid.x) * TG + int(thread_index_in_threadgroup);
@@ -408,7 +547,7 @@ struct moe_dequant<ushort> {
       const int e = ids[tok * KS + s];
       const float ws = wts[tok * KS + s];
       if (e >= 0 && e < NE) {
-        v += ws * d[size_t(tok * KS + s) * N + n];
+        v += ws * float(d[size_t(tok * KS + s) * N + n]);
       } else if (e >= NE && e < NE + NI) {
         wid += ws;
       }

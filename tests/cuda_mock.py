@@ -253,8 +253,10 @@ def layer_kernels(variant, fmt, shape, x_dtype):
     E, D, F, k, T = shape
     wt, xt = _W_DT[fmt], _DT[x_dtype]
     # The bodies mul_mm_id.cuda_body picks under CUDA_GEMM = variant; the async swiglu
-    # body writes h in bfloat16, which the down GEMM then reads.
-    # variant: a CUDA_GEMM name, for "async" optionally with its copy layout ("async:lanes").
+    # body writes h in bfloat16, which the down GEMM then reads (and its async body
+    # writes d in bfloat16 too).
+    # variant: a CUDA_GEMM name, for "async" optionally with its copy layout ("async:lanes")
+    # and the down GEMM's output dtype ("async:lanes:dbf16", mul_mm_id.ASYNC_D_BF16).
     with _cuda_gemm(variant):
         wdt = mx.uint16 if fmt == "q4_0" else x_dtype
         sfx_gu = cuda_body(x_dtype, wdt, D)
@@ -264,22 +266,25 @@ def layer_kernels(variant, fmt, shape, x_dtype):
         sfx_d = cuda_body(hdt, wdd, F)
         cp_gu = mul_mm_id.async_template("cuda", x_dtype, wdt, D)
         cp_d = mul_mm_id.async_template("cuda", hdt, wdd, F)
+        dt = "bfloat16" if sfx_d == "_async" and mul_mm_id.ASYNC_D_BF16 else "float32"
     return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": ht},
              [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)] + cp_gu),
-            ("mul_mm_id" + sfx_d, {"src": ht, "w": wt, **ROUTE_IN}, {"out": "float32"},
+            ("mul_mm_id" + sfx_d, {"src": ht, "w": wt, **ROUTE_IN}, {"out": dt},
              [("T", ht), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)] + cp_d)]
 
 
 @contextlib.contextmanager
 def _cuda_gemm(variant):
-    gemm, _, copy = variant.partition(":")
-    old = mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY
+    gemm, _, rest = variant.partition(":")
+    copy, _, d_out = rest.partition(":")
+    old = mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY, mul_mm_id.ASYNC_D_BF16
     mul_mm_id.CUDA_GEMM = gemm
     mul_mm_id.ASYNC_COPY = copy or mul_mm_id.ASYNC_COPY
+    mul_mm_id.ASYNC_D_BF16 = {"dbf16": True, "dfloat": False}.get(d_out, mul_mm_id.ASYNC_D_BF16)
     try:
         yield
     finally:
-        mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY = old
+        mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY, mul_mm_id.ASYNC_D_BF16 = old
 
 
 

@@ -120,9 +120,9 @@ def _gemm(name, variant, x, wt, K, N, KS, extra=()):
     inputs[wname[0]] = x
     for wn in wname[1:]:
         inputs[wn] = wt
-    # The async swiglu body writes h in bfloat16 (mul_mm_id.mul_mm_id_swiglu).
-    h = "bfloat16" if name == "mul_mm_id_swiglu_async" else "float32"
-    out = {"mul_mm_id": {"out": "float32"}, "mul_mm_id_swiglu": {"h": h}}[base]
+    # The async bodies write bfloat16 (mul_mm_id.mul_mm_id_swiglu, mul_mm_id.mul_mm_id).
+    o = "bfloat16" if name.endswith("_async") else "float32"
+    out = {"mul_mm_id": {"out": o}, "mul_mm_id_swiglu": {"h": o}}[base]
     template = [("T", x), ("WT", wt), ("K", K), ("N", N), ("KS", KS)] + list(extra)
     return (name, variant, inputs, out, template)
 
@@ -132,6 +132,9 @@ MM_KERNELS = [
      [("NE", 128), ("NSG", 32), ("EPS", 4)]),
     ("mul_mm_id_map0", "e512", {"ids": "int32"}, {n: "int32" for n in ("counts", "offsets", "pairs", "tiles")},
      [("NE", 512), ("NSG", 32), ("EPS", 16)]),
+    ("mul_mm_id_map0_count", "e128", {"ids": "int32"}, {"seg": "int32"}, [("NE", 128), ("EPB", 1), ("NW", 8)]),
+    ("mul_mm_id_map0_lists", "e512", {"ids": "int32", "seg": "int32"},
+     {n: "int32" for n in ("counts", "offsets", "pairs", "tiles")}, [("NE", 512), ("EPB", 4), ("NW", 8)]),
     _gemm("mul_mm_id_swiglu", "q4_0", "bfloat16", "uint16", 2048 // 32 * 32, 768, 8),
     _gemm("mul_mm_id_swiglu", "f16", "float16", "float16", 2048, 768, 8),
     _gemm("mul_mm_id", "down_q4_0", "float32", "uint16", 768, 2048, 8, [("BCAST", False)]),

@@ -27,7 +27,7 @@ from test_kernels_emulated import TOL, make_experts, make_routing, make_x, refer
 from mlx_moe.kernels import dispatch
 from mlx_moe.kernels.dispatch import use_prefill_kernels
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module
-from mlx_moe.kernels.mul_mm_id import BN, CUDA_GEMMS, map0, tile_table_size
+from mlx_moe.kernels.mul_mm_id import BN, CUDA_GEMMS, MAP0_KINDS, map0, tile_table_size
 
 FLAVOR = "emulated"
 _HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
@@ -135,9 +135,13 @@ def check_map0(flavor, T, k, E, seed=0):
     assert (got_tiles[len(tiles):, 0] == -1).all()
 
 
+@pytest.mark.parametrize("kind", MAP0_KINDS)
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("T,k,E", [(37, 3, 10), (300, 2, 5), (64, 8, 70)])
-def test_map0_matches_numpy_counting_sort(flavor, T, k, E):
+@pytest.mark.parametrize("T,k,E", [(37, 3, 10), (300, 2, 5), (64, 8, 70), (1, 8, 128), (1000, 6, 300)])
+def test_map0_matches_numpy_counting_sort(flavor, T, k, E, kind, monkeypatch):
+    # (1000, 6, 300): more experts than the grid map0's threadgroups (2 a group), and
+    # segments of 768 pairs; (1, 8, 128): more simdgroups than pairs.
+    monkeypatch.setattr(mul_mm_id_module, "MAP0", kind)
     check_map0(flavor, T, k, E)
 
 
@@ -182,16 +186,20 @@ def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
 
 
 def set_gemm(monkeypatch, gemm: str) -> None:
-    """mul_mm_id.CUDA_GEMM (and, after a colon, ASYNC_COPY) for the test."""
-    body, _, copy = gemm.partition(":")
+    """mul_mm_id.CUDA_GEMM (and, after colons, ASYNC_COPY and the down GEMM's output:
+    "dbf16" / "dfloat", ASYNC_D_BF16) for the test."""
+    body, _, rest = gemm.partition(":")
+    copy, _, d_out = rest.partition(":")
     monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", body)
     if copy:
         monkeypatch.setattr(mul_mm_id_module, "ASYNC_COPY", copy)
+    if d_out:
+        monkeypatch.setattr(mul_mm_id_module, "ASYNC_D_BF16", {"dbf16": True, "dfloat": False}[d_out])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:rows",))
+@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:rows", "async:lanes:dbf16", "async:lanes:dfloat"))
 @pytest.mark.parametrize("fmt,shape,x_dtype,x_scale", [
     ("q4_0", (128, 2048, 768, 8, 512), mx.bfloat16, 1.0),  # a Qwen3-30B-A3B layer
     ("q4_0", (6, 96, 160, 3, 40), mx.float32, 1e5),        # ragged row tiles, huge activations
@@ -207,7 +215,7 @@ def test_cuda_gemm_variants(gemm, fmt, shape, x_dtype, x_scale, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", ["bf16", "async:rows", "async:lanes"])
+@pytest.mark.parametrize("gemm", ["bf16", "async:rows", "async:lanes", "async:lanes:dbf16"])
 def test_cuda_bf16_gemms_unfused_huge_and_skewed(gemm, monkeypatch):
     # The bf16 and async bodies: mul_mm_id_{gemm} (gate and up unfused, BCAST) with identity
     # and padding ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many
@@ -289,6 +297,7 @@ MOCK_LAYERS = [
     ("async:rows", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # 5 K stages (the ring wraps); down K = 160: bf16 body
     ("async:lanes", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # the default copy layout (mul_mm_id.ASYNC_COPY)
     ("async:lanes", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # ... with a partial row tile (160 = 2.5 x 64)
+    ("async:lanes:dbf16", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # d in bfloat16 (mul_mm_id.ASYNC_D_BF16)
 ]
 
 

@@ -44,6 +44,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 every evaluation); +srctext: the source text itself
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
+  mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
+                (mul_mm_id.ASYNC_D_BF16); +dfloat: in float32 (the default)
+  mlx-moe+map0grid  the prefill route built by two kernels over the whole GPU
+                (mul_mm_id.MAP0 = "grid"); +map0block: by one threadgroup (the default)
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -457,6 +461,10 @@ SWITCHES = {
     "+bf16": (mul_mm_id_module, "CUDA_GEMM", "bf16"),
     "+lanes": (mul_mm_id_module, "ASYNC_COPY", "lanes"),
     "+rows": (mul_mm_id_module, "ASYNC_COPY", "rows"),
+    "+dbf16": (mul_mm_id_module, "ASYNC_D_BF16", True),
+    "+dfloat": (mul_mm_id_module, "ASYNC_D_BF16", False),
+    "+map0grid": (mul_mm_id_module, "MAP0", "grid"),
+    "+map0block": (mul_mm_id_module, "MAP0", "block"),
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
 }

@@ -349,6 +349,23 @@ def prefill_main(a, fl: str) -> dict:
                     variants.append((f"ours q4_0 ({tag}, gate|up separate GEMMs)", KernelBackend(fl, fuse_swiglu=False)))
                 for name, be in variants:
                     report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
+                if gemm == gemms[0] and copy == copy0:
+                    # The route's kernels (mul_mm_id.MAP0): the default layer with the
+                    # other kind, and map0 alone with each.
+                    map0_0 = mul_mm_id.MAP0
+                    for kind in [map0_0] + [m for m in mul_mm_id.MAP0_KINDS if m != map0_0]:
+                        with mul_mm_id.map0_kind(kind):
+                            if kind != map0_0:
+                                report(f"ours q4_0 ({tag}, swiglu fused, map0 {kind})", T,
+                                       per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
+                            report(f"map0 alone ({kind})", T, per_layer(lambda l: mul_mm_id.map0(ids[l], E, fl), reps))
+                    # The async down GEMM's output in the other dtype (ASYNC_D_BF16).
+                    if gemm == "async":
+                        d_bf16 = mul_mm_id.ASYNC_D_BF16
+                        mul_mm_id.ASYNC_D_BF16 = not d_bf16
+                        report(f"ours q4_0 ({tag}, swiglu fused, d {'float32' if d_bf16 else 'bfloat16'})", T,
+                               per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
+                        mul_mm_id.ASYNC_D_BF16 = d_bf16
             mul_mm_id.ASYNC_COPY = copy0
         mul_mm_id.CUDA_GEMM = gemm0
 

@@ -24,14 +24,18 @@ evaluation is about that time).
 --once runs one plain prefill after the warm-up, for a kernel profiler to time
 every kernel (a few layers are enough: each layer launches the same kernels):
 
-    ncu --metrics gpu__time_duration.sum --csv --log-file prefill.csv \
-        python tools/profile_prefill.py --kernels cuda --layers 4 --once
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file prefill.csv \
+        python tools/profile_prefill.py --kernels cuda --once
+
+The plain prefill runs inside the CUDA profiler range (cuProfilerStart/Stop), so
+with --profile-from-start off the profiler times only its kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import statistics
@@ -131,12 +135,18 @@ def instrumented(model, totals: dict):
 
 
 def prefill(model, tokens: mx.array) -> float:
+    """Seconds to the first token's logits, as generation gets there (mlx-lm's
+    generate_step, mlx_moe.generate): the prompt but its last token fills the cache
+    (its logits are never evaluated: no lm_head over the prompt), then the last
+    token runs alone."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     t0 = time.perf_counter()
-    logits = model(tokens[None], cache=cache)
-    mx.eval(logits, [c.state for c in cache])
+    if tokens.size > 1:
+        model(tokens[None, :-1], cache=cache)
+        mx.eval([c.state for c in cache])
+    mx.eval(model(tokens[None, -1:], cache=cache))
     return time.perf_counter() - t0
 
 
@@ -171,6 +181,26 @@ def report(whole: float, instrumented_total: float, parts: dict, tokens: int, la
         print(f"| {names.get(key, key)} | {1e3 * v:.2f} | {1e3 * v / layers:.3f} | {100 * v / instrumented_total:.1f}% |")
     return {"tokens": tokens, "whole_ms": 1e3 * whole, "instrumented_ms": 1e3 * instrumented_total,
             "components_ms": {k: 1e3 * v for k, v in rows.items()}}
+
+
+@contextlib.contextmanager
+def profiler_range():
+    """The CUDA driver's profiler range (cuProfilerStart/Stop) around the block, so
+    `ncu --profile-from-start off` (or nsys --capture-range=cudaProfilerApi) times
+    only its kernels, not the random weights' generation or the warm-up.  A no-op
+    without a CUDA driver; says so when the driver refuses."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        cuda = None
+    started = cuda is not None and cuda.cuProfilerStart() == 0
+    if cuda is not None and not started:
+        print("# cuProfilerStart failed (no current CUDA context?): the profiler sees the whole run")
+    try:
+        yield
+    finally:
+        if started:
+            cuda.cuProfilerStop()
 
 
 def main(argv=None) -> dict:
@@ -217,7 +247,9 @@ def main(argv=None) -> dict:
             results.append({"tokens": T, "build_ms": ms})
             continue
         if args.once:
-            print(f"T={T}: {1e3 * prefill(model, tokens):.1f} ms (one plain prefill, for a profiler)")
+            with profiler_range():
+                ms = 1e3 * prefill(model, tokens)
+            print(f"T={T}: {ms:.1f} ms (one plain prefill, for a profiler)")
             continue
         whole = statistics.median(prefill(model, tokens) for _ in range(args.reps))
         runs = []

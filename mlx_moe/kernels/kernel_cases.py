@@ -78,7 +78,17 @@ def _layer_case(fmt: str, shape, n_identity: int, x_dtype, rtol: float, path: st
     return check
 
 
-def _map0_case(flavor: str) -> None:
+def _map0_case(kind: str):
+    def check(flavor: str) -> None:
+        from .mul_mm_id import map0_kind
+
+        with map0_kind(kind):
+            _map0_check(flavor)
+
+    return check
+
+
+def _map0_check(flavor: str) -> None:
     from .mul_mm_id import BN, map0
 
     rng = np.random.default_rng(3)
@@ -466,8 +476,12 @@ CASES: Dict[str, List[KernelCase]] = {
                                           lambda f: _swiglu_route_case(f))],
     "mul_mv_id_down_combine": [KernelCase("decode layer, Q4_0, 2 tokens x top-3, identity + padding slot",
                                           _DECODE)],
-    "mul_mm_id_map0": [KernelCase("37 tokens x top-3 over 10 experts with identity/padding ids vs numpy",
-                                  _map0_case)],
+    "mul_mm_id_map0": [KernelCase("one threadgroup: 37 tokens x top-3 over 10 experts with identity/padding ids "
+                                  "vs numpy", _map0_case("block"))],
+    "mul_mm_id_map0_count": [KernelCase("with mul_mm_id_map0_lists: 37 tokens x top-3 over 10 experts with "
+                                        "identity/padding ids vs numpy", _map0_case("grid"))],
+    "mul_mm_id_map0_lists": [KernelCase("with mul_mm_id_map0_count: 37 tokens x top-3 over 10 experts with "
+                                        "identity/padding ids vs numpy", _map0_case("grid"))],
     "mul_mm_id": [KernelCase("Q4_0 70 x 96, 30 tokens x top-3, with and without BCAST, vs numpy", _mm_plain_case),
                   KernelCase("prefill layer, float16, ragged tiles, identity slots",
                              _layer_case("float16", (5, 100, 70, 4, 30), 1, mx.float16, 3e-3, "mm"))],

@@ -2,8 +2,8 @@
 in metal/mul_mm_id_cuda.h): the prefill path.
 
     route = map0(ids, n_experts, flavor)              # per-expert pair lists, tile table
-    h = mul_mm_id_swiglu(x, route, wg, wu, flavor)    # [T*k, ffn] float32
-    d = mul_mm_id(h, route, wd, False, flavor)        # [T*k, hidden] float32
+    h = mul_mm_id_swiglu(x, route, wg, wu, flavor)    # [T*k, ffn] float32 (CUDA async: bfloat16)
+    d = mul_mm_id(h, route, wd, False, flavor)        # [T*k, hidden] float32 (CUDA async: bfloat16)
     y = mul_mm_id_combine(d, ids, weights, x, n_experts, n_identity, flavor)
 
 Only real expert ids (0 <= id < n_experts) are in the lists: identity and
@@ -14,6 +14,7 @@ never written (combine never reads them).  Weights are Q4_0 (uint16 words
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -27,7 +28,16 @@ BM = 64
 BN = 32
 THREADS = 128
 COMBINE_TG = 256
-MAP0_MAX_SIMDGROUPS = 32  # map0 runs in one threadgroup of at most 1024 threads
+MAP0_MAX_SIMDGROUPS = 32  # the one-threadgroup map0: at most 1024 threads
+# Which kernels build the route: "grid" (mul_mm_id_map0_count + mul_mm_id_map0_lists:
+# MAP0_GRID_GROUPS threadgroups of MAP0_GRID_SIMDGROUPS simdgroups, each owning a
+# few experts) or "block" (mul_mm_id_map0: one threadgroup compares every id with
+# every expert).  Same outputs, bit for bit.  tools/bench_kernels.py --prefill times both;
+# "block" stays the default until the H100 has measured "grid".
+MAP0_KINDS = ("grid", "block")
+MAP0 = "block"
+MAP0_GRID_GROUPS = 128
+MAP0_GRID_SIMDGROUPS = 8
 
 # Which CUDA bodies run the two GEMMs (metal/mul_mm_id_cuda.h); Metal and the
 # CPU emulation have one body each.  "pipe": software-pipelined K loop, two
@@ -54,6 +64,10 @@ ASYNC_K = 64  # the async bodies' K step: two Q4_0 blocks (MOE_MM_AK)
 # tools/bench_kernels.py --prefill times both.
 ASYNC_COPIES = ("rows", "lanes")
 ASYNC_COPY = "lanes"
+# Whether the async down GEMM (mul_mm_id, BCAST = false) writes d in bfloat16 (True)
+# or float32 (the default until the H100 has measured it); the async swiglu body
+# always writes h in bfloat16.
+ASYNC_D_BF16 = False
 
 
 class Route(NamedTuple):
@@ -80,8 +94,27 @@ def map0_geometry(n_experts: int):
     return nsg, -(-n_experts // nsg)
 
 
+def map0_grid_geometry(n_experts: int):
+    """(threadgroups, experts per threadgroup) of the grid map0: at most
+    MAP0_GRID_GROUPS threadgroups, each owning EPB consecutive experts."""
+    epb = -(-n_experts // MAP0_GRID_GROUPS)
+    return -(-n_experts // epb), epb
+
+
+@contextmanager
+def map0_kind(kind: str):
+    """MAP0 set to `kind` inside the block (checks and benchmarks of one kind)."""
+    global MAP0
+    saved, MAP0 = MAP0, kind
+    try:
+        yield
+    finally:
+        MAP0 = saved
+
+
 def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
-    """Counting sort of the (token, slot) pairs by real expert (no atomics)."""
+    """Counting sort of the (token, slot) pairs by real expert (no atomics), by
+    the kernels MAP0 names."""
     if ids.ndim != 2:
         raise ValueError(f"ids must be [tokens, k]; got shape {tuple(ids.shape)}")
     if ids.dtype != mx.int32:
@@ -91,14 +124,22 @@ def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
     if P >= 2**31 // 2:
         raise ValueError(f"{P} (token, slot) pairs is too many for int32 pair ids; split the batch")
     G = tile_table_size(P, n_experts)
-    nsg, eps = map0_geometry(n_experts)
-    counts, offsets, pairs, tiles = kernel(flavor, "mul_mm_id_map0")(
-        inputs=[ids],
-        template=[("NE", n_experts), ("NSG", nsg), ("EPS", eps)],
-        grid=(32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(n_experts,), (n_experts + 1,), (P,), (G, 2)],
-        output_dtypes=[mx.int32] * 4,
-    )
+    shapes = dict(output_shapes=[(n_experts,), (n_experts + 1,), (P,), (G, 2)], output_dtypes=[mx.int32] * 4)
+    if MAP0 not in MAP0_KINDS:
+        raise ValueError(f"mul_mm_id.MAP0 is {MAP0!r}; choose one of {', '.join(MAP0_KINDS)}")
+    if MAP0 == "block":
+        nsg, eps = map0_geometry(n_experts)
+        counts, offsets, pairs, tiles = kernel(flavor, "mul_mm_id_map0")(
+            inputs=[ids], template=[("NE", n_experts), ("NSG", nsg), ("EPS", eps)],
+            grid=(32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1), **shapes)
+        return Route(ids, counts, offsets, pairs, tiles)
+    groups, epb = map0_grid_geometry(n_experts)
+    nw = MAP0_GRID_SIMDGROUPS
+    template = [("NE", n_experts), ("EPB", epb), ("NW", nw)]
+    launch = dict(template=template, grid=(32 * nw * groups, 1, 1), threadgroup=(32 * nw, 1, 1))
+    (seg,) = kernel(flavor, "mul_mm_id_map0_count")(
+        inputs=[ids], output_shapes=[(n_experts * nw,)], output_dtypes=[mx.int32], **launch)
+    counts, offsets, pairs, tiles = kernel(flavor, "mul_mm_id_map0_lists")(inputs=[ids, seg], **launch, **shapes)
     return Route(ids, counts, offsets, pairs, tiles)
 
 
@@ -142,18 +183,24 @@ def _mm_grid(rows: int, route: Route):
 
 def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor: str) -> mx.array:
     """out[p] = W[e] @ src[p // k if broadcast else p] for every routed pair p of expert e:
-    [T*k, rows] float32 (rows of identity and padding pairs are not written)."""
+    [T*k, rows] float32, bfloat16 on the CUDA async body (ASYNC_D_BF16; rows of identity
+    and padding pairs are not written).  Why bfloat16 there: the down GEMM's output of a 512-token
+    Qwen3-30B-A3B layer is 33.5 MB in float32, written once and read once by the
+    combine; mlx-lm's SwitchGLU rounds it to the activations' dtype as well."""
     _, rows, cols = _shape(w)
     T, k = route.ids.shape
     want = T if broadcast else T * k
     if src.shape != (want, cols):
         raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
     grid, tg = _mm_grid(rows, route)
+    async_args = async_template(flavor, src.dtype, w.dtype, cols)  # non-empty: the async body
+    bf16_out = bool(async_args) and (ASYNC_D_BF16 or broadcast)
     return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype, cols)(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
-                  ("BCAST", bool(broadcast))] + async_template(flavor, src.dtype, w.dtype, cols),
-        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)], output_dtypes=[mx.float32],
+                  ("BCAST", bool(broadcast))] + async_args,
+        grid=grid, threadgroup=tg, output_shapes=[(T * k, rows)],
+        output_dtypes=[mx.bfloat16 if bf16_out else mx.float32],
     )[0]
 
 

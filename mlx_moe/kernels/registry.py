@@ -159,6 +159,8 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mv_id_swiglu": KernelSpec("mul_mv_id", ("x", "ids", "wg", "wu"), ("h",)),
     "mul_mv_id_down_combine": KernelSpec("mul_mv_id", ("h", "ids", "wts", "x", "wd"), ("y",)),
     "mul_mm_id_map0": KernelSpec("mul_mm_id", ("ids",), ("counts", "offsets", "pairs", "tiles")),
+    "mul_mm_id_map0_count": KernelSpec("mul_mm_id", ("ids",), ("seg",)),
+    "mul_mm_id_map0_lists": KernelSpec("mul_mm_id", ("ids", "seg"), ("counts", "offsets", "pairs", "tiles")),
     "mul_mm_id": KernelSpec("mul_mm_id", ("src", "pairs", "tiles", "offsets", "w"), ("out",)),
     "mul_mm_id_swiglu": KernelSpec("mul_mm_id", ("x", "pairs", "tiles", "offsets", "wg", "wu"), ("h",)),
     "mul_mm_id_combine": KernelSpec("mul_mm_id", ("d", "ids", "wts", "x"), ("y",)),

@@ -210,7 +210,8 @@ def compare(got, ref: np.ndarray, tol: float, dtype=None, rows: Optional[np.ndar
 # The kernels each path launches, checked alone on a fused layer case.
 KERNEL_TARGETS = {
     "mv": ("mul_mv_id_swiglu", "mul_mv_id_down_combine", "mul_mv_id"),
-    "mm": ("mul_mm_id_map0", "mul_mm_id_swiglu", "mul_mm_id", "mul_mm_id_combine"),
+    "mm": ("mul_mm_id_map0", "mul_mm_id_map0_count", "mul_mm_id_map0_lists", "mul_mm_id_swiglu", "mul_mm_id",
+           "mul_mm_id_combine"),
 }
 
 
@@ -453,14 +454,23 @@ def _route(inputs):
     return Route(ids, mx.array(counts), mx.array(offsets), mx.array(pairs), mx.array(tiles))
 
 
-def map0_measure(case: LayerCase, flavor: str, inputs) -> Measure:
-    """Exact equality of counts, offsets, pairs and tiles with the numpy counting sort."""
-    from ..kernels.mul_mm_id import map0
+def map0_measure(kind: str) -> Callable[[LayerCase, str, tuple], Measure]:
+    """Exact equality of counts, offsets, pairs and tiles with the numpy counting sort,
+    the route built by the map0 kernels of `kind` (mul_mm_id.MAP0_KINDS)."""
 
-    experts, ids, _, _ = inputs
-    want = route_oracle(np.array(ids), experts.num_experts)
-    got = map0(ids, experts.num_experts, flavor)
-    mx.eval(got)
+    def measure(case: LayerCase, flavor: str, inputs) -> Measure:
+        from ..kernels import mul_mm_id
+
+        experts, ids, _, _ = inputs
+        with mul_mm_id.map0_kind(kind):
+            got = mul_mm_id.map0(ids, experts.num_experts, flavor)
+            mx.eval(got)
+        return _same_route(got, route_oracle(np.array(ids), experts.num_experts))
+
+    return measure
+
+
+def _same_route(got, want) -> Measure:
     m = Measure(tol=0.0)
     for name, g, w in zip(("counts", "offsets", "pairs", "tiles"), got[1:], want):
         g = np.array(g)
@@ -515,7 +525,9 @@ KERNEL_CHECKS: Dict[str, Callable[[LayerCase, str, tuple], Measure]] = {
     "mul_mv_id_swiglu": swiglu_measure,
     "mul_mv_id_down_combine": down_combine_measure,
     "mul_mv_id": mul_mv_id_measure,
-    "mul_mm_id_map0": map0_measure,
+    "mul_mm_id_map0": map0_measure("block"),
+    "mul_mm_id_map0_count": map0_measure("grid"),  # with mul_mm_id_map0_lists
+    "mul_mm_id_map0_lists": map0_measure("grid"),
     "mul_mm_id_swiglu": mm_swiglu_measure,
     "mul_mm_id": mul_mm_id_measure,
     "mul_mm_id_combine": mm_combine_measure,
@@ -626,6 +638,8 @@ KERNEL_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "mul_mv_id_down_combine": _DECODE_FAMILIES,
     "mul_mv_id": _DECODE_FAMILIES + ("ragged_rows",),
     "mul_mm_id_map0": _PREFILL_FAMILIES,
+    "mul_mm_id_map0_count": _PREFILL_FAMILIES,
+    "mul_mm_id_map0_lists": _PREFILL_FAMILIES,
     "mul_mm_id_swiglu": _PREFILL_FAMILIES,
     "mul_mm_id": _PREFILL_FAMILIES,
     "mul_mm_id_combine": _PREFILL_FAMILIES,
