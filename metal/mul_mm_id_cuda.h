@@ -275,22 +275,22 @@ MOE_DEVICE inline void moe_store4(__nv_bfloat16* o, float4 v, int n) {
 }
 
 // The GEMM tiles' epilogue, after the results are staged in shared memory
-// (`smem`: NA stages [BN][LDS], pair-major) and a barrier: each thread writes
-// 16 results of one pair, SwiGLU applied when NA = 2.  O: float, or
+// (`smem`: NA stages [BN][BM + 4], pair-major) and a barrier: each thread writes
+// BM / 4 results of one pair, SwiGLU applied when NA = 2.  O: float, or
 // __nv_bfloat16 for the bf16 h of the async bodies.
-template <int NA, int N, typename O>
+template <int NA, int N, typename O, int BM = MOE_MM_BM>
 MOE_DEVICE inline void moe_mm_write(const float* smem, const int* pairs, int start, int nvalid, int row0,
                                     O* out) {
-  constexpr int BN = MOE_MM_BN;
+  constexpr int BN = MOE_MM_BN, LDS = BM + 4;  // the stage [NA][BN][LDS]; LDS = MOE_MM_LDS for 64 rows
   const int t = int(threadIdx.x);
   const int oj = t >> 2;
-  const int or0 = (t & 3) * 16;
+  const int or0 = (t & 3) * (BM / 4);
   if (oj < nvalid) {
     const int p = pairs[start + oj];
-    const float* sg = smem + oj * MOE_MM_LDS + or0;
-    const float* su = sg + BN * MOE_MM_LDS;
+    const float* sg = smem + oj * LDS + or0;
+    const float* su = sg + BN * LDS;
     O* o = out + size_t(p) * N + row0 + or0;
-    for (int i = 0; i < 16; i += 4) {
+    for (int i = 0; i < BM / 4; i += 4) {
       float4 v = *reinterpret_cast<const float4*>(sg + i);
       if (NA == 2) {
         const float4 u = *reinterpret_cast<const float4*>(su + i);
@@ -308,14 +308,14 @@ struct moe_mm_tile {
   int e, start, nvalid, row0;
 };
 
-MOE_DEVICE inline moe_mm_tile moe_mm_tile_of(const int* tiles, const int* offsets) {
+MOE_DEVICE inline moe_mm_tile moe_mm_tile_of(const int* tiles, const int* offsets, int bm = MOE_MM_BM) {
   const int g = int(blockIdx.y);
   moe_mm_tile tl = {tiles[2 * g], 0, 0, 0};
   if (tl.e >= 0) {
     tl.start = tiles[2 * g + 1];
     const int left = offsets[tl.e + 1] - tl.start;
     tl.nvalid = left < MOE_MM_BN ? left : MOE_MM_BN;
-    tl.row0 = int(blockIdx.x) * MOE_MM_BM;
+    tl.row0 = int(blockIdx.x) * bm;
   }
   return tl;
 }
@@ -654,25 +654,30 @@ MOE_DEVICE inline unsigned moe_ld16(const unsigned char* p) {
   return *reinterpret_cast<const ushort*>(p);
 }
 
-template <int NA, int K, int N, int KS, bool BCAST, int CP, typename O>
+template <int NA, int K, int N, int KS, bool BCAST, int CP, int MT, typename O>
 MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, const int* tiles,
                                     const int* offsets, const ushort* w0, const ushort* w1, O* out) {
-  constexpr int BM = MOE_MM_BM, BN = MOE_MM_BN, S = MOE_MM_STAGES, AK = MOE_MM_AK;
+  // MT: 16-row m tiles per warp, so a block's tile is BM = 64 MT rows x 32 pairs.
+  constexpr int BM = MOE_MM_BM * MT, BN = MOE_MM_BN, S = MOE_MM_STAGES, AK = MOE_MM_AK;
   constexpr int AP = MOE_MM_AP, XP = MOE_MM_XP;
   static_assert(K % (32 * AK) == 0 && AK % 2 == 0, "a stage is AK whole Q4_0 blocks, 4-byte aligned");
-  static_assert(MOE_MM_THREADS == 128 && BM == 64 && BN == 32, "the copy and warp layouts below");
+  static_assert(MOE_MM_THREADS == 128 && MOE_MM_BM == 64 && BN == 32, "the copy and warp layouts below");
+  static_assert((MT == 1 || MT == 2) && (MT == 1 || CP == 1), "64 or 128 rows; 128 rows copy in lanes");
   constexpr int RL = K / 32 * 9;           // ushorts per weight row
   constexpr int NK = K / (32 * AK);        // stages along K
   constexpr int WB = 18 * AK;              // weight bytes per row and stage
   constexpr int A_BYTES = NA * BM * AP;
   constexpr int STAGE = A_BYTES + BN * XP * 2;
-  constexpr int OUT = NA * BN * MOE_MM_LDS * 4;  // the epilogue's stage (bytes)
-  __shared__ __align__(16) unsigned char smem[S * STAGE > OUT ? S * STAGE : OUT];
+  constexpr int LDS = BM + 4;              // the epilogue's stage [NA][BN][LDS] floats (conflict-free stores)
+  constexpr int OUT = NA * BN * LDS * 4;
+  constexpr int SMEM = S * STAGE > OUT ? S * STAGE : OUT;
+  static_assert(SMEM <= 48 * 1024, "static shared memory: at most 48 kB a block");
+  __shared__ __align__(16) unsigned char smem[SMEM];
 
   const int t = int(threadIdx.x);
   const int lane = t & 31;
   const int warp = t >> 5;
-  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets);
+  const moe_mm_tile tile = moe_mm_tile_of(tiles, offsets, BM);
   if (tile.e < 0) {
     return;  // an empty tile: the whole block leaves before any barrier
   }
@@ -691,6 +696,7 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   //   0.670 ms against 0.983 (BENCHMARKS.md): the copies' wavefronts were the limit.
   constexpr int WW = WB / 4;
   constexpr int RPW = NA * BM / 4;
+  static_assert(RPW <= 32, "a lane copies the last word of at most one row");
   // Unaligned weights (a view into a larger buffer) fall back to 2-byte copies.
   const bool a4 = ((reinterpret_cast<size_t>(w0) | reinterpret_cast<size_t>(w1)) & 3) == 0;
   auto wrow_of = [&](int R) {  // the first byte of row R of the stacked (matrix, row) list
@@ -757,15 +763,16 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
     moe_cp_commit();
   };
 
-  // Fragment addresses.  A: rows 16 warp + g and + 8, bytes 2 + 2q and 10 + 2q
-  // of a block.  B (ldmatrix, bf16 elements of the activation stage): matrices
-  // (pairs 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of a 16-pair half.
+  // Fragment addresses.  A: rows 16 (MT warp + m) + g and + 8 (m tile m < MT),
+  // bytes 2 + 2q and 10 + 2q of a block.  B (ldmatrix, bf16 elements of the
+  // activation stage): matrices (pairs 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7),
+  // (8-15, 8-15) of a 16-pair half.
   const int fg = lane >> 2;
   const int fq = lane & 3;
-  const int a_off = (warp * 16 + fg) * AP;
+  const int a_off = (warp * 16 * MT + fg) * AP;
   const int b_ld = ((lane & 7) + 8 * (lane >> 4)) * XP + 8 * ((lane >> 3) & 1);
-  float acc[NA][16];
-  for (int a = 0; a < NA; ++a) {
+  float acc[NA * MT][16];  // [a * MT + m]
+  for (int a = 0; a < NA * MT; ++a) {
     for (int i = 0; i < 16; ++i) {
       acc[a][i] = 0.0f;
     }
@@ -795,8 +802,9 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
           moe_ldsm_x4(b[kh][ph], reinterpret_cast<const float*>(xs + ph * 16 * XP + b_ld + 32 * blk + 16 * kh));
         }
       }
-      for (int a = 0; a < NA; ++a) {
-        const unsigned char* r0 = base + a * BM * AP + a_off + 18 * blk;
+      for (int am = 0; am < NA * MT; ++am) {
+        const int a = am / MT, m = am % MT;
+        const unsigned char* r0 = base + a * BM * AP + a_off + m * 16 * AP + 18 * blk;
         const unsigned char* r8 = r0 + 8 * AP;
         const float d0 = moe_f16_bits(ushort(moe_ld16(r0)));
         const float d8 = moe_f16_bits(ushort(moe_ld16(r8)));
@@ -815,7 +823,7 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
           float part[4];
           moe_mma_bf16_z(part, af[0], b[0][ni >> 1] + 2 * (ni & 1));
           moe_mma_bf16(part, af[1], b[1][ni >> 1] + 2 * (ni & 1));
-          float* c = acc[a] + 4 * ni;
+          float* c = acc[am] + 4 * ni;
           c[0] += d0 * part[0];
           c[1] += d0 * part[1];
           c[2] += d8 * part[2];
@@ -827,20 +835,21 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
   moe_cp_wait<0>();
   __syncthreads();  // every warp is done with the ring before it becomes the output stage
   float* stage = reinterpret_cast<float*>(smem);
-  for (int a = 0; a < NA; ++a) {
+  for (int am = 0; am < NA * MT; ++am) {
+    const int a = am / MT, m = am % MT;
     for (int ni = 0; ni < 4; ++ni) {
-      const float* c = acc[a] + 4 * ni;
-      const int r = warp * 16 + fg;
+      const float* c = acc[am] + 4 * ni;
+      const int r = (warp * MT + m) * 16 + fg;
       const int p = 8 * ni + 2 * fq;
-      float* st = stage + a * BN * MOE_MM_LDS;
-      st[p * MOE_MM_LDS + r] = c[0];
-      st[(p + 1) * MOE_MM_LDS + r] = c[1];
-      st[p * MOE_MM_LDS + r + 8] = c[2];
-      st[(p + 1) * MOE_MM_LDS + r + 8] = c[3];
+      float* st = stage + a * BN * LDS;
+      st[p * LDS + r] = c[0];
+      st[(p + 1) * LDS + r] = c[1];
+      st[p * LDS + r + 8] = c[2];
+      st[(p + 1) * LDS + r + 8] = c[3];
     }
   }
   __syncthreads();
-  moe_mm_write<NA, N>(stage, pairs, start, nvalid, row0, out);
+  moe_mm_write<NA, N, O, BM>(stage, pairs, start, nvalid, row0, out);
 }
 
 // ==== kernel: mul_mm_id ====
@@ -1012,14 +1021,15 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
 
 // ==== kernel: mul_mm_id_async ====
 // mul_mm_id for bfloat16 src and Q4_0 weights, K % 64 == 0, fed by cp.async
-// (moe_mm_async above): same grid, template, inputs and output as mul_mm_id.
+// (moe_mm_async above): same template, inputs and output as mul_mm_id, plus CP
+// and MT (row tiles of 64 MT rows: grid x = ceil(N / (64 MT)) * 128).
 {
-  moe_mm_async<1, K, N, KS, BCAST, CP>(src, pairs, tiles, offsets, w, w, out);
+  moe_mm_async<1, K, N, KS, BCAST, CP, MT>(src, pairs, tiles, offsets, w, w, out);
 }
 
 // ==== kernel: mul_mm_id_swiglu_async ====
 // mul_mm_id_swiglu for bfloat16 x and Q4_0 weights, K % 64 == 0 (moe_mm_async
 // above): same grid, template and inputs; h in bfloat16.
 {
-  moe_mm_async<2, K, N, KS, true, CP>(x, pairs, tiles, offsets, wg, wu, h);
+  moe_mm_async<2, K, N, KS, true, CP, 1>(x, pairs, tiles, offsets, wg, wu, h);
 }

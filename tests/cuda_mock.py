@@ -255,8 +255,7 @@ def layer_kernels(variant, fmt, shape, x_dtype):
     # The bodies mul_mm_id.cuda_body picks under CUDA_GEMM = variant; the async swiglu
     # body writes h in bfloat16, which the down GEMM then reads (and its async body
     # writes d in bfloat16 too).
-    # variant: a CUDA_GEMM name, for "async" optionally with its copy layout ("async:lanes")
-    # and the down GEMM's output dtype ("async:lanes:dbf16", mul_mm_id.ASYNC_D_BF16).
+    # variant: a CUDA_GEMM name, then options (VARIANT_OPTIONS: "async:lanes:dbf16:r128").
     with _cuda_gemm(variant):
         wdt = mx.uint16 if fmt == "q4_0" else x_dtype
         sfx_gu = cuda_body(x_dtype, wdt, D)
@@ -265,7 +264,7 @@ def layer_kernels(variant, fmt, shape, x_dtype):
         wdd = mx.uint16 if fmt == "q4_0" else mx.float32
         sfx_d = cuda_body(hdt, wdd, F)
         cp_gu = mul_mm_id.async_template("cuda", x_dtype, wdt, D)
-        cp_d = mul_mm_id.async_template("cuda", hdt, wdd, F)
+        cp_d, _ = mul_mm_id.plain_async_template("cuda", hdt, wdd, F)
         dt = "bfloat16" if sfx_d == "_async" and mul_mm_id.ASYNC_D_BF16 else "float32"
     return [("mul_mm_id_swiglu" + sfx_gu, {"x": xt, "wg": wt, "wu": wt, **ROUTE_IN}, {"h": ht},
              [("T", xt), ("WT", wt), ("K", D), ("N", F), ("KS", k)] + cp_gu),
@@ -273,18 +272,30 @@ def layer_kernels(variant, fmt, shape, x_dtype):
              [("T", ht), ("WT", wt), ("K", F), ("N", D), ("KS", k), ("BCAST", False)] + cp_d)]
 
 
+# The options after a GEMM body's name in a variant ("async:lanes:dbf16:r128"): the
+# mul_mm_id settings each one sets.
+VARIANT_OPTIONS = {"rows": ("ASYNC_COPY", "rows"), "lanes": ("ASYNC_COPY", "lanes"),
+                   "dbf16": ("ASYNC_D_BF16", True), "dfloat": ("ASYNC_D_BF16", False),
+                   "r64": ("ASYNC_ROWS", 64), "r128": ("ASYNC_ROWS", 128)}
+
+
+def variant_settings(variant: str) -> dict:
+    """{mul_mm_id attribute: value} of a variant: a CUDA_GEMM name, then options (VARIANT_OPTIONS)."""
+    gemm, *opts = variant.split(":")
+    return {"CUDA_GEMM": gemm, **dict(VARIANT_OPTIONS[o] for o in opts)}
+
+
 @contextlib.contextmanager
 def _cuda_gemm(variant):
-    gemm, _, rest = variant.partition(":")
-    copy, _, d_out = rest.partition(":")
-    old = mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY, mul_mm_id.ASYNC_D_BF16
-    mul_mm_id.CUDA_GEMM = gemm
-    mul_mm_id.ASYNC_COPY = copy or mul_mm_id.ASYNC_COPY
-    mul_mm_id.ASYNC_D_BF16 = {"dbf16": True, "dfloat": False}.get(d_out, mul_mm_id.ASYNC_D_BF16)
+    settings = variant_settings(variant)
+    old = {name: getattr(mul_mm_id, name) for name in settings}
+    for name, value in settings.items():
+        setattr(mul_mm_id, name, value)
     try:
         yield
     finally:
-        mul_mm_id.CUDA_GEMM, mul_mm_id.ASYNC_COPY, mul_mm_id.ASYNC_D_BF16 = old
+        for name, value in old.items():
+            setattr(mul_mm_id, name, value)
 
 
 
@@ -334,7 +345,8 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
     (odt,) = kern[2].values()
     bf16_out = odt == "bfloat16"
     n_out = int(np.prod(out_shape)) * (2 if bf16_out else 4)
-    grid = (-(-out_shape[1] // BM), arrays["tiles"].shape[0])
+    bm = BM * dict(kern[3]).get("MT", 1)  # the async plain GEMM's rows per block
+    grid = (-(-out_shape[1] // bm), arrays["tiles"].shape[0])
     r = subprocess.run([str(exe), str(index[repr(kern)]), *map(str, grid), str(out), str(n_out), *files],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "MOCK_SHIFT": str(shift)})
     assert r.returncode == 0, r.stderr[-4000:]

@@ -153,9 +153,13 @@ MM_KERNELS = [
     # The async bodies (CUDA_GEMM = "async": bfloat16 activations, Q4_0 weights, K % 64 == 0).
     # (template CP: mul_mm_id.ASYNC_COPIES, 0 "rows" and 1 "lanes").
     _gemm("mul_mm_id_swiglu_async", "q4_0", "bfloat16", "uint16", 2048, 768, 8, [("CP", 0)]),
-    _gemm("mul_mm_id_async", "down_q4_0", "bfloat16", "uint16", 768, 2048, 8, [("BCAST", False), ("CP", 0)]),
+    _gemm("mul_mm_id_async", "down_q4_0", "bfloat16", "uint16", 768, 2048, 8, [("BCAST", False), ("CP", 0), ("MT", 1)]),
     _gemm("mul_mm_id_swiglu_async", "lanes_q4_0", "bfloat16", "uint16", 2048, 768, 8, [("CP", 1)]),
-    _gemm("mul_mm_id_async", "down_lanes_q4_0", "bfloat16", "uint16", 768, 2048, 8, [("BCAST", False), ("CP", 1)]),
+    _gemm("mul_mm_id_async", "down_lanes_q4_0", "bfloat16", "uint16", 768, 2048, 8,
+          [("BCAST", False), ("CP", 1), ("MT", 1)]),
+    # 128-row tiles of the plain async GEMM (mul_mm_id.ASYNC_ROWS)
+    _gemm("mul_mm_id_async", "down_lanes_r128_q4_0", "bfloat16", "uint16", 768, 2048, 8,
+          [("BCAST", False), ("CP", 1), ("MT", 2)]),
     ("mul_mm_id_combine", "bf16", {"d": "float32", "ids": "int32", "wts": "float32", "x": "bfloat16"},
      {"y": "bfloat16"}, [("T", "bfloat16"), ("N", 2048), ("NE", 128), ("NI", 0), ("KS", 8), ("TG", 256)]),
     ("mul_mm_id_combine", "f16_identity", {"d": "float32", "ids": "int32", "wts": "float32", "x": "float16"},
@@ -206,7 +210,7 @@ def test_prefill_kernels_compile_for_sm90a(tmp_path):
     # with cp.async.
     for name, text in entries.items():
         gemm = "mul_mm_id_swiglu" in name or re.search(r"mul_mm_id_((pipe|bf16|async)_)?(down|gate)", name)
-        bf16 = bool(re.search(r"_(bf16|async)_((gate|down)_)?(lanes_)?q4_0E", name))
+        bf16 = bool(re.search(r"_(bf16|async)_((gate|down)_)?(lanes_)?(r128_)?q4_0E", name))
         asy = "_async_" in name
         assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text) == bool(gemm and not bf16), name
         assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text) == bf16, name
@@ -217,7 +221,7 @@ def test_prefill_kernels_compile_for_sm90a(tmp_path):
     # The pipelined, bf16 and async GEMMs keep 4 blocks of 128 threads per SM: <= 128
     # registers, no spills, their stages in static shared memory (< 48 KiB).
     for name, (regs, smem) in rep.items():
-        if "pipe" in name or re.search(r"_(bf16|async)_((gate|down)_)?(lanes_)?q4_0E", name):
+        if "pipe" in name or re.search(r"_(bf16|async)_((gate|down)_)?(lanes_)?(r128_)?q4_0E", name):
             assert regs is not None and regs <= 128, (name, regs)
             assert smem <= 48 * 1024, (name, smem)
     assert " 0 bytes spill stores" in report or "spill" not in report

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cuda_mock import CXX, layer_kernels, mock_binary, run_mock
+from cuda_mock import CXX, layer_kernels, mock_binary, run_mock, variant_settings
 from test_kernels_emulated import TOL, make_experts, make_routing, make_x, reference
 
 from mlx_moe.kernels import dispatch
@@ -186,20 +186,15 @@ def test_cuda_qwen3_layer_shapes(tokens, fmt, x_dtype):
 
 
 def set_gemm(monkeypatch, gemm: str) -> None:
-    """mul_mm_id.CUDA_GEMM (and, after colons, ASYNC_COPY and the down GEMM's output:
-    "dbf16" / "dfloat", ASYNC_D_BF16) for the test."""
-    body, _, rest = gemm.partition(":")
-    copy, _, d_out = rest.partition(":")
-    monkeypatch.setattr(mul_mm_id_module, "CUDA_GEMM", body)
-    if copy:
-        monkeypatch.setattr(mul_mm_id_module, "ASYNC_COPY", copy)
-    if d_out:
-        monkeypatch.setattr(mul_mm_id_module, "ASYNC_D_BF16", {"dbf16": True, "dfloat": False}[d_out])
+    """mul_mm_id.CUDA_GEMM and the options after it (cuda_mock.VARIANT_OPTIONS) for the test."""
+    for name, value in variant_settings(gemm).items():
+        monkeypatch.setattr(mul_mm_id_module, name, value)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:rows", "async:lanes:dbf16", "async:lanes:dfloat"))
+@pytest.mark.parametrize("gemm", CUDA_GEMMS + ("async:rows", "async:lanes:dbf16", "async:lanes:dfloat",
+                                               "async:lanes:r128", "async:lanes:r128:dbf16"))
 @pytest.mark.parametrize("fmt,shape,x_dtype,x_scale", [
     ("q4_0", (128, 2048, 768, 8, 512), mx.bfloat16, 1.0),  # a Qwen3-30B-A3B layer
     ("q4_0", (6, 96, 160, 3, 40), mx.float32, 1e5),        # ragged row tiles, huge activations
@@ -215,7 +210,7 @@ def test_cuda_gemm_variants(gemm, fmt, shape, x_dtype, x_scale, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("gemm", ["bf16", "async:rows", "async:lanes", "async:lanes:dbf16"])
+@pytest.mark.parametrize("gemm", ["bf16", "async:rows", "async:lanes", "async:lanes:dbf16", "async:lanes:r128"])
 def test_cuda_bf16_gemms_unfused_huge_and_skewed(gemm, monkeypatch):
     # The bf16 and async bodies: mul_mm_id_{gemm} (gate and up unfused, BCAST) with identity
     # and padding ids and |x| ~ 1e5; the fused one on skewed routing (one expert over many
@@ -298,6 +293,8 @@ MOCK_LAYERS = [
     ("async:lanes", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # the default copy layout (mul_mm_id.ASYNC_COPY)
     ("async:lanes", "q4_0", (4, 320, 160, 2, 24), mx.bfloat16),  # ... with a partial row tile (160 = 2.5 x 64)
     ("async:lanes:dbf16", "q4_0", (5, 128, 192, 3, 40), mx.bfloat16),  # d in bfloat16 (mul_mm_id.ASYNC_D_BF16)
+    ("async:lanes:r128", "q4_0", (5, 320, 128, 3, 40), mx.bfloat16),  # down: 128-row tiles, 320 = 2.5 x 128
+    ("async:lanes:r128:dbf16", "q4_0", (4, 256, 192, 2, 24), mx.bfloat16),  # ... 2 row tiles, 3 K stages, bf16 d
 ]
 
 

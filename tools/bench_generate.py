@@ -46,6 +46,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
                 (mul_mm_id.ASYNC_D_BF16); +dfloat: in float32 (the default)
+  mlx-moe+r128  the async down GEMM in 128-row tiles (mul_mm_id.ASYNC_ROWS); +r64: in
+                64-row tiles (the default)
   mlx-moe+map0grid  the prefill route built by two kernels over the whole GPU
                 (mul_mm_id.MAP0 = "grid"); +map0block: by one threadgroup (the default)
 
@@ -463,6 +465,8 @@ SWITCHES = {
     "+rows": (mul_mm_id_module, "ASYNC_COPY", "rows"),
     "+dbf16": (mul_mm_id_module, "ASYNC_D_BF16", True),
     "+dfloat": (mul_mm_id_module, "ASYNC_D_BF16", False),
+    "+r128": (mul_mm_id_module, "ASYNC_ROWS", 128),
+    "+r64": (mul_mm_id_module, "ASYNC_ROWS", 64),
     "+map0grid": (mul_mm_id_module, "MAP0", "grid"),
     "+map0block": (mul_mm_id_module, "MAP0", "block"),
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),

@@ -366,6 +366,18 @@ def prefill_main(a, fl: str) -> dict:
                         report(f"ours q4_0 ({tag}, swiglu fused, d {'float32' if d_bf16 else 'bfloat16'})", T,
                                per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
                         mul_mm_id.ASYNC_D_BF16 = d_bf16
+                        # The plain (down) GEMM in the other row-tile height (ASYNC_ROWS).
+                        rows0 = mul_mm_id.ASYNC_ROWS
+                        for r in [r for r in mul_mm_id.ASYNC_ROWS_CHOICES if r != rows0]:
+                            mul_mm_id.ASYNC_ROWS = r
+                            report(f"ours q4_0 ({tag}, swiglu fused, down in {r}-row tiles)", T,
+                                   per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
+                            mul_mm_id.ASYNC_D_BF16 = not d_bf16
+                            report(f"ours q4_0 ({tag}, swiglu fused, down in {r}-row tiles, "
+                                   f"d {'float32' if d_bf16 else 'bfloat16'})", T,
+                                   per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
+                            mul_mm_id.ASYNC_D_BF16 = d_bf16
+                        mul_mm_id.ASYNC_ROWS = rows0
             mul_mm_id.ASYNC_COPY = copy0
         mul_mm_id.CUDA_GEMM = gemm0
 

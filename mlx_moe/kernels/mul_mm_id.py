@@ -64,10 +64,16 @@ ASYNC_K = 64  # the async bodies' K step: two Q4_0 blocks (MOE_MM_AK)
 # tools/bench_kernels.py --prefill times both.
 ASYNC_COPIES = ("rows", "lanes")
 ASYNC_COPY = "lanes"
-# Whether the async down GEMM (mul_mm_id, BCAST = false) writes d in bfloat16 (True)
-# or float32 (the default until the H100 has measured it); the async swiglu body
-# always writes h in bfloat16.
+# Whether the async plain GEMM (mul_mm_id: the down projection, or gate and up unfused)
+# writes its output in bfloat16 (True) or float32 (the default until the H100 has
+# measured it); the async swiglu body always writes h in bfloat16.
 ASYNC_D_BF16 = False
+# Weight rows per block of the async plain GEMM (mul_mm_id_async, template MT = rows / 64):
+# 128 gives each warp two 16-row m tiles that share every activation fragment it loads
+# from shared memory (the fused SwiGLU body already shares them between gate and up);
+# 64 is the tile of every other body.  tools/bench_kernels.py --prefill times both.
+ASYNC_ROWS_CHOICES = (64, 128)
+ASYNC_ROWS = 64
 
 
 class Route(NamedTuple):
@@ -167,6 +173,19 @@ def async_template(flavor: str, x_dtype, w_dtype, K: int) -> list:
     return [("CP", ASYNC_COPIES.index(ASYNC_COPY))]
 
 
+def plain_async_template(flavor: str, x_dtype, w_dtype, K: int):
+    """(template arguments only the async plain GEMM takes: CP and MT, its rows per
+    block) for mul_mm_id; ([], BM) for every other body."""
+    args = async_template(flavor, x_dtype, w_dtype, K)
+    if not args:
+        return [], BM
+    if ASYNC_ROWS not in ASYNC_ROWS_CHOICES:
+        raise ValueError(f"mul_mm_id.ASYNC_ROWS is {ASYNC_ROWS!r}; choose one of {ASYNC_ROWS_CHOICES}")
+    if ASYNC_ROWS != BM and ASYNC_COPY != "lanes":
+        raise ValueError(f"mul_mm_id.ASYNC_ROWS = {ASYNC_ROWS} needs ASYNC_COPY = 'lanes'")
+    return args + [("MT", ASYNC_ROWS // BM)], ASYNC_ROWS
+
+
 def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype, K: int):
     """The kernel object of GEMM `name` ("mul_mm_id" or "mul_mm_id_swiglu") for
     `flavor`, the activation and weight dtypes and K: on CUDA the body cuda_body picks."""
@@ -177,8 +196,8 @@ def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype, K: int):
     return get_kernel(flavor, spec.family, name + body, list(spec.inputs), list(spec.outputs))
 
 
-def _mm_grid(rows: int, route: Route):
-    return (-(-rows // BM) * THREADS, route.tiles.shape[0], 1), (THREADS, 1, 1)
+def _mm_grid(rows: int, route: Route, bm: int = BM):
+    return (-(-rows // bm) * THREADS, route.tiles.shape[0], 1), (THREADS, 1, 1)
 
 
 def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor: str) -> mx.array:
@@ -192,9 +211,9 @@ def mul_mm_id(src: mx.array, route: Route, w: mx.array, broadcast: bool, flavor:
     want = T if broadcast else T * k
     if src.shape != (want, cols):
         raise ValueError(f"src must be [{want}, {cols}] for these ids and weights; got {tuple(src.shape)}")
-    grid, tg = _mm_grid(rows, route)
-    async_args = async_template(flavor, src.dtype, w.dtype, cols)  # non-empty: the async body
-    bf16_out = bool(async_args) and (ASYNC_D_BF16 or broadcast)
+    async_args, bm = plain_async_template(flavor, src.dtype, w.dtype, cols)  # non-empty: the async body
+    bf16_out = bool(async_args) and ASYNC_D_BF16
+    grid, tg = _mm_grid(rows, route, bm)
     return gemm_kernel(flavor, "mul_mm_id", src.dtype, w.dtype, cols)(
         inputs=[src, route.pairs, route.tiles, route.offsets, w],
         template=[("T", src.dtype), ("WT", w.dtype), ("K", cols), ("N", rows), ("KS", k),
