@@ -795,6 +795,7 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
     }
     const unsigned char* base = smem + (s % S) * STAGE;
     const ushort* xs = reinterpret_cast<const ushort*>(base + A_BYTES);
+    MOE_UNROLL
     for (int blk = 0; blk < AK; ++blk) {
       unsigned b[2][2][4];  // [k16 half][pair half]
       for (int kh = 0; kh < 2; ++kh) {
@@ -802,6 +803,7 @@ MOE_DEVICE inline void moe_mm_async(const __nv_bfloat16* src, const int* pairs, 
           moe_ldsm_x4(b[kh][ph], reinterpret_cast<const float*>(xs + ph * 16 * XP + b_ld + 32 * blk + 16 * kh));
         }
       }
+      MOE_UNROLL
       for (int am = 0; am < NA * MT; ++am) {
         const int a = am / MT, m = am % MT;
         const unsigned char* r0 = base + a * BM * AP + a_off + m * 16 * AP + 18 * blk;

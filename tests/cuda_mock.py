@@ -46,6 +46,7 @@ CUDA_MOCK = r"""
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
 #define MOE_DEVICE
+#define MOE_UNROLL
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
 typedef unsigned short ushort;
