@@ -37,3 +37,21 @@ def test_unknown_suffix_is_named():
         bench_generate.engine_suffixes("mlx-moe+compile+pf2")
     assert bench_generate.engine_suffixes("mlx-moe/mlx") == []
     assert bench_generate.engine_suffixes("mlx-moe+compile+notail") == ["+compile", "+notail"]
+
+
+def test_bench_kernels_prefill_switch_variants_turn_each_switch_then_all():
+    import bench_kernels
+
+    from mlx_moe.kernels import mul_mm_id
+
+    variants = bench_kernels.switch_variants(mul_mm_id, async_body=True)
+    before = {n: getattr(mul_mm_id, n) for n in ("MAP0", "ASYNC_D_BF16", "ASYNC_ROWS")}
+    for _, settings in variants[:-1]:  # one switch each, away from its default
+        assert len(settings) == 1 and all(before[n] != v for n, v in settings.items())
+    assert variants[-1][1] == {n: v for _, st in variants[:-1] for n, v in st.items()}
+    with bench_kernels.module_settings(mul_mm_id, variants[-1][1]):
+        assert all(getattr(mul_mm_id, n) == v for n, v in variants[-1][1].items())
+    assert {n: getattr(mul_mm_id, n) for n in before} == before
+    # Without the async body only map0's switch applies.
+    assert [st for _, st in bench_kernels.switch_variants(mul_mm_id, async_body=False)] == \
+        [{"MAP0": k} for k in mul_mm_id.MAP0_KINDS if k != mul_mm_id.MAP0]

@@ -60,6 +60,7 @@ needs at least, on this device, to set the decode kernels' times against.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -305,6 +306,31 @@ def per_layer_us(layer_fn, layers: int, reps: int) -> dict:
             "build": build_only(fn, reps) / layers * 1e6}
 
 
+@contextlib.contextmanager
+def module_settings(module, settings: dict):
+    """The module's attributes set to `settings` inside the block."""
+    saved = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def switch_variants(mm, async_body: bool) -> list:
+    """(label, settings) for each prefill switch of mul_mm_id (`mm`) turned away from its
+    default (the async body's only where it runs), then all of them at once."""
+    out = [(f"map0 {k}", {"MAP0": k}) for k in mm.MAP0_KINDS if k != mm.MAP0]
+    if async_body:
+        out.append((f"d {'float32' if mm.ASYNC_D_BF16 else 'bfloat16'}", {"ASYNC_D_BF16": not mm.ASYNC_D_BF16}))
+        out += [(f"down in {r}-row tiles", {"ASYNC_ROWS": r}) for r in mm.ASYNC_ROWS_CHOICES if r != mm.ASYNC_ROWS]
+    if len(out) > 1:
+        out.append((", ".join(label for label, _ in out), {k: v for _, st in out for k, v in st.items()}))
+    return out
+
+
 def prefill_main(a, fl: str) -> dict:
     """ms per MoE layer and TFLOP/s of the prefill path against mlx-lm's SwitchGLU."""
     E, D, F, k = a.experts, a.hidden, a.ffn, a.k
@@ -350,34 +376,15 @@ def prefill_main(a, fl: str) -> dict:
                 for name, be in variants:
                     report(name, T, per_layer(lambda l, be=be: be(xs, ids[l], ws[l], q4[l]), reps))
                 if gemm == gemms[0] and copy == copy0:
-                    # The route's kernels (mul_mm_id.MAP0): the default layer with the
-                    # other kind, and map0 alone with each.
-                    map0_0 = mul_mm_id.MAP0
-                    for kind in [map0_0] + [m for m in mul_mm_id.MAP0_KINDS if m != map0_0]:
+                    # The layer with each prefill switch of mul_mm_id turned the other way,
+                    # then all of them, and map0 alone in each kind.
+                    for label, settings in switch_variants(mul_mm_id, gemm == "async" and fl == "cuda"):
+                        with module_settings(mul_mm_id, settings):
+                            report(f"ours q4_0 ({tag}, swiglu fused, {label})", T,
+                                   per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
+                    for kind in mul_mm_id.MAP0_KINDS:
                         with mul_mm_id.map0_kind(kind):
-                            if kind != map0_0:
-                                report(f"ours q4_0 ({tag}, swiglu fused, map0 {kind})", T,
-                                       per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
                             report(f"map0 alone ({kind})", T, per_layer(lambda l: mul_mm_id.map0(ids[l], E, fl), reps))
-                    # The async down GEMM's output in the other dtype (ASYNC_D_BF16).
-                    if gemm == "async":
-                        d_bf16 = mul_mm_id.ASYNC_D_BF16
-                        mul_mm_id.ASYNC_D_BF16 = not d_bf16
-                        report(f"ours q4_0 ({tag}, swiglu fused, d {'float32' if d_bf16 else 'bfloat16'})", T,
-                               per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
-                        mul_mm_id.ASYNC_D_BF16 = d_bf16
-                        # The plain (down) GEMM in the other row-tile height (ASYNC_ROWS).
-                        rows0 = mul_mm_id.ASYNC_ROWS
-                        for r in [r for r in mul_mm_id.ASYNC_ROWS_CHOICES if r != rows0]:
-                            mul_mm_id.ASYNC_ROWS = r
-                            report(f"ours q4_0 ({tag}, swiglu fused, down in {r}-row tiles)", T,
-                                   per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
-                            mul_mm_id.ASYNC_D_BF16 = not d_bf16
-                            report(f"ours q4_0 ({tag}, swiglu fused, down in {r}-row tiles, "
-                                   f"d {'float32' if d_bf16 else 'bfloat16'})", T,
-                                   per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
-                            mul_mm_id.ASYNC_D_BF16 = d_bf16
-                        mul_mm_id.ASYNC_ROWS = rows0
             mul_mm_id.ASYNC_COPY = copy0
         mul_mm_id.CUDA_GEMM = gemm0
 
