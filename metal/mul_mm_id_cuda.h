@@ -585,7 +585,8 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
 
 // ---- The asynchronous-copy GEMM for Q4_0 weights and bfloat16 activations ----
 // (kernels mul_mm_id_async, mul_mm_id_swiglu_async).  Same tile (BM x BN =
-// 64 x 32, 128 threads), grid, tile table and arithmetic as moe_mm_bf16 (exact
+// 64 x 32, 128 threads; or 128 x 32 for the plain GEMM with MT = 2,
+// mul_mm_id.ASYNC_ROWS), grid, tile table and arithmetic as moe_mm_bf16 (exact
 // bf16 products of q - 8 and x, each Q4_0 block's partial sums scaled by its
 // d in float32); what differs is how the tensor cores are fed.  moe_mm_bf16
 // keeps one K step in flight per thread, in registers, loaded 2 bytes at a
@@ -600,9 +601,11 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
 //   (g, q) of m16n8k16 needs bytes 2q, 2q + 1, 2q + 8, 2q + 9 of rows g and
 //   g + 8; their low nibbles are k 0-15 of the block, their high nibbles
 //   k 16-31), so no bf16 A tile is stored and read back;
-// - warp w owns rows 16w .. 16w + 15 of each weight matrix and all 32 pairs:
-//   every weight is converted once per block, and each B fragment (ldmatrix
-//   from the activation stage) is shared by the NA x 1 A fragments of a k16.
+// - warp w owns rows 16 MT w .. 16 MT (w + 1) - 1 of each weight matrix and all
+//   32 pairs: every weight is converted once per block, and each B fragment
+//   (ldmatrix from the activation stage) is shared by the NA x MT A fragments
+//   of a k16 (shared-memory reads were the limit in ncu: MT = 2 halves the B
+//   reads per weight row of the plain GEMM).
 // h comes out in bfloat16 (O = __nv_bfloat16) for the down GEMM's own async
 // body, as mlx-lm's SwitchGLU keeps it in the activations' dtype.
 #define MOE_MM_AK 2        // Q4_0 blocks per stage
