@@ -9,13 +9,15 @@ Decode-sized batches (see mlx_moe/kernels/dispatch.py) run in two dispatches:
    written once in x's dtype.
 
 Larger batches (see `kernel_path` in mlx_moe/kernels/dispatch.py) run the
-prefill path in four dispatches:
+prefill path in four steps:
 
 1. mul_mm_id_map0: the pairs of each real expert (a counting sort on the
-   device, no host sync) and the table of GEMM tiles;
+   device, no host sync) and the table of GEMM tiles (or the same from two
+   launches over the whole GPU, mul_mm_id_map0_count + _lists: mul_mm_id.MAP0);
 2. mul_mm_id_swiglu: gate and up as tiled GEMMs over each expert's pairs,
-   SwiGLU fused, into h [T*k, ffn] float32;
-3. mul_mm_id: down over the same tiles, into d [T*k, hidden] float32;
+   SwiGLU fused, into h [T*k, ffn] float32 (bfloat16 from the CUDA async body);
+3. mul_mm_id: down over the same tiles, into d [T*k, hidden] float32
+   (bfloat16 from the CUDA async body with mul_mm_id.ASYNC_D_BF16);
 4. mul_mm_id_combine: the weighted sum over slots plus weight * x for
    identity experts, in x's dtype.
 
