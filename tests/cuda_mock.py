@@ -15,7 +15,6 @@ tests/test_kernels_prefill_emulated.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -286,17 +285,8 @@ def variant_settings(variant: str) -> dict:
     return {"CUDA_GEMM": gemm, **dict(VARIANT_OPTIONS[o] for o in opts)}
 
 
-@contextlib.contextmanager
 def _cuda_gemm(variant):
-    settings = variant_settings(variant)
-    old = {name: getattr(mul_mm_id, name) for name in settings}
-    for name, value in settings.items():
-        setattr(mul_mm_id, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(mul_mm_id, name, value)
+    return mul_mm_id.switched(**variant_settings(variant))
 
 
 

@@ -49,7 +49,7 @@ def test_bench_kernels_prefill_switch_variants_turn_each_switch_then_all():
     for _, settings in variants[:-1]:  # one switch each, away from its default
         assert len(settings) == 1 and all(before[n] != v for n, v in settings.items())
     assert variants[-1][1] == {n: v for _, st in variants[:-1] for n, v in st.items()}
-    with bench_kernels.module_settings(mul_mm_id, variants[-1][1]):
+    with mul_mm_id.switched(**variants[-1][1]):
         assert all(getattr(mul_mm_id, n) == v for n, v in variants[-1][1].items())
     assert {n: getattr(mul_mm_id, n) for n in before} == before
     # Without the async body only map0's switch applies.

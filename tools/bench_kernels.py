@@ -60,7 +60,6 @@ needs at least, on this device, to set the decode kernels' times against.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -306,19 +305,6 @@ def per_layer_us(layer_fn, layers: int, reps: int) -> dict:
             "build": build_only(fn, reps) / layers * 1e6}
 
 
-@contextlib.contextmanager
-def module_settings(module, settings: dict):
-    """The module's attributes set to `settings` inside the block."""
-    saved = {name: getattr(module, name) for name in settings}
-    for name, value in settings.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def switch_variants(mm, async_body: bool) -> list:
     """(label, settings) for each prefill switch of mul_mm_id (`mm`) turned away from its
     default (the async body's only where it runs), then all of them at once."""
@@ -379,11 +365,11 @@ def prefill_main(a, fl: str) -> dict:
                     # The layer with each prefill switch of mul_mm_id turned the other way,
                     # then all of them, and map0 alone in each kind.
                     for label, settings in switch_variants(mul_mm_id, gemm == "async" and fl == "cuda"):
-                        with module_settings(mul_mm_id, settings):
+                        with mul_mm_id.switched(**settings):
                             report(f"ours q4_0 ({tag}, swiglu fused, {label})", T,
                                    per_layer(lambda l: KernelBackend(fl)(xs, ids[l], ws[l], q4[l]), reps))
                     for kind in mul_mm_id.MAP0_KINDS:
-                        with mul_mm_id.map0_kind(kind):
+                        with mul_mm_id.switched(MAP0=kind):
                             report(f"map0 alone ({kind})", T, per_layer(lambda l: mul_mm_id.map0(ids[l], E, fl), reps))
             mul_mm_id.ASYNC_COPY = copy0
         mul_mm_id.CUDA_GEMM = gemm0

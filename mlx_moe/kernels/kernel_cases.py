@@ -80,9 +80,9 @@ def _layer_case(fmt: str, shape, n_identity: int, x_dtype, rtol: float, path: st
 
 def _map0_case(kind: str):
     def check(flavor: str) -> None:
-        from .mul_mm_id import map0_kind
+        from .mul_mm_id import switched
 
-        with map0_kind(kind):
+        with switched(MAP0=kind):
             _map0_check(flavor)
 
     return check

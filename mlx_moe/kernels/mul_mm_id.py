@@ -14,6 +14,7 @@ never written (combine never reads them).  Weights are Q4_0 (uint16 words
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -108,14 +109,25 @@ def map0_grid_geometry(n_experts: int):
 
 
 @contextmanager
-def map0_kind(kind: str):
-    """MAP0 set to `kind` inside the block (checks and benchmarks of one kind)."""
-    global MAP0
-    saved, MAP0 = MAP0, kind
+def switched(**settings):
+    """This module's switches (MAP0, CUDA_GEMM, ASYNC_COPY, ASYNC_D_BF16, ASYNC_ROWS)
+    set to `settings` inside the block, restored after: checks and benchmarks of one
+    variant."""
+    module = sys.modules[__name__]
+    unknown = [name for name in settings if name not in _SWITCHES]
+    if unknown:
+        raise AttributeError(f"mul_mm_id has no switch {', '.join(unknown)}; switches: {', '.join(_SWITCHES)}")
+    saved = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        MAP0 = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+_SWITCHES = ("MAP0", "CUDA_GEMM", "ASYNC_COPY", "ASYNC_D_BF16", "ASYNC_ROWS")
 
 
 def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:

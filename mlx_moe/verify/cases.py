@@ -462,7 +462,7 @@ def map0_measure(kind: str) -> Callable[[LayerCase, str, tuple], Measure]:
         from ..kernels import mul_mm_id
 
         experts, ids, _, _ = inputs
-        with mul_mm_id.map0_kind(kind):
+        with mul_mm_id.switched(MAP0=kind):
             got = mul_mm_id.map0(ids, experts.num_experts, flavor)
             mx.eval(got)
         return _same_route(got, route_oracle(np.array(ids), experts.num_experts))
