@@ -108,11 +108,14 @@ def map0_grid_geometry(n_experts: int):
     return -(-n_experts // epb), epb
 
 
+# The module-level settings above that pick kernels and their variants.
+_SWITCHES = ("MAP0", "CUDA_GEMM", "ASYNC_COPY", "ASYNC_D_BF16", "ASYNC_ROWS")
+
+
 @contextmanager
 def switched(**settings):
-    """This module's switches (MAP0, CUDA_GEMM, ASYNC_COPY, ASYNC_D_BF16, ASYNC_ROWS)
-    set to `settings` inside the block, restored after: checks and benchmarks of one
-    variant."""
+    """This module's switches (_SWITCHES) set to `settings` inside the block, restored
+    after: checks and benchmarks of one variant."""
     module = sys.modules[__name__]
     unknown = [name for name in settings if name not in _SWITCHES]
     if unknown:
@@ -125,9 +128,6 @@ def switched(**settings):
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
-
-
-_SWITCHES = ("MAP0", "CUDA_GEMM", "ASYNC_COPY", "ASYNC_D_BF16", "ASYNC_ROWS")
 
 
 def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:
