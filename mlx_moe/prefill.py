@@ -75,7 +75,6 @@ def pipeline_layers(model: nn.Module) -> int:
     """Give each decoder layer of `model` (`model.layers`, mlx-lm's list) the
     layer-by-layer evaluation above, by switching its class to a subclass (its
     parameters and their names stay).  Returns the number of layers."""
-    n = 0
     for layer in model.layers:
         cls = type(layer)
         if not issubclass(cls, _LayerEval):
@@ -83,8 +82,7 @@ def pipeline_layers(model: nn.Module) -> int:
             if sub is None:
                 sub = _LAYER_CLASSES[cls] = type(cls.__name__, (_LayerEval, cls), {"__module__": cls.__module__})
             layer.__class__ = sub
-        n += 1
-    return n
+    return len(model.layers)
 
 
 class DequantizedPrefillLinear(nn.QuantizedLinear):
@@ -94,8 +92,7 @@ class DequantizedPrefillLinear(nn.QuantizedLinear):
     min_rows = 0  # set per instance by `dequantized_prefill`; 0: never
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1] if x.ndim else 0
-        if not self.min_rows or rows < self.min_rows or self.mode != "affine":
+        if not self.min_rows or _rows(x) < self.min_rows or self.mode != "affine":
             return super().__call__(x)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode, dtype=x.dtype)

@@ -157,9 +157,9 @@ def build_graph(model, tokens: mx.array) -> float:
     cache = make_prompt_cache(model)
     mx.synchronize()
     t0 = time.perf_counter()
-    logits = model(tokens[None], cache=cache)
+    model(tokens[None], cache=cache)
     t = time.perf_counter() - t0
-    mx.eval(logits, [c.state for c in cache])
+    mx.eval([c.state for c in cache])  # the layers' work; the untimed logits are not needed
     return t
 
 
