@@ -33,10 +33,10 @@ MAP0_MAX_SIMDGROUPS = 32  # the one-threadgroup map0: at most 1024 threads
 # Which kernels build the route: "grid" (mul_mm_id_map0_count + mul_mm_id_map0_lists:
 # MAP0_GRID_GROUPS threadgroups of MAP0_GRID_SIMDGROUPS simdgroups, each owning a
 # few experts) or "block" (mul_mm_id_map0: one threadgroup compares every id with
-# every expert).  Same outputs, bit for bit.  tools/bench_kernels.py --prefill times both;
-# "block" stays the default until the H100 has measured "grid".
+# every expert).  Same outputs, bit for bit.  tools/bench_kernels.py --prefill times both:
+# on the H100 (BENCHMARKS.md, 2026-12-06) "grid" 36 vs 39 us at 512 tokens, 41 vs 77 at 2048.
 MAP0_KINDS = ("grid", "block")
-MAP0 = "block"
+MAP0 = "grid"
 MAP0_GRID_GROUPS = 128
 MAP0_GRID_SIMDGROUPS = 8
 
@@ -66,15 +66,18 @@ ASYNC_K = 64  # the async bodies' K step: two Q4_0 blocks (MOE_MM_AK)
 ASYNC_COPIES = ("rows", "lanes")
 ASYNC_COPY = "lanes"
 # Whether the async plain GEMM (mul_mm_id: the down projection, or gate and up unfused)
-# writes its output in bfloat16 (True) or float32 (the default until the H100 has
-# measured it); the async swiglu body always writes h in bfloat16.
-ASYNC_D_BF16 = False
+# writes its output in bfloat16 (True, the default: half the bytes the combine reads; the
+# H100's 512-token layer 0.555 vs 0.558 ms, BENCHMARKS.md 2026-12-06) or float32; the async
+# swiglu body always writes h in bfloat16.
+ASYNC_D_BF16 = True
 # Weight rows per block of the async plain GEMM (mul_mm_id_async, template MT = rows / 64):
 # 128 gives each warp two 16-row m tiles that share every activation fragment it loads
 # from shared memory (the fused SwiGLU body already shares them between gate and up);
-# 64 is the tile of every other body.  tools/bench_kernels.py --prefill times both.
+# 64 is the tile of every other body (and of this one with the "rows" copies, which have
+# no 128-row form).  tools/bench_kernels.py --prefill times both: 128
+# is the default (the H100's 512-token layer 0.545 vs 0.558 ms, BENCHMARKS.md 2026-12-06).
 ASYNC_ROWS_CHOICES = (64, 128)
-ASYNC_ROWS = 64
+ASYNC_ROWS = 128
 
 
 class Route(NamedTuple):
@@ -193,9 +196,8 @@ def plain_async_template(flavor: str, x_dtype, w_dtype, K: int):
         return [], BM
     if ASYNC_ROWS not in ASYNC_ROWS_CHOICES:
         raise ValueError(f"mul_mm_id.ASYNC_ROWS is {ASYNC_ROWS!r}; choose one of {ASYNC_ROWS_CHOICES}")
-    if ASYNC_ROWS != BM and ASYNC_COPY != "lanes":
-        raise ValueError(f"mul_mm_id.ASYNC_ROWS = {ASYNC_ROWS} needs ASYNC_COPY = 'lanes'")
-    return args + [("MT", ASYNC_ROWS // BM)], ASYNC_ROWS
+    rows = ASYNC_ROWS if ASYNC_COPY == "lanes" else BM  # the "rows" copies exist for 64-row tiles only
+    return args + [("MT", rows // BM)], rows
 
 
 def gemm_kernel(flavor: str, name: str, x_dtype, w_dtype, K: int):
