@@ -24,6 +24,7 @@ from .backends import get_backend
 from .hooks import HOOKS
 from .models import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from .moe import MoELayer, moe_layers, set_expert_backend
+from . import prefill
 from .prefill import pipeline_layers
 
 
@@ -230,7 +231,11 @@ def _weights_error(source, e: ValueError, config_name: str = "config.json") -> M
 
 
 def _finish(model: nn.Module, config: dict, kernels: str) -> nn.Module:
-    set_expert_backend(model, get_backend(kernels))
+    backend = get_backend(kernels)
+    set_expert_backend(model, backend)
+    rows = prefill.DEQUANTIZED_MIN_ROWS.get(backend.name, 0)
+    if rows:  # long prompts' dense projections as float GEMMs where that was measured to pay
+        prefill.dequantized_prefill(model, rows)
     model.config = config
     return model
 

@@ -33,9 +33,14 @@ at Qwen3-30B-A3B shapes on an H100's bandwidth).
 `dequantized_prefill(model, min_rows)` switches every such layer to
 `DequantizedPrefillLinear`, which takes that path for inputs of at least
 `min_rows` rows and the quantized kernel below.  Decode (one row) is never
-affected.  It is off by default: whether and from how many rows it pays is
-measured by `tools/bench_kernels.py --dense` and
-`tools/bench_generate.py --engines ...,mlx-moe+dq` (BENCHMARKS.md), not guessed.
+affected.  The loader applies it where it was measured to pay
+(`DEQUANTIZED_MIN_ROWS`, per expert backend): on the H100 the Qwen3-30B-A3B
+projections cross over between 256 and 384 rows (`tools/bench_kernels.py --dense`:
+0.88x at 256, 1.02x at 320, 1.16x at 384, 1.39x at 512, 3.1x at 2048) and a
+512-token prefill ran 15% faster (`tools/bench_generate.py` engine `+dq` vs
+without; BENCHMARKS.md, 2026-12-06).  Elsewhere (Metal, the CPU) it is off until
+measured there; `+nodq` turns it off in the benchmark.  Only half-precision
+activations take it (`DEQUANTIZED_DTYPES`: see there why not float32).
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ import mlx.nn as nn
 
 # Rows from which a decoder layer evaluates its output as soon as it is built (0: never).
 LAYER_EVAL_MIN_ROWS = 64
+# Rows from which the loader gives quantized dense projections the dequantize + GEMM path,
+# by the name of the model's expert backend (mlx_moe.backends); absent: never.
+DEQUANTIZED_MIN_ROWS = {"cuda": 384}
+# Activation dtypes that take that path.  Not float32: MLX runs float32 GEMMs on TF32 tensor
+# cores by default (MLX_ENABLE_TF32), 3e-4 relative error on the H100 where quantized_matmul
+# keeps ~1e-6; a float32 model is one whose user asked for that precision.
+DEQUANTIZED_DTYPES = (mx.bfloat16, mx.float16)
 
 
 def _rows(x) -> int:
@@ -86,13 +98,15 @@ def pipeline_layers(model: nn.Module) -> int:
 
 
 class DequantizedPrefillLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` whose inputs of >= `min_rows` rows take a float GEMM on
-    the weight dequantized to the activation dtype (same parameters, same names)."""
+    """`nn.QuantizedLinear` whose inputs of >= `min_rows` rows and a dtype in
+    DEQUANTIZED_DTYPES take a float GEMM on the weight dequantized to the
+    activation dtype (same parameters, same names)."""
 
     min_rows = 0  # set per instance by `dequantized_prefill`; 0: never
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not self.min_rows or _rows(x) < self.min_rows or self.mode != "affine":
+        if (not self.min_rows or _rows(x) < self.min_rows or self.mode != "affine"
+                or x.dtype not in DEQUANTIZED_DTYPES):
             return super().__call__(x)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode, dtype=x.dtype)

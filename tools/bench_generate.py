@@ -31,7 +31,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
   mlx-moe+dq    our model with dense projections of >= --dq-min-rows rows run as
-                dequantize + float GEMM (mlx_moe/prefill.py): prompt processing
+                dequantize + float GEMM (mlx_moe/prefill.py): prompt processing.
+                Without +dq the engines take the loader's default
+                (prefill.DEQUANTIZED_MIN_ROWS for the kernels' backend: 384 rows on
+                CUDA); +nodq: the quantized kernel for every prompt
   mlx-moe+layereval  our model evaluating each decoder layer of a prompt as soon as it
                 is built (prefill.LAYER_EVAL_MIN_ROWS = 64, the default): the device
                 runs a layer while the host builds the next; +nolayereval: one
@@ -45,11 +48,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
-                (mul_mm_id.ASYNC_D_BF16); +dfloat: in float32 (the default)
-  mlx-moe+r128  the async down GEMM in 128-row tiles (mul_mm_id.ASYNC_ROWS); +r64: in
-                64-row tiles (the default)
+                (mul_mm_id.ASYNC_D_BF16, the default); +dfloat: in float32
+  mlx-moe+r128  the async down GEMM in 128-row tiles (mul_mm_id.ASYNC_ROWS, the default);
+                +r64: in 64-row tiles
   mlx-moe+map0grid  the prefill route built by two kernels over the whole GPU
-                (mul_mm_id.MAP0 = "grid"); +map0block: by one threadgroup (the default)
+                (mul_mm_id.MAP0 = "grid", the default); +map0block: by one threadgroup
 
 Decode tok/s counts from the first to the last token (prefill tok/s: prompt
 tokens over the time to the first token); the CPU time of the generating
@@ -472,7 +475,7 @@ SWITCHES = {
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
 }
-OTHER_SUFFIXES = ("+compile", "+log", "+dq")  # handled where the run is set up
+OTHER_SUFFIXES = ("+compile", "+log", "+dq", "+nodq")  # handled where the run is set up
 
 
 def engine_suffixes(engine: str) -> list:
@@ -552,18 +555,16 @@ def main(argv=None):
     def run(engine):
         if engine == "mlx-lm":
             return run_once(baseline, prompt, args.gen_tokens, ours=False)
-        set_expert_backend(ours, reference if engine == "mlx-moe/mlx" else kernels)
+        backend = reference if engine == "mlx-moe/mlx" else kernels
+        set_expert_backend(ours, backend)
         log = os.path.join(tmp, "log.csv") if engine.endswith("+log") else None
-        dq = "+dq" in engine_suffixes(engine)
-        if dq:
-            dequantized_prefill(ours, args.dq_min_rows)
-        try:
-            with engine_settings(engine):
-                return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
-                                compile=engine.startswith("mlx-moe+compile"))
-        finally:
-            if dq:
-                dequantized_prefill(ours, 0)
+        # the loader's dense-prefill default for this backend, unless +dq / +nodq say otherwise
+        suffixes = engine_suffixes(engine)
+        dequantized_prefill(ours, args.dq_min_rows if "+dq" in suffixes else 0 if "+nodq" in suffixes
+                            else prefill_module.DEQUANTIZED_MIN_ROWS.get(backend.name, 0))
+        with engine_settings(engine):
+            return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
+                            compile=engine.startswith("mlx-moe+compile"))
 
     failed = {}
 
