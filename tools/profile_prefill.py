@@ -15,7 +15,8 @@ of the two says how much the per-component evaluations themselves cost.
     python tools/profile_prefill.py --shape tiny --kernels mlx --tokens 64     # CPU smoke test
 
 --dense-dequantized switches the dense projections to dequantize + GEMM for
-prompts of at least that many rows (mlx_moe/prefill.py).
+prompts of at least that many rows (mlx_moe/prefill.py); 0: never; unset: the
+loader's default for the kernels' backend (prefill.DEQUANTIZED_MIN_ROWS).
 
 --build-only times the host's building of the prompt's graph alone (nothing runs
 on the device while Python builds it: mlx_moe/prefill.py's layer-by-layer
@@ -53,7 +54,7 @@ from bench_generate import SHAPES, build_models, random_q4_0_experts  # noqa: E4
 
 from mlx_moe.backends import get_backend  # noqa: E402
 from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
-from mlx_moe.prefill import dequantized_prefill  # noqa: E402
+from mlx_moe.prefill import DEQUANTIZED_MIN_ROWS, dequantized_prefill  # noqa: E402
 
 
 def _timed(fn, kind: str, totals: dict, args, kwargs):
@@ -211,7 +212,7 @@ def main(argv=None) -> dict:
                    help="q4_0: our Q4_0 experts (the kernels' format); mlx: MLX affine 4-bit")
     p.add_argument("--tokens", type=int, nargs="+", default=[512])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--dense-dequantized", type=int, default=0, metavar="MIN_ROWS")
+    p.add_argument("--dense-dequantized", type=int, default=None, metavar="MIN_ROWS")
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     p.add_argument("--once", action="store_true",
                    help="one warm-up and one plain prefill per token count, nothing instrumented: "
@@ -231,6 +232,8 @@ def main(argv=None) -> dict:
         random_q4_0_experts(model)
     backend = get_backend(args.kernels)
     set_expert_backend(model, backend)
+    if args.dense_dequantized is None:  # as the loader would
+        args.dense_dequantized = DEQUANTIZED_MIN_ROWS.get(backend.name, 0)
     if args.dense_dequantized:
         dequantized_prefill(model, args.dense_dequantized)
     n_layers = config["num_hidden_layers"]
