@@ -126,6 +126,27 @@ MOE_DEVICE inline void moe_dense_floats(uint4 q, F f) {
   }
 }
 
+// Element i (< moe_dense_per<FMT>::value) of a 16-byte read of a dense weight: the
+// float weight, or an affine weight's quantized level (the caller applies scale and bias).
+template <int FMT>
+MOE_DEVICE inline float moe_dense_unit_at(uint4 q, int i) {
+  constexpr int BITS = (FMT == 4 || FMT == 8) ? FMT : (FMT == 32 ? 32 : 16);
+  constexpr int EPW = 32 / BITS;  // elements per 32-bit word
+  const int wi = i / EPW;
+  const uint wd = (wi == 0) ? q.x : (wi == 1) ? q.y : (wi == 2) ? q.z : q.w;
+  if (FMT == 32) {
+    return moe_as_float(wd);
+  }
+  const uint v = (wd >> ((i % EPW) * BITS)) & ((BITS == 32) ? 0xFFFFFFFFu : ((1u << BITS) - 1u));
+  if (FMT == 17) {
+    return moe_as_float(v << 16);
+  }
+  if (FMT == 16) {
+    return moe_f16_bits(ushort(v));
+  }
+  return float(v);
+}
+
 // One lane's reads of CH consecutive steps (from step st0) of NR rows: the
 // 16-byte words and, for affine formats, each read's scale and bias.  Kept in
 // registers so a kernel can issue its first reads before its prologue (the
@@ -410,6 +431,16 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   and logits [NE] (T); template RFMT, RGS, NE, RNR (router rows per simdgroup).
 //   Why: one graph node fewer per decoder layer (decode is bound by the host's
 //   cost per node), and the router's 0.3 MB no longer needs a launch of its own.
+//   With option RONE (kernel dense_residual_parts_router) the last threadgroup
+//   reads the whole router alone (prefetched into L2 by all of them at the start);
+//   that took ~5 us a layer more GPU time than the router's own launch on the H100.
+//   With option RSPLIT (kernel dense_residual_parts_router_split) every threadgroup
+//   projects its own rows of out instead: the norm's 1/rms is one factor for all
+//   columns, so  logits[e] = T(1/rms * sum_n wr[e, n] gpost[n] out[n]),  and each
+//   threadgroup writes its rows' share of that sum and of sum out[n]^2 to rpart
+//   [threadgroups, NE + 1] float32 (an output); the last one adds the shares in
+//   threadgroup order (deterministic) and writes xn and the logits.  The logits then
+//   come from out and gpost unrounded, not from xn rounded to T (the same in float32).
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -448,7 +479,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   for (int r = 0; r < NR; ++r) {
     rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
   }
-//@if ROUTER
+//@if RONE
   {  // the router for the last threadgroup, into L2 (one threadgroup alone reading it from DRAM took 11 us)
     const int part = int(threadgroup_position_in_grid.x), parts = int(threadgroups_per_grid.x);
     constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
@@ -539,15 +570,65 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     acc[r] = 0.0f;
   }
   moe_dense_rest<K, FMT, GS, NR>(first, w, w_s, w_b, lrow, lvalid, xs, xsums, lane, acc);
+  float ov[NR];  // this simdgroup's rows of out, as written
   for (int r = 0; r < NR; ++r) {
     const float sr = moe_simd_sum(acc[r]);
+    ov[r] = float(T(rv[r] + float(T(sr))));
     if (lane == 0 && r < nvalid) {
-      out[row0 + r] = T(rv[r] + float(T(sr)));
+      out[row0 + r] = T(ov[r]);
     }
   }
+//@if RSPLIT
+  // This threadgroup's share of the router projection and of the norm's sum of
+  // squares: its rows c0 .. c0 + nc - 1 of out are columns of the router.
+  constexpr int ROWS = NR * NSG;
+  threadgroup float og[ROWS];  // out[n] * gpost[n]
+  threadgroup float oo[ROWS];  // out[n]
+  threadgroup float tot[NE + 1];
+  const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
+  const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
+  if (lane == 0) {
+    for (int r = 0; r < NR; ++r) {
+      const int j = int(sg) * NR + r;
+      oo[j] = (r < nvalid) ? ov[r] : 0.0f;
+      og[j] = (r < nvalid) ? ov[r] * float(gpost[row0 + r]) : 0.0f;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  {
+    constexpr int RPER = moe_dense_per<RFMT>::value;  // elements per 16-byte read
+    constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
+    const size_t base = size_t(threadgroup_position_in_grid.x) * (NE + 1);
+    for (int e = tid; e <= NE; e += NT) {
+      float a = 0.0f;
+      if (e < NE) {
+        size_t ucur = (size_t(e) * N + size_t(c0)) / RPER;
+        uint4 q = moe_dense_load(wr, ucur);
+        for (int j = 0; j < nc; ++j) {
+          const size_t idx = size_t(e) * N + size_t(c0 + j);
+          if (idx / RPER != ucur) {  // the next 16 bytes of row e
+            ucur = idx / RPER;
+            q = moe_dense_load(wr, ucur);
+          }
+          float wv = moe_dense_unit_at<RFMT>(q, int(idx % RPER));
+          if (AFF) {
+            const size_t g = size_t(e) * (N / RGS) + size_t((c0 + j) / RGS);
+            wv = wv * float(wr_s[g]) + float(wr_b[g]);
+          }
+          a += wv * og[j];
+        }
+      } else {
+        for (int j = 0; j < nc; ++j) {
+          a += oo[j] * oo[j];
+        }
+      }
+      rpart[base + size_t(e)] = a;
+    }
+  }
+//@endif
 //@if ROUTER
-  // Rows written and fenced, a ticket per threadgroup; the last one normalizes the
-  // whole out vector and projects it (every read of out after its own fence).
+  // Rows written and fenced, a ticket per threadgroup; the last one finishes the
+  // norm and the router (every read of another threadgroup's writes after its own fence).
   moe_device_fence();
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   if (tid == 0) {
@@ -556,6 +637,26 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (ticket[0] == uint(threadgroups_per_grid.x) - 1u) {  // uniform per threadgroup
     moe_device_fence();
+//@endif
+//@if RSPLIT
+    const int parts = int(threadgroups_per_grid.x);
+    for (int e = tid; e <= NE; e += NT) {
+      float a = 0.0f;
+      for (int p = 0; p < parts; ++p) {
+        a += rpart[size_t(p) * (NE + 1) + size_t(e)];
+      }
+      tot[e] = a;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const float inv = moe_rsqrt(tot[NE] / float(N) + cst[0]);
+    for (int e = tid; e < NE; e += NT) {
+      logits[e] = T(tot[e] * inv);
+    }
+    for (int c = tid; c < N; c += NT) {  // as moe_rms_stage rounds it
+      xn[c] = T(float(gpost[c]) * float(T(float(out[c]) * inv)));
+    }
+//@endif
+//@if RONE
     moe_rms_stage<T, N, RFMT, NT, NSG>(out, gpost, cst[0], xs, xsums, red, tid, lane, sg, xn, true);
     constexpr int RCH = moe_dense_steps<N, RFMT, RNR>::CH;
     for (int rt = int(sg) * RNR; rt < NE; rt += NSG * RNR) {  // uniform per simdgroup
@@ -573,6 +674,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         }
       }
     }
+//@endif
+//@if ROUTER
     if (tid == 0) {
       moe_ticket_reset(count);
     }

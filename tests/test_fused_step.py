@@ -21,6 +21,7 @@ from mlx_moe.backends import MLXBackend
 from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
+from mlx_moe.kernels import dense
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend
@@ -107,10 +108,12 @@ def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, pa
     (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 8, 1e-2),    # Qwen3-30B-A3B, the default tail geometry
     (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 16, 1e-2),
 ])
-def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol):
-    """dense_residual_parts_router: o_proj + residual, then the post-attention norm and
-    the router projection in the launch's last threadgroup, twice on one counter."""
-    router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol)
+@pytest.mark.parametrize("tail", ["one", "split"])
+def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail):
+    """dense_residual_parts_router(_split): o_proj + residual, then the post-attention norm
+    and the router projection, in the launch's last threadgroup (one) or shared by every
+    threadgroup and added up by the last (split), twice on one counter."""
+    router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail=tail)
 
 
 def test_unreadable_projections_are_named():
@@ -205,9 +208,12 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     plan, why = fused_step.plan_or_reason(model, flavor)
     assert why is None, why
     set_expert_backend(model, KernelBackend(flavor))
-    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL
+    # tail: False (the router's own launch), True (the o_proj launch's last threadgroup)
+    # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
+    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL
     fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = \
-        kv_in_place, route_in_experts, tail
+        kv_in_place, route_in_experts, bool(tail)
+    dense.ROUTER_TAIL = "split" if tail == "split" else "one"
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -216,7 +222,7 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = saved
+        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 
@@ -227,7 +233,8 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
                          + [("qwen3_moe", True, True, False, False), ("mixtral", True, True, False, False),
                             ("qwen3_moe", False, False, False, False), ("qwen2_moe", False, True, True, False),
                             ("mixtral", True, True, True, False), ("qwen3_moe", True, True, True, True),
-                            ("qwen2_moe", False, True, False, True)])
+                            ("qwen2_moe", False, True, False, True), ("qwen3_moe", True, True, True, "split"),
+                            ("mixtral", False, True, False, "split")])
 def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts, tail):
     """One token through the fused layers against mlx-lm's forward over a copy of the
     same cache: logits, the cache after the step (the new key and value in slot pos,

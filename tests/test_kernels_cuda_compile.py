@@ -317,6 +317,14 @@ DECODE_LAYER_KERNELS = [
      {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
      [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 8), ("D", 128),
       ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
+    # ... each threadgroup projecting its own rows (dense_residual_parts_router_split, 2 x 16)
+    ("dense_residual_parts_router_split", "o_q4_router_q8_split",
+     {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
+      "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
+      "count": "uint32"},
+     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16", "rpart": "float32"},
+     [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 16), ("D", 128),
+      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
 ]
 
 

@@ -129,6 +129,7 @@ def test_fused_layer_workload_runs(monkeypatch):
     assert bench_kernels.fused_layer_once("emulated", geoms, layers=1, slots=16, shape=(256, 4, 2, 32, 16)) == 0
     names = set(launches)
     assert {"mlx_moe_dense_norm", "mlx_moe_dense_residual_parts", "mlx_moe_decode_attention_parts_kv",
-            "mlx_moe_dense_norm_xn", "mlx_moe_dense_residual_parts_router"} <= names
+            "mlx_moe_dense_norm_xn", "mlx_moe_dense_residual_parts_router",
+            "mlx_moe_dense_residual_parts_router_split"} <= names
     # defaults + one listed geometry each, one warm-up and one timed launch per layer
     assert launches.count("mlx_moe_dense_norm") == 4 and launches.count("mlx_moe_decode_attention_parts_kv") == 5

@@ -27,6 +27,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 projection run by the o_proj launch's last threadgroup
                 (fused_step.ROUTER_IN_RESIDUAL, on by default on CUDA; +notail: their
                 own launch)
+  mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
+                last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
+                +tailone: the last threadgroup projects the whole router (the default)
   mlx-moe+compile+nofuse  the compiled step over mlx-lm's forward (compiled.FUSED_LAYERS off)
   mlx-moe+compile+nofuse+attn  that, with its attention on the decode attention
                 kernel (metal/attention.metal; compiled.ATTENTION_KERNEL)
@@ -109,6 +112,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe import prefill as prefill_module  # noqa: E402
+from mlx_moe.kernels import dense as dense_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.kernels import registry as registry_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
@@ -460,6 +464,8 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
+    "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),
+    "+tailone": (dense_module, "ROUTER_TAIL", "one"),
     "+layereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 64),
     "+nolayereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 0),
     "+tf32": (mul_mm_id_module, "CUDA_GEMM", "pipe"),

@@ -40,7 +40,8 @@ and the listed geometries (dense NRxNSG, attention NSGxUxS); `head=NRxNSG,...` a
 times the LM head (final norm + 151936 x 2048 4-bit projection) as one dense_norm
 launch per geometry against MLX's rms_norm + quantized_matmul (profile those too:
 `--kernel-name regex:"mlx_moe|qmv|rms_norm"`); `tail=NRxNSG,...` times o_proj with the
-router tail (dense_residual_parts_router) at its default and each geometry.
+router tail at its default and each geometry, in both kinds (dense.ROUTER_TAILS:
+dense_residual_parts_router and dense_residual_parts_router_split).
 
 GPU kernel times of decode launch geometries, all in one process under ncu
 (each geometry once on 4 layers after a warm-up launch; NRxNSG[xNQ]), then a
@@ -485,11 +486,19 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     runs += [lambda l, g=g: attn(l, g)
              for g in [(attention.PARTS_NSG, attention.PARTS_U, attention.SPLITS)] + geometries["attn"]]
     runs.append(lambda l: dense.dense_norm(x, g_in, 1e-6, [gate[l]], fl, xn=True, nr=dense.ROUTER_NR))
-    # o_proj with the router tail (dense_residual_parts_router): replaces the
-    # dense_residual_parts + dense_norm_xn pair above.
+    # o_proj with the router tail (dense_residual_parts_router, and _split: each kind of
+    # dense.ROUTER_TAILS): replaces the dense_residual_parts + dense_norm_xn pair above.
     if geometries["tail"]:
         tails = [dense.RouterTail(g_in, 1e-6, gate[l], c) for l, c in enumerate(dense.ticket_counters(layers))]
-        runs += [lambda l, g=g: dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
+
+        def tail(l, g, kind):
+            saved, dense.ROUTER_TAIL = dense.ROUTER_TAIL, kind
+            try:
+                return dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
+            finally:
+                dense.ROUTER_TAIL = saved
+
+        runs += [lambda l, g=g, k=k: tail(l, g, k) for k in dense.ROUTER_TAILS
                  for g in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"]]
     for run in runs:
         mx.eval(run(0))  # compile and warm up on one layer

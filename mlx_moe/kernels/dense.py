@@ -45,6 +45,13 @@ ROUTER_NR = 1
 # 2026-12-05, third session): 1x16 17.9 us, 2x16 18.6 (measured end to end), 2x8 19.2,
 # against 8.5 + 4.9 for o_proj and the router in two launches.
 TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
+# How that launch projects the router: "one" (its last threadgroup reads the whole router,
+# dense_residual_parts_router) or "split" (every threadgroup projects its own rows of the
+# output and the last one adds the shares: dense_residual_parts_router_split, metal/
+# decode_layer.metal says why).  "one" until the H100 has timed "split"
+# (tools/bench_kernels.py --ncu --fused "tail=..."; bench_generate.py +tailsplit).
+ROUTER_TAILS = ("one", "split")
+ROUTER_TAIL = "one"
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),
@@ -221,13 +228,18 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
         problem = router_tail_unsupported(router.gate, d.rows, flavor)
         if problem is not None:
             raise ValueError(f"dense_residual: {problem}")
+        if ROUTER_TAIL not in ROUTER_TAILS:
+            raise ValueError(f"dense.ROUTER_TAIL is {ROUTER_TAIL!r}; choose one of {', '.join(ROUTER_TAILS)}")
+        split = ROUTER_TAIL == "split"
         g = router.gate
-        outs = kernel(flavor, "dense_residual_parts_router")(
+        outs = kernel(flavor, "dense_residual_parts_router_split" if split else "dense_residual_parts_router")(
             inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
                     router.count],
             template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", TAIL_RNR)],
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-            output_shapes=[res.shape, (1, d.rows), (1, g.rows)], output_dtypes=[res.dtype] * 3,
+            # split: each threadgroup's share of the logits and of the sum of squares (scratch)
+            output_shapes=[res.shape, (1, d.rows), (1, g.rows)] + ([(n_tg, g.rows + 1)] if split else []),
+            output_dtypes=[res.dtype] * 3 + ([mx.float32] if split else []),
         )
         return outs[0], outs[1], outs[2]
     return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(

@@ -389,10 +389,20 @@ def _dense_norm_case(flavor: str) -> None:
 
 
 def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden: int, experts: int, nr: int,
-                      nsg: int, rtol: float, seed: int = 3) -> None:
-    """dense_residual with the router tail, twice on one ticket counter (the second
-    launch finds it zeroed): out as the plain launch gives it, xn against
-    mx.fast.rms_norm of that out, the logits against float64 numpy on xn."""
+                      nsg: int, rtol: float, seed: int = 3, tail: str = "one") -> None:
+    """dense_residual with the router tail (dense.ROUTER_TAIL = tail), twice on one
+    ticket counter (the second launch finds it zeroed): out as the plain launch gives
+    it, xn against mx.fast.rms_norm of that out, the logits against float64 numpy on xn."""
+    from . import dense as dense_module
+
+    saved, dense_module.ROUTER_TAIL = dense_module.ROUTER_TAIL, tail
+    try:
+        _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed)
+    finally:
+        dense_module.ROUTER_TAIL = saved
+
+
+def _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed):
     from .dense import RouterTail, dense_residual, dense_weight, ticket_counter
 
     rng = np.random.default_rng(seed)
@@ -418,9 +428,13 @@ def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden
         _close(np.array(logits.astype(mx.float32)).reshape(-1), want, rtol, what + " logits")
 
 
-def _router_tail_case(flavor: str) -> None:
-    router_tail_check(flavor, 4, 8, mx.float32, 512, 128, 61, 2, 2, 1e-5)
-    router_tail_check(flavor, 4, 8, mx.float32, 512, 256, 16, 2, 8, 1e-5, seed=4)
+def _router_tail_case(flavor: str, tail: str = "one") -> None:
+    router_tail_check(flavor, 4, 8, mx.float32, 512, 128, 61, 2, 2, 1e-5, tail=tail)
+    router_tail_check(flavor, 4, 8, mx.float32, 512, 256, 16, 2, 8, 1e-5, seed=4, tail=tail)
+
+
+def _router_tail_split_case(flavor: str) -> None:
+    _router_tail_case(flavor, "split")
 
 
 def _dense_norm_xn_case(flavor: str) -> None:
@@ -510,6 +524,9 @@ CASES: Dict[str, List[KernelCase]] = {
                                                "norm and an 8-bit router of 61 (16) experts in the last "
                                                "threadgroup, twice on one counter: vs the plain launch, MLX's "
                                                "rms_norm and float64 numpy", _router_tail_case)],
+    "dense_residual_parts_router_split": [KernelCase("as dense_residual_parts_router, every threadgroup "
+                                                     "projecting its own rows of the output and the last one "
+                                                     "adding the shares", _router_tail_split_case)],
     "dense_residual_parts": [KernelCase("8 heads x 4 splits (one empty) combined, 4-bit projection + residual vs "
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "

@@ -187,7 +187,11 @@ KERNELS: Dict[str, KernelSpec] = {
     "dense_residual_parts_router": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost", "wr",
                                                                "wr_s", "wr_b", "cst", "count"),
                                               ("out", "xn", "logits"), body="dense_residual",
-                                              options=("PARTS", "ROUTER"), inplace=("count",)),
+                                              options=("PARTS", "ROUTER", "RONE"), inplace=("count",)),
+    "dense_residual_parts_router_split": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost",
+                                                                     "wr", "wr_s", "wr_b", "cst", "count"),
+                                                    ("out", "xn", "logits", "rpart"), body="dense_residual",
+                                                    options=("PARTS", "ROUTER", "RSPLIT"), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
     "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),
