@@ -6,7 +6,10 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  P. prefill (issue 6), first: the whole GPU test selection of the prefill GEMMs and map0
+#  T. decode (issues 5, 9), first: the router tail shared by every threadgroup of the
+#     o_proj launch (dense.ROUTER_TAIL = "split"): its GPU tests and memcheck, both tail
+#     kinds per geometry under ncu, and decode end to end with it (+tailsplit)
+#  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and 22 of its 51 tests before their time
 #     limits), every kernel of one plain prefill with the current defaults under ncu (where
 #     the time goes after the dense path and the new GEMM defaults), and end to end the
@@ -61,6 +64,17 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
+step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
+  -k "router_tail or (matches_mlx_lm and split and cuda)"
+step 100 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q \
+  -p no:cacheprovider tests/test_fused_step.py -k "router_tail and split and cuda"
+step 90 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:"dense_residual|dense_norm_xn" \
+  --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu_tail.csv" \
+  python3 tools/bench_kernels.py --ncu --fused "tail=1x16,2x8,4x8"
+[ -f "$OUT/ncu_tail.csv" ] && step 20 python3 tools/ncu_summary.py "$OUT/ncu_tail.csv"
+step 200 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_tail.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+tailsplit,mlx-moe+compile+notail
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"
 # every kernel of one plain 512-token prefill (16 layers: each launches the same kernels), only
