@@ -585,6 +585,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   threadgroup float og[ROWS];  // out[n] * gpost[n]
   threadgroup float oo[ROWS];  // out[n]
   threadgroup float tot[NE + 1];
+  constexpr int PG = (NT / (NE + 1) > 0) ? NT / (NE + 1) : 1;  // the last threadgroup's adders per column
+  threadgroup float psum[PG * (NE + 1)];
   const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
   const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
   if (lane == 0) {
@@ -595,34 +597,30 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  {
+  {  // a simdgroup per router row at a time, a lane per column (a warp reads the row's
+     // consecutive bytes at once), summed across the simdgroup; "row" NE: the squares
     constexpr int RPER = moe_dense_per<RFMT>::value;  // elements per 16-byte read
     constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
     const size_t base = size_t(threadgroup_position_in_grid.x) * (NE + 1);
-    for (int e = tid; e <= NE; e += NT) {
+    for (int e = int(sg); e <= NE; e += NSG) {  // uniform per simdgroup
       float a = 0.0f;
-      if (e < NE) {
-        size_t ucur = (size_t(e) * N + size_t(c0)) / RPER;
-        uint4 q = moe_dense_load(wr, ucur);
-        for (int j = 0; j < nc; ++j) {
+      for (int j = int(lane); j < nc; j += 32) {
+        if (e < NE) {
           const size_t idx = size_t(e) * N + size_t(c0 + j);
-          if (idx / RPER != ucur) {  // the next 16 bytes of row e
-            ucur = idx / RPER;
-            q = moe_dense_load(wr, ucur);
-          }
-          float wv = moe_dense_unit_at<RFMT>(q, int(idx % RPER));
+          float wv = moe_dense_unit_at<RFMT>(moe_dense_load(wr, idx / RPER), int(idx % RPER));
           if (AFF) {
             const size_t g = size_t(e) * (N / RGS) + size_t((c0 + j) / RGS);
             wv = wv * float(wr_s[g]) + float(wr_b[g]);
           }
           a += wv * og[j];
-        }
-      } else {
-        for (int j = 0; j < nc; ++j) {
+        } else {
           a += oo[j] * oo[j];
         }
       }
-      rpart[base + size_t(e)] = a;
+      a = moe_simd_sum(a);
+      if (lane == 0) {
+        rpart[base + size_t(e)] = a;
+      }
     }
   }
 //@endif
@@ -639,11 +637,22 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     moe_device_fence();
 //@endif
 //@if RSPLIT
+    // PG threads per column each add every PG-th share, then one adds their PG sums:
+    // all NT threads read (NE + 1 columns alone would leave most idle), in a fixed order.
     const int parts = int(threadgroups_per_grid.x);
+    for (int i = tid; i < PG * (NE + 1); i += NT) {
+      const int e = i % (NE + 1), pg = i / (NE + 1);
+      float a = 0.0f;
+      for (int p = pg; p < parts; p += PG) {
+        a += rpart[size_t(p) * (NE + 1) + size_t(e)];
+      }
+      psum[i] = a;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int e = tid; e <= NE; e += NT) {
       float a = 0.0f;
-      for (int p = 0; p < parts; ++p) {
-        a += rpart[size_t(p) * (NE + 1) + size_t(e)];
+      for (int pg = 0; pg < PG; ++pg) {
+        a += psum[pg * (NE + 1) + e];
       }
       tot[e] = a;
     }
