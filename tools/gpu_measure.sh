@@ -13,7 +13,9 @@
 #     (the 2026-12-06 runs passed the memcheck and 22 of its 51 tests before their time
 #     limits), every kernel of one plain prefill with the current defaults under ncu (where
 #     the time goes after the dense path and the new GEMM defaults), and end to end the
-#     defaults against each of them turned off (+nodq, +map0block, +dfloat, +r64)
+#     defaults against each of them turned off (+nodq, +map0block, +dfloat, +r64), and
+#     the GEMV -> GEMM crossover again (dispatch.MV_MAX_PAIRS was set from the first GEMM
+#     bodies, 0.998 ms a layer at 32 tokens; the async ones take 0.533 at 512)
 #  S. the CUDA kernels handed to MLX as include files (+srcfiles): GPU tests, decode end to end
 #     (no gain on a GPU-bound host: worth a rerun on a slower one)
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
@@ -85,6 +87,8 @@ step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 16 --reps 5 --json "$OUT/e2e_prefill.json" --engines \
   mlx-moe+compile,mlx-moe+compile+nodq,mlx-moe+compile+map0block,mlx-moe+compile+dfloat,mlx-moe+compile+r64
+step 150 python3 tools/bench_kernels.py --prefill --crossover --tokens 512 --prefill-layers 4 --reps 5 \
+  --float-layers 0 --json "$OUT/crossover.json"
 # S. the CUDA kernels as include files (kernels/registry.py CUDA_SOURCE_FILES): the fused step's
 #    GPU tests in that mode, then decode end to end against the source text (issue 9)
 step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
