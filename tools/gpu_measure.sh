@@ -10,8 +10,8 @@
 #     o_proj launch (dense.ROUTER_TAIL = "split"): its GPU tests and memcheck, both tail
 #     kinds per geometry under ncu, and decode end to end with it (+tailsplit)
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
-#     (the 2026-12-06 runs passed the memcheck and 22 of its 51 tests before their time
-#     limits), every kernel of one plain prefill with the current defaults under ncu (where
+#     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
+#     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
 #     the time goes after the dense path and the new GEMM defaults), and end to end the
 #     defaults against each of them turned off (+nodq, +map0block, +dfloat, +r64), and
 #     the GEMV -> GEMM crossover again (dispatch.MV_MAX_PAIRS was set from the first GEMM
