@@ -233,7 +233,7 @@ def _weights_error(source, e: ValueError, config_name: str = "config.json") -> M
 def _finish(model: nn.Module, config: dict, kernels: str) -> nn.Module:
     backend = get_backend(kernels)
     set_expert_backend(model, backend)
-    rows = prefill.DEQUANTIZED_MIN_ROWS.get(backend.name, 0)
+    rows = prefill.default_dequantized_rows(backend)
     if rows:  # long prompts' dense projections as float GEMMs where that was measured to pay
         prefill.dequantized_prefill(model, rows)
     model.config = config

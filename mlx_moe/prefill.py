@@ -61,6 +61,12 @@ DEQUANTIZED_MIN_ROWS = {"cuda": 384}
 DEQUANTIZED_DTYPES = (mx.bfloat16, mx.float16)
 
 
+def default_dequantized_rows(backend) -> int:
+    """The rows from which a model whose experts run on `backend` (an ExpertBackend)
+    gets the dequantize + GEMM path by default (DEQUANTIZED_MIN_ROWS; 0: never)."""
+    return DEQUANTIZED_MIN_ROWS.get(backend.name, 0)
+
+
 def _rows(x) -> int:
     return x.size // x.shape[-1] if isinstance(x, mx.array) and x.ndim else 0
 

@@ -210,19 +210,18 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     set_expert_backend(model, KernelBackend(flavor))
     # tail: False (the router's own launch), True (the o_proj launch's last threadgroup)
     # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
-    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL
+    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL
     fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = \
         kv_in_place, route_in_experts, bool(tail)
-    dense.ROUTER_TAIL = "split" if tail == "split" else "one"
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
-        with routing_hook(hook("fused")):
+        with routing_hook(hook("fused")), dense.router_tail("split" if tail == "split" else "one"):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL = saved
+        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 

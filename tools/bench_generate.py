@@ -567,7 +567,7 @@ def main(argv=None):
         # the loader's dense-prefill default for this backend, unless +dq / +nodq say otherwise
         suffixes = engine_suffixes(engine)
         dequantized_prefill(ours, args.dq_min_rows if "+dq" in suffixes else 0 if "+nodq" in suffixes
-                            else prefill_module.DEQUANTIZED_MIN_ROWS.get(backend.name, 0))
+                            else prefill_module.default_dequantized_rows(backend))
         with engine_settings(engine):
             return run_once(ours, prompt, args.gen_tokens, ours=True, log_path=log,
                             compile=engine.startswith("mlx-moe+compile"))

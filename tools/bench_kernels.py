@@ -492,11 +492,8 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
         tails = [dense.RouterTail(g_in, 1e-6, gate[l], c) for l, c in enumerate(dense.ticket_counters(layers))]
 
         def tail(l, g, kind):
-            saved, dense.ROUTER_TAIL = dense.ROUTER_TAIL, kind
-            try:
+            with dense.router_tail(kind):
                 return dense.dense_residual(parts[:2], o[l], x, fl, nr=g[0], nsg=g[1], router=tails[l])
-            finally:
-                dense.ROUTER_TAIL = saved
 
         runs += [lambda l, g=g, k=k: tail(l, g, k) for k in dense.ROUTER_TAILS
                  for g in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"]]

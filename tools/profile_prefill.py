@@ -54,7 +54,7 @@ from bench_generate import SHAPES, build_models, random_q4_0_experts  # noqa: E4
 
 from mlx_moe.backends import get_backend  # noqa: E402
 from mlx_moe.moe import MoELayer, set_expert_backend  # noqa: E402
-from mlx_moe.prefill import DEQUANTIZED_MIN_ROWS, dequantized_prefill  # noqa: E402
+from mlx_moe.prefill import default_dequantized_rows, dequantized_prefill  # noqa: E402
 
 
 def _timed(fn, kind: str, totals: dict, args, kwargs):
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     backend = get_backend(args.kernels)
     set_expert_backend(model, backend)
     if args.dense_dequantized is None:  # as the loader would
-        args.dense_dequantized = DEQUANTIZED_MIN_ROWS.get(backend.name, 0)
+        args.dense_dequantized = default_dequantized_rows(backend)
     if args.dense_dequantized:
         dequantized_prefill(model, args.dense_dequantized)
     n_layers = config["num_hidden_layers"]

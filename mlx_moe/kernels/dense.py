@@ -15,6 +15,7 @@ to the kernels, or why it cannot be read (the caller then keeps MLX's ops).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
@@ -52,6 +53,19 @@ TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # (tools/bench_kernels.py --ncu --fused "tail=..."; bench_generate.py +tailsplit).
 ROUTER_TAILS = ("one", "split")
 ROUTER_TAIL = "one"
+
+
+@contextmanager
+def router_tail(kind: str):
+    """ROUTER_TAIL = kind inside the block, restored after: checks and benchmarks of one kind."""
+    global ROUTER_TAIL
+    if kind not in ROUTER_TAILS:
+        raise ValueError(f"router tail {kind!r}; choose one of {', '.join(ROUTER_TAILS)}")
+    saved, ROUTER_TAIL = ROUTER_TAIL, kind
+    try:
+        yield
+    finally:
+        ROUTER_TAIL = saved
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),

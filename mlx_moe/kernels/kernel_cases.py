@@ -393,13 +393,10 @@ def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden
     """dense_residual with the router tail (dense.ROUTER_TAIL = tail), twice on one
     ticket counter (the second launch finds it zeroed): out as the plain launch gives
     it, xn against mx.fast.rms_norm of that out, the logits against float64 numpy on xn."""
-    from . import dense as dense_module
+    from .dense import router_tail
 
-    saved, dense_module.ROUTER_TAIL = dense_module.ROUTER_TAIL, tail
-    try:
+    with router_tail(tail):
         _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed)
-    finally:
-        dense_module.ROUTER_TAIL = saved
 
 
 def _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed):
