@@ -438,9 +438,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   projects its own rows of out instead: the norm's 1/rms is one factor for all
 //   columns, so  logits[e] = T(1/rms * sum_n wr[e, n] gpost[n] out[n]),  and each
 //   threadgroup writes its rows' share of that sum and of sum out[n]^2 to rpart
-//   [threadgroups, NE + 1] float32 (an output); the last one adds the shares in
+//   [NE + 1, threadgroups] float32 (an output); the last one adds the shares in
 //   threadgroup order (deterministic) and writes xn and the logits.  The logits then
 //   come from out and gpost unrounded, not from xn rounded to T (the same in float32).
+//   Its router words are read with the projection's first weights, before any wait,
+//   and the last threadgroup reads every share at once, a simdgroup per column: the
+//   first version (a simdgroup per router row, one row after another, and the shares
+//   added by a loop per column) took 21 us on the H100, more than the one-tail launch.
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -479,6 +483,31 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   for (int r = 0; r < NR; ++r) {
     rv[r] = (r < nvalid) ? float(res[row0 + r]) : 0.0f;
   }
+//@if RSPLIT
+  // This threadgroup's columns c0 .. c0 + nc - 1 of the router (its rows of out):
+  // WPR 16-byte words (RPER elements each) of each router row, read now with the
+  // projection's weights.
+  constexpr int ROWS = NR * NSG;
+  constexpr int RAFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
+  constexpr int WPR = (ROWS % RPER == 0) ? ROWS / RPER : ROWS / RPER + 2;  // words ROWS columns can touch
+  constexpr int NI = NE * WPR;                                         // (router row, word) items
+  constexpr int IT = (NI + NT - 1) / NT;                               // items per thread
+  const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
+  const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
+  const int w0 = c0 / RPER;
+  uint4 rq[IT];
+  float rsb[IT][2];
+  MOE_UNROLL
+  for (int k = 0; k < IT; ++k) {
+    const int i = tid + k * NT;
+    const int e = i / WPR, w = w0 + i % WPR;
+    const bool ok = i < NI && w * RPER < c0 + nc;  // past the rows: a valid read, unused
+    rq[k] = moe_dense_load(wr, ok ? size_t(e) * size_t(N / RPER) + size_t(w) : size_t(0));
+    const size_t g = ok ? size_t(e) * size_t(N / RGS) + size_t(w * RPER / RGS) : size_t(0);
+    rsb[k][0] = RAFF ? float(wr_s[g]) : 1.0f;
+    rsb[k][1] = RAFF ? float(wr_b[g]) : 0.0f;
+  }
+//@endif
 //@if RONE
   {  // the router for the last threadgroup, into L2 (one threadgroup alone reading it from DRAM took 11 us)
     const int part = int(threadgroup_position_in_grid.x), parts = int(threadgroups_per_grid.x);
@@ -579,16 +608,11 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     }
   }
 //@if RSPLIT
-  // This threadgroup's share of the router projection and of the norm's sum of
-  // squares: its rows c0 .. c0 + nc - 1 of out are columns of the router.
-  constexpr int ROWS = NR * NSG;
+  // This threadgroup's share of the router projection and of the norm's sum of squares.
   threadgroup float og[ROWS];  // out[n] * gpost[n]
   threadgroup float oo[ROWS];  // out[n]
+  threadgroup float pd[NI];    // each (router row, word) item's dot product
   threadgroup float tot[NE + 1];
-  constexpr int PG = (NT / (NE + 1) > 0) ? NT / (NE + 1) : 1;  // the last threadgroup's adders per column
-  threadgroup float psum[PG * (NE + 1)];
-  const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
-  const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
   if (lane == 0) {
     for (int r = 0; r < NR; ++r) {
       const int j = int(sg) * NR + r;
@@ -597,31 +621,35 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  {  // a simdgroup per router row at a time, a lane per column (a warp reads the row's
-     // consecutive bytes at once), summed across the simdgroup; "row" NE: the squares
-    constexpr int RPER = moe_dense_per<RFMT>::value;  // elements per 16-byte read
-    constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
-    const size_t base = size_t(threadgroup_position_in_grid.x) * (NE + 1);
-    for (int e = int(sg); e <= NE; e += NSG) {  // uniform per simdgroup
+  MOE_UNROLL
+  for (int k = 0; k < IT; ++k) {
+    const int i = tid + k * NT;
+    if (i < NI) {
+      const int cw = (w0 + i % WPR) * RPER - c0;  // the word's first column, from c0
       float a = 0.0f;
-      for (int j = int(lane); j < nc; j += 32) {
-        if (e < NE) {
-          const size_t idx = size_t(e) * N + size_t(c0 + j);
-          float wv = moe_dense_unit_at<RFMT>(moe_dense_load(wr, idx / RPER), int(idx % RPER));
-          if (AFF) {
-            const size_t g = size_t(e) * (N / RGS) + size_t((c0 + j) / RGS);
-            wv = wv * float(wr_s[g]) + float(wr_b[g]);
-          }
-          a += wv * og[j];
-        } else {
-          a += oo[j] * oo[j];
+      MOE_UNROLL
+      for (int m = 0; m < RPER; ++m) {
+        if (cw + m >= 0 && cw + m < nc) {
+          a += (moe_dense_unit_at<RFMT>(rq[k], m) * rsb[k][0] + rsb[k][1]) * og[cw + m];
         }
       }
-      a = moe_simd_sum(a);
-      if (lane == 0) {
-        rpart[base + size_t(e)] = a;
+      pd[i] = a;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  constexpr int NTG = (N + ROWS - 1) / ROWS;  // threadgroups: rpart's row length
+  for (int e = tid; e <= NE; e += NT) {
+    float a = 0.0f;
+    if (e < NE) {
+      for (int w = 0; w < WPR; ++w) {
+        a += pd[e * WPR + w];
+      }
+    } else {
+      for (int j = 0; j < nc; ++j) {
+        a += oo[j] * oo[j];
       }
     }
+    rpart[size_t(e) * NTG + size_t(threadgroup_position_in_grid.x)] = a;
   }
 //@endif
 //@if ROUTER
@@ -637,24 +665,38 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     moe_device_fence();
 //@endif
 //@if RSPLIT
-    // PG threads per column each add every PG-th share, then one adds their PG sums:
-    // all NT threads read (NE + 1 columns alone would leave most idle), in a fixed order.
-    const int parts = int(threadgroups_per_grid.x);
-    for (int i = tid; i < PG * (NE + 1); i += NT) {
-      const int e = i % (NE + 1), pg = i / (NE + 1);
-      float a = 0.0f;
-      for (int p = pg; p < parts; p += PG) {
-        a += rpart[size_t(p) * (NE + 1) + size_t(e)];
+    // A simdgroup per column e of rpart, its lanes reading the shares of threadgroups
+    // lane, lane + 32, ...: QB columns' reads issued before any is added (one L2 round
+    // trip for most shapes), each lane's in threadgroup order, then the simdgroup's
+    // fixed reduction: deterministic.
+    constexpr int CPS = (NE + 1 + NSG - 1) / NSG;  // columns per simdgroup
+    constexpr int PPL = (NTG + 31) / 32;           // shares per lane of a column
+    constexpr int QB0 = 32 / PPL > 0 ? 32 / PPL : 1;
+    constexpr int QB = QB0 < CPS ? QB0 : CPS;      // columns per batch of reads
+    for (int q0 = 0; q0 < CPS; q0 += QB) {
+      float sv[QB][PPL];
+      MOE_UNROLL
+      for (int q = 0; q < QB; ++q) {
+        const int e = int(sg) + (q0 + q) * NSG;
+        MOE_UNROLL
+        for (int p = 0; p < PPL; ++p) {
+          const int tg = int(lane) + 32 * p;
+          sv[q][p] = (q0 + q < CPS && e <= NE && tg < NTG) ? rpart[size_t(e) * NTG + size_t(tg)] : 0.0f;
+        }
       }
-      psum[i] = a;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int e = tid; e <= NE; e += NT) {
-      float a = 0.0f;
-      for (int pg = 0; pg < PG; ++pg) {
-        a += psum[pg * (NE + 1) + e];
+      MOE_UNROLL
+      for (int q = 0; q < QB; ++q) {
+        float a = 0.0f;
+        MOE_UNROLL
+        for (int p = 0; p < PPL; ++p) {
+          a += sv[q][p];
+        }
+        a = moe_simd_sum(a);  // uniform: every lane of the simdgroup takes part
+        const int e = int(sg) + (q0 + q) * NSG;
+        if (lane == 0 && q0 + q < CPS && e <= NE) {
+          tot[e] = a;
+        }
       }
-      tot[e] = a;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     const float inv = moe_rsqrt(tot[NE] / float(N) + cst[0]);

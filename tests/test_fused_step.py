@@ -107,6 +107,10 @@ def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, pa
     (17, 4, mx.float32, 256, 192, 8, 1, 8, 1e-5),        # bfloat16 o_proj, 4-bit router of 8
     (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 8, 1e-2),    # Qwen3-30B-A3B, the default tail geometry
     (4, 8, mx.bfloat16, 4096, 2048, 128, 2, 16, 1e-2),
+    # float routers; a threadgroup's rows not a whole number of the router's 16-byte
+    # words (split: a word shared by two threadgroups, or three words touched by one)
+    (4, 32, mx.float32, 256, 96, 12, 1, 2, 1e-5),
+    (4, 17, mx.bfloat16, 256, 192, 8, 3, 4, 1e-2),
 ])
 @pytest.mark.parametrize("tail", ["one", "split"])
 def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail):

@@ -252,7 +252,7 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
             template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", TAIL_RNR)],
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
             # split: each threadgroup's share of the logits and of the sum of squares (scratch)
-            output_shapes=[res.shape, (1, d.rows), (1, g.rows)] + ([(n_tg, g.rows + 1)] if split else []),
+            output_shapes=[res.shape, (1, d.rows), (1, g.rows)] + ([(g.rows + 1, n_tg)] if split else []),
             output_dtypes=[res.dtype] * 3 + ([mx.float32] if split else []),
         )
         return outs[0], outs[1], outs[2]
