@@ -414,10 +414,13 @@ def _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg,
         x = (mx.array(p), mx.array(ml))
         res = mx.array(rng.standard_normal((1, hidden)).astype(np.float32)).astype(dtype)
         out, xn, logits = dense_residual(x, o, res, flavor, nr=nr, nsg=nsg, router=tail)
-        plain = dense_residual(x, o, res, flavor)
+        plain = dense_residual(x, o, res, flavor, nr=nr, nsg=nsg)
         what = f"router tail (fmt {fmt}/{rfmt}, {dtype}, {nr}x{nsg}, launch {call + 1})"
         assert out.dtype == xn.dtype == logits.dtype == dtype and logits.shape == (1, experts), what
-        _close(np.array(out.astype(mx.float32)), np.array(plain.astype(mx.float32)), 0.0, what + " out")
+        # Equal up to rounding: another kernel, so nvcc may contract other products into
+        # FMAs (on the H100 a float32 1x2 case differed by 1 ulp); exact under the emulation.
+        _close(np.array(out.astype(mx.float32)), np.array(plain.astype(mx.float32)),
+               0.0 if flavor == "emulated" else (2.4e-7 if dtype == mx.float32 else 8e-3), what + " out")
         with mx.stream(mx.cpu):
             xn_want = np.array(mx.fast.rms_norm(plain, gpost, 1e-6).astype(mx.float32))
         _close(np.array(xn.astype(mx.float32)), xn_want, 1e-6 if dtype == mx.float32 else 8e-3, what + " xn")
