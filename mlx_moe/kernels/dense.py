@@ -49,8 +49,10 @@ TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # How that launch projects the router: "one" (its last threadgroup reads the whole router,
 # dense_residual_parts_router) or "split" (every threadgroup projects its own rows of the
 # output and the last one adds the shares: dense_residual_parts_router_split, metal/
-# decode_layer.metal says why).  "one" until the H100 has timed "split"
-# (tools/bench_kernels.py --ncu --fused "tail=..."; bench_generate.py +tailsplit).
+# decode_layer.metal says why).  H100 (ncu, BENCHMARKS.md 2026-12-06, second session):
+# split 14.5 us at 1x16 and 2x16 against 17.7 / 18.8 for one, 13.5 for two launches; end to
+# end on a host-bound machine it did not gain (bench_generate.py +tailsplit), so "one" stays
+# until a GPU-bound host has timed it (tools/gpu_measure.sh step T).
 ROUTER_TAILS = ("one", "split")
 ROUTER_TAIL = "one"
 
