@@ -438,7 +438,10 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   projects its own rows of out instead: the norm's 1/rms is one factor for all
 //   columns, so  logits[e] = T(1/rms * sum_n wr[e, n] gpost[n] out[n]),  and each
 //   threadgroup writes its rows' share of that sum and of sum out[n]^2 to rpart
-//   [NE + 1, threadgroups] float32 (an output); the last one adds the shares in
+//   [NE + 1, threadgroups] (float bits in count[4:], after the ticket: count holds
+//   dense.tail_counter_words uint32; an input, not an output, so the host allocates
+//   nothing per launch; each launch writes every share before the last threadgroup
+//   reads them, so nothing but the ticket is zeroed); the last one adds the shares in
 //   threadgroup order (deterministic) and writes xn and the logits.  The logits then
 //   come from out and gpost unrounded, not from xn rounded to T (the same in float32).
 //   Its router words are read with the projection's first weights, before any wait,
@@ -639,6 +642,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   constexpr int NTG = (N + ROWS - 1) / ROWS;  // threadgroups: rpart's row length
+  const auto rpart = moe_inplace(count) + 4;  // after the ticket's 16 bytes
   for (int e = tid; e <= NE; e += NT) {
     float a = 0.0f;
     if (e < NE) {
@@ -650,7 +654,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         a += oo[j] * oo[j];
       }
     }
-    rpart[size_t(e) * NTG + size_t(threadgroup_position_in_grid.x)] = a;
+    rpart[size_t(e) * NTG + size_t(threadgroup_position_in_grid.x)] = moe_float_bits(a);
   }
 //@endif
 //@if ROUTER
@@ -682,7 +686,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         MOE_UNROLL
         for (int p = 0; p < PPL; ++p) {
           const int tg = int(lane) + 32 * p;
-          sv[q][p] = (q0 + q < CPS && e <= NE && tg < NTG) ? rpart[size_t(e) * NTG + size_t(tg)] : 0.0f;
+          sv[q][p] = (q0 + q < CPS && e <= NE && tg < NTG) ? moe_as_float(rpart[size_t(e) * NTG + size_t(tg)]) : 0.0f;
         }
       }
       MOE_UNROLL

@@ -223,8 +223,11 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
         if lp is None:
             return None, why
         layers.append(lp)
-    # Every router tail's ticket counter, made in one evaluation.
-    counters = iter(dense.ticket_counters(sum(lp.tail is not None for lp in layers)))
+    # Every router tail's ticket counter, made in one evaluation, with room for the split
+    # tail's shares at the geometry forward() launches it with.
+    tails = [lp for lp in layers if lp.tail is not None]
+    words = max((dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows) for lp in tails), default=4)
+    counters = iter(dense.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
               for lp in layers]
     return Plan(flavor, layers, _head_plan(model, flavor)), None

@@ -22,6 +22,7 @@ from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
 from mlx_moe.kernels import dense
+from mlx_moe.kernels import dense
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend
@@ -118,6 +119,19 @@ def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden
     and the router projection, in the launch's last threadgroup (one) or shared by every
     threadgroup and added up by the last (split), twice on one counter."""
     router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail=tail)
+
+
+def test_split_tail_needs_room_for_its_shares():
+    """The split tail keeps its shares in the counter after the ticket: a counter made
+    for the one-threadgroup tail (4 words) is refused before any launch, naming the fix."""
+    import mlx.nn as nn
+
+    o = dense.dense_weight(nn.QuantizedLinear(256, 64, bias=False, bits=4, group_size=64))
+    gate = dense.dense_weight(nn.QuantizedLinear(64, 8, bias=False, bits=8, group_size=64))
+    tail = dense.RouterTail(mx.ones((64,)), 1e-6, gate, dense.ticket_counter())
+    parts = (mx.zeros((2, 4, 128)), mx.ones((2, 4, 2)))
+    with dense.router_tail("split"), pytest.raises(ValueError, match=r"needs 76 uint32.*tail_counter_words"):
+        dense.dense_residual(parts, o, mx.zeros((1, 64)), "emulated", nr=2, nsg=4, router=tail)
 
 
 def test_unreadable_projections_are_named():
@@ -408,5 +422,9 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     assert why is None
     counts = [lp.tail.count for lp in plan.layers]
     assert len(counts) == len(model.model.layers) >= 2 and all(c is not None for c in counts)
-    assert all(c.dtype == mx.uint32 and np.array(c).tolist() == [0, 0, 0, 0] for c in counts)
+    assert all(c.dtype == mx.uint32 and not np.array(c).any() for c in counts)
+    # room for the split tail's shares at the geometry forward() launches it with
+    lp = plan.layers[0]
+    assert all(c.size == 4 + (lp.tail.gate.rows + 1) * -(-lp.o.rows // (dense.TAIL_NR * dense.TAIL_NSG))
+               for c in counts)
     assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer

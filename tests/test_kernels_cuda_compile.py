@@ -322,7 +322,7 @@ DECODE_LAYER_KERNELS = [
      {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
       "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
       "count": "uint32"},
-     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16", "rpart": "float32"},
+     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
      [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 16), ("D", 128),
       ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
     # ... 1 x 16: 128 threadgroups' shares for the last one to add
@@ -330,7 +330,7 @@ DECODE_LAYER_KERNELS = [
      {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
       "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
       "count": "uint32"},
-     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16", "rpart": "float32"},
+     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
      [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 1), ("NSG", 16), ("D", 128),
       ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
 ]

@@ -489,7 +489,10 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     # o_proj with the router tail (dense_residual_parts_router, and _split: each kind of
     # dense.ROUTER_TAILS): replaces the dense_residual_parts + dense_norm_xn pair above.
     if geometries["tail"]:
-        tails = [dense.RouterTail(g_in, 1e-6, gate[l], c) for l, c in enumerate(dense.ticket_counters(layers))]
+        words = max(dense.tail_counter_words(gate[0].rows, o[0].rows, nr, nsg)
+                    for nr, nsg in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"])
+        tails = [dense.RouterTail(g_in, 1e-6, gate[l], c)
+                 for l, c in enumerate(dense.ticket_counters(layers, words))]
 
         def tail(l, g, kind):
             with dense.router_tail(kind):

@@ -51,8 +51,9 @@ TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # output and the last one adds the shares: dense_residual_parts_router_split, metal/
 # decode_layer.metal says why).  H100 (ncu, BENCHMARKS.md 2026-12-06, second session):
 # split 14.5 us at 1x16 and 2x16 against 17.7 / 18.8 for one, 13.5 for two launches; end to
-# end on a host-bound machine it did not gain (bench_generate.py +tailsplit), so "one" stays
-# until a GPU-bound host has timed it (tools/gpu_measure.sh step T).
+# end on a host-bound machine it did not gain (bench_generate.py +tailsplit; that build
+# also allocated its shares as an output each launch, now kept in the counter), so "one"
+# stays until a GPU-bound host has timed it (tools/gpu_measure.sh step T).
 ROUTER_TAILS = ("one", "split")
 ROUTER_TAIL = "one"
 
@@ -189,17 +190,27 @@ class RouterTail(NamedTuple):
     norm_weight: mx.array
     eps: float
     gate: DenseWeight
-    count: mx.array  # ticket_counter(): one per call site, zero between launches
+    count: mx.array  # ticket_counter(tail_counter_words(...)): one per call site
 
 
-def ticket_counter() -> mx.array:
-    """A fresh uint32 counter in device memory for RouterTail (device_array, zeroed)."""
-    return ticket_counters(1)[0]
+def tail_counter_words(experts: int, hidden: int, nr: Optional[int] = None, nsg: Optional[int] = None) -> int:
+    """uint32 words of a RouterTail counter for `experts` router rows after a `hidden`-wide
+    residual at geometry nr x nsg (default TAIL_NR x TAIL_NSG): the ticket (4 words,
+    zero between launches), then the split tail's shares [experts + 1, threadgroups] as
+    float bits (metal/decode_layer.metal, option RSPLIT; the one-threadgroup tail leaves
+    them alone).  In the counter rather than a scratch output: no allocation a launch."""
+    nr, nsg = nr or TAIL_NR, nsg or TAIL_NSG
+    return 4 + (experts + 1) * -(-hidden // (nr * nsg))
 
 
-def ticket_counters(n: int) -> list:
+def ticket_counter(words: int = 4) -> mx.array:
+    """A fresh uint32 counter of `words` words in device memory for RouterTail (zeroed)."""
+    return ticket_counters(1, words)[0]
+
+
+def ticket_counters(n: int, words: int = 4) -> list:
     """n fresh counters, made with one evaluation (a model's layers take one each)."""
-    return device_arrays([[0]] * n, mx.uint32)
+    return device_arrays([[0] * words] * n, mx.uint32)
 
 
 def router_tail_unsupported(gate: DenseWeight, hidden: int, flavor: str) -> Optional[str]:
@@ -248,14 +259,17 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
             raise ValueError(f"dense.ROUTER_TAIL is {ROUTER_TAIL!r}; choose one of {', '.join(ROUTER_TAILS)}")
         split = ROUTER_TAIL == "split"
         g = router.gate
+        need = tail_counter_words(g.rows, d.rows, nr, nsg) if split else 4
+        if router.count.dtype != mx.uint32 or router.count.size < need:
+            raise ValueError(f"dense_residual: the router tail's counter is {router.count.size} {router.count.dtype} "
+                             f"values; the {ROUTER_TAIL} tail at {nr}x{nsg} needs {need} uint32 (make it with "
+                             f"dense.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
         outs = kernel(flavor, "dense_residual_parts_router_split" if split else "dense_residual_parts_router")(
             inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
                     router.count],
             template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", TAIL_RNR)],
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-            # split: each threadgroup's share of the logits and of the sum of squares (scratch)
-            output_shapes=[res.shape, (1, d.rows), (1, g.rows)] + ([(g.rows + 1, n_tg)] if split else []),
-            output_dtypes=[res.dtype] * 3 + ([mx.float32] if split else []),
+            output_shapes=[res.shape, (1, d.rows), (1, g.rows)], output_dtypes=[res.dtype] * 3,
         )
         return outs[0], outs[1], outs[2]
     return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(

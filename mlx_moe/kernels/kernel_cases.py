@@ -400,13 +400,13 @@ def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden
 
 
 def _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed):
-    from .dense import RouterTail, dense_residual, dense_weight, ticket_counter
+    from .dense import RouterTail, dense_residual, dense_weight, tail_counter_words, ticket_counter
 
     rng = np.random.default_rng(seed)
     o = dense_weight(random_linear(rng, cols, hidden, fmt, dtype))
     gate = random_linear(rng, hidden, experts, rfmt, dtype)
     gpost = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
-    tail = RouterTail(gpost, 1e-6, dense_weight(gate), ticket_counter())
+    tail = RouterTail(gpost, 1e-6, dense_weight(gate), ticket_counter(tail_counter_words(experts, hidden, nr, nsg)))
     H, S = 8, 4
     for call in range(2):
         p = rng.standard_normal((H, S, cols // H)).astype(np.float32) * 4

@@ -190,7 +190,7 @@ KERNELS: Dict[str, KernelSpec] = {
                                               options=("PARTS", "ROUTER", "RONE"), inplace=("count",)),
     "dense_residual_parts_router_split": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost",
                                                                      "wr", "wr_s", "wr_b", "cst", "count"),
-                                                    ("out", "xn", "logits", "rpart"), body="dense_residual",
+                                                    ("out", "xn", "logits"), body="dense_residual",
                                                     options=("PARTS", "ROUTER", "RSPLIT"), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
