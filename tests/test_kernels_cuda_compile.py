@@ -299,6 +299,17 @@ def _dense(variant, x, fmt, wt, st, K, N, nr=2, nsg=4, parts=None):
              ("S", parts[1])])
 
 
+def _tail(name, variant, nr, nsg):
+    """o_proj (4096 -> 2048, 4-bit, of the attention's 4 splits) with a router tail."""
+    return (name, variant,
+            {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16",
+             "res": "bfloat16", "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16",
+             "cst": "float32", "count": "uint32"},
+            {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
+            [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", nr), ("NSG", nsg),
+             ("D", 128), ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)])
+
+
 # The fused decoder layer's dense kernels at Qwen3-30B-A3B shapes (4-bit affine g64 as
 # mlx-community checkpoints; bfloat16 weights as Hugging Face ones), Qwen2's biases, and
 # the router projection (8-bit, one row a simdgroup, with the normalized input).
@@ -309,30 +320,12 @@ DECODE_LAYER_KERNELS = [
     _dense("o_q4", "bfloat16", 4, "uint32", "bfloat16", 4096, 2048),
     _dense("o_f16", "float16", 16, "float16", "float32", 4096, 2048),
     _dense("o_q4_parts", "bfloat16", 4, "uint32", "bfloat16", 4096, 2048, parts=(128, 4)),
-    # o_proj with the router tail (dense_residual_parts_router): 8-bit router of 128 experts
-    ("dense_residual_parts_router", "o_q4_router_q8",
-     {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
-      "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
-      "count": "uint32"},
-     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
-     [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 8), ("D", 128),
-      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
-    # ... each threadgroup projecting its own rows (dense_residual_parts_router_split, 2 x 16)
-    ("dense_residual_parts_router_split", "o_q4_router_q8_split",
-     {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
-      "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
-      "count": "uint32"},
-     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
-     [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 2), ("NSG", 16), ("D", 128),
-      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
-    # ... 1 x 16: 128 threadgroups' shares for the last one to add
-    ("dense_residual_parts_router_split", "o_q4_router_q8_split_1x16",
-     {"parts": "float32", "ml": "float32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16", "res": "bfloat16",
-      "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "cst": "float32",
-      "count": "uint32"},
-     {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
-     [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", 1), ("NSG", 16), ("D", 128),
-      ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)]),
+    # o_proj with the router tail: the last threadgroup projects the 8-bit router of 128
+    # experts (dense_residual_parts_router), or each threadgroup its own rows of it and
+    # the last adds their shares (_split; 1 x 16: 128 threadgroups' shares)
+    _tail("dense_residual_parts_router", "o_q4_router_q8", 2, 8),
+    _tail("dense_residual_parts_router_split", "o_q4_router_q8_split", 2, 16),
+    _tail("dense_residual_parts_router_split", "o_q4_router_q8_split_1x16", 1, 16),
 ]
 
 
