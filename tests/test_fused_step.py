@@ -22,7 +22,6 @@ from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
 from mlx_moe.kernels import dense
-from mlx_moe.kernels import dense
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend

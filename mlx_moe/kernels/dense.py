@@ -15,12 +15,12 @@ to the kernels, or why it cannot be read (the caller then keeps MLX's ops).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import registry
 from .registry import constant, device_arrays, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
@@ -58,17 +58,13 @@ ROUTER_TAILS = ("one", "split")
 ROUTER_TAIL = "one"
 
 
-@contextmanager
 def router_tail(kind: str):
-    """ROUTER_TAIL = kind inside the block, restored after: checks and benchmarks of one kind."""
-    global ROUTER_TAIL
+    """ROUTER_TAIL = kind inside a with block, restored after: checks and benchmarks of one kind."""
     if kind not in ROUTER_TAILS:
         raise ValueError(f"router tail {kind!r}; choose one of {', '.join(ROUTER_TAILS)}")
-    saved, ROUTER_TAIL = ROUTER_TAIL, kind
-    try:
-        yield
-    finally:
-        ROUTER_TAIL = saved
+    return registry.switched(__name__, ("ROUTER_TAIL",), ROUTER_TAIL=kind)
+
+
 # The LM head (the final norm and the vocabulary projection in one dense_norm launch).
 # Qwen3's 151936 x 2048 4-bit head on the H100 (ncu; BENCHMARKS.md, 2026-12-05, third
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),

@@ -14,13 +14,12 @@ never written (combine never reads them).  Weights are Q4_0 (uint16 words
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import mlx.core as mx
 
 from .mul_mv_id import _shape
+from . import registry
 from .registry import KERNELS, get_kernel, kernel
 
 # The tile of metal/mul_mm_id.metal (MOE_MM_*): weight rows x routed pairs per
@@ -115,22 +114,10 @@ def map0_grid_geometry(n_experts: int):
 _SWITCHES = ("MAP0", "CUDA_GEMM", "ASYNC_COPY", "ASYNC_D_BF16", "ASYNC_ROWS")
 
 
-@contextmanager
 def switched(**settings):
-    """This module's switches (_SWITCHES) set to `settings` inside the block, restored
+    """This module's switches (_SWITCHES) set to `settings` inside a with block, restored
     after: checks and benchmarks of one variant."""
-    module = sys.modules[__name__]
-    unknown = [name for name in settings if name not in _SWITCHES]
-    if unknown:
-        raise AttributeError(f"mul_mm_id has no switch {', '.join(unknown)}; switches: {', '.join(_SWITCHES)}")
-    saved = {name: getattr(module, name) for name in settings}
-    for name, value in settings.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
+    return registry.switched(__name__, _SWITCHES, **settings)
 
 
 def map0(ids: mx.array, n_experts: int, flavor: str) -> Route:

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -212,6 +214,26 @@ def device_array(values, dtype=mx.float32) -> mx.array:
     to migrate.  An operation's output of more than 8 bytes lives in device memory.
     """
     return device_arrays([values], dtype)[0]
+
+
+@contextmanager
+def switched(module_name: str, switches: Tuple[str, ...], **settings):
+    """Module `module_name`'s switches (module-level settings that pick kernels and their
+    variants, each one of `switches`) set to `settings` inside the block, restored after:
+    checks and benchmarks of one variant (mul_mm_id.switched, dense.router_tail)."""
+    module = sys.modules[module_name]
+    unknown = [name for name in settings if name not in switches]
+    if unknown:
+        raise AttributeError(f"{module_name.rsplit('.', 1)[-1]} has no switch {', '.join(unknown)}; "
+                             f"switches: {', '.join(switches)}")
+    saved = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def device_arrays(values_list, dtype=mx.float32) -> list:
