@@ -370,6 +370,30 @@ def test_threadgroups_run_last_first():
     assert np.array(order).tolist() == list(range(11, -1, -1))
 
 
+def test_in_order_kernels_run_first_numbered_first():
+    """A kernel whose later threadgroups wait for earlier ones (registry.KernelSpec.in_order,
+    sound on GPUs that start threadgroups in index order) runs them in index order here,
+    across grid dimensions x then y; in the default order its wait never ends."""
+    src = """
+        if (thread_index_in_threadgroup == 0) {
+          const uint tg = threadgroup_position_in_grid.x + threadgroups_per_grid.x * threadgroup_position_in_grid.y;
+          while (atomic_load_explicit(&counter[0], memory_order_relaxed) < tg) {
+          }
+          atomic_store_explicit(&order[tg], atomic_fetch_add_explicit(&counter[0], 1u, memory_order_relaxed),
+                                memory_order_relaxed);
+        }
+    """
+    kw = dict(inputs=[mx.zeros((1,))], grid=(4 * 32, 3, 1), threadgroup=(32, 1, 1), output_shapes=[(12,), (1,)],
+              output_dtypes=[mx.uint32, mx.uint32], init_value=0)
+    k = emu_metal_kernel("waits", ["x"], ["order", "counter"], src, atomic_outputs=True, in_order=True)
+    order, _ = k(**kw)
+    assert np.array(order).tolist() == list(range(12))
+    k = emu_metal_kernel("waits_any_order", ["x"], ["order", "counter"], src, atomic_outputs=True)
+    k.timeout_s = 1.0
+    with pytest.raises(MetalEmulationTimeout, match="did not finish"):
+        k(**kw)
+
+
 # -- simdgroup_matrix ----------------------------------------------------------
 
 def test_simdgroup_matrix_multiply_accumulate():

@@ -206,6 +206,7 @@ class EmulatedMetalKernel:
         atomic_outputs: bool = False,
         compile_options: Optional[dict] = None,
         inplace_inputs: Sequence[str] = (),
+        in_order: bool = False,
     ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
@@ -219,6 +220,9 @@ class EmulatedMetalKernel:
         # shared with the parent, as outputs do, and are copied back into the arrays.
         self.inplace_inputs = tuple(inplace_inputs)
         self.output_names = list(output_names)
+        # Threadgroups run first-numbered first instead of last-numbered first: for
+        # kernels whose later threadgroups wait for earlier ones (registry.KernelSpec.in_order).
+        self.in_order = bool(in_order)
         self.source = source
         self.header = header
         self.ensure_row_contiguous = ensure_row_contiguous
@@ -379,6 +383,7 @@ class EmulatedMetalKernel:
                 (ctypes.c_uint32 * 3)(*tg3),
                 ctypes.c_double(timeout),
                 ctypes.c_int(int(fork)),
+                ctypes.c_int(int(self.in_order)),
                 ctypes.c_char_p(gen.kernel_name.encode()),
                 err,
                 ctypes.c_int(len(err)),
@@ -407,9 +412,11 @@ def metal_kernel(
     atomic_outputs: bool = False,
     compile_options: Optional[dict] = None,
     inplace_inputs: Sequence[str] = (),
+    in_order: bool = False,
 ) -> EmulatedMetalKernel:
     """Create an emulated kernel; same arguments as ``mx.fast.metal_kernel``, and
-    `inplace_inputs`: inputs the kernel writes (EmulatedMetalKernel says how)."""
+    `inplace_inputs`: inputs the kernel writes, `in_order`: threadgroups run
+    first-numbered first (EmulatedMetalKernel says why)."""
     return EmulatedMetalKernel(
         name,
         input_names,
@@ -420,6 +427,7 @@ def metal_kernel(
         atomic_outputs=atomic_outputs,
         compile_options=compile_options,
         inplace_inputs=inplace_inputs,
+        in_order=in_order,
     )
 
 

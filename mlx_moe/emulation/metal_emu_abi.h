@@ -82,10 +82,11 @@ __attribute__((noreturn)) void emu_fail(const char* msg);
 
 // Host side: run a whole grid.  Returns 0 on success; otherwise writes a
 // message to err.  fork_mode=1 runs the grid in a child process so a crash,
-// an infinite loop or a detected error cannot take the caller down.
+// an infinite loop or a detected error cannot take the caller down.  in_order=1
+// runs the threadgroups first-numbered first (default: last-numbered first).
 int emu_launch(emu_entry_fn entry, emu_buffer* bufs, int n_bufs,
                const uint32_t grid[3], const uint32_t threadgroup[3],
-               double timeout_s, int fork_mode, const char* kernel_name,
+               double timeout_s, int fork_mode, int in_order, const char* kernel_name,
                char* err, int err_len);
 
 #ifdef __cplusplus

@@ -107,6 +107,7 @@ struct State {
   char* err;
   int err_len;
   int fork_mode;
+  int in_order;  // threadgroups first-numbered first (a kernel that relies on it: KernelSpec.in_order)
   int failed;
 };
 
@@ -440,16 +441,19 @@ static int run_grid(emu_entry_fn entry, const emu_buffer* bufs, int n_bufs,
   if (rc == 0) {
     // Last threadgroup first: a GPU runs them in no set order, and a kernel that
     // counts on the lowest-numbered ones having run (or on the highest running
-    // last) must fail here rather than pass by the emulator's order.
+    // last) must fail here rather than pass by the emulator's order.  The
+    // exception, asked for per launch (in_order): kernels whose later threadgroups
+    // wait for earlier ones, sound on GPUs that start threadgroups in index order;
+    // run in that order, one at a time, each such wait is already satisfied.
     uint32_t pos[3];
-    for (uint32_t z = S.ntg[2]; z-- > 0;)
-      for (uint32_t y = S.ntg[1]; y-- > 0;)
-        for (uint32_t x = S.ntg[0]; x-- > 0;) {
-          pos[0] = x;
-          pos[1] = y;
-          pos[2] = z;
-          run_threadgroup(pos);
-        }
+    const uint32_t n_tg = S.ntg[0] * S.ntg[1] * S.ntg[2];
+    for (uint32_t i = 0; i < n_tg; ++i) {
+      const uint32_t j = S.in_order ? i : n_tg - 1 - i;
+      pos[0] = j % S.ntg[0];
+      pos[1] = j / S.ntg[0] % S.ntg[1];
+      pos[2] = j / (S.ntg[0] * S.ntg[1]);
+      run_threadgroup(pos);
+    }
   }
   pthread_mutex_lock(&S.pm);
   S.quit = 1;
@@ -709,10 +713,11 @@ void emu_simd_collective(const char* op, int line, const void* payload, size_t p
 }
 
 int emu_launch(emu_entry_fn entry, emu_buffer* bufs, int n_bufs, const uint32_t grid[3],
-               const uint32_t threadgroup[3], double timeout_s, int fork_mode,
+               const uint32_t threadgroup[3], double timeout_s, int fork_mode, int in_order,
                const char* kernel_name, char* err, int err_len) {
   if (err_len > 0) err[0] = 0;
   memset(&S, 0, sizeof S);
+  S.in_order = in_order;
   Dl_info info;
   so_base = nullptr;
   if (dladdr((void*)entry, &info) && info.dli_fname && info.dli_fbase) {
