@@ -136,6 +136,85 @@ struct moe_rows<ushort> {
   }
 };
 
+// One simdgroup's NR rows of h for one (token, slot): h[n] = silu(Wg[e][n] . x) *
+// (Wu[e][n] . x) for n in row0 .. row0 + NR - 1 (< N), stored by lane 0; nothing is
+// read or written for an expert id outside [0, NE) (identity and padding slots).
+// x: the token's activations [K]; h: the pair's row of h [N].
+template <typename WT, int K, int N, int NE, int NR, int NQ, typename XP, typename WP, typename HP>
+MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0, uint lane) {
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
+  float acc[2 * NR];
+  for (int r = 0; r < 2 * NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  if (active) {
+    const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+    const size_t off = (size_t(e) * N + row0) * RL;
+    moe_rows<WT>::template dot<K, NR, 2, NQ>(x, wg + off, wu + off, nvalid, lane, acc);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float g = moe_simd_sum(acc[r]);
+    const float u = moe_simd_sum(acc[NR + r]);
+    if (active && lane == 0 && row0 + r < N) {
+      h[row0 + r] = moe_silu(g) * u;
+    }
+  }
+}
+
+// One threadgroup's NR rows n = row0 .. of one token's combined expert output,
+//   sum_s wts[s] * (Wd[ids[s]][n] . h[s])  (real ids)  +  sum_s wts[s] * x[n]  (identity ids):
+// its NSG simdgroups take slots sg, sg + NSG, ... and meet in `part` (threadgroup,
+// NSG * NR floats).  Every thread must call it (a barrier inside); lane r < nvalid of
+// simdgroup 0 gets row row0 + r, the others 0.  h: the token's KS rows [KS, K]; ids,
+// wts: its KS slots (device or threadgroup memory); x: its activations [N].
+template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ,
+          typename HP, typename IP, typename SP, typename WP, typename XP, typename PP>
+MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, int row0, uint sg, uint lane) {
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  const int nvalid = (N - row0 < NR) ? N - row0 : NR;
+  float acc[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc[r] = 0.0f;
+  }
+  for (int s = int(sg); s < KS; s += NSG) {
+    const int e = ids[s];
+    if (nvalid > 0 && e >= 0 && e < NE) {  // uniform per simdgroup
+      float part_s[NR];
+      for (int r = 0; r < NR; ++r) {
+        part_s[r] = 0.0f;
+      }
+      auto wr = wd + (size_t(e) * N + row0) * RL;
+      moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+      const float ws = wts[s];
+      for (int r = 0; r < NR; ++r) {
+        acc[r] += ws * moe_simd_sum(part_s[r]);
+      }
+    }
+  }
+  if (lane == 0) {
+    for (int r = 0; r < NR; ++r) {
+      part[sg * NR + r] = acc[r];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float v = 0.0f;
+  if (sg == 0 && int(lane) < nvalid) {
+    for (int g = 0; g < NSG; ++g) {
+      v += part[g * NR + int(lane)];
+    }
+    if (NI > 0) {
+      float wid = 0.0f;
+      for (int s = 0; s < KS; ++s) {
+        const int e = ids[s];
+        wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
+      }
+      v += wid * float(x[row0 + int(lane)]);
+    }
+  }
+  return v;
+}
+
 // ==== kernel: mul_mv_id ====
 // out[p, n] = W[ids[p]][n] . src[BCAST ? p / KS : p]   for p = token * KS + slot.
 // Template: T (src dtype), WT (weight element), K (cols), N (rows),
@@ -212,24 +291,7 @@ struct moe_rows<ushort> {
 //@if !ROUTE
   const int e = ids[pair];
 //@endif
-  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
-  const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
-  float acc[2 * NR];
-  for (int r = 0; r < 2 * NR; ++r) {
-    acc[r] = 0.0f;
-  }
-  if (active) {
-    const int nvalid = (N - row0 < NR) ? N - row0 : NR;
-    const size_t off = (size_t(e) * N + row0) * RL;
-    moe_rows<WT>::template dot<K, NR, 2, NQ>(x + size_t(pair / KS) * K, wg + off, wu + off, nvalid, lane, acc);
-  }
-  for (int r = 0; r < NR; ++r) {
-    const float g = moe_simd_sum(acc[r]);
-    const float u = moe_simd_sum(acc[NR + r]);
-    if (active && lane == 0 && row0 + r < N) {
-      h[size_t(pair) * N + row0 + r] = moe_silu(g) * u;
-    }
-  }
+  moe_swiglu_rows<WT, K, N, NE, NR, NQ>(x + size_t(pair / KS) * K, wg, wu, h + size_t(pair) * N, e, row0, lane);
 }
 
 // ==== kernel: mul_mv_id_down_combine ====
@@ -247,54 +309,106 @@ struct moe_rows<ushort> {
   const uint sg = simdgroup_index_in_threadgroup;
   const uint tok = threadgroup_position_in_grid.y;
   const int row0 = int(threadgroup_position_in_grid.x) * NR;
-  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
-  const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   threadgroup float part[NSG * NR];
-
-  float acc[NR];
-  for (int r = 0; r < NR; ++r) {
-    acc[r] = 0.0f;
-  }
-  for (int s = int(sg); s < KS; s += NSG) {
-    const int e = ids[tok * KS + s];
-    if (nvalid > 0 && e >= 0 && e < NE) {  // uniform per simdgroup
-      float part_s[NR];
-      for (int r = 0; r < NR; ++r) {
-        part_s[r] = 0.0f;
-      }
-      auto wr = wd + (size_t(e) * N + row0) * RL;
-      moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(tok * KS + s) * K, wr, wr, nvalid, lane, part_s);
-      const float ws = wts[tok * KS + s];
-      for (int r = 0; r < NR; ++r) {
-        acc[r] += ws * moe_simd_sum(part_s[r]);
-      }
-    }
-  }
-  if (lane == 0) {
-    for (int r = 0; r < NR; ++r) {
-      part[sg * NR + r] = acc[r];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (sg == 0 && int(lane) < nvalid) {
+  const float v = moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ>(
+      h + size_t(tok) * KS * K, ids + tok * KS, wts + tok * KS, wd, x + size_t(tok) * N, part, row0, sg, lane);
+  if (sg == 0 && int(lane) < ((N - row0 < NR) ? N - row0 : NR)) {
     const int n = row0 + int(lane);
-    float v = 0.0f;
-    for (int g = 0; g < NSG; ++g) {
-      v += part[g * NR + int(lane)];
-    }
-    if (NI > 0) {
-      float wid = 0.0f;
-      for (int s = 0; s < KS; ++s) {
-        const int e = ids[tok * KS + s];
-        wid += (e >= NE && e < NE + NI) ? wts[tok * KS + s] : 0.0f;
-      }
-      v += wid * float(x[size_t(tok) * N + n]);
-    }
 //@if RESIDUAL
     y[size_t(tok) * N + n] = static_cast<T>(float(res[size_t(tok) * N + n]) + float(static_cast<T>(v)));
 //@endif
 //@if !RESIDUAL
     y[size_t(tok) * N + n] = static_cast<T>(v);
 //@endif
+  }
+}
+
+// ==== kernel: mul_mv_id_moe ====
+// The decode MoE layer in one launch: mul_mv_id_swiglu_route's threadgroups, then
+// mul_mv_id_down_combine_res's after them in the same grid,
+//   y[t] = res[t] + sum_s w[t,s] * (Wd[e] . silu(Wg[e] . x[t]) * (Wu[e] . x[t]))  (real e)
+//                 + sum_s w[t,s] * x[t]                                      (identity e).
+// Why: a layer is one graph node less for the host, and decode is bound by them
+// (0.13 ms a token less on the H100), at the two launches' GPU time (23.3 us against
+// 14.8 + 8.8, ncu; BENCHMARKS.md 2026-12-06, third session).  The down threadgroups
+// start only as gate/up ones retire, so their reads are not hidden behind gate/up;
+// gate/up threadgroups prefetching the down weights into L2 was slower (25.1 us).
+// Grid (1-D, threadgroups of 32 * NSG threads): NGU = GX * NT * KS gate/up
+// threadgroups (GX = ceil(F / (NRG * NSG)) per (token, slot) pair, pair-major),
+// then NDN = DX * NT down threadgroups (DX = ceil(D / NRD) per token).
+// Order: simdgroup 0 of every threadgroup runs the routing rule on its token's
+// router outputs (the token's first threadgroup writes ids and weights).  A gate/up
+// threadgroup writes its rows of h, fences, and bumps count[0].  A down threadgroup
+// waits until count[0] = NGU (moe_wait_count: GPUs start threadgroups in index order,
+// so it never holds a core a gate/up one has yet to get; KernelSpec.in_order marks
+// that, and the CPU emulation runs this kernel's threadgroups in index order), then
+// reads h.  The last down threadgroup to
+// finish (a ticket on count[1]) zeroes both counters for the next launch.
+// Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
+// (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, and the
+// routing rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
+// Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
+// [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
+// (written, zero between launches).  Outputs: h [NT*KS, F] float32 (rows of
+// identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
+// y [NT, D] in T.
+{
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  constexpr int GX = (F + NRG * NSG - 1) / (NRG * NSG);
+  constexpr int NGU = GX * NT * KS;
+  constexpr int DX = (D + NRD - 1) / NRD;
+  const int tg = int(threadgroup_position_in_grid.x);
+  const bool down = tg >= NGU;  // uniform per threadgroup
+  const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
+  const auto cnt = moe_inplace(count);
+  threadgroup int chosen[KS];
+  threadgroup float chosen_w[KS];
+  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
+    if (lane == 0) {
+      for (int j = 0; j < KS; ++j) {
+        chosen[j] = pick.id[j];
+        chosen_w[j] = pick.w[j];
+      }
+      if (!down && tg % (GX * KS) == 0) {
+        for (int j = 0; j < KS; ++j) {
+          ids[size_t(tok) * KS + j] = pick.id[j];
+          weights[size_t(tok) * KS + j] = pick.w[j];
+        }
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (!down) {
+    const int pair = tg / GX;
+    const int e = chosen[pair % KS];
+    const int row0 = ((tg % GX) * NSG + int(sg)) * NRG;
+    moe_swiglu_rows<WT, D, F, NE, NRG, NQ>(x + size_t(tok) * D, wg, wu, h + size_t(pair) * F, e, row0, lane);
+    moe_device_fence();  // this thread's rows of h, before the count says they are there
+    threadgroup_barrier(mem_flags::mem_device);
+    if (sg == 0 && lane == 0) {
+      moe_ticket(cnt);
+    }
+    return;
+  }
+  const int row0 = ((tg - NGU) % DX) * NRD;
+  const int nvalid = (D - row0 < NRD) ? D - row0 : NRD;
+  if (sg == 0 && lane == 0) {
+    moe_wait_count(cnt, uint(NGU));
+  }
+  threadgroup_barrier(mem_flags::mem_device);
+  moe_device_fence();  // every thread's reads of h after the wait
+  threadgroup float part[NSG * NRD];
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ>(
+      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, row0, sg, lane);
+  if (sg == 0 && int(lane) < nvalid) {
+    const size_t n = size_t(tok) * D + row0 + int(lane);
+    y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));
+  }
+  if (sg == 0 && lane == 0 && moe_ticket(cnt + 1) == uint(DX * NT - 1)) {
+    moe_ticket_reset(cnt);
+    moe_ticket_reset(cnt + 1);
   }
 }

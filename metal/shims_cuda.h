@@ -169,3 +169,10 @@ __device__ inline uint moe_ticket(const uint* count) {
 __device__ inline void moe_ticket_reset(const uint* count) {
   atomicExch(const_cast<uint*>(count), 0u);
 }
+// (see shims_metal.h) A volatile read each round, a short sleep between them so
+// hundreds of waiting threadgroups do not crowd the L2 slice the counter lives in.
+__device__ inline void moe_wait_count(const uint* count, uint n) {
+  while (*(volatile const uint*)count < n) {
+    __nanosleep(64);
+  }
+}

@@ -150,3 +150,14 @@ inline uint moe_ticket(const device uint* count) {
 inline void moe_ticket_reset(const device uint* count) {
   atomic_store_explicit((device atomic_uint*)count, 0u, memory_order_relaxed);
 }
+
+// Waits until a counter other threadgroups of the launch bump (moe_ticket) reaches n:
+// the one-launch MoE layer's down threadgroups waiting for its gate/up ones.  Sound
+// only where the GPU starts a launch's threadgroups in index order and the counted
+// ones come first (a waiting threadgroup then never holds a core one it waits for has
+// yet to get): KernelSpec.in_order marks the kernels that lean on it.  The caller
+// fences after it (moe_device_fence) before reading what the others wrote.
+inline void moe_wait_count(const device uint* count, uint n) {
+  while (atomic_load_explicit((device atomic_uint*)count, memory_order_relaxed) < n) {
+  }
+}

@@ -25,6 +25,8 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
   mul_mv_id_down_combine_res
                           the experts' down, the weighted combine and the residual
                           add after the MoE block (metal/mul_mv_id.metal)
+  (mul_mv_id_moe          the last two as one launch, its down threadgroups waiting
+                          inside it for its gate/up ones: MOE_ONE_LAUNCH, CUDA)
 
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
@@ -50,7 +52,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hooks import HOOKS
-from .kernels import dense
+from .kernels import dense, registry
 from .kernels.attention import decode_attention_parts
 from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
                             stack_unsupported)
@@ -90,6 +92,14 @@ ROUTE_IN_EXPERTS = True
 # here has run (the Metal source is checked under the CPU emulation only).
 ROUTER_IN_RESIDUAL = ("cuda",)
 
+# The MoE layer (routing, gate/up, down, combine, residual add) in one launch,
+# mul_mv_id_moe, for these kernel flavors (a tuple; bench_generate's engine suffix
+# +moe1 sets ("cuda",)), else two (mul_mv_id_swiglu_route, mul_mv_id_down_combine_res).
+# Its down threadgroups wait for its gate/up ones inside the launch, which leans on
+# threadgroups starting in index order: NVIDIA's do; Apple documents no such order,
+# so never on Metal unless measured there.  Off until measured on the H100.
+MOE_ONE_LAUNCH: tuple = ()
+
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
 # +mlxhead).
@@ -113,6 +123,7 @@ class LayerPlan(NamedTuple):
     moe: MoELayer
     gate: DenseWeight  # the router projection
     tail: Optional[dense.RouterTail] = None  # post_norm + gate as the o_proj launch's tail, where it can
+    moe_count: Optional[mx.array] = None  # mul_mv_id_moe's counter (registry.ticket_counter), one a layer
 
 
 class Plan(NamedTuple):
@@ -227,9 +238,11 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     # tail's shares at the geometry forward() launches it with.
     tails = [lp for lp in layers if lp.tail is not None]
     words = max((dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows) for lp in tails), default=4)
-    counters = iter(dense.ticket_counters(len(tails), words))
+    counters = iter(registry.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
               for lp in layers]
+    # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH), in another evaluation
+    layers = [lp._replace(moe_count=c) for lp, c in zip(layers, registry.ticket_counters(len(layers)))]
     return Plan(flavor, layers, _head_plan(model, flavor)), None
 
 
@@ -252,7 +265,8 @@ def _head_plan(model: nn.Module, flavor: str) -> Optional[DenseWeight]:
 def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.array, flavor: str):
     """(h + MoE(xn) (+ the shared expert), ids, weights) for one token [1, D] from its
     router outputs.  On the kernels: two launches, the routing rule inside the gate/up
-    one (ROUTE_IN_EXPERTS), or three with moe_router_topk first; experts in another
+    one (ROUTE_IN_EXPERTS), one (MOE_ONE_LAUNCH, with ROUTE_IN_EXPERTS), or three with
+    moe_router_topk first; experts in another
     format: moe_router_topk, the backend's own call, then the residual add."""
     moe = lp.moe
     params = moe.router_params()
@@ -261,7 +275,8 @@ def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.a
     backend = moe.backend
     kernels = getattr(backend, "flavor", None) == flavor
     if kernels and ROUTE_IN_EXPERTS:
-        routed = backend.decode_residual_routed(xn, logits, params, moe.switch_mlp, moe.n_identity, res)
+        count = lp.moe_count if flavor in MOE_ONE_LAUNCH else None
+        routed = backend.decode_residual_routed(xn, logits, params, moe.switch_mlp, moe.n_identity, res, count)
         if routed is not None:
             return routed
     ids, weights = fused_topk(logits, params, flavor)

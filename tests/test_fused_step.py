@@ -21,7 +21,7 @@ from mlx_moe.backends import MLXBackend
 from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
-from mlx_moe.kernels import dense
+from mlx_moe.kernels import dense, registry
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend
@@ -127,7 +127,7 @@ def test_split_tail_needs_room_for_its_shares():
 
     o = dense.dense_weight(nn.QuantizedLinear(256, 64, bias=False, bits=4, group_size=64))
     gate = dense.dense_weight(nn.QuantizedLinear(64, 8, bias=False, bits=8, group_size=64))
-    tail = dense.RouterTail(mx.ones((64,)), 1e-6, gate, dense.ticket_counter())
+    tail = dense.RouterTail(mx.ones((64,)), 1e-6, gate, registry.ticket_counter())
     parts = (mx.zeros((2, 4, 128)), mx.ones((2, 4, 2)))
     with dense.router_tail("split"), pytest.raises(ValueError, match=r"needs 76 uint32.*tail_counter_words"):
         dense.dense_residual(parts, o, mx.zeros((1, 64)), "emulated", nr=2, nsg=4, router=tail)
@@ -207,7 +207,8 @@ def copy_cache(cache):
     return out
 
 
-def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False):
+def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False,
+             one_launch=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -227,9 +228,11 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     set_expert_backend(model, KernelBackend(flavor))
     # tail: False (the router's own launch), True (the o_proj launch's last threadgroup)
     # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
-    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL
-    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = \
-        kv_in_place, route_in_experts, bool(tail)
+    # one_launch: the MoE layer as mul_mv_id_moe (fused_step.MOE_ONE_LAUNCH; with route_in_experts)
+    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, \
+        fused_step.MOE_ONE_LAUNCH
+    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, fused_step.MOE_ONE_LAUNCH = \
+        kv_in_place, route_in_experts, bool(tail), (flavor,) if one_launch else ()
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -238,28 +241,34 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL = saved
+        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, \
+            fused_step.MOE_ONE_LAUNCH = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("family,quantize,kv_in_place,route_in_experts,tail",
-                         [(f, False, True, False, False) for f in FUSED]
-                         + [("qwen3_moe", True, True, False, False), ("mixtral", True, True, False, False),
-                            ("qwen3_moe", False, False, False, False), ("qwen2_moe", False, True, True, False),
-                            ("mixtral", True, True, True, False), ("qwen3_moe", True, True, True, True),
-                            ("qwen2_moe", False, True, False, True), ("qwen3_moe", True, True, True, "split"),
-                            ("mixtral", False, True, False, "split")])
-def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts, tail):
+@pytest.mark.parametrize("family,quantize,kv_in_place,route_in_experts,tail,one_launch",
+                         [(f, False, True, False, False, False) for f in FUSED]
+                         + [("qwen3_moe", True, True, False, False, False), ("mixtral", True, True, False, False, False),
+                            ("qwen3_moe", False, False, False, False, False),
+                            ("qwen2_moe", False, True, True, False, False), ("mixtral", True, True, True, False, False),
+                            ("qwen3_moe", True, True, True, True, False), ("qwen2_moe", False, True, False, True, False),
+                            ("qwen3_moe", True, True, True, "split", False),
+                            ("mixtral", False, True, False, "split", False),
+                            ("qwen3_moe", True, True, True, True, True), ("qwen2_moe", False, True, True, False, True),
+                            ("mixtral", False, True, True, True, True)])
+def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place, route_in_experts, tail,
+                                           one_launch):
     """One token through the fused layers against mlx-lm's forward over a copy of the
     same cache: logits, the cache after the step (the new key and value in slot pos,
     written in place or by the scatters) and the routing the hook sees (made in the
     experts' launch, or by moe_router_topk; the router's inputs from the o_proj
-    launch's tail or from a launch of their own)."""
+    launch's tail or from a launch of their own; the MoE layer in one launch or two)."""
     model = fused_model(family, quantize)
     got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, kv_in_place=kv_in_place,
-                                                               route_in_experts=route_in_experts, tail=tail)
+                                                               route_in_experts=route_in_experts, tail=tail,
+                                                               one_launch=one_launch)
     g, w = np.array(got), np.array(want)
     assert g.shape == w.shape
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
@@ -301,19 +310,20 @@ def _dot_nodes(path, arrays) -> int:
     return len(re.findall(r'label ="([^"]+)", shape=rectangle', path.read_text()))
 
 
-@pytest.mark.parametrize("kv_in_place,route_in_experts,tail,most", [(True, False, False, 7), (True, True, False, 6),
-                                                                    (False, False, False, 9), (True, True, True, 5),
-                                                                    (True, True, ("cuda",), 6)])
-def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route_in_experts, tail, most):
+@pytest.mark.parametrize("kv_in_place,route_in_experts,tail,one_launch,most",
+                         [(True, False, False, False, 7), (True, True, False, False, 6),
+                          (False, False, False, False, 9), (True, True, True, False, 5),
+                          (True, True, ("cuda",), False, 6), (True, True, True, True, 4)])
+def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route_in_experts, tail, one_launch, most):
     """Seven nodes per decoder layer (mlx-lm's forward: 30-40), what the path is for;
     six with the routing rule inside the experts' launch, five with the router's
-    projection in the o_proj launch too, nine with the cache written by two scatters.
+    projection in the o_proj launch too, four with the MoE layer in one launch, nine
+    with the cache written by two scatters.
 
     The emulated kernels run eagerly (their outputs are evaluated arrays, no graph
     nodes), so here every kernel is a lazy stand-in: outputs made by constant ops
     tied to the kernel's inputs by one Depends node.  The stand-ins' own nodes are
     counted as they are made and subtracted, and each launch counts as one node."""
-    from mlx_moe.kernels import registry
 
     own = {"nodes": 0, "launches": 0}
 
@@ -331,6 +341,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route
     monkeypatch.setattr(fused_step, "KV_IN_PLACE", kv_in_place)
     monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", route_in_experts)
     monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", tail)
+    monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", ("emulated",) if one_launch else ())
     model = fused_model("qwen3_moe")
     plan, _ = fused_step.plan_or_reason(model, "emulated")
     cache = prefilled(model)  # (mlx backend)
@@ -345,7 +356,7 @@ def test_fused_step_is_few_graph_nodes(tmp_path, monkeypatch, kv_in_place, route
         total = _dot_nodes(tmp_path / "g.dot", [out] + [c.keys for c in traced] + [c.values for c in traced])
         # qkv, attention, o_proj, (router projection,) (top-k,) swiglu, down
         tail_on = tail is True or (bool(tail) and "emulated" in tail)  # ("cuda",): not this flavor
-        assert own["launches"] == (7 - route_in_experts - tail_on) * n_layers
+        assert own["launches"] == (7 - route_in_experts - tail_on - one_launch) * n_layers
         return total - own["nodes"] + own["launches"]
 
     set_expert_backend(model, KernelBackend("emulated"))
@@ -374,7 +385,8 @@ def test_unsupported_models_say_why():
 def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     """12 greedy tokens of the compiled step through the fused layers (the cache
     written in place, and by scatters; the position on the device and from the host;
-    the routing inside the gate/up launch and in its own) and without them,
+    the routing inside the gate/up launch and in its own; the MoE layer in one launch
+    and in two) and without them,
     against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
     step then differs by 5e-3 in the logits).  Float weights, not MLX-quantized
@@ -393,6 +405,10 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         got, got_lp = compiled(model, PROMPT, 12)  # the defaults
         monkeypatch.setattr(C, "DEVICE_POSITION", not C.DEVICE_POSITION)
         other_pos, _ = compiled(model, PROMPT, 12)
+        one_launch = fused_step.MOE_ONE_LAUNCH
+        monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", () if one_launch else ("cuda",))
+        other_moe, _ = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", one_launch)
         monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
         other_route, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", not fused_step.ROUTER_IN_RESIDUAL)
@@ -407,15 +423,17 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
     assert scattered == want and plain == want and other_pos == want and other_route == want and \
-        other_tail == want, (scattered, plain, other_pos, other_route, other_tail, want)
+        other_tail == want and other_moe == want, (scattered, plain, other_pos, other_route, other_tail, other_moe,
+                                                   want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)
 
 
 def test_every_layer_has_its_own_zeroed_ticket_counter():
-    """The router tails' ticket counters (made together, in one evaluation): one device
-    buffer per layer, zero, none shared (two layers' launches on one counter would hand
-    one layer's tail to a threadgroup of the other's)."""
+    """The router tails' ticket counters (made together, in one evaluation), and the
+    one-launch MoE layers': one device buffer per layer and kernel, zero, none shared (two
+    layers' launches on one counter would hand one layer's tail to a threadgroup of the
+    other's)."""
     model = fused_model("qwen3_moe")
     plan, why = fused_step.plan_or_reason(model, "emulated")
     assert why is None
@@ -427,3 +445,7 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     assert all(c.size == 4 + (lp.tail.gate.rows + 1) * -(-lp.o.rows // (dense.TAIL_NR * dense.TAIL_NSG))
                for c in counts)
     assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer
+    # and each layer's one-launch MoE (mul_mv_id_moe) a counter of its own: zero, 2 words at least
+    moe = [lp.moe_count for lp in plan.layers]
+    assert all(c is not None and c.dtype == mx.uint32 and c.size >= 2 and not np.array(c).any() for c in moe)
+    assert len({id(c) for c in moe + counts}) == len(moe) + len(counts)

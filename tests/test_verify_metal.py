@@ -156,9 +156,10 @@ def _patched_family(family: str, kernel: str, old: str, new: str):
 
 @needs_emulation
 def test_a_broken_kernel_is_reported_failing(tmp_path, monkeypatch):
-    # Identity (zero-computation) expert NE drops out of down_combine's identity range.
+    # down_combine forgets its identity (zero-computation) experts: their weight * x is
+    # never added (the rows, shared with mul_mv_id_moe, are computed in a helper).
     monkeypatch.setattr(registry, "read_family", _patched_family(
-        "mul_mv_id", "mul_mv_id_down_combine", "(e >= NE && e < NE + NI)", "(e > NE && e < NE + NI)"))
+        "mul_mv_id", "mul_mv_id_down_combine", "moe_down_rows<WT, K, N, NE, NI, KS", "moe_down_rows<WT, K, N, NE, 0, KS"))
     monkeypatch.setattr(registry, "_KERNELS", {})  # rebuild every kernel from the patched source
     rc = main(["--emulate", "--quick", "--families", "zero_experts,repeated_ids", "--out", str(tmp_path)])
     rep = json.loads((tmp_path / "report.json").read_text())

@@ -27,6 +27,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 projection run by the o_proj launch's last threadgroup
                 (fused_step.ROUTER_IN_RESIDUAL, on by default on CUDA; +notail: their
                 own launch)
+  mlx-moe+compile+moe1  the MoE layer in one launch (mul_mv_id_moe: its down threadgroups
+                wait inside the launch for its gate/up ones; fused_step.MOE_ONE_LAUNCH,
+                on CUDA and the emulation); +moe2: the two launches (the default)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -464,6 +467,8 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
+    "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
+    "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),
     "+tailone": (dense_module, "ROUTER_TAIL", "one"),
     "+layereval": (prefill_module, "LAYER_EVAL_MIN_ROWS", 64),

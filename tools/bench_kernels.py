@@ -52,6 +52,12 @@ table of median us and GB/s per kernel and the best geometry of each:
         --geometries "gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1"
     python tools/ncu_summary.py ncu.csv
 
+Routed decode (`--layer-geometries "1x4x4x1,1x4x8x1"`, T = 1): the fused decode
+step's MoE layer from router outputs, as two launches (mul_mv_id_swiglu_route, then
+mul_mv_id_down_combine with the residual add) against one (mul_mv_id_moe, its down
+threadgroups waiting inside the launch for its gate/up ones) at its default and each
+listed geometry (GATE_NRxDOWN_NRxNSGxNQ); with --ncu, each once on 4 layers.
+
 `--ncu --floor` (CUDA only) instead runs a read-only kernel over exactly the bytes a
 one-token layer's kernels must read (the k routed experts' gate and up, then their down;
 16-byte loads, nothing computed): the GPU time any kernel reading them in one launch
@@ -214,13 +220,48 @@ def parse_geometries(text: str) -> dict:
     return out
 
 
-def ncu_once(fl, E, D, F, k, layers=4, geometries=None) -> int:
+def routed_layers(fl, q4, k, layer_geometries):
+    """[(label, layer_fn)] of the routed decode MoE layer (one token, router outputs in)
+    over the layers' experts q4: two launches, then one (mul_mv_id_moe) at its default
+    and each listed geometry."""
+    from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
+    from mlx_moe.kernels.registry import ticket_counters
+    from mlx_moe.kernels.router import RouterParams
+
+    layers = len(q4)
+    E, D = q4[0]["gate_proj"]["weight"].shape[0], q4[0]["down_proj"]["weight"].shape[1]
+    w = [(ex["gate_proj"]["weight"], ex["up_proj"]["weight"], ex["down_proj"]["weight"]) for ex in q4]
+    logits = [mx.random.normal((1, E)).astype(mx.bfloat16) for _ in range(layers)]
+    x = mx.random.normal((1, D)).astype(mx.bfloat16)
+    counts = ticket_counters(layers)
+    mx.eval(logits, x)
+    params = RouterParams(k, normalize=True)
+
+    def two(l):
+        h, ids, wts = mul_mv_id_swiglu_route(x, logits[l], params, w[l][0], w[l][1], fl)
+        return mul_mv_id_down_combine(h, ids, wts, x, w[l][2], 0, fl, residual=x)
+
+    out = [("ours q4_0 routed, 2 launches (swiglu_route + down_combine_res)", two)]
+    for g in [None] + list(layer_geometries):
+        tag = g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default"
+        out.append((f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
+                    lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l],
+                                                 fl, g)[0]))
+    return out
+
+
+def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None) -> int:
     """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings.
 
     With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
     geometry instead (gate_up: mul_mv_id_swiglu, down: mul_mv_id_down_combine on the
     default gate_up's h), and mlx-lm is left out; the geometry is in each kernel's
     name (template arguments NR, NSG, NQ last), which tools/ncu_summary.py reads."""
+    if layer_geometries is not None:
+        for _, run in routed_layers(fl, [q4_0_experts(E, D, F) for _ in range(layers)], k, layer_geometries):
+            mx.eval(run(0))  # compile and warm up on one layer
+            mx.eval([run(l) for l in range(layers)])
+        return 0
     q4 = [q4_0_experts(E, D, F) for _ in range(layers)]
     ids, ws = routing(layers, 1, k, E)
     xs = mx.random.normal((1, D)).astype(mx.bfloat16)
@@ -460,7 +501,7 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
     kernel's name carries its geometry (tools/ncu_summary.py reads it).  shape:
     hidden, query heads, key/value heads, head dimension, experts."""
     from mlx_moe.kernels import attention, dense
-    from mlx_moe.kernels.registry import device_array
+    from mlx_moe.kernels.registry import device_array, ticket_counters
 
     D, H, KV, HD, E = shape
     qkv = [[dense.dense_weight(random_qlinear(D, n)) for n in (H * HD, KV * HD, KV * HD)] for _ in range(layers)]
@@ -492,7 +533,7 @@ def fused_layer_once(fl: str, geometries: dict, layers: int = 4, slots: int = 51
         words = max(dense.tail_counter_words(gate[0].rows, o[0].rows, nr, nsg)
                     for nr, nsg in [(dense.TAIL_NR, dense.TAIL_NSG)] + geometries["tail"])
         tails = [dense.RouterTail(g_in, 1e-6, gate[l], c)
-                 for l, c in enumerate(dense.ticket_counters(layers, words))]
+                 for l, c in enumerate(ticket_counters(layers, words))]
 
         def tail(l, g, kind):
             with dense.router_tail(kind):
@@ -570,12 +611,22 @@ def main(argv=None) -> int:
                    help="with --ncu: the fused decoder layer's dense and attention kernels at their defaults and "
                         "at the listed geometries, e.g. 'dense=4x4,4x8 attn=8x8x8' (dense: NRxNSG of dense_norm "
                         "and dense_residual_parts; attn: NSGxUxS of decode_attention_parts_kv)")
+    p.add_argument("--layer-geometries", type=str, default=None,
+                   help="the routed decode MoE layer in two launches vs one (mul_mv_id_moe) at its default and "
+                        "these geometries, e.g. '1x4x4x1,1x4x8x1' (GATE_NRxDOWN_NRxNSGxNQ; '' for the default "
+                        "alone); with --ncu each runs once on 4 layers")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
                         "each runs once for ncu (summarize with tools/ncu_summary.py)")
     a = p.parse_args(argv)
     geometries = parse_geometries(a.geometries) if a.geometries else None
+    layer_geometries = None
+    if a.layer_geometries is not None:
+        try:
+            layer_geometries = [dispatch.LayerGeometry.parse(t) for t in a.layer_geometries.replace(",", " ").split()]
+        except ValueError as e:
+            raise SystemExit(f"--layer-geometries: {e}")
     if a.dense:
         res = dense_main(a)
         if a.json:
@@ -603,7 +654,7 @@ def main(argv=None) -> int:
             raise SystemExit("--fused is for --ncu runs (its GPU times come from ncu)")
         return fused_layer_once(fl, parse_fused(a.fused))  # "" times the defaults alone
     if a.ncu:
-        return ncu_once(fl, E, D, F, k, geometries=geometries)
+        return ncu_once(fl, E, D, F, k, geometries=geometries, layer_geometries=layer_geometries)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
@@ -643,6 +694,10 @@ def main(argv=None) -> int:
         mb = MLXBackend()
         report("mlx backend q4_0 (gather_qmm affine g32, f32 scales)", T,
                per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
+
+        if layer_geometries is not None and T == 1:
+            for name, run in routed_layers(fl, q4, k, layer_geometries):
+                report(name, T, per_layer_us(run, L, a.reps), expert_bytes_4b * k)
 
         if geometries and T == 1:
             defaults = dict(dispatch.GATE_UP), dict(dispatch.DOWN)

@@ -35,7 +35,8 @@ import mlx.nn as nn
 
 from ..kernels.dispatch import expert_weights, kernel_path, kernels_cover, pairs_path, weight_kind
 from ..kernels.mul_mm_id import map0, mul_mm_id, mul_mm_id_combine, mul_mm_id_swiglu
-from ..kernels.mul_mv_id import mul_mv_id, mul_mv_id_down_combine, mul_mv_id_swiglu, mul_mv_id_swiglu_route
+from ..kernels.mul_mv_id import (mul_mv_id, mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu,
+                                  mul_mv_id_swiglu_route)
 from ..kernels.router import covers as router_covers
 from ..kernels.router import fused_topk
 from .base import ExpertBackend, identity_term
@@ -131,18 +132,21 @@ class KernelBackend(ExpertBackend):
         h = mul_mv_id_swiglu(x, ids, wg, wu, self.flavor)
         return mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
 
-    def decode_residual_routed(self, x, logits, params, experts, n_identity, residual):
+    def decode_residual_routed(self, x, logits, params, experts, n_identity, residual, count=None):
         """(residual + the layer's experts, ids, weights) for one decode token from its
         router outputs, in two launches (mul_mv_id_swiglu_route runs the routing rule
-        too, then mul_mv_id_down_combine with the residual add), or None where the
-        kernels do not take it (the caller then routes with fused_topk and calls
-        decode_residual).  mlx_moe/fused_step.py's decoder layers use it."""
+        too, then mul_mv_id_down_combine with the residual add), or in one
+        (mul_mv_id_moe) where `count` is given (the call site's registry.ticket_counter);
+        None where the kernels do not take it (the caller then routes with fused_topk
+        and calls decode_residual).  mlx_moe/fused_step.py's decoder layers use it."""
         wg, wu, wd = expert_weights(experts)
         if logits.ndim != 2 or not router_covers(logits.shape[-1], params):
             return None
         if pairs_path(x, logits.shape[0] * params.k, self._kind(experts, wg, wu, wd)) != "mv":
             return None
         self._count(logits.shape[0] * params.k)
+        if count is not None:
+            return mul_mv_id_moe(x, logits, params, wg, wu, wd, n_identity, residual, count, self.flavor)
         h, ids, weights = mul_mv_id_swiglu_route(x, logits, params, wg, wu, self.flavor)
         out = mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
         return out, ids, weights

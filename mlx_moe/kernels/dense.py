@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import registry
-from .registry import constant, device_arrays, kernel, stand_in
+from .registry import constant, kernel, stand_in
 
 FLOAT_FMT = {mx.float16: 16, mx.bfloat16: 17, mx.float32: 32}
 GROUP_SIZES = (32, 64, 128)
@@ -186,7 +186,7 @@ class RouterTail(NamedTuple):
     norm_weight: mx.array
     eps: float
     gate: DenseWeight
-    count: mx.array  # ticket_counter(tail_counter_words(...)): one per call site
+    count: mx.array  # registry.ticket_counter(tail_counter_words(...)): one per call site
 
 
 def tail_counter_words(experts: int, hidden: int, nr: Optional[int] = None, nsg: Optional[int] = None) -> int:
@@ -197,16 +197,6 @@ def tail_counter_words(experts: int, hidden: int, nr: Optional[int] = None, nsg:
     them alone).  In the counter rather than a scratch output: no allocation a launch."""
     nr, nsg = nr or TAIL_NR, nsg or TAIL_NSG
     return 4 + (experts + 1) * -(-hidden // (nr * nsg))
-
-
-def ticket_counter(words: int = 4) -> mx.array:
-    """A fresh uint32 counter of `words` words in device memory for RouterTail (zeroed)."""
-    return ticket_counters(1, words)[0]
-
-
-def ticket_counters(n: int, words: int = 4) -> list:
-    """n fresh counters, made with one evaluation (a model's layers take one each)."""
-    return device_arrays([[0] * words] * n, mx.uint32)
 
 
 def router_tail_unsupported(gate: DenseWeight, hidden: int, flavor: str) -> Optional[str]:
@@ -259,7 +249,7 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
         if router.count.dtype != mx.uint32 or router.count.size < need:
             raise ValueError(f"dense_residual: the router tail's counter is {router.count.size} {router.count.dtype} "
                              f"values; the {ROUTER_TAIL} tail at {nr}x{nsg} needs {need} uint32 (make it with "
-                             f"dense.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
+                             f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
         outs = kernel(flavor, "dense_residual_parts_router_split" if split else "dense_residual_parts_router")(
             inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
                     router.count],

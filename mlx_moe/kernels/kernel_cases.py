@@ -400,7 +400,8 @@ def router_tail_check(flavor: str, fmt: int, rfmt: int, dtype, cols: int, hidden
 
 
 def _router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, seed):
-    from .dense import RouterTail, dense_residual, dense_weight, tail_counter_words, ticket_counter
+    from .dense import RouterTail, dense_residual, dense_weight, tail_counter_words
+    from .registry import ticket_counter
 
     rng = np.random.default_rng(seed)
     o = dense_weight(random_linear(rng, cols, hidden, fmt, dtype))
@@ -479,6 +480,51 @@ def _down_combine_res_case(flavor: str) -> None:
     _close(with_res, plain + np.array(res), 1e-6, "mul_mv_id_down_combine_res")
 
 
+def _moe_layer_case(flavor: str) -> None:
+    """The one-launch decode MoE layer against the two launches it replaces (same ids and
+    weights, y to rounding) and numpy (Q4_0 dequantized by mlx_moe.q4_0, ids from
+    mlx_moe.router's rule): 2 tokens, 8 real experts of 10 scored (2 identity), top-3,
+    ragged down tiles; twice on one counter (the launch leaves it zero)."""
+    from .. import router as R
+    from ..q4_0 import dequantize, quantize
+    from .dispatch import LayerGeometry
+    from .mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
+    from .registry import ticket_counter
+    from .router import RouterParams
+
+    rng = np.random.default_rng(19)
+    E, NI, D, F, T = 8, 2, 96, 64, 2
+    wg, wu = (quantize(rng.standard_normal((E, F, D)).astype(np.float32)) for _ in range(2))
+    wd = quantize(rng.standard_normal((E, D, F)).astype(np.float32))
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    res = rng.standard_normal((T, D)).astype(np.float32)
+    lg = rng.standard_normal((T, E + NI)).astype(np.float32)
+    lg[0, E:] += 4.0  # an identity expert wins a slot
+    logits, params, count = mx.array(lg), RouterParams(3, normalize=True), ticket_counter()
+    args = (mx.array(x), logits, params, mx.array(wg), mx.array(wu), mx.array(wd), NI, mx.array(res), count, flavor,
+            LayerGeometry(1, 5, 4))
+    y, ids, w = (np.array(a) for a in mul_mv_id_moe(*args))
+    _same_routing((mx.array(ids), mx.array(w)), R.route(logits, params), "one-launch layer")
+    h2, ids2, w2 = mul_mv_id_swiglu_route(mx.array(x), logits, params, mx.array(wg), mx.array(wu), flavor)
+    y2 = np.array(mul_mv_id_down_combine(h2, ids2, w2, mx.array(x), mx.array(wd), NI, flavor, residual=mx.array(res)))
+    assert (ids == np.array(ids2)).all() and (w == np.array(w2)).all(), "one-launch layer: routing differs"
+    _close(y, y2, 1e-6, "one-launch layer vs two launches")
+    g, u, d = dequantize(wg), dequantize(wu), dequantize(wd)
+    want = res.astype(np.float64)
+    for t in range(T):
+        for s in range(params.k):
+            e = ids[t, s]
+            if e < E:
+                a = g[e] @ x[t]
+                want[t] += w[t, s] * (d[e] @ (a / (1 + np.exp(-a)) * (u[e] @ x[t])))
+            else:
+                want[t] += w[t, s] * x[t]
+    assert (ids >= E).any(), "the case lost its identity slot"
+    _close(y, want, 1e-4, "one-launch layer vs numpy")
+    assert not np.array(count).any(), "one-launch layer: the counter is not zero after the launch"
+    _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
+
+
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
 
 CASES: Dict[str, List[KernelCase]] = {
@@ -506,6 +552,9 @@ CASES: Dict[str, List[KernelCase]] = {
                                    _router_case)],
     "decode_attention": [KernelCase("8 query / 2 key-value heads, 24-slot cache, first, middle and last "
                                     "slot vs mx.fast.scaled_dot_product_attention", _attention_case)],
+    "mul_mv_id_moe": [KernelCase("the decode MoE layer in one launch (routing, gate/up, down, combine, residual): "
+                                 "2 tokens, top-3 of 8 + 2 identity experts, ragged down tiles, twice on one "
+                                 "counter, vs the two launches and numpy", _moe_layer_case)],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
     "dense_norm": [KernelCase("norm + stacked q/k/v (4-bit affine, K 1280: a tail step; bfloat16 weights with "

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .dispatch import DOWN, GATE_UP, Geometry
+from .dispatch import DOWN, GATE_UP, MOE_LAYER, Geometry, LayerGeometry
 from .registry import get_kernel
 from .registry import kernel as registry_kernel
 
@@ -147,3 +147,49 @@ def mul_mv_id_down_combine(
         grid=(n_tg * 32 * nsg, T, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(T, rows)], output_dtypes=[x.dtype],
     )[0]
+
+
+def mul_mv_id_moe(
+    x: mx.array, logits: mx.array, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
+    residual: mx.array, count: mx.array, flavor: str, geometry: Optional[LayerGeometry] = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """(y, ids, weights) of one decode MoE layer in one launch: y = residual + the
+    experts of x [T, hidden] routed by `logits` [T, experts] under rule `params`, as
+    mul_mv_id_swiglu_route then mul_mv_id_down_combine(residual=...) give them.
+
+    count: registry.ticket_counter() (uint32, >= 2 words, zero), one per call site:
+    the launch's down threadgroups wait on it for the gate/up ones and leave it zero.
+    The kernel leans on in-order threadgroup starts (registry.KernelSpec.in_order).
+    """
+    from .router import check_logits, rule_arguments
+
+    kind, ffn, hidden = _gate_up_shape(wg, wu)
+    dkind, drows, dcols = _shape(wd)
+    if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
+        raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
+                         f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
+    if logits.ndim != 2 or x.ndim != 2 or logits.shape[0] != x.shape[0] or x.shape[1] != hidden:
+        raise ValueError(f"logits must be [tokens, experts] beside x [tokens, {hidden}]; got {tuple(logits.shape)}, "
+                         f"{tuple(x.shape)}")
+    T = x.shape[0]
+    if residual.shape != (T, hidden) or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be [{T}, {hidden}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
+    if count.dtype != mx.uint32 or count.size < 2:
+        raise ValueError(f"mul_mv_id_moe's counter is {count.size} {count.dtype}; it needs 2 uint32 words, zero "
+                         f"(registry.ticket_counter())")
+    check_logits(logits, params)
+    k = params.k
+    inputs, rule = rule_arguments(logits.shape[1], params)
+    g = geometry or MOE_LAYER[kind]
+    n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
+    n_down = -(-hidden // g.down_nr) * T
+    h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
+        inputs=[x, logits, *inputs, wg, wu, wd, residual, count],
+        template=[("T", x.dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
+                  ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
+                  ("NSG", g.nsg), ("NQ", g.nq), *rule],
+        grid=((n_gate_up + n_down) * 32 * g.nsg, 1, 1), threadgroup=(32 * g.nsg, 1, 1),
+        output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],
+        output_dtypes=[mx.float32, mx.int32, mx.float32, x.dtype],
+    )
+    return y, ids, weights

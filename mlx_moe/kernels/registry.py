@@ -153,6 +153,12 @@ class KernelSpec(NamedTuple):
     # back into the arrays.  Only for buffers no other node of the graph reads
     # concurrently (the compiled decode step's KV cache).
     inplace: Tuple[str, ...] = ()
+    # Later threadgroups wait for earlier ones of the same launch (moe_wait_count):
+    # sound where the GPU starts a launch's threadgroups in index order, as NVIDIA's
+    # do (single-pass scans' decoupled look-back leans on the same); Apple documents
+    # no such order, so such kernels are off on Metal unless measured there.  The CPU
+    # emulation runs their threadgroups in index order (else last-numbered first).
+    in_order: bool = False
 
 
 # Every kernel the package launches.  Names are stable: tools and tests key on them.
@@ -171,6 +177,8 @@ KERNELS: Dict[str, KernelSpec] = {
                                          ("h", "ids", "weights"), body="mul_mv_id_swiglu", options=("ROUTE",)),
     "mul_mv_id_down_combine_res": KernelSpec("mul_mv_id", ("h", "ids", "wts", "x", "wd", "res"), ("y",),
                                              body="mul_mv_id_down_combine", options=("RESIDUAL",)),
+    "mul_mv_id_moe": KernelSpec("mul_mv_id", ("x", "logits", "bias", "scale", "wg", "wu", "wd", "res", "count"),
+                                ("h", "ids", "weights", "y"), inplace=("count",), in_order=True),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # the fused one-token decoder layer (mlx_moe/fused_step.py)
     "dense_norm": KernelSpec("decode_layer", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2", "w2_s",
@@ -245,6 +253,18 @@ def device_arrays(values_list, dtype=mx.float32) -> list:
         out.append(a + mx.zeros_like(a))  # made on the device: the output is a device buffer
     mx.eval(out)
     return out
+
+
+def ticket_counter(words: int = 4) -> mx.array:
+    """A fresh uint32 counter of `words` words in device memory, zeroed: the input a
+    kernel's threadgroups count themselves on (moe_ticket: dense_residual's router
+    tail, mul_mv_id_moe); each launch leaves it zero again.  One per call site."""
+    return ticket_counters(1, words)[0]
+
+
+def ticket_counters(n: int, words: int = 4) -> list:
+    """n fresh counters, made with one evaluation (a model's layers take one each)."""
+    return device_arrays([[0] * words] * n, mx.uint32)
 
 
 def constant(value: float) -> mx.array:
@@ -359,7 +379,9 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
         if files:
             header, body = _cuda_source(header, body)
         spec = KERNELS.get(name)
-        extra = {"inplace_inputs": spec.inplace} if flavor == "emulated" and spec is not None and spec.inplace else {}
+        extra = {}
+        if flavor == "emulated" and spec is not None:
+            extra = {k: v for k, v in (("inplace_inputs", spec.inplace), ("in_order", spec.in_order)) if v}
         kernel = _maker(flavor)(
             name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
             input_names=list(inputs), output_names=list(outputs), source=body, header=header, **extra,

@@ -1,0 +1,143 @@
+"""mul_mv_id_moe (metal/mul_mv_id.metal): the decode MoE layer in one launch, its down
+threadgroups waiting inside the launch for its gate/up ones.
+
+Held to two references: the two launches it replaces (mul_mv_id_swiglu_route, then
+mul_mv_id_down_combine with the residual add), whose ids and weights it must give
+exactly and whose output it must match to rounding; and a float64 numpy oracle of the
+layer (Q4_0 weights dequantized independently, the rule's ids and weights from
+mlx_moe/router.py's MLX ops).  Under the CPU emulation of Metal (threadgroups in index
+order, as the kernel requires: registry.KernelSpec.in_order) and, marked gpu, on CUDA,
+where the waits are real.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_moe import router as R
+from mlx_moe.kernels.dispatch import LayerGeometry
+from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
+from mlx_moe.kernels.registry import KERNELS, ticket_counter
+from mlx_moe.kernels.router import RouterParams
+
+from test_kernels_emulated import _dequant, _q4_words, _silu
+from test_router_kernel_emulated import assert_same_routing
+
+_HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
+FLAVORS = ["emulated", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")])]
+
+# (experts scored, real experts, rule), as test_swiglu_route's: Qwen3-MoE, Mixtral,
+# DeepSeek-V2's group-limited rule, and two identity experts past the real ones
+# (LongCat-like: weight * x in the combine, no weights read).
+RULES = [
+    (128, 128, RouterParams(8, normalize=True)),
+    (8, 8, RouterParams(2, score="topk_softmax")),
+    (64, 64, RouterParams(6, n_group=8, topk_group=3, scaling=16.0)),
+    (10, 8, RouterParams(3, normalize=True)),
+]
+D, F = 96, 64  # hidden, ffn (Q4_0: both multiples of 32)
+# the default; ragged down tiles (96 rows in 5s); more simdgroups than some rules'
+# slots, several gate/up rows a simdgroup and two quant words a lane
+GEOMETRIES = [None, LayerGeometry(1, 5, 2, 1), LayerGeometry(2, 4, 8, 2)]
+
+
+def _layer(rng, ne, nexp, tokens, dtype=mx.float32):
+    wg, wu = _q4_words(rng, ne, F, D), _q4_words(rng, ne, F, D)
+    wd = _q4_words(rng, ne, D, F)
+    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    res = rng.standard_normal((tokens, D)).astype(np.float32)
+    lg = (rng.standard_normal((tokens, nexp)) * 2).astype(np.float32)
+    lg[0, ne:] += 6.0  # past the real experts: the identity ones win a slot of token 0
+    return wg, wu, wd, mx.array(x).astype(dtype), mx.array(lg).astype(mx.bfloat16), mx.array(res).astype(dtype)
+
+
+def _oracle(wg, wu, wd, x, res, ids, w, ne):
+    """float64 y = res + sum_s w * (Wd[e] (silu(Wg[e] x) * (Wu[e] x))) (+ w * x, identity e)."""
+    g, u, d = _dequant(wg), _dequant(wu), _dequant(wd)
+    x = np.array(x.astype(mx.float32), np.float64)
+    y = np.array(res.astype(mx.float32), np.float64).copy()
+    for t in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            if e < ne:
+                y[t] += w[t, s] * (d[e] @ (_silu(g[e] @ x[t]) * (u[e] @ x[t])))
+            else:
+                y[t] += w[t, s] * x[t]
+    return y
+
+
+# every rule at the default geometry on 1 and 3 tokens; the other geometries on the
+# Qwen3 and identity rules (3 tokens)
+CASES = ([(r, t, None) for r in range(len(RULES)) for t in (1, 3)]
+         + [(r, 3, g) for r in (0, 3) for g in GEOMETRIES[1:]])
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("rule,tokens,geometry", CASES,
+                         ids=[f"{('qwen3', 'mixtral', 'deepseek_group', 'identity')[r]}-{t}tok-"
+                              f"{g.tag if g else 'default'}" for r, t, g in CASES])
+def test_one_launch_matches_two_launches_and_oracle(flavor, rule, tokens, geometry):
+    nexp, ne, params = RULES[rule]
+    rng = np.random.default_rng(nexp + params.k + tokens)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, tokens)
+    count = ticket_counter()
+    args = (x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res, count, flavor, geometry)
+    y, ids, w = mul_mv_id_moe(*args)
+    assert_same_routing((ids, w), R.route(logits, params))
+    h2, ids2, w2 = mul_mv_id_swiglu_route(x, logits, params, mx.array(wg), mx.array(wu), flavor)
+    y2 = mul_mv_id_down_combine(h2, ids2, w2, x, mx.array(wd), nexp - ne, flavor, residual=res)
+    np.testing.assert_array_equal(np.array(ids), np.array(ids2))
+    np.testing.assert_array_equal(np.array(w), np.array(w2))
+    y, y2 = np.array(y), np.array(y2)
+    # the same sums in the same order under the emulation; on GPUs each kernel's own
+    # contraction into FMAs may move the last bit
+    np.testing.assert_allclose(y, y2, rtol=0 if flavor == "emulated" else 1e-5, atol=1e-6 * np.abs(y2).max())
+    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w), ne)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert (np.array(ids)[0] >= ne).any() == (nexp > ne)
+    # the launch leaves its counter zero: the next one on it gives the same output
+    assert not np.array(count).any()
+    again, _, _ = mul_mv_id_moe(*args)
+    np.testing.assert_array_equal(np.array(again), y)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_one_launch_bfloat16_activations(flavor):
+    """bfloat16 x and residual (the models' dtype): y rounded as the two launches round it."""
+    rng = np.random.default_rng(5)
+    params = RouterParams(8, normalize=True)
+    wg, wu, wd, x, logits, res = _layer(rng, 128, 128, 1, mx.bfloat16)
+    y, ids, w = mul_mv_id_moe(x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), 0, res,
+                              ticket_counter(), flavor)
+    assert y.dtype == mx.bfloat16
+    h2, ids2, w2 = mul_mv_id_swiglu_route(x, logits, params, mx.array(wg), mx.array(wu), flavor)
+    y2 = mul_mv_id_down_combine(h2, ids2, w2, x, mx.array(wd), 0, flavor, residual=res)
+    diff = np.abs(np.array(y.astype(mx.float32)) - np.array(y2.astype(mx.float32)))
+    assert diff.max() <= (0 if flavor == "emulated" else 1e-2 * np.abs(np.array(y2.astype(mx.float32))).max())
+    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w), 128)
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_one_launch_needs_in_order_threadgroups():
+    """The registry marks the kernel (the emulation then runs its threadgroups in index
+    order); the two-launch kernels keep the emulation's last-first order."""
+    assert KERNELS["mul_mv_id_moe"].in_order and "count" in KERNELS["mul_mv_id_moe"].inplace
+    assert not KERNELS["mul_mv_id_swiglu_route"].in_order
+
+
+def test_one_launch_rejects_what_it_cannot_run():
+    rng = np.random.default_rng(0)
+    wg, wu, wd, x, logits, res = _layer(rng, 8, 8, 1)
+    p = RouterParams(2)
+    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
+    with pytest.raises(ValueError, match="2 uint32 words"):
+        mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res, mx.zeros((1,), mx.uint32), "emulated")
+    with pytest.raises(ValueError, match="down weights"):
+        mul_mv_id_moe(x, logits, p, wg, wu, wg, 0, res, ticket_counter(), "emulated")
+    with pytest.raises(ValueError, match="residual must be"):
+        mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
+    with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
+        LayerGeometry.parse("1x4")
