@@ -38,7 +38,7 @@ that accepts array offsets.  `unsupported_reason(model)` says why anything else
 (longcat_flash's MLA attention, expert parallelism) decodes uncompiled.
 
 On the metal and cuda expert backends the traced forward is the fused one of
-mlx_moe/fused_step.py (five graph nodes per layer) where the model
+mlx_moe/fused_step.py (four graph nodes per layer on CUDA) where the model
 allows it (`CompiledDecoder.fused_reason` says why not; FUSED_LAYERS turns it
 off), else mlx-lm's forward over the static cache.
 
@@ -79,8 +79,8 @@ COMPILED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2"
 # name forces that flavor (tests).
 ATTENTION_KERNEL = False
 
-# The step's forward through the fused decoder layers (mlx_moe/fused_step.py: about
-# five graph nodes per layer instead of 30-40) where the model's family, weights and
+# The step's forward through the fused decoder layers (mlx_moe/fused_step.py: four
+# to six graph nodes per layer instead of 30-40) where the model's family, weights and
 # expert backend allow it (`fused_step.unsupported` says why not); False: mlx-lm's
 # forward over the static cache, as before.
 FUSED_LAYERS = True

@@ -1,5 +1,5 @@
-"""The one-token decoder forward on fused kernels: five graph nodes per layer (six on Metal),
-each launch spread over the whole GPU.
+"""The one-token decoder forward on fused kernels: four graph nodes per layer on CUDA (six
+on Metal), each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
 on MLX's backends whatever its GPU work (BENCHMARKS.md), and mlx-lm's decoder
@@ -97,8 +97,11 @@ ROUTER_IN_RESIDUAL = ("cuda",)
 # +moe1 sets ("cuda",)), else two (mul_mv_id_swiglu_route, mul_mv_id_down_combine_res).
 # Its down threadgroups wait for its gate/up ones inside the launch, which leans on
 # threadgroups starting in index order: NVIDIA's do; Apple documents no such order,
-# so never on Metal unless measured there.  Off until measured on the H100.
-MOE_ONE_LAUNCH: tuple = ()
+# so never on Metal unless measured there.  H100 (BENCHMARKS.md, 2026-12-06, third
+# session): 23.3 us of GPU time a layer against 14.8 + 8.8 for the two launches (ncu),
+# 0.13 ms less host time a token, and end to end with the split router tail 374.5
+# tok/s against 355.8 for the tail alone (5 of 5 paired repetitions faster).
+MOE_ONE_LAUNCH: tuple = ("cuda",)
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix

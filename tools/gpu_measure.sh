@@ -6,11 +6,10 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  T. decode (issues 5, 9), first: the split router tail (dense.ROUTER_TAIL = "split",
-#     second version: 14.5 us a launch against 17.7 for the one-threadgroup tail on the
-#     H100, 2026-12-06): the float32 case whose check now allows rounding on GPUs, its
-#     memcheck, and decode end to end on a GPU-bound host, with the include-file sources
-#     (+srcfiles, +1.8% on a host-bound one: within its drift) beside it
+#  T. decode (issues 5, 9), first: every kernel of two compiled decode steps under ncu
+#     with the 2026-12-06 defaults (the MoE layer in one launch, mul_mv_id_moe; the split
+#     router tail: four launches a layer), where the GPU time goes now; the one-launch
+#     layer's GPU tests and memcheck; decode end to end against the old defaults
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -68,13 +67,17 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
-  -k "router_tail or (matches_mlx_lm and split and cuda)"
+step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+  --log-file "$OUT/ncu_step.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
+  --steps 2 --shape qwen3-30b-a3b
+[ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
+step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider \
+  tests/test_moe_layer_kernel.py
 step 100 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q \
-  -p no:cacheprovider tests/test_fused_step.py -k "router_tail and split and cuda"
+  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "default or bfloat16"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_tail.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+tailsplit,mlx-moe+compile+srcfiles,mlx-moe+compile+srcfiles+tailsplit
+  --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_defaults.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+moe2,mlx-moe+compile+tailone,mlx-moe+compile+moe2+tailone
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"

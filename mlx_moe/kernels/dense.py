@@ -50,12 +50,13 @@ TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # dense_residual_parts_router) or "split" (every threadgroup projects its own rows of the
 # output and the last one adds the shares: dense_residual_parts_router_split, metal/
 # decode_layer.metal says why).  H100 (ncu, BENCHMARKS.md 2026-12-06, second session):
-# split 14.5 us at 1x16 and 2x16 against 17.7 / 18.8 for one, 13.5 for two launches; end to
-# end on a host-bound machine it did not gain (bench_generate.py +tailsplit; that build
-# also allocated its shares as an output each launch, now kept in the counter), so "one"
-# stays until a GPU-bound host has timed it (tools/gpu_measure.sh step T).
+# split 14.5 us at 1x16 and 2x16 against 17.7 / 18.8 for one, 13.5 for two launches.  End
+# to end it gained nothing on a host-bound machine with its shares in an output of their
+# own (that session); with them in the counter and the MoE layer in one launch
+# (fused_step.MOE_ONE_LAUNCH) it did: 374.5 tok/s against 355.7 with "one" (third
+# session, 5 of 5 paired repetitions faster), so "split" is the default.
 ROUTER_TAILS = ("one", "split")
-ROUTER_TAIL = "one"
+ROUTER_TAIL = "split"
 
 
 def router_tail(kind: str):
