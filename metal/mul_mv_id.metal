@@ -167,10 +167,13 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // its NSG simdgroups take slots sg, sg + NSG, ... and meet in `part` (threadgroup,
 // NSG * NR floats).  Every thread must call it (a barrier inside); lane r < nvalid of
 // simdgroup 0 gets row row0 + r, the others 0.  h: the token's KS rows [KS, K]; ids,
-// wts: its KS slots (device or threadgroup memory); x: its activations [N].
-template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ,
-          typename HP, typename IP, typename SP, typename WP, typename XP, typename PP>
-MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, int row0, uint sg, uint lane) {
+// wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
+// the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
+// copied there) instead of wd.
+template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED,
+          typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
+MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
+                                      uint lane) {
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   float acc[NR];
@@ -184,8 +187,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       for (int r = 0; r < NR; ++r) {
         part_s[r] = 0.0f;
       }
-      auto wr = wd + (size_t(e) * N + row0) * RL;
-      moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+      if (STAGED) {
+        const auto wr = stage + s * NR * RL;
+        moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+      } else {
+        const auto wr = wd + (size_t(e) * N + row0) * RL;
+        moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+      }
       const float ws = wts[s];
       for (int r = 0; r < NR; ++r) {
         acc[r] += ws * moe_simd_sum(part_s[r]);
@@ -310,8 +318,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const uint tok = threadgroup_position_in_grid.y;
   const int row0 = int(threadgroup_position_in_grid.x) * NR;
   threadgroup float part[NSG * NR];
-  const float v = moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ>(
-      h + size_t(tok) * KS * K, ids + tok * KS, wts + tok * KS, wd, x + size_t(tok) * N, part, row0, sg, lane);
+  const float v = moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ, false>(
+      h + size_t(tok) * KS * K, ids + tok * KS, wts + tok * KS, wd, x + size_t(tok) * N, part, wd, row0, sg, lane);
   if (sg == 0 && int(lane) < ((N - row0 < NR) ? N - row0 : NR)) {
     const int n = row0 + int(lane);
 //@if RESIDUAL
@@ -345,8 +353,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // reads h.  The last down threadgroup to
 // finish (a ticket on count[1]) zeroes both counters for the next launch.
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
-// (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, and the
-// routing rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
+// (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (the
+// down weights staged in threadgroup memory, where 16 KB hold them), and the routing
+// rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
 // (written, zero between launches).  Outputs: h [NT*KS, F] float32 (rows of
@@ -395,14 +404,33 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
   const int row0 = ((tg - NGU) % DX) * NRD;
   const int nvalid = (D - row0 < NRD) ? D - row0 : NRD;
+  // STAGE: the slots' weight rows copied into threadgroup memory before the wait, in
+  // 16-byte reads (a down threadgroup starts as gate/up ones retire, a few us before
+  // h is complete: its DRAM reads then overlap the gate/up tail instead of following it).
+  constexpr int RLD = F * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a down row, in WT elements
+  constexpr int ROW16 = RLD * int(sizeof(WT)) / 16;                 // a row in 16-byte units
+  constexpr bool STAGED = STAGE && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * ROW16 * 16 <= 16384;
+  threadgroup uint4 stage[STAGED ? KS * NRD * ROW16 : 1];
+  if (STAGED) {
+    for (int s = int(sg); s < KS; s += NSG) {
+      const int e = chosen[s];
+      if (e >= 0 && e < NE) {
+        const auto src = wd + (size_t(e) * D + row0) * RLD;
+        for (int i = int(lane); i < nvalid * ROW16; i += 32) {
+          stage[s * NRD * ROW16 + i] = moe_load_u4(src, size_t(i));
+        }
+      }
+    }
+  }
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
   }
-  threadgroup_barrier(mem_flags::mem_device);
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ>(
-      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, row0, sg, lane);
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED>(
+      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
+      sg, lane);
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

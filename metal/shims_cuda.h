@@ -129,6 +129,11 @@ __device__ inline uint4 moe_load_u4(P p, size_t i) {
   return reinterpret_cast<const uint4*>(p)[i];
 }
 
+template <typename T, typename U>
+__device__ inline T* moe_tg_as(U* p) {
+  return reinterpret_cast<T*>(p);
+}
+
 __device__ inline float moe_rsqrt(float v) {
   return rsqrtf(v);
 }

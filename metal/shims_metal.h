@@ -112,6 +112,13 @@ inline uint4 moe_load_u4(P p, size_t i) {
   return reinterpret_cast<const device uint4*>(p)[i];
 }
 
+// Threadgroup memory viewed as another element type (a 16-byte-aligned staging
+// buffer declared as uint4, read as weights).
+template <typename T, typename U>
+inline threadgroup T* moe_tg_as(threadgroup U* p) {
+  return (threadgroup T*)p;
+}
+
 inline float moe_rsqrt(float v) {
   return metal::precise::rsqrt(v);
 }

@@ -93,8 +93,9 @@ ROUTE_IN_EXPERTS = True
 ROUTER_IN_RESIDUAL = ("cuda",)
 
 # The MoE layer (routing, gate/up, down, combine, residual add) in one launch,
-# mul_mv_id_moe, for these kernel flavors (a tuple; bench_generate's engine suffix
-# +moe1 sets ("cuda",)), else two (mul_mv_id_swiglu_route, mul_mv_id_down_combine_res).
+# mul_mv_id_moe, for these kernel flavors (a tuple; bench_generate's engine suffixes
+# +moe1 / +moe2 turn it on / off), else two (mul_mv_id_swiglu_route,
+# mul_mv_id_down_combine_res).
 # Its down threadgroups wait for its gate/up ones inside the launch, which leans on
 # threadgroups starting in index order: NVIDIA's do; Apple documents no such order,
 # so never on Metal unless measured there.  H100 (BENCHMARKS.md, 2026-12-06, third
@@ -269,8 +270,8 @@ def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.a
     """(h + MoE(xn) (+ the shared expert), ids, weights) for one token [1, D] from its
     router outputs.  On the kernels: two launches, the routing rule inside the gate/up
     one (ROUTE_IN_EXPERTS), one (MOE_ONE_LAUNCH, with ROUTE_IN_EXPERTS), or three with
-    moe_router_topk first; experts in another
-    format: moe_router_topk, the backend's own call, then the residual add."""
+    moe_router_topk first; experts in another format: moe_router_topk, the backend's
+    own call, then the residual add."""
     moe = lp.moe
     params = moe.router_params()
     shared = moe.shared_output(xn)

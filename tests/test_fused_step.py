@@ -449,3 +449,31 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     moe = [lp.moe_count for lp in plan.layers]
     assert all(c is not None and c.dtype == mx.uint32 and c.size >= 2 and not np.array(c).any() for c in moe)
     assert len({id(c) for c in moe + counts}) == len(moe) + len(counts)
+
+
+def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
+    """The compiled step replays its trace, so every setting that picks the fused layers'
+    kernels must key it: with one key for two settings, a benchmark's second engine (or a
+    user's switch) would replay the first one's kernels (as bench_generate's +tailsplit
+    did before dense.ROUTER_TAIL was part of the key)."""
+    from mlx_moe import compiled as C
+    from mlx_moe.kernels import dispatch
+
+    model = fused_model("qwen3_moe")
+    set_expert_backend(model, KernelBackend("emulated"))
+    try:
+        decoder = C.decoder_for(model)
+        assert decoder.fused is not None, decoder.fused_reason
+        base = decoder._function(False, False)
+        assert decoder._function(False, False) is base
+        seen = [base]
+        for module, name, value in [
+                (fused_step, "MOE_ONE_LAUNCH", ("emulated",)), (dense, "ROUTER_TAIL", "one"),
+                (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
+                (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False)]:
+            monkeypatch.setattr(module, name, value)
+            fn = decoder._function(False, False)
+            assert all(fn is not other for other in seen), name
+            seen.append(fn)
+    finally:
+        set_expert_backend(model, MLXBackend())

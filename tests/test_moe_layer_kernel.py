@@ -24,24 +24,17 @@ from mlx_moe.kernels.router import RouterParams
 
 from test_kernels_emulated import _dequant, _q4_words, _silu
 from test_router_kernel_emulated import assert_same_routing
+# the flavors, and the routing rules of the routed gate/up kernel's tests: (experts
+# scored, real experts, rule) for Qwen3-MoE, Mixtral, DeepSeek-V2's group-limited rule
+# and two identity experts past the real ones (LongCat-like: weight * x in the combine)
+from test_swiglu_route import FLAVORS, RULES
 
-_HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
-FLAVORS = ["emulated", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")])]
-
-# (experts scored, real experts, rule), as test_swiglu_route's: Qwen3-MoE, Mixtral,
-# DeepSeek-V2's group-limited rule, and two identity experts past the real ones
-# (LongCat-like: weight * x in the combine, no weights read).
-RULES = [
-    (128, 128, RouterParams(8, normalize=True)),
-    (8, 8, RouterParams(2, score="topk_softmax")),
-    (64, 64, RouterParams(6, n_group=8, topk_group=3, scaling=16.0)),
-    (10, 8, RouterParams(3, normalize=True)),
-]
 D, F = 96, 64  # hidden, ffn (Q4_0: both multiples of 32)
 # the default; ragged down tiles (96 rows in 5s); more simdgroups than some rules'
-# slots, several gate/up rows a simdgroup and two quant words a lane
-GEOMETRIES = [None, LayerGeometry(1, 5, 2, 1), LayerGeometry(2, 4, 8, 2)]
+# slots, several gate/up rows a simdgroup and two quant words a lane; the down weights
+# staged in threadgroup memory (ragged tiles too)
+GEOMETRIES = [None, LayerGeometry(1, 5, 2, 1), LayerGeometry(2, 4, 8, 2), LayerGeometry(1, 4, 8, 1, stage=1),
+              LayerGeometry(1, 5, 4, 1, stage=1)]
 
 
 def _layer(rng, ne, nexp, tokens, dtype=mx.float32):

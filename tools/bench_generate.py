@@ -29,7 +29,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 own launch)
   mlx-moe+compile+moe1  the MoE layer in one launch (mul_mv_id_moe: its down threadgroups
                 wait inside the launch for its gate/up ones; fused_step.MOE_ONE_LAUNCH,
-                on CUDA and the emulation); +moe2: the two launches (the default)
+                on CUDA and the emulation); +moe2: the two launches;
+                +mstage: its down threadgroups staging their weights in threadgroup memory
+                before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -116,6 +118,7 @@ from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe import prefill as prefill_module  # noqa: E402
 from mlx_moe.kernels import dense as dense_module  # noqa: E402
+from mlx_moe.kernels import dispatch as dispatch_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.kernels import registry as registry_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
@@ -467,6 +470,8 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
+    "+mstage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                                "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=1)}),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),

@@ -256,7 +256,8 @@ def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None) -
     With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
     geometry instead (gate_up: mul_mv_id_swiglu, down: mul_mv_id_down_combine on the
     default gate_up's h), and mlx-lm is left out; the geometry is in each kernel's
-    name (template arguments NR, NSG, NQ last), which tools/ncu_summary.py reads."""
+    name (template arguments NR, NSG, NQ last), which tools/ncu_summary.py reads.
+    With `layer_geometries`, routed_layers' variants run instead."""
     if layer_geometries is not None:
         for _, run in routed_layers(fl, [q4_0_experts(E, D, F) for _ in range(layers)], k, layer_geometries):
             mx.eval(run(0))  # compile and warm up on one layer

@@ -9,7 +9,9 @@
 #  T. decode (issues 5, 9), first: every kernel of two compiled decode steps under ncu
 #     with the 2026-12-06 defaults (the MoE layer in one launch, mul_mv_id_moe; the split
 #     router tail: four launches a layer), where the GPU time goes now; the one-launch
-#     layer's GPU tests and memcheck; decode end to end against the old defaults
+#     layer's GPU tests and memcheck, its staged-down-weights geometry included (22.3 us
+#     against 22.9 under ncu, not yet the default); decode end to end against the old
+#     defaults and with the staged geometry (+mstage)
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -74,10 +76,10 @@ step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics
 step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider \
   tests/test_moe_layer_kernel.py
 step 100 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q \
-  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "default or bfloat16"
+  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "default or bfloat16 or x1-cuda"
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_defaults.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+moe2,mlx-moe+compile+tailone,mlx-moe+compile+moe2+tailone
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+mstage,mlx-moe+compile+moe2,mlx-moe+compile+tailone,mlx-moe+compile+moe2+tailone
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"

@@ -51,10 +51,10 @@ TAIL_NR, TAIL_NSG, TAIL_RNR = 2, 16, 2
 # output and the last one adds the shares: dense_residual_parts_router_split, metal/
 # decode_layer.metal says why).  H100 (ncu, BENCHMARKS.md 2026-12-06, second session):
 # split 14.5 us at 1x16 and 2x16 against 17.7 / 18.8 for one, 13.5 for two launches.  End
-# to end it gained nothing on a host-bound machine with its shares in an output of their
-# own (that session); with them in the counter and the MoE layer in one launch
-# (fused_step.MOE_ONE_LAUNCH) it did: 374.5 tok/s against 355.7 with "one" (third
-# session, 5 of 5 paired repetitions faster), so "split" is the default.
+# to end (third session; that session's comparison had replayed the "one" trace, see
+# BENCHMARKS.md's correction): 355.8 tok/s against 351.9, and with the MoE layer in one
+# launch (fused_step.MOE_ONE_LAUNCH) 374.5 against 355.7 (5 of 5 paired repetitions
+# faster), so "split" is the default.
 ROUTER_TAILS = ("one", "split")
 ROUTER_TAIL = "split"
 

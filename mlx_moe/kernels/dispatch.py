@@ -69,36 +69,45 @@ DOWN = {"q4_0": Geometry(nr=4, nsg=8, nq=1), "float": Geometry(nr=2, nsg=8)}
 @dataclass(frozen=True)
 class LayerGeometry:
     """mul_mv_id_moe (the decode MoE layer in one launch): its threadgroups all have
-    nsg simdgroups; gate/up ones own gate_nr rows a simdgroup, down ones down_nr rows."""
+    nsg simdgroups; gate/up ones own gate_nr rows a simdgroup, down ones down_nr rows;
+    stage: down threadgroups copy their weight rows into threadgroup memory before
+    waiting for h (where 16 KB hold them)."""
     gate_nr: int
     down_nr: int
     nsg: int
     nq: int = 1
+    stage: int = 0
 
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
+        if self.stage not in (0, 1):
+            raise ValueError(f"LayerGeometry.stage is 0 or 1; got {self.stage}")
 
     @property
     def tag(self) -> str:
-        """'GATExDOWNxNSGxNQ', the form tools/bench_kernels.py --layer-geometries takes."""
-        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}"
+        """'GATExDOWNxNSGxNQ[xSTAGE]', the form tools/bench_kernels.py --layer-geometries takes."""
+        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}" + ("x1" if self.stage else "")
 
     @staticmethod
     def parse(tag: str) -> "LayerGeometry":
         try:
             nums = [int(v) for v in tag.split("x")]
-            if len(nums) not in (3, 4):
-                raise ValueError("3 or 4 numbers")
+            if not 3 <= len(nums) <= 5:
+                raise ValueError("3 to 5 numbers")
             return LayerGeometry(*nums)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"layer geometry {tag!r}: want GATE_NRxDOWN_NRxNSG[xNQ], e.g. 1x4x8x1 ({e})") from None
+            raise ValueError(f"layer geometry {tag!r}: want GATE_NRxDOWN_NRxNSG[xNQ[xSTAGE]], e.g. 1x4x8x1 ({e})") \
+                from None
 
 
 # The one-launch layer's geometry.  Q4_0, ncu GPU time on the H100 (Qwen3-30B-A3B decode
 # shapes; BENCHMARKS.md 2026-12-06, third session; two runs): 1x4x8x1 23.0 / 23.3 us,
 # 1x8x8x1 25.0 / 25.8, 2x4x8x1 25.5, 1x2x4x1 29.7, 1x4x4x1 31.3 / 32.5, 2x4x4x1 35.0
-# (the two launches: 14.8 + 8.8).  The float entry is not measured.
+# (the two launches: 14.8 + 8.8).  With the down weights staged (a third run):
+# 1x4x8x1x1 22.27 against 22.88 unstaged, 1x4x4x1x1 27.5, 1x8x8x1x1 25.3; not the
+# default yet: end to end unresolved on a host-bound machine (276.1 vs 275.6 tok/s)
+# and no memcheck of it (tools/gpu_measure.sh step T).  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1), "float": LayerGeometry(2, 2, 8)}
 
 

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .dispatch import DOWN, GATE_UP, MOE_LAYER, Geometry, LayerGeometry
+from . import dispatch
+from .dispatch import DOWN, GATE_UP, Geometry, LayerGeometry
 from .registry import get_kernel
 from .registry import kernel as registry_kernel
 
@@ -180,14 +181,14 @@ def mul_mv_id_moe(
     check_logits(logits, params)
     k = params.k
     inputs, rule = rule_arguments(logits.shape[1], params)
-    g = geometry or MOE_LAYER[kind]
+    g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
     n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
     n_down = -(-hidden // g.down_nr) * T
     h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
         inputs=[x, logits, *inputs, wg, wu, wd, residual, count],
         template=[("T", x.dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                   ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                  ("NSG", g.nsg), ("NQ", g.nq), *rule],
+                  ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", bool(g.stage)), *rule],
         grid=((n_gate_up + n_down) * 32 * g.nsg, 1, 1), threadgroup=(32 * g.nsg, 1, 1),
         output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],
         output_dtypes=[mx.float32, mx.int32, mx.float32, x.dtype],
