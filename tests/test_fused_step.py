@@ -229,20 +229,18 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     # tail: False (the router's own launch), True (the o_proj launch's last threadgroup)
     # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
     # one_launch: the MoE layer as mul_mv_id_moe (fused_step.MOE_ONE_LAUNCH; with route_in_experts)
-    saved = fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, \
-        fused_step.MOE_ONE_LAUNCH
-    fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, fused_step.MOE_ONE_LAUNCH = \
-        kv_in_place, route_in_experts, bool(tail), (flavor,) if one_launch else ()
+    switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH")
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
-        with routing_hook(hook("fused")), dense.router_tail("split" if tail == "split" else "one"):
+        with routing_hook(hook("fused")), dense.router_tail("split" if tail == "split" else "one"), \
+                registry.switched(fused_step.__name__, switches, KV_IN_PLACE=kv_in_place,
+                                  ROUTE_IN_EXPERTS=route_in_experts, ROUTER_IN_RESIDUAL=bool(tail),
+                                  MOE_ONE_LAUNCH=(flavor,) if one_launch else ()):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
     finally:
-        fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.ROUTER_IN_RESIDUAL, \
-            fused_step.MOE_ONE_LAUNCH = saved
         set_expert_backend(model, MLXBackend())
     return got, want, traced, ref_cache, routes["fused"], routes["ref"]
 

@@ -18,11 +18,12 @@ import pytest
 
 from mlx_moe import router as R
 from mlx_moe.kernels.dispatch import LayerGeometry
+from mlx_moe.kernels.kernel_cases import moe_layer_reference
 from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
 from mlx_moe.kernels.registry import KERNELS, ticket_counter
 from mlx_moe.kernels.router import RouterParams
 
-from test_kernels_emulated import _dequant, _q4_words, _silu
+from test_kernels_emulated import _dequant, _q4_words
 from test_router_kernel_emulated import assert_same_routing
 # the flavors, and the routing rules of the routed gate/up kernel's tests: (experts
 # scored, real experts, rule) for Qwen3-MoE, Mixtral, DeepSeek-V2's group-limited rule
@@ -47,19 +48,11 @@ def _layer(rng, ne, nexp, tokens, dtype=mx.float32):
     return wg, wu, wd, mx.array(x).astype(dtype), mx.array(lg).astype(mx.bfloat16), mx.array(res).astype(dtype)
 
 
-def _oracle(wg, wu, wd, x, res, ids, w, ne):
-    """float64 y = res + sum_s w * (Wd[e] (silu(Wg[e] x) * (Wu[e] x))) (+ w * x, identity e)."""
-    g, u, d = _dequant(wg), _dequant(wu), _dequant(wd)
-    x = np.array(x.astype(mx.float32), np.float64)
-    y = np.array(res.astype(mx.float32), np.float64).copy()
-    for t in range(ids.shape[0]):
-        for s in range(ids.shape[1]):
-            e = int(ids[t, s])
-            if e < ne:
-                y[t] += w[t, s] * (d[e] @ (_silu(g[e] @ x[t]) * (u[e] @ x[t])))
-            else:
-                y[t] += w[t, s] * x[t]
-    return y
+def _oracle(wg, wu, wd, x, res, ids, w):
+    """kernel_cases' float64 layer oracle over the Q4_0 words dequantized independently
+    of mlx_moe (test_kernels_emulated._dequant)."""
+    return moe_layer_reference(_dequant(wg), _dequant(wu), _dequant(wd), np.array(x.astype(mx.float32)),
+                               np.array(res.astype(mx.float32)), ids, w)
 
 
 # every rule at the default geometry on 1 and 3 tokens; the other geometries on the
@@ -88,7 +81,7 @@ def test_one_launch_matches_two_launches_and_oracle(flavor, rule, tokens, geomet
     # the same sums in the same order under the emulation; on GPUs each kernel's own
     # contraction into FMAs may move the last bit
     np.testing.assert_allclose(y, y2, rtol=0 if flavor == "emulated" else 1e-5, atol=1e-6 * np.abs(y2).max())
-    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w), ne)
+    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w))
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     assert (np.array(ids)[0] >= ne).any() == (nexp > ne)
     # the launch leaves its counter zero: the next one on it gives the same output
@@ -110,7 +103,7 @@ def test_one_launch_bfloat16_activations(flavor):
     y2 = mul_mv_id_down_combine(h2, ids2, w2, x, mx.array(wd), 0, flavor, residual=res)
     diff = np.abs(np.array(y.astype(mx.float32)) - np.array(y2.astype(mx.float32)))
     assert diff.max() <= (0 if flavor == "emulated" else 1e-2 * np.abs(np.array(y2.astype(mx.float32))).max())
-    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w), 128)
+    want = _oracle(wg, wu, wd, x, res, np.array(ids), np.array(w))
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 

@@ -480,6 +480,24 @@ def _down_combine_res_case(flavor: str) -> None:
     _close(with_res, plain + np.array(res), 1e-6, "mul_mv_id_down_combine_res")
 
 
+def moe_layer_reference(g, u, d, x, res, ids, w) -> np.ndarray:
+    """float64 numpy oracle of a decode MoE layer with the residual add, from float expert
+    weights g, u [E, ffn, hidden], d [E, hidden, ffn]: y[t] = res[t] + sum_s w[t, s] *
+    (d[e] (silu(g[e] x[t]) * (u[e] x[t]))) for real ids e < E, + w[t, s] * x[t] for
+    the ids past them (identity experts)."""
+    x = np.asarray(x, np.float64)
+    y = np.array(res, np.float64)
+    for t in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            if e < g.shape[0]:
+                a = g[e] @ x[t]
+                y[t] += w[t, s] * (d[e] @ (a / (1 + np.exp(-a)) * (u[e] @ x[t])))
+            else:
+                y[t] += w[t, s] * x[t]
+    return y
+
+
 def _moe_layer_case(flavor: str) -> None:
     """The one-launch decode MoE layer against the two launches it replaces (same ids and
     weights, y to rounding) and numpy (Q4_0 dequantized by mlx_moe.q4_0, ids from
@@ -509,16 +527,7 @@ def _moe_layer_case(flavor: str) -> None:
     y2 = np.array(mul_mv_id_down_combine(h2, ids2, w2, mx.array(x), mx.array(wd), NI, flavor, residual=mx.array(res)))
     assert (ids == np.array(ids2)).all() and (w == np.array(w2)).all(), "one-launch layer: routing differs"
     _close(y, y2, 1e-6, "one-launch layer vs two launches")
-    g, u, d = dequantize(wg), dequantize(wu), dequantize(wd)
-    want = res.astype(np.float64)
-    for t in range(T):
-        for s in range(params.k):
-            e = ids[t, s]
-            if e < E:
-                a = g[e] @ x[t]
-                want[t] += w[t, s] * (d[e] @ (a / (1 + np.exp(-a)) * (u[e] @ x[t])))
-            else:
-                want[t] += w[t, s] * x[t]
+    want = moe_layer_reference(dequantize(wg), dequantize(wu), dequantize(wd), x, res, ids, w)
     assert (ids >= E).any(), "the case lost its identity slot"
     _close(y, want, 1e-4, "one-launch layer vs numpy")
     assert not np.array(count).any(), "one-launch layer: the counter is not zero after the launch"
