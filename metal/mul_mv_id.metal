@@ -337,7 +337,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //   y[t] = res[t] + sum_s w[t,s] * (Wd[e] . silu(Wg[e] . x[t]) * (Wu[e] . x[t]))  (real e)
 //                 + sum_s w[t,s] * x[t]                                      (identity e).
 // Why: a layer is one graph node less for the host, and decode is bound by them
-// (0.13 ms a token less on the H100), at the two launches' GPU time (23.3 us against
+// (0.10-0.12 ms a token less on the H100), at the two launches' GPU time (23.3 us against
 // 14.8 + 8.8, ncu; BENCHMARKS.md 2026-12-06, third session).  The down threadgroups
 // start only as gate/up ones retire, so their reads are not hidden behind gate/up;
 // gate/up threadgroups prefetching the down weights into L2 was slower (25.1 us).

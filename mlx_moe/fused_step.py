@@ -100,7 +100,7 @@ ROUTER_IN_RESIDUAL = ("cuda",)
 # threadgroups starting in index order: NVIDIA's do; Apple documents no such order,
 # so never on Metal unless measured there.  H100 (BENCHMARKS.md, 2026-12-06, third
 # session): 23.3 us of GPU time a layer against 14.8 + 8.8 for the two launches (ncu),
-# 0.13 ms less host time a token, and end to end with the split router tail 374.5
+# 0.10-0.12 ms less host time a token, and end to end with the split router tail 374.5
 # tok/s against 355.8 for the tail alone (5 of 5 paired repetitions faster).
 MOE_ONE_LAUNCH: tuple = ("cuda",)
 
