@@ -23,6 +23,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 experts' gate/up launch (the default: +route)
   mlx-moe+compile+mlxhead  the fused layers with the final norm and LM head on MLX's
                 ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
+  mlx-moe+compile+mlxsample  greedy tokens from MLX's logsumexp, subtraction and argmax
+                of the step's log-probabilities (compiled.GREEDY_KERNEL off) instead of
+                the step's greedy_sample launch (lazy log-probabilities)
   mlx-moe+compile+tail  the fused layers with the post-attention norm and the router
                 projection run by the o_proj launch's last threadgroup
                 (fused_step.ROUTER_IN_RESIDUAL, on by default on CUDA; +notail: their
@@ -31,7 +34,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 wait inside the launch for its gate/up ones; fused_step.MOE_ONE_LAUNCH,
                 on CUDA and the emulation); +moe2: the two launches;
                 +mstage: its down threadgroups staging their weights in threadgroup memory
-                before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage)
+                before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage: the
+                default); +munstaged: 1x4x8x1 without
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -317,7 +321,9 @@ def uncompiled_step(model, cache):
 
 
 def compiled_step(decoder, cache):
-    def step(y):
+    def step(y):  # as compiled_generate_step decodes greedily
+        if compiled_module.GREEDY_KERNEL:
+            return decoder.step_greedy(y, cache)[0]
         return mx.argmax(decoder.step(y, cache), axis=-1)
     return step
 
@@ -468,10 +474,13 @@ SWITCHES = {
     "+route": (fused_step_module, "ROUTE_IN_EXPERTS", True),
     "+topk": (fused_step_module, "ROUTE_IN_EXPERTS", False),
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
+    "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
     "+mstage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
                                                 "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=1)}),
+    "+munstaged": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                                   "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1)}),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),

@@ -105,10 +105,11 @@ class LayerGeometry:
 # shapes; BENCHMARKS.md 2026-12-06, third session; two runs): 1x4x8x1 23.0 / 23.3 us,
 # 1x8x8x1 25.0 / 25.8, 2x4x8x1 25.5, 1x2x4x1 29.7, 1x4x4x1 31.3 / 32.5, 2x4x4x1 35.0
 # (the two launches: 14.8 + 8.8).  With the down weights staged (a third run):
-# 1x4x8x1x1 22.27 against 22.88 unstaged, 1x4x4x1x1 27.5, 1x8x8x1x1 25.3; not the
-# default yet: end to end unresolved on a host-bound machine (276.1 vs 275.6 tok/s)
-# and no memcheck of it (tools/gpu_measure.sh step T).  The float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1), "float": LayerGeometry(2, 2, 8)}
+# 1x4x8x1x1 22.27 against 22.88 unstaged, 1x4x4x1x1 27.5, 1x8x8x1x1 25.3; memcheck clean
+# and end to end 308.1 against 269.5 tok/s (medians of 5, a host-bound, drifting
+# machine; BENCHMARKS.md 2026-12-06, fourth session), so staged is the default.  The
+# float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=1), "float": LayerGeometry(2, 2, 8)}
 
 
 def weight_kind(proj) -> Optional[str]:
