@@ -90,6 +90,10 @@ __device__ inline float moe_exp(float v) {
   return expf(v);
 }
 
+__device__ inline float moe_log(float v) {
+  return logf(v);
+}
+
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (-__int_as_float(0x7f800000))
 

@@ -67,6 +67,10 @@ inline float moe_exp(float v) {
   return metal::exp(v);
 }
 
+inline float moe_log(float v) {
+  return metal::precise::log(v);
+}
+
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (as_type<float>(0xff800000u))
 

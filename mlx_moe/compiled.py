@@ -94,7 +94,22 @@ FUSED_LAYERS = True
 # bench_generate's engine suffix +hostpos turns it off.
 DEVICE_POSITION = True
 
+# Greedy decoding (the default sampler, or temp 0) takes its token from the step
+# itself: one greedy_sample launch (metal/sample.metal: the log-sum-exp and the argmax
+# of the rounded log-probabilities, as mlx-lm's greedy generate_step computes them)
+# in place of MLX's logsumexp, subtraction and argmax (three one-row launches, 51 us
+# of an H100 decode step), the log-probabilities left lazy for whoever reads them.
+# On the metal and cuda kernel flavors; elsewhere the same values from MLX's ops.
+# False: the sampler runs on the step's log-probabilities, as for any other sampler.
+GREEDY_KERNEL = True
+
 CAPACITY_STEP = 256  # capacities are rounded up to this: fewer distinct traces
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    """The greedy sampler (mlx-lm's at temperature 0).  Passed as `sampler` (or no sampler
+    at all), it lets the compiled step pick the token itself (GREEDY_KERNEL)."""
+    return mx.argmax(logprobs, axis=-1)
 
 
 class CapacityError(ValueError):
@@ -296,14 +311,22 @@ class CompiledDecoder:
             self.fused, self.fused_reason = fused_step.plan_or_reason(model, flavor)
         self._moe_count = len(layers)
         self._top_k = layers[0].top_k if layers else 0  # the record chain's size depends on it
+        if self.fused is not None:
+            flavor = self.fused.flavor
+        else:
+            flavors = {getattr(layer.backend, "flavor", None) for layer in layers}
+            flavor = flavors.pop() if len(flavors) == 1 else None
+        # greedy_sample's kernel flavor; its counter is made on first use (the vocabulary's size)
+        self.sample_flavor = flavor if flavor in ("metal", "cuda") else "mlx"
+        self._sample_count = None
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
 
     def make_cache(self, capacity: int) -> List[StaticKVCache]:
         return [StaticKVCache(capacity) for _ in self.model.layers]
 
-    def _function(self, record: bool, chained: bool):
+    def _function(self, record: bool, chained: bool, greedy: bool = False):
         attention = "fused" if self.fused is not None else attention_flavor(self.model)
-        args = (record, attention, HOOKS.join_flavor_now() if record else None, chained)
+        args = (record, attention, HOOKS.join_flavor_now() if record else None, chained, greedy)
         # The trace follows the settings (a setting, a trace); the kernel objects it
         # captured depend on how their source reaches MLX.
         key = args + (DEVICE_POSITION, _registry.CUDA_SOURCE_FILES)
@@ -321,7 +344,7 @@ class CompiledDecoder:
         return fn
 
     def _traced_step(self, record: bool, attention: Optional[str], join: Optional[str], chained: bool,
-                     device_position: bool = False):
+                     greedy: bool, device_position: bool = False):
         model, base_call = self.model, self.base_call
         one = device_array([1], mx.int32) if device_position else None  # [1, 0, 0, 0]
 
@@ -340,8 +363,14 @@ class CompiledDecoder:
                     with _static_cache_attention(model, attention):
                         logits = base_call(model, token, cache=cache)
             logits = logits[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            out = [logprobs, [c.keys for c in cache], [c.values for c in cache]]
+            if greedy:  # [token int32 [1], logits [1, V], lse [1, 1]]: step_greedy's
+                from .kernels.sample import greedy_sample
+
+                token_out, lse = greedy_sample(logits, self.sample_flavor, self._sample_count)
+                head = [token_out, logits, lse.reshape(1, 1)]
+            else:
+                head = [logits - mx.logsumexp(logits, axis=-1, keepdims=True)]
+            out = [head, [c.keys for c in cache], [c.values for c in cache]]
             if device_position:  # the next step's position, advanced on the device
                 out.append(position + one)
             records = cap.records
@@ -359,7 +388,7 @@ class CompiledDecoder:
                     # array, so without this the join would run only when the host reads it,
                     # behind the next queued step (a wait per token).  Per-layer arrays need no
                     # such edge: the expert kernels read them.
-                    out[0] = mx.depends(out[0], [packed])
+                    head[0] = mx.depends(head[0], [packed])
                     out.append(packed)
                 else:
                     out += [ids, weights]
@@ -370,6 +399,23 @@ class CompiledDecoder:
     def step(self, token: mx.array, cache: List[StaticKVCache]) -> mx.array:
         """Run one token (ids of shape [1] or [1, 1]) at the cache's position; returns
         lazy log-probabilities [1, vocab] and advances the cache by one."""
+        return self._run(token, cache, False)[0]
+
+    def step_greedy(self, token: mx.array, cache: List[StaticKVCache]) -> Tuple[mx.array, mx.array]:
+        """As `step`, and the greedy pick too: (next token int32 [1], log-probabilities
+        [1, vocab]), both lazy; the log-probabilities are computed only if read (on the
+        metal and cuda flavors the token comes from greedy_sample, GREEDY_KERNEL)."""
+        if self._sample_count is None and self.sample_flavor != "mlx":
+            from .kernels.sample import new_counter
+
+            vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+            if not vocab:
+                raise ValueError("greedy decoding on the kernels needs the model's args.vocab_size")
+            self._sample_count = new_counter(int(vocab))
+        token_out, logits, lse = self._run(token, cache, True)
+        return token_out, logits - lse
+
+    def _run(self, token: mx.array, cache: List[StaticKVCache], greedy: bool) -> list:
         first = cache[0]
         if first.keys is None:
             raise ValueError("the compiled decode step needs a prefilled cache (run the prompt through it first)")
@@ -387,7 +433,7 @@ class CompiledDecoder:
         if record:  # what our model wrapper does around an uncompiled forward (mlx_moe/loader.py)
             HOOKS.begin_forward(1, 1, offset, self._moe_count)
             chain = HOOKS.forward_chain(1, self._top_k)  # None unless records travel in a chain
-        fn = self._function(record, chain is not None)
+        fn = self._function(record, chain is not None, greedy)
         if DEVICE_POSITION:
             if self._position is None or self._position_at != offset:  # a new sequence: one sync
                 self._position = device_array([offset], mx.int32)
@@ -404,7 +450,7 @@ class CompiledDecoder:
         if DEVICE_POSITION:
             self._position, self._position_at = out[3], offset + 1
             out = out[:3] + out[4:]
-        logprobs, new_keys, new_values = out[:3]
+        head, new_keys, new_values = out[:3]
         for c, k, v in zip(cache, new_keys, new_values):
             c.keys, c.values = k, v
             c.offset += 1
@@ -416,7 +462,7 @@ class CompiledDecoder:
             else:
                 for (layer, n_experts, n_zero), ids, weights in zip(self._routing_meta, out[3], out[4]):
                     HOOKS.record(layer, ids, weights, n_experts, n_zero)
-        return logprobs
+        return head
 
 
 def attention_flavor(model: nn.Module) -> Optional[str]:
@@ -490,7 +536,8 @@ def compiled_generate_step(
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
     decoder = decoder_for(model)
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    take_greedy = GREEDY_KERNEL and (sampler is None or sampler is greedy)
+    sampler = sampler or greedy
     progress = prompt_progress_callback or (lambda *_: None)
     total = prompt.size
     if prompt_cache is None:
@@ -507,8 +554,18 @@ def compiled_generate_step(
             bigger = c0.capacity + capacity_step
             for c in prompt_cache:
                 c.grow(bigger)
+        if take_greedy:
+            token, logprobs = decoder.step_greedy(y, prompt_cache)
+            return token, logprobs.squeeze(0)
         logprobs = decoder.step(y, prompt_cache)
         return sampler(logprobs), logprobs.squeeze(0)
+
+    def schedule(y: mx.array, logprobs: mx.array) -> None:
+        # greedy: the log-probabilities stay lazy (computed only if the caller reads them)
+        if take_greedy:
+            mx.async_eval(y)
+        else:
+            mx.async_eval(y, logprobs)
 
     with mx.stream(generation_stream):
         done = 0
@@ -523,12 +580,12 @@ def compiled_generate_step(
             progress(done, total)
             mx.clear_cache()
         y, logprobs = step(prompt[done:])
-        mx.async_eval(y, logprobs)
+        schedule(y, logprobs)
         n = 0
         while True:
             if n != max_tokens:
                 next_y, next_logprobs = step(y)
-                mx.async_eval(next_y, next_logprobs)
+                schedule(next_y, next_logprobs)
             if n == 0:
                 mx.eval(y)
                 progress(total, total)

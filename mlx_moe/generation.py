@@ -218,7 +218,10 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     tokens = encode_prompt(tokenizer, prompt, chat_template)
-    sampler = make_sampler(temp=temp, top_p=top_p)
+    from .compiled import greedy
+
+    # temperature 0 is mlx-lm's argmax; as `greedy` the compiled step picks the token itself
+    sampler = greedy if temp == 0 else make_sampler(temp=temp, top_p=top_p)
     sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
     with routing_session(model, len(tokens), prompt_cache, expert_log, expert_log_weights):
         if compile:
@@ -249,7 +252,9 @@ def generate_tokens(
     """Token ids only: no tokenizer, no stop on EOS (benchmarks, tests).
     compile: as in `stream_generate`.
     Keyword arguments go to mlx-lm's `generate_step` (sampler, prefill_step_size...)."""
-    sampler = kwargs.pop("sampler", None) or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    from .compiled import greedy
+
+    sampler = kwargs.pop("sampler", None) or greedy
     sampler, expert_log, guard = expert_parallel_setup(model, sampler, expert_log)
     with routing_session(model, len(prompt), prompt_cache, expert_log, expert_log_weights):
         steps = _token_steps(model, prompt, compile, prompt_cache, max_tokens, dict(kwargs, sampler=sampler))

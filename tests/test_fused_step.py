@@ -381,7 +381,8 @@ def test_unsupported_models_say_why():
                     reason="MLX_ENABLE_TF32 is not 0: TF32 matmuls would make the uncompiled reference inexact")
 @pytest.mark.parametrize("family", FUSED)
 def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
-    """12 greedy tokens of the compiled step through the fused layers (the cache
+    """12 greedy tokens of the compiled step through the fused layers (the token from
+    greedy_sample and from the sampler; the cache
     written in place, and by scatters; the position on the device and from the host;
     the routing inside the gate/up launch and in its own; the MoE layer in one launch
     and in two) and without them,
@@ -400,7 +401,10 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         want, want_lp = uncompiled(model, PROMPT, 12)
         decoder = C.decoder_for(model)
         assert decoder.fused is not None, decoder.fused_reason
-        got, got_lp = compiled(model, PROMPT, 12)  # the defaults
+        got, got_lp = compiled(model, PROMPT, 12)  # the defaults (greedy: greedy_sample's token)
+        monkeypatch.setattr(C, "GREEDY_KERNEL", False)
+        sampled, sampled_lp = compiled(model, PROMPT, 12)  # the sampler on the step's log-probabilities
+        monkeypatch.setattr(C, "GREEDY_KERNEL", True)
         monkeypatch.setattr(C, "DEVICE_POSITION", not C.DEVICE_POSITION)
         other_pos, _ = compiled(model, PROMPT, 12)
         one_launch = fused_step.MOE_ONE_LAUNCH
@@ -423,7 +427,9 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     assert scattered == want and plain == want and other_pos == want and other_route == want and \
         other_tail == want and other_moe == want, (scattered, plain, other_pos, other_route, other_tail, other_moe,
                                                    want)
+    assert sampled == want, (sampled, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sampled_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scattered_lp, want_lp, rtol=1e-4, atol=1e-4)
 
 

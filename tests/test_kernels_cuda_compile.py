@@ -394,3 +394,16 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     print(regs)
     assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
     assert " 0 bytes spill stores" in report or "spill" not in report
+
+
+def test_greedy_sample_compiles_for_sm90a(tmp_path):
+    """Greedy sampling over Qwen3's vocabulary, bfloat16 and float32 logits: 1024-thread
+    threadgroups, so at most 64 registers a thread (65536 a multiprocessor), no spills."""
+    kernels = [("greedy_sample", dt, {"logits": dt, "count": "uint32"}, {"token": "int32", "lse": dt},
+                [("T", dt), ("V", 151936), ("NT", 1024), ("NTG", 75)]) for dt in ("bfloat16", "float32")]
+    ptx, report = compile_sm90a(tmp_path, "sample", kernels)
+    assert len(_entries(ptx)) == len(kernels)
+    regs = _report(report)
+    print(regs)
+    assert all(r is not None and r <= 64 for r, _ in regs.values()), regs
+    assert " 0 bytes spill stores" in report or "spill" not in report

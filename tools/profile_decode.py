@@ -193,6 +193,7 @@ def gpu_step(model, prompt, gen_tokens: int, steps: int) -> None:
 
 def host_split(model, prompt, gen_tokens: int) -> dict:
     """Mode --host-split (module docstring): medians in ms per token."""
+    from mlx_moe import compiled
     from mlx_moe.compiled import decoder_for, round_capacity
 
     decoder = decoder_for(model)
@@ -201,7 +202,9 @@ def host_split(model, prompt, gen_tokens: int) -> dict:
     model(mx.array(prompt[:-1])[None], cache=cache)
     mx.eval([c.state for c in cache])
 
-    def step(y):
+    def step(y):  # as compiled_generate_step decodes greedily
+        if compiled.GREEDY_KERNEL:
+            return decoder.step_greedy(y, cache)[0]
         return mx.argmax(decoder.step(y, cache), axis=-1)
 
     y = step(mx.array(prompt[-1:]))

@@ -534,6 +534,63 @@ def _moe_layer_case(flavor: str) -> None:
     _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
 
 
+def greedy_sample_reference(logits: mx.array):
+    """(token, lse) as mlx-lm's greedy generate_step computes them, with MLX's ops on the CPU."""
+    with mx.stream(mx.cpu):
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = mx.argmax(logits - lse, axis=-1)
+        return int(token.item()), lse
+
+
+def _greedy_sample_case(flavor: str) -> None:
+    """greedy_sample against MLX's logsumexp and argmax of logits - lse: flat random logits, two
+    logits that tie after the subtraction in bfloat16 (the first wins), a planted peak, equal maxima in two threadgroups (the
+    first wins), a threadgroup of -inf logits, twice on one counter."""
+    from .sample import greedy_sample, groups_for, new_counter
+
+    rng = np.random.default_rng(11)
+    for V, dtype, kind in ((5000, mx.bfloat16, "flat"), (5000, mx.bfloat16, "merge"), (3001, mx.float32, "peak"),
+                           (4500, mx.float16, "tie"), (4100, mx.bfloat16, "neginf"), (777, mx.bfloat16, "flat")):
+        x = rng.standard_normal(V).astype(np.float32) * (0.5 if kind == "flat" else 3.0)
+        if kind == "peak":
+            x[V // 3] = 40.0
+        if kind == "merge":  # two adjacent bfloat16 logits whose log-probabilities round to one value
+            x = x * 0.01
+            x[50], x[3000] = 1.0, 1.0078125
+        if kind == "tie":
+            x[:] = np.minimum(x, 5.0)
+            x[V - 7] = x[17] = 9.0  # threadgroups 0 and the last
+        if kind == "neginf":
+            x[: -(-V // groups_for(V))] = -np.inf  # the first threadgroup's whole slice
+        logits = mx.array(x).astype(dtype)
+        count = new_counter(V)
+        for rep in range(2):  # the counter must be left zero for the next launch
+            token, lse = greedy_sample(logits, flavor, count)
+            mx.eval(token, lse)
+            want_token, want_lse = greedy_sample_reference(logits)
+            got_lse, ref_lse = float(lse.astype(mx.float32).item()), float(want_lse.astype(mx.float32).item())
+            what = f"greedy_sample {V} {dtype} {kind} (launch {rep + 1})"
+            assert token.dtype == mx.int32 and lse.dtype == dtype, f"{what}: dtypes {token.dtype}, {lse.dtype}"
+            # lse: the shares add in another order than MLX's reduction, so the rounded
+            # result may differ by one unit of T in the last place, never more
+            ulp = abs(float(mx.array(ref_lse * (1 + 2 ** -7 if dtype == mx.bfloat16 else 1 + 2 ** -10
+                                                if dtype == mx.float16 else 1 + 2 ** -23)).astype(dtype).item())
+                      - ref_lse) or 1e-30
+            assert abs(got_lse - ref_lse) <= 1.01 * ulp, f"{what}: lse {got_lse} vs MLX's {ref_lse}"
+            if got_lse == ref_lse:
+                assert int(token.item()) == want_token, f"{what}: token {int(token.item())} vs MLX's {want_token}"
+            else:  # the token MLX's argmax gives with this lse
+                with mx.stream(mx.cpu):
+                    alt = int(mx.argmax(logits - lse.reshape(1), axis=-1).item())
+                assert int(token.item()) == alt, f"{what}: token {int(token.item())} vs {alt}"
+            if kind == "tie":
+                assert int(token.item()) == 17, f"{what}: equal maxima must give the first index"
+            if kind == "peak":
+                assert int(token.item()) == V // 3, what
+            if kind == "merge":  # the case's point: MLX picks the first of the merged maxima, not the larger logit
+                assert want_token == 50 and int(token.item()) == 50, f"{what}: {int(token.item())}, MLX {want_token}"
+
+
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
 
 CASES: Dict[str, List[KernelCase]] = {
@@ -589,6 +646,10 @@ CASES: Dict[str, List[KernelCase]] = {
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
+    "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-5000 "
+                                 "logits (bfloat16, float16, float32): flat, two merged by the rounding, peaked, equal maxima in two "
+                                 "threadgroups, a threadgroup of -inf, twice on one counter, vs MLX's ops",
+                                 _greedy_sample_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "
                                 "4 x 2 x top-3 int32/float16 vs numpy stacking", _routing_join_case)],
 }

@@ -202,6 +202,8 @@ KERNELS: Dict[str, KernelSpec] = {
                                                                      "wr", "wr_s", "wr_b", "cst", "count"),
                                                     ("out", "xn", "logits"), body="dense_residual",
                                                     options=("PARTS", "ROUTER", "RSPLIT"), inplace=("count",)),
+    # greedy sampling of the compiled decode step (mlx_moe/kernels/sample.py)
+    "greedy_sample": KernelSpec("sample", ("logits", "count"), ("token", "lse"), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
     "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),

@@ -1,0 +1,183 @@
+// Greedy sampling of one token's logits in one launch: the log-sum-exp of the
+// logits and the first index of the largest log-probability, as mlx-lm's
+// generate_step computes them with MLX's ops,
+//     lse = logsumexp(logits);  logprobs = logits - lse;  token = argmax(logprobs),
+// logprobs rounded to the logits' type T before the argmax (so two logits that
+// round to one log-probability tie, and the first wins, as in MLX's argmax).
+//
+// Why: on the H100 MLX's logsumexp, subtraction and argmax over Qwen3's 151936
+// logits took 17.0 + 6.6 + 27.6 us of a decode step's GPU time (three launches,
+// each of one row; BENCHMARKS.md 2026-12-06, fourth session) and three graph
+// nodes of host time.  Here every threadgroup reduces a slice and the last one
+// finishes, in one launch; the log-probabilities themselves are left to the
+// caller (mlx_moe/compiled.py computes them lazily, for whoever reads them).
+
+// ==== helpers ====
+
+// s * exp(m - mm), 0 for an empty share (m = -inf): one term of a log-sum-exp
+// whose shares (max m, sum of exp(v - m)) are rescaled to the common max mm.
+MOE_DEVICE inline float moe_lse_term(float m, float s, float mm) {
+  return (m == MOE_NEG_INF) ? 0.0f : s * moe_exp(m - mm);
+}
+
+// The better of two (key, index) candidates of an argmax: the larger key, the
+// smaller index on a tie (NaN keys never win: every comparison with them fails).
+MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
+  return k2 > k1 || (k2 == k1 && i2 < i1);
+}
+
+// ==== kernel: greedy_sample ====
+// Template: T (the logits' type), V (logits), NT (threads per threadgroup, a
+// multiple of 32), NTG (threadgroups: the grid).
+// Inputs: logits [V] (T); count uint32 [4 + 2 * NTG] (written: a ticket counter in
+//   word 0, zero between launches, then each threadgroup's share as float bits;
+//   mlx_moe/kernels/sample.py counter_words).
+// Outputs: token int32 [1] (the first index of the largest T(logits - T(lse)); 0 if
+//   every logit is NaN), lse [1] (T).
+// Threadgroup g reduces logits [g * C, (g + 1) * C), C = ceil(V / NTG), to its max
+// m and sum of exp(v - m); the last to finish combines the NTG shares in a fixed
+// order (deterministic) and scans every logit for the token: a scan rather than
+// per-slice candidates, because which logits tie after the subtraction depends on
+// lse, known only at the end.
+// Grid: (NTG * NT, 1, 1), threadgroup (NT, 1, 1).
+{
+  constexpr int NSG = NT / 32;
+  constexpr int C = (V + NTG - 1) / NTG;  // logits per threadgroup
+  constexpr int IPT = (C + NT - 1) / NT;  // per thread
+  constexpr int U = 8;                    // the scan's loads in flight per thread
+  threadgroup float rm[NSG];
+  threadgroup float rs[NSG];
+  threadgroup int ri[NSG];
+  threadgroup uint ticket[1];
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const int tid = int(thread_index_in_threadgroup);
+  const int g = int(threadgroup_position_in_grid.x);
+  const int hi = (g + 1) * C < V ? (g + 1) * C : V;
+
+  // 1. This threadgroup's share: max and sum of exp over its slice.
+  float v[IPT];
+  float m = MOE_NEG_INF;
+  MOE_UNROLL
+  for (int k = 0; k < IPT; ++k) {
+    const int i = g * C + tid + k * NT;
+    v[k] = (i < hi) ? float(logits[i]) : MOE_NEG_INF;
+    m = v[k] > m ? v[k] : m;
+  }
+  m = moe_simd_max(m);
+  if (lane == 0) {
+    rm[sg] = m;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  m = rm[0];
+  for (int j = 1; j < NSG; ++j) {
+    m = rm[j] > m ? rm[j] : m;
+  }
+  float s = 0.0f;
+  MOE_UNROLL
+  for (int k = 0; k < IPT; ++k) {
+    s += (m == MOE_NEG_INF) ? 0.0f : moe_exp(v[k] - m);
+  }
+  s = moe_simd_sum(s);
+  if (lane == 0) {
+    rs[sg] = s;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const auto share = moe_inplace(count) + 4;  // after the ticket's 16 bytes
+  if (tid == 0) {
+    float t = 0.0f;
+    for (int j = 0; j < NSG; ++j) {
+      t += rs[j];
+    }
+    share[2 * g] = moe_float_bits(m);
+    share[2 * g + 1] = moe_float_bits(t);
+  }
+  moe_device_fence();
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    ticket[0] = moe_ticket(count);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (ticket[0] != uint(NTG) - 1u) {  // uniform per threadgroup
+    return;
+  }
+  moe_device_fence();
+
+  // 2. The last threadgroup: lse from the shares, in threadgroup order.
+  float mm = MOE_NEG_INF;
+  for (int j = tid; j < NTG; j += NT) {
+    const float mj = moe_as_float(share[2 * j]);
+    mm = mj > mm ? mj : mm;
+  }
+  mm = moe_simd_max(mm);
+  if (lane == 0) {
+    rm[sg] = mm;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  mm = rm[0];
+  for (int j = 1; j < NSG; ++j) {
+    mm = rm[j] > mm ? rm[j] : mm;
+  }
+  float st = 0.0f;
+  for (int j = tid; j < NTG; j += NT) {
+    st += moe_lse_term(moe_as_float(share[2 * j]), moe_as_float(share[2 * j + 1]), mm);
+  }
+  st = moe_simd_sum(st);
+  if (lane == 0) {
+    rs[sg] = st;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  st = 0.0f;
+  for (int j = 0; j < NSG; ++j) {
+    st += rs[j];
+  }
+  const T lt = T(mm + moe_log(st));
+  const float c = float(lt);
+
+  // 3. The token: every logit's T(v - lse), U loads in flight per thread.
+  float best = MOE_NEG_INF;
+  int bi = V;  // none yet: the first non-NaN key takes its place
+  for (int i0 = tid; i0 < V; i0 += NT * U) {
+    float kv[U];
+    MOE_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * NT;
+      kv[u] = float(logits[i < V ? i : V - 1]);
+    }
+    MOE_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * NT;
+      const float key = float(T(kv[u] - c));
+      if (i < V && (key > best || (key == best && i < bi))) {
+        best = key;
+        bi = i;
+      }
+    }
+  }
+  for (ushort off = 16; off > 0; off >>= 1) {
+    const float ob = moe_shuffle_xor(best, off);
+    const int oi = moe_shuffle_xor(bi, off);
+    if (moe_argmax_better(ob, oi, best, bi)) {
+      best = ob;
+      bi = oi;
+    }
+  }
+  if (lane == 0) {
+    rm[sg] = best;
+    ri[sg] = bi;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    best = rm[0];
+    bi = ri[0];
+    for (int j = 1; j < NSG; ++j) {
+      if (moe_argmax_better(rm[j], ri[j], best, bi)) {
+        best = rm[j];
+        bi = ri[j];
+      }
+    }
+    token[0] = bi < V ? bi : 0;
+    lse[0] = lt;
+    moe_ticket_reset(count);
+  }
+}
