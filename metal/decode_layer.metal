@@ -738,3 +738,39 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   }
 //@endif
 }
+
+// ==== kernel: dense_embed ====
+// out[c] = row `token` of an embedding table, dequantized: the decode step's
+// nn.Embedding / nn.QuantizedEmbedding lookup in one launch (MLX's is a gather per
+// array, three for an affine table, and a dequantize: four graph nodes, 18 us of an
+// H100 decode step).  Affine values rounded as MLX's affine_dequantize rounds them,
+// T(T(scale * q) + bias); float tables copied.
+// Template: T (the output type: the scales' for affine tables, else the weight's),
+//   FMT, GS (as dense_norm), K (columns), V (rows), TG (threads per threadgroup).
+// Inputs: token [1] (any integer type; clamped to [0, V - 1]: never a read outside
+//   the table), w, w_s, w_b (dense weight, as dense_norm).
+// Output: out [K] (T).
+// Grid: (ceil(K / PER / TG) * TG, 1, 1), threadgroup (TG, 1, 1): one 16-byte word a thread.
+{
+  constexpr int PER = moe_dense_per<FMT>::value;
+  constexpr int WPR = K / PER;  // words of a row (K * bits / 8 is a multiple of 16 bytes)
+  constexpr bool AFFINE = FMT == 4 || FMT == 8;
+  const int j = int(threadgroup_position_in_grid.x) * TG + int(thread_index_in_threadgroup);
+  if (j >= WPR) {
+    return;
+  }
+  const long t = long(token[0]);
+  const int row = t < 0 ? 0 : (t >= long(V) ? V - 1 : int(t));
+  const uint4 q = moe_dense_load(w, size_t(row) * size_t(WPR) + size_t(j));
+  float s = 1.0f;
+  float b = 0.0f;
+  if (AFFINE) {
+    const size_t g = size_t(row) * size_t(K / GS) + size_t(j * PER / GS);  // PER <= GS: one group a word
+    s = float(w_s[g]);
+    b = float(w_b[g]);
+  }
+  for (int i = 0; i < PER; ++i) {
+    const float v = moe_dense_unit_at<FMT>(q, i);
+    out[j * PER + i] = AFFINE ? T(float(T(s * v)) + b) : T(v);
+  }
+}

@@ -335,6 +335,7 @@ class CompiledDecoder:
             from .kernels import dense, dispatch
 
             key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH,
+                         fused_step.EMBED_LAUNCH,
                          fused_step.ROUTER_IN_RESIDUAL, fused_step.MOE_ONE_LAUNCH, dense.ROUTER_TAIL,
                          tuple(sorted(dispatch.MOE_LAYER.items())))
         fn = self._compiled.get(key)

@@ -109,6 +109,11 @@ MOE_ONE_LAUNCH: tuple = ("cuda",)
 # +mlxhead).
 HEAD_LAUNCH = True
 
+# The token's embedding as one dense_embed launch where the plan has the table (True),
+# or MLX's gathers and dequantize (False: four graph nodes for an affine table, 18 us
+# of an H100 decode step; bench_generate's engine suffix +mlxembed).
+EMBED_LAUNCH = True
+
 
 class LayerPlan(NamedTuple):
     in_norm: nn.RMSNorm
@@ -136,6 +141,8 @@ class Plan(NamedTuple):
     # The LM head as one dense_norm launch (the final RMSNorm and the vocabulary
     # projection), or None: MLX's ops (tied embeddings, a format the kernels do not read).
     head: Optional[DenseWeight] = None
+    # The embedding table for one dense_embed launch, or None: MLX's ops.
+    embed: Optional[DenseWeight] = None
 
 
 def _moe_of(layer) -> Optional[MoELayer]:
@@ -247,7 +254,16 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
               for lp in layers]
     # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH), in another evaluation
     layers = [lp._replace(moe_count=c) for lp, c in zip(layers, registry.ticket_counters(len(layers)))]
-    return Plan(flavor, layers, _head_plan(model, flavor)), None
+    return Plan(flavor, layers, _head_plan(model, flavor), _embed_plan(model)), None
+
+
+def _embed_plan(model: nn.Module) -> Optional[DenseWeight]:
+    """The token embedding for dense_embed, or None where MLX's ops keep it (a table
+    the kernels do not read)."""
+    table = model.model.embed_tokens
+    if dense_unsupported(table) is not None or not isinstance(table, (nn.Embedding, nn.QuantizedEmbedding)):
+        return None
+    return dense_weight(table)
 
 
 def _head_plan(model: nn.Module, flavor: str) -> Optional[DenseWeight]:
@@ -343,7 +359,10 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
     """Logits [1, 1, vocab] of one token [1, 1] at position pos (int32 [1]); caches: one
     object per layer with keys / values [1, HK, C, D] (updated in place of the attributes)."""
     inner = model.model
-    h = inner.embed_tokens(token).reshape(1, -1)
+    if EMBED_LAUNCH and plan.embed is not None:
+        h = dense.dense_embed(token, plan.embed, plan.flavor)
+    else:
+        h = inner.embed_tokens(token).reshape(1, -1)
     index = {}
     for lp, c in zip(plan.layers, caches):
         key = (lp.n_kv_heads, lp.head_dim)

@@ -102,6 +102,26 @@ def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, pa
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_dense_embed_matches_the_modules(flavor):
+    """The token's embedding row (4-bit, 8-bit affine, bfloat16 and float32 tables) equals
+    nn.QuantizedEmbedding's / nn.Embedding's own call exactly (kernel_cases)."""
+    from mlx_moe.kernels.kernel_cases import CASES
+
+    for case in CASES["dense_embed"]:
+        case.check(flavor)
+
+
+def test_dense_embed_refuses_a_bad_token():
+    import mlx.nn as nn
+
+    d = dense.dense_weight(nn.Embedding(10, 64))
+    with pytest.raises(ValueError, match="one token id"):
+        dense.dense_embed(mx.array([1, 2]), d, "emulated")
+    with pytest.raises(ValueError, match="one token id"):
+        dense.dense_embed(mx.array([1.0]), d, "emulated")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("fmt,rfmt,dtype,cols,hidden,experts,nr,nsg,rtol", [
     (4, 8, mx.float32, 512, 128, 61, 2, 2, 1e-5),
     (17, 4, mx.float32, 256, 192, 8, 1, 8, 1e-5),        # bfloat16 o_proj, 4-bit router of 8
@@ -140,7 +160,9 @@ def test_unreadable_projections_are_named():
 
     assert "3-bit" in dense_unsupported(nn.QuantizedLinear(256, 64, bits=3, group_size=64))
     assert "16 bytes" in dense_unsupported(nn.Linear(10, 8))
-    assert "Embedding" in dense_unsupported(nn.Embedding(10, 8))
+    assert "Conv1d" in dense_unsupported(nn.Conv1d(8, 8, 3))
+    assert "16 bytes" in dense_unsupported(nn.Embedding(10, 3))
+    assert dense_unsupported(nn.Embedding(10, 8)) is None  # embedding tables: dense_embed
     with pytest.raises(ValueError, match="cannot read this projection"):
         dense_weight(nn.Linear(10, 8))
 
@@ -474,7 +496,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
         for module, name, value in [
                 (fused_step, "MOE_ONE_LAUNCH", ("emulated",)), (dense, "ROUTER_TAIL", "one"),
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
-                (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False)]:
+                (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
+                (fused_step, "EMBED_LAUNCH", False), (fused_step, "HEAD_LAUNCH", False)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

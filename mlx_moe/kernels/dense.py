@@ -4,12 +4,14 @@ dense GEMVs of a one-token decoder layer, their rows spread over the GPU.
 - `dense_norm`: input RMSNorm -> up to three projections (+ biases), stacked
   (q, k, v); with `xn=True` also the normalized input (the router's);
 - `dense_residual`: a projection plus the residual add after it (o_proj), its
-  input either a vector or the attention's split results (`parts`).
+  input either a vector or the attention's split results (`parts`);
+- `dense_embed`: one row of an embedding table (the token's), dequantized.
 
 The dense projections are mlx's own modules, read in place: `nn.QuantizedLinear`
 in MLX's affine mode (4 or 8 bits, groups of 32, 64 or 128: mlx-community
 checkpoints) and `nn.Linear` with float16, bfloat16 or float32 weights (Hugging
-Face checkpoints, GGUF's dense tensors).  `dense_weight` says what a module is
+Face checkpoints, GGUF's dense tensors); embedding tables likewise
+(`nn.QuantizedEmbedding`, `nn.Embedding`).  `dense_weight` says what a module is
 to the kernels, or why it cannot be read (the caller then keeps MLX's ops).
 """
 
@@ -86,7 +88,7 @@ class DenseWeight(NamedTuple):
 
 def dense_unsupported(module) -> Optional[str]:
     """Why the decode_layer kernels cannot read `module`'s weight, or None."""
-    if isinstance(module, nn.QuantizedLinear):
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         if getattr(module, "mode", "affine") != "affine":
             return f"quantization mode {module.mode!r} (the kernels read MLX's affine mode)"
         if module.bits not in (4, 8):
@@ -97,14 +99,15 @@ def dense_unsupported(module) -> Optional[str]:
         if (cols * module.bits // 8) % 16:
             return f"{cols} input features: a row is not a multiple of 16 bytes"
         return None
-    if type(module) is nn.Linear:
+    if type(module) in (nn.Linear, nn.Embedding):
         w = module.weight
         if w.dtype not in FLOAT_FMT:
             return f"weight dtype {w.dtype}"
         if (w.shape[1] * w.itemsize) % 16:
             return f"{w.shape[1]} input features: a row is not a multiple of 16 bytes"
         return None
-    return f"{type(module).__name__} (the kernels read nn.Linear and nn.QuantizedLinear)"
+    return (f"{type(module).__name__} (the kernels read nn.Linear, nn.QuantizedLinear, nn.Embedding and "
+            f"nn.QuantizedEmbedding)")
 
 
 def dense_weight(module) -> DenseWeight:
@@ -113,7 +116,7 @@ def dense_weight(module) -> DenseWeight:
     if problem is not None:
         raise ValueError(f"the decode_layer kernels cannot read this projection: {problem}")
     bias = module["bias"] if "bias" in module else None
-    if isinstance(module, nn.QuantizedLinear):
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         w = module.weight
         return DenseWeight(module.bits, module.group_size, w, module.scales, module.biases, w.shape[0],
                            w.shape[1] * 32 // module.bits, bias)
@@ -179,6 +182,26 @@ def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, 
         output_shapes=[(1, n)] + ([(1, ws[0].cols)] if xn else []), output_dtypes=[T] * (2 if xn else 1),
     )
     return (outs[0], outs[1]) if xn else outs[0]
+
+
+EMBED_TG = 64  # dense_embed's threads per threadgroup (Qwen3's 4-bit 2048-wide rows: 64 words)
+
+
+def dense_embed(token: mx.array, d: DenseWeight, flavor: str) -> mx.array:
+    """Row `token` (an integer array of one element, clamped to the table) of embedding
+    table `d` (dense_weight of an nn.Embedding / nn.QuantizedEmbedding) as [1, cols], in
+    the scales' dtype for affine tables (as MLX's dequantize), else the weight's."""
+    if token.size != 1 or not mx.issubdtype(token.dtype, mx.integer):
+        raise ValueError(f"dense_embed takes one token id; got {token.dtype} of shape {tuple(token.shape)}")
+    if d.bias is not None:
+        raise ValueError("dense_embed: an embedding table has no bias")
+    T = d.scales.dtype if d.fmt in (4, 8) else d.w.dtype
+    words = d.cols // (128 // d.fmt if d.fmt in (4, 8) else 16 // d.w.itemsize)
+    return kernel(flavor, "dense_embed")(
+        inputs=[token.reshape(1), *weight_inputs(d)],
+        template=[("T", T), *fmt_template(d), ("K", d.cols), ("V", d.rows), ("TG", EMBED_TG)],
+        grid=(-(-words // EMBED_TG) * EMBED_TG, 1, 1), threadgroup=(EMBED_TG, 1, 1),
+        output_shapes=[(1, d.cols)], output_dtypes=[T])[0]
 
 
 class RouterTail(NamedTuple):

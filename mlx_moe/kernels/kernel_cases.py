@@ -534,6 +534,32 @@ def _moe_layer_case(flavor: str) -> None:
     _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
 
 
+def _dense_embed_case(flavor: str) -> None:
+    """dense_embed against the module's own call (MLX's gathers and dequantize, on the CPU):
+    the same values exactly; ids past either end clamped to the table."""
+    import mlx.nn as nn
+
+    from .dense import dense_embed, dense_weight
+
+    for V, D, kind, dtype in ((50, 320, (4, 64), mx.bfloat16), (37, 256, (8, 32), mx.float16),
+                              (41, 384, (4, 128), mx.float32), (29, 96, None, mx.bfloat16),
+                              (23, 64, None, mx.float32)):
+        table = nn.Embedding(V, D)
+        table.weight = (mx.random.normal((V, D), key=mx.random.key(V)) * 0.5).astype(dtype)
+        if kind is not None:
+            table = nn.QuantizedEmbedding.from_embedding(table, group_size=kind[1], bits=kind[0])
+        mx.eval(table.parameters())
+        d = dense_weight(table)
+        for t in (0, V - 1, V // 2, V + 5, -3):
+            got = dense_embed(mx.array([t], dtype=mx.int32), d, flavor)
+            with mx.stream(mx.cpu):
+                want = table(mx.array([min(max(t, 0), V - 1)]))
+            mx.eval(got, want)
+            what = f"dense_embed {V}x{D} {kind or dtype} token {t}"
+            assert got.dtype == want.dtype and got.shape == (1, D), f"{what}: {got.dtype} {got.shape}"
+            assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))), what
+
+
 def greedy_sample_reference(logits: mx.array):
     """(token, lse) as mlx-lm's greedy generate_step computes them, with MLX's ops on the CPU."""
     with mx.stream(mx.cpu):
@@ -633,6 +659,8 @@ CASES: Dict[str, List[KernelCase]] = {
     "decode_attention_parts_kv": [KernelCase("as decode_attention_parts, the new key/value written into the "
                                              "cache in place (float32 at 37, bfloat16 at the last slot): slot pos "
                                              "vs MLX's rope, every other slot unchanged", _attention_parts_kv_case)],
+    "dense_embed": [KernelCase("rows of 4-bit (g64, g128 over float32 scales), 8-bit affine and bfloat16 / float32 tables, ids past "
+                               "either end clamped, vs the modules' own call (exact)", _dense_embed_case)],
     "dense_residual": [KernelCase("4-bit (K 1280: a tail step) and 8-bit affine projection + residual vs float64 "
                                   "numpy", _dense_residual_case)],
     "dense_residual_parts_router": [KernelCase("o_proj of 8 heads x 4 splits + residual, then the post-attention "

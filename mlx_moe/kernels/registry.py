@@ -192,6 +192,7 @@ KERNELS: Dict[str, KernelSpec] = {
                                             ("parts", "ml"), body="decode_attention_parts", options=("KV",),
                                             inplace=("k", "v")),
     "dense_residual": KernelSpec("decode_layer", ("x", "w", "w_s", "w_b", "res"), ("out",)),
+    "dense_embed": KernelSpec("decode_layer", ("token", "w", "w_s", "w_b"), ("out",)),
     "dense_residual_parts": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res"), ("out",),
                                        body="dense_residual", options=("PARTS",)),
     "dense_residual_parts_router": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost", "wr",
