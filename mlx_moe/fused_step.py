@@ -110,9 +110,13 @@ MOE_ONE_LAUNCH: tuple = ("cuda",)
 HEAD_LAUNCH = True
 
 # The token's embedding as one dense_embed launch where the plan has the table (True),
-# or MLX's gathers and dequantize (False: four graph nodes for an affine table, 18 us
-# of an H100 decode step; bench_generate's engine suffix +mlxembed).
-EMBED_LAUNCH = True
+# or MLX's gathers and dequantize (False: four graph nodes for an affine table).  On the
+# H100 it took 6.8 us against 22 for MLX's four launches (ncu, BENCHMARKS.md 2026-12-06,
+# fourth session), and its rows equal MLX's dequantize on the CPU exactly (kernel_cases,
+# on the H100 too); but with it the 4-bit benchmark model's greedy tokens differed from
+# MLX's path from the first token on (same process), a difference not yet explained, so
+# it stays off.  bench_generate's engine suffix +embed turns it on.
+EMBED_LAUNCH = False
 
 
 class LayerPlan(NamedTuple):

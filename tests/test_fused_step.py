@@ -305,6 +305,30 @@ def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["float_table", "q4_table"])
+def test_embedding_launch_matches_mlx_lm(flavor, quantized, monkeypatch):
+    """With fused_step.EMBED_LAUNCH the token's embedding is one dense_embed launch
+    (plan.embed): logits as mlx-lm's forward gives them, for a float32 table and a 4-bit
+    one (nn.QuantizedEmbedding, as mlx-community checkpoints have it)."""
+    import mlx.nn as nn
+
+    model = fused_model("qwen3_moe")
+    if quantized:
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+        mx.eval(model.parameters())
+    monkeypatch.setattr(fused_step, "EMBED_LAUNCH", True)
+    plan, why = fused_step.plan_or_reason(model, flavor)
+    assert why is None and plan.embed is not None and plan.embed.fmt == (4 if quantized else 32)
+    calls = []
+    real = dense.dense_embed
+    monkeypatch.setattr(dense, "dense_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, want, *_ = one_step(model, "qwen3_moe", flavor)
+    assert calls, "the fused forward did not take the embedding launch"
+    g, w = np.array(got), np.array(want)
+    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("quantized_head", [False, True], ids=["float_head", "q4_head"])
 def test_lm_head_is_one_launch(flavor, quantized_head):
     """The final norm and the LM head run as one dense_norm launch (plan.head) where the
@@ -497,7 +521,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "MOE_ONE_LAUNCH", ("emulated",)), (dense, "ROUTER_TAIL", "one"),
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
-                (fused_step, "EMBED_LAUNCH", False), (fused_step, "HEAD_LAUNCH", False)]:
+                (fused_step, "EMBED_LAUNCH", not fused_step.EMBED_LAUNCH), (fused_step, "HEAD_LAUNCH", False)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

@@ -23,8 +23,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 experts' gate/up launch (the default: +route)
   mlx-moe+compile+mlxhead  the fused layers with the final norm and LM head on MLX's
                 ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
-  mlx-moe+compile+mlxembed  the token's embedding from MLX's gathers and dequantize
-                (fused_step.EMBED_LAUNCH off) instead of one dense_embed launch
+  mlx-moe+compile+embed  the token's embedding as one dense_embed launch
+                (fused_step.EMBED_LAUNCH; off by default) instead of MLX's gathers and
+                dequantize (+mlxembed)
   mlx-moe+compile+mlxsample  greedy tokens from MLX's logsumexp, subtraction and argmax
                 of the step's log-probabilities (compiled.GREEDY_KERNEL off) instead of
                 the step's greedy_sample launch (lazy log-probabilities)
@@ -477,6 +478,7 @@ SWITCHES = {
     "+topk": (fused_step_module, "ROUTE_IN_EXPERTS", False),
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
+    "+embed": (fused_step_module, "EMBED_LAUNCH", True),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
