@@ -23,6 +23,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 experts' gate/up launch (the default: +route)
   mlx-moe+compile+mlxhead  the fused layers with the final norm and LM head on MLX's
                 ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
+  mlx-moe+compile+split8  the fused layers' attention in 8 splits a head (kernels.attention.SPLITS;
+                default 4): 7.6 against 9.9 us for the attention alone (ncu), its o_proj then
+                combining twice the parts
   mlx-moe+compile+embed  the token's embedding as one dense_embed launch
                 (fused_step.EMBED_LAUNCH; off by default) instead of MLX's gathers and
                 dequantize (+mlxembed)
@@ -124,6 +127,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe import prefill as prefill_module  # noqa: E402
+from mlx_moe.kernels import attention as attention_module  # noqa: E402
 from mlx_moe.kernels import dense as dense_module  # noqa: E402
 from mlx_moe.kernels import dispatch as dispatch_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
@@ -479,6 +483,7 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
     "+embed": (fused_step_module, "EMBED_LAUNCH", True),
+    "+split8": (attention_module, "SPLITS", 8),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
