@@ -233,6 +233,9 @@ MOE_DEVICE inline void moe_heads_prep(YP yq, YP yk, YP yv, NP qn, NP kn, float e
 //   and value go straight into slot pos of the cache k, v (inputs written in
 //   place: two scatter launches fewer per layer and token, the decode step's
 //   host cost being per launch).
+// Option CHAINED: the body run by a kernel that chains it after other work in one
+//   launch (metal/decode_chain.metal), which names this threadgroup's index among the
+//   attention's att_tg (split att_tg % S of head att_tg / S).
 // Grid: (S * 32 * NSG, HQ, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int DPL = D / 32;
@@ -246,8 +249,14 @@ MOE_DEVICE inline void moe_heads_prep(YP yq, YP yk, YP yv, NP qn, NP kn, float e
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
+//@if !CHAINED
   const int sp = int(threadgroup_position_in_grid.x);
   const int h = int(threadgroup_position_in_grid.y);
+//@endif
+//@if CHAINED
+  const int sp = att_tg % S;  // the chaining kernel's index of this threadgroup among the attention's
+  const int h = att_tg / S;
+//@endif
   const int kvh = h / G;
   const int last = int(pos[0]);
   const int n = (last + 1 < C) ? last + 1 : C;

@@ -54,6 +54,7 @@ import mlx.nn as nn
 from .hooks import HOOKS
 from .kernels import dense, registry
 from .kernels.attention import decode_attention_parts
+from .kernels.chain import qkv_attention
 from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
                             stack_unsupported)
 from .kernels.router import fused_topk
@@ -104,6 +105,14 @@ ROUTER_IN_RESIDUAL = ("cuda",)
 # tok/s against 355.8 for the tail alone (5 of 5 paired repetitions faster).
 MOE_ONE_LAUNCH: tuple = ("cuda",)
 
+# The kernel flavors on which dense_norm (q/k/v) and the attention run as one launch
+# (qkv_attention, metal/decode_chain.metal: the attention's threadgroups wait inside the
+# launch for the projections, as mul_mv_id_moe's down ones for its gate/up ones), with the
+# cache written in place (KV_IN_PLACE).  One graph node fewer per layer (the one-launch
+# MoE layer saved 0.10-0.12 ms of host time a token for as many); not yet measured on a
+# GPU, so off (bench_generate's engine suffix +qkvatt; never on Metal, as MOE_ONE_LAUNCH).
+QKV_ATTENTION_ONE_LAUNCH: tuple = ()
+
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
 # +mlxhead).
@@ -137,6 +146,7 @@ class LayerPlan(NamedTuple):
     gate: DenseWeight  # the router projection
     tail: Optional[dense.RouterTail] = None  # post_norm + gate as the o_proj launch's tail, where it can
     moe_count: Optional[mx.array] = None  # mul_mv_id_moe's counter (registry.ticket_counter), one a layer
+    chain_count: Optional[mx.array] = None  # qkv_attention's counter, one a layer
 
 
 class Plan(NamedTuple):
@@ -256,8 +266,10 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     counters = iter(registry.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
               for lp in layers]
-    # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH), in another evaluation
-    layers = [lp._replace(moe_count=c) for lp, c in zip(layers, registry.ticket_counters(len(layers)))]
+    # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH) and q/k/v + attention
+    # (QKV_ATTENTION_ONE_LAUNCH), in another evaluation
+    counts = registry.ticket_counters(2 * len(layers))
+    layers = [lp._replace(moe_count=counts[2 * i], chain_count=counts[2 * i + 1]) for i, lp in enumerate(layers)]
     return Plan(flavor, layers, _head_plan(model, flavor), _embed_plan(model)), None
 
 
@@ -329,11 +341,15 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
     and is updated at int32 position pos [1] (`index`: cache_index(pos, ...), shared
     by the layers of a step)."""
     qn, kn = lp.q_norm, lp.k_norm
-    y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
-    out = decode_attention_parts(
-        y, lp.n_heads, lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
-        qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional,
-        cache.keys, cache.values, pos, lp.scale, flavor, write_cache=KV_IN_PLACE)
+    heads = (lp.n_heads, lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+             qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional)
+    if KV_IN_PLACE and flavor in QKV_ATTENTION_ONE_LAUNCH and lp.chain_count is not None:
+        out = qkv_attention(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], *heads, cache.keys,
+                            cache.values, pos, lp.scale, flavor, lp.chain_count)
+    else:
+        y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
+        out = decode_attention_parts(y, *heads, cache.keys, cache.values, pos, lp.scale, flavor,
+                                     write_cache=KV_IN_PLACE)
     parts, ml = out[:2]
     if not KV_IN_PLACE:
         k, v = out[2:]

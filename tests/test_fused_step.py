@@ -102,6 +102,15 @@ def test_dense_residual_matches_float64(flavor, fmt, dtype, cols, rows, rtol, pa
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_qkv_attention_equals_the_two_launches(flavor):
+    """qkv_attention against dense_norm + decode_attention_parts_kv, bit for bit (kernel_cases)."""
+    from mlx_moe.kernels.kernel_cases import CASES
+
+    for case in CASES["qkv_attention"]:
+        case.check(flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_dense_embed_matches_the_modules(flavor):
     """The token's embedding row (4-bit, 8-bit affine, bfloat16 and float32 tables) equals
     nn.QuantizedEmbedding's / nn.Embedding's own call exactly (kernel_cases)."""
@@ -230,7 +239,7 @@ def copy_cache(cache):
 
 
 def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False,
-             one_launch=False):
+             one_launch=False, chain=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -251,14 +260,17 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     # tail: False (the router's own launch), True (the o_proj launch's last threadgroup)
     # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
     # one_launch: the MoE layer as mul_mv_id_moe (fused_step.MOE_ONE_LAUNCH; with route_in_experts)
-    switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH")
+    # chain: q/k/v and the attention as qkv_attention (fused_step.QKV_ATTENTION_ONE_LAUNCH)
+    switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH",
+                "QKV_ATTENTION_ONE_LAUNCH")
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
         with routing_hook(hook("fused")), dense.router_tail("split" if tail == "split" else "one"), \
                 registry.switched(fused_step.__name__, switches, KV_IN_PLACE=kv_in_place,
                                   ROUTE_IN_EXPERTS=route_in_experts, ROUTER_IN_RESIDUAL=bool(tail),
-                                  MOE_ONE_LAUNCH=(flavor,) if one_launch else ()):
+                                  MOE_ONE_LAUNCH=(flavor,) if one_launch else (),
+                                  QKV_ATTENTION_ONE_LAUNCH=(flavor,) if chain else ()):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
@@ -302,6 +314,31 @@ def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place
     for (_, gi, gw), (_, wi, ww) in zip(routes, ref_routes):
         assert (gi == wi).all()
         np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("family,quantize", [("qwen3_moe", True), ("qwen2_moe", False), ("mixtral", False)])
+def test_qkv_attention_launch_matches_mlx_lm_forward(flavor, family, quantize, monkeypatch):
+    """With fused_step.QKV_ATTENTION_ONE_LAUNCH the q/k/v projections and the attention are
+    one launch (qkv_attention): logits, the cache after the step and the routing as
+    mlx-lm's forward gives them, with the CUDA defaults around it (the split router tail,
+    the MoE layer in one launch); Qwen2's q/k/v biases included."""
+    model = fused_model(family, quantize)
+    calls = []
+    real = fused_step.qkv_attention
+    monkeypatch.setattr(fused_step, "qkv_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, route_in_experts=True,
+                                                               tail="split", one_launch=True, chain=True)
+    assert len(calls) == len(model.layers), "the layers did not take the one-launch q/k/v + attention"
+    g, w = np.array(got), np.array(want)
+    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
+    for c, r in zip(cache, ref_cache):
+        np.testing.assert_allclose(np.array(c.keys[:, :, :len(PROMPT) + 1]),
+                                   np.array(r.keys[:, :, :len(PROMPT) + 1]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(c.values), np.array(r.values), rtol=1e-5, atol=1e-5)
+    assert [r[0] for r in routes] == [r[0] for r in ref_routes]
+    for (_, gi, _), (_, wi, _) in zip(routes, ref_routes):
+        assert (gi == wi).all()
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -430,7 +467,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     """12 greedy tokens of the compiled step through the fused layers (the token from
     greedy_sample and from the sampler; the cache
     written in place, and by scatters; the position on the device and from the host;
-    the routing inside the gate/up launch and in its own; the MoE layer in one launch
+    the routing inside the gate/up launch and in its own; q/k/v and the attention in one
+    launch and in two; the MoE layer in one launch
     and in two) and without them,
     against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
@@ -457,6 +495,10 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", () if one_launch else ("cuda",))
         other_moe, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", one_launch)
+        chain = fused_step.QKV_ATTENTION_ONE_LAUNCH
+        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", () if chain else ("cuda",))
+        other_chain, _ = compiled(model, PROMPT, 12)
+        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", chain)
         monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
         other_route, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", not fused_step.ROUTER_IN_RESIDUAL)
@@ -471,8 +513,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
     assert scattered == want and plain == want and other_pos == want and other_route == want and \
-        other_tail == want and other_moe == want, (scattered, plain, other_pos, other_route, other_tail, other_moe,
-                                                   want)
+        other_tail == want and other_moe == want and other_chain == want, (
+            scattered, plain, other_pos, other_route, other_tail, other_moe, other_chain, want)
     assert sampled == want, (sampled, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sampled_lp, want_lp, rtol=1e-4, atol=1e-4)
@@ -522,7 +564,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
                 (fused_step, "EMBED_LAUNCH", not fused_step.EMBED_LAUNCH), (fused_step, "HEAD_LAUNCH", False),
-                (attention, "SPLITS", 8)]:
+                (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",))]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

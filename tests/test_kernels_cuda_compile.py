@@ -412,3 +412,24 @@ def test_greedy_sample_compiles_for_sm90a(tmp_path):
     print(regs)
     assert all(r is not None and r <= 64 for r, _ in regs.values()), regs
     assert " 0 bytes spill stores" in report or "spill" not in report
+
+
+def test_qkv_attention_compiles_for_sm90a(tmp_path):
+    """q/k/v and the attention in one launch (metal/decode_chain.metal) at Qwen3-30B-A3B
+    shapes: 256-thread threadgroups, so at most 255 registers a thread, no spills."""
+    k = ("qkv_attention", "qwen3",
+         {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
+          "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
+          "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
+          "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
+          "acst": "float32", "count": "uint32"},
+         {"y": "bfloat16", "parts": "float32", "ml": "float32"},
+         [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
+          ("NR", 2), ("NSG", 8), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
+          ("S", 4), ("QKNORM", True), ("TRAD", False)])
+    ptx, report = compile_sm90a(tmp_path, "decode_chain", [k])
+    assert len(_entries(ptx)) == 1
+    regs = _report(report)
+    print(regs)
+    assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
+    assert " 0 bytes spill stores" in report or "spill" not in report

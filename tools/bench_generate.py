@@ -26,6 +26,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+split8  the fused layers' attention in 8 splits a head (kernels.attention.SPLITS;
                 default 4): 7.6 against 9.9 us for the attention alone (ncu), its o_proj then
                 combining twice the parts
+  mlx-moe+compile+qkvatt  the q/k/v projections and the attention in one launch
+                (qkv_attention: fused_step.QKV_ATTENTION_ONE_LAUNCH, off by default)
   mlx-moe+compile+embed  the token's embedding as one dense_embed launch
                 (fused_step.EMBED_LAUNCH; off by default) instead of MLX's gathers and
                 dequantize (+mlxembed)
@@ -484,6 +486,7 @@ SWITCHES = {
     "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
     "+embed": (fused_step_module, "EMBED_LAUNCH", True),
     "+split8": (attention_module, "SPLITS", 8),
+    "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda",)),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),

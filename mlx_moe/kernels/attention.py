@@ -86,28 +86,41 @@ def decode_attention_parts(y: mx.array, n_heads: int, n_kv_heads: int, q_norm: O
     that no other pending node reads, as the compiled step's).
     splits, nsg, u: the launch geometry (default SPLITS, PARTS_NSG, PARTS_U)."""
     splits, nsg, u = splits or SPLITS, nsg or PARTS_NSG, u or PARTS_U
+    inputs, template = attention_parts_args(y.dtype, y.size, n_heads, n_kv_heads, q_norm, k_norm, qk_eps, rope_base,
+                                            rope_scale, traditional, keys, values, pos, scale, splits, nsg, u,
+                                            write_cache)
+    T, HQ, (_, HK, _, D) = y.dtype, n_heads, keys.shape
+    shapes, dtypes = [(HQ, splits, D), (HQ, splits, 2)], [mx.float32, mx.float32]
+    if not write_cache:
+        shapes, dtypes = shapes + [(1, HK, 1, D)] * 2, dtypes + [T, T]
+    return tuple(kernel(flavor, "decode_attention_parts_kv" if write_cache else "decode_attention_parts")(
+        inputs=[y] + inputs, template=template, grid=(splits * 32 * nsg, HQ, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=shapes, output_dtypes=dtypes,
+    ))
+
+
+def attention_parts_args(T, y_size: int, n_heads: int, n_kv_heads: int, q_norm: Optional[mx.array],
+                         k_norm: Optional[mx.array], qk_eps: float, rope_base: float, rope_scale: float,
+                         traditional: bool, keys: mx.array, values: mx.array, pos: mx.array, scale: float,
+                         splits: int, nsg: int, u: int, write_cache: bool):
+    """(inputs after y, template) of decode_attention_parts' body for projections y of
+    dtype T and y_size values, checked (the kernels that run the body:
+    decode_attention_parts(_kv), decode_chain's qkv_attention)."""
     _, HK, C, D = keys.shape
     HQ = n_heads
-    if values.shape != keys.shape or HK != n_kv_heads or y.size != (HQ + 2 * HK) * D:
-        raise ValueError(f"decode_attention_parts: y of {y.size} values, cache {tuple(keys.shape)} / "
+    if values.shape != keys.shape or HK != n_kv_heads or y_size != (HQ + 2 * HK) * D:
+        raise ValueError(f"decode_attention_parts: y of {y_size} values, cache {tuple(keys.shape)} / "
                          f"{tuple(values.shape)} do not fit {HQ} + 2 x {n_kv_heads} heads")
     if D % 32 or HQ % HK:
         raise ValueError(f"decode_attention_parts: head dimension {D} (a multiple of 32) and {HQ} query heads "
                          f"over {HK} key/value heads")
-    T = y.dtype
     qk_norm = q_norm is not None
     none = stand_in(T)
     cst = constants((qk_eps, math.log2(rope_base), rope_scale, scale))
     if write_cache and (keys.dtype != T or values.dtype != T):
         raise ValueError(f"decode_attention_parts: a cache of {keys.dtype} written from {T} projections")
-    shapes, dtypes = [(HQ, splits, D), (HQ, splits, 2)], [mx.float32, mx.float32]
-    if not write_cache:
-        shapes, dtypes = shapes + [(1, HK, 1, D)] * 2, dtypes + [T, T]
-    return tuple(kernel(flavor, "decode_attention_parts_kv" if write_cache else "decode_attention_parts")(
-        inputs=[y, q_norm if qk_norm else none, k_norm if qk_norm else none, keys, values,
-                pos if pos.shape == (1,) else pos.reshape(1), cst],
-        template=[("T", T), ("D", D), ("HQ", HQ), ("HKV", HK), ("C", C), ("NSG", nsg), ("U", u), ("S", splits),
-                  ("QKNORM", qk_norm), ("TRAD", bool(traditional))],
-        grid=(splits * 32 * nsg, HQ, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=shapes, output_dtypes=dtypes,
-    ))
+    inputs = [q_norm if qk_norm else none, k_norm if qk_norm else none, keys, values,
+              pos if pos.shape == (1,) else pos.reshape(1), cst]
+    template = [("T", T), ("D", D), ("HQ", HQ), ("HKV", HK), ("C", C), ("NSG", nsg), ("U", u), ("S", splits),
+                ("QKNORM", qk_norm), ("TRAD", bool(traditional))]
+    return inputs, template

@@ -162,6 +162,18 @@ def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, 
     projections `ws` (DenseWeight, 1 to 3) stacked by rows, in x's dtype; with xn,
     (y, the normalized input [1, K]).  nr, nsg: the launch geometry (default DENSE_NR, DENSE_NSG)."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
+    inputs, template, n = dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
+    T = x.dtype
+    outs = kernel(flavor, "dense_norm_xn" if xn else "dense_norm")(
+        inputs=inputs, template=template, grid=(-(-n // (nr * nsg)) * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(1, n)] + ([(1, ws[0].cols)] if xn else []), output_dtypes=[T] * (2 if xn else 1),
+    )
+    return (outs[0], outs[1]) if xn else outs[0]
+
+
+def dense_norm_args(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, nr: int, nsg: int):
+    """(inputs, template, rows) of dense_norm's body for these arguments, checked (the
+    kernels that run the body: dense_norm, decode_chain's qkv_attention)."""
     problem = stack_unsupported(ws, flavor, nr)
     if problem is not None:
         raise ValueError(f"dense_norm: {problem}")
@@ -172,16 +184,10 @@ def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, 
     rows = [w.rows for w in ws] + [0] * (3 - len(ws))
     has_bias = ws[0].bias is not None
     biases = [w.bias for w in full] if has_bias else [stand_in(T)] * 3
-    n = sum(rows)
-    n_tg = -(-n // (nr * nsg))
-    outs = kernel(flavor, "dense_norm_xn" if xn else "dense_norm")(
-        inputs=[x, norm_weight, *(a for w in full for a in weight_inputs(w)), *biases, constant(float(eps))],
-        template=[("T", T), *fmt_template(ws[0]), ("K", ws[0].cols), ("N0", rows[0]), ("N1", rows[1]),
-                  ("N2", rows[2]), ("NR", nr), ("NSG", nsg), ("HAS_BIAS", has_bias)],
-        grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(1, n)] + ([(1, ws[0].cols)] if xn else []), output_dtypes=[T] * (2 if xn else 1),
-    )
-    return (outs[0], outs[1]) if xn else outs[0]
+    inputs = [x, norm_weight, *(a for w in full for a in weight_inputs(w)), *biases, constant(float(eps))]
+    template = [("T", T), *fmt_template(ws[0]), ("K", ws[0].cols), ("N0", rows[0]), ("N1", rows[1]),
+                ("N2", rows[2]), ("NR", nr), ("NSG", nsg), ("HAS_BIAS", has_bias)]
+    return inputs, template, sum(rows)
 
 
 EMBED_TG = 64  # dense_embed's threads per threadgroup (Qwen3's 4-bit 2048-wide rows: 64 words)

@@ -534,6 +534,44 @@ def _moe_layer_case(flavor: str) -> None:
     _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
 
 
+def _qkv_attention_case(flavor: str) -> None:
+    """qkv_attention (dense_norm then decode_attention_parts_kv in one launch) against the
+    two launches at the same geometry: the same parts, ml and cache, bit for bit (the
+    bodies are the same; the two launches are checked against MLX's ops in their own
+    cases); a 4-bit bfloat16 layer with q/k norms and a float32 one without, two
+    positions each on one counter (it must be left zero)."""
+    from .attention import decode_attention_parts
+    from .chain import qkv_attention
+    from .dense import dense_norm, dense_weight
+    from .registry import ticket_counter
+
+    rng = np.random.default_rng(5)
+    HQ, HK, D, hidden, C = 4, 2, 64, 256, 48
+    for fmt, dtype, qk_norm, nsg in ((4, mx.bfloat16, True, 4), (32, mx.float32, False, 2)):
+        ws = [dense_weight(random_linear(rng, hidden, rows, fmt, dtype)) for rows in (HQ * D, HK * D, HK * D)]
+        gin = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+        qn, kn = (mx.array(rng.random(D).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
+        norms = (qn, kn) if qk_norm else (None, None)
+        count = ticket_counter()
+        for pos in (37, 5):
+            x = mx.array(rng.standard_normal(hidden).astype(np.float32)).astype(dtype).reshape(1, hidden)
+            start = [rng.standard_normal((1, HK, C, D)).astype(np.float32) for _ in range(2)]
+            cache = [mx.array(a).astype(dtype) for a in start]  # separate buffers: both paths write in place
+            ref = [mx.array(a).astype(dtype) for a in start]
+            p = mx.array([pos], mx.int32)
+            args = (HQ, HK, *norms, 1e-6, 1e4, 1.0, False)
+            got = qkv_attention(x, gin, 1e-5, ws, *args, cache[0], cache[1], p, D ** -0.5, flavor, count,
+                                nsg=nsg)
+            y = dense_norm(x, gin, 1e-5, ws, flavor, nsg=nsg)
+            want = decode_attention_parts(y, *args, ref[0], ref[1], p, D ** -0.5, flavor, nsg=nsg, write_cache=True)
+            mx.eval(got, want, cache, ref)
+            what = f"qkv_attention {fmt}-bit {dtype} pos {pos}"
+            for g, w, name in zip(list(got) + cache, list(want) + ref, ("parts", "ml", "keys", "values")):
+                assert np.array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))), \
+                    f"{what}: {name} differ from the two launches"
+        assert not np.array(count).any(), "qkv_attention left its counter non-zero"
+
+
 def _dense_embed_case(flavor: str) -> None:
     """dense_embed against the module's own call (MLX's gathers and dequantize, on the CPU):
     the same values exactly (float32 affine tables: to one rounding, as a compiler may fuse
@@ -665,6 +703,9 @@ CASES: Dict[str, List[KernelCase]] = {
     "decode_attention_parts_kv": [KernelCase("as decode_attention_parts, the new key/value written into the "
                                              "cache in place (float32 at 37, bfloat16 at the last slot): slot pos "
                                              "vs MLX's rope, every other slot unchanged", _attention_parts_kv_case)],
+    "qkv_attention": [KernelCase("dense_norm then decode_attention_parts_kv in one launch, 4-bit bfloat16 with "
+                                 "q/k norms and float32 without, two positions on one counter, vs the two "
+                                 "launches (bit for bit)", _qkv_attention_case)],
     "dense_embed": [KernelCase("rows of 4-bit (g64, g128 over float32 scales), 8-bit affine and bfloat16 / "
                                "float32 tables, ids past either end clamped, vs the modules' own call (exact; "
                                "float32 affine to a rounding)", _dense_embed_case)],

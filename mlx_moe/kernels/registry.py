@@ -129,8 +129,27 @@ def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
     section = spec.body if spec is not None and spec.body else name
     if section not in bodies:
         raise KeyError(f"metal/{family}.metal has no kernel {section!r} (has: {', '.join(bodies)})")
-    body = compact(with_options(bodies[section], spec.options if spec else ()))
+    body = compact(with_bodies(flavor, with_options(bodies[section], spec.options if spec else ())))
     return prune(family_header(flavor, family), body), body
+
+
+# `//@body FAMILY/SECTION OPTION...` on a line of its own: that kernel section's body, with
+# those options, in place of the line (a kernel that chains other kernels' work in one
+# launch runs their bodies as they are: metal/decode_chain.metal).
+_BODY = re.compile(r"^[ \t]*//@body (\w+)/(\w+)((?:[ \t]+\w+)*)[ \t]*$", re.M)
+
+
+def with_bodies(flavor: str, body: str) -> str:
+    """`body` with its `//@body` lines replaced by the sections they name (not nested)."""
+    def one(m) -> str:
+        family, section, options = m.group(1), m.group(2), tuple(m.group(3).split())
+        _, bodies = read_family(family)
+        if flavor == "cuda":
+            bodies = {**bodies, **read_cuda_twin(family)[1]}
+        if section not in bodies:
+            raise KeyError(f"//@body {family}/{section}: metal/{family}.metal has no such kernel section")
+        return with_options(bodies[section], options)
+    return _BODY.sub(one, body)
 
 
 _OPTION = re.compile(r"^[ \t]*//@if (!?)(\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
@@ -203,6 +222,11 @@ KERNELS: Dict[str, KernelSpec] = {
                                                                      "wr", "wr_s", "wr_b", "cst", "count"),
                                                     ("out", "xn", "logits"), body="dense_residual",
                                                     options=("PARTS", "ROUTER", "RSPLIT"), inplace=("count",)),
+    # launches of the fused decoder layer chained into one (metal/decode_chain.metal)
+    "qkv_attention": KernelSpec("decode_chain", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2",
+                                                 "w2_s", "w2_b", "b0", "b1", "b2", "cst", "q_norm", "k_norm", "k",
+                                                 "v", "pos", "acst", "count"),
+                                ("y", "parts", "ml"), inplace=("k", "v", "count"), in_order=True),
     # greedy sampling of the compiled decode step (mlx_moe/kernels/sample.py)
     "greedy_sample": KernelSpec("sample", ("logits", "count"), ("token", "lse"), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)

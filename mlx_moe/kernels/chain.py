@@ -1,0 +1,51 @@
+"""Typed calls of the decode_chain kernels (metal/decode_chain.metal): launches of the
+fused decoder layer run as one, the later kernels' threadgroups waiting inside the
+launch for the earlier ones (NVIDIA GPUs start a launch's threadgroups in index order;
+KernelSpec.in_order).
+
+    count = registry.ticket_counter()                      # one per call site, zero between launches
+    parts, ml = qkv_attention(h, norm_w, eps, [q, k, v], ..., keys, values, pos, scale, flavor, count)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from . import attention, dense
+from .registry import kernel
+
+
+def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: int, n_kv_heads: int,
+                  q_norm: Optional[mx.array], k_norm: Optional[mx.array], qk_eps: float, rope_base: float,
+                  rope_scale: float, traditional: bool, keys: mx.array, values: mx.array, pos: mx.array,
+                  scale: float, flavor: str, count: mx.array, nr: Optional[int] = None,
+                  splits: Optional[int] = None, nsg: Optional[int] = None, u: Optional[int] = None):
+    """dense.dense_norm (x's input RMSNorm, the stacked q/k/v projections `ws`) then
+    attention.decode_attention_parts with write_cache (the new key and value stored in
+    keys / values in place) in one launch; returns (parts [HQ, S, D], ml [HQ, S, 2]).
+
+    count: a ticket counter (registry.ticket_counter(), 4 words) only this call site uses.
+    nr: dense rows per simdgroup (default dense.DENSE_NR); splits, nsg, u: the attention's
+    geometry (default attention.SPLITS, PARTS_NSG, PARTS_U); nsg is the dense part's too
+    (a launch has one threadgroup size)."""
+    nr = nr or dense.DENSE_NR
+    splits, nsg, u = splits or attention.SPLITS, nsg or attention.PARTS_NSG, u or attention.PARTS_U
+    if count.dtype != mx.uint32 or count.size < 4:
+        raise ValueError(f"qkv_attention's count must be uint32 [>= 4] (registry.ticket_counter()); got "
+                         f"{count.dtype} {tuple(count.shape)}")
+    d_inputs, d_template, n = dense.dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
+    a_inputs, a_template = attention.attention_parts_args(x.dtype, n, n_heads, n_kv_heads, q_norm, k_norm, qk_eps,
+                                                          rope_base, rope_scale, traditional, keys, values, pos,
+                                                          scale, splits, nsg, u, write_cache=True)
+    shared = {name for name, _ in d_template}
+    template = d_template + [(name, value) for name, value in a_template if name not in shared]
+    groups = -(-n // (nr * nsg)) + splits * n_heads
+    D = keys.shape[-1]
+    _, parts, ml = kernel(flavor, "qkv_attention")(
+        inputs=d_inputs + a_inputs + [count], template=template,
+        grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(1, n), (n_heads, splits, D), (n_heads, splits, 2)],
+        output_dtypes=[x.dtype, mx.float32, mx.float32])
+    return parts, ml
