@@ -15,6 +15,7 @@
 // ==== helpers ====
 //@uses decode_layer  (the chained bodies' helpers)
 //@uses attention
+//@uses mul_mv_id
 
 // ==== kernel: qkv_attention ====
 // dense_norm (the input RMSNorm and the stacked q/k/v projections) then
@@ -58,5 +59,55 @@
   if (thread_index_in_threadgroup == 0 && moe_ticket(count + 1) == uint(NATT - 1)) {
     moe_ticket_reset(count);
     moe_ticket_reset(count + 1);
+  }
+}
+
+// ==== kernel: oproj_moe ====
+// dense_residual_parts_router_split (o_proj over the attention's splits, the residual
+// add, the post-attention RMSNorm and the router projection shared by every threadgroup,
+// the last one adding the shares) then mul_mv_id_moe (the routing rule, the routed
+// experts' gate/up, down, combine and residual add), in one launch.
+// Threadgroups [0, NO) run the o_proj body (NO = ceil(N / (NR * NSG))), then count
+// themselves on ccount[0]: the last one's count comes after its tail (xn, logits), so
+// ccount[0] = NO says every output of that part is written.  Threadgroups [NO, NO + NMOE)
+// wait for it, then run mul_mv_id_moe's body as its threadgroup i - NO, with xn as its
+// input x and o_proj's output as its residual; the last of them to pass the wait
+// zeroes ccount (all have read it by then).  A model with a shared expert (Qwen2-MoE)
+// adds MLX ops between the two parts and keeps two launches.
+// Template: dense_residual's (T, FMT, GS, K, N, NR, NSG, HD, S, RFMT, RGS, RE, RNR) and
+//   mul_mv_id_moe's (WT, D, F, NE, NI, KS, NT, NRG, NRD, NQ, STAGE and the routing
+//   rule's); NSG, the simdgroups of every threadgroup, is both kernels'.
+// Inputs: dense_residual_parts_router_split's (parts .. cst, count: its counter with the
+//   shares), mul_mv_id_moe's (bias, scale, wg, wu, wd, mcount: its counter), ccount
+//   uint32 [4] (written: zero between launches).  The counters are written in place.
+// Outputs: out, xn, logits (o_proj's), h, ids, weights, y (the MoE layer's).
+// Grid: ((NO + NMOE) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
+{
+  constexpr int NO = (N + NR * NSG - 1) / (NR * NSG);
+  constexpr int NMOE = (F + NRG * NSG - 1) / (NRG * NSG) * NT * KS + (D + NRD - 1) / NRD * NT;
+  if (int(threadgroup_position_in_grid.x) < NO) {
+//@body decode_layer/dense_residual PARTS ROUTER RSPLIT
+    moe_device_fence();  // this thread's writes (rows of out; the tail's xn and logits), then the count
+    threadgroup_barrier(mem_flags::mem_device);
+    if (thread_index_in_threadgroup == 0) {
+      moe_ticket(ccount);
+    }
+    return;
+  }
+  const int moe_tg = int(threadgroup_position_in_grid.x) - NO;
+  if (thread_index_in_threadgroup == 0) {
+    moe_wait_count(ccount, uint(NO));
+    if (moe_ticket(ccount + 1) == uint(NMOE - 1)) {
+      moe_ticket_reset(ccount);
+      moe_ticket_reset(ccount + 1);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  moe_device_fence();  // every thread's reads of out, xn and logits after the wait
+  {
+    const auto x = xn;     // the experts' input: the post-attention norm
+    const auto res = out;  // their residual: o_proj's output
+    const auto count = mcount;
+//@body mul_mv_id/mul_mv_id_moe CHAINED
   }
 }

@@ -419,16 +419,16 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 // Output: out [N] (T).
 // Option PARTS (kernel dense_residual_parts): x is the attention output in S
 //   parts per head (metal/attention.metal's decode_attention_parts), combined
-//   while staged: inputs parts [K / D, S, D] and ml [K / D, S, 2] float32 in
-//   place of x, template D and S.  Every threadgroup combines the whole vector
+//   while staged: inputs parts [K / HD, S, HD] and ml [K / HD, S, 2] float32 in
+//   place of x, template HD and S.  Every threadgroup combines the whole vector
 //   (S * K floats from L2) rather than waiting on one more launch to do it.
 // Option ROUTER (kernel dense_residual_parts_router, with PARTS): the next launch's
 //   work too, the post-attention RMSNorm of out and the router projection
 //   (dense_norm_xn's), done by the launch's last threadgroup once every other has
 //   written its rows (moe_ticket).  Inputs gpost [N] (T), wr, wr_s, wr_b (the
-//   router, NE x N, format RFMT, group RGS), cst float32 [4] (eps first), count
+//   router, RE x N, format RFMT, group RGS), cst float32 [4] (eps first), count
 //   uint32 [4] (written: a ticket counter, zero between launches); outputs xn [N]
-//   and logits [NE] (T); template RFMT, RGS, NE, RNR (router rows per simdgroup).
+//   and logits [RE] (T); template RFMT, RGS, RE, RNR (router rows per simdgroup).
 //   Why: one graph node fewer per decoder layer (decode is bound by the host's
 //   cost per node), and the router's 0.3 MB no longer needs a launch of its own.
 //   With option RONE (kernel dense_residual_parts_router) the last threadgroup
@@ -438,7 +438,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   projects its own rows of out instead: the norm's 1/rms is one factor for all
 //   columns, so  logits[e] = T(1/rms * sum_n wr[e, n] gpost[n] out[n]),  and each
 //   threadgroup writes its rows' share of that sum and of sum out[n]^2 to rpart
-//   [NE + 1, threadgroups] (float bits in count[4:], after the ticket: count holds
+//   [RE + 1, threadgroups] (float bits in count[4:], after the ticket: count holds
 //   dense.tail_counter_words uint32; an input, not an output, so the host allocates
 //   nothing per launch; each launch writes every share before the last threadgroup
 //   reads them, so nothing but the ticket is zeroed); the last one adds the shares in
@@ -453,9 +453,9 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 {
   constexpr int PER = moe_dense_per<FMT>::value;
   constexpr int XS = moe_xs_size<K, PER>::value;
-  constexpr int NT = 32 * NSG;
+  constexpr int NTH = 32 * NSG;
   constexpr int CH = moe_dense_steps<K, FMT, NR>::CH;
-  constexpr int IQ = (XS / 4 + NT - 1) / NT;  // 4-column groups per thread
+  constexpr int IQ = (XS / 4 + NTH - 1) / NTH;  // 4-column groups per thread
 //@if ROUTER
   constexpr int RPER = moe_dense_per<RFMT>::value;
   constexpr int RXS = moe_xs_size<N, RPER>::value;  // the router's staged input
@@ -494,8 +494,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   constexpr int ROWS = NR * NSG;
   constexpr int RAFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
   constexpr int WPR = (ROWS % RPER == 0) ? ROWS / RPER : ROWS / RPER + 2;  // words ROWS columns can touch
-  constexpr int NI = NE * WPR;                                         // (router row, word) items
-  constexpr int IT = (NI + NT - 1) / NT;                               // items per thread
+  constexpr int NRI = RE * WPR;                                        // (router row, word) items
+  constexpr int IT = (NRI + NTH - 1) / NTH;                            // items per thread
   const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
   const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
   const int w0 = c0 / RPER;
@@ -503,9 +503,9 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   float rsb[IT][2];
   MOE_UNROLL
   for (int k = 0; k < IT; ++k) {
-    const int i = tid + k * NT;
+    const int i = tid + k * NTH;
     const int e = i / WPR, w = w0 + i % WPR;
-    const bool ok = i < NI && w * RPER < c0 + nc;  // past the rows: a valid read, unused
+    const bool ok = i < NRI && w * RPER < c0 + nc;  // past the rows: a valid read, unused
     rq[k] = moe_dense_load(wr, ok ? size_t(e) * size_t(N / RPER) + size_t(w) : size_t(0));
     const size_t g = ok ? size_t(e) * size_t(N / RGS) + size_t(w * RPER / RGS) : size_t(0);
     rsb[k][0] = RAFF ? float(wr_s[g]) : 1.0f;
@@ -516,20 +516,20 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   {  // the router for the last threadgroup, into L2 (one threadgroup alone reading it from DRAM took 11 us)
     const int part = int(threadgroup_position_in_grid.x), parts = int(threadgroups_per_grid.x);
     constexpr int AFF = (RFMT == 4 || RFMT == 8) ? 1 : 0;
-    constexpr int RW = AFF ? NE * N * RFMT / 32 : NE * N;  // elements of wr: uint32 words or floats
-    constexpr int RG = AFF ? NE * (N / RGS) : 1;           // scales, biases (stand-ins for floats)
-    moe_prefetch_share(wr, RW, part, parts, tid, NT);
-    moe_prefetch_share(wr_s, RG, part, parts, tid, NT);
-    moe_prefetch_share(wr_b, RG, part, parts, tid, NT);
+    constexpr int RW = AFF ? RE * N * RFMT / 32 : RE * N;  // elements of wr: uint32 words or floats
+    constexpr int RG = AFF ? RE * (N / RGS) : 1;           // scales, biases (stand-ins for floats)
+    moe_prefetch_share(wr, RW, part, parts, tid, NTH);
+    moe_prefetch_share(wr_s, RG, part, parts, tid, NTH);
+    moe_prefetch_share(wr_b, RG, part, parts, tid, NTH);
   }
 //@endif
 //@if PARTS
   // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
   // m of the head's non-empty splits (an empty one has l = 0 and weighs 0): the
   // softmax over all its slots; rounded to T as the one-pass kernel's output.
-  constexpr int NH = K / D;
+  constexpr int NH = K / HD;
   threadgroup float coef[NH * S];
-  for (int hd = tid; hd < NH; hd += NT) {
+  for (int hd = tid; hd < NH; hd += NTH) {
     float mm = MOE_NEG_INF;
     for (int s = 0; s < S; ++s) {
       const float ms = ml[(hd * S + s) * 2];
@@ -550,7 +550,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // Each thread combines 4 consecutive columns at a time, reading them from every
   // split as 16 bytes, a batch of QB column quads' reads issued before any is used:
   // one L2 round trip per batch (a read, wait, combine loop per column made this
-  // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  D % 4 == 0, so a quad
+  // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  HD % 4 == 0, so a quad
   // never straddles two heads.
   constexpr int NQ4 = K / 4;
   constexpr int QB = IQ < 4 ? IQ : 4;
@@ -558,19 +558,19 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     uint4 pv[QB][S];
     MOE_UNROLL
     for (int b = 0; b < QB; ++b) {
-      const int qd = tid + (i0 + b) * NT;
+      const int qd = tid + (i0 + b) * NTH;
       const int c = ((qd < NQ4) ? qd : NQ4 - 1) * 4;  // past the end: a valid read, discarded
       MOE_UNROLL
       for (int s = 0; s < S; ++s) {
-        pv[b][s] = moe_load_u4(parts, (size_t((c / D) * S + s) * D + size_t(c % D)) / 4);
+        pv[b][s] = moe_load_u4(parts, (size_t((c / HD) * S + s) * HD + size_t(c % HD)) / 4);
       }
     }
     MOE_UNROLL
     for (int b = 0; b < QB; ++b) {
       if (i0 + b < IQ) {  // uniform: every lane stages (moe_xs_put4 shuffles)
-        const int qd = tid + (i0 + b) * NT;
+        const int qd = tid + (i0 + b) * NTH;
         const int c = qd * 4;
-        const int hd = ((qd < NQ4) ? c : 0) / D;
+        const int hd = ((qd < NQ4) ? c : 0) / HD;
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         MOE_UNROLL
         for (int s = 0; s < S; ++s) {
@@ -589,12 +589,12 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   float xv[IQ][4];
   for (int i = 0; i < IQ; ++i) {
     for (int m = 0; m < 4; ++m) {
-      const int c = 4 * (tid + i * NT) + m;
+      const int c = 4 * (tid + i * NTH) + m;
       xv[i][m] = (c < K) ? float(x[c]) : 0.0f;
     }
   }
   for (int i = 0; i < IQ; ++i) {
-    moe_xs_put4<FMT, XS>(xs, xsums, 4 * (tid + i * NT), xv[i][0], xv[i][1], xv[i][2], xv[i][3], lane);
+    moe_xs_put4<FMT, XS>(xs, xsums, 4 * (tid + i * NTH), xv[i][0], xv[i][1], xv[i][2], xv[i][3], lane);
   }
 //@endif
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -615,8 +615,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // This threadgroup's share of the router projection and of the norm's sum of squares.
   threadgroup float og[ROWS];  // out[n] * gpost[n]
   threadgroup float oo[ROWS];  // out[n]
-  threadgroup float pd[NI];    // each (router row, word) item's dot product
-  threadgroup float tot[NE + 1];
+  threadgroup float pd[NRI];   // each (router row, word) item's dot product
+  threadgroup float tot[RE + 1];
   if (lane == 0) {
     for (int r = 0; r < NR; ++r) {
       const int j = int(sg) * NR + r;
@@ -627,8 +627,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   threadgroup_barrier(mem_flags::mem_threadgroup);
   MOE_UNROLL
   for (int k = 0; k < IT; ++k) {
-    const int i = tid + k * NT;
-    if (i < NI) {
+    const int i = tid + k * NTH;
+    if (i < NRI) {
       const int cw = (w0 + i % WPR) * RPER - c0;  // the word's first column, from c0
       float a = 0.0f;
       MOE_UNROLL
@@ -643,9 +643,9 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   threadgroup_barrier(mem_flags::mem_threadgroup);
   constexpr int NTG = (N + ROWS - 1) / ROWS;  // threadgroups: rpart's row length
   const auto rpart = moe_inplace(count) + 4;  // after the ticket's 16 bytes
-  for (int e = tid; e <= NE; e += NT) {
+  for (int e = tid; e <= RE; e += NTH) {
     float a = 0.0f;
-    if (e < NE) {
+    if (e < RE) {
       for (int w = 0; w < WPR; ++w) {
         a += pd[e * WPR + w];
       }
@@ -666,7 +666,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     ticket[0] = moe_ticket(count);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (ticket[0] == uint(threadgroups_per_grid.x) - 1u) {  // uniform per threadgroup
+  if (ticket[0] == uint((N + NR * NSG - 1) / (NR * NSG)) - 1u) {  // the launch's last (uniform per threadgroup)
     moe_device_fence();
 //@endif
 //@if RSPLIT
@@ -674,7 +674,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     // lane, lane + 32, ...: QB columns' reads issued before any is added (one L2 round
     // trip for most shapes), each lane's in threadgroup order, then the simdgroup's
     // fixed reduction: deterministic.
-    constexpr int CPS = (NE + 1 + NSG - 1) / NSG;  // columns per simdgroup
+    constexpr int CPS = (RE + 1 + NSG - 1) / NSG;  // columns per simdgroup
     constexpr int PPL = (NTG + 31) / 32;           // shares per lane of a column
     constexpr int QB0 = 32 / PPL > 0 ? 32 / PPL : 1;
     constexpr int QB = QB0 < CPS ? QB0 : CPS;      // columns per batch of reads
@@ -686,7 +686,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         MOE_UNROLL
         for (int p = 0; p < PPL; ++p) {
           const int tg = int(lane) + 32 * p;
-          sv[q][p] = (q0 + q < CPS && e <= NE && tg < NTG) ? moe_as_float(rpart[size_t(e) * NTG + size_t(tg)]) : 0.0f;
+          sv[q][p] = (q0 + q < CPS && e <= RE && tg < NTG) ? moe_as_float(rpart[size_t(e) * NTG + size_t(tg)]) : 0.0f;
         }
       }
       MOE_UNROLL
@@ -698,25 +698,25 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         }
         a = moe_simd_sum(a);  // uniform: every lane of the simdgroup takes part
         const int e = int(sg) + (q0 + q) * NSG;
-        if (lane == 0 && q0 + q < CPS && e <= NE) {
+        if (lane == 0 && q0 + q < CPS && e <= RE) {
           tot[e] = a;
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    const float inv = moe_rsqrt(tot[NE] / float(N) + cst[0]);
-    for (int e = tid; e < NE; e += NT) {
+    const float inv = moe_rsqrt(tot[RE] / float(N) + cst[0]);
+    for (int e = tid; e < RE; e += NTH) {
       logits[e] = T(tot[e] * inv);
     }
-    for (int c = tid; c < N; c += NT) {  // as moe_rms_stage rounds it
+    for (int c = tid; c < N; c += NTH) {  // as moe_rms_stage rounds it
       xn[c] = T(float(gpost[c]) * float(T(float(out[c]) * inv)));
     }
 //@endif
 //@if RONE
-    moe_rms_stage<T, N, RFMT, NT, NSG>(out, gpost, cst[0], xs, xsums, red, tid, lane, sg, xn, true);
+    moe_rms_stage<T, N, RFMT, NTH, NSG>(out, gpost, cst[0], xs, xsums, red, tid, lane, sg, xn, true);
     constexpr int RCH = moe_dense_steps<N, RFMT, RNR>::CH;
-    for (int rt = int(sg) * RNR; rt < NE; rt += NSG * RNR) {  // uniform per simdgroup
-      const int rvalid = (NE - rt < RNR) ? NE - rt : RNR;
+    for (int rt = int(sg) * RNR; rt < RE; rt += NSG * RNR) {  // uniform per simdgroup
+      const int rvalid = (RE - rt < RNR) ? RE - rt : RNR;
       const auto rfirst = moe_dense_load<N, RFMT, RGS, RNR, RCH>(wr, wr_s, wr_b, rt, rvalid, 0, lane);
       float ra[RNR];
       for (int r = 0; r < RNR; ++r) {

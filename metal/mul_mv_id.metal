@@ -361,13 +361,21 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // (written, zero between launches).  Outputs: h [NT*KS, F] float32 (rows of
 // identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
 // y [NT, D] in T.
+// Option CHAINED: the body run by a kernel that chains it after other work in one
+//   launch (metal/decode_chain.metal), which names this threadgroup's index among the
+//   layer's moe_tg.
 {
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   constexpr int GX = (F + NRG * NSG - 1) / (NRG * NSG);
   constexpr int NGU = GX * NT * KS;
   constexpr int DX = (D + NRD - 1) / NRD;
+//@if !CHAINED
   const int tg = int(threadgroup_position_in_grid.x);
+//@endif
+//@if CHAINED
+  const int tg = moe_tg;  // the chaining kernel's index of this threadgroup among the layer's
+//@endif
   const bool down = tg >= NGU;  // uniform per threadgroup
   const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
   const auto cnt = moe_inplace(count);

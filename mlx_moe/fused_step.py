@@ -52,7 +52,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hooks import HOOKS
-from .kernels import dense, registry
+from .kernels import dense, dispatch, registry
 from .kernels.attention import decode_attention_parts
 from .kernels.chain import qkv_attention
 from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
@@ -113,6 +113,14 @@ MOE_ONE_LAUNCH: tuple = ("cuda",)
 # GPU, so off (bench_generate's engine suffix +qkvatt; never on Metal, as MOE_ONE_LAUNCH).
 QKV_ATTENTION_ONE_LAUNCH: tuple = ()
 
+# The kernel flavors on which o_proj with the split router tail and the MoE layer run as
+# one launch (oproj_moe, metal/decode_chain.metal: the experts' threadgroups wait inside
+# the launch for the router's outputs), where the MoE layer is one launch too
+# (MOE_ONE_LAUNCH) and has no shared expert.  Another graph node fewer per layer; its
+# threadgroups are the MoE layer's size, so o_proj runs at TAIL_NR x the MoE's NSG.  Not
+# yet measured on a GPU, so off (bench_generate's engine suffix +oprojmoe).
+OPROJ_MOE_ONE_LAUNCH: tuple = ()
+
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
 # +mlxhead).
@@ -147,6 +155,7 @@ class LayerPlan(NamedTuple):
     tail: Optional[dense.RouterTail] = None  # post_norm + gate as the o_proj launch's tail, where it can
     moe_count: Optional[mx.array] = None  # mul_mv_id_moe's counter (registry.ticket_counter), one a layer
     chain_count: Optional[mx.array] = None  # qkv_attention's counter, one a layer
+    oproj_count: Optional[mx.array] = None  # oproj_moe's counter, one a layer
 
 
 class Plan(NamedTuple):
@@ -262,14 +271,19 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     # Every router tail's ticket counter, made in one evaluation, with room for the split
     # tail's shares at the geometry forward() launches it with.
     tails = [lp for lp in layers if lp.tail is not None]
-    words = max((dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows) for lp in tails), default=4)
+    # (oproj_moe launches o_proj at TAIL_NR x the MoE layer's NSG: room for that too)
+    nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
+    words = max((max(dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows),
+                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, dense.TAIL_NR, nsg)) for lp in tails),
+                default=4)
     counters = iter(registry.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
               for lp in layers]
     # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH) and q/k/v + attention
     # (QKV_ATTENTION_ONE_LAUNCH), in another evaluation
-    counts = registry.ticket_counters(2 * len(layers))
-    layers = [lp._replace(moe_count=counts[2 * i], chain_count=counts[2 * i + 1]) for i, lp in enumerate(layers)]
+    counts = registry.ticket_counters(3 * len(layers))
+    layers = [lp._replace(moe_count=counts[3 * i], chain_count=counts[3 * i + 1], oproj_count=counts[3 * i + 2])
+              for i, lp in enumerate(layers)]
     return Plan(flavor, layers, _head_plan(model, flavor), _embed_plan(model)), None
 
 
@@ -322,6 +336,19 @@ def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.a
     return out, ids, weights
 
 
+def _oproj_and_experts(lp: LayerPlan, h: mx.array, parts_ml, flavor: str):
+    """(out, ids, weights) of o_proj with the router tail and the MoE layer in one launch
+    (OPROJ_MOE_ONE_LAUNCH), or None where they keep their own launches."""
+    moe = lp.moe
+    backend = moe.backend
+    if (flavor not in OPROJ_MOE_ONE_LAUNCH or flavor not in MOE_ONE_LAUNCH or not ROUTE_IN_EXPERTS
+            or dense.ROUTER_TAIL != "split" or moe.has_shared_expert or lp.oproj_count is None
+            or getattr(backend, "flavor", None) != flavor):
+        return None
+    return backend.oproj_routed(parts_ml, lp.o, h, lp.tail, moe.router_params(), moe.switch_mlp, moe.n_identity,
+                                lp.moe_count, lp.oproj_count)
+
+
 def cache_index(pos: mx.array, n_kv_heads: int, head_dim: int) -> mx.array:
     """The KV cache's write index for `put_along_axis`: pos broadcast to one token's
     [1, HK, 1, D] keys, made once per step and shared by the layers.
@@ -361,14 +388,18 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
         cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
         cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
     tail_on = ROUTER_IN_RESIDUAL is True or (bool(ROUTER_IN_RESIDUAL) and flavor in ROUTER_IN_RESIDUAL)
-    if tail_on and lp.tail is not None:
-        h, xn, logits = dense_residual((parts, ml), lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
-                                       router=lp.tail)
+    chained = _oproj_and_experts(lp, h, (parts, ml), flavor) if tail_on and lp.tail is not None else None
+    if chained is not None:
+        out, ids, weights = chained
     else:
-        h = dense_residual((parts, ml), lp.o, h, flavor)
-        logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
-                                nr=dense.ROUTER_NR)
-    out, ids, weights = _experts_and_residual(lp, h, xn, logits, flavor)
+        if tail_on and lp.tail is not None:
+            h, xn, logits = dense_residual((parts, ml), lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
+                                           router=lp.tail)
+        else:
+            h = dense_residual((parts, ml), lp.o, h, flavor)
+            logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
+                                    nr=dense.ROUTER_NR)
+        out, ids, weights = _experts_and_residual(lp, h, xn, logits, flavor)
     if HOOKS.active:
         moe = lp.moe
         HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)

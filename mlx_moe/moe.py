@@ -61,6 +61,12 @@ class MoELayer(nn.Module):
         """The shared expert's contribution [T, D], or None where there is none."""
         return None
 
+    @property
+    def has_shared_expert(self) -> bool:
+        """Whether shared_output adds anything (a kernel that runs the routed experts right
+        after the router, in one launch, has no place for it)."""
+        return False
+
     # -- common --------------------------------------------------------------------------
 
     @property

@@ -18,10 +18,11 @@ import pytest
 from mlx_moe import fused_step
 from mlx_moe import router as R
 from mlx_moe.backends import MLXBackend
+from mlx_moe.backends import kernels as kernels_backend
 from mlx_moe.backends.kernels import KernelBackend
 from mlx_moe.compiled import StaticKVCache, _mlx_lm_model_class, _TracedCache
 from mlx_moe.hooks import HOOKS, routing_hook
-from mlx_moe.kernels import dense, registry
+from mlx_moe.kernels import dense, dispatch, registry
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend
@@ -107,6 +108,15 @@ def test_qkv_attention_equals_the_two_launches(flavor):
     from mlx_moe.kernels.kernel_cases import CASES
 
     for case in CASES["qkv_attention"]:
+        case.check(flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_oproj_moe_equals_the_two_launches(flavor):
+    """oproj_moe against dense_residual (split tail) + mul_mv_id_moe, bit for bit (kernel_cases)."""
+    from mlx_moe.kernels.kernel_cases import CASES
+
+    for case in CASES["oproj_moe"]:
         case.check(flavor)
 
 
@@ -239,7 +249,7 @@ def copy_cache(cache):
 
 
 def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False,
-             one_launch=False, chain=False):
+             one_launch=False, chain=False, oproj=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -261,8 +271,9 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     # or "split" (shared by every threadgroup of that launch: dense.ROUTER_TAIL)
     # one_launch: the MoE layer as mul_mv_id_moe (fused_step.MOE_ONE_LAUNCH; with route_in_experts)
     # chain: q/k/v and the attention as qkv_attention (fused_step.QKV_ATTENTION_ONE_LAUNCH)
+    # oproj: o_proj's tail and the MoE layer as oproj_moe (fused_step.OPROJ_MOE_ONE_LAUNCH)
     switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH",
-                "QKV_ATTENTION_ONE_LAUNCH")
+                "QKV_ATTENTION_ONE_LAUNCH", "OPROJ_MOE_ONE_LAUNCH")
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -270,7 +281,8 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
                 registry.switched(fused_step.__name__, switches, KV_IN_PLACE=kv_in_place,
                                   ROUTE_IN_EXPERTS=route_in_experts, ROUTER_IN_RESIDUAL=bool(tail),
                                   MOE_ONE_LAUNCH=(flavor,) if one_launch else (),
-                                  QKV_ATTENTION_ONE_LAUNCH=(flavor,) if chain else ()):
+                                  QKV_ATTENTION_ONE_LAUNCH=(flavor,) if chain else (),
+                                  OPROJ_MOE_ONE_LAUNCH=(flavor,) if oproj else ()):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
@@ -318,18 +330,28 @@ def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("family,quantize", [("qwen3_moe", True), ("qwen2_moe", False), ("mixtral", False)])
-def test_qkv_attention_launch_matches_mlx_lm_forward(flavor, family, quantize, monkeypatch):
+def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeypatch):
     """With fused_step.QKV_ATTENTION_ONE_LAUNCH the q/k/v projections and the attention are
-    one launch (qkv_attention): logits, the cache after the step and the routing as
-    mlx-lm's forward gives them, with the CUDA defaults around it (the split router tail,
-    the MoE layer in one launch); Qwen2's q/k/v biases included."""
+    one launch (qkv_attention), and with OPROJ_MOE_ONE_LAUNCH o_proj with the split router
+    tail and the MoE layer (oproj_moe): a layer is two launches.  Logits, the cache after the
+    step and the routing as mlx-lm's forward gives them; Qwen2's q/k/v biases included,
+    and its shared expert keeps o_proj and the experts apart."""
+    from mlx_moe.kernels import chain
+
     model = fused_model(family, quantize)
-    calls = []
-    real = fused_step.qkv_attention
-    monkeypatch.setattr(fused_step, "qkv_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"qkv": 0, "oproj": 0}
+    real_qkv, real_oproj = fused_step.qkv_attention, chain.oproj_moe
+    monkeypatch.setattr(fused_step, "qkv_attention",
+                        lambda *a, **k: calls.__setitem__("qkv", calls["qkv"] + 1) or real_qkv(*a, **k))
+    monkeypatch.setattr(kernels_backend, "oproj_moe",
+                        lambda *a, **k: calls.__setitem__("oproj", calls["oproj"] + 1) or real_oproj(*a, **k))
     got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, route_in_experts=True,
-                                                               tail="split", one_launch=True, chain=True)
-    assert len(calls) == len(model.layers), "the layers did not take the one-launch q/k/v + attention"
+                                                               tail="split", one_launch=True, chain=True, oproj=True)
+    assert calls["qkv"] == len(model.layers), "the layers did not take the one-launch q/k/v + attention"
+    from mlx_moe.moe import moe_layers
+
+    shared = moe_layers(model)[0].has_shared_expert
+    assert calls["oproj"] == (0 if shared else len(model.layers)), calls
     g, w = np.array(got), np.array(want)
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
     for c, r in zip(cache, ref_cache):
@@ -467,8 +489,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     """12 greedy tokens of the compiled step through the fused layers (the token from
     greedy_sample and from the sampler; the cache
     written in place, and by scatters; the position on the device and from the host;
-    the routing inside the gate/up launch and in its own; q/k/v and the attention in one
-    launch and in two; the MoE layer in one launch
+    the routing inside the gate/up launch and in its own; q/k/v and the attention, and
+    o_proj and the MoE layer, in one launch each and apart; the MoE layer in one launch
     and in two) and without them,
     against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
@@ -495,10 +517,12 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", () if one_launch else ("cuda",))
         other_moe, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "MOE_ONE_LAUNCH", one_launch)
-        chain = fused_step.QKV_ATTENTION_ONE_LAUNCH
-        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", () if chain else ("cuda",))
-        other_chain, _ = compiled(model, PROMPT, 12)
-        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", chain)
+        chains = (fused_step.QKV_ATTENTION_ONE_LAUNCH, fused_step.OPROJ_MOE_ONE_LAUNCH)
+        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", () if chains[0] else ("cuda",))
+        monkeypatch.setattr(fused_step, "OPROJ_MOE_ONE_LAUNCH", () if chains[1] else ("cuda",))
+        other_chain, _ = compiled(model, PROMPT, 12)  # (a layer in two launches)
+        monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", chains[0])
+        monkeypatch.setattr(fused_step, "OPROJ_MOE_ONE_LAUNCH", chains[1])
         monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
         other_route, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", not fused_step.ROUTER_IN_RESIDUAL)
@@ -532,15 +556,18 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     counts = [lp.tail.count for lp in plan.layers]
     assert len(counts) == len(model.model.layers) >= 2 and all(c is not None for c in counts)
     assert all(c.dtype == mx.uint32 and not np.array(c).any() for c in counts)
-    # room for the split tail's shares at the geometry forward() launches it with
+    # room for the split tail's shares at the geometries forward() launches it with: its
+    # own launch's, and oproj_moe's (TAIL_NR x the MoE layer's simdgroups)
     lp = plan.layers[0]
-    assert all(c.size == 4 + (lp.tail.gate.rows + 1) * -(-lp.o.rows // (dense.TAIL_NR * dense.TAIL_NSG))
+    nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
+    assert all(c.size == 4 + (lp.tail.gate.rows + 1) * -(-lp.o.rows // (dense.TAIL_NR * min(dense.TAIL_NSG, nsg)))
                for c in counts)
     assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer
-    # and each layer's one-launch MoE (mul_mv_id_moe) a counter of its own: zero, 2 words at least
-    moe = [lp.moe_count for lp in plan.layers]
-    assert all(c is not None and c.dtype == mx.uint32 and c.size >= 2 and not np.array(c).any() for c in moe)
-    assert len({id(c) for c in moe + counts}) == len(moe) + len(counts)
+    # and each layer's one-launch MoE (mul_mv_id_moe), q/k/v + attention (qkv_attention) and
+    # o_proj + MoE (oproj_moe) a counter of its own: zero, 2 words at least
+    own = [c for lp in plan.layers for c in (lp.moe_count, lp.chain_count, lp.oproj_count)]
+    assert all(c is not None and c.dtype == mx.uint32 and c.size >= 2 and not np.array(c).any() for c in own)
+    assert len({id(c) for c in own + counts}) == len(own) + len(counts)
 
 
 def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
@@ -549,7 +576,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
     user's switch) would replay the first one's kernels (as bench_generate's +tailsplit
     did before dense.ROUTER_TAIL was part of the key)."""
     from mlx_moe import compiled as C
-    from mlx_moe.kernels import attention, dispatch
+    from mlx_moe.kernels import attention
 
     model = fused_model("qwen3_moe")
     set_expert_backend(model, KernelBackend("emulated"))
@@ -564,7 +591,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
                 (fused_step, "EMBED_LAUNCH", not fused_step.EMBED_LAUNCH), (fused_step, "HEAD_LAUNCH", False),
-                (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",))]:
+                (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
+                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",))]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

@@ -295,7 +295,7 @@ def _dense(variant, x, fmt, wt, st, K, N, nr=2, nsg=4, parts=None):
                 [("T", x), ("FMT", fmt), ("GS", 64), ("K", K), ("N", N), ("NR", nr), ("NSG", nsg)])
     return ("dense_residual_parts", variant, {"parts": "float32", "ml": "float32", "w": wt, "w_s": st, "w_b": st,
                                               "res": x}, {"out": x},
-            [("T", x), ("FMT", fmt), ("GS", 64), ("K", K), ("N", N), ("NR", nr), ("NSG", nsg), ("D", parts[0]),
+            [("T", x), ("FMT", fmt), ("GS", 64), ("K", K), ("N", N), ("NR", nr), ("NSG", nsg), ("HD", parts[0]),
              ("S", parts[1])])
 
 
@@ -307,7 +307,7 @@ def _tail(name, variant, nr, nsg):
              "cst": "float32", "count": "uint32"},
             {"out": "bfloat16", "xn": "bfloat16", "logits": "bfloat16"},
             [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 4096), ("N", 2048), ("NR", nr), ("NSG", nsg),
-             ("D", 128), ("S", 4), ("RFMT", 8), ("RGS", 64), ("NE", 128), ("RNR", 2)])
+             ("HD", 128), ("S", 4), ("RFMT", 8), ("RGS", 64), ("RE", 128), ("RNR", 2)])
 
 
 # The fused decoder layer's dense kernels at Qwen3-30B-A3B shapes (4-bit affine g64 as
@@ -428,6 +428,26 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
           ("NR", 2), ("NSG", 8), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
           ("S", 4), ("QKNORM", True), ("TRAD", False)])
     ptx, report = compile_sm90a(tmp_path, "decode_chain", [k])
+    assert len(_entries(ptx)) == 1
+    regs = _report(report)
+    print(regs)
+    assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
+    assert " 0 bytes spill stores" in report or "spill" not in report
+
+
+def test_oproj_moe_compiles_for_sm90a(tmp_path):
+    """o_proj with the split router tail and the MoE layer in one launch (metal/decode_chain.metal)
+    at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged): no spills, at most 255 registers."""
+    tail = _tail("dense_residual_parts_router_split", "x", 2, 8)
+    moe = _moe_layer("x", 1, 4, 8, stage=True)
+    inputs = dict(tail[2])
+    inputs.update({n: moe[2][n] for n in ("bias", "scale", "wg", "wu", "wd")})
+    inputs["mcount"] = inputs["ccount"] = "uint32"
+    outputs = dict(tail[3])
+    outputs.update(moe[3])
+    names = {n for n, _ in tail[4]}
+    template = list(tail[4]) + [(n, v) for n, v in moe[4] if n not in names]
+    ptx, report = compile_sm90a(tmp_path, "decode_chain", [("oproj_moe", "qwen3", inputs, outputs, template)])
     assert len(_entries(ptx)) == 1
     regs = _report(report)
     print(regs)

@@ -28,6 +28,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 combining twice the parts
   mlx-moe+compile+qkvatt  the q/k/v projections and the attention in one launch
                 (qkv_attention: fused_step.QKV_ATTENTION_ONE_LAUNCH, off by default)
+  mlx-moe+compile+oprojmoe  o_proj with the router tail and the MoE layer in one launch
+                (oproj_moe: fused_step.OPROJ_MOE_ONE_LAUNCH, off by default); with +qkvatt a
+                layer is two launches
   mlx-moe+compile+embed  the token's embedding as one dense_embed launch
                 (fused_step.EMBED_LAUNCH; off by default) instead of MLX's gathers and
                 dequantize (+mlxembed)
@@ -487,6 +490,7 @@ SWITCHES = {
     "+embed": (fused_step_module, "EMBED_LAUNCH", True),
     "+split8": (attention_module, "SPLITS", 8),
     "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda",)),
+    "+oprojmoe": (fused_step_module, "OPROJ_MOE_ONE_LAUNCH", ("cuda",)),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", False),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),

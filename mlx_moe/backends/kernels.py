@@ -33,6 +33,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.chain import oproj_moe
 from ..kernels.dispatch import expert_weights, kernel_path, kernels_cover, pairs_path, weight_kind
 from ..kernels.mul_mm_id import map0, mul_mm_id, mul_mm_id_combine, mul_mm_id_swiglu
 from ..kernels.mul_mv_id import (mul_mv_id, mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu,
@@ -150,6 +151,19 @@ class KernelBackend(ExpertBackend):
         h, ids, weights = mul_mv_id_swiglu_route(x, logits, params, wg, wu, self.flavor)
         out = mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
         return out, ids, weights
+
+    def oproj_routed(self, parts_ml, o, residual, tail, params, experts, n_identity, moe_count, count):
+        """(y, ids, weights) of o_proj with the split router tail (dense.dense_residual's)
+        and then the layer's experts on its outputs, residual included, in one launch
+        (kernels.chain.oproj_moe); None where the one-launch MoE layer would not take the
+        experts (the caller then launches the two).  mlx_moe/fused_step.py's layers use it."""
+        wg, wu, wd = expert_weights(experts)
+        if not router_covers(tail.gate.rows, params):
+            return None
+        if pairs_path(residual, params.k, self._kind(experts, wg, wu, wd)) != "mv":  # (xn: residual's shape)
+            return None
+        self._count(params.k)
+        return oproj_moe(parts_ml, o, residual, tail, params, wg, wu, wd, n_identity, moe_count, count, self.flavor)
 
     def prefill(self, x, ids, weights, experts, wg, wu, wd, n_identity):
         """map0 -> gate/up GEMMs with SwiGLU -> down GEMM -> combine (module docstring)."""

@@ -49,3 +49,39 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
         output_shapes=[(1, n), (n_heads, splits, D), (n_heads, splits, 2)],
         output_dtypes=[x.dtype, mx.float32, mx.float32])
     return parts, ml
+
+
+def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.array, wd: mx.array,
+              n_identity: int, moe_count: mx.array, count: mx.array, flavor: str, nr: Optional[int] = None,
+              geometry=None):
+    """dense.dense_residual(parts_ml, o, res, router=router) with the split router tail,
+    then mul_mv_id.mul_mv_id_moe on its (xn, logits) with its output as the residual, in one
+    launch; returns (y, ids, weights) as mul_mv_id_moe does.
+
+    router: a dense.RouterTail whose counter holds the split tail's shares at nr x nsg;
+    moe_count: mul_mv_id_moe's counter; count: this chain's (registry.ticket_counter()).
+    nr: o_proj rows per simdgroup (default dense.TAIL_NR); the simdgroups per threadgroup
+    are the MoE layer's geometry's (default dispatch.MOE_LAYER), one size for the launch."""
+    from .mul_mv_id import _gate_up_shape, moe_layer_args
+
+    if dense.ROUTER_TAIL != "split":
+        raise ValueError(f"oproj_moe chains the split router tail; dense.ROUTER_TAIL is {dense.ROUTER_TAIL!r}")
+    if count.dtype != mx.uint32 or count.size < 2:
+        raise ValueError(f"oproj_moe's count must be uint32 [>= 2] (registry.ticket_counter()); got "
+                         f"{count.dtype} {tuple(count.shape)}")
+    T = res.shape[0] if res.ndim == 2 else 1
+    rule_inputs, m_template, m_groups, nsg = moe_layer_args(
+        T, res.dtype, router.gate.rows, params, wg, wu, wd, n_identity, moe_count, geometry)
+    nr = nr or dense.TAIL_NR
+    o_template = dense.dense_residual_template(parts_ml, o, res, flavor, nr, nsg)
+    o_inputs, tail_template = dense.router_tail_args(parts_ml, o, res, router, flavor, nr, nsg)
+    shared = {name for name, _ in o_template + tail_template}
+    template = o_template + tail_template + [(n, v) for n, v in m_template if n not in shared]
+    o_groups = -(-o.rows // (nr * nsg))
+    ffn, k = _gate_up_shape(wg, wu)[1], params.k
+    out, xn, logits, h, ids, weights, y = kernel(flavor, "oproj_moe")(
+        inputs=o_inputs + [*rule_inputs, wg, wu, wd, moe_count, count], template=template,
+        grid=((o_groups + m_groups) * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[res.shape, (1, o.rows), (1, router.gate.rows), (T * k, ffn), (T, k), (T, k), res.shape],
+        output_dtypes=[res.dtype] * 3 + [mx.float32, mx.int32, mx.float32, res.dtype])
+    return y, ids, weights

@@ -210,6 +210,49 @@ def dense_embed(token: mx.array, d: DenseWeight, flavor: str) -> mx.array:
         output_shapes=[(1, d.cols)], output_dtypes=[T])[0]
 
 
+def dense_residual_template(x, d: DenseWeight, res: mx.array, flavor: str, nr: int, nsg: int):
+    """dense_residual's template for these arguments, checked."""
+    if d.bias is not None:
+        raise ValueError("dense_residual: projections with a bias are not covered")
+    parts = isinstance(x, tuple)
+    size = x[0].shape[0] * x[0].shape[2] if parts else x.size
+    if size != d.cols or res.size != d.rows:
+        raise ValueError(f"dense_residual: x of {size} values / res {tuple(res.shape)} do not fit a "
+                         f"{d.rows} x {d.cols} projection")
+    if d.cols > max_staged(flavor):
+        raise ValueError(f"dense_residual: {d.cols} input features > {max_staged(flavor)} (the {flavor} kernels' "
+                         f"staging limit)")
+    template = [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
+    if parts:
+        H, S, D = x[0].shape
+        if x[1].shape != (H, S, 2):
+            raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
+        template += [("HD", D), ("S", S)]
+    return template
+
+
+def router_tail_args(x, d: DenseWeight, res: mx.array, router: "RouterTail", flavor: str, nr: int, nsg: int):
+    """(inputs, the tail's template) of dense_residual's ROUTER option (the kind
+    ROUTER_TAIL says) for these arguments, checked (the kernels that run it:
+    dense_residual_parts_router(_split), decode_chain's oproj_moe)."""
+    if not isinstance(x, tuple):
+        raise ValueError("dense_residual: the router tail runs with the attention's parts as input")
+    problem = router_tail_unsupported(router.gate, d.rows, flavor)
+    if problem is not None:
+        raise ValueError(f"dense_residual: {problem}")
+    if ROUTER_TAIL not in ROUTER_TAILS:
+        raise ValueError(f"dense.ROUTER_TAIL is {ROUTER_TAIL!r}; choose one of {', '.join(ROUTER_TAILS)}")
+    g = router.gate
+    need = tail_counter_words(g.rows, d.rows, nr, nsg) if ROUTER_TAIL == "split" else 4
+    if router.count.dtype != mx.uint32 or router.count.size < need:
+        raise ValueError(f"dense_residual: the router tail's counter is {router.count.size} {router.count.dtype} "
+                         f"values; the {ROUTER_TAIL} tail at {nr}x{nsg} needs {need} uint32 (make it with "
+                         f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
+    inputs = [*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
+              router.count]
+    return inputs, [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("RE", g.rows), ("RNR", TAIL_RNR)]
+
+
 class RouterTail(NamedTuple):
     """What dense_residual's last threadgroup also computes (the ROUTER option): the
     post-attention RMSNorm (weight, eps) of its output and the router projection."""
@@ -248,44 +291,16 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
     router (with parts): (out, xn [1, N], router logits [1, E]) instead, xn and the
     logits as dense_norm(out, ..., xn=True) gives them, from the same launch."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
-    if d.bias is not None:
-        raise ValueError("dense_residual: projections with a bias are not covered")
     parts = isinstance(x, tuple)
-    size = x[0].shape[0] * x[0].shape[2] if parts else x.size
-    if size != d.cols or res.size != d.rows:
-        raise ValueError(f"dense_residual: x of {size} values / res {tuple(res.shape)} do not fit a "
-                         f"{d.rows} x {d.cols} projection")
-    if d.cols > max_staged(flavor):
-        raise ValueError(f"dense_residual: {d.cols} input features > {max_staged(flavor)} (the {flavor} kernels' "
-                         f"staging limit)")
+    template = dense_residual_template(x, d, res, flavor, nr, nsg)
     n_tg = -(-d.rows // (nr * nsg))
-    template = [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
-    if parts:
-        H, S, D = x[0].shape
-        if x[1].shape != (H, S, 2):
-            raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
-        template += [("D", D), ("S", S)]
     if router is not None:
-        if not parts:
-            raise ValueError("dense_residual: the router tail runs with the attention's parts as input")
-        problem = router_tail_unsupported(router.gate, d.rows, flavor)
-        if problem is not None:
-            raise ValueError(f"dense_residual: {problem}")
-        if ROUTER_TAIL not in ROUTER_TAILS:
-            raise ValueError(f"dense.ROUTER_TAIL is {ROUTER_TAIL!r}; choose one of {', '.join(ROUTER_TAILS)}")
         split = ROUTER_TAIL == "split"
-        g = router.gate
-        need = tail_counter_words(g.rows, d.rows, nr, nsg) if split else 4
-        if router.count.dtype != mx.uint32 or router.count.size < need:
-            raise ValueError(f"dense_residual: the router tail's counter is {router.count.size} {router.count.dtype} "
-                             f"values; the {ROUTER_TAIL} tail at {nr}x{nsg} needs {need} uint32 (make it with "
-                             f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
+        inputs, tail_template = router_tail_args(x, d, res, router, flavor, nr, nsg)
         outs = kernel(flavor, "dense_residual_parts_router_split" if split else "dense_residual_parts_router")(
-            inputs=[*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
-                    router.count],
-            template=template + [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("NE", g.rows), ("RNR", TAIL_RNR)],
+            inputs=inputs, template=template + tail_template,
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-            output_shapes=[res.shape, (1, d.rows), (1, g.rows)], output_dtypes=[res.dtype] * 3,
+            output_shapes=[res.shape, (1, d.rows), (1, router.gate.rows)], output_dtypes=[res.dtype] * 3,
         )
         return outs[0], outs[1], outs[2]
     return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(

@@ -572,6 +572,49 @@ def _qkv_attention_case(flavor: str) -> None:
         assert not np.array(count).any(), "qkv_attention left its counter non-zero"
 
 
+def _oproj_moe_case(flavor: str) -> None:
+    """oproj_moe (o_proj with the split router tail, then the one-launch MoE layer on its
+    outputs) against the two launches at the same geometry: the same y, ids and weights,
+    bit for bit (each launch is checked against numpy in its own case); one token, Q4_0
+    experts (8 real + 2 identity, top-3), an 8-bit router, three launches on one set of
+    counters (each must be left zero)."""
+    from ..q4_0 import quantize
+    from .chain import oproj_moe
+    from .dense import RouterTail, dense_residual, dense_weight, router_tail, tail_counter_words
+    from .dispatch import LayerGeometry
+    from .mul_mv_id import mul_mv_id_moe
+    from .registry import ticket_counter
+    from .router import RouterParams
+
+    rng = np.random.default_rng(23)
+    E, NI, hidden, F, cols, H, S = 8, 2, 96, 64, 128, 4, 4
+    geometry, nr = LayerGeometry(1, 5, 4), 2
+    o = dense_weight(random_linear(rng, cols, hidden, 4, mx.float32, group_size=32))
+    gate = dense_weight(random_linear(rng, hidden, E + NI, 8, mx.float32, group_size=32))
+    gpost = mx.array(rng.random(hidden).astype(np.float32) + 0.5)
+    wg, wu = (mx.array(quantize(rng.standard_normal((E, F, hidden)).astype(np.float32))) for _ in range(2))
+    wd = mx.array(quantize(rng.standard_normal((E, hidden, F)).astype(np.float32)))
+    params = RouterParams(3, normalize=True)
+    words = tail_counter_words(E + NI, hidden, nr, geometry.nsg)
+    chained = (RouterTail(gpost, 1e-6, gate, ticket_counter(words)), ticket_counter(), ticket_counter())
+    apart = (RouterTail(gpost, 1e-6, gate, ticket_counter(words)), ticket_counter())
+    with router_tail("split"):
+        for call in range(3):
+            p = rng.standard_normal((H, S, cols // H)).astype(np.float32) * 4
+            ml = np.stack([rng.standard_normal((H, S)) * 3, rng.random((H, S)) * 5 + 0.5], -1).astype(np.float32)
+            x = (mx.array(p), mx.array(ml))
+            res = mx.array(rng.standard_normal((1, hidden)).astype(np.float32))
+            y, ids, w = oproj_moe(x, o, res, chained[0], params, wg, wu, wd, NI, chained[1], chained[2], flavor,
+                                  nr=nr, geometry=geometry)
+            out, xn, logits = dense_residual(x, o, res, flavor, nr=nr, nsg=geometry.nsg, router=apart[0])
+            y2, ids2, w2 = mul_mv_id_moe(xn, logits, params, wg, wu, wd, NI, out, apart[1], flavor, geometry)
+            what = f"oproj_moe launch {call + 1}"
+            for g_, w_, name in ((y, y2, "y"), (ids, ids2, "ids"), (w, w2, "weights")):
+                assert np.array_equal(np.array(g_), np.array(w_)), f"{what}: {name} differ from the two launches"
+            assert all(not np.array(c if not isinstance(c, RouterTail) else c.count)[:2].any() for c in chained), \
+                f"{what}: a counter was left non-zero"
+
+
 def _dense_embed_case(flavor: str) -> None:
     """dense_embed against the module's own call (MLX's gathers and dequantize, on the CPU):
     the same values exactly (float32 affine tables: to one rounding, as a compiler may fuse
@@ -706,6 +749,9 @@ CASES: Dict[str, List[KernelCase]] = {
     "qkv_attention": [KernelCase("dense_norm then decode_attention_parts_kv in one launch, 4-bit bfloat16 with "
                                  "q/k norms and float32 without, two positions on one counter, vs the two "
                                  "launches (bit for bit)", _qkv_attention_case)],
+    "oproj_moe": [KernelCase("the split-tail o_proj then the one-launch MoE layer in one launch: one token, Q4_0 "
+                             "experts (2 identity), 8-bit router, three launches on one set of counters, vs the "
+                             "two launches (bit for bit)", _oproj_moe_case)],
     "dense_embed": [KernelCase("rows of 4-bit (g64, g128 over float32 scales), 8-bit affine and bfloat16 / "
                                "float32 tables, ids past either end clamped, vs the modules' own call (exact; "
                                "float32 affine to a rounding)", _dense_embed_case)],

@@ -162,35 +162,49 @@ def mul_mv_id_moe(
     the launch's down threadgroups wait on it for the gate/up ones and leave it zero.
     The kernel leans on in-order threadgroup starts (registry.KernelSpec.in_order).
     """
-    from .router import check_logits, rule_arguments
+    from .router import check_logits
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
-    dkind, drows, dcols = _shape(wd)
-    if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
-        raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
-                         f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
     if logits.ndim != 2 or x.ndim != 2 or logits.shape[0] != x.shape[0] or x.shape[1] != hidden:
         raise ValueError(f"logits must be [tokens, experts] beside x [tokens, {hidden}]; got {tuple(logits.shape)}, "
                          f"{tuple(x.shape)}")
     T = x.shape[0]
     if residual.shape != (T, hidden) or residual.dtype != x.dtype:
         raise ValueError(f"residual must be [{T}, {hidden}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
-    if count.dtype != mx.uint32 or count.size < 2:
-        raise ValueError(f"mul_mv_id_moe's counter is {count.size} {count.dtype}; it needs 2 uint32 words, zero "
-                         f"(registry.ticket_counter())")
     check_logits(logits, params)
+    rule_inputs, template, groups, nsg = moe_layer_args(T, x.dtype, logits.shape[1], params, wg, wu, wd, n_identity,
+                                                        count, geometry)
     k = params.k
-    inputs, rule = rule_arguments(logits.shape[1], params)
-    g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
-    n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
-    n_down = -(-hidden // g.down_nr) * T
     h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
-        inputs=[x, logits, *inputs, wg, wu, wd, residual, count],
-        template=[("T", x.dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
-                  ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                  ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", bool(g.stage)), *rule],
-        grid=((n_gate_up + n_down) * 32 * g.nsg, 1, 1), threadgroup=(32 * g.nsg, 1, 1),
+        inputs=[x, logits, *rule_inputs, wg, wu, wd, residual, count], template=template,
+        grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],
         output_dtypes=[mx.float32, mx.int32, mx.float32, x.dtype],
     )
     return y, ids, weights
+
+
+def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
+                   count: mx.array, geometry: Optional[LayerGeometry] = None):
+    """(rule inputs, template, threadgroups, simdgroups a threadgroup) of mul_mv_id_moe's
+    body for T tokens of `dtype` routed over n_logits router outputs, checked (the
+    kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe)."""
+    from .router import rule_arguments
+
+    kind, ffn, hidden = _gate_up_shape(wg, wu)
+    dkind, drows, dcols = _shape(wd)
+    if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
+        raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
+                         f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
+    if count.dtype != mx.uint32 or count.size < 2:
+        raise ValueError(f"mul_mv_id_moe's counter is {count.size} {count.dtype}; it needs 2 uint32 words, zero "
+                         f"(registry.ticket_counter())")
+    k = params.k
+    inputs, rule = rule_arguments(n_logits, params)
+    g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
+    n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
+    n_down = -(-hidden // g.down_nr) * T
+    template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
+                ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
+                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", bool(g.stage)), *rule]
+    return inputs, template, n_gate_up + n_down, g.nsg

@@ -227,6 +227,10 @@ KERNELS: Dict[str, KernelSpec] = {
                                                  "w2_s", "w2_b", "b0", "b1", "b2", "cst", "q_norm", "k_norm", "k",
                                                  "v", "pos", "acst", "count"),
                                 ("y", "parts", "ml"), inplace=("k", "v", "count"), in_order=True),
+    "oproj_moe": KernelSpec("decode_chain", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost", "wr", "wr_s", "wr_b",
+                                             "cst", "count", "bias", "scale", "wg", "wu", "wd", "mcount", "ccount"),
+                            ("out", "xn", "logits", "h", "ids", "weights", "y"),
+                            inplace=("count", "mcount", "ccount"), in_order=True),
     # greedy sampling of the compiled decode step (mlx_moe/kernels/sample.py)
     "greedy_sample": KernelSpec("sample", ("logits", "count"), ("token", "lse"), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)

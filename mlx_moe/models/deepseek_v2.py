@@ -47,6 +47,10 @@ class DeepseekV2Block(MoELayer):
     def shared_output(self, x):
         return self.shared_experts(x) if "shared_experts" in self else None
 
+    @property
+    def has_shared_expert(self) -> bool:
+        return "shared_experts" in self
+
 
 def normalize_config(config: dict) -> dict:
     normalize_rope(config)
