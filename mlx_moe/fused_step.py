@@ -131,8 +131,10 @@ HEAD_LAUNCH = True
 # H100 it took 6.8 us against 22 for MLX's four launches (ncu, BENCHMARKS.md 2026-12-06,
 # fourth session), and its rows equal MLX's dequantize on the CPU exactly (kernel_cases,
 # on the H100 too); but with it the 4-bit benchmark model's greedy tokens differed from
-# MLX's path from the first token on (same process), a difference not yet explained, so
-# it stays off.  bench_generate's engine suffix +embed turns it on.
+# MLX's path from the first token on (same process).  The likely cause: MLX's CUDA
+# dequantize rounding scale * q + bias otherwise than its CPU one (one rounding, not two);
+# the kernel case now compares against the module on the GPU to tell.  Off until then;
+# bench_generate's engine suffix +embed turns it on.
 EMBED_LAUNCH = False
 
 

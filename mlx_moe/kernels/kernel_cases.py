@@ -616,8 +616,8 @@ def _oproj_moe_case(flavor: str) -> None:
 
 
 def _dense_embed_case(flavor: str) -> None:
-    """dense_embed against the module's own call (MLX's gathers and dequantize, on the CPU):
-    the same values exactly (float32 affine tables: to a rounding of scale * q, as a compiler
+    """dense_embed against the module's own call (MLX's gathers and dequantize, on the device
+    the flavor replaces them on): the same values exactly (float32 affine tables: to a rounding of scale * q, as a compiler
     may fuse scale * q + bias into one); ids past either end clamped to the table."""
     import mlx.nn as nn
 
@@ -634,10 +634,12 @@ def _dense_embed_case(flavor: str) -> None:
         d = dense_weight(table)
         for t in (0, V - 1, V // 2, V + 5, -3):
             got = dense_embed(mx.array([t], dtype=mx.int32), d, flavor)
-            with mx.stream(mx.cpu):
+            # the module's call where the kernel replaces it: on the CPU for the emulation, on
+            # the GPU for the GPU flavors (its rounding there is what the uncompiled path gives)
+            with mx.stream(mx.cpu if flavor in ("emulated", "mlx") else mx.default_device()):
                 want = table(mx.array([min(max(t, 0), V - 1)]))
             mx.eval(got, want)
-            what = f"dense_embed {V}x{D} {kind or dtype} token {t}"
+            what = f"dense_embed {V}x{D} {kind or dtype} token {t} (vs the module on {flavor})"
             assert got.dtype == want.dtype and got.shape == (1, D), f"{what}: {got.dtype} {got.shape}"
             g, w = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
             if dtype == mx.float32 and kind is not None:  # scale * q + bias may be one fused rounding or two:
