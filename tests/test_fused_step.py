@@ -310,18 +310,21 @@ def test_fused_step_matches_mlx_lm_forward(flavor, family, quantize, kv_in_place
     experts' launch, or by moe_router_topk; the router's inputs from the o_proj
     launch's tail or from a launch of their own; the MoE layer in one launch or two)."""
     model = fused_model(family, quantize)
-    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, kv_in_place=kv_in_place,
-                                                               route_in_experts=route_in_experts, tail=tail,
-                                                               one_launch=one_launch)
+    assert_step_matches(*one_step(model, family, flavor, kv_in_place=kv_in_place, route_in_experts=route_in_experts,
+                                  tail=tail, one_launch=one_launch))
+
+
+def assert_step_matches(got, want, cache, ref_cache, routes, ref_routes):
+    """one_step's results agree: logits, the cache after the step (the new key and value in
+    the slot mlx-lm wrote) and the routing the hook sees (experts and weights)."""
     g, w = np.array(got), np.array(want)
     assert g.shape == w.shape
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
     assert g.argmax() == w.argmax()
-    for c, r in zip(cache, ref_cache):  # the new key and value landed in the slot mlx-lm wrote
+    for c, r in zip(cache, ref_cache):
         np.testing.assert_allclose(np.array(c.keys[:, :, :len(PROMPT) + 1]),
                                    np.array(r.keys[:, :, :len(PROMPT) + 1]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.array(c.values), np.array(r.values), rtol=1e-5, atol=1e-5)
-    # the routing hook sees the same experts and weights as through the MoE layers
     assert [r[0] for r in routes] == [r[0] for r in ref_routes]
     for (_, gi, gw), (_, wi, ww) in zip(routes, ref_routes):
         assert (gi == wi).all()
@@ -345,22 +348,14 @@ def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeyp
                         lambda *a, **k: calls.__setitem__("qkv", calls["qkv"] + 1) or real_qkv(*a, **k))
     monkeypatch.setattr(kernels_backend, "oproj_moe",
                         lambda *a, **k: calls.__setitem__("oproj", calls["oproj"] + 1) or real_oproj(*a, **k))
-    got, want, cache, ref_cache, routes, ref_routes = one_step(model, family, flavor, route_in_experts=True,
-                                                               tail="split", one_launch=True, chain=True, oproj=True)
+    results = one_step(model, family, flavor, route_in_experts=True, tail="split", one_launch=True, chain=True,
+                       oproj=True)
     assert calls["qkv"] == len(model.layers), "the layers did not take the one-launch q/k/v + attention"
     from mlx_moe.moe import moe_layers
 
     shared = moe_layers(model)[0].has_shared_expert
     assert calls["oproj"] == (0 if shared else len(model.layers)), calls
-    g, w = np.array(got), np.array(want)
-    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
-    for c, r in zip(cache, ref_cache):
-        np.testing.assert_allclose(np.array(c.keys[:, :, :len(PROMPT) + 1]),
-                                   np.array(r.keys[:, :, :len(PROMPT) + 1]), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.array(c.values), np.array(r.values), rtol=1e-5, atol=1e-5)
-    assert [r[0] for r in routes] == [r[0] for r in ref_routes]
-    for (_, gi, _), (_, wi, _) in zip(routes, ref_routes):
-        assert (gi == wi).all()
+    assert_step_matches(*results)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -113,6 +113,19 @@ def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
     return ptx.read_text(), r2.stderr + r2.stdout
 
 
+def _compiles(tmp_path: Path, family: str, kernels: list, max_registers: int) -> dict:
+    """Compile `kernels` for sm_90a: one entry each, no spills, at most max_registers a thread
+    (the launch fails beyond 65536 / threads a threadgroup); the registers are printed
+    (pytest -s: they bound how many threadgroups an SM holds)."""
+    ptx, report = compile_sm90a(tmp_path, family, kernels)
+    assert len(_entries(ptx)) == len(kernels)
+    regs = _report(report)
+    print(regs)
+    assert all(r is not None and r <= max_registers for r, _ in regs.values()), regs
+    assert " 0 bytes spill stores" in report or "spill" not in report
+    return regs
+
+
 def _gemm(name, variant, x, wt, K, N, KS, extra=()):
     base = gemm_base(name)
     wname = {"mul_mm_id": ("src", "w"), "mul_mm_id_swiglu": ("x", "wg", "wu")}[base]
@@ -393,12 +406,7 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8),
                _moe_layer("q4_0_1x4x8_staged", 1, 4, 8, stage=True)]
-    ptx, report = compile_sm90a(tmp_path, "mul_mv_id", kernels)
-    assert len(_entries(ptx)) == len(kernels)
-    regs = _report(report)
-    print(regs)
-    assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
-    assert " 0 bytes spill stores" in report or "spill" not in report
+    _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
 
 
 def test_greedy_sample_compiles_for_sm90a(tmp_path):
@@ -406,12 +414,7 @@ def test_greedy_sample_compiles_for_sm90a(tmp_path):
     threadgroups, so at most 64 registers a thread (65536 a multiprocessor), no spills."""
     kernels = [("greedy_sample", dt, {"logits": dt, "count": "uint32"}, {"token": "int32", "lse": dt},
                 [("T", dt), ("V", 151936), ("NT", 1024), ("NTG", 75)]) for dt in ("bfloat16", "float32")]
-    ptx, report = compile_sm90a(tmp_path, "sample", kernels)
-    assert len(_entries(ptx)) == len(kernels)
-    regs = _report(report)
-    print(regs)
-    assert all(r is not None and r <= 64 for r, _ in regs.values()), regs
-    assert " 0 bytes spill stores" in report or "spill" not in report
+    _compiles(tmp_path, "sample", kernels, max_registers=64)
 
 
 def test_qkv_attention_compiles_for_sm90a(tmp_path):
@@ -427,12 +430,7 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
          [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
           ("NR", 2), ("NSG", 8), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
           ("S", 4), ("QKNORM", True), ("TRAD", False)])
-    ptx, report = compile_sm90a(tmp_path, "decode_chain", [k])
-    assert len(_entries(ptx)) == 1
-    regs = _report(report)
-    print(regs)
-    assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
-    assert " 0 bytes spill stores" in report or "spill" not in report
+    _compiles(tmp_path, "decode_chain", [k], max_registers=255)
 
 
 def test_oproj_moe_compiles_for_sm90a(tmp_path):
@@ -447,9 +445,4 @@ def test_oproj_moe_compiles_for_sm90a(tmp_path):
     outputs.update(moe[3])
     names = {n for n, _ in tail[4]}
     template = list(tail[4]) + [(n, v) for n, v in moe[4] if n not in names]
-    ptx, report = compile_sm90a(tmp_path, "decode_chain", [("oproj_moe", "qwen3", inputs, outputs, template)])
-    assert len(_entries(ptx)) == 1
-    regs = _report(report)
-    print(regs)
-    assert all(r is not None and r <= 255 for r, _ in regs.values()), regs
-    assert " 0 bytes spill stores" in report or "spill" not in report
+    _compiles(tmp_path, "decode_chain", [("oproj_moe", "qwen3", inputs, outputs, template)], max_registers=255)
