@@ -27,6 +27,9 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           add after the MoE block (metal/mul_mv_id.metal)
   (mul_mv_id_moe          the last two as one launch, its down threadgroups waiting
                           inside it for its gate/up ones: MOE_ONE_LAUNCH, CUDA)
+  (qkv_attention, oproj_moe  the first two, and o_proj with the MoE layer, chained the
+                          same way: QKV_ATTENTION_ONE_LAUNCH, OPROJ_MOE_ONE_LAUNCH, off
+                          until measured; metal/decode_chain.metal)
 
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
@@ -281,8 +284,8 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     counters = iter(registry.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
               for lp in layers]
-    # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH) and q/k/v + attention
-    # (QKV_ATTENTION_ONE_LAUNCH), in another evaluation
+    # and one for each layer's one-launch MoE (MOE_ONE_LAUNCH), q/k/v + attention
+    # (QKV_ATTENTION_ONE_LAUNCH) and o_proj + MoE (OPROJ_MOE_ONE_LAUNCH), in another evaluation
     counts = registry.ticket_counters(3 * len(layers))
     layers = [lp._replace(moe_count=counts[3 * i], chain_count=counts[3 * i + 1], oproj_count=counts[3 * i + 2])
               for i, lp in enumerate(layers)]

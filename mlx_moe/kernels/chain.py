@@ -5,6 +5,8 @@ KernelSpec.in_order).
 
     count = registry.ticket_counter()                      # one per call site, zero between launches
     parts, ml = qkv_attention(h, norm_w, eps, [q, k, v], ..., keys, values, pos, scale, flavor, count)
+    y, ids, weights = oproj_moe((parts, ml), o, h, router_tail, params, wg, wu, wd, n_identity,
+                                moe_count, count, flavor)
 """
 
 from __future__ import annotations
