@@ -743,10 +743,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 // out[c] = row `token` of an embedding table, dequantized: the decode step's
 // nn.Embedding / nn.QuantizedEmbedding lookup in one launch (MLX's is a gather per
 // array, three for an affine table, and a dequantize: four graph nodes, 18 us of an
-// H100 decode step).  Affine values rounded as MLX's affine_dequantize rounds them,
-// T(T(scale * q) + bias); float tables copied.
+// H100 decode step).  Affine values rounded as MLX's affine_dequantize rounds them on
+// the device the kernel replaces it on: T(T(scale * q) + bias) on the CPU (two roundings
+// of T arithmetic), T(scale * q + bias) with FUSED (one: on CUDA, where ptxas fuses the
+// bfloat16 / half multiply and add of MLX's kernel into an FMA, as PTX allows for
+// mul/add without a rounding modifier); float tables copied.
 // Template: T (the output type: the scales' for affine tables, else the weight's),
-//   FMT, GS (as dense_norm), K (columns), V (rows), TG (threads per threadgroup).
+//   FMT, GS (as dense_norm), K (columns), V (rows), TG (threads per threadgroup), FUSED.
 // Inputs: token [1] (any integer type; clamped to [0, V - 1]: never a read outside
 //   the table), w, w_s, w_b (dense weight, as dense_norm).
 // Output: out [K] (T).
@@ -771,6 +774,6 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   }
   for (int i = 0; i < PER; ++i) {
     const float v = moe_dense_unit_at<FMT>(q, i);
-    out[j * PER + i] = AFFINE ? T(float(T(s * v)) + b) : T(v);
+    out[j * PER + i] = AFFINE ? (FUSED ? T(moe_fma(s, v, b)) : T(float(T(s * v)) + b)) : T(v);
   }
 }

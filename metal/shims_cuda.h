@@ -94,6 +94,10 @@ __device__ inline float moe_log(float v) {
   return logf(v);
 }
 
+__device__ inline float moe_fma(float a, float b, float c) {
+  return fmaf(a, b, c);
+}
+
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (-__int_as_float(0x7f800000))
 

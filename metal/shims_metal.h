@@ -71,6 +71,11 @@ inline float moe_log(float v) {
   return metal::precise::log(v);
 }
 
+// a * b + c with one rounding.
+inline float moe_fma(float a, float b, float c) {
+  return metal::fma(a, b, c);
+}
+
 // -infinity (masked and absent scores in the router).
 #define MOE_NEG_INF (as_type<float>(0xff800000u))
 

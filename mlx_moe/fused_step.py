@@ -135,8 +135,9 @@ HEAD_LAUNCH = True
 # fourth session), and its rows equal MLX's dequantize on the CPU exactly (kernel_cases,
 # on the H100 too); but with it the 4-bit benchmark model's greedy tokens differed from
 # MLX's path from the first token on (same process).  The likely cause: MLX's CUDA
-# dequantize rounding scale * q + bias otherwise than its CPU one (one rounding, not two);
-# the kernel case now compares against the module on the GPU to tell.  Off until then;
+# dequantize rounding scale * q + bias once (ptxas fuses its bfloat16 multiply and add),
+# its CPU one twice, as the kernel did; it now rounds once on CUDA (dense.EMBED_FUSED),
+# and its kernel case compares with the module on the GPU.  Off until an H100 confirms;
 # bench_generate's engine suffix +embed turns it on.
 EMBED_LAUNCH = False
 

@@ -341,9 +341,11 @@ DECODE_LAYER_KERNELS = [
     _tail("dense_residual_parts_router_split", "o_q4_router_q8_split_1x16", 1, 16),
     # the token's embedding: Qwen3's 4-bit table (mlx-community), a bfloat16 one
     ("dense_embed", "embed_q4", {"token": "int32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16"},
-     {"out": "bfloat16"}, [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("V", 151936), ("TG", 64)]),
+     {"out": "bfloat16"}, [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("V", 151936), ("TG", 64),
+                           ("FUSED", True)]),
     ("dense_embed", "embed_bf16", {"token": "int32", "w": "bfloat16", "w_s": "bfloat16", "w_b": "bfloat16"},
-     {"out": "bfloat16"}, [("T", "bfloat16"), ("FMT", 17), ("GS", 32), ("K", 2048), ("V", 151936), ("TG", 64)]),
+     {"out": "bfloat16"}, [("T", "bfloat16"), ("FMT", 17), ("GS", 32), ("K", 2048), ("V", 151936), ("TG", 64),
+                           ("FUSED", False)]),
 ]
 
 

@@ -193,10 +193,19 @@ def dense_norm_args(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: 
 EMBED_TG = 64  # dense_embed's threads per threadgroup (Qwen3's 4-bit 2048-wide rows: 64 words)
 
 
-def dense_embed(token: mx.array, d: DenseWeight, flavor: str) -> mx.array:
+# dense_embed's rounding of an affine table's scale * q + bias, per flavor: one rounding
+# (an FMA) where MLX's own dequantize is compiled to one, else two (T arithmetic, as on
+# the CPU).  CUDA: ptxas may fuse the bfloat16 multiply and add of MLX's kernel (PTX
+# mul/add without a rounding modifier); not yet confirmed on a GPU (the kernel case
+# compares with the module on the GPU).  Metal: unmeasured, two.
+EMBED_FUSED = {"cuda": True}
+
+
+def dense_embed(token: mx.array, d: DenseWeight, flavor: str, fused: Optional[bool] = None) -> mx.array:
     """Row `token` (an integer array of one element, clamped to the table) of embedding
     table `d` (dense_weight of an nn.Embedding / nn.QuantizedEmbedding) as [1, cols], in
-    the scales' dtype for affine tables (as MLX's dequantize), else the weight's."""
+    the scales' dtype for affine tables (as MLX's dequantize), else the weight's.
+    fused: an affine value's rounding (default EMBED_FUSED for the flavor)."""
     if token.size != 1 or not mx.issubdtype(token.dtype, mx.integer):
         raise ValueError(f"dense_embed takes one token id; got {token.dtype} of shape {tuple(token.shape)}")
     if d.bias is not None:
@@ -205,7 +214,8 @@ def dense_embed(token: mx.array, d: DenseWeight, flavor: str) -> mx.array:
     words = d.cols // (128 // d.fmt if d.fmt in (4, 8) else 16 // d.w.itemsize)
     return kernel(flavor, "dense_embed")(
         inputs=[token.reshape(1), *weight_inputs(d)],
-        template=[("T", T), *fmt_template(d), ("K", d.cols), ("V", d.rows), ("TG", EMBED_TG)],
+        template=[("T", T), *fmt_template(d), ("K", d.cols), ("V", d.rows), ("TG", EMBED_TG),
+                  ("FUSED", bool(EMBED_FUSED.get(flavor, False) if fused is None else fused))],
         grid=(-(-words // EMBED_TG) * EMBED_TG, 1, 1), threadgroup=(EMBED_TG, 1, 1),
         output_shapes=[(1, d.cols)], output_dtypes=[T])[0]
 

@@ -616,9 +616,11 @@ def _oproj_moe_case(flavor: str) -> None:
 
 
 def _dense_embed_case(flavor: str) -> None:
-    """dense_embed against the module's own call (MLX's gathers and dequantize, on the device
-    the flavor replaces them on): the same values exactly (float32 affine tables: to a rounding of scale * q, as a compiler
-    may fuse scale * q + bias into one); ids past either end clamped to the table."""
+    """dense_embed against the module's own call (MLX's gathers and dequantize) on the device
+    the flavor replaces it on: the same values exactly (float32 affine tables to a rounding of
+    scale * q: one fused rounding or two); an affine table's two roundings, T(T(scale * q) +
+    bias), against the module on the CPU and its one, T(scale * q + bias), against float64
+    numpy, on every flavor; ids past either end clamped to the table."""
     import mlx.nn as nn
 
     from .dense import dense_embed, dense_weight
@@ -633,20 +635,35 @@ def _dense_embed_case(flavor: str) -> None:
         mx.eval(table.parameters())
         d = dense_weight(table)
         for t in (0, V - 1, V // 2, V + 5, -3):
-            got = dense_embed(mx.array([t], dtype=mx.int32), d, flavor)
-            # the module's call where the kernel replaces it: on the CPU for the emulation, on
-            # the GPU for the GPU flavors (its rounding there is what the uncompiled path gives)
-            with mx.stream(mx.cpu if flavor in ("emulated", "mlx") else mx.default_device()):
-                want = table(mx.array([min(max(t, 0), V - 1)]))
-            mx.eval(got, want)
-            what = f"dense_embed {V}x{D} {kind or dtype} token {t} (vs the module on {flavor})"
-            assert got.dtype == want.dtype and got.shape == (1, D), f"{what}: {got.dtype} {got.shape}"
-            g, w = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
-            if dtype == mx.float32 and kind is not None:  # scale * q + bias may be one fused rounding or two:
-                # half an ulp of scale * q apart, which near a cancellation is large against the sum
-                assert np.abs(g - w).max() <= 2.0 ** -20 * np.abs(w).max(), what
-            else:
-                assert np.array_equal(g, w), what
+            row = min(max(t, 0), V - 1)
+            token = mx.array([t], dtype=mx.int32)
+            checks = [(None, mx.cpu if flavor in ("emulated", "mlx") else mx.default_device())]
+            if kind is not None:
+                checks += [(False, mx.cpu), (True, None)]
+            for fused, device in checks:
+                got = dense_embed(token, d, flavor, fused=fused)
+                if device is not None:  # the module's call (the GPU's rounding is the uncompiled path's)
+                    with mx.stream(device):
+                        want = table(mx.array([row]))
+                else:  # one rounding of the exact scale * q + bias
+                    with mx.stream(mx.cpu):
+                        levels = mx.dequantize(table.weight[row:row + 1], mx.ones_like(table.scales[row:row + 1]),
+                                               mx.zeros_like(table.biases[row:row + 1]), kind[1], kind[0])
+                        s64 = np.repeat(np.array(table.scales[row].astype(mx.float32)), kind[1]).astype(np.float64)
+                        b64 = np.repeat(np.array(table.biases[row].astype(mx.float32)), kind[1]).astype(np.float64)
+                        exact = s64 * np.array(levels.astype(mx.float32)).reshape(-1) + b64
+                        want = mx.array(exact.astype(np.float32)).astype(dtype).reshape(1, D)
+                mx.eval(got, want)
+                what = f"dense_embed {V}x{D} {kind or dtype} token {t} (fused {fused}, vs {device or 'numpy'})"
+                assert got.dtype == want.dtype and got.shape == (1, D), f"{what}: {got.dtype} {got.shape}"
+                g, w = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)).reshape(1, D)
+                if fused is not True and dtype == mx.float32 and kind is not None:
+                    # float32 T: a compiler may fuse the two roundings into one (nothing rounds
+                    # between them); half an ulp of scale * q apart, which near a cancellation
+                    # is large against the sum
+                    assert np.abs(g - w).max() <= 2.0 ** -20 * np.abs(w).max(), what
+                else:
+                    assert np.array_equal(g, w), what
 
 
 def greedy_sample_reference(logits: mx.array):
