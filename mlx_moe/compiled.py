@@ -316,7 +316,7 @@ class CompiledDecoder:
         else:
             flavors = {getattr(layer.backend, "flavor", None) for layer in layers}
             flavor = flavors.pop() if len(flavors) == 1 else None
-        # greedy_sample's kernel flavor; its counter is made on first use (the vocabulary's size)
+        # greedy_sample's kernel flavor; its counter is made on first use
         self.sample_flavor = flavor if flavor in ("metal", "cuda") else "mlx"
         self._sample_count = None
         mx.eval(model.parameters())  # the trace must capture evaluated weights, not their graphs
@@ -408,13 +408,10 @@ class CompiledDecoder:
         """As `step`, and the greedy pick too: (next token int32 [1], log-probabilities
         [1, vocab]), both lazy; the log-probabilities are computed only if read (on the
         metal and cuda flavors the token comes from greedy_sample, GREEDY_KERNEL)."""
-        if self._sample_count is None and self.sample_flavor != "mlx":
+        if self._sample_count is None and self.sample_flavor != "mlx":  # made outside the trace
             from .kernels.sample import new_counter
 
-            vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
-            if not vocab:
-                raise ValueError("greedy decoding on the kernels needs the model's args.vocab_size")
-            self._sample_count = new_counter(int(vocab))
+            self._sample_count = new_counter()
         token_out, logits, lse = self._run(token, cache, True)
         return token_out, logits - lse
 

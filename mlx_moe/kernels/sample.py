@@ -7,8 +7,8 @@ log-sum-exp and the token mlx-lm's greedy generate_step picks,
 index winning a tie, as MLX's ops compute them).  The compiled decode step uses it
 for greedy decoding and leaves `logits - lse` lazy (mlx_moe/compiled.py).
 
-    count = mx.zeros(counter_words(groups_for(vocab)), mx.uint32)   # once; zero between launches
-    token, lse = greedy_sample(logits, flavor, count)               # int32 [1], [1]
+    count = new_counter()                                # once per call site; zero between launches
+    token, lse = greedy_sample(logits, flavor, count)    # int32 [1], [1]
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ def counter_words(groups: int) -> int:
     return 4 + 2 * groups
 
 
-def new_counter(vocab: int) -> mx.array:
-    """A zeroed count input for `vocab` logits (each launch leaves it zero again)."""
-    return ticket_counter(counter_words(groups_for(vocab)))
+def new_counter() -> mx.array:
+    """A zeroed count input, room for any vocabulary (GROUPS threadgroups' shares; each
+    launch leaves its ticket zero again)."""
+    return ticket_counter(counter_words(GROUPS))
 
 
 def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
@@ -43,8 +44,8 @@ def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = Non
 
     flavor: a kernel flavor (mlx_moe/kernels/registry.py), or "mlx" for MLX's own
     ops (the reference; what runs where the kernels cannot).
-    count: the kernel's scratch (new_counter(V)): one per call site, kept between
-    calls (made here when None: one more allocation per call)."""
+    count: the kernel's scratch (new_counter()): one per call site, kept between calls
+    (made here when None: one more allocation per call)."""
     if logits.ndim == 2 and logits.shape[0] == 1:
         logits = logits.reshape(-1)
     if logits.ndim != 1 or logits.size == 0:
@@ -57,7 +58,7 @@ def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = Non
         return mx.argmax(logits - lse, axis=-1, keepdims=True).astype(mx.int32), lse
     groups = groups_for(vocab)
     if count is None:
-        count = new_counter(vocab)
+        count = new_counter()
     elif count.dtype != mx.uint32 or count.size < counter_words(groups):
         raise ValueError(f"greedy_sample's count must be uint32 [>= {counter_words(groups)}] for {vocab} logits "
                          f"(make it with new_counter); got {count.dtype} {tuple(count.shape)}")
