@@ -10,7 +10,8 @@
 // waiting threadgroup never holds a core that one it waits for has yet to get), as
 // NVIDIA's do: KernelSpec.in_order, and the CPU emulation runs these kernels'
 // threadgroups in index order; Apple documents no such order, so these kernels are
-// for CUDA (mlx_moe/fused_step.py QKV_ATTENTION_ONE_LAUNCH), as mul_mv_id_moe.
+// for CUDA (mlx_moe/fused_step.py QKV_ATTENTION_ONE_LAUNCH, OPROJ_MOE_ONE_LAUNCH), as
+// mul_mv_id_moe.
 
 // ==== helpers ====
 //@uses decode_layer  (the chained bodies' helpers)
