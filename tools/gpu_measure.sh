@@ -14,7 +14,8 @@
 #     attention in 8 splits: 7.6 against 9.9 us alone), +embed (dense_embed, off: its
 #     tokens differed from MLX's embedding path) and +mlxsample, on a GPU-bound host (the
 #     fourth session's hosts decoded mlx-lm at 40-70 tok/s: host-bound, unresolvable);
-#     every kernel of two compiled decode steps under ncu with the defaults
+#     every kernel of two compiled decode steps under ncu with the defaults and with the
+#     chained launches + 8 attention splits; the host split of both
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -84,7 +85,14 @@ step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics
   --log-file "$OUT/ncu_step.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
   --steps 2 --shape qwen3-30b-a3b
 [ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
+step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+  --log-file "$OUT/ncu_step_chained.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
+  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+qkvatt+oprojmoe+split8
+[ -f "$OUT/ncu_step_chained.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_chained.csv" \
+  --steps 2
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
+step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b \
+  --engine mlx-moe+compile+qkvatt+oprojmoe
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"
 # every kernel of one plain 512-token prefill (16 layers: each launches the same kernels), only

@@ -27,7 +27,9 @@ them.  This tool measures the two things that decide the host time:
      python tools/profile_decode.py --summarize step.csv --steps 2
 
    gives every kernel of a step and the GPU time a token needs (ncu serializes the
-   kernels: their sum is the step's GPU work without overlap).
+   kernels: their sum is the step's GPU work without overlap).  --engine NAME profiles
+   the settings of a tools/bench_generate.py engine name instead of the defaults (e.g.
+   mlx-moe+compile+qkvatt+oprojmoe), here and in --host-split.
 
 4. --host-split: whether the compiled step is host- or GPU-bound.  Decodes as
    generate does (the next step queued before the current token is read) and
@@ -57,7 +59,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_generate import SHAPES, build_models, random_q4_0_experts  # noqa: E402
+from bench_generate import SHAPES, build_models, engine_settings, engine_suffixes, random_q4_0_experts  # noqa: E402
 
 from mlx_moe.backends import get_backend  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
@@ -263,7 +265,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="--gpu-step / --summarize: decode steps profiled")
     p.add_argument("--host-split", action="store_true", help="build / encode / wait per token (docstring)")
     p.add_argument("--summarize", default=None, help="an ncu CSV of --gpu-step: GPU time per step by kernel")
+    p.add_argument("--engine", default="mlx-moe+compile",
+                   help="the settings to profile, as tools/bench_generate.py's engine names give them "
+                        "(e.g. mlx-moe+compile+qkvatt+oprojmoe): --gpu-step and --host-split of a variant")
     args = p.parse_args(argv)
+    engine_suffixes(args.engine)  # an unknown suffix: an error now, not after building the model
     if args.summarize:
         summarize(args.summarize, args.steps)
         return
@@ -282,11 +288,13 @@ def main(argv=None):
     random_q4_0_experts(ours)
     set_expert_backend(ours, backend)
     prompt = mx.random.randint(0, config["vocab_size"], (args.prompt_tokens,)).tolist()
-    if args.gpu_step:
-        gpu_step(ours, prompt, args.gen_tokens, args.steps)
-        return
-    if args.host_split:
-        host_split(ours, prompt, args.gen_tokens)
+    if args.gpu_step or args.host_split:
+        with engine_settings(args.engine):
+            print(f"settings: {args.engine}", flush=True)
+            if args.gpu_step:
+                gpu_step(ours, prompt, args.gen_tokens, args.steps)
+            else:
+                host_split(ours, prompt, args.gen_tokens)
         return
     print("\n## cProfile, decode without the expert log")
     print(profile_generate(ours, prompt, args.gen_tokens, top=args.top), flush=True)
