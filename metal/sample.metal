@@ -39,6 +39,11 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
 // order (deterministic) and scans every logit for the token: a scan rather than
 // per-slice candidates, because which logits tie after the subtraction depends on
 // lse, known only at the end.
+// Option CAND (kernel greedy_sample_cand; template NC): every threadgroup also keeps its
+//   slice's NC largest distinct values with their first indices (count holds them after
+//   the shares: counter_words), and the last one finds the token from those, scanning
+//   only slices whose NC candidates all tie after the subtraction (the scan of every
+//   logit by one threadgroup took most of the launch's 24-25 us on the H100).
 // Grid: (NTG * NT, 1, 1), threadgroup (NT, 1, 1).
 {
   constexpr int NSG = NT / 32;
@@ -84,6 +89,51 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const auto share = moe_inplace(count) + 4;  // after the ticket's 16 bytes
+//@if CAND
+  // The slice's NC largest distinct values, each with its first index, largest first
+  // (index V once the slice has no more), after the shares: NC rounds of a
+  // threadgroup (max, first index) reduction over the values below the last round's.
+  float prev = MOE_NEG_INF;
+  for (int r = 0; r < NC; ++r) {
+    float cb = MOE_NEG_INF;
+    int ci = V;
+    MOE_UNROLL
+    for (int k = 0; k < IPT; ++k) {
+      const int i = g * C + tid + k * NT;
+      if (i < hi && (r == 0 || v[k] < prev) && moe_argmax_better(v[k], i, cb, ci)) {
+        cb = v[k];
+        ci = i;
+      }
+    }
+    for (ushort off = 16; off > 0; off >>= 1) {
+      const float ob = moe_shuffle_xor(cb, off);
+      const int oi = moe_shuffle_xor(ci, off);
+      if (moe_argmax_better(ob, oi, cb, ci)) {
+        cb = ob;
+        ci = oi;
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the last round's reads of rm, ri
+    if (lane == 0) {
+      rm[sg] = cb;
+      ri[sg] = ci;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    cb = rm[0];
+    ci = ri[0];
+    for (int j = 1; j < NSG; ++j) {
+      if (moe_argmax_better(rm[j], ri[j], cb, ci)) {
+        cb = rm[j];
+        ci = ri[j];
+      }
+    }
+    if (tid == 0) {
+      share[2 * NTG + 2 * (g * NC + r)] = moe_float_bits(cb);
+      share[2 * NTG + 2 * (g * NC + r) + 1] = uint(ci);
+    }
+    prev = (ci < V) ? cb : MOE_NEG_INF;  // none left: no value is below -inf
+  }
+//@endif
   if (tid == 0) {
     float t = 0.0f;
     for (int j = 0; j < NSG; ++j) {
@@ -134,6 +184,7 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
   const T lt = T(mm + moe_log(st));
   const float c = float(lt);
 
+//@if !CAND
   // 3. The token: every logit's T(v - lse), U loads in flight per thread.
   float best = MOE_NEG_INF;
   int bi = V;  // none yet: the first non-NaN key takes its place
@@ -154,6 +205,55 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
       }
     }
   }
+//@endif
+//@if CAND
+  // 3. The token from the candidates: the largest key F is the largest value's (T(v - c)
+  // does not decrease with v); a slice's ties with F are its candidates with key F, and
+  // all of them unless its NC-th candidate ties too (then its other values may: scan it).
+  float vm = MOE_NEG_INF;
+  for (int j = tid; j < NTG; j += NT) {
+    const float vj = moe_as_float(share[2 * NTG + 2 * (j * NC)]);
+    vm = vj > vm ? vj : vm;
+  }
+  vm = moe_simd_max(vm);
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // rm's reads above
+  if (lane == 0) {
+    rm[sg] = vm;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  vm = rm[0];
+  for (int j = 1; j < NSG; ++j) {
+    vm = rm[j] > vm ? rm[j] : vm;
+  }
+  const float F = float(T(vm - c));
+  threadgroup uint scan[NTG];
+  int bi = V;
+  for (int j = tid; j < NTG; j += NT) {
+    uint open = 1u;
+    for (int r = 0; r < NC && open; ++r) {
+      const float cv = moe_as_float(share[2 * NTG + 2 * (j * NC + r)]);
+      const int ci = int(share[2 * NTG + 2 * (j * NC + r) + 1]);
+      if (ci >= V || float(T(cv - c)) != F) {
+        open = 0u;  // the slice's values below this one all map below F
+      } else {
+        bi = ci < bi ? ci : bi;
+      }
+    }
+    scan[j] = open;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int j = 0; j < NTG; ++j) {  // uniform: every thread reads scan[j]
+    if (scan[j] != 0u) {
+      const int end = (j + 1) * C < V ? (j + 1) * C : V;
+      for (int i = j * C + tid; i < end; i += NT) {
+        if (float(T(float(logits[i]) - c)) == F && i < bi) {
+          bi = i;
+        }
+      }
+    }
+  }
+  float best = (bi < V) ? F : MOE_NEG_INF;
+//@endif
   for (ushort off = 16; off > 0; off >>= 1) {
     const float ob = moe_shuffle_xor(best, off);
     const int oi = moe_shuffle_xor(bi, off);

@@ -9,7 +9,8 @@
 #  T. decode (issues 5, 9), first: the 2026-12-06 fourth session's kernels on the GPU --
 #     qkv_attention and oproj_moe (q/k/v + attention, o_proj + MoE layer, each in one
 #     launch: GPU tests incl. the compiled greedy tokens with them toggled, memcheck),
-#     greedy_sample and dense_embed (tests, memcheck); decode end to end with the defaults
+#     greedy_sample (with 4 candidates a threadgroup: +cand) and dense_embed (tests,
+#     memcheck); decode end to end with the defaults
 #     against +qkvatt, +oprojmoe (128 registers a thread: 2 threadgroups an SM), +split8 (the
 #     attention in 8 splits: 7.6 against 9.9 us alone), +embed (dense_embed, off: its
 #     tokens differed from MLX's embedding path) and +mlxsample, on a GPU-bound host (the
@@ -80,14 +81,14 @@ step 150 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python
   -k "(qkv_attention and cuda) or (oproj_moe and cuda) or (dense_embed and cuda) or test_cuda"
 step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_defaults.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+qkvatt,mlx-moe+compile+oprojmoe,mlx-moe+compile+qkvatt+oprojmoe,mlx-moe+compile+split8,mlx-moe+compile+embed,mlx-moe+compile+mlxsample
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+qkvatt,mlx-moe+compile+oprojmoe,mlx-moe+compile+qkvatt+oprojmoe,mlx-moe+compile+split8,mlx-moe+compile+embed,mlx-moe+compile+cand,mlx-moe+compile+mlxsample
 step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
   --log-file "$OUT/ncu_step.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
   --steps 2 --shape qwen3-30b-a3b
 [ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
 step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
   --log-file "$OUT/ncu_step_chained.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
-  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+qkvatt+oprojmoe+split8
+  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+qkvatt+oprojmoe+split8+cand+embed
 [ -f "$OUT/ncu_step_chained.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_chained.csv" \
   --steps 2
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b

@@ -674,22 +674,34 @@ def greedy_sample_reference(logits: mx.array):
         return int(token.item()), lse
 
 
-def _greedy_sample_case(flavor: str) -> None:
+def _greedy_sample_case(flavor: str, candidates: int = 0) -> None:
     """greedy_sample against MLX's logsumexp and argmax of logits - lse: flat random logits,
     two logits that tie after the subtraction in bfloat16 (the first wins), a planted peak,
     equal maxima in two threadgroups (the first wins), a threadgroup of -inf logits, twice on
     one counter."""
+    from . import sample
+    from .registry import switched
     from .sample import greedy_sample, groups_for, new_counter
 
+    with switched(sample.__name__, ("CANDIDATES",), CANDIDATES=candidates):
+        _greedy_sample_cases(flavor, greedy_sample, groups_for, new_counter)
+
+
+def _greedy_sample_cases(flavor, greedy_sample, groups_for, new_counter) -> None:
     rng = np.random.default_rng(11)
     for V, dtype, kind in ((5000, mx.bfloat16, "flat"), (5000, mx.bfloat16, "merge"), (3001, mx.float32, "peak"),
-                           (4500, mx.float16, "tie"), (4100, mx.bfloat16, "neginf"), (777, mx.bfloat16, "flat")):
+                           (4500, mx.float16, "tie"), (4100, mx.bfloat16, "neginf"), (777, mx.bfloat16, "flat"),
+                           (6000, mx.bfloat16, "cluster")):
         x = rng.standard_normal(V).astype(np.float32) * (0.5 if kind == "flat" else 3.0)
         if kind == "peak":
             x[V // 3] = 40.0
         if kind == "merge":  # two adjacent bfloat16 logits whose log-probabilities round to one value
             x = x * 0.01
             x[50], x[3000] = 1.0, 1.0078125
+        if kind == "cluster":  # eight adjacent bfloat16 values in one slice, later ones larger, whose
+            # log-probabilities (near -8.2: 2^-4 apart in bfloat16) all round to one value
+            x = 0.4 + x * 0.003
+            x[2100:2108] = 0.9375 + np.arange(8) / 256
         if kind == "tie":
             x[:] = np.minimum(x, 5.0)
             x[V - 7] = x[17] = 9.0  # threadgroups 0 and the last
@@ -722,6 +734,9 @@ def _greedy_sample_case(flavor: str) -> None:
                 assert int(token.item()) == V // 3, what
             if kind == "merge":  # the case's point: MLX picks the first of the merged maxima, not the larger logit
                 assert want_token == 50 and int(token.item()) == 50, f"{what}: {int(token.item())}, MLX {want_token}"
+            if kind == "cluster":  # all eight tie: the first wins, below the 4 largest (a candidates' scan)
+                assert want_token == 2100 and int(token.item()) == 2100, \
+                    f"{what}: {int(token.item())}, MLX {want_token}"
 
 
 _DECODE = _layer_case("q4_0", (6, 96, 160, 3, 2), 1, mx.float32, 2e-4, "mv")
@@ -788,6 +803,9 @@ CASES: Dict[str, List[KernelCase]] = {
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
+    "greedy_sample_cand": [KernelCase("as greedy_sample, the token from 1 and from 4 candidates a threadgroup "
+                                      "(slices whose candidates all tie scanned)",
+                                      lambda f: (_greedy_sample_case(f, 1), _greedy_sample_case(f, 4)))],
     "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-5000 "
                                  "logits (bfloat16, float16, float32): flat, two merged by the rounding, peaked, "
                                  "equal maxima in two threadgroups, a threadgroup of -inf, twice on one counter, "
