@@ -299,6 +299,23 @@ MOE_DEVICE inline float moe_tg_sum(float v, R red, uint lane, uint sg) {
   return t;
 }
 
+// Max of v over the threadgroup's NSG simdgroups (NaN ignored where another value is
+// not), returned to every thread; red as moe_tg_sum's.
+template <int NSG, typename R>
+MOE_DEVICE inline float moe_tg_max(float v, R red, uint lane, uint sg) {
+  v = moe_simd_max(v);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane == 0) {
+    red[sg] = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float t = red[0];
+  for (int g = 1; g < NSG; ++g) {
+    t = red[g] > t ? red[g] : t;
+  }
+  return t;
+}
+
 // The input RMSNorm of one token, staged for moe_dense_rest: xn = g * T(x * inv_rms)
 // rounded as mx.fast.rms_norm rounds it, into xs and xsums (moe_xs_put4), by the NT
 // threads of the threadgroup, 4 consecutive columns a thread at a time; with

@@ -13,6 +13,7 @@
 // caller (mlx_moe/compiled.py computes them lazily, for whoever reads them).
 
 // ==== helpers ====
+//@uses decode_layer  (moe_tg_sum, moe_tg_max)
 
 // s * exp(m - mm), 0 for an empty share (m = -inf): one term of a log-sum-exp
 // whose shares (max m, sum of exp(v - m)) are rescaled to the common max mm.
@@ -24,6 +25,42 @@ MOE_DEVICE inline float moe_lse_term(float m, float s, float mm) {
 // smaller index on a tie (NaN keys never win: every comparison with them fails).
 MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
   return k2 > k1 || (k2 == k1 && i2 < i1);
+}
+
+struct moe_best {
+  float v;
+  int i;
+};
+
+// The best (key, index) over the threadgroup's NSG simdgroups (moe_argmax_better),
+// returned to every thread.  rv, ri: threadgroup float[NSG], int[NSG] (reused: the
+// function begins with a barrier).
+template <int NSG, typename RV, typename RI>
+MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane, uint sg) {
+  for (ushort off = 16; off > 0; off >>= 1) {
+    const float ov = moe_shuffle_xor(v, off);
+    const int oi = moe_shuffle_xor(i, off);
+    if (moe_argmax_better(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane == 0) {
+    rv[sg] = v;
+    ri[sg] = i;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  moe_best b;
+  b.v = rv[0];
+  b.i = ri[0];
+  for (int g = 1; g < NSG; ++g) {
+    if (moe_argmax_better(rv[g], ri[g], b.v, b.i)) {
+      b.v = rv[g];
+      b.i = ri[g];
+    }
+  }
+  return b;
 }
 
 // ==== kernel: greedy_sample ====
@@ -69,25 +106,13 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
     v[k] = (i < hi) ? float(logits[i]) : MOE_NEG_INF;
     m = v[k] > m ? v[k] : m;
   }
-  m = moe_simd_max(m);
-  if (lane == 0) {
-    rm[sg] = m;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  m = rm[0];
-  for (int j = 1; j < NSG; ++j) {
-    m = rm[j] > m ? rm[j] : m;
-  }
+  m = moe_tg_max<NSG>(m, rm, lane, sg);
   float s = 0.0f;
   MOE_UNROLL
   for (int k = 0; k < IPT; ++k) {
     s += (m == MOE_NEG_INF) ? 0.0f : moe_exp(v[k] - m);
   }
-  s = moe_simd_sum(s);
-  if (lane == 0) {
-    rs[sg] = s;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  s = moe_tg_sum<NSG>(s, rs, lane, sg);
   const auto share = moe_inplace(count) + 4;  // after the ticket's 16 bytes
 //@if CAND
   // The slice's NC largest distinct values, each with its first index, largest first
@@ -105,42 +130,17 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
         ci = i;
       }
     }
-    for (ushort off = 16; off > 0; off >>= 1) {
-      const float ob = moe_shuffle_xor(cb, off);
-      const int oi = moe_shuffle_xor(ci, off);
-      if (moe_argmax_better(ob, oi, cb, ci)) {
-        cb = ob;
-        ci = oi;
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);  // the last round's reads of rm, ri
-    if (lane == 0) {
-      rm[sg] = cb;
-      ri[sg] = ci;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    cb = rm[0];
-    ci = ri[0];
-    for (int j = 1; j < NSG; ++j) {
-      if (moe_argmax_better(rm[j], ri[j], cb, ci)) {
-        cb = rm[j];
-        ci = ri[j];
-      }
-    }
+    const moe_best b = moe_tg_argmax<NSG>(cb, ci, rm, ri, lane, sg);
     if (tid == 0) {
-      share[2 * NTG + 2 * (g * NC + r)] = moe_float_bits(cb);
-      share[2 * NTG + 2 * (g * NC + r) + 1] = uint(ci);
+      share[2 * NTG + 2 * (g * NC + r)] = moe_float_bits(b.v);
+      share[2 * NTG + 2 * (g * NC + r) + 1] = uint(b.i);
     }
-    prev = (ci < V) ? cb : MOE_NEG_INF;  // none left: no value is below -inf
+    prev = (b.i < V) ? b.v : MOE_NEG_INF;  // none left: no value is below -inf
   }
 //@endif
   if (tid == 0) {
-    float t = 0.0f;
-    for (int j = 0; j < NSG; ++j) {
-      t += rs[j];
-    }
     share[2 * g] = moe_float_bits(m);
-    share[2 * g + 1] = moe_float_bits(t);
+    share[2 * g + 1] = moe_float_bits(s);
   }
   moe_device_fence();
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
@@ -159,28 +159,12 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
     const float mj = moe_as_float(share[2 * j]);
     mm = mj > mm ? mj : mm;
   }
-  mm = moe_simd_max(mm);
-  if (lane == 0) {
-    rm[sg] = mm;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  mm = rm[0];
-  for (int j = 1; j < NSG; ++j) {
-    mm = rm[j] > mm ? rm[j] : mm;
-  }
+  mm = moe_tg_max<NSG>(mm, rm, lane, sg);
   float st = 0.0f;
   for (int j = tid; j < NTG; j += NT) {
     st += moe_lse_term(moe_as_float(share[2 * j]), moe_as_float(share[2 * j + 1]), mm);
   }
-  st = moe_simd_sum(st);
-  if (lane == 0) {
-    rs[sg] = st;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  st = 0.0f;
-  for (int j = 0; j < NSG; ++j) {
-    st += rs[j];
-  }
+  st = moe_tg_sum<NSG>(st, rs, lane, sg);
   const T lt = T(mm + moe_log(st));
   const float c = float(lt);
 
@@ -199,7 +183,7 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
     for (int u = 0; u < U; ++u) {
       const int i = i0 + u * NT;
       const float key = float(T(kv[u] - c));
-      if (i < V && (key > best || (key == best && i < bi))) {
+      if (i < V && moe_argmax_better(key, i, best, bi)) {
         best = key;
         bi = i;
       }
@@ -215,16 +199,7 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
     const float vj = moe_as_float(share[2 * NTG + 2 * (j * NC)]);
     vm = vj > vm ? vj : vm;
   }
-  vm = moe_simd_max(vm);
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // rm's reads above
-  if (lane == 0) {
-    rm[sg] = vm;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  vm = rm[0];
-  for (int j = 1; j < NSG; ++j) {
-    vm = rm[j] > vm ? rm[j] : vm;
-  }
+  vm = moe_tg_max<NSG>(vm, rm, lane, sg);
   const float F = float(T(vm - c));
   threadgroup uint scan[NTG];
   int bi = V;
@@ -254,29 +229,9 @@ MOE_DEVICE inline bool moe_argmax_better(float k2, int i2, float k1, int i1) {
   }
   float best = (bi < V) ? F : MOE_NEG_INF;
 //@endif
-  for (ushort off = 16; off > 0; off >>= 1) {
-    const float ob = moe_shuffle_xor(best, off);
-    const int oi = moe_shuffle_xor(bi, off);
-    if (moe_argmax_better(ob, oi, best, bi)) {
-      best = ob;
-      bi = oi;
-    }
-  }
-  if (lane == 0) {
-    rm[sg] = best;
-    ri[sg] = bi;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const moe_best b = moe_tg_argmax<NSG>(best, bi, rm, ri, lane, sg);
   if (tid == 0) {
-    best = rm[0];
-    bi = ri[0];
-    for (int j = 1; j < NSG; ++j) {
-      if (moe_argmax_better(rm[j], ri[j], best, bi)) {
-        best = rm[j];
-        bi = ri[j];
-      }
-    }
-    token[0] = bi < V ? bi : 0;
+    token[0] = b.i < V ? b.i : 0;
     lse[0] = lt;
     moe_ticket_reset(count);
   }
