@@ -301,21 +301,16 @@ class CompiledDecoder:
         self._routing_shape = None  # one layer's [T, k] records, set while tracing
         self._position, self._position_at = None, -1  # DEVICE_POSITION: the next step's, and its value
         layers = _moe.moe_layers(model)
+        flavors = {getattr(layer.backend, "flavor", getattr(layer.backend, "name", None)) for layer in layers}
+        flavor = flavors.pop() if len(flavors) == 1 else None  # the experts' kernels, if one for all
         self.fused, self.fused_reason = None, "compiled.FUSED_LAYERS is off"
         self.fused_setting = FUSED_LAYERS  # decoder_for rebuilds the decoder when it changes
         if FUSED_LAYERS:
             from . import fused_step
 
-            flavors = {getattr(layer.backend, "flavor", getattr(layer.backend, "name", None)) for layer in layers}
-            flavor = flavors.pop() if len(flavors) == 1 else None
             self.fused, self.fused_reason = fused_step.plan_or_reason(model, flavor)
         self._moe_count = len(layers)
         self._top_k = layers[0].top_k if layers else 0  # the record chain's size depends on it
-        if self.fused is not None:
-            flavor = self.fused.flavor
-        else:
-            flavors = {getattr(layer.backend, "flavor", None) for layer in layers}
-            flavor = flavors.pop() if len(flavors) == 1 else None
         # greedy_sample's kernel flavor; its counter is made on first use
         self.sample_flavor = flavor if flavor in ("metal", "cuda") else "mlx"
         self._sample_count = None

@@ -140,29 +140,36 @@ class KernelBackend(ExpertBackend):
         (mul_mv_id_moe) where `count` is given (the call site's registry.ticket_counter);
         None where the kernels do not take it (the caller then routes with fused_topk
         and calls decode_residual).  mlx_moe/fused_step.py's decoder layers use it."""
-        wg, wu, wd = expert_weights(experts)
-        if logits.ndim != 2 or not router_covers(logits.shape[-1], params):
+        if logits.ndim != 2:
             return None
-        if pairs_path(x, logits.shape[0] * params.k, self._kind(experts, wg, wu, wd)) != "mv":
+        routed = self._routed_weights(x, logits.shape[-1], logits.shape[0] * params.k, params, experts)
+        if routed is None:
             return None
-        self._count(logits.shape[0] * params.k)
+        wg, wu, wd = routed
         if count is not None:
             return mul_mv_id_moe(x, logits, params, wg, wu, wd, n_identity, residual, count, self.flavor)
         h, ids, weights = mul_mv_id_swiglu_route(x, logits, params, wg, wu, self.flavor)
         out = mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
         return out, ids, weights
 
+    def _routed_weights(self, x, n_logits: int, pairs: int, params, experts):
+        """(wg, wu, wd) where the routed decode kernels take these experts for `pairs`
+        (token, slot) pairs of x routed over n_logits router outputs (counted), else None."""
+        wg, wu, wd = expert_weights(experts)
+        if not router_covers(n_logits, params) or pairs_path(x, pairs, self._kind(experts, wg, wu, wd)) != "mv":
+            return None
+        self._count(pairs)
+        return wg, wu, wd
+
     def oproj_routed(self, parts_ml, o, residual, tail, params, experts, n_identity, moe_count, count):
         """(y, ids, weights) of o_proj with the split router tail (dense.dense_residual's)
         and then the layer's experts on its outputs, residual included, in one launch
         (kernels.chain.oproj_moe); None where the one-launch MoE layer would not take the
         experts (the caller then launches the two).  mlx_moe/fused_step.py's layers use it."""
-        wg, wu, wd = expert_weights(experts)
-        if not router_covers(tail.gate.rows, params):
+        routed = self._routed_weights(residual, tail.gate.rows, params.k, params, experts)  # (xn: residual's shape)
+        if routed is None:
             return None
-        if pairs_path(residual, params.k, self._kind(experts, wg, wu, wd)) != "mv":  # (xn: residual's shape)
-            return None
-        self._count(params.k)
+        wg, wu, wd = routed
         return oproj_moe(parts_ml, o, residual, tail, params, wg, wu, wd, n_identity, moe_count, count, self.flavor)
 
     def prefill(self, x, ids, weights, experts, wg, wu, wd, n_identity):

@@ -681,13 +681,14 @@ def _greedy_sample_case(flavor: str, candidates: int = 0) -> None:
     one counter."""
     from . import sample
     from .registry import switched
-    from .sample import greedy_sample, groups_for, new_counter
 
     with switched(sample.__name__, ("CANDIDATES",), CANDIDATES=candidates):
-        _greedy_sample_cases(flavor, greedy_sample, groups_for, new_counter)
+        _greedy_sample_cases(flavor)
 
 
-def _greedy_sample_cases(flavor, greedy_sample, groups_for, new_counter) -> None:
+def _greedy_sample_cases(flavor: str) -> None:
+    from .sample import greedy_sample, groups_for, new_counter
+
     rng = np.random.default_rng(11)
     for V, dtype, kind in ((5000, mx.bfloat16, "flat"), (5000, mx.bfloat16, "merge"), (3001, mx.float32, "peak"),
                            (4500, mx.float16, "tie"), (4100, mx.bfloat16, "neginf"), (777, mx.bfloat16, "flat"),
