@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import attention, dense
-from .registry import kernel
+from .registry import check_counter, kernel
 
 
 def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: int, n_kv_heads: int,
@@ -34,9 +34,7 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
     (a launch has one threadgroup size)."""
     nr = nr or dense.DENSE_NR
     splits, nsg, u = splits or attention.SPLITS, nsg or attention.PARTS_NSG, u or attention.PARTS_U
-    if count.dtype != mx.uint32 or count.size < 4:
-        raise ValueError(f"qkv_attention's count must be uint32 [>= 4] (registry.ticket_counter()); got "
-                         f"{count.dtype} {tuple(count.shape)}")
+    check_counter(count, 4, "qkv_attention")
     d_inputs, d_template, n = dense.dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
     a_inputs, a_template = attention.attention_parts_args(x.dtype, n, n_heads, n_kv_heads, q_norm, k_norm, qk_eps,
                                                           rope_base, rope_scale, traditional, keys, values, pos,
@@ -68,9 +66,7 @@ def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.a
 
     if dense.ROUTER_TAIL != "split":
         raise ValueError(f"oproj_moe chains the split router tail; dense.ROUTER_TAIL is {dense.ROUTER_TAIL!r}")
-    if count.dtype != mx.uint32 or count.size < 2:
-        raise ValueError(f"oproj_moe's count must be uint32 [>= 2] (registry.ticket_counter()); got "
-                         f"{count.dtype} {tuple(count.shape)}")
+    check_counter(count, 2, "oproj_moe")
     T = res.shape[0] if res.ndim == 2 else 1
     rule_inputs, m_template, m_groups, nsg = moe_layer_args(
         T, res.dtype, router.gate.rows, params, wg, wu, wd, n_identity, moe_count, geometry)

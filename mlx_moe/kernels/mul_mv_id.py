@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from . import dispatch
 from .dispatch import DOWN, GATE_UP, Geometry, LayerGeometry
-from .registry import get_kernel
+from .registry import check_counter, get_kernel
 from .registry import kernel as registry_kernel
 
 FAMILY = "mul_mv_id"
@@ -196,9 +196,7 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
         raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
                          f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
-    if count.dtype != mx.uint32 or count.size < 2:
-        raise ValueError(f"mul_mv_id_moe's counter is {count.size} {count.dtype}; it needs 2 uint32 words, zero "
-                         f"(registry.ticket_counter())")
+    check_counter(count, 2, "mul_mv_id_moe")
     k = params.k
     inputs, rule = rule_arguments(n_logits, params)
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it

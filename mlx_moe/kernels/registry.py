@@ -300,6 +300,13 @@ def ticket_counters(n: int, words: int = 4) -> list:
     return device_arrays([[0] * words] * n, mx.uint32)
 
 
+def check_counter(count: mx.array, words: int, owner: str, make: str = "registry.ticket_counter()") -> None:
+    """Raise ValueError unless `count` can be `owner`'s counter: uint32, `words` words at least."""
+    if count.dtype != mx.uint32 or count.size < words:
+        raise ValueError(f"{owner}: the counter is {count.size} {count.dtype} values; it needs {words} uint32 "
+                         f"words, zero (make it with {make})")
+
+
 def constant(value: float) -> mx.array:
     """A float32 kernel input holding `value` first (device_array: padded to 4
     elements), made once: built per call, it would be one more allocation and copy

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .registry import kernel, ticket_counter
+from .registry import check_counter, kernel, ticket_counter
 
 THREADS = 1024  # threads per threadgroup: the last one scans every logit
 GROUPS = 128  # threadgroups at most: one wave on an H100 (132 SMs)
@@ -69,9 +69,8 @@ def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = Non
     groups = groups_for(vocab)
     if count is None:
         count = new_counter()
-    elif count.dtype != mx.uint32 or count.size < counter_words(groups, nc):
-        raise ValueError(f"greedy_sample's count must be uint32 [>= {counter_words(groups, nc)}] for {vocab} logits "
-                         f"(make it with new_counter); got {count.dtype} {tuple(count.shape)}")
+    else:
+        check_counter(count, counter_words(groups, nc), f"greedy_sample over {vocab} logits", "new_counter()")
     template = [("T", logits.dtype), ("V", vocab), ("NT", THREADS), ("NTG", groups)] + ([("NC", nc)] if nc else [])
     token, lse = kernel(flavor, "greedy_sample_cand" if nc else "greedy_sample")(
         inputs=[logits, count], template=template,
