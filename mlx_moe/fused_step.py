@@ -1,4 +1,4 @@
-"""The one-token decoder forward on fused kernels: four graph nodes per layer on CUDA (six
+"""The one-token decoder forward on fused kernels: three graph nodes per layer on CUDA (six
 on Metal), each launch spread over the whole GPU.
 
 Why: decode on MLX is bound by launches.  Each graph node costs the host 4-9 us
@@ -27,9 +27,10 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           add after the MoE block (metal/mul_mv_id.metal)
   (mul_mv_id_moe          the last two as one launch, its down threadgroups waiting
                           inside it for its gate/up ones: MOE_ONE_LAUNCH, CUDA)
-  (qkv_attention, oproj_moe  the first two, and o_proj with the MoE layer, chained the
-                          same way: QKV_ATTENTION_ONE_LAUNCH, OPROJ_MOE_ONE_LAUNCH, off
-                          until measured; metal/decode_chain.metal)
+  (qkv_attention           the first two as one launch, chained the same way:
+                          QKV_ATTENTION_ONE_LAUNCH, CUDA; metal/decode_chain.metal)
+  (oproj_moe              o_proj with the MoE layer chained so: OPROJ_MOE_ONE_LAUNCH,
+                          off: slower on the H100)
 
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
@@ -111,17 +112,26 @@ MOE_ONE_LAUNCH: tuple = ("cuda",)
 # The kernel flavors on which dense_norm (q/k/v) and the attention run as one launch
 # (qkv_attention, metal/decode_chain.metal: the attention's threadgroups wait inside the
 # launch for the projections, as mul_mv_id_moe's down ones for its gate/up ones), with the
-# cache written in place (KV_IN_PLACE).  One graph node fewer per layer (the one-launch
-# MoE layer saved 0.10-0.12 ms of host time a token for as many); not yet measured on a
-# GPU, so off (bench_generate's engine suffix +qkvatt; never on Metal, as MOE_ONE_LAUNCH).
-QKV_ATTENTION_ONE_LAUNCH: tuple = ()
+# cache written in place (KV_IN_PLACE).  One graph node fewer per layer.  H100, Qwen3-30B-A3B
+# (ncu over two compiled steps, BENCHMARKS.md 2026-12-06, fifth session): 13.9 us a layer
+# against 8.0 + 7.0 for the two launches (667.6 against 722.7 us a step).  Its dense part
+# runs at the attention's PARTS_NSG (one threadgroup size a launch), so q/k/v round as at
+# that geometry: greedy tokens of the random-weight benchmark model in bfloat16 part from
+# the two launches' after 82 tokens (near-ties), identical on the tests' models.  Never
+# on Metal unless measured there (it leans on threadgroups starting in index order, as
+# MOE_ONE_LAUNCH); bench_generate's engine suffix +noqkvatt turns it off.
+QKV_ATTENTION_ONE_LAUNCH: tuple = ("cuda",)
 
 # The kernel flavors on which o_proj with the split router tail and the MoE layer run as
 # one launch (oproj_moe, metal/decode_chain.metal: the experts' threadgroups wait inside
 # the launch for the router's outputs), where the MoE layer is one launch too
 # (MOE_ONE_LAUNCH) and has no shared expert.  Another graph node fewer per layer; its
-# threadgroups are the MoE layer's size, so o_proj runs at TAIL_NR x the MoE's NSG.  Not
-# yet measured on a GPU, so off (bench_generate's engine suffix +oprojmoe).
+# threadgroups are the MoE layer's size, so o_proj runs at TAIL_NR x the MoE's NSG.
+# Off: on the H100 (ncu, BENCHMARKS.md 2026-12-06, fifth session) it took 81.4 us a layer
+# against 14.3 + 22.4 for the two launches.  A launch has one register count, the
+# o_proj tail's (128 a thread), which leaves the experts' part 2 threadgroups an SM
+# instead of 6 (40 registers alone); the host saved ~0.1 ms a token does not pay for
+# 2.1 ms of GPU time.  bench_generate's engine suffix +oprojmoe turns it on.
 OPROJ_MOE_ONE_LAUNCH: tuple = ()
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
@@ -129,17 +139,16 @@ OPROJ_MOE_ONE_LAUNCH: tuple = ()
 # +mlxhead).
 HEAD_LAUNCH = True
 
-# The token's embedding as one dense_embed launch where the plan has the table (True),
-# or MLX's gathers and dequantize (False: four graph nodes for an affine table).  On the
-# H100 it took 6.8 us against 22 for MLX's four launches (ncu, BENCHMARKS.md 2026-12-06,
-# fourth session), and its rows equal MLX's dequantize on the CPU exactly (kernel_cases,
-# on the H100 too); but with it the 4-bit benchmark model's greedy tokens differed from
-# MLX's path from the first token on (same process).  The likely cause: MLX's CUDA
-# dequantize rounding scale * q + bias once (ptxas fuses its bfloat16 multiply and add),
-# its CPU one twice, as the kernel did; it now rounds once on CUDA (dense.EMBED_FUSED),
-# and its kernel case compares with the module on the GPU.  Off until an H100 confirms;
-# bench_generate's engine suffix +embed turns it on.
-EMBED_LAUNCH = False
+# The kernel flavors on which the token's embedding is one dense_embed launch where the
+# plan has the table, else MLX's gathers and dequantize (four graph nodes for an affine
+# table).  H100 (ncu, BENCHMARKS.md 2026-12-06, fourth and fifth sessions): 6.8 us against
+# 17.5 for MLX's launches, and the 4-bit benchmark model's 128 greedy tokens identical to
+# MLX's path.  Its rows equal MLX's dequantize on each backend exactly: MLX's CUDA
+# dequantize rounds scale * q + bias once (ptxas fuses its bfloat16 multiply and add), its
+# CPU one twice, and the kernel follows (dense.EMBED_FUSED).  Not on Metal until measured
+# there (whether Metal's dequantize contracts is unknown here); bench_generate's engine
+# suffixes +embed / +mlxembed turn it on / off.
+EMBED_LAUNCH: tuple = ("cuda",)
 
 
 class LayerPlan(NamedTuple):
@@ -416,7 +425,7 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
     """Logits [1, 1, vocab] of one token [1, 1] at position pos (int32 [1]); caches: one
     object per layer with keys / values [1, HK, C, D] (updated in place of the attributes)."""
     inner = model.model
-    if EMBED_LAUNCH and plan.embed is not None:
+    if plan.flavor in EMBED_LAUNCH and plan.embed is not None:
         h = dense.dense_embed(token, plan.embed, plan.flavor)
     else:
         h = inner.embed_tokens(token).reshape(1, -1)

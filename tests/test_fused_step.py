@@ -370,7 +370,7 @@ def test_embedding_launch_matches_mlx_lm(flavor, quantized, monkeypatch):
     if quantized:
         nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
         mx.eval(model.parameters())
-    monkeypatch.setattr(fused_step, "EMBED_LAUNCH", True)
+    monkeypatch.setattr(fused_step, "EMBED_LAUNCH", (flavor,))
     plan, why = fused_step.plan_or_reason(model, flavor)
     assert why is None and plan.embed is not None and plan.embed.fmt == (4 if quantized else 32)
     calls = []
@@ -585,7 +585,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "MOE_ONE_LAUNCH", ("emulated",)), (dense, "ROUTER_TAIL", "one"),
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
-                (fused_step, "EMBED_LAUNCH", not fused_step.EMBED_LAUNCH), (fused_step, "HEAD_LAUNCH", False),
+                (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)), (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
                 (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (sample, "CANDIDATES", 4)]:
             monkeypatch.setattr(module, name, value)

@@ -26,14 +26,18 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+split8  the fused layers' attention in 8 splits a head (kernels.attention.SPLITS;
                 default 4): 7.6 against 9.9 us for the attention alone (ncu), its o_proj then
                 combining twice the parts
-  mlx-moe+compile+qkvatt  the q/k/v projections and the attention in one launch
-                (qkv_attention: fused_step.QKV_ATTENTION_ONE_LAUNCH, off by default)
+  mlx-moe+compile+pnsg4, +pnsg16  the attention's (and with qkv_attention its q/k/v
+                projections') simdgroups per threadgroup at 4 / 16 (kernels.attention.PARTS_NSG;
+                default 8)
+  mlx-moe+compile+noqkvatt  the q/k/v projections and the attention in two launches
+                (fused_step.QKV_ATTENTION_ONE_LAUNCH off; on by default on CUDA: one
+                qkv_attention launch; +qkvatt turns it on for the emulated flavor too)
   mlx-moe+compile+oprojmoe  o_proj with the router tail and the MoE layer in one launch
-                (oproj_moe: fused_step.OPROJ_MOE_ONE_LAUNCH, off by default); with +qkvatt a
-                layer is two launches
-  mlx-moe+compile+embed  the token's embedding as one dense_embed launch
-                (fused_step.EMBED_LAUNCH; off by default) instead of MLX's gathers and
-                dequantize (+mlxembed)
+                (oproj_moe: fused_step.OPROJ_MOE_ONE_LAUNCH, off by default: slower on
+                the H100); a layer is then two launches
+  mlx-moe+compile+mlxembed  the token's embedding from MLX's gathers and dequantize
+                (fused_step.EMBED_LAUNCH off; on by default on CUDA: one dense_embed
+                launch; +embed turns it on for the emulated flavor too)
   mlx-moe+compile+cand  greedy_sample keeping 4 candidates a threadgroup
                 (kernels.sample.CANDIDATES) instead of scanning every logit at the end
   mlx-moe+compile+mlxsample  greedy tokens from MLX's logsumexp, subtraction and argmax
@@ -491,11 +495,14 @@ SWITCHES = {
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
     "+cand": (sample_module, "CANDIDATES", 4),
-    "+embed": (fused_step_module, "EMBED_LAUNCH", True),
+    "+embed": (fused_step_module, "EMBED_LAUNCH", ("cuda", "emulated")),
     "+split8": (attention_module, "SPLITS", 8),
-    "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda",)),
+    "+pnsg4": (attention_module, "PARTS_NSG", 4),
+    "+pnsg16": (attention_module, "PARTS_NSG", 16),
+    "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda", "emulated")),
+    "+noqkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ()),
     "+oprojmoe": (fused_step_module, "OPROJ_MOE_ONE_LAUNCH", ("cuda",)),
-    "+mlxembed": (fused_step_module, "EMBED_LAUNCH", False),
+    "+mlxembed": (fused_step_module, "EMBED_LAUNCH", ()),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
     "+mstage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
