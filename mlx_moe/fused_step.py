@@ -113,12 +113,13 @@ MOE_ONE_LAUNCH: tuple = ("cuda",)
 # (qkv_attention, metal/decode_chain.metal: the attention's threadgroups wait inside the
 # launch for the projections, as mul_mv_id_moe's down ones for its gate/up ones), with the
 # cache written in place (KV_IN_PLACE).  One graph node fewer per layer.  H100, Qwen3-30B-A3B
-# (ncu over two compiled steps, BENCHMARKS.md 2026-12-06, fifth session): 13.9 us a layer
-# against 8.0 + 7.0 for the two launches (667.6 against 722.7 us a step).  Its dense part
-# runs at the attention's PARTS_NSG (one threadgroup size a launch), so q/k/v round as at
-# that geometry: greedy tokens of the random-weight benchmark model in bfloat16 part from
-# the two launches' after 82 tokens (near-ties), identical on the tests' models.  Never
-# on Metal unless measured there (it leans on threadgroups starting in index order, as
+# (ncu over two compiled steps, BENCHMARKS.md 2026-12-06, fifth session): 13.6-13.9 us a
+# layer against 8.0 + 7.0 for the two launches (655-668 against 723 us a step), at
+# chain.QKV_NSG simdgroups a threadgroup for both parts.  The attention part then reduces
+# in another order than the separate launch at attention.PARTS_NSG: greedy tokens of the
+# random-weight benchmark model in bfloat16 part from the two launches' after a few
+# tokens (near-ties), identical on the tests' models (GPU tests).  Never on Metal
+# unless measured there (it leans on threadgroups starting in index order, as
 # MOE_ONE_LAUNCH); bench_generate's engine suffix +noqkvatt turns it off.
 QKV_ATTENTION_ONE_LAUNCH: tuple = ("cuda",)
 

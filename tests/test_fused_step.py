@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from mlx_moe import fused_step
-from mlx_moe import router as R
 from mlx_moe.backends import MLXBackend
 from mlx_moe.backends import kernels as kernels_backend
 from mlx_moe.backends.kernels import KernelBackend
@@ -26,7 +25,6 @@ from mlx_moe.kernels import dense, dispatch, registry
 from mlx_moe.kernels.kernel_cases import (attention_parts_check, dense_norm_check, dense_residual_check,
                                           router_tail_check)
 from mlx_moe.moe import set_expert_backend
-from mlx_moe.router import RouterParams
 from test_compiled_decode import CONFIGS, PROMPT, tiny_model
 
 _HAS_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
@@ -571,7 +569,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
     user's switch) would replay the first one's kernels (as bench_generate's +tailsplit
     did before dense.ROUTER_TAIL was part of the key)."""
     from mlx_moe import compiled as C
-    from mlx_moe.kernels import attention, sample
+    from mlx_moe.kernels import attention, chain, sample
 
     model = fused_model("qwen3_moe")
     set_expert_backend(model, KernelBackend("emulated"))
@@ -587,7 +585,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
                 (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)), (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
-                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (sample, "CANDIDATES", 4)]:
+                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (sample, "CANDIDATES", 4),
+                (chain, "QKV_NSG", 8)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

@@ -26,9 +26,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+split8  the fused layers' attention in 8 splits a head (kernels.attention.SPLITS;
                 default 4): 7.6 against 9.9 us for the attention alone (ncu), its o_proj then
                 combining twice the parts
-  mlx-moe+compile+pnsg4, +pnsg16  the attention's (and with qkv_attention its q/k/v
-                projections') simdgroups per threadgroup at 4 / 16 (kernels.attention.PARTS_NSG;
-                default 8)
+  mlx-moe+compile+pnsg4, +pnsg16  the separate attention launch's simdgroups per
+                threadgroup at 4 / 16 (kernels.attention.PARTS_NSG; default 8)
+  mlx-moe+compile+qkvnsg8  qkv_attention at 8 simdgroups a threadgroup
+                (kernels.chain.QKV_NSG; default 4)
   mlx-moe+compile+noqkvatt  the q/k/v projections and the attention in two launches
                 (fused_step.QKV_ATTENTION_ONE_LAUNCH off; on by default on CUDA: one
                 qkv_attention launch; +qkvatt turns it on for the emulated flavor too)
@@ -139,6 +140,7 @@ from mlx_moe import compiled as compiled_module  # noqa: E402
 from mlx_moe import fused_step as fused_step_module  # noqa: E402
 from mlx_moe import prefill as prefill_module  # noqa: E402
 from mlx_moe.kernels import attention as attention_module  # noqa: E402
+from mlx_moe.kernels import chain as chain_module  # noqa: E402
 from mlx_moe.kernels import dense as dense_module  # noqa: E402
 from mlx_moe.kernels import dispatch as dispatch_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
@@ -499,6 +501,7 @@ SWITCHES = {
     "+split8": (attention_module, "SPLITS", 8),
     "+pnsg4": (attention_module, "PARTS_NSG", 4),
     "+pnsg16": (attention_module, "PARTS_NSG", 16),
+    "+qkvnsg8": (chain_module, "QKV_NSG", 8),
     "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda", "emulated")),
     "+noqkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ()),
     "+oprojmoe": (fused_step_module, "OPROJ_MOE_ONE_LAUNCH", ("cuda",)),

@@ -18,6 +18,13 @@ import mlx.core as mx
 from . import attention, dense
 from .registry import check_counter, kernel
 
+# qkv_attention's simdgroups per threadgroup, the q/k/v projections' and the attention's
+# alike (a launch has one threadgroup size).  H100, Qwen3-30B-A3B, two compiled steps
+# under ncu on one machine (BENCHMARKS.md 2026-12-06, fifth session): 4 654.9 us a step
+# (13.6 a layer), 8 (the attention's PARTS_NSG alone) 666.9, 16 777.7.  At 4 the
+# projections run at dense.DENSE_NSG as the separate dense_norm launch does.
+QKV_NSG = 4
+
 
 def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: int, n_kv_heads: int,
                   q_norm: Optional[mx.array], k_norm: Optional[mx.array], qk_eps: float, rope_base: float,
@@ -30,10 +37,10 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
 
     count: a ticket counter (registry.ticket_counter(), 4 words) only this call site uses.
     nr: dense rows per simdgroup (default dense.DENSE_NR); splits, nsg, u: the attention's
-    geometry (default attention.SPLITS, PARTS_NSG, PARTS_U); nsg is the dense part's too
-    (a launch has one threadgroup size)."""
+    geometry (default attention.SPLITS, QKV_NSG, attention.PARTS_U); nsg is the dense
+    part's too."""
     nr = nr or dense.DENSE_NR
-    splits, nsg, u = splits or attention.SPLITS, nsg or attention.PARTS_NSG, u or attention.PARTS_U
+    splits, nsg, u = splits or attention.SPLITS, nsg or QKV_NSG, u or attention.PARTS_U
     check_counter(count, 4, "qkv_attention")
     d_inputs, d_template, n = dense.dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
     a_inputs, a_template = attention.attention_parts_args(x.dtype, n, n_heads, n_kv_heads, q_norm, k_norm, qk_eps,
