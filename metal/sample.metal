@@ -75,12 +75,9 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
 // m and sum of exp(v - m); the last to finish combines the NTG shares in a fixed
 // order (deterministic) and scans every logit for the token: a scan rather than
 // per-slice candidates, because which logits tie after the subtraction depends on
-// lse, known only at the end.
-// Option CAND (kernel greedy_sample_cand; template NC): every threadgroup also keeps its
-//   slice's NC largest distinct values with their first indices (count holds them after
-//   the shares: counter_words), and the last one finds the token from those, scanning
-//   only slices whose NC candidates all tie after the subtraction (the scan of every
-//   logit by one threadgroup took most of the launch's 24-25 us on the H100).
+// lse, known only at the end.  (Candidates kept per threadgroup, the last one
+// scanning only slices whose candidates all tie, were no faster on the H100: 23.4-23.6
+// against 22.1-22.5 us, BENCHMARKS.md 2026-12-06, fifth session.)
 // Grid: (NTG * NT, 1, 1), threadgroup (NT, 1, 1).
 {
   constexpr int NSG = NT / 32;
@@ -114,30 +111,6 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
   }
   s = moe_tg_sum<NSG>(s, rs, lane, sg);
   const auto share = moe_inplace(count) + 4;  // after the ticket's 16 bytes
-//@if CAND
-  // The slice's NC largest distinct values, each with its first index, largest first
-  // (index V once the slice has no more), after the shares: NC rounds of a
-  // threadgroup (max, first index) reduction over the values below the last round's.
-  float prev = MOE_NEG_INF;
-  for (int r = 0; r < NC; ++r) {
-    float cb = MOE_NEG_INF;
-    int ci = V;
-    MOE_UNROLL
-    for (int k = 0; k < IPT; ++k) {
-      const int i = g * C + tid + k * NT;
-      if (i < hi && (r == 0 || v[k] < prev) && moe_argmax_better(v[k], i, cb, ci)) {
-        cb = v[k];
-        ci = i;
-      }
-    }
-    const moe_best b = moe_tg_argmax<NSG>(cb, ci, rm, ri, lane, sg);
-    if (tid == 0) {
-      share[2 * NTG + 2 * (g * NC + r)] = moe_float_bits(b.v);
-      share[2 * NTG + 2 * (g * NC + r) + 1] = uint(b.i);
-    }
-    prev = (b.i < V) ? b.v : MOE_NEG_INF;  // none left: no value is below -inf
-  }
-//@endif
   if (tid == 0) {
     share[2 * g] = moe_float_bits(m);
     share[2 * g + 1] = moe_float_bits(s);
@@ -168,7 +141,6 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
   const T lt = T(mm + moe_log(st));
   const float c = float(lt);
 
-//@if !CAND
   // 3. The token: every logit's T(v - lse), U loads in flight per thread.
   float best = MOE_NEG_INF;
   int bi = V;  // none yet: the first non-NaN key takes its place
@@ -189,46 +161,6 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
       }
     }
   }
-//@endif
-//@if CAND
-  // 3. The token from the candidates: the largest key F is the largest value's (T(v - c)
-  // does not decrease with v); a slice's ties with F are its candidates with key F, and
-  // all of them unless its NC-th candidate ties too (then its other values may: scan it).
-  float vm = MOE_NEG_INF;
-  for (int j = tid; j < NTG; j += NT) {
-    const float vj = moe_as_float(share[2 * NTG + 2 * (j * NC)]);
-    vm = vj > vm ? vj : vm;
-  }
-  vm = moe_tg_max<NSG>(vm, rm, lane, sg);
-  const float F = float(T(vm - c));
-  threadgroup uint scan[NTG];
-  int bi = V;
-  for (int j = tid; j < NTG; j += NT) {
-    uint open = 1u;
-    for (int r = 0; r < NC && open; ++r) {
-      const float cv = moe_as_float(share[2 * NTG + 2 * (j * NC + r)]);
-      const int ci = int(share[2 * NTG + 2 * (j * NC + r) + 1]);
-      if (ci >= V || float(T(cv - c)) != F) {
-        open = 0u;  // the slice's values below this one all map below F
-      } else {
-        bi = ci < bi ? ci : bi;
-      }
-    }
-    scan[j] = open;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int j = 0; j < NTG; ++j) {  // uniform: every thread reads scan[j]
-    if (scan[j] != 0u) {
-      const int end = (j + 1) * C < V ? (j + 1) * C : V;
-      for (int i = j * C + tid; i < end; i += NT) {
-        if (float(T(float(logits[i]) - c)) == F && i < bi) {
-          bi = i;
-        }
-      }
-    }
-  }
-  float best = (bi < V) ? F : MOE_NEG_INF;
-//@endif
   const moe_best b = moe_tg_argmax<NSG>(best, bi, rm, ri, lane, sg);
   if (tid == 0) {
     token[0] = b.i < V ? b.i : 0;

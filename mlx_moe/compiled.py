@@ -324,9 +324,7 @@ class CompiledDecoder:
         args = (record, attention, HOOKS.join_flavor_now() if record else None, chained, greedy)
         # The trace follows the settings (a setting, a trace); the kernel objects it
         # captured depend on how their source reaches MLX.
-        from .kernels import sample
-
-        key = args + (DEVICE_POSITION, _registry.CUDA_SOURCE_FILES, sample.CANDIDATES)
+        key = args + (DEVICE_POSITION, _registry.CUDA_SOURCE_FILES)
         if attention == "fused":
             from . import fused_step
             from .kernels import attention as attention_kernels

@@ -39,8 +39,6 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+mlxembed  the token's embedding from MLX's gathers and dequantize
                 (fused_step.EMBED_LAUNCH off; on by default on CUDA: one dense_embed
                 launch; +embed turns it on for the emulated flavor too)
-  mlx-moe+compile+cand  greedy_sample keeping 4 candidates a threadgroup
-                (kernels.sample.CANDIDATES) instead of scanning every logit at the end
   mlx-moe+compile+mlxsample  greedy tokens from MLX's logsumexp, subtraction and argmax
                 of the step's log-probabilities (compiled.GREEDY_KERNEL off) instead of
                 the step's greedy_sample launch (lazy log-probabilities)
@@ -145,7 +143,6 @@ from mlx_moe.kernels import dense as dense_module  # noqa: E402
 from mlx_moe.kernels import dispatch as dispatch_module  # noqa: E402
 from mlx_moe.kernels import mul_mm_id as mul_mm_id_module  # noqa: E402
 from mlx_moe.kernels import registry as registry_module  # noqa: E402
-from mlx_moe.kernels import sample as sample_module  # noqa: E402
 from mlx_moe.backends import ExpertBackend, get_backend  # noqa: E402
 from mlx_moe.compiled import decoder_for, round_capacity, unsupported_reason  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
@@ -496,7 +493,6 @@ SWITCHES = {
     "+topk": (fused_step_module, "ROUTE_IN_EXPERTS", False),
     "+mlxhead": (fused_step_module, "HEAD_LAUNCH", False),
     "+mlxsample": (compiled_module, "GREEDY_KERNEL", False),
-    "+cand": (sample_module, "CANDIDATES", 4),
     "+embed": (fused_step_module, "EMBED_LAUNCH", ("cuda", "emulated")),
     "+split8": (attention_module, "SPLITS", 8),
     "+pnsg4": (attention_module, "PARTS_NSG", 4),

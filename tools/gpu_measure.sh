@@ -6,17 +6,14 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  T. decode (issues 5, 9), first: the 2026-12-06 fourth session's kernels on the GPU --
-#     qkv_attention and oproj_moe (q/k/v + attention, o_proj + MoE layer, each in one
-#     launch: GPU tests incl. the compiled greedy tokens with them toggled, memcheck),
-#     greedy_sample (with 4 candidates a threadgroup: +cand) and dense_embed (tests,
-#     memcheck); decode end to end with the defaults
-#     against +qkvatt, +oprojmoe (128 registers a thread: 2 threadgroups an SM), +split8 (the
-#     attention in 8 splits: 7.6 against 9.9 us alone), +embed (dense_embed, off: its
-#     tokens differed from MLX's embedding path) and +mlxsample, on a GPU-bound host (the
-#     fourth session's hosts decoded mlx-lm at 40-70 tok/s: host-bound, unresolvable);
-#     every kernel of two compiled decode steps under ncu with the defaults and with the
-#     chained launches + 8 attention splits; the host split of both
+#  T. decode (issues 5, 9), first: where the step's kernels spend their time now that the
+#     GPU bounds the step on a fast host (2.53 ms of kernels against 2.41 ms of host time,
+#     BENCHMARKS.md 2026-12-06, fifth session): ncu's full sections of one launch each of
+#     qkv_attention, dense_residual_parts_router_split, mul_mv_id_moe, the LM head and
+#     greedy_sample (22 us for 0.3 MB of logits: neither its scan nor its candidates were
+#     the cost); the step's GPU time; decode end to end against the four-node layers
+#     (+noqkvatt+mlxembed) and mlx-lm, with the host split (400 tok/s needs both sides
+#     under 2.5 ms)
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -74,26 +71,21 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-step 300 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
-  tests/test_greedy_sample.py -k "qkv_attention or oproj_moe or chained_launches or dense_embed or embedding_launch or test_cuda or compiled_fused_decode"
-step 150 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q \
-  -p no:cacheprovider tests/test_fused_step.py tests/test_greedy_sample.py \
-  -k "(qkv_attention and cuda) or (oproj_moe and cuda) or (dense_embed and cuda) or test_cuda"
-step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --json "$OUT/e2e_defaults.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+qkvatt,mlx-moe+compile+oprojmoe,mlx-moe+compile+qkvatt+oprojmoe,mlx-moe+compile+split8,mlx-moe+compile+embed,mlx-moe+compile+cand,mlx-moe+compile+mlxsample
+# one layer's three launches (the step's second layer), then the LM head and greedy_sample
+for pick in 'qkv_attention|dense_residual_parts|mul_mv_id_moe:3:3' 'dense_norm|greedy_sample:0:2'; do
+  IFS=: read -r regex skip count <<< "$pick"
+  step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --set full --csv --page details \
+    --kernel-name regex:"$regex" --launch-skip "$skip" --launch-count "$count" --log-file "$OUT/ncu_full_$skip.csv" \
+    python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 --steps 1 --shape qwen3-30b-a3b
+done
 step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
   --log-file "$OUT/ncu_step.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
   --steps 2 --shape qwen3-30b-a3b
 [ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
-step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-  --log-file "$OUT/ncu_step_chained.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
-  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+qkvatt+oprojmoe+split8+cand+embed
-[ -f "$OUT/ncu_step_chained.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_chained.csv" \
-  --steps 2
+step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 7 --json "$OUT/e2e_defaults.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+noqkvatt+mlxembed
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
-step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b \
-  --engine mlx-moe+compile+qkvatt+oprojmoe
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"
 # every kernel of one plain 512-token prefill (16 layers: each launches the same kernels), only

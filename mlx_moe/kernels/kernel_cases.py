@@ -674,19 +674,11 @@ def greedy_sample_reference(logits: mx.array):
         return int(token.item()), lse
 
 
-def _greedy_sample_case(flavor: str, candidates: int = 0) -> None:
+def _greedy_sample_case(flavor: str) -> None:
     """greedy_sample against MLX's logsumexp and argmax of logits - lse: flat random logits,
     two logits that tie after the subtraction in bfloat16 (the first wins), a planted peak,
-    equal maxima in two threadgroups (the first wins), a threadgroup of -inf logits, twice on
-    one counter."""
-    from . import sample
-    from .registry import switched
-
-    with switched(sample.__name__, ("CANDIDATES",), CANDIDATES=candidates):
-        _greedy_sample_cases(flavor)
-
-
-def _greedy_sample_cases(flavor: str) -> None:
+    equal maxima in two threadgroups (the first wins), a threadgroup of -inf logits, eight
+    that tie in one threadgroup, twice on one counter."""
     from .sample import greedy_sample, groups_for, new_counter
 
     rng = np.random.default_rng(11)
@@ -735,7 +727,7 @@ def _greedy_sample_cases(flavor: str) -> None:
                 assert int(token.item()) == V // 3, what
             if kind == "merge":  # the case's point: MLX picks the first of the merged maxima, not the larger logit
                 assert want_token == 50 and int(token.item()) == 50, f"{what}: {int(token.item())}, MLX {want_token}"
-            if kind == "cluster":  # all eight tie: the first wins, below the 4 largest (a candidates' scan)
+            if kind == "cluster":  # all eight tie: the first wins
                 assert want_token == 2100 and int(token.item()) == 2100, \
                     f"{what}: {int(token.item())}, MLX {want_token}"
 
@@ -804,9 +796,6 @@ CASES: Dict[str, List[KernelCase]] = {
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
-    "greedy_sample_cand": [KernelCase("as greedy_sample, the token from 1 and from 4 candidates a threadgroup "
-                                      "(slices whose candidates all tie scanned)",
-                                      lambda f: (_greedy_sample_case(f, 1), _greedy_sample_case(f, 4)))],
     "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-5000 "
                                  "logits (bfloat16, float16, float32): flat, two merged by the rounding, peaked, "
                                  "equal maxima in two threadgroups, a threadgroup of -inf, twice on one counter, "

@@ -233,8 +233,6 @@ KERNELS: Dict[str, KernelSpec] = {
                             inplace=("count", "mcount", "ccount"), in_order=True),
     # greedy sampling of the compiled decode step (mlx_moe/kernels/sample.py)
     "greedy_sample": KernelSpec("sample", ("logits", "count"), ("token", "lse"), inplace=("count",)),
-    "greedy_sample_cand": KernelSpec("sample", ("logits", "count"), ("token", "lse"), body="greedy_sample",
-                                     options=("CAND",), inplace=("count",)),
     # per-layer inputs: "ids*" stands for ids0, ids1, ... (see layered_kernel)
     "routing_join": KernelSpec("routing_join", ("ids*", "weights*"), ("out",)),
     "routing_join_record": KernelSpec("routing_join", ("ids*", "weights*", "record_in"), ("record_out",),

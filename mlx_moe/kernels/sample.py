@@ -21,12 +21,6 @@ from .registry import check_counter, kernel, ticket_counter
 
 THREADS = 1024  # threads per threadgroup: the last one scans every logit
 GROUPS = 128  # threadgroups at most: one wave on an H100 (132 SMs)
-# Candidates a threadgroup keeps (greedy_sample_cand: the last threadgroup scans only the
-# slices whose candidates all tie after the subtraction), or 0: it scans every logit (the
-# default: 24-25 us a launch on the H100, most of it that scan; the candidates are not
-# yet measured there).  bench_generate's engine suffix +cand sets 4.
-CANDIDATES = 0
-MAX_CANDIDATES = 8
 
 
 def groups_for(vocab: int) -> int:
@@ -34,16 +28,15 @@ def groups_for(vocab: int) -> int:
     return max(1, min(GROUPS, -(-vocab // (2 * THREADS))))
 
 
-def counter_words(groups: int, candidates: int = 0) -> int:
-    """uint32 words of the count input: the ticket's 4, then each threadgroup's share (2)
-    and candidates (2 each)."""
-    return 4 + 2 * groups + 2 * candidates * groups
+def counter_words(groups: int) -> int:
+    """uint32 words of the count input: the ticket's 4, then each threadgroup's share (2)."""
+    return 4 + 2 * groups
 
 
 def new_counter() -> mx.array:
-    """A zeroed count input, room for any vocabulary and candidate count (GROUPS
-    threadgroups, MAX_CANDIDATES; each launch leaves its ticket zero again)."""
-    return ticket_counter(counter_words(GROUPS, MAX_CANDIDATES))
+    """A zeroed count input, room for any vocabulary (GROUPS threadgroups; each launch
+    leaves its ticket zero again)."""
+    return ticket_counter(counter_words(GROUPS))
 
 
 def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
@@ -60,9 +53,6 @@ def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = Non
     if logits.dtype not in (mx.float16, mx.bfloat16, mx.float32):
         raise ValueError(f"greedy_sample: logits of dtype {logits.dtype} (float16, bfloat16 or float32 expected)")
     vocab = logits.shape[0]
-    nc = CANDIDATES
-    if not 0 <= nc <= MAX_CANDIDATES:
-        raise ValueError(f"sample.CANDIDATES is {nc}; choose 0 (scan every logit) to {MAX_CANDIDATES}")
     if flavor == "mlx":
         lse = mx.logsumexp(logits, axis=-1, keepdims=True)
         return mx.argmax(logits - lse, axis=-1, keepdims=True).astype(mx.int32), lse
@@ -70,9 +60,9 @@ def greedy_sample(logits: mx.array, flavor: str, count: Optional[mx.array] = Non
     if count is None:
         count = new_counter()
     else:
-        check_counter(count, counter_words(groups, nc), f"greedy_sample over {vocab} logits", "new_counter()")
-    template = [("T", logits.dtype), ("V", vocab), ("NT", THREADS), ("NTG", groups)] + ([("NC", nc)] if nc else [])
-    token, lse = kernel(flavor, "greedy_sample_cand" if nc else "greedy_sample")(
+        check_counter(count, counter_words(groups), f"greedy_sample over {vocab} logits", "new_counter()")
+    template = [("T", logits.dtype), ("V", vocab), ("NT", THREADS), ("NTG", groups)]
+    token, lse = kernel(flavor, "greedy_sample")(
         inputs=[logits, count], template=template,
         grid=(groups * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(1,), (1,)], output_dtypes=[mx.int32, logits.dtype])
