@@ -583,7 +583,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "MOE_ONE_LAUNCH", ("emulated",)), (dense, "ROUTER_TAIL", "one"),
                 (dispatch, "MOE_LAYER", {**dispatch.MOE_LAYER, "q4_0": dispatch.LayerGeometry(1, 4, 4)}),
                 (fused_step, "ROUTE_IN_EXPERTS", False), (fused_step, "KV_IN_PLACE", False),
-                (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)), (fused_step, "HEAD_LAUNCH", False),
+                (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)),
+                (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
                 (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8)]:
             monkeypatch.setattr(module, name, value)

@@ -24,8 +24,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+mlxhead  the fused layers with the final norm and LM head on MLX's
                 ops (fused_step.HEAD_LAUNCH off) instead of one dense_norm launch
   mlx-moe+compile+split8  the fused layers' attention in 8 splits a head (kernels.attention.SPLITS;
-                default 4): 7.6 against 9.9 us for the attention alone (ncu), its o_proj then
-                combining twice the parts
+                default 4): 7.6 against 9.9 us for the attention alone (ncu), but in the step
+                o_proj's combine of twice the parts cost more (2026-12-06: 2631.6 against
+                2608.2 us a step)
   mlx-moe+compile+pnsg4, +pnsg16  the separate attention launch's simdgroups per
                 threadgroup at 4 / 16 (kernels.attention.PARTS_NSG; default 8)
   mlx-moe+compile+qkvnsg8  qkv_attention at 8 simdgroups a threadgroup
