@@ -13,7 +13,12 @@
 #     greedy_sample (22 us for 0.3 MB of logits: neither its scan nor its candidates were
 #     the cost); the step's GPU time; decode end to end against the four-node layers
 #     (+noqkvatt+mlxembed) and mlx-lm, with the host split (400 tok/s needs both sides
-#     under 2.5 ms)
+#     under 2.5 ms); and the host split with the kernels' sources as include files
+#     (+srcfiles: MLX hashes a custom kernel's whole source on every evaluation, ~15 kB
+#     for each of a layer's three launches, ~1 us a launch per 3 kB on the H100's host
+#     (ops-only, 2026-12-05): up to ~0.7 ms a token on the slow hosts most machines have),
+#     after the fused step's GPU tests in that mode (the chains and greedy_sample have not
+#     run as include files yet)
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -85,6 +90,12 @@ step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 7 --json "$OUT/e2e_defaults.json" --engines \
   mlx-lm,mlx-moe+compile,mlx-moe+compile+noqkvatt+mlxembed
+step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
+step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
+  -p no:cacheprovider tests/test_fused_step.py tests/test_greedy_sample.py \
+  -k "compiled_fused_decode or chained_launches or embedding_launch or test_cuda"
+step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b \
+  --engine mlx-moe+compile+srcfiles
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"
