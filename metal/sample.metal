@@ -73,17 +73,12 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
 //   every logit is NaN), lse [1] (T).
 // Threadgroup g reduces logits [g * C, (g + 1) * C), C = ceil(V / NTG), to its max
 // m and sum of exp(v - m); the last to finish combines the NTG shares in a fixed
-// order (deterministic) and scans every logit for the token: a scan rather than
-// per-slice candidates, because which logits tie after the subtraction depends on
-// lse, known only at the end.  (Candidates kept per threadgroup, the last one
-// scanning only slices whose candidates all tie, were no faster on the H100: 23.4-23.6
-// against 22.1-22.5 us, BENCHMARKS.md 2026-12-06, fifth session.)
+// order (deterministic) and finds the token in the one slice that holds it (step 3).
 // Grid: (NTG * NT, 1, 1), threadgroup (NT, 1, 1).
 {
   constexpr int NSG = NT / 32;
   constexpr int C = (V + NTG - 1) / NTG;  // logits per threadgroup
   constexpr int IPT = (C + NT - 1) / NT;  // per thread
-  constexpr int U = 8;  // the scan's loads in flight per thread (32 measured the same on the H100: 25.0 us)
   threadgroup float rm[NSG];
   threadgroup float rs[NSG];
   threadgroup int ri[NSG];
@@ -141,21 +136,31 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
   const T lt = T(mm + moe_log(st));
   const float c = float(lt);
 
-  // 3. The token: every logit's T(v - lse), U loads in flight per thread.
+  // 3. The token.  T(v - c) does not decrease with v, so the largest key is the largest
+  // logit's, F = T(mm - c), and the token is the first index whose key is F.  A slice
+  // holds such an index iff its max maps to F, so the token lies in the first slice whose
+  // max does: only that slice is scanned.  (Scanning every logit here, ~20 instructions
+  // a logit on one multiprocessor, took ~13 us of the launch's 22 on the H100; PTX count,
+  // BENCHMARKS.md 2026-12-06, fifth session.)  F is NaN where lse is (no finite logit, or
+  // an infinite one): no key equals it, and the token is 0, as no key won the scan.
+  const float F = float(T(mm - c));
+  float hit = MOE_NEG_INF;
+  int hj = NTG;
+  for (int j = tid; j < NTG; j += NT) {
+    if (float(T(moe_as_float(share[2 * j]) - c)) == F) {
+      hit = 0.0f;
+      hj = j;
+      break;  // this thread's later slices come after j
+    }
+  }
+  const int js = moe_tg_argmax<NSG>(hit, hj, rm, ri, lane, sg).i;  // the first such slice, or NTG
   float best = MOE_NEG_INF;
   int bi = V;  // none yet: the first non-NaN key takes its place
-  for (int i0 = tid; i0 < V; i0 += NT * U) {
-    float kv[U];
-    MOE_UNROLL
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * NT;
-      kv[u] = float(logits[i < V ? i : V - 1]);
-    }
-    MOE_UNROLL
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * NT;
-      const float key = float(T(kv[u] - c));
-      if (i < V && moe_argmax_better(key, i, best, bi)) {
+  if (js < NTG) {  // uniform
+    const int end = (js + 1) * C < V ? (js + 1) * C : V;
+    for (int i = js * C + tid; i < end; i += NT) {
+      const float key = float(T(float(logits[i]) - c));
+      if (moe_argmax_better(key, i, best, bi)) {
         best = key;
         bi = i;
       }

@@ -10,10 +10,10 @@
 #     GPU bounds the step on a fast host (2.53 ms of kernels against 2.41 ms of host time,
 #     BENCHMARKS.md 2026-12-06, fifth session): ncu's full sections of one launch each of
 #     qkv_attention, dense_residual_parts_router_split, mul_mv_id_moe, the LM head and
-#     greedy_sample (22 us for 0.3 MB of logits: neither its scan nor its candidates were
-#     the cost); the step's GPU time; decode end to end against the four-node layers
-#     (+noqkvatt+mlxembed) and mlx-lm, with the host split (400 tok/s needs both sides
-#     under 2.5 ms); and the host split with the kernels' sources as include files
+#     greedy_sample (22 us for 0.3 MB of logits, ~13 of them its last threadgroup's scan
+#     of every logit: now it scans one slice, GPU tests first); the step's GPU time;
+#     decode end to end against the four-node layers (+noqkvatt+mlxembed) and mlx-lm,
+#     with the host split (400 tok/s needs both sides under 2.5 ms); and the host split with the kernels' sources as include files
 #     (+srcfiles: MLX hashes a custom kernel's whole source on every evaluation, ~15 kB
 #     for each of a layer's three launches, ~1 us a launch per 3 kB on the H100's host
 #     (ops-only, 2026-12-05): up to ~0.7 ms a token on the slow hosts most machines have),
@@ -76,6 +76,9 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
+# greedy_sample now scans one slice for the token (not yet run on a GPU), first
+step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_greedy_sample.py \
+  tests/test_fused_step.py -k "test_cuda or compiled_fused_decode"
 # one layer's three launches (the step's second layer), then the LM head and greedy_sample
 for pick in 'qkv_attention|dense_residual_parts|mul_mv_id_moe:3:3' 'dense_norm|greedy_sample:0:2'; do
   IFS=: read -r regex skip count <<< "$pick"
