@@ -26,15 +26,13 @@ struct moe_router_pick {
   float w[K];
 };
 
-// The rule of the kernel below on one token's NEXP router outputs `logits`
-// (device or threadgroup memory), run by the 32 lanes of one simdgroup (every
-// lane must call it; every lane gets the result).  Template parameters as the
-// kernel's; scale multiplies the final weights.
-template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM,
-          typename LP, typename BP>
-MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float scale, uint lane) {
-  float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
-  float c[VPL];  // selection scores
+// The scores of one token's NEXP router outputs `logits` (device or threadgroup
+// memory) by the rule of the kernel below, in the 32 lanes of one simdgroup (every lane
+// must call it): lane l gets experts l, l + 32, ... in p (the weights' source:
+// probabilities, or the logits for SCORE 2) and c (the selection scores; -inf past NEXP;
+// the group limit applied).
+template <int NEXP, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, typename LP, typename BP, typename F>
+MOE_DEVICE inline void moe_router_scores(LP logits, BP bias, uint lane, F p, F c) {
   float m = MOE_NEG_INF;
   for (int i = 0; i < VPL; ++i) {
     const int e = int(lane) + 32 * i;
@@ -95,37 +93,12 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
       }
     }
   }
+}
 
-  int sel_id[K];
-  float sel_w[K];
-  for (int j = 0; j < K; ++j) {
-    float bv = MOE_NEG_INF;
-    int bi = NEXP;  // no expert: loses every tie against a real one
-    float bw = 0.0f;
-    for (int i = 0; i < VPL; ++i) {
-      if (c[i] > bv) {
-        bv = c[i];
-        bi = int(lane) + 32 * i;
-        bw = p[i];
-      }
-    }
-    for (ushort off = 16; off > 0; off >>= 1) {
-      const float ov = moe_shuffle_xor(bv, off);
-      const int oi = moe_shuffle_xor(bi, off);
-      const float ow = moe_shuffle_xor(bw, off);
-      if (moe_router_beats(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-        bw = ow;
-      }
-    }
-    sel_id[j] = bi;
-    sel_w[j] = bw;
-    for (int i = 0; i < VPL; ++i) {
-      c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
-    }
-  }
-
+// The final weights of the K chosen, from their p in selection order (in place):
+// SCORE 2's softmax over them, NORM's division by their sum, times scale.
+template <int K, int SCORE, bool NORM, typename W>
+MOE_DEVICE inline void moe_router_finish(W sel_w, float scale) {
   if (SCORE == 2) {
     // softmax over the chosen logits; the first chosen is the largest.
     const float top = sel_w[0];
@@ -147,12 +120,104 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
     norm = 1.0f / (s + 1e-20f);
   }
   const float sc = scale * norm;
+  for (int j = 0; j < K; ++j) {
+    sel_w[j] = sel_w[j] * sc;
+  }
+}
+
+// The rule of the kernel below on one token's NEXP router outputs `logits`
+// (device or threadgroup memory), run by the 32 lanes of one simdgroup (every
+// lane must call it; every lane gets the result).  Template parameters as the
+// kernel's; scale multiplies the final weights.
+template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM,
+          typename LP, typename BP>
+MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float scale, uint lane) {
+  float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
+  float c[VPL];  // selection scores
+  moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits, bias, lane, p, c);
+
   moe_router_pick<K> pick;
   for (int j = 0; j < K; ++j) {
-    pick.id[j] = sel_id[j];
-    pick.w[j] = sel_w[j] * sc;
+    float bv = MOE_NEG_INF;
+    int bi = NEXP;  // no expert: loses every tie against a real one
+    float bw = 0.0f;
+    for (int i = 0; i < VPL; ++i) {
+      if (c[i] > bv) {
+        bv = c[i];
+        bi = int(lane) + 32 * i;
+        bw = p[i];
+      }
+    }
+    for (ushort off = 16; off > 0; off >>= 1) {
+      const float ov = moe_shuffle_xor(bv, off);
+      const int oi = moe_shuffle_xor(bi, off);
+      const float ow = moe_shuffle_xor(bw, off);
+      if (moe_router_beats(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+        bw = ow;
+      }
+    }
+    pick.id[j] = bi;
+    pick.w[j] = bw;
+    for (int i = 0; i < VPL; ++i) {
+      c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
+    }
   }
+  moe_router_finish<K, SCORE, NORM>(pick.w, scale);
   return pick;
+}
+
+// moe_router_select's result for one token, by the NT threads of a threadgroup, into
+// threadgroup memory: ids[K] (int) and w[K] (float); sc, sp: threadgroup float[NEXP]
+// (scratch).  Simdgroup 0 computes the scores (moe_router_scores), then every expert's
+// place among the selectable ones (score above -inf, not NaN; ordered by
+// moe_router_beats) is counted by a thread of its own: the experts placed below K fill
+// those slots, the rest stay (NEXP, 0) as the simdgroup's K rounds leave them.  The same
+// ids and weights as moe_router_select, bit for bit, without its K dependent rounds of
+// simdgroup shuffles (~1,200 cycles before an expert kernel's first weight read); not for
+// the group limit (NGROUP > 1: its excluded experts keep selectable scores of 0, which
+// moe_router_select's rounds order differently).  Every thread must call it; ends with
+// a barrier.
+template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, bool NORM, int NT, typename LP, typename BP,
+          typename SF, typename SI>
+MOE_DEVICE inline void moe_router_select_tg(LP logits, BP bias, float scale, int tid, uint sg, uint lane, SF sc,
+                                            SF sp, SI ids, SF w) {
+  if (sg == 0) {  // uniform per simdgroup: every lane reaches the scores' collectives
+    float p[VPL];
+    float c[VPL];
+    moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, 1, 1>(logits, bias, lane, p, c);
+    for (int i = 0; i < VPL; ++i) {
+      const int e = int(lane) + 32 * i;
+      if (e < NEXP) {
+        sc[e] = c[i];
+        sp[e] = p[i];
+      }
+    }
+  }
+  for (int j = tid; j < K; j += NT) {
+    ids[j] = NEXP;
+    w[j] = 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int e = tid; e < NEXP; e += NT) {
+    const float v = sc[e];
+    if (v > MOE_NEG_INF) {
+      int r = 0;
+      for (int o = 0; o < NEXP; ++o) {
+        r += moe_router_beats(sc[o], o, v, e) ? 1 : 0;  // -inf and NaN never beat a selectable score
+      }
+      if (r < K) {
+        ids[r] = e;
+        w[r] = sp[e];
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    moe_router_finish<K, SCORE, NORM>(w, scale);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
 // ==== kernel: moe_router_topk ====

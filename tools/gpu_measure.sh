@@ -11,7 +11,9 @@
 #     BENCHMARKS.md 2026-12-06, fifth session): ncu's full sections of one launch each of
 #     qkv_attention, dense_residual_parts_router_split, mul_mv_id_moe, the LM head and
 #     greedy_sample (22 us for 0.3 MB of logits, ~13 of them its last threadgroup's scan
-#     of every logit: now it scans one slice, GPU tests first); the step's GPU time;
+#     of every logit: now it scans one slice, GPU tests first); the MoE layer's routing
+#     by all its threads (+tgroute: no chain of K shuffle rounds before a threadgroup's
+#     first weight read), tests and step; the step's GPU time;
 #     decode end to end against the four-node layers (+noqkvatt+mlxembed) and mlx-lm,
 #     with the host split (400 tok/s needs both sides under 2.5 ms); and the host split with the kernels' sources as include files
 #     (+srcfiles: MLX hashes a custom kernel's whole source on every evaluation, ~15 kB
@@ -79,6 +81,14 @@ git log --oneline -1 2>/dev/null | tee -a "$LOG"
 # greedy_sample now scans one slice for the token (not yet run on a GPU), first
 step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_greedy_sample.py \
   tests/test_fused_step.py -k "test_cuda or compiled_fused_decode"
+# the MoE layer's routing by all its threads (dispatch.THREADGROUP_ROUTING, off: +tgroute), its
+# GPU tests, then its step against the default one
+step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py
+step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+  --log-file "$OUT/ncu_step_tgroute.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
+  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+tgroute
+[ -f "$OUT/ncu_step_tgroute.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_tgroute.csv" \
+  --steps 2
 # one layer's three launches (the step's second layer), then the LM head and greedy_sample
 for pick in 'qkv_attention|dense_residual_parts|mul_mv_id_moe:3:3' 'dense_norm|greedy_sample:0:2'; do
   IFS=: read -r regex skip count <<< "$pick"
@@ -92,7 +102,7 @@ step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics
 [ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
 step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
   --prompt-tokens 512 --gen-tokens 128 --reps 7 --json "$OUT/e2e_defaults.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+noqkvatt+mlxembed
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+noqkvatt+mlxembed,mlx-moe+compile+tgroute
 step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
 step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
   -p no:cacheprovider tests/test_fused_step.py tests/test_greedy_sample.py \
