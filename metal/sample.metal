@@ -139,9 +139,9 @@ MOE_DEVICE inline moe_best moe_tg_argmax(float v, int i, RV rv, RI ri, uint lane
   // 3. The token.  T(v - c) does not decrease with v, so the largest key is the largest
   // logit's, F = T(mm - c), and the token is the first index whose key is F.  A slice
   // holds such an index iff its max maps to F, so the token lies in the first slice whose
-  // max does: only that slice is scanned.  (Scanning every logit here, ~20 instructions
-  // a logit on one multiprocessor, took ~13 us of the launch's 22 on the H100; PTX count,
-  // BENCHMARKS.md 2026-12-06, fifth session.)  F is NaN where lse is (no finite logit, or
+  // max does: only that slice is scanned.  (Scanning every logit here is ~20 PTX
+  // instructions a logit on one multiprocessor: an estimated ~13 us of the launch's 22 on
+  // the H100, BENCHMARKS.md 2026-12-06, fifth session.)  F is NaN where lse is (no finite logit, or
   // an infinite one): no key equals it, and the token is 0, as no key won the scan.
   const float F = float(T(mm - c));
   float hit = MOE_NEG_INF;

@@ -10,8 +10,9 @@
 #     GPU bounds the step on a fast host (2.53 ms of kernels against 2.41 ms of host time,
 #     BENCHMARKS.md 2026-12-06, fifth session): ncu's full sections of one launch each of
 #     qkv_attention, dense_residual_parts_router_split, mul_mv_id_moe, the LM head and
-#     greedy_sample (22 us for 0.3 MB of logits, ~13 of them its last threadgroup's scan
-#     of every logit: now it scans one slice, GPU tests first); the MoE layer's routing
+#     greedy_sample (22 us for 0.3 MB of logits, an estimated ~13 of them its last
+#     threadgroup's scan of every logit: now it scans one slice, GPU tests first); the
+#     MoE layer's routing
 #     by all its threads (+tgroute: no chain of K shuffle rounds before a threadgroup's
 #     first weight read), tests and step; the step's GPU time;
 #     decode end to end against the four-node layers (+noqkvatt+mlxembed) and mlx-lm,
