@@ -678,19 +678,21 @@ def _greedy_sample_case(flavor: str) -> None:
     """greedy_sample against MLX's logsumexp and argmax of logits - lse: flat random logits,
     two logits that tie after the subtraction in bfloat16 (the first wins), a planted peak,
     equal maxima in two threadgroups (the first wins), a threadgroup of -inf logits, eight
-    that tie in one threadgroup, twice on one counter."""
+    that tie in one threadgroup, two merged ones in slices 2 and 7 of 10, twice on one
+    counter."""
     from .sample import greedy_sample, groups_for, new_counter
 
     rng = np.random.default_rng(11)
     for V, dtype, kind in ((5000, mx.bfloat16, "flat"), (5000, mx.bfloat16, "merge"), (3001, mx.float32, "peak"),
                            (4500, mx.float16, "tie"), (4100, mx.bfloat16, "neginf"), (777, mx.bfloat16, "flat"),
-                           (6000, mx.bfloat16, "cluster")):
+                           (6000, mx.bfloat16, "cluster"), (20000, mx.bfloat16, "merge")):
         x = rng.standard_normal(V).astype(np.float32) * (0.5 if kind == "flat" else 3.0)
         if kind == "peak":
             x[V // 3] = 40.0
         if kind == "merge":  # two adjacent bfloat16 logits whose log-probabilities round to one value
             x = x * 0.01
-            x[50], x[3000] = 1.0, 1.0078125
+            first = 50 if V < 10000 else 4100  # 20000 logits: slices 2 and 7 of 10
+            x[first], x[3000 if V < 10000 else 15000] = 1.0, 1.0078125
         if kind == "cluster":  # eight adjacent bfloat16 values in one slice, later ones larger, whose
             # log-probabilities (near -8.2: 2^-4 apart in bfloat16) all round to one value
             x = 0.4 + x * 0.003
@@ -726,7 +728,8 @@ def _greedy_sample_case(flavor: str) -> None:
             if kind == "peak":
                 assert int(token.item()) == V // 3, what
             if kind == "merge":  # the case's point: MLX picks the first of the merged maxima, not the larger logit
-                assert want_token == 50 and int(token.item()) == 50, f"{what}: {int(token.item())}, MLX {want_token}"
+                assert want_token == first and int(token.item()) == first, \
+                    f"{what}: {int(token.item())}, MLX {want_token}"
             if kind == "cluster":  # all eight tie: the first wins
                 assert want_token == 2100 and int(token.item()) == 2100, \
                     f"{what}: {int(token.item())}, MLX {want_token}"
@@ -796,10 +799,10 @@ CASES: Dict[str, List[KernelCase]] = {
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
-    "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-5000 "
-                                 "logits (bfloat16, float16, float32): flat, two merged by the rounding, peaked, "
-                                 "equal maxima in two threadgroups, a threadgroup of -inf, twice on one counter, "
-                                 "vs MLX's ops",
+    "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-20000 "
+                                 "logits (bfloat16, float16, float32): flat, two merged by the rounding (in one "
+                                 "slice's neighbours and 5 slices apart), peaked, equal maxima in two threadgroups, "
+                                 "a threadgroup of -inf, eight tied in one slice, twice on one counter, vs MLX's ops",
                                  _greedy_sample_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "
                                 "4 x 2 x top-3 int32/float16 vs numpy stacking", _routing_join_case)],
