@@ -124,8 +124,8 @@ def _hard_logits(rng, tokens, nexp, k):
 # 37 scores (LongCat-like, 2 identity experts), plain softmax top-3 of 10
 HARD_RULES = [(128, 128, lambda rng: RouterParams(8, normalize=True)),
               (40, 40, lambda rng: RouterParams(4, score="topk_softmax")),
-              (37, 35, lambda rng: RouterParams(5, score="sigmoid", normalize=True, scaling=2.5,
-                                                bias=mx.array(np.round(rng.standard_normal(37), 1).astype(np.float32)))),
+              (37, 35, lambda rng: RouterParams(5, score="sigmoid", normalize=True, scaling=2.5, bias=mx.array(
+                  np.round(rng.standard_normal(37), 1).astype(np.float32)))),
               (10, 10, lambda rng: RouterParams(3))]
 
 

@@ -800,9 +800,10 @@ CASES: Dict[str, List[KernelCase]] = {
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "
                                        "slots past the end dropped, vs numpy", _routing_join_record_case)],
     "greedy_sample": [KernelCase("logsumexp and argmax of the rounded log-probabilities over 777-20000 "
-                                 "logits (bfloat16, float16, float32): flat, two merged by the rounding (in neighbouring "
-                                 "slices and 5 slices apart), peaked, equal maxima in two threadgroups, "
-                                 "a threadgroup of -inf, eight tied in one slice, twice on one counter, vs MLX's ops",
+                                 "logits (bfloat16, float16, float32): flat, two merged by the rounding (in "
+                                 "neighbouring slices and 5 slices apart), peaked, equal maxima in two "
+                                 "threadgroups, a threadgroup of -inf, eight tied in one slice, twice on one "
+                                 "counter, vs MLX's ops",
                                  _greedy_sample_case)],
     "routing_join": [KernelCase("3 layers x 5 tokens x top-4 int32/float32, 48 layers x top-8 uint32/bfloat16, "
                                 "4 x 2 x top-3 int32/float16 vs numpy stacking", _routing_join_case)],
