@@ -203,10 +203,13 @@ MOE_DEVICE inline void moe_router_select_tg(LP logits, BP bias, float scale, int
   for (int e = tid; e < NEXP; e += NT) {
     const float v = sc[e];
     if (v > MOE_NEG_INF) {
-      int r = 0;
+      // -inf and NaN never beat a selectable score; four counts, so the adds do not
+      // form one chain of NEXP dependent steps
+      int rc[4] = {0, 0, 0, 0};
       for (int o = 0; o < NEXP; ++o) {
-        r += moe_router_beats(sc[o], o, v, e) ? 1 : 0;  // -inf and NaN never beat a selectable score
+        rc[o % 4] += moe_router_beats(sc[o], o, v, e) ? 1 : 0;
       }
+      const int r = (rc[0] + rc[1]) + (rc[2] + rc[3]);
       if (r < K) {
         ids[r] = e;
         w[r] = sp[e];
