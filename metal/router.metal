@@ -175,8 +175,8 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
 // moe_router_beats) is counted by a thread of its own: the experts placed below K fill
 // those slots, the rest stay (NEXP, 0) as the simdgroup's K rounds leave them.  The same
 // ids and weights as moe_router_select, bit for bit, without its K dependent rounds of
-// simdgroup shuffles (~1,200 cycles before an expert kernel's first weight read); not for
-// the group limit (NGROUP > 1: its excluded experts keep selectable scores of 0, which
+// simdgroup shuffles (an estimated ~1,200 cycles before an expert kernel's first weight
+// read); not for the group limit (NGROUP > 1: its excluded experts keep selectable scores of 0, which
 // moe_router_select's rounds order differently).  Every thread must call it; ends with
 // a barrier.
 template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, bool NORM, int NT, typename LP, typename BP,
