@@ -360,8 +360,9 @@ def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeyp
 @pytest.mark.parametrize("quantized", [False, True], ids=["float_table", "q4_table"])
 def test_embedding_launch_matches_mlx_lm(flavor, quantized, monkeypatch):
     """With fused_step.EMBED_LAUNCH the token's embedding is one dense_embed launch
-    (plan.embed): logits as mlx-lm's forward gives them, for a float32 table and a 4-bit
-    one (nn.QuantizedEmbedding, as mlx-community checkpoints have it)."""
+    (plan.embed): logits, the cache after the step and the routing as mlx-lm's forward
+    gives them, for a float32 table and a 4-bit one (nn.QuantizedEmbedding, as
+    mlx-community checkpoints have it)."""
     import mlx.nn as nn
 
     model = fused_model("qwen3_moe")
@@ -374,10 +375,9 @@ def test_embedding_launch_matches_mlx_lm(flavor, quantized, monkeypatch):
     calls = []
     real = dense.dense_embed
     monkeypatch.setattr(dense, "dense_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got, want, *_ = one_step(model, "qwen3_moe", flavor)
+    results = one_step(model, "qwen3_moe", flavor)
     assert calls, "the fused forward did not take the embedding launch"
-    g, w = np.array(got), np.array(want)
-    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-6, np.abs(g - w).max()
+    assert_step_matches(*results)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -423,7 +423,8 @@ def test_greedy_sample_compiles_for_sm90a(tmp_path):
 
 def test_qkv_attention_compiles_for_sm90a(tmp_path):
     """q/k/v and the attention in one launch (metal/decode_chain.metal) at Qwen3-30B-A3B
-    shapes: 256-thread threadgroups, so at most 255 registers a thread, no spills."""
+    shapes and the default geometry (chain.QKV_NSG = 4: 128-thread threadgroups), at most
+    255 registers a thread, no spills."""
     k = ("qkv_attention", "qwen3",
          {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
           "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
@@ -432,7 +433,7 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
           "acst": "float32", "count": "uint32"},
          {"y": "bfloat16", "parts": "float32", "ml": "float32"},
          [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
-          ("NR", 2), ("NSG", 8), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
+          ("NR", 2), ("NSG", 4), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
           ("S", 4), ("QKNORM", True), ("TRAD", False)])
     _compiles(tmp_path, "decode_chain", [k], max_registers=255)
 

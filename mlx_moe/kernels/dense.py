@@ -195,9 +195,10 @@ EMBED_TG = 64  # dense_embed's threads per threadgroup (Qwen3's 4-bit 2048-wide 
 
 # dense_embed's rounding of an affine table's scale * q + bias, per flavor: one rounding
 # (an FMA) where MLX's own dequantize is compiled to one, else two (T arithmetic, as on
-# the CPU).  CUDA: ptxas may fuse the bfloat16 multiply and add of MLX's kernel (PTX
-# mul/add without a rounding modifier); not yet confirmed on a GPU (the kernel case
-# compares with the module on the GPU).  Metal: unmeasured, two.
+# the CPU).  CUDA: ptxas fuses the bfloat16 multiply and add of MLX's kernel (PTX mul/add
+# without a rounding modifier); on the H100 the kernel case (against the module on the
+# GPU) passed with one rounding and the 4-bit model's greedy tokens matched MLX's path
+# (BENCHMARKS.md 2026-12-06, fifth session).  Metal: unmeasured, two.
 EMBED_FUSED = {"cuda": True}
 
 
@@ -254,10 +255,8 @@ def router_tail_args(x, d: DenseWeight, res: mx.array, router: "RouterTail", fla
         raise ValueError(f"dense.ROUTER_TAIL is {ROUTER_TAIL!r}; choose one of {', '.join(ROUTER_TAILS)}")
     g = router.gate
     need = tail_counter_words(g.rows, d.rows, nr, nsg) if ROUTER_TAIL == "split" else 4
-    if router.count.dtype != mx.uint32 or router.count.size < need:
-        raise ValueError(f"dense_residual: the router tail's counter is {router.count.size} {router.count.dtype} "
-                         f"values; the {ROUTER_TAIL} tail at {nr}x{nsg} needs {need} uint32 (make it with "
-                         f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg})))")
+    registry.check_counter(router.count, need, f"dense_residual's {ROUTER_TAIL} router tail at {nr}x{nsg}",
+                           f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg}))")
     inputs = [*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
               router.count]
     return inputs, [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("RE", g.rows), ("RNR", TAIL_RNR)]

@@ -119,12 +119,17 @@ def family_header(flavor: str, family: str) -> str:
     return compact(_shims(flavor) + "\n" + family_helpers(flavor, family))
 
 
+def family_bodies(flavor: str, family: str) -> Dict[str, str]:
+    """{kernel section: body} `flavor` compiles for metal/<family>.metal: its own, its CUDA
+    twin's in their place on CUDA."""
+    _, bodies = read_family(family)
+    return {**bodies, **read_cuda_twin(family)[1]} if flavor == "cuda" else bodies
+
+
 def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
     """(header, body) that `flavor` compiles for kernel `name` of metal/<family>.metal:
     compacted, the header pruned to the definitions the body uses (source.py says why)."""
-    _, bodies = read_family(family)
-    if flavor == "cuda":
-        bodies = {**bodies, **read_cuda_twin(family)[1]}
+    bodies = family_bodies(flavor, family)
     spec = KERNELS.get(name)
     section = spec.body if spec is not None and spec.body else name
     if section not in bodies:
@@ -143,9 +148,7 @@ def with_bodies(flavor: str, body: str) -> str:
     """`body` with its `//@body` lines replaced by the sections they name (not nested)."""
     def one(m) -> str:
         family, section, options = m.group(1), m.group(2), tuple(m.group(3).split())
-        _, bodies = read_family(family)
-        if flavor == "cuda":
-            bodies = {**bodies, **read_cuda_twin(family)[1]}
+        bodies = family_bodies(flavor, family)
         if section not in bodies:
             raise KeyError(f"//@body {family}/{section}: metal/{family}.metal has no such kernel section")
         return with_options(bodies[section], options)
