@@ -76,7 +76,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+bf16  the same on the bf16 bodies (CUDA_GEMM = "bf16")
   mlx-moe+srcfiles  CUDA kernels handed to MLX as #include lines of source files
                 (kernels.registry.CUDA_SOURCE_FILES; MLX hashes a kernel's source on
-                every evaluation); +srctext: the source text itself
+                every evaluation; the default since the H100 measured it); +srctext:
+                the source text itself
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16

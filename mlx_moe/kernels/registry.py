@@ -365,10 +365,12 @@ _KERNELS: Dict[tuple, object] = {}
 
 # CUDA: hand MLX `#include` lines of source files instead of the source text
 # (source.as_include_files: MLX hashes a kernel's whole source on every
-# evaluation).  Off until an H100 run measures it (tools/bench_generate.py
-# engine +srcfiles); MLX_MOE_CUDA_SOURCE_FILES=1 turns it on for a process (the
-# GPU tests' way).  Read when a kernel object is first built.
-CUDA_SOURCE_FILES = os.environ.get("MLX_MOE_CUDA_SOURCE_FILES", "0") == "1"
+# evaluation, ~15 kB for each of a fused layer's launches).  H100, Qwen3-30B-A3B,
+# one machine (BENCHMARKS.md 2026-12-06, sixth session): the compiled step's host
+# time 2.614 ms a token against 2.922, decode 374.6 tok/s against 313.4 (7 of 7
+# paired repetitions faster), so on by default; MLX_MOE_CUDA_SOURCE_FILES=0 (or
+# engine +srctext) passes the text.  Read when a kernel object is first built.
+CUDA_SOURCE_FILES = os.environ.get("MLX_MOE_CUDA_SOURCE_FILES", "1") == "1"
 _FILES_FAILED: list = []  # why the files could not be written (then the text is inlined)
 
 
