@@ -345,8 +345,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // threadgroups (GX = ceil(F / (NRG * NSG)) per (token, slot) pair, pair-major),
 // then NDN = DX * NT down threadgroups (DX = ceil(D / NRD) per token).
 // Order: every threadgroup runs the routing rule on its token's router outputs
-// (router.metal's moe_router_select in simdgroup 0, or with TGR moe_router_select_tg, its
-// threads ranking the experts), the token's first threadgroup writes ids and weights.  A gate/up
+// (router.metal's moe_router_select in simdgroup 0), the token's first threadgroup
+// writes ids and weights.  A gate/up
 // threadgroup writes its rows of h, fences, and bumps count[0].  A down threadgroup
 // waits until count[0] = NGU (moe_wait_count: GPUs start threadgroups in index order,
 // so it never holds a core a gate/up one has yet to get; KernelSpec.in_order marks
@@ -355,8 +355,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // finish (a ticket on count[1]) zeroes both counters for the next launch.
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
 // (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (the
-// down weights staged in threadgroup memory, where 16 KB hold them), TGR (the routing
-// by all the threadgroup's threads; not with NGROUP > 1), and the routing
+// down weights staged in threadgroup memory, where 16 KB hold them), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
@@ -383,25 +382,17 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const auto cnt = moe_inplace(count);
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
-  threadgroup float rscore[NEXP];  // moe_router_select_tg's scratch
-  threadgroup float rprob[NEXP];
-  if (NGROUP > 1 || !TGR) {
-    if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
-      const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
-          logits + size_t(tok) * NEXP, bias, scale[0], lane);
-      if (lane == 0) {
-        for (int j = 0; j < KS; ++j) {
-          chosen[j] = pick.id[j];
-          chosen_w[j] = pick.w[j];
-        }
+  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
+    if (lane == 0) {
+      for (int j = 0; j < KS; ++j) {
+        chosen[j] = pick.id[j];
+        chosen_w[j] = pick.w[j];
       }
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  } else {  // the same choice with the threadgroup's threads: no chain of shuffles before the first weight read
-    moe_router_select_tg<NEXP, KS, VPL, SCORE, HAS_BIAS, NORM, 32 * NSG>(
-        logits + size_t(tok) * NEXP, bias, scale[0], int(thread_index_in_threadgroup), sg, lane, rscore, rprob,
-        chosen, chosen_w);
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   if (!down && tg % (GX * KS) == 0 && thread_index_in_threadgroup < uint(KS)) {  // the token's first
     ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];

@@ -168,61 +168,6 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   return pick;
 }
 
-// moe_router_select's result for one token, by the NT threads of a threadgroup, into
-// threadgroup memory: ids[K] (int) and w[K] (float); sc, sp: threadgroup float[NEXP]
-// (scratch).  Simdgroup 0 computes the scores (moe_router_scores), then every expert's
-// place among the selectable ones (score above -inf, not NaN; ordered by
-// moe_router_beats) is counted by a thread of its own: the experts placed below K fill
-// those slots, the rest stay (NEXP, 0) as the simdgroup's K rounds leave them.  The same
-// ids and weights as moe_router_select, bit for bit, without its K dependent rounds of
-// simdgroup shuffles (an estimated ~1,200 cycles before an expert kernel's first weight
-// read); not for the group limit (NGROUP > 1: its excluded experts keep selectable scores of 0, which
-// moe_router_select's rounds order differently).  Every thread must call it; ends with
-// a barrier.
-template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, bool NORM, int NT, typename LP, typename BP,
-          typename SF, typename SI>
-MOE_DEVICE inline void moe_router_select_tg(LP logits, BP bias, float scale, int tid, uint sg, uint lane, SF sc,
-                                            SF sp, SI ids, SF w) {
-  if (sg == 0) {  // uniform per simdgroup: every lane reaches the scores' collectives
-    float p[VPL];
-    float c[VPL];
-    moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, 1, 1>(logits, bias, lane, p, c);
-    for (int i = 0; i < VPL; ++i) {
-      const int e = int(lane) + 32 * i;
-      if (e < NEXP) {
-        sc[e] = c[i];
-        sp[e] = p[i];
-      }
-    }
-  }
-  for (int j = tid; j < K; j += NT) {
-    ids[j] = NEXP;
-    w[j] = 0.0f;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int e = tid; e < NEXP; e += NT) {
-    const float v = sc[e];
-    if (v > MOE_NEG_INF) {
-      // -inf and NaN never beat a selectable score; four counts, so the adds do not
-      // form one chain of NEXP dependent steps
-      int rc[4] = {0, 0, 0, 0};
-      for (int o = 0; o < NEXP; ++o) {
-        rc[o % 4] += moe_router_beats(sc[o], o, v, e) ? 1 : 0;
-      }
-      const int r = (rc[0] + rc[1]) + (rc[2] + rc[3]);
-      if (r < K) {
-        ids[r] = e;
-        w[r] = sp[e];
-      }
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (tid == 0) {
-    moe_router_finish<K, SCORE, NORM>(w, scale);
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
-
 // ==== kernel: moe_router_topk ====
 // Template:
 //   T       logits dtype;  NEXP  experts scored (real + identity experts);

@@ -335,7 +335,7 @@ class CompiledDecoder:
                          fused_step.QKV_ATTENTION_ONE_LAUNCH, fused_step.OPROJ_MOE_ONE_LAUNCH,
                          dense.ROUTER_TAIL, tuple(sorted(dispatch.MOE_LAYER.items())),
                          attention_kernels.SPLITS, attention_kernels.PARTS_NSG, attention_kernels.PARTS_U,
-                         chain.QKV_NSG, dispatch.THREADGROUP_ROUTING)
+                         chain.QKV_NSG)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))

@@ -586,8 +586,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)),
                 (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
-                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8),
-                (dispatch, "THREADGROUP_ROUTING", not dispatch.THREADGROUP_ROUTING)]:
+                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

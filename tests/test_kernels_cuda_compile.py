@@ -391,15 +391,14 @@ def test_residual_combine_compiles_for_sm90a(tmp_path):
     assert len(_entries(ptx)) == 1
 
 
-def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=False, tgr=False):
+def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=False):
     """mul_mv_id_moe at Qwen3-30B-A3B shapes: Q4_0, softmax top-8 of 128, one token."""
     return ("mul_mv_id_moe", variant,
             {"x": "bfloat16", "logits": "bfloat16", "bias": "float32", "scale": "float32", "wg": "uint16",
              "wu": "uint16", "wd": "uint16", "res": "bfloat16", "count": "uint32"},
             {"h": "float32", "ids": "int32", "weights": "float32", "y": "bfloat16"},
             [("T", "bfloat16"), ("WT", "uint16"), ("D", 2048), ("F", 768), ("NE", 128), ("NI", 0), ("KS", 8),
-             ("NT", 1), ("NRG", nrg), ("NRD", nrd), ("NSG", nsg), ("NQ", nq), ("STAGE", stage), ("TGR", tgr),
-             ("NEXP", 128), ("VPL", 4),
+             ("NT", 1), ("NRG", nrg), ("NRD", nrd), ("NSG", nsg), ("NQ", nq), ("STAGE", stage), ("NEXP", 128), ("VPL", 4),
              ("SCORE", 0), ("HAS_BIAS", False), ("NGROUP", 1), ("TOPKG", 1), ("NORM", True)])
 
 
@@ -408,8 +407,7 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
     count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8),
-               _moe_layer("q4_0_1x4x8_staged", 1, 4, 8, stage=True),
-               _moe_layer("q4_0_1x4x8_staged_tgr", 1, 4, 8, stage=True, tgr=True)]
+               _moe_layer("q4_0_1x4x8_staged", 1, 4, 8, stage=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
 
 

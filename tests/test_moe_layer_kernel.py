@@ -107,53 +107,6 @@ def test_one_launch_bfloat16_activations(flavor):
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 
-def _hard_logits(rng, tokens, nexp, k):
-    """Router logits that stress the selection: exact ties (the lower id must win), -inf
-    experts, a NaN, a token with fewer selectable experts than k (padding slots follow)."""
-    lg = (rng.standard_normal((tokens, nexp)) * 2).astype(np.float32)
-    lg[0, 3::5] = lg[0, 3]  # a run of equal scores across lanes and rounds
-    lg[1, : nexp // 2] = -np.inf
-    lg[1, nexp // 2 + 1] = np.nan
-    lg[2, :] = -np.inf
-    lg[2, : max(1, k - 2)] = 1.5  # k - 2 selectable under the raw-logit rule, all tied
-    return mx.array(lg)
-
-
-# (experts scored, real experts, rule): softmax top-8 of 128 normalized (Qwen3), top-2
-# then softmax (Mixtral), sigmoid with a selection bias, scaling and normalization over
-# 37 scores (LongCat-like, 2 identity experts), plain softmax top-3 of 10
-HARD_RULES = [(128, 128, lambda rng: RouterParams(8, normalize=True)),
-              (40, 40, lambda rng: RouterParams(4, score="topk_softmax")),
-              (37, 35, lambda rng: RouterParams(5, score="sigmoid", normalize=True, scaling=2.5, bias=mx.array(
-                  np.round(rng.standard_normal(37), 1).astype(np.float32)))),
-              (10, 10, lambda rng: RouterParams(3))]
-
-
-@pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("rule", range(len(HARD_RULES)), ids=["qwen3", "mixtral", "sigmoid_bias", "small"])
-@pytest.mark.parametrize("geometry", [None, LayerGeometry(1, 4, 2, 1)], ids=["default", "nsg2"])
-def test_threadgroup_routing_equals_the_simdgroup_rule(flavor, rule, geometry, monkeypatch):
-    """mul_mv_id_moe with THREADGROUP_ROUTING ranks the experts with all its threads
-    (router.metal's moe_router_select_tg); moe_router_topk runs the rule's K rounds of a simdgroup
-    argmax: the same ids in the same order and the same weights, bit for bit, on logits
-    with ties, -inf, NaN and fewer selectable experts than k, with 64 threads for 128
-    scores (several experts a thread) and the default 256."""
-    from mlx_moe.kernels import dispatch
-    from mlx_moe.kernels.router import fused_topk
-
-    monkeypatch.setattr(dispatch, "THREADGROUP_ROUTING", True)
-    nexp, ne, make = HARD_RULES[rule]
-    rng = np.random.default_rng(31 + rule)
-    params = make(rng)
-    wg, wu, wd, x, _, res = _layer(rng, ne, nexp, 3)
-    logits = _hard_logits(rng, 3, nexp, params.k)
-    _, ids, w = mul_mv_id_moe(x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res,
-                              ticket_counter(), flavor, geometry)
-    want_ids, want_w = fused_topk(logits, params, flavor)
-    np.testing.assert_array_equal(np.array(ids), np.array(want_ids))
-    np.testing.assert_array_equal(np.array(w), np.array(want_w))
-
-
 def test_one_launch_needs_in_order_threadgroups():
     """The registry marks the kernel (the emulation then runs its threadgroups in index
     order); the two-launch kernels keep the emulation's last-first order."""

@@ -31,9 +31,6 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 threadgroup at 4 / 16 (kernels.attention.PARTS_NSG; default 8)
   mlx-moe+compile+qkvnsg8  qkv_attention at 8 simdgroups a threadgroup
                 (kernels.chain.QKV_NSG; default 4)
-  mlx-moe+compile+tgroute  the one-launch MoE layer's threadgroups choosing their
-                token's experts with all their threads (kernels.dispatch.THREADGROUP_ROUTING)
-                instead of simdgroup 0's K rounds of shuffles
   mlx-moe+compile+noqkvatt  the q/k/v projections and the attention in two launches
                 (fused_step.QKV_ATTENTION_ONE_LAUNCH off; on by default on CUDA: one
                 qkv_attention launch; +qkvatt turns it on for the emulated flavor too)
@@ -513,7 +510,6 @@ SWITCHES = {
                                                 "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=1)}),
     "+munstaged": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
                                                    "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1)}),
-    "+tgroute": (dispatch_module, "THREADGROUP_ROUTING", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),

@@ -111,15 +111,6 @@ class LayerGeometry:
 # float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=1), "float": LayerGeometry(2, 2, 8)}
 
-# How mul_mv_id_moe's threadgroups find their token's experts: False, simdgroup 0 runs
-# the rule's K dependent rounds of a simdgroup argmax (router.metal's moe_router_select,
-# an estimated ~1,200 cycles of shuffles before a threadgroup's first weight read); True,
-# every thread ranks experts of its own against all the others (moe_router_select_tg:
-# the same ids and weights bit for bit, tests/test_moe_layer_kernel.py).  Not for the
-# group limit (it keeps the rounds).  Off until the H100 measures it (bench_generate's
-# engine suffix +tgroute; tools/gpu_measure.sh step T).
-THREADGROUP_ROUTING = False
-
 
 def weight_kind(proj) -> Optional[str]:
     """'q4_0' or 'float' for projections the kernels read directly, else None.
