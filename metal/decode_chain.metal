@@ -63,6 +63,82 @@
   }
 }
 
+// ==== kernel: qkv_attention_oproj ====
+// qkv_attention's two parts, then dense_residual_parts_router_split (o_proj over the
+// attention's splits, the residual add, the post-attention RMSNorm and the router
+// projection shared by every threadgroup, the last one adding the shares), in one
+// launch: the decoder layer's attention block, one graph node.  Why: o_proj's own
+// launch is a chain of dependent latencies (ncu on the H100: 14.1 us a layer for 4 MB,
+// 64 threadgroups, its multiprocessors active half of it, BENCHMARKS.md 2026-12-06,
+// sixth session); chained, its threadgroups issue their weight rows (the whole row at
+// NRO = 2), residuals and router words before they wait, while the attention runs.
+// Threadgroups [0, NQKV) and [NQKV, NQKV + NATT) are qkv_attention's; the attention's
+// fence their parts and ml and count themselves on count[1]; threadgroups
+// [NQKV + NATT, NQKV + NATT + NOP) (NOP = ceil(NO / (NRO * NSG))) run the o_proj body
+// as its threadgroup i - NQKV - NATT, waiting inside it for count[1] = NATT; the last
+// of them to finish zeroes count[0..2] (each has passed its wait by then).
+// Template: qkv_attention's (T, FMT, GS, K, N0, N1, N2, NR, NSG, HAS_BIAS, D, HQ, HKV,
+//   C, U, S, QKNORM, TRAD), and dense_residual's under other names where the two
+//   projections differ: FMTO, GSO (o_proj's format), KO (= HQ * D), NO (= K), NRO (its
+//   rows per simdgroup), and HD (= D), RFMT, RGS, RE, RNR, OQB (dense_residual's option
+//   CHAINED).
+// Inputs: qkv_attention's (x .. acst, count uint32 [4]: its words 0..2 used, zero between
+//   launches), then o_proj's weight ow, ow_s, ow_b, the post-attention norm's gpost, the
+//   router wr, wr_s, wr_b, ocst float32 [4] (eps first), ocount (the split tail's
+//   counter with its shares, dense.tail_counter_words at NRO x NSG).  x is the residual.
+// Outputs: y, parts, ml (qkv_attention's), out, xn, logits (dense_residual's).
+// Grid: ((NQKV + S * HQ + NOP) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
+{
+  constexpr int NQKV = (N0 + N1 + N2 + NR * NSG - 1) / (NR * NSG);
+  constexpr int NATT = S * HQ;
+  constexpr int NOP = (NO + NRO * NSG - 1) / (NRO * NSG);
+  const int tg_all = int(threadgroup_position_in_grid.x);
+  if (tg_all < NQKV) {
+//@body decode_layer/dense_norm
+    moe_device_fence();  // this thread's rows of y, before the count says they are there
+    threadgroup_barrier(mem_flags::mem_device);
+    if (thread_index_in_threadgroup == 0) {
+      moe_ticket(count);
+    }
+    return;
+  }
+  if (tg_all < NQKV + NATT) {
+    const int att_tg = tg_all - NQKV;
+    if (thread_index_in_threadgroup == 0) {
+      moe_wait_count(count, uint(NQKV));
+    }
+    threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+    moe_device_fence();  // every thread's reads of y after the wait
+    {
+      const auto cst = acst;  // the attention body's constants
+//@body attention/decode_attention_parts KV CHAINED
+    }
+    moe_device_fence();  // this thread's parts and ml, before the count says they are there
+    threadgroup_barrier(mem_flags::mem_device);
+    if (thread_index_in_threadgroup == 0) {
+      moe_ticket(count + 1);
+    }
+    return;
+  }
+  const int o_tg = tg_all - NQKV - NATT;
+  const auto chain_count = count + 1;  // the body waits for every attention threadgroup's count
+  const uint chain_n = uint(NATT);
+  {
+    const auto w = ow;
+    const auto w_s = ow_s;
+    const auto w_b = ow_b;
+    const auto res = x;
+    const auto cst = ocst;
+    const auto count = ocount;
+//@body decode_layer/dense_residual PARTS ROUTER RSPLIT CHAINED FMT=FMTO GS=GSO K=KO N=NO NR=NRO
+  }
+  if (thread_index_in_threadgroup == 0 && moe_ticket(count + 2) == uint(NOP - 1)) {
+    moe_ticket_reset(count);
+    moe_ticket_reset(count + 1);
+    moe_ticket_reset(count + 2);
+  }
+}
+
 // ==== kernel: oproj_moe ====
 // dense_residual_parts_router_split (o_proj over the attention's splits, the residual
 // add, the post-attention RMSNorm and the router projection shared by every threadgroup,

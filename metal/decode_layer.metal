@@ -466,6 +466,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   first version (a simdgroup per router row, one row after another, and the shares
 //   added by a loop per column) took 21 us on the H100, more than the one-tail launch;
 //   this one 14.5 (one-tail 17.7, the two launches 8.6 + 4.9).
+// Option CHAINED (with PARTS): the body run by a kernel that chains it after the
+//   attention in one launch (metal/decode_chain.metal), which names this
+//   threadgroup's index among the projection's o_tg and the counter the body waits
+//   on before it reads parts and ml, chain_count, until it reaches chain_n: every
+//   read that does not need them (the weights' first steps, the residuals, the
+//   router's words) is issued before the wait; template OQB, the parts' column quads
+//   a batch reads (4 unchained).
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -493,7 +500,21 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
   const int tid = int(thread_index_in_threadgroup);
-  const int row0 = (int(threadgroup_position_in_grid.x) * NSG + int(sg)) * NR;
+//@if !CHAINED
+  const int dtg = int(threadgroup_position_in_grid.x);
+//@endif
+//@if CHAINED
+  const int dtg = o_tg;  // the chaining kernel's index of this threadgroup among the projection's
+//@endif
+  const int row0 = (dtg * NSG + int(sg)) * NR;
+  // PARTS: column quads whose reads one batch issues (QBMAX x S 16-byte values a thread
+  // held at once: registers the chained launch shares with the attention's part)
+//@if !CHAINED
+  constexpr int QBMAX = 4;
+//@endif
+//@if CHAINED
+  constexpr int QBMAX = OQB;
+//@endif
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last row reads row 0, writes nothing
   const int lvalid = (nvalid > 0) ? nvalid : 1;
@@ -513,7 +534,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   constexpr int WPR = (ROWS % RPER == 0) ? ROWS / RPER : ROWS / RPER + 2;  // words ROWS columns can touch
   constexpr int NRI = RE * WPR;                                        // (router row, word) items
   constexpr int IT = (NRI + NTH - 1) / NTH;                            // items per thread
-  const int c0 = int(threadgroup_position_in_grid.x) * ROWS;
+  const int c0 = dtg * ROWS;
   const int nc = (N - c0 < ROWS) ? N - c0 : ROWS;
   const int w0 = c0 / RPER;
   uint4 rq[IT];
@@ -539,6 +560,14 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     moe_prefetch_share(wr_s, RG, part, parts, tid, NTH);
     moe_prefetch_share(wr_b, RG, part, parts, tid, NTH);
   }
+//@endif
+//@if CHAINED
+  // The chaining kernel's wait for this launch's parts and ml, after the reads above.
+  if (tid == 0) {
+    moe_wait_count(chain_count, chain_n);
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  moe_device_fence();  // every thread's reads of parts and ml after the wait
 //@endif
 //@if PARTS
   // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
@@ -570,7 +599,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  HD % 4 == 0, so a quad
   // never straddles two heads.
   constexpr int NQ4 = K / 4;
-  constexpr int QB = IQ < 4 ? IQ : 4;
+  constexpr int QB = IQ < QBMAX ? IQ : QBMAX;
   for (int i0 = 0; i0 < IQ; i0 += QB) {
     uint4 pv[QB][S];
     MOE_UNROLL
@@ -671,7 +700,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         a += oo[j] * oo[j];
       }
     }
-    rpart[size_t(e) * NTG + size_t(threadgroup_position_in_grid.x)] = moe_float_bits(a);
+    rpart[size_t(e) * NTG + size_t(dtg)] = moe_float_bits(a);
   }
 //@endif
 //@if ROUTER

@@ -31,6 +31,8 @@ launch of few threadgroups (one per head, or one) leaves most SMs idle for
                           QKV_ATTENTION_ONE_LAUNCH, CUDA; metal/decode_chain.metal)
   (oproj_moe              o_proj with the MoE layer chained so: OPROJ_MOE_ONE_LAUNCH,
                           off: slower on the H100)
+  (qkv_attention_oproj    q/k/v, the attention and o_proj with the router tail chained
+                          so: ATTENTION_ONE_LAUNCH, CUDA)
 
 with MLX ops where a family needs more (Qwen2-MoE's shared expert) and the
 expert backend's own call where the experts are not the kernels' formats
@@ -58,7 +60,8 @@ import mlx.nn as nn
 from .hooks import HOOKS
 from .kernels import dense, dispatch, registry
 from .kernels.attention import decode_attention_parts
-from .kernels.chain import qkv_attention
+from .kernels import chain
+from .kernels.chain import qkv_attention, qkv_attention_oproj
 from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
                             stack_unsupported)
 from .kernels.router import fused_topk
@@ -134,6 +137,17 @@ QKV_ATTENTION_ONE_LAUNCH: tuple = ("cuda",)
 # instead of 6 (40 registers alone); the host saved ~0.1 ms a token does not pay for
 # 2.1 ms of GPU time.  bench_generate's engine suffix +oprojmoe turns it on.
 OPROJ_MOE_ONE_LAUNCH: tuple = ()
+
+# The kernel flavors on which the whole attention block runs as one launch
+# (qkv_attention_oproj, metal/decode_chain.metal): qkv_attention's two parts, then o_proj
+# with the split router tail, its threadgroups issuing their weight rows before they wait
+# inside the launch for the attention's.  Where QKV_ATTENTION_ONE_LAUNCH and the router
+# tail (ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL "split") are on too: a layer is then two
+# graph nodes with MOE_ONE_LAUNCH.  Why: o_proj's own launch spends 14.1 us a layer on the
+# H100 for 4 MB, a chain of dependent latencies with half the SMs idle (ncu,
+# BENCHMARKS.md 2026-12-06, sixth session).  Off until the H100 has measured it
+# (bench_generate's engine suffix +attn1); never on Metal unless measured there (index order).
+ATTENTION_ONE_LAUNCH: tuple = ()
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
@@ -289,8 +303,11 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     tails = [lp for lp in layers if lp.tail is not None]
     # (oproj_moe launches o_proj at TAIL_NR x the MoE layer's NSG: room for that too)
     nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
+    # (and qkv_attention_oproj at chain.OPROJ_NR x chain.QKV_NSG)
     words = max((max(dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows),
-                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, dense.TAIL_NR, nsg)) for lp in tails),
+                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, dense.TAIL_NR, nsg),
+                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, chain.OPROJ_NR, chain.QKV_NSG))
+                 for lp in tails),
                 default=4)
     counters = iter(registry.ticket_counters(len(tails), words))
     layers = [lp._replace(tail=lp.tail._replace(count=next(counters))) if lp.tail is not None else lp
@@ -386,14 +403,42 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
     qn, kn = lp.q_norm, lp.k_norm
     heads = (lp.n_heads, lp.n_kv_heads, qn.weight if qn is not None else None, kn.weight if kn is not None else None,
              qn.eps if qn is not None else 0.0, lp.rope.base, lp.rope.scale, lp.rope.traditional)
-    if KV_IN_PLACE and flavor in QKV_ATTENTION_ONE_LAUNCH and lp.chain_count is not None:
-        out = qkv_attention(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], *heads, cache.keys,
-                            cache.values, pos, lp.scale, flavor, lp.chain_count)
+    tail_on = (ROUTER_IN_RESIDUAL is True or (bool(ROUTER_IN_RESIDUAL) and flavor in ROUTER_IN_RESIDUAL)) \
+        and lp.tail is not None
+    qkv_chain = KV_IN_PLACE and flavor in QKV_ATTENTION_ONE_LAUNCH and lp.chain_count is not None
+    routed = None  # (out, ids, weights) where o_proj's launch also ran the MoE layer
+    if qkv_chain and tail_on and flavor in ATTENTION_ONE_LAUNCH and dense.ROUTER_TAIL == "split":
+        h, xn, logits = qkv_attention_oproj(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], *heads,
+                                            cache.keys, cache.values, pos, lp.scale, lp.o, lp.tail, flavor,
+                                            lp.chain_count)
     else:
-        y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
-        out = decode_attention_parts(y, *heads, cache.keys, cache.values, pos, lp.scale, flavor,
-                                     write_cache=KV_IN_PLACE)
-    parts, ml = out[:2]
+        if qkv_chain:
+            parts_ml = qkv_attention(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], *heads, cache.keys,
+                                     cache.values, pos, lp.scale, flavor, lp.chain_count)
+        else:
+            parts_ml = _attention_parts(lp, h, cache, pos, heads, flavor, index)
+        routed = _oproj_and_experts(lp, h, parts_ml, flavor) if tail_on else None
+        if routed is None and tail_on:
+            h, xn, logits = dense_residual(parts_ml, lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
+                                           router=lp.tail)
+        elif routed is None:
+            h = dense_residual(parts_ml, lp.o, h, flavor)
+            logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
+                                    nr=dense.ROUTER_NR)
+    out, ids, weights = routed if routed is not None else _experts_and_residual(lp, h, xn, logits, flavor)
+    if HOOKS.active:
+        moe = lp.moe
+        HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)
+    return out
+
+
+def _attention_parts(lp: LayerPlan, h: mx.array, cache, pos: mx.array, heads, flavor: str,
+                     index: Optional[mx.array]):
+    """(parts, ml) of the attention in two launches (dense_norm, decode_attention_parts),
+    the new key and value stored in the cache in place (KV_IN_PLACE) or by two scatters."""
+    y = dense_norm(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], flavor)
+    out = decode_attention_parts(y, *heads, cache.keys, cache.values, pos, lp.scale, flavor,
+                                 write_cache=KV_IN_PLACE)
     if not KV_IN_PLACE:
         k, v = out[2:]
         if index is None:
@@ -403,23 +448,7 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
         # donates them once the attention, their other reader, has run).
         cache.keys = mx.put_along_axis(cache.keys, index, k, axis=2)
         cache.values = mx.put_along_axis(cache.values, index, v, axis=2)
-    tail_on = ROUTER_IN_RESIDUAL is True or (bool(ROUTER_IN_RESIDUAL) and flavor in ROUTER_IN_RESIDUAL)
-    chained = _oproj_and_experts(lp, h, (parts, ml), flavor) if tail_on and lp.tail is not None else None
-    if chained is not None:
-        out, ids, weights = chained
-    else:
-        if tail_on and lp.tail is not None:
-            h, xn, logits = dense_residual((parts, ml), lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
-                                           router=lp.tail)
-        else:
-            h = dense_residual((parts, ml), lp.o, h, flavor)
-            logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
-                                    nr=dense.ROUTER_NR)
-        out, ids, weights = _experts_and_residual(lp, h, xn, logits, flavor)
-    if HOOKS.active:
-        moe = lp.moe
-        HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)
-    return out
+    return out[0], out[1]
 
 
 def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array) -> mx.array:

@@ -110,6 +110,16 @@ def test_qkv_attention_equals_the_two_launches(flavor):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_qkv_attention_oproj_equals_the_two_launches(flavor):
+    """qkv_attention_oproj against qkv_attention + dense_residual (split tail), bit for bit
+    (kernel_cases)."""
+    from mlx_moe.kernels.kernel_cases import CASES
+
+    for case in CASES["qkv_attention_oproj"]:
+        case.check(flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_oproj_moe_equals_the_two_launches(flavor):
     """oproj_moe against dense_residual (split tail) + mul_mv_id_moe, bit for bit (kernel_cases)."""
     from mlx_moe.kernels.kernel_cases import CASES
@@ -247,7 +257,7 @@ def copy_cache(cache):
 
 
 def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False,
-             one_launch=False, chain=False, oproj=False):
+             one_launch=False, chain=False, oproj=False, attn=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -270,8 +280,9 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     # one_launch: the MoE layer as mul_mv_id_moe (fused_step.MOE_ONE_LAUNCH; with route_in_experts)
     # chain: q/k/v and the attention as qkv_attention (fused_step.QKV_ATTENTION_ONE_LAUNCH)
     # oproj: o_proj's tail and the MoE layer as oproj_moe (fused_step.OPROJ_MOE_ONE_LAUNCH)
+    # attn: q/k/v, the attention and o_proj's tail as qkv_attention_oproj (ATTENTION_ONE_LAUNCH)
     switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH",
-                "QKV_ATTENTION_ONE_LAUNCH", "OPROJ_MOE_ONE_LAUNCH")
+                "QKV_ATTENTION_ONE_LAUNCH", "OPROJ_MOE_ONE_LAUNCH", "ATTENTION_ONE_LAUNCH")
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -280,7 +291,8 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
                                   ROUTE_IN_EXPERTS=route_in_experts, ROUTER_IN_RESIDUAL=bool(tail),
                                   MOE_ONE_LAUNCH=(flavor,) if one_launch else (),
                                   QKV_ATTENTION_ONE_LAUNCH=(flavor,) if chain else (),
-                                  OPROJ_MOE_ONE_LAUNCH=(flavor,) if oproj else ()):
+                                  OPROJ_MOE_ONE_LAUNCH=(flavor,) if oproj else (),
+                                  ATTENTION_ONE_LAUNCH=(flavor,) if attn else ()):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
@@ -353,6 +365,23 @@ def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeyp
 
     shared = moe_layers(model)[0].has_shared_expert
     assert calls["oproj"] == (0 if shared else len(model.layers)), calls
+    assert_step_matches(*results)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("family,quantize", [("qwen3_moe", True), ("qwen2_moe", False), ("mixtral", False)])
+def test_attention_block_launch_matches_mlx_lm_forward(flavor, family, quantize, monkeypatch):
+    """With fused_step.ATTENTION_ONE_LAUNCH q/k/v, the attention and o_proj with the split
+    router tail are one launch (qkv_attention_oproj), then the one-launch MoE layer: a layer
+    is two launches whatever the family (Qwen2's shared expert runs on MLX's ops between
+    them).  Logits, the cache after the step and the routing as mlx-lm's forward gives them."""
+    calls = []
+    real = fused_step.qkv_attention_oproj
+    monkeypatch.setattr(fused_step, "qkv_attention_oproj", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = fused_model(family, quantize)
+    results = one_step(model, family, flavor, route_in_experts=True, tail="split", one_launch=True, chain=True,
+                       attn=True)
+    assert len(calls) == len(model.layers), "the layers did not take the one-launch attention block"
     assert_step_matches(*results)
 
 
@@ -483,7 +512,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     greedy_sample and from the sampler; the cache
     written in place, and by scatters; the position on the device and from the host;
     the routing inside the gate/up launch and in its own; q/k/v and the attention, and
-    o_proj and the MoE layer, in one launch each and apart; the MoE layer in one launch
+    o_proj and the MoE layer, in one launch each and apart; the attention block in one
+    launch and not; the MoE layer in one launch
     and in two) and without them,
     against the uncompiled path, on float32 weights.  MLX_ENABLE_TF32=0 (conftest.py): MLX's CUDA float32
     matmuls otherwise run in TF32 and the reference is the inexact side (the fused
@@ -516,6 +546,10 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
         other_chain, _ = compiled(model, PROMPT, 12)  # (a layer in two launches)
         monkeypatch.setattr(fused_step, "QKV_ATTENTION_ONE_LAUNCH", chains[0])
         monkeypatch.setattr(fused_step, "OPROJ_MOE_ONE_LAUNCH", chains[1])
+        block = fused_step.ATTENTION_ONE_LAUNCH
+        monkeypatch.setattr(fused_step, "ATTENTION_ONE_LAUNCH", () if block else ("cuda",))
+        other_block, _ = compiled(model, PROMPT, 12)  # (the attention block in one launch, or not)
+        monkeypatch.setattr(fused_step, "ATTENTION_ONE_LAUNCH", block)
         monkeypatch.setattr(fused_step, "ROUTE_IN_EXPERTS", not fused_step.ROUTE_IN_EXPERTS)
         other_route, _ = compiled(model, PROMPT, 12)
         monkeypatch.setattr(fused_step, "ROUTER_IN_RESIDUAL", not fused_step.ROUTER_IN_RESIDUAL)
@@ -530,8 +564,8 @@ def test_compiled_fused_decode_tokens_match_uncompiled(family, monkeypatch):
     assert len(set(want)) > 2, "degenerate model: the comparison would prove little"
     assert got == want, (got, want)
     assert scattered == want and plain == want and other_pos == want and other_route == want and \
-        other_tail == want and other_moe == want and other_chain == want, (
-            scattered, plain, other_pos, other_route, other_tail, other_moe, other_chain, want)
+        other_tail == want and other_moe == want and other_chain == want and other_block == want, (
+            scattered, plain, other_pos, other_route, other_tail, other_moe, other_chain, other_block, want)
     assert sampled == want, (sampled, want)
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sampled_lp, want_lp, rtol=1e-4, atol=1e-4)
@@ -550,11 +584,15 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     assert len(counts) == len(model.model.layers) >= 2 and all(c is not None for c in counts)
     assert all(c.dtype == mx.uint32 and not np.array(c).any() for c in counts)
     # room for the split tail's shares at the geometries forward() launches it with: its
-    # own launch's, and oproj_moe's (TAIL_NR x the MoE layer's simdgroups)
+    # own launch's, oproj_moe's (TAIL_NR x the MoE layer's simdgroups) and
+    # qkv_attention_oproj's (chain.OPROJ_NR x chain.QKV_NSG)
+    from mlx_moe.kernels import chain
+
     lp = plan.layers[0]
     nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
-    assert all(c.size == 4 + (lp.tail.gate.rows + 1) * -(-lp.o.rows // (dense.TAIL_NR * min(dense.TAIL_NSG, nsg)))
-               for c in counts)
+    groups = max(-(-lp.o.rows // (nr * n)) for nr, n in ((dense.TAIL_NR, dense.TAIL_NSG), (dense.TAIL_NR, nsg),
+                                                          (chain.OPROJ_NR, chain.QKV_NSG)))
+    assert all(c.size == 4 + (lp.tail.gate.rows + 1) * groups for c in counts)
     assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer
     # and each layer's one-launch MoE (mul_mv_id_moe), q/k/v + attention (qkv_attention) and
     # o_proj + MoE (oproj_moe) a counter of its own: zero, 2 words at least
@@ -586,7 +624,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "EMBED_LAUNCH", () if "emulated" in fused_step.EMBED_LAUNCH else ("emulated",)),
                 (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
-                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8)]:
+                (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8),
+                (fused_step, "ATTENTION_ONE_LAUNCH", ("emulated",)), (chain, "OPROJ_QB", 2)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

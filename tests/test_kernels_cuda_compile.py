@@ -436,6 +436,29 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
     _compiles(tmp_path, "decode_chain", [k], max_registers=255)
 
 
+def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
+    """The attention block in one launch (qkv_attention, then o_proj with the split router
+    tail: metal/decode_chain.metal) at Qwen3-30B-A3B shapes, 4 and 8 simdgroups, o_proj at
+    chain.OPROJ_NR, its parts read 4 and 2 column quads a batch: no spills, at most 255 registers (printed: the launch's one count)."""
+    inputs = {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
+              "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
+              "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
+              "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
+              "acst": "float32", "count": "uint32", "ow": "uint32", "ow_s": "bfloat16", "ow_b": "bfloat16",
+              "gpost": "bfloat16", "wr": "uint32", "wr_s": "bfloat16", "wr_b": "bfloat16", "ocst": "float32",
+              "ocount": "uint32"}
+    outputs = {"y": "bfloat16", "parts": "float32", "ml": "float32", "out": "bfloat16", "xn": "bfloat16",
+               "logits": "bfloat16"}
+    kernels = [("qkv_attention_oproj", f"qwen3_nsg{nsg}_qb{qb}", inputs, outputs,
+                [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
+                 ("NR", 2), ("NSG", nsg), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768),
+                 ("U", 8), ("S", 4), ("QKNORM", True), ("TRAD", False), ("FMTO", 4), ("GSO", 64), ("KO", 4096),
+                 ("NO", 2048), ("NRO", 2), ("HD", 128), ("RFMT", 4), ("RGS", 64), ("RE", 128), ("RNR", 2),
+                 ("OQB", qb)])
+               for nsg, qb in ((4, 4), (8, 4), (4, 2))]
+    _compiles(tmp_path, "decode_chain", kernels, max_registers=255)
+
+
 def test_oproj_moe_compiles_for_sm90a(tmp_path):
     """o_proj with the split router tail and the MoE layer in one launch (metal/decode_chain.metal)
     at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged): no spills, at most 255 registers."""

@@ -37,6 +37,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
   mlx-moe+compile+oprojmoe  o_proj with the router tail and the MoE layer in one launch
                 (oproj_moe: fused_step.OPROJ_MOE_ONE_LAUNCH, off by default: slower on
                 the H100); a layer is then two launches
+  mlx-moe+compile+attn1  q/k/v, the attention and o_proj with the router tail in one
+                launch (qkv_attention_oproj: fused_step.ATTENTION_ONE_LAUNCH, off by
+                default until measured); a layer is then two launches; +oqb2: its
+                o_proj part reads 2 column quads of the parts a batch (kernels.chain.
+                OPROJ_QB; default 4: fewer registers for the launch)
   mlx-moe+compile+mlxembed  the token's embedding from MLX's gathers and dequantize
                 (fused_step.EMBED_LAUNCH off; on by default on CUDA: one dense_embed
                 launch; +embed turns it on for the emulated flavor too)
@@ -503,6 +508,8 @@ SWITCHES = {
     "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda", "emulated")),
     "+noqkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ()),
     "+oprojmoe": (fused_step_module, "OPROJ_MOE_ONE_LAUNCH", ("cuda",)),
+    "+attn1": (fused_step_module, "ATTENTION_ONE_LAUNCH", ("cuda",)),
+    "+oqb2": (chain_module, "OPROJ_QB", 2),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", ()),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),

@@ -39,9 +39,22 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
     nr: dense rows per simdgroup (default dense.DENSE_NR); splits, nsg, u: the attention's
     geometry (default attention.SPLITS, QKV_NSG, attention.PARTS_U); nsg is the dense
     part's too."""
+    check_counter(count, 4, "qkv_attention")
+    inputs, template, groups, shapes, nsg = _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm,
+                                                      qk_eps, rope_base, rope_scale, traditional, keys, values, pos,
+                                                      scale, flavor, nr, splits, nsg, u)
+    _, parts, ml = kernel(flavor, "qkv_attention")(
+        inputs=inputs + [count], template=template, grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=shapes, output_dtypes=[x.dtype, mx.float32, mx.float32])
+    return parts, ml
+
+
+def _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm, qk_eps, rope_base, rope_scale,
+              traditional, keys, values, pos, scale, flavor, nr, splits, nsg, u):
+    """qkv_attention's (inputs but its counter, template, threadgroups, output shapes, nsg),
+    checked, at the geometry's defaults where None."""
     nr = nr or dense.DENSE_NR
     splits, nsg, u = splits or attention.SPLITS, nsg or QKV_NSG, u or attention.PARTS_U
-    check_counter(count, 4, "qkv_attention")
     d_inputs, d_template, n = dense.dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
     a_inputs, a_template = attention.attention_parts_args(x.dtype, n, n_heads, n_kv_heads, q_norm, k_norm, qk_eps,
                                                           rope_base, rope_scale, traditional, keys, values, pos,
@@ -50,12 +63,62 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
     template = d_template + [(name, value) for name, value in a_template if name not in shared]
     groups = -(-n // (nr * nsg)) + splits * n_heads
     D = keys.shape[-1]
-    _, parts, ml = kernel(flavor, "qkv_attention")(
-        inputs=d_inputs + a_inputs + [count], template=template,
-        grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(1, n), (n_heads, splits, D), (n_heads, splits, 2)],
-        output_dtypes=[x.dtype, mx.float32, mx.float32])
-    return parts, ml
+    return d_inputs + a_inputs, template, groups, [(1, n), (n_heads, splits, D), (n_heads, splits, 2)], nsg
+
+
+# o_proj's rows per simdgroup in qkv_attention_oproj: at 2 a simdgroup issues its rows'
+# every weight before the wait (decode_layer.metal's moe_dense_steps: 8 / NR steps of
+# 32 x 16 bytes a row, Qwen3-30B-A3B's 4096 4-bit columns being 4).
+OPROJ_NR = 2
+# The o_proj part's column quads a batch of its parts reads issues (dense_residual's
+# option CHAINED: QB); fewer, fewer registers for the whole launch (nvcc, Qwen3-30B-A3B,
+# 4 simdgroups: 128 at 4, 114 at 2).
+OPROJ_QB = 4
+# dense_residual's template names that qkv_attention_oproj's o_proj body takes under
+# other names (its //@body line renames them): those the q/k/v body uses with other values.
+_OPROJ_NAMES = {"FMT": "FMTO", "GS": "GSO", "K": "KO", "N": "NO", "NR": "NRO"}
+
+
+def qkv_attention_oproj(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: int, n_kv_heads: int,
+                        q_norm: Optional[mx.array], k_norm: Optional[mx.array], qk_eps: float, rope_base: float,
+                        rope_scale: float, traditional: bool, keys: mx.array, values: mx.array, pos: mx.array,
+                        scale: float, o, router, flavor: str, count: mx.array, nr: Optional[int] = None,
+                        onr: Optional[int] = None, splits: Optional[int] = None, nsg: Optional[int] = None,
+                        u: Optional[int] = None):
+    """qkv_attention, then dense.dense_residual((parts, ml), o, x, router=router) with the
+    split router tail, in one launch: the decoder layer's attention block.  Returns (out
+    [1, hidden] = x + o_proj(attention), xn [1, hidden], router logits [1, experts]), as
+    dense_residual with a router tail.
+
+    count: this call site's registry.ticket_counter() (4 words); router: a dense.RouterTail
+    whose counter holds the split tail's shares at onr x nsg (dense.tail_counter_words).
+    onr: o_proj's rows per simdgroup (default OPROJ_NR); the rest as qkv_attention's, nsg
+    the whole launch's."""
+    if dense.ROUTER_TAIL != "split":
+        raise ValueError(f"qkv_attention_oproj chains the split router tail; dense.ROUTER_TAIL is "
+                         f"{dense.ROUTER_TAIL!r}")
+    check_counter(count, 4, "qkv_attention_oproj")
+    inputs, template, groups, shapes, nsg = _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm,
+                                                      qk_eps, rope_base, rope_scale, traditional, keys, values, pos,
+                                                      scale, flavor, nr, splits, nsg, u)
+    onr = onr or OPROJ_NR
+    o_template = dense.parts_template(shapes[1], o, x, flavor, onr, nsg)
+    tail_inputs, tail_template = dense.router_tail_inputs(o, router, flavor, onr, nsg)
+    names = dict(template)
+    for name, value in o_template:
+        name = _OPROJ_NAMES.get(name, name)
+        if name in names and names[name] != value:  # T, NSG, S: the launch's own
+            raise ValueError(f"qkv_attention_oproj: o_proj's {name} = {value} differs from the launch's "
+                             f"{names[name]}")
+        names[name] = value
+    template = list(names.items()) + tail_template + [("OQB", OPROJ_QB)]
+    o_groups = -(-o.rows // (onr * nsg))
+    _, _, _, out, xn, logits = kernel(flavor, "qkv_attention_oproj")(
+        inputs=inputs + [count, *dense.weight_inputs(o), *tail_inputs], template=template,
+        grid=((groups + o_groups) * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=shapes + [x.shape, (1, o.rows), (1, router.gate.rows)],
+        output_dtypes=[x.dtype, mx.float32, mx.float32] + [x.dtype] * 3)
+    return out, xn, logits
 
 
 def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.array, wd: mx.array,

@@ -223,23 +223,32 @@ def dense_embed(token: mx.array, d: DenseWeight, flavor: str, fused: Optional[bo
 
 def dense_residual_template(x, d: DenseWeight, res: mx.array, flavor: str, nr: int, nsg: int):
     """dense_residual's template for these arguments, checked."""
+    if isinstance(x, tuple):
+        H, S, D = x[0].shape
+        if x[1].shape != (H, S, 2):
+            raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
+        return parts_template((H, S, D), d, res, flavor, nr, nsg)
+    return _projection_template(x.size, d, res, flavor, nr, nsg)
+
+
+def parts_template(parts_shape, d: DenseWeight, res: mx.array, flavor: str, nr: int, nsg: int):
+    """dense_residual's template (option PARTS) over the attention's parts of shape
+    (heads, splits, head_dim), checked: also for a launch that makes the parts itself
+    (decode_chain's qkv_attention_oproj)."""
+    H, S, D = parts_shape
+    return _projection_template(H * D, d, res, flavor, nr, nsg) + [("HD", D), ("S", S)]
+
+
+def _projection_template(size: int, d: DenseWeight, res: mx.array, flavor: str, nr: int, nsg: int):
     if d.bias is not None:
         raise ValueError("dense_residual: projections with a bias are not covered")
-    parts = isinstance(x, tuple)
-    size = x[0].shape[0] * x[0].shape[2] if parts else x.size
     if size != d.cols or res.size != d.rows:
         raise ValueError(f"dense_residual: x of {size} values / res {tuple(res.shape)} do not fit a "
                          f"{d.rows} x {d.cols} projection")
     if d.cols > max_staged(flavor):
         raise ValueError(f"dense_residual: {d.cols} input features > {max_staged(flavor)} (the {flavor} kernels' "
                          f"staging limit)")
-    template = [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
-    if parts:
-        H, S, D = x[0].shape
-        if x[1].shape != (H, S, 2):
-            raise ValueError(f"dense_residual: ml {tuple(x[1].shape)} does not match parts {tuple(x[0].shape)}")
-        template += [("HD", D), ("S", S)]
-    return template
+    return [("T", res.dtype), *fmt_template(d), ("K", d.cols), ("N", d.rows), ("NR", nr), ("NSG", nsg)]
 
 
 def router_tail_args(x, d: DenseWeight, res: mx.array, router: "RouterTail", flavor: str, nr: int, nsg: int):
@@ -248,6 +257,14 @@ def router_tail_args(x, d: DenseWeight, res: mx.array, router: "RouterTail", fla
     dense_residual_parts_router(_split), decode_chain's oproj_moe)."""
     if not isinstance(x, tuple):
         raise ValueError("dense_residual: the router tail runs with the attention's parts as input")
+    inputs, template = router_tail_inputs(d, router, flavor, nr, nsg)
+    return [*x, *weight_inputs(d), res, *inputs], template
+
+
+def router_tail_inputs(d: DenseWeight, router: "RouterTail", flavor: str, nr: int, nsg: int):
+    """The router tail's own inputs (gpost .. count) and template for projection d at
+    nr x nsg, checked (router_tail_args puts the parts, d's weights and the residual
+    first; decode_chain's qkv_attention_oproj makes the parts in its launch)."""
     problem = router_tail_unsupported(router.gate, d.rows, flavor)
     if problem is not None:
         raise ValueError(f"dense_residual: {problem}")
@@ -257,8 +274,7 @@ def router_tail_args(x, d: DenseWeight, res: mx.array, router: "RouterTail", fla
     need = tail_counter_words(g.rows, d.rows, nr, nsg) if ROUTER_TAIL == "split" else 4
     registry.check_counter(router.count, need, f"dense_residual's {ROUTER_TAIL} router tail at {nr}x{nsg}",
                            f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg}))")
-    inputs = [*x, *weight_inputs(d), res, router.norm_weight, *weight_inputs(g), constant(float(router.eps)),
-              router.count]
+    inputs = [router.norm_weight, *weight_inputs(g), constant(float(router.eps)), router.count]
     return inputs, [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("RE", g.rows), ("RNR", TAIL_RNR)]
 
 

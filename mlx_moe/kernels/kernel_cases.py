@@ -572,6 +572,53 @@ def _qkv_attention_case(flavor: str) -> None:
         assert not np.array(count).any(), "qkv_attention left its counter non-zero"
 
 
+def _qkv_attention_oproj_case(flavor: str) -> None:
+    """qkv_attention_oproj (q/k/v, the attention, o_proj with the split router tail in one
+    launch) against qkv_attention then dense_residual with the split tail at the same
+    geometry: the same out, xn, logits and cache, bit for bit (each launch is checked
+    against MLX's ops or numpy in its own case).  Layers whose o_proj differs from q/k/v
+    in format and width (hidden 192, attention output 256: the renamed template names),
+    two positions each on one set of counters (they must be left zero)."""
+    from .attention import SPLITS
+    from .chain import qkv_attention, qkv_attention_oproj
+    from .dense import RouterTail, dense_residual, dense_weight, router_tail, tail_counter_words
+    from .registry import ticket_counter
+
+    rng = np.random.default_rng(29)
+    HQ, HK, D, hidden, C, E = 4, 2, 64, 192, 48, 10
+    layers = ((4, 4, mx.bfloat16, True, 4, 2), (32, 8, mx.float32, False, 2, 1))
+    with router_tail("split"):
+        for qfmt, ofmt, dtype, qk_norm, nsg, onr in layers:
+            ws = [dense_weight(random_linear(rng, hidden, rows, qfmt, dtype)) for rows in (HQ * D, HK * D, HK * D)]
+            o = dense_weight(random_linear(rng, HQ * D, hidden, ofmt, dtype, group_size=32))
+            gate = dense_weight(random_linear(rng, hidden, E, 8, dtype, group_size=32))
+            gin, gpost = (mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
+            qn, kn = (mx.array(rng.random(D).astype(np.float32) + 0.5).astype(dtype) for _ in range(2))
+            norms = (qn, kn) if qk_norm else (None, None)
+            words = tail_counter_words(E, hidden, onr, nsg)
+            chained = (ticket_counter(), RouterTail(gpost, 1e-6, gate, ticket_counter(words)))
+            apart = (ticket_counter(), RouterTail(gpost, 1e-6, gate, ticket_counter(words)))
+            for pos in (37, 5):
+                x = mx.array(rng.standard_normal(hidden).astype(np.float32)).astype(dtype).reshape(1, hidden)
+                start = [rng.standard_normal((1, HK, C, D)).astype(np.float32) for _ in range(2)]
+                cache = [mx.array(a).astype(dtype) for a in start]  # separate buffers: both paths write in place
+                ref = [mx.array(a).astype(dtype) for a in start]
+                p = mx.array([pos], mx.int32)
+                args = (HQ, HK, *norms, 1e-6, 1e4, 1.0, False)
+                got = qkv_attention_oproj(x, gin, 1e-5, ws, *args, cache[0], cache[1], p, D ** -0.5, o, chained[1],
+                                          flavor, chained[0], onr=onr, nsg=nsg)
+                parts_ml = qkv_attention(x, gin, 1e-5, ws, *args, ref[0], ref[1], p, D ** -0.5, flavor, apart[0],
+                                         nsg=nsg)
+                want = dense_residual(parts_ml, o, x, flavor, nr=onr, nsg=nsg, router=apart[1])
+                mx.eval(got, want, cache, ref)
+                what = f"qkv_attention_oproj {qfmt}/{ofmt}-bit {dtype} pos {pos} ({SPLITS} splits)"
+                for g, w, name in zip(list(got) + cache, list(want) + ref, ("out", "xn", "logits", "keys", "values")):
+                    assert np.array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))), \
+                        f"{what}: {name} differ from the two launches"
+                assert not np.array(chained[0]).any(), f"{what}: the chain's counter was left non-zero"
+                assert not np.array(chained[1].count)[:4].any(), f"{what}: the tail's ticket was left non-zero"
+
+
 def _oproj_moe_case(flavor: str) -> None:
     """oproj_moe (o_proj with the split router tail, then the one-launch MoE layer on its
     outputs) against the two launches at the same geometry: the same y, ids and weights,
@@ -780,6 +827,11 @@ CASES: Dict[str, List[KernelCase]] = {
     "qkv_attention": [KernelCase("dense_norm then decode_attention_parts_kv in one launch, 4-bit bfloat16 with "
                                  "q/k norms and float32 without, two positions on one counter, vs the two "
                                  "launches (bit for bit)", _qkv_attention_case)],
+    "qkv_attention_oproj": [KernelCase("q/k/v, the attention and o_proj with the split router tail in one launch: "
+                                       "4-bit bfloat16 with q/k norms and float32 q/k/v with an 8-bit o_proj "
+                                       "(o_proj's format and width not q/k/v's), two positions on one set of "
+                                       "counters, vs qkv_attention + dense_residual (bit for bit)",
+                                       _qkv_attention_oproj_case)],
     "oproj_moe": [KernelCase("the split-tail o_proj then the one-launch MoE layer in one launch: one token, Q4_0 "
                              "experts (2 identity), 8-bit router, three launches on one set of counters, vs the "
                              "two launches (bit for bit)", _oproj_moe_case)],

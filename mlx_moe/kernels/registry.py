@@ -138,20 +138,27 @@ def kernel_source(flavor: str, family: str, name: str) -> Tuple[str, str]:
     return prune(family_header(flavor, family), body), body
 
 
-# `//@body FAMILY/SECTION OPTION...` on a line of its own: that kernel section's body, with
-# those options, in place of the line (a kernel that chains other kernels' work in one
-# launch runs their bodies as they are: metal/decode_chain.metal).
-_BODY = re.compile(r"^[ \t]*//@body (\w+)/(\w+)((?:[ \t]+\w+)*)[ \t]*$", re.M)
+# `//@body FAMILY/SECTION OPTION... NAME=NEW...` on a line of its own: that kernel
+# section's body, with those options, in place of the line (a kernel that chains other
+# kernels' work in one launch runs their bodies as they are: metal/decode_chain.metal).
+# NAME=NEW renames an identifier of the body (a template parameter the chained bodies
+# both use with different values, such as two projections' K: C++ lets no inner scope
+# redeclare a template parameter).
+_BODY = re.compile(r"^[ \t]*//@body (\w+)/(\w+)((?:[ \t]+\w+(?:=\w+)?)*)[ \t]*$", re.M)
 
 
 def with_bodies(flavor: str, body: str) -> str:
     """`body` with its `//@body` lines replaced by the sections they name (not nested)."""
     def one(m) -> str:
-        family, section, options = m.group(1), m.group(2), tuple(m.group(3).split())
+        family, section, words = m.group(1), m.group(2), m.group(3).split()
         bodies = family_bodies(flavor, family)
         if section not in bodies:
             raise KeyError(f"//@body {family}/{section}: metal/{family}.metal has no such kernel section")
-        return with_options(bodies[section], options)
+        text = with_options(bodies[section], tuple(w for w in words if "=" not in w))
+        renames = dict(w.split("=") for w in words if "=" in w)
+        if renames:
+            text = re.sub(r"\b(" + "|".join(map(re.escape, renames)) + r")\b", lambda r: renames[r.group(1)], text)
+        return text
     return _BODY.sub(one, body)
 
 
@@ -230,6 +237,12 @@ KERNELS: Dict[str, KernelSpec] = {
                                                  "w2_s", "w2_b", "b0", "b1", "b2", "cst", "q_norm", "k_norm", "k",
                                                  "v", "pos", "acst", "count"),
                                 ("y", "parts", "ml"), inplace=("k", "v", "count"), in_order=True),
+    "qkv_attention_oproj": KernelSpec("decode_chain", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2",
+                                                       "w2_s", "w2_b", "b0", "b1", "b2", "cst", "q_norm", "k_norm",
+                                                       "k", "v", "pos", "acst", "count", "ow", "ow_s", "ow_b",
+                                                       "gpost", "wr", "wr_s", "wr_b", "ocst", "ocount"),
+                                      ("y", "parts", "ml", "out", "xn", "logits"),
+                                      inplace=("k", "v", "count", "ocount"), in_order=True),
     "oproj_moe": KernelSpec("decode_chain", ("parts", "ml", "w", "w_s", "w_b", "res", "gpost", "wr", "wr_s", "wr_b",
                                              "cst", "count", "bias", "scale", "wg", "wu", "wd", "mcount", "ccount"),
                             ("out", "xn", "logits", "h", "ids", "weights", "y"),
