@@ -10,8 +10,8 @@
 // waiting threadgroup never holds a core that one it waits for has yet to get), as
 // NVIDIA's do: KernelSpec.in_order, and the CPU emulation runs these kernels'
 // threadgroups in index order; Apple documents no such order, so these kernels are
-// for CUDA (mlx_moe/fused_step.py QKV_ATTENTION_ONE_LAUNCH, OPROJ_MOE_ONE_LAUNCH), as
-// mul_mv_id_moe.
+// for CUDA (mlx_moe/fused_step.py QKV_ATTENTION_ONE_LAUNCH, ATTENTION_ONE_LAUNCH,
+// OPROJ_MOE_ONE_LAUNCH), as mul_mv_id_moe.
 
 // ==== helpers ====
 //@uses decode_layer  (the chained bodies' helpers)
@@ -80,8 +80,7 @@
 // Template: qkv_attention's (T, FMT, GS, K, N0, N1, N2, NR, NSG, HAS_BIAS, D, HQ, HKV,
 //   C, U, S, QKNORM, TRAD), and dense_residual's under other names where the two
 //   projections differ: FMTO, GSO (o_proj's format), KO (= HQ * D), NO (= K), NRO (its
-//   rows per simdgroup), and HD (= D), RFMT, RGS, RE, RNR, OQB (dense_residual's option
-//   CHAINED).
+//   rows per simdgroup), and HD (= D), RFMT, RGS, RE, RNR.
 // Inputs: qkv_attention's (x .. acst, count uint32 [4]: its words 0..2 used, zero between
 //   launches), then o_proj's weight ow, ow_s, ow_b, the post-attention norm's gpost, the
 //   router wr, wr_s, wr_b, ocst float32 [4] (eps first), ocount (the split tail's

@@ -471,8 +471,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   threadgroup's index among the projection's o_tg and the counter the body waits
 //   on before it reads parts and ml, chain_count, until it reaches chain_n: every
 //   read that does not need them (the weights' first steps, the residuals, the
-//   router's words) is issued before the wait; template OQB, the parts' column quads
-//   a batch reads (4 unchained).
+//   router's words) is issued before the wait.
 // Grid: (ceil(N / (NR * NSG)) * 32 * NSG, 1, 1), threadgroup (32 * NSG, 1, 1).
 {
   constexpr int PER = moe_dense_per<FMT>::value;
@@ -507,14 +506,6 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   const int dtg = o_tg;  // the chaining kernel's index of this threadgroup among the projection's
 //@endif
   const int row0 = (dtg * NSG + int(sg)) * NR;
-  // PARTS: column quads whose reads one batch issues (QBMAX x S 16-byte values a thread
-  // held at once: registers the chained launch shares with the attention's part)
-//@if !CHAINED
-  constexpr int QBMAX = 4;
-//@endif
-//@if CHAINED
-  constexpr int QBMAX = OQB;
-//@endif
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   const int lrow = (nvalid > 0) ? row0 : 0;  // a simdgroup past the last row reads row 0, writes nothing
   const int lvalid = (nvalid > 0) ? nvalid : 1;
@@ -599,7 +590,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  HD % 4 == 0, so a quad
   // never straddles two heads.
   constexpr int NQ4 = K / 4;
-  constexpr int QB = IQ < QBMAX ? IQ : QBMAX;
+  constexpr int QB = IQ < 4 ? IQ : 4;
   for (int i0 = 0; i0 < IQ; i0 += QB) {
     uint4 pv[QB][S];
     MOE_UNROLL

@@ -333,7 +333,7 @@ class CompiledDecoder:
             key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH,
                          fused_step.EMBED_LAUNCH, fused_step.ROUTER_IN_RESIDUAL, fused_step.MOE_ONE_LAUNCH,
                          fused_step.QKV_ATTENTION_ONE_LAUNCH, fused_step.OPROJ_MOE_ONE_LAUNCH,
-                         fused_step.ATTENTION_ONE_LAUNCH, chain.OPROJ_NR, chain.OPROJ_QB,
+                         fused_step.ATTENTION_ONE_LAUNCH, chain.OPROJ_NR, chain.ATTENTION_NSG,
                          dense.ROUTER_TAIL, tuple(sorted(dispatch.MOE_LAYER.items())),
                          attention_kernels.SPLITS, attention_kernels.PARTS_NSG, attention_kernels.PARTS_U,
                          chain.QKV_NSG)

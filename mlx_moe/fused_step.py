@@ -139,14 +139,18 @@ QKV_ATTENTION_ONE_LAUNCH: tuple = ("cuda",)
 OPROJ_MOE_ONE_LAUNCH: tuple = ()
 
 # The kernel flavors on which the whole attention block runs as one launch
-# (qkv_attention_oproj, metal/decode_chain.metal): qkv_attention's two parts, then o_proj
-# with the split router tail, its threadgroups issuing their weight rows before they wait
-# inside the launch for the attention's.  Where QKV_ATTENTION_ONE_LAUNCH and the router
-# tail (ROUTER_IN_RESIDUAL, dense.ROUTER_TAIL "split") are on too: a layer is then two
-# graph nodes with MOE_ONE_LAUNCH.  Why: o_proj's own launch spends 14.1 us a layer on the
-# H100 for 4 MB, a chain of dependent latencies with half the SMs idle (ncu,
-# BENCHMARKS.md 2026-12-06, sixth session).  Off until the H100 has measured it
-# (bench_generate's engine suffix +attn1); never on Metal unless measured there (index order).
+# (qkv_attention_oproj, metal/decode_chain.metal, at chain.ATTENTION_NSG simdgroups a
+# threadgroup): qkv_attention's two parts, then o_proj with the split router tail, its
+# threadgroups issuing their weight rows before they wait inside the launch for the
+# attention's.  Where QKV_ATTENTION_ONE_LAUNCH and the router tail (ROUTER_IN_RESIDUAL,
+# dense.ROUTER_TAIL "split") are on too: a layer is then two graph nodes with
+# MOE_ONE_LAUNCH.  The trade, on the H100 (BENCHMARKS.md 2026-12-06, sixth session): 5.1
+# us a layer more GPU time (33.0 against 13.6 + 14.3: the chain recovers none of
+# o_proj's own latency, and its q/k/v part runs at 16 simdgroups), one node a layer
+# less for the host.  Where the host bounds decode (a medium host: 364.2 tok/s against
+# 341.5, 3 of 3 paired repetitions faster) it wins; where the GPU does (a fast host, the
+# only one that reaches 400) it loses ~0.25 ms a token.  Off by default; bench_generate's
+# engine suffix +attn1 turns it on.  Never on Metal unless measured there (index order).
 ATTENTION_ONE_LAUNCH: tuple = ()
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
@@ -303,10 +307,10 @@ def plan_or_reason(model: nn.Module, flavor: Optional[str]):
     tails = [lp for lp in layers if lp.tail is not None]
     # (oproj_moe launches o_proj at TAIL_NR x the MoE layer's NSG: room for that too)
     nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
-    # (and qkv_attention_oproj at chain.OPROJ_NR x chain.QKV_NSG)
+    # (and qkv_attention_oproj at chain.OPROJ_NR x chain.ATTENTION_NSG)
     words = max((max(dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows),
                      dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, dense.TAIL_NR, nsg),
-                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, chain.OPROJ_NR, chain.QKV_NSG))
+                     dense.tail_counter_words(lp.tail.gate.rows, lp.o.rows, chain.OPROJ_NR, chain.ATTENTION_NSG))
                  for lp in tails),
                 default=4)
     counters = iter(registry.ticket_counters(len(tails), words))

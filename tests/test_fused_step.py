@@ -585,13 +585,13 @@ def test_every_layer_has_its_own_zeroed_ticket_counter():
     assert all(c.dtype == mx.uint32 and not np.array(c).any() for c in counts)
     # room for the split tail's shares at the geometries forward() launches it with: its
     # own launch's, oproj_moe's (TAIL_NR x the MoE layer's simdgroups) and
-    # qkv_attention_oproj's (chain.OPROJ_NR x chain.QKV_NSG)
+    # qkv_attention_oproj's (chain.OPROJ_NR x chain.ATTENTION_NSG)
     from mlx_moe.kernels import chain
 
     lp = plan.layers[0]
     nsg = min(g.nsg for g in dispatch.MOE_LAYER.values())
     groups = max(-(-lp.o.rows // (nr * n)) for nr, n in ((dense.TAIL_NR, dense.TAIL_NSG), (dense.TAIL_NR, nsg),
-                                                          (chain.OPROJ_NR, chain.QKV_NSG)))
+                                                          (chain.OPROJ_NR, chain.ATTENTION_NSG)))
     assert all(c.size == 4 + (lp.tail.gate.rows + 1) * groups for c in counts)
     assert len({id(c) for c in counts}) == len(counts)  # each its own operation's output buffer
     # and each layer's one-launch MoE (mul_mv_id_moe), q/k/v + attention (qkv_attention) and
@@ -625,7 +625,7 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
                 (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8),
-                (fused_step, "ATTENTION_ONE_LAUNCH", ("emulated",)), (chain, "OPROJ_QB", 2)]:
+                (fused_step, "ATTENTION_ONE_LAUNCH", ("emulated",)), (chain, "ATTENTION_NSG", 8)]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

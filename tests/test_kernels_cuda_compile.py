@@ -438,8 +438,8 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
 
 def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
     """The attention block in one launch (qkv_attention, then o_proj with the split router
-    tail: metal/decode_chain.metal) at Qwen3-30B-A3B shapes, 4 and 8 simdgroups, o_proj at
-    chain.OPROJ_NR, its parts read 4 and 2 column quads a batch: no spills, at most 255 registers (printed: the launch's one count)."""
+    tail: metal/decode_chain.metal) at Qwen3-30B-A3B shapes, 16 simdgroups (chain.ATTENTION_NSG)
+    and 4, o_proj at chain.OPROJ_NR: no spills, at most 255 registers (printed: the launch's one count)."""
     inputs = {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
               "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
               "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
@@ -449,13 +449,12 @@ def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
               "ocount": "uint32"}
     outputs = {"y": "bfloat16", "parts": "float32", "ml": "float32", "out": "bfloat16", "xn": "bfloat16",
                "logits": "bfloat16"}
-    kernels = [("qkv_attention_oproj", f"qwen3_nsg{nsg}_qb{qb}", inputs, outputs,
+    kernels = [("qkv_attention_oproj", f"qwen3_nsg{nsg}", inputs, outputs,
                 [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
                  ("NR", 2), ("NSG", nsg), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768),
                  ("U", 8), ("S", 4), ("QKNORM", True), ("TRAD", False), ("FMTO", 4), ("GSO", 64), ("KO", 4096),
-                 ("NO", 2048), ("NRO", 2), ("HD", 128), ("RFMT", 4), ("RGS", 64), ("RE", 128), ("RNR", 2),
-                 ("OQB", qb)])
-               for nsg, qb in ((4, 4), (8, 4), (4, 2))]
+                 ("NO", 2048), ("NRO", 2), ("HD", 128), ("RFMT", 4), ("RGS", 64), ("RE", 128), ("RNR", 2)])
+               for nsg in (16, 4)]
     _compiles(tmp_path, "decode_chain", kernels, max_registers=255)
 
 

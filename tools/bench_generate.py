@@ -29,7 +29,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 2608.2 us a step)
   mlx-moe+compile+pnsg4, +pnsg16  the separate attention launch's simdgroups per
                 threadgroup at 4 / 16 (kernels.attention.PARTS_NSG; default 8)
-  mlx-moe+compile+qkvnsg8  qkv_attention at 8 simdgroups a threadgroup
+  mlx-moe+compile+qkvnsg8, +qkvnsg16  qkv_attention at 8 / 16 simdgroups a threadgroup
                 (kernels.chain.QKV_NSG; default 4)
   mlx-moe+compile+noqkvatt  the q/k/v projections and the attention in two launches
                 (fused_step.QKV_ATTENTION_ONE_LAUNCH off; on by default on CUDA: one
@@ -38,10 +38,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (oproj_moe: fused_step.OPROJ_MOE_ONE_LAUNCH, off by default: slower on
                 the H100); a layer is then two launches
   mlx-moe+compile+attn1  q/k/v, the attention and o_proj with the router tail in one
-                launch (qkv_attention_oproj: fused_step.ATTENTION_ONE_LAUNCH, off by
-                default until measured); a layer is then two launches; +oqb2: its
-                o_proj part reads 2 column quads of the parts a batch (kernels.chain.
-                OPROJ_QB; default 4: fewer registers for the launch)
+                launch (qkv_attention_oproj at kernels.chain.ATTENTION_NSG simdgroups:
+                fused_step.ATTENTION_ONE_LAUNCH, off by default: 5.1 us a layer more GPU
+                time, one graph node a layer less host time); a layer is then two launches
   mlx-moe+compile+mlxembed  the token's embedding from MLX's gathers and dequantize
                 (fused_step.EMBED_LAUNCH off; on by default on CUDA: one dense_embed
                 launch; +embed turns it on for the emulated flavor too)
@@ -505,11 +504,11 @@ SWITCHES = {
     "+pnsg4": (attention_module, "PARTS_NSG", 4),
     "+pnsg16": (attention_module, "PARTS_NSG", 16),
     "+qkvnsg8": (chain_module, "QKV_NSG", 8),
+    "+qkvnsg16": (chain_module, "QKV_NSG", 16),
     "+qkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ("cuda", "emulated")),
     "+noqkvatt": (fused_step_module, "QKV_ATTENTION_ONE_LAUNCH", ()),
     "+oprojmoe": (fused_step_module, "OPROJ_MOE_ONE_LAUNCH", ("cuda",)),
     "+attn1": (fused_step_module, "ATTENTION_ONE_LAUNCH", ("cuda",)),
-    "+oqb2": (chain_module, "OPROJ_QB", 2),
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", ()),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),

@@ -6,22 +6,14 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  T. decode (issues 5, 9), first: where the step's kernels spend their time now that the
-#     GPU bounds the step on a fast host (2.53 ms of kernels against 2.41 ms of host time,
-#     BENCHMARKS.md 2026-12-06, fifth session): ncu's full sections of one launch each of
-#     qkv_attention, dense_residual_parts_router_split, mul_mv_id_moe, the LM head and
-#     greedy_sample (22 us for 0.3 MB of logits, an estimated ~13 of them its last
-#     threadgroup's scan of every logit: now it scans one slice, GPU tests first); the
-#     MoE layer's routing
-#     by all its threads (+tgroute: no chain of K shuffle rounds before a threadgroup's
-#     first weight read), tests and step; the step's GPU time;
-#     decode end to end against the four-node layers (+noqkvatt+mlxembed) and mlx-lm,
-#     with the host split (400 tok/s needs both sides under 2.5 ms); and the host split with the kernels' sources as include files
-#     (+srcfiles: MLX hashes a custom kernel's whole source on every evaluation, ~15 kB
-#     for each of a layer's three launches, ~1 us a launch per 3 kB on the H100's host
-#     (ops-only, 2026-12-05): up to ~0.7 ms a token on the slow hosts most machines have),
-#     after the fused step's GPU tests in that mode (the chains and greedy_sample have not
-#     run as include files yet)
+#  T. decode (issues 5, 9), first: the attention block in one launch (qkv_attention_oproj,
+#     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
+#     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
+#     at its default 16 simdgroups (they ran at 4), then end to end against the defaults,
+#     7 repetitions, with the host split of each (which machines it wins on decides its
+#     default); where the o_proj launch's time goes (14.1 us a layer for 4 MB, its
+#     multiprocessors active about half of it: ncu's source counters and warp states of
+#     that launch alone); the step's GPU time
 #  P. prefill (issue 6): the whole GPU test selection of the prefill GEMMs and map0
 #     (the 2026-12-06 runs passed the memcheck and the first 17 of its 51 tests before
 #     their time limits), every kernel of one plain prefill with the current defaults under ncu (where
@@ -29,8 +21,6 @@
 #     defaults against each of them turned off (+nodq, +map0block, +dfloat, +r64), and
 #     the GEMV -> GEMM crossover again (dispatch.MV_MAX_PAIRS was set from the first GEMM
 #     bodies, 0.998 ms a layer at 32 tokens; the async ones take 0.533 at 512)
-#  S. the CUDA kernels handed to MLX as include files (+srcfiles): GPU tests, decode end to end
-#     (no gain on a GPU-bound host: worth a rerun on a slower one)
 #  0. the decode attention kernel's GPU test, the fused decoder layer's GPU tests, then
 #     the compiled step against mlx-lm and with its measured defaults turned off: the write
 #     position from the host (+hostpos), the routing in a launch of its own (+topk), the
@@ -79,38 +69,25 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# greedy_sample now scans one slice for the token (not yet run on a GPU), first
-step 150 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_greedy_sample.py \
-  tests/test_fused_step.py -k "test_cuda or compiled_fused_decode"
-# the MoE layer's routing by all its threads (dispatch.THREADGROUP_ROUTING, off: +tgroute), its
-# GPU tests, then its step against the default one
-step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py
-step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-  --log-file "$OUT/ncu_step_tgroute.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
-  --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine mlx-moe+compile+tgroute
-[ -f "$OUT/ncu_step_tgroute.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_tgroute.csv" \
-  --steps 2
-# one layer's three launches (the step's second layer), then the LM head and greedy_sample
-for pick in 'qkv_attention|dense_residual_parts|mul_mv_id_moe:3:3' 'dense_norm|greedy_sample:0:2'; do
-  IFS=: read -r regex skip count <<< "$pick"
-  step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --set full --csv --page details \
-    --kernel-name regex:"$regex" --launch-skip "$skip" --launch-count "$count" --log-file "$OUT/ncu_full_$skip.csv" \
-    python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 --steps 1 --shape qwen3-30b-a3b
+# the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
+step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
+  -k "qkv_attention_oproj or attention_block or compiled_fused_decode"
+step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 7 --json "$OUT/e2e_attn1.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+attn1
+for e in mlx-moe+compile mlx-moe+compile+attn1; do
+  step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b \
+    --engine "$e"
 done
+# the o_proj launch alone (the step's second layer's), every section and its source counters
+step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --set full --import-source yes --csv \
+  --page details --kernel-name regex:dense_residual_parts --launch-skip 1 --launch-count 1 \
+  --log-file "$OUT/ncu_full_oproj.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
+  --gen-tokens 32 --steps 1 --shape qwen3-30b-a3b
 step 150 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
   --log-file "$OUT/ncu_step.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
   --steps 2 --shape qwen3-30b-a3b
-[ -f "$OUT/ncu_step.csv" ] && step 20 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
-step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 7 --json "$OUT/e2e_defaults.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+noqkvatt+mlxembed,mlx-moe+compile+tgroute
-step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
-step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
-  -p no:cacheprovider tests/test_fused_step.py tests/test_greedy_sample.py \
-  -k "compiled_fused_decode or chained_launches or embedding_launch or test_cuda"
-step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b \
-  --engine mlx-moe+compile+srcfiles
-step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
+[ -f "$OUT/ncu_step.csv" ] && step 60 python3 tools/profile_decode.py --summarize "$OUT/ncu_step.csv" --steps 2
 step 500 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_kernels_prefill_emulated.py \
   -k "map0 or gemm_variants or bf16_gemms"
 # every kernel of one plain 512-token prefill (16 layers: each launches the same kernels), only
@@ -123,13 +100,6 @@ step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --
   mlx-moe+compile,mlx-moe+compile+nodq,mlx-moe+compile+map0block,mlx-moe+compile+dfloat,mlx-moe+compile+r64
 step 150 python3 tools/bench_kernels.py --prefill --crossover --tokens 512 --prefill-layers 4 --reps 5 \
   --float-layers 0 --json "$OUT/crossover.json"
-# S. the CUDA kernels as include files (kernels/registry.py CUDA_SOURCE_FILES): the fused step's
-#    GPU tests in that mode, then decode end to end against the source text (issue 9)
-step 200 env MLX_MOE_CUDA_SOURCE_FILES=1 MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short \
-  -p no:cacheprovider tests/test_fused_step.py -k "compiled_fused_decode or matches_mlx_lm"
-step 240 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 5 --engines mlx-lm,mlx-moe+compile,mlx-moe+compile+srcfiles \
-  --json "$OUT/e2e_srcfiles.json"
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_attention_kernel_emulated.py
 step 240 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   tests/test_swiglu_route.py

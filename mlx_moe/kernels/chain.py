@@ -5,6 +5,8 @@ KernelSpec.in_order).
 
     count = registry.ticket_counter()                      # one per call site, zero between launches
     parts, ml = qkv_attention(h, norm_w, eps, [q, k, v], ..., keys, values, pos, scale, flavor, count)
+    h2, xn, logits = qkv_attention_oproj(h, norm_w, eps, [q, k, v], ..., keys, values, pos, scale, o,
+                                         router_tail, flavor, count)   # and o_proj, one launch
     y, ids, weights = oproj_moe((parts, ml), o, h, router_tail, params, wg, wu, wd, n_identity,
                                 moe_count, count, flavor)
 """
@@ -70,10 +72,12 @@ def _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm, qk_e
 # every weight before the wait (decode_layer.metal's moe_dense_steps: 8 / NR steps of
 # 32 x 16 bytes a row, Qwen3-30B-A3B's 4096 4-bit columns being 4).
 OPROJ_NR = 2
-# The o_proj part's column quads a batch of its parts reads issues (dense_residual's
-# option CHAINED: QB); fewer, fewer registers for the whole launch (nvcc, Qwen3-30B-A3B,
-# 4 simdgroups: 128 at 4, 114 at 2).
-OPROJ_QB = 4
+# qkv_attention_oproj's simdgroups per threadgroup, all three parts'.  H100, Qwen3-30B-A3B
+# (ncu over two compiled steps, BENCHMARKS.md 2026-12-06, sixth session): 33.0 us a layer
+# at 16 (96 registers: o_proj in 64 threadgroups, as its own launch), 35.0 at 8 and 41.3
+# at 4 (128 registers; 128 and 256 o_proj threadgroups, each combining the whole
+# attention output, and the last one adding 128 / 256 shares a router row).
+ATTENTION_NSG = 16
 # dense_residual's template names that qkv_attention_oproj's o_proj body takes under
 # other names (its //@body line renames them): those the q/k/v body uses with other values.
 _OPROJ_NAMES = {"FMT": "FMTO", "GS": "GSO", "K": "KO", "N": "NO", "NR": "NRO"}
@@ -92,12 +96,13 @@ def qkv_attention_oproj(x: mx.array, norm_weight: mx.array, eps: float, ws, n_he
 
     count: this call site's registry.ticket_counter() (4 words); router: a dense.RouterTail
     whose counter holds the split tail's shares at onr x nsg (dense.tail_counter_words).
-    onr: o_proj's rows per simdgroup (default OPROJ_NR); the rest as qkv_attention's, nsg
-    the whole launch's."""
+    onr: o_proj's rows per simdgroup (default OPROJ_NR); nsg: the whole launch's simdgroups
+    per threadgroup (default ATTENTION_NSG); the rest as qkv_attention's."""
     if dense.ROUTER_TAIL != "split":
         raise ValueError(f"qkv_attention_oproj chains the split router tail; dense.ROUTER_TAIL is "
                          f"{dense.ROUTER_TAIL!r}")
     check_counter(count, 4, "qkv_attention_oproj")
+    nsg = nsg or ATTENTION_NSG
     inputs, template, groups, shapes, nsg = _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm,
                                                       qk_eps, rope_base, rope_scale, traditional, keys, values, pos,
                                                       scale, flavor, nr, splits, nsg, u)
@@ -111,7 +116,7 @@ def qkv_attention_oproj(x: mx.array, norm_weight: mx.array, eps: float, ws, n_he
             raise ValueError(f"qkv_attention_oproj: o_proj's {name} = {value} differs from the launch's "
                              f"{names[name]}")
         names[name] = value
-    template = list(names.items()) + tail_template + [("OQB", OPROJ_QB)]
+    template = list(names.items()) + tail_template
     o_groups = -(-o.rows // (onr * nsg))
     _, _, _, out, xn, logits = kernel(flavor, "qkv_attention_oproj")(
         inputs=inputs + [count, *dense.weight_inputs(o), *tail_inputs], template=template,

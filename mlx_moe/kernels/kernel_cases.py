@@ -586,7 +586,7 @@ def _qkv_attention_oproj_case(flavor: str) -> None:
 
     rng = np.random.default_rng(29)
     HQ, HK, D, hidden, C, E = 4, 2, 64, 192, 48, 10
-    layers = ((4, 4, mx.bfloat16, True, 4, 2), (32, 8, mx.float32, False, 2, 1))
+    layers = ((4, 4, mx.bfloat16, True, 16, 2), (32, 8, mx.float32, False, 2, 1))
     with router_tail("split"):
         for qfmt, ofmt, dtype, qk_norm, nsg, onr in layers:
             ws = [dense_weight(random_linear(rng, hidden, rows, qfmt, dtype)) for rows in (HQ * D, HK * D, HK * D)]
