@@ -534,6 +534,17 @@ def _moe_layer_case(flavor: str) -> None:
     _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
 
 
+def _token_and_caches(rng, hidden: int, cache_shape, dtype, pos: int):
+    """One token's input x [1, hidden], two copies of one random KV cache (keys, values of
+    [1, *cache_shape]: separate buffers, since both paths a case compares write in place)
+    and the position array."""
+    x = mx.array(rng.standard_normal(hidden).astype(np.float32)).astype(dtype).reshape(1, hidden)
+    start = [rng.standard_normal((1, *cache_shape)).astype(np.float32) for _ in range(2)]
+    cache = [mx.array(a).astype(dtype) for a in start]
+    ref = [mx.array(a).astype(dtype) for a in start]
+    return x, cache, ref, mx.array([pos], mx.int32)
+
+
 def _qkv_attention_case(flavor: str) -> None:
     """qkv_attention (dense_norm then decode_attention_parts_kv in one launch) against the
     two launches at the same geometry: the same parts, ml and cache, bit for bit (the
@@ -554,11 +565,7 @@ def _qkv_attention_case(flavor: str) -> None:
         norms = (qn, kn) if qk_norm else (None, None)
         count = ticket_counter()
         for pos in (37, 5):
-            x = mx.array(rng.standard_normal(hidden).astype(np.float32)).astype(dtype).reshape(1, hidden)
-            start = [rng.standard_normal((1, HK, C, D)).astype(np.float32) for _ in range(2)]
-            cache = [mx.array(a).astype(dtype) for a in start]  # separate buffers: both paths write in place
-            ref = [mx.array(a).astype(dtype) for a in start]
-            p = mx.array([pos], mx.int32)
+            x, cache, ref, p = _token_and_caches(rng, hidden, (HK, C, D), dtype, pos)
             args = (HQ, HK, *norms, 1e-6, 1e4, 1.0, False)
             got = qkv_attention(x, gin, 1e-5, ws, *args, cache[0], cache[1], p, D ** -0.5, flavor, count,
                                 nsg=nsg)
@@ -599,11 +606,7 @@ def _qkv_attention_oproj_case(flavor: str) -> None:
             chained = (ticket_counter(), RouterTail(gpost, 1e-6, gate, ticket_counter(words)))
             apart = (ticket_counter(), RouterTail(gpost, 1e-6, gate, ticket_counter(words)))
             for pos in (37, 5):
-                x = mx.array(rng.standard_normal(hidden).astype(np.float32)).astype(dtype).reshape(1, hidden)
-                start = [rng.standard_normal((1, HK, C, D)).astype(np.float32) for _ in range(2)]
-                cache = [mx.array(a).astype(dtype) for a in start]  # separate buffers: both paths write in place
-                ref = [mx.array(a).astype(dtype) for a in start]
-                p = mx.array([pos], mx.int32)
+                x, cache, ref, p = _token_and_caches(rng, hidden, (HK, C, D), dtype, pos)
                 args = (HQ, HK, *norms, 1e-6, 1e4, 1.0, False)
                 got = qkv_attention_oproj(x, gin, 1e-5, ws, *args, cache[0], cache[1], p, D ** -0.5, o, chained[1],
                                           flavor, chained[0], onr=onr, nsg=nsg)
