@@ -6,7 +6,17 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  T. decode (issues 5, 9), first: the attention block in one launch (qkv_attention_oproj,
+#  G. decode (issue 9), first: MLX's CUDA graph commits.  MLX 0.32's CommandEncoder commits
+#     (cudaGraphExecUpdate or instantiate, launch, an event and a host callback) whenever a
+#     graph holds more than 100 kernels or its inputs' data_size() sum passes 1000 "MB"
+#     (mlx/backend/cuda/device.cpp get_graph_limits / needs_commit; data_size counts
+#     elements).  Each one-launch MoE layer's inputs are the layer's whole expert tensors
+#     (3 x 57M uint16 words for Qwen3-30B-A3B), so a decode step commits about every 6
+#     layers: ~8 commits a token where one would do (an estimate from the source, not
+#     measured).  The host split and decode end to end with MLX_MAX_MB_PER_BUFFER and
+#     MLX_MAX_OPS_PER_BUFFER raised (one commit a step) against the defaults, process
+#     against process in ABAB order (the variables are read once per process)
+#  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
 #     at its default 16 simdgroups (they ran at 4), then end to end against the defaults,
@@ -69,6 +79,18 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
+# G. one CUDA graph commit a decode step (MLX_MAX_MB_PER_BUFFER / MLX_MAX_OPS_PER_BUFFER) vs
+#    MLX's limits, process against process, ABAB
+for lim in default raised default raised; do
+  envs=(); [ "$lim" = raised ] && envs=(MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000)
+  step 60 env ${envs[@]+"${envs[@]}"} python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 \
+    --shape qwen3-30b-a3b
+done
+for lim in default raised; do
+  envs=(); [ "$lim" = raised ] && envs=(MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000)
+  step 150 env ${envs[@]+"${envs[@]}"} python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+    --prompt-tokens 512 --gen-tokens 128 --reps 4 --json "$OUT/e2e_graph_$lim.json" --engines mlx-lm,mlx-moe+compile
+done
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"
