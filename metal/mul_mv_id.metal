@@ -346,8 +346,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // then NDN = DX * NT down threadgroups (DX = ceil(D / NRD) per token).
 // Order: every threadgroup runs the routing rule on its token's router outputs
 // (router.metal's moe_router_select in simdgroup 0), the token's first threadgroup
-// writes ids and weights.  A gate/up
-// threadgroup writes its rows of h, fences, and bumps count[0].  A down threadgroup
+// writes ids and weights.  A gate/up threadgroup writes its rows of h, fences, and
+// bumps count[0].  A down threadgroup
 // waits until count[0] = NGU (moe_wait_count: GPUs start threadgroups in index order,
 // so it never holds a core a gate/up one has yet to get; KernelSpec.in_order marks
 // that, and the CPU emulation runs this kernel's threadgroups in index order), then
