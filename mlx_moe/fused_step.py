@@ -58,9 +58,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hooks import HOOKS
-from .kernels import dense, dispatch, registry
+from .kernels import chain, dense, dispatch, registry
 from .kernels.attention import decode_attention_parts
-from .kernels import chain
 from .kernels.chain import qkv_attention, qkv_attention_oproj
 from .kernels.dense import (DenseWeight, dense_norm, dense_residual, dense_unsupported, dense_weight, max_staged,
                             stack_unsupported)

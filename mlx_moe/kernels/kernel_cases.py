@@ -583,9 +583,9 @@ def _qkv_attention_oproj_case(flavor: str) -> None:
     """qkv_attention_oproj (q/k/v, the attention, o_proj with the split router tail in one
     launch) against qkv_attention then dense_residual with the split tail at the same
     geometry: the same out, xn, logits and cache, bit for bit (each launch is checked
-    against MLX's ops or numpy in its own case).  Layers whose o_proj differs from q/k/v
-    in format and width (hidden 192, attention output 256: the renamed template names),
-    two positions each on one set of counters (they must be left zero)."""
+    against MLX's ops or numpy in its own case).  o_proj's width is not q/k/v's (hidden
+    192, attention output 256) and, in the second layer, nor is its format (the renamed
+    template names); two positions each on one set of counters (they must be left zero)."""
     from .attention import SPLITS
     from .chain import qkv_attention, qkv_attention_oproj
     from .dense import RouterTail, dense_residual, dense_weight, router_tail, tail_counter_words
