@@ -136,22 +136,46 @@ struct moe_rows<ushort> {
   }
 };
 
-// One simdgroup's NR rows of h for one (token, slot): h[n] = silu(Wg[e][n] . x) *
-// (Wu[e][n] . x) for n in row0 .. row0 + NR - 1 (< N), stored by lane 0; nothing is
-// read or written for an expert id outside [0, NE) (identity and padding slots).
-// x: the token's activations [K]; h: the pair's row of h [N].
-template <typename WT, int K, int N, int NE, int NR, int NQ, typename XP, typename WP, typename HP>
-MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0, uint lane) {
-  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
-  const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
+// Copies n 16-byte units of a (device memory, 16-byte aligned) to dst[0 .. n), and with
+// NS = 2 as many of b to dst[half .. half + n), with NTH threads (tid; 1 <= n <= CAP):
+// every load of a thread first, in flight together, then the stores.  Threads past n
+// load unit n - 1 again (valid memory) and store nothing: no load is branched around.
+template <int CAP, int NTH, int NS, typename DP, typename SP>
+MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint tid) {
+  constexpr int PER = (CAP + NTH - 1) / NTH;
+  uint4 v[NS * PER];
+  MOE_UNROLL
+  for (int j = 0; j < PER; ++j) {
+    const size_t k = size_t(int(tid) + j * NTH < n ? int(tid) + j * NTH : n - 1);
+    v[j] = moe_load_u4(a, k);
+    if (NS == 2) {
+      v[PER + j] = moe_load_u4(b, k);
+    }
+  }
+  MOE_UNROLL
+  for (int j = 0; j < PER; ++j) {
+    const int i = int(tid) + j * NTH;
+    if (i < n) {
+      dst[i] = v[j];
+      if (NS == 2) {
+        dst[half + i] = v[PER + j];
+      }
+    }
+  }
+}
+
+// moe_swiglu_rows' dot products and store (below), its rows found already: wg, wu point
+// at row row0 of the expert's gate and up matrices (device memory, or a threadgroup's
+// staged copy); nothing is read when !active (uniform per simdgroup).
+template <typename WT, int K, int N, int NR, int NQ, typename XP, typename WP, typename HP>
+MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
   float acc[2 * NR];
   for (int r = 0; r < 2 * NR; ++r) {
     acc[r] = 0.0f;
   }
   if (active) {
     const int nvalid = (N - row0 < NR) ? N - row0 : NR;
-    const size_t off = (size_t(e) * N + row0) * RL;
-    moe_rows<WT>::template dot<K, NR, 2, NQ>(x, wg + off, wu + off, nvalid, lane, acc);
+    moe_rows<WT>::template dot<K, NR, 2, NQ>(x, wg, wu, nvalid, lane, acc);
   }
   for (int r = 0; r < NR; ++r) {
     const float g = moe_simd_sum(acc[r]);
@@ -160,6 +184,18 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
       h[row0 + r] = moe_silu(g) * u;
     }
   }
+}
+
+// One simdgroup's NR rows of h for one (token, slot): h[n] = silu(Wg[e][n] . x) *
+// (Wu[e][n] . x) for n in row0 .. row0 + NR - 1 (< N), stored by lane 0; nothing is
+// read or written for an expert id outside [0, NE) (identity and padding slots).
+// x: the token's activations [K]; h: the pair's row of h [N].
+template <typename WT, int K, int N, int NE, int NR, int NQ, typename XP, typename WP, typename HP>
+MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0, uint lane) {
+  constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
+  const size_t off = active ? (size_t(e) * N + row0) * RL : 0;
+  moe_swiglu_store<WT, K, N, NR, NQ>(x, wg + off, wu + off, h, active, row0, lane);
 }
 
 // One threadgroup's NR rows n = row0 .. of one token's combined expert output,
@@ -354,8 +390,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // reads h.  The last down threadgroup to
 // finish (a ticket on count[1]) zeroes both counters for the next launch.
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
-// (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (the
-// down weights staged in threadgroup memory, where 16 KB hold them), and the routing
+// (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (bits:
+// 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
+// them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
@@ -397,11 +434,38 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
   }
+  // Staging (STAGE): a threadgroup's weight rows copied into threadgroup memory in
+  // 16-byte reads, all of a thread's in flight at once, before the dot products (the
+  // 18-byte Q4_0 blocks' ushort reads keep too few bytes in flight to cover DRAM latency).
+  constexpr int RLG = D * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a gate/up row, in WT elements
+  constexpr int RLD = F * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a down row
+  constexpr int RG16 = RLG * int(sizeof(WT)) / 16;                  // rows in 16-byte units
+  constexpr int RD16 = RLD * int(sizeof(WT)) / 16;
+  constexpr int RT = NRG * NSG;  // a gate/up threadgroup's rows (of each matrix)
+  constexpr bool STAGED_GU = (STAGE & 2) != 0 && (RLG * int(sizeof(WT))) % 16 == 0 && 2 * RT * RG16 * 16 <= 24576;
+  constexpr bool STAGED = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
+  constexpr int NSTAGE = (STAGED_GU ? 2 * RT * RG16 : 1) > (STAGED ? KS * NRD * RD16 : 1)
+                             ? (STAGED_GU ? 2 * RT * RG16 : 1) : (STAGED ? KS * NRD * RD16 : 1);
+  threadgroup uint4 stage[NSTAGE];
   if (!down) {
     const int pair = tg / GX;
     const int e = chosen[pair % KS];
-    const int row0 = ((tg % GX) * NSG + int(sg)) * NRG;
-    moe_swiglu_rows<WT, D, F, NE, NRG, NQ>(x + size_t(tok) * D, wg, wu, h + size_t(pair) * F, e, row0, lane);
+    const int rt0 = (tg % GX) * RT;  // the threadgroup's first row
+    const int row0 = rt0 + int(sg) * NRG;
+    if (STAGED_GU) {
+      const bool real = e >= 0 && e < NE;  // uniform per threadgroup
+      if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RG16 ..)
+        const size_t off = (size_t(e) * F + rt0) * RLG;
+        moe_stage_rows<RT * RG16, 32 * NSG, 2>(stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16,
+                                                RT * RG16, thread_index_in_threadgroup);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
+      moe_swiglu_store<WT, D, F, NRG, NQ>(x + size_t(tok) * D, wr, wr + RT * RLG, h + size_t(pair) * F,
+                                          real && row0 < F, row0, lane);
+    } else {
+      moe_swiglu_rows<WT, D, F, NE, NRG, NQ>(x + size_t(tok) * D, wg, wu, h + size_t(pair) * F, e, row0, lane);
+    }
     moe_device_fence();  // this thread's rows of h, before the count says they are there
     threadgroup_barrier(mem_flags::mem_device);
     if (sg == 0 && lane == 0) {
@@ -411,21 +475,15 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
   const int row0 = ((tg - NGU) % DX) * NRD;
   const int nvalid = (D - row0 < NRD) ? D - row0 : NRD;
-  // STAGE: the slots' weight rows copied into threadgroup memory before the wait, in
-  // 16-byte reads (a down threadgroup starts as gate/up ones retire, a few us before
-  // h is complete: its DRAM reads then overlap the gate/up tail instead of following it).
-  constexpr int RLD = F * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a down row, in WT elements
-  constexpr int ROW16 = RLD * int(sizeof(WT)) / 16;                 // a row in 16-byte units
-  constexpr bool STAGED = STAGE && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * ROW16 * 16 <= 16384;
-  threadgroup uint4 stage[STAGED ? KS * NRD * ROW16 : 1];
+  // Down staging: the slots' weight rows copied before the wait (a down threadgroup starts
+  // as gate/up ones retire, a few us before h is complete: its DRAM reads then overlap the
+  // gate/up tail instead of following it).
   if (STAGED) {
     for (int s = int(sg); s < KS; s += NSG) {
       const int e = chosen[s];
       if (e >= 0 && e < NE) {
         const auto src = wd + (size_t(e) * D + row0) * RLD;
-        for (int i = int(lane); i < nvalid * ROW16; i += 32) {
-          stage[s * NRD * ROW16 + i] = moe_load_u4(src, size_t(i));
-        }
+        moe_stage_rows<NRD * RD16, 32, 1>(stage + s * NRD * RD16, src, src, nvalid * RD16, 0, lane);
       }
     }
   }

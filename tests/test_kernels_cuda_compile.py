@@ -391,7 +391,7 @@ def test_residual_combine_compiles_for_sm90a(tmp_path):
     assert len(_entries(ptx)) == 1
 
 
-def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=False):
+def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=0):
     """mul_mv_id_moe at Qwen3-30B-A3B shapes: Q4_0, softmax top-8 of 128, one token."""
     return ("mul_mv_id_moe", variant,
             {"x": "bfloat16", "logits": "bfloat16", "bias": "float32", "scale": "float32", "wg": "uint16",
@@ -403,11 +403,13 @@ def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=False):
 
 
 def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
-    """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups:
-    no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
-    count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
-    kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8),
-               _moe_layer("q4_0_1x4x8_staged", 1, 4, 8, stage=True)]
+    """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
+    unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,
+    2, 3): no spills, and registers few enough for 256-thread threadgroups (<= 255) --
+    its count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
+    kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]
+    kernels += [_moe_layer(f"q4_0_1x4x8_stage{st}", 1, 4, 8, stage=st) for st in (1, 2, 3)]
+    kernels += [_moe_layer("q4_0_2x4x8_stage3", 2, 4, 8, stage=3)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
 
 
@@ -462,7 +464,7 @@ def test_oproj_moe_compiles_for_sm90a(tmp_path):
     """o_proj with the split router tail and the MoE layer in one launch (metal/decode_chain.metal)
     at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged): no spills, at most 255 registers."""
     tail = _tail("dense_residual_parts_router_split", "x", 2, 8)
-    moe = _moe_layer("x", 1, 4, 8, stage=True)
+    moe = _moe_layer("x", 1, 4, 8, stage=1)
     inputs = dict(tail[2])
     inputs.update({n: moe[2][n] for n in ("bias", "scale", "wg", "wu", "wd")})
     inputs["mcount"] = inputs["ccount"] = "uint32"

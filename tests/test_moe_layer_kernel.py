@@ -32,17 +32,16 @@ from test_swiglu_route import FLAVORS, RULES
 
 D, F = 96, 64  # hidden, ffn (Q4_0: both multiples of 32)
 # the default; ragged down tiles (96 rows in 5s); more simdgroups than some rules'
-# slots, several gate/up rows a simdgroup and two quant words a lane; the down weights
-# staged in threadgroup memory (ragged tiles too)
-GEOMETRIES = [None, LayerGeometry(1, 5, 2, 1), LayerGeometry(2, 4, 8, 2), LayerGeometry(1, 4, 8, 1, stage=1),
-              LayerGeometry(1, 5, 4, 1, stage=1)]
+# slots, several gate/up rows a simdgroup and two quant words a lane.  (Staging needs
+# 16-byte rows, 256 Q4_0 columns: test_staged_rows_match_unstaged has its own shape.)
+GEOMETRIES = [None, LayerGeometry(1, 5, 2, 1), LayerGeometry(2, 4, 8, 2)]
 
 
-def _layer(rng, ne, nexp, tokens, dtype=mx.float32):
-    wg, wu = _q4_words(rng, ne, F, D), _q4_words(rng, ne, F, D)
-    wd = _q4_words(rng, ne, D, F)
-    x = rng.standard_normal((tokens, D)).astype(np.float32)
-    res = rng.standard_normal((tokens, D)).astype(np.float32)
+def _layer(rng, ne, nexp, tokens, dtype=mx.float32, d=D, f=F):
+    wg, wu = _q4_words(rng, ne, f, d), _q4_words(rng, ne, f, d)
+    wd = _q4_words(rng, ne, d, f)
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    res = rng.standard_normal((tokens, d)).astype(np.float32)
     lg = (rng.standard_normal((tokens, nexp)) * 2).astype(np.float32)
     lg[0, ne:] += 6.0  # past the real experts: the identity ones win a slot of token 0
     return wg, wu, wd, mx.array(x).astype(dtype), mx.array(lg).astype(mx.bfloat16), mx.array(res).astype(dtype)
@@ -88,6 +87,35 @@ def test_one_launch_matches_two_launches_and_oracle(flavor, rule, tokens, geomet
     assert not np.array(count).any()
     again, _, _ = mul_mv_id_moe(*args)
     np.testing.assert_array_equal(np.array(again), y)
+
+
+# The rows staged in threadgroup memory (LayerGeometry.stage: 1 down, 2 gate/up, 3
+# both): 6 gate/up rows a threadgroup and 5 down rows, neither dividing 256 (the last
+# tiles ragged); two quant words a lane at 2 gate/up rows a simdgroup.
+STAGED = [LayerGeometry(1, 5, 6, 1, stage=s) for s in (1, 2, 3)] + [LayerGeometry(2, 5, 3, 2, stage=3)]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_staged_rows_match_unstaged(flavor):
+    """Staged launches on 256-column rows (16 bytes a row's multiple: the rows stage)
+    against the same geometry unstaged -- the same dot products over the same words, read
+    from threadgroup memory instead: bit for bit under the emulation -- and the oracle;
+    an identity slot (its rows must not be read) on token 0."""
+    nexp, ne, params = RULES[3]
+    rng = np.random.default_rng(256)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, d=256, f=256)
+    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
+    for g in STAGED:
+        plain = LayerGeometry(g.gate_nr, g.down_nr, g.nsg, g.nq)
+        want, ids, w = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, plain)
+        y, ids2, w2 = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, g)
+        np.testing.assert_array_equal(np.array(ids2), np.array(ids))
+        y, want = np.array(y), np.array(want)
+        tol = 0 if flavor == "emulated" else 1e-5
+        np.testing.assert_allclose(y, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=g.tag)
+    assert (np.array(ids)[0] >= ne).any()
+    oracle = _oracle(np.array(wg), np.array(wu), np.array(wd), x, res, np.array(ids), np.array(w))
+    np.testing.assert_allclose(y, oracle, rtol=1e-4, atol=1e-5 * np.abs(oracle).max())
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -70,8 +70,10 @@ DOWN = {"q4_0": Geometry(nr=4, nsg=8, nq=1), "float": Geometry(nr=2, nsg=8)}
 class LayerGeometry:
     """mul_mv_id_moe (the decode MoE layer in one launch): its threadgroups all have
     nsg simdgroups; gate/up ones own gate_nr rows a simdgroup, down ones down_nr rows;
-    stage: down threadgroups copy their weight rows into threadgroup memory before
-    waiting for h (where 16 KB hold them)."""
+    stage (bits): 1 = down threadgroups copy their weight rows into threadgroup memory
+    before waiting for h (where 16 KB hold them), 2 = gate/up threadgroups copy theirs
+    before the dot products (where 24 KB do); rows of a multiple of 16 bytes only
+    (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -81,13 +83,14 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if self.stage not in (0, 1):
-            raise ValueError(f"LayerGeometry.stage is 0 or 1; got {self.stage}")
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"LayerGeometry.stage is 0 to 3 (1: down rows staged, 2: gate/up rows, 3: both); "
+                             f"got {self.stage}")
 
     @property
     def tag(self) -> str:
         """'GATExDOWNxNSGxNQ[xSTAGE]', the form tools/bench_kernels.py --layer-geometries takes."""
-        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}" + ("x1" if self.stage else "")
+        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}" + (f"x{self.stage}" if self.stage else "")
 
     @staticmethod
     def parse(tag: str) -> "LayerGeometry":

@@ -204,5 +204,5 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     n_down = -(-hidden // g.down_nr) * T
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", bool(g.stage)), *rule]
+                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", int(g.stage)), *rule]
     return inputs, template, n_gate_up + n_down, g.nsg
