@@ -40,8 +40,8 @@ struct moe_rows {
 
   // Float weights: in each step a simdgroup covers 128 columns, a lane the 4
   // consecutive columns lane*4 .. lane*4+3.
-  template <int K, int NR, int NM, int NQ, typename XP, typename WP, typename A>
-  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
+  template <int K, int NR, int NM, int NQ, bool PREP = false, typename XP, typename WP, typename A>
+  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {  // PREP: Q4_0 only
     for (int c0 = int(lane) * 4; c0 < K; c0 += 128) {
       float xv[4];
       for (int i = 0; i < 4; ++i) {
@@ -64,6 +64,42 @@ struct moe_rows {
   }
 };
 
+// The 4 activations quant word kw of block ib multiplies (moe_rows<ushort> below), pre-
+// scaled by 1 / {1, 256, 16, 4096}: read from x ([K] of the activation type) or, PREP,
+// from a threadgroup's prepared copy ([K / 32 * 8] float4, one per word: the same values,
+// made once by moe_prepare_x; one 16-byte read where a lane would otherwise spend four
+// loads, four conversions and three multiplies a word).
+template <bool PREP>
+struct moe_xword {
+  template <typename XP>
+  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
+    const auto xb = x + ib * 32 + 2 * kw;
+    float4 y;
+    y.x = float(xb[0]);
+    y.y = float(xb[1]) * (1.0f / 256.0f);
+    y.z = float(xb[16]) * (1.0f / 16.0f);
+    y.w = float(xb[17]) * (1.0f / 4096.0f);
+    return y;
+  }
+};
+
+template <>
+struct moe_xword<true> {
+  template <typename XP>
+  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
+    return x[ib * 8 + kw];
+  }
+};
+
+// A threadgroup's prepared activations for moe_xword<true>: xq[ib * 8 + kw] for the K / 32
+// blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.
+template <int K, int NTH, typename QP, typename XP>
+MOE_DEVICE inline void moe_prepare_x(QP xq, XP x, uint tid) {
+  for (int i = int(tid); i < K / 32 * 8; i += NTH) {
+    xq[i] = moe_xword<false>::get(x, i / 8, i % 8);
+  }
+}
+
 // Q4_0 with ushort reads.  A block's 16 quant bytes are 8 ushort words; word k
 // holds weights 2k, 2k+1 in bits 0-3 and 8-11 and weights 2k+16, 2k+17 in bits
 // 4-7 and 12-15.  Lane mapping (NQ = quant words per lane, 1, 2 or 4): 8/NQ
@@ -78,12 +114,13 @@ struct moe_rows {
 // read as a float is 2^23 + q * s exactly; subtracting 2^23 + 8 * s gives
 // s * (q - 8) (the Q4_0 offset folded in, exact), and the activations are
 // pre-scaled by 1/s (powers of two: exact in float32).  The activations of a
-// step are loaded once and shared by the NR rows of both matrices.
+// step are loaded once and shared by the NR rows of both matrices; PREP: x is a
+// threadgroup's prepared copy (moe_xword<true>).
 template <>
 struct moe_rows<ushort> {
   enum { NUM = 9, DEN = 32 };
 
-  template <int K, int NR, int NM, int NQ, typename XP, typename WP, typename A>
+  template <int K, int NR, int NM, int NQ, bool PREP = false, typename XP, typename WP, typename A>
   MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
     constexpr int NB = K / 32;            // blocks per row
     constexpr int RW = NB * 9;            // words per row
@@ -110,13 +147,13 @@ struct moe_rows<ushort> {
             }
           }
         }
-        auto xb = x + ib * 32 + 2 * kw;
         float y[4 * NQ];
         for (int i = 0; i < NQ; ++i) {
-          y[4 * i] = float(xb[2 * i]);
-          y[4 * i + 1] = float(xb[2 * i + 1]) * (1.0f / 256.0f);
-          y[4 * i + 2] = float(xb[2 * i + 16]) * (1.0f / 16.0f);
-          y[4 * i + 3] = float(xb[2 * i + 17]) * (1.0f / 4096.0f);
+          const float4 q = moe_xword<PREP>::get(x, ib, kw + i);
+          y[4 * i] = q.x;
+          y[4 * i + 1] = q.y;
+          y[4 * i + 2] = q.z;
+          y[4 * i + 3] = q.w;
         }
         for (int j = 0; j < NR * NM; ++j) {
           float s = 0.0f;
@@ -166,8 +203,9 @@ MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint 
 
 // moe_swiglu_rows' dot products and store (below), its rows found already: wg, wu point
 // at row row0 of the expert's gate and up matrices (device memory, or a threadgroup's
-// staged copy); nothing is read when !active (uniform per simdgroup).
-template <typename WT, int K, int N, int NR, int NQ, typename XP, typename WP, typename HP>
+// staged copy); nothing is read when !active (uniform per simdgroup).  PREP: x is a
+// threadgroup's prepared activations (moe_prepare_x; Q4_0 only).
+template <typename WT, int K, int N, int NR, int NQ, bool PREP, typename XP, typename WP, typename HP>
 MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
   float acc[2 * NR];
   for (int r = 0; r < 2 * NR; ++r) {
@@ -175,7 +213,7 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
   }
   if (active) {
     const int nvalid = (N - row0 < NR) ? N - row0 : NR;
-    moe_rows<WT>::template dot<K, NR, 2, NQ>(x, wg, wu, nvalid, lane, acc);
+    moe_rows<WT>::template dot<K, NR, 2, NQ, PREP>(x, wg, wu, nvalid, lane, acc);
   }
   for (int r = 0; r < NR; ++r) {
     const float g = moe_simd_sum(acc[r]);
@@ -195,7 +233,7 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
   const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
   const size_t off = active ? (size_t(e) * N + row0) * RL : 0;
-  moe_swiglu_store<WT, K, N, NR, NQ>(x, wg + off, wu + off, h, active, row0, lane);
+  moe_swiglu_store<WT, K, N, NR, NQ, false>(x, wg + off, wu + off, h, active, row0, lane);
 }
 
 // One threadgroup's NR rows n = row0 .. of one token's combined expert output,
@@ -392,7 +430,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
 // (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (bits:
 // 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
-// them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows), and the routing
+// them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4, with 2:
+// the gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to
+// 2048 of them), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
@@ -417,23 +457,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const bool down = tg >= NGU;  // uniform per threadgroup
   const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
   const auto cnt = moe_inplace(count);
-  threadgroup int chosen[KS];
-  threadgroup float chosen_w[KS];
-  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
-    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
-        logits + size_t(tok) * NEXP, bias, scale[0], lane);
-    if (lane == 0) {
-      for (int j = 0; j < KS; ++j) {
-        chosen[j] = pick.id[j];
-        chosen_w[j] = pick.w[j];
-      }
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (!down && tg % (GX * KS) == 0 && thread_index_in_threadgroup < uint(KS)) {  // the token's first
-    ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
-    weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
-  }
   // Staging (STAGE): a threadgroup's weight rows copied into threadgroup memory in
   // 16-byte reads, all of a thread's in flight at once, before the dot products (the
   // 18-byte Q4_0 blocks' ushort reads keep too few bytes in flight to cover DRAM latency).
@@ -447,6 +470,31 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int NSTAGE = (STAGED_GU ? 2 * RT * RG16 : 1) > (STAGED ? KS * NRD * RD16 : 1)
                              ? (STAGED_GU ? 2 * RT * RG16 : 1) : (STAGED ? KS * NRD * RD16 : 1);
   threadgroup uint4 stage[NSTAGE];
+  // STAGE bit 4, with the gate/up rows staged: the token's activations prepared once a
+  // threadgroup (moe_prepare_x), while simdgroup 0 runs the routing rule.
+  constexpr bool XPREP = STAGED_GU && (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
+  threadgroup int chosen[KS];
+  threadgroup float chosen_w[KS];
+  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
+    if (lane == 0) {
+      for (int j = 0; j < KS; ++j) {
+        chosen[j] = pick.id[j];
+        chosen_w[j] = pick.w[j];
+      }
+    }
+  }
+  if (XPREP && !down && (NSG == 1 || sg > 0)) {  // beside the rule when there are other simdgroups
+    moe_prepare_x<D, 32 * (NSG > 1 ? NSG - 1 : 1)>(xq, x + size_t(tok) * D,
+                                                   thread_index_in_threadgroup - (NSG > 1 ? 32u : 0u));
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (!down && tg % (GX * KS) == 0 && thread_index_in_threadgroup < uint(KS)) {  // the token's first
+    ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
+    weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
+  }
   if (!down) {
     const int pair = tg / GX;
     const int e = chosen[pair % KS];
@@ -461,8 +509,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
-      moe_swiglu_store<WT, D, F, NRG, NQ>(x + size_t(tok) * D, wr, wr + RT * RLG, h + size_t(pair) * F,
-                                          real && row0 < F, row0, lane);
+      if (XPREP) {
+        moe_swiglu_store<WT, D, F, NRG, NQ, true>(xq, wr, wr + RT * RLG, h + size_t(pair) * F, real && row0 < F,
+                                                  row0, lane);
+      } else {
+        moe_swiglu_store<WT, D, F, NRG, NQ, false>(x + size_t(tok) * D, wr, wr + RT * RLG, h + size_t(pair) * F,
+                                                   real && row0 < F, row0, lane);
+      }
     } else {
       moe_swiglu_rows<WT, D, F, NE, NRG, NQ>(x + size_t(tok) * D, wg, wu, h + size_t(pair) * F, e, row0, lane);
     }

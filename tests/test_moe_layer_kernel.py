@@ -90,17 +90,19 @@ def test_one_launch_matches_two_launches_and_oracle(flavor, rule, tokens, geomet
 
 
 # The rows staged in threadgroup memory (LayerGeometry.stage: 1 down, 2 gate/up, 3
-# both): 6 gate/up rows a threadgroup and 5 down rows, neither dividing 256 (the last
-# tiles ragged); two quant words a lane at 2 gate/up rows a simdgroup.
-STAGED = [LayerGeometry(1, 5, 6, 1, stage=s) for s in (1, 2, 3)] + [LayerGeometry(2, 5, 3, 2, stage=3)]
+# both, + 4 the activations prepared): 6 gate/up rows a threadgroup and 5 down rows,
+# neither dividing 256 (the last tiles ragged); two quant words a lane at 2 gate/up rows
+# a simdgroup; one simdgroup (it prepares the activations after the routing rule).
+STAGED = ([LayerGeometry(1, 5, 6, 1, stage=s) for s in (1, 2, 3, 7)]
+          + [LayerGeometry(2, 5, 3, 2, stage=7), LayerGeometry(2, 5, 1, 1, stage=6)])
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_staged_rows_match_unstaged(flavor):
     """Staged launches on 256-column rows (16 bytes a row's multiple: the rows stage)
-    against the same geometry unstaged -- the same dot products over the same words, read
-    from threadgroup memory instead: bit for bit under the emulation -- and the oracle;
-    an identity slot (its rows must not be read) on token 0."""
+    against the same geometry unstaged -- the same dot products over the same words and
+    activations, read from threadgroup memory instead: bit for bit under the emulation --
+    and the oracle; an identity slot (its rows must not be read) on token 0."""
     nexp, ne, params = RULES[3]
     rng = np.random.default_rng(256)
     wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, d=256, f=256)

@@ -57,7 +57,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 +mstage: its down threadgroups staging their weights in threadgroup memory
                 before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage: the
                 default); +munstaged: 1x4x8x1 without; +gustage: its gate/up
-                threadgroups staging theirs too (stage 3)
+                threadgroups staging theirs too (stage 3); +gustage7: and their
+                activations prepared in threadgroup memory (stage 7)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -519,6 +520,8 @@ SWITCHES = {
                                                    "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1)}),
     "+gustage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
                                                  "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=3)}),
+    "+gustage7": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                                  "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=7)}),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),
