@@ -6,16 +6,11 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  G. decode (issue 9), first: MLX's CUDA graph commits.  MLX 0.32's CommandEncoder commits
-#     (cudaGraphExecUpdate or instantiate, launch, an event and a host callback) whenever a
-#     graph holds more than 100 kernels or its inputs' data_size() sum passes 1000 "MB"
-#     (mlx/backend/cuda/device.cpp get_graph_limits / needs_commit; data_size counts
-#     elements).  Each one-launch MoE layer's inputs are the layer's whole expert tensors
-#     (3 x 57M uint16 words for Qwen3-30B-A3B), so a decode step commits about every 6
-#     layers: ~8 commits a token where one would do (an estimate from the source, not
-#     measured).  The host split and decode end to end with MLX_MAX_MB_PER_BUFFER and
-#     MLX_MAX_OPS_PER_BUFFER raised (one commit a step) against the defaults, process
-#     against process in ABAB order (the variables are read once per process)
+#  S. decode (issues 5, 9), first: the one-launch MoE layer's staging options
+#     (LayerGeometry.stage bits: 1 down rows, 2 gate/up rows, 4 gate/up activations
+#     prepared; the default is 1): their GPU tests, ncu GPU time of each against the
+#     default and unstaged in one process, end to end with +gustage (3) and +gustage7 (7),
+#     and the step's GPU time with the fastest
 #  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
@@ -79,18 +74,16 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# G. one CUDA graph commit a decode step (MLX_MAX_MB_PER_BUFFER / MLX_MAX_OPS_PER_BUFFER) vs
-#    MLX's limits, process against process, ABAB
-for lim in default raised default raised; do
-  envs=(); [ "$lim" = raised ] && envs=(MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000)
-  step 60 env ${envs[@]+"${envs[@]}"} python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 \
-    --shape qwen3-30b-a3b
-done
-for lim in default raised; do
-  envs=(); [ "$lim" = raised ] && envs=(MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000)
-  step 150 env ${envs[@]+"${envs[@]}"} python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-    --prompt-tokens 512 --gen-tokens 128 --reps 4 --json "$OUT/e2e_graph_$lim.json" --engines mlx-lm,mlx-moe+compile
-done
+# S. the MoE layer's staging options
+step 130 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
+  -k "staged or qwen3-1tok or bfloat16"
+step 110 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+  --csv --log-file "$OUT/ncu_layer.csv" python3 tools/bench_kernels.py --ncu \
+  --layer-geometries "1x4x8x1,1x4x8x1x1,1x4x8x1x3,1x4x8x1x7,1x4x4x1x7,2x4x4x1x7,1x4x8x2x7,1x4x8x1x6"
+[ -f "$OUT/ncu_layer.csv" ] && step 25 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
+step 140 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 4 --json "$OUT/e2e_stage.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+gustage,mlx-moe+compile+gustage7
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"
