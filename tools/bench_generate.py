@@ -55,10 +55,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 wait inside the launch for its gate/up ones; fused_step.MOE_ONE_LAUNCH,
                 on CUDA and the emulation); +moe2: the two launches;
                 +mstage: its down threadgroups staging their weights in threadgroup memory
-                before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage: the
-                default); +munstaged: 1x4x8x1 without; +gustage: its gate/up
-                threadgroups staging theirs too (stage 3); +gustage7: and their
-                activations prepared in threadgroup memory (stage 7)
+                before they wait (dispatch.MOE_LAYER, Q4_0 1x4x8x1 with stage 1, the
+                default until 2026-12-06's seventh session); +munstaged: 1x4x8x1
+                without; +gustage: its gate/up threadgroups staging theirs too (stage
+                3); +gustage7: and their activations prepared in threadgroup memory
+                (stage 7, the default)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)

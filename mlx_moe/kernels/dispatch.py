@@ -111,9 +111,14 @@ class LayerGeometry:
 # (the two launches: 14.8 + 8.8).  With the down weights staged (a third run):
 # 1x4x8x1x1 22.27 against 22.88 unstaged, 1x4x4x1x1 27.5, 1x8x8x1x1 25.3; memcheck clean
 # and end to end 308.1 against 269.5 tok/s (medians of 5, a host-bound, drifting
-# machine; BENCHMARKS.md 2026-12-06, fourth session), so staged is the default.  The
-# float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=1), "float": LayerGeometry(2, 2, 8)}
+# machine; BENCHMARKS.md 2026-12-06, fourth session), so staged became the default.  The
+# gate/up rows staged too, and their activations prepared (one run, 2026-12-06 seventh
+# session): 1x4x8x1x7 22.11 against 22.50 (x1), 23.90 (unstaged), 24.00 (x3: the gate/up
+# rows staged without the activations: slower), 22.91 (x6), 1x4x4x1x7 24.13, 2x4x4x1x7
+# 23.97, 1x4x8x2x7 25.02; in the decode step 1064.8 against 1095.2 us (48 layers) and end
+# to end 389.6 against 382.5 tok/s (medians of 6 ABBA pairs), the same greedy tokens: the
+# default.  The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=7), "float": LayerGeometry(2, 2, 8)}
 
 
 def weight_kind(proj) -> Optional[str]:
