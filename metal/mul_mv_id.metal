@@ -224,6 +224,25 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
   }
 }
 
+// moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
+// (moe_prepare_x): one specialization per choice, so the PREP store is instantiated only
+// where the kernel prepares (Q4_0 weights).
+template <bool XPREP>
+struct moe_swiglu_from {
+  template <typename WT, int K, int N, int NR, int NQ, typename XP, typename QP, typename WP, typename HP>
+  MOE_DEVICE static void run(XP x, QP xq, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
+    moe_swiglu_store<WT, K, N, NR, NQ, false>(x, wg, wu, h, active, row0, lane);
+  }
+};
+
+template <>
+struct moe_swiglu_from<true> {
+  template <typename WT, int K, int N, int NR, int NQ, typename XP, typename QP, typename WP, typename HP>
+  MOE_DEVICE static void run(XP x, QP xq, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
+    moe_swiglu_store<WT, K, N, NR, NQ, true>(xq, wg, wu, h, active, row0, lane);
+  }
+};
+
 // One simdgroup's NR rows of h for one (token, slot): h[n] = silu(Wg[e][n] . x) *
 // (Wu[e][n] . x) for n in row0 .. row0 + NR - 1 (< N), stored by lane 0; nothing is
 // read or written for an expert id outside [0, NE) (identity and padding slots).
@@ -430,9 +449,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
 // (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (bits:
 // 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
-// them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4, with 2:
-// the gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to
-// 2048 of them), and the routing
+// them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
+// gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
+// of them), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
@@ -470,9 +489,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int NSTAGE = (STAGED_GU ? 2 * RT * RG16 : 1) > (STAGED ? KS * NRD * RD16 : 1)
                              ? (STAGED_GU ? 2 * RT * RG16 : 1) : (STAGED ? KS * NRD * RD16 : 1);
   threadgroup uint4 stage[NSTAGE];
-  // STAGE bit 4, with the gate/up rows staged: the token's activations prepared once a
-  // threadgroup (moe_prepare_x), while simdgroup 0 runs the routing rule.
-  constexpr bool XPREP = STAGED_GU && (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
+  // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
+  // simdgroup 0 runs the routing rule.
+  constexpr bool XPREP = (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
@@ -500,8 +519,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     const int e = chosen[pair % KS];
     const int rt0 = (tg % GX) * RT;  // the threadgroup's first row
     const int row0 = rt0 + int(sg) * NRG;
+    const bool real = e >= 0 && e < NE;  // uniform per threadgroup
+    const auto xt = x + size_t(tok) * D;
+    const auto ht = h + size_t(pair) * F;
     if (STAGED_GU) {
-      const bool real = e >= 0 && e < NE;  // uniform per threadgroup
       if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RG16 ..)
         const size_t off = (size_t(e) * F + rt0) * RLG;
         moe_stage_rows<RT * RG16, 32 * NSG, 2>(stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16,
@@ -509,15 +530,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
-      if (XPREP) {
-        moe_swiglu_store<WT, D, F, NRG, NQ, true>(xq, wr, wr + RT * RLG, h + size_t(pair) * F, real && row0 < F,
-                                                  row0, lane);
-      } else {
-        moe_swiglu_store<WT, D, F, NRG, NQ, false>(x + size_t(tok) * D, wr, wr + RT * RLG, h + size_t(pair) * F,
-                                                   real && row0 < F, row0, lane);
-      }
+      moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wr, wr + RT * RLG, ht, real && row0 < F, row0,
+                                                              lane);
     } else {
-      moe_swiglu_rows<WT, D, F, NE, NRG, NQ>(x + size_t(tok) * D, wg, wu, h + size_t(pair) * F, e, row0, lane);
+      const bool active = real && row0 < F;  // uniform per simdgroup
+      const size_t off = active ? (size_t(e) * F + row0) * RLG : 0;
+      moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wg + off, wu + off, ht, active, row0, lane);
     }
     moe_device_fence();  // this thread's rows of h, before the count says they are there
     threadgroup_barrier(mem_flags::mem_device);

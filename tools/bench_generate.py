@@ -59,7 +59,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 default until 2026-12-06's seventh session); +munstaged: 1x4x8x1
                 without; +gustage: its gate/up threadgroups staging theirs too (stage
                 3); +gustage7: and their activations prepared in threadgroup memory
-                (stage 7, the default)
+                (stage 7, the default); +mstage5: the down rows staged and the gate/up
+                activations prepared, the gate/up rows read in place (stage 5)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -523,6 +524,8 @@ SWITCHES = {
                                                  "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=3)}),
     "+gustage7": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
                                                   "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=7)}),
+    "+mstage5": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                                 "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=5)}),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),

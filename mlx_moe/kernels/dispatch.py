@@ -72,9 +72,9 @@ class LayerGeometry:
     nsg simdgroups; gate/up ones own gate_nr rows a simdgroup, down ones down_nr rows;
     stage (bits): 1 = down threadgroups copy their weight rows into threadgroup memory
     before waiting for h (where 16 KB hold them), 2 = gate/up threadgroups copy theirs
-    before the dot products (where 24 KB do), 4 = with 2, the gate/up threadgroups'
-    activations prepared in threadgroup memory (Q4_0, up to 2048 columns); rows of a
-    multiple of 16 bytes only (Q4_0: 256 columns)."""
+    before the dot products (where 24 KB do), 4 = the gate/up threadgroups' activations
+    prepared in threadgroup memory (Q4_0, up to 2048 columns); rows stage only at a
+    multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -85,8 +85,8 @@ class LayerGeometry:
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
         if not 0 <= self.stage <= 7:
-            raise ValueError(f"LayerGeometry.stage is 0 to 7, bits (1: down rows staged, 2: gate/up rows, 4: with 2, "
-                             f"the activations prepared); got {self.stage}")
+            raise ValueError(f"LayerGeometry.stage is 0 to 7, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+                             f"activations prepared); got {self.stage}")
 
     @property
     def tag(self) -> str:
