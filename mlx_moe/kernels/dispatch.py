@@ -115,9 +115,10 @@ class LayerGeometry:
 # gate/up rows staged too, and their activations prepared (one run, 2026-12-06 seventh
 # session): 1x4x8x1x7 22.11 against 22.50 (x1), 23.90 (unstaged), 24.00 (x3: the gate/up
 # rows staged without the activations: slower), 22.91 (x6), 1x4x4x1x7 24.13, 2x4x4x1x7
-# 23.97, 1x4x8x2x7 25.02; in the decode step 1064.8 against 1095.2 us (48 layers) and end
-# to end 389.6 against 382.5 tok/s (medians of 6 ABBA pairs), the same greedy tokens: the
-# default.  The float entry is not measured.
+# 23.97, 1x4x8x2x7 25.02 (a second machine: x7 22.08, x1 22.56, x5 24.19, x4 24.67: the
+# activations prepared pay only with the rows staged); in the decode step 1064.8 against
+# 1095.2 us (48 layers) and end to end 389.6 against 382.5 tok/s (medians of 6 ABBA
+# pairs), the same greedy tokens: the default.  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=7), "float": LayerGeometry(2, 2, 8)}
 
 
