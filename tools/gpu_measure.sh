@@ -6,11 +6,9 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  S. decode (issues 5, 9), first: the one-launch MoE layer's staging options
-#     (LayerGeometry.stage bits: 1 down rows, 2 gate/up rows, 4 gate/up activations
-#     prepared; the default is 1): their GPU tests, ncu GPU time of each against the
-#     default and unstaged in one process, end to end with +gustage (3) and +gustage7 (7),
-#     and the step's GPU time with the fastest
+#  S. decode (issues 5, 9), first: compute-sanitizer memcheck of the one-launch MoE
+#     layer's staged launches (LayerGeometry.stage 1-7; the default is 7 since 2026-12-06's
+#     seventh session, whose GPU tests passed but whose memcheck the budget did not reach)
 #  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
@@ -74,16 +72,9 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# S. the MoE layer's staging options
-step 130 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
-  -k "staged or qwen3-1tok or bfloat16"
-step 110 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
-  --csv --log-file "$OUT/ncu_layer.csv" python3 tools/bench_kernels.py --ncu \
-  --layer-geometries "1x4x8x1,1x4x8x1x1,1x4x8x1x3,1x4x8x1x7,1x4x4x1x7,2x4x4x1x7,1x4x8x2x7,1x4x8x1x6"
-[ -f "$OUT/ncu_layer.csv" ] && step 25 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
-step 140 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 4 --json "$OUT/e2e_stage.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+gustage,mlx-moe+compile+gustage7
+# S. memcheck of the MoE layer's staged launches
+step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
+  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k "staged or qwen3-1tok"
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"
