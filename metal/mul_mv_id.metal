@@ -477,8 +477,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
   const auto cnt = moe_inplace(count);
   // Staging (STAGE): a threadgroup's weight rows copied into threadgroup memory in
-  // 16-byte reads, all of a thread's in flight at once, before the dot products (the
-  // 18-byte Q4_0 blocks' ushort reads keep too few bytes in flight to cover DRAM latency).
+  // 16-byte reads, all of a thread's in flight at once, before the dot products.  On the
+  // H100 (BENCHMARKS.md 2026-12-06, seventh session) the gate/up copy pays only together
+  // with the prepared activations (bits 2 + 4: 0.4-0.5 us a layer less; either alone is
+  // 1-2 us more), the down copy alone (bit 1: 0.6 us less).
   constexpr int RLG = D * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a gate/up row, in WT elements
   constexpr int RLD = F * moe_rows<WT>::NUM / moe_rows<WT>::DEN;  // a down row
   constexpr int RG16 = RLG * int(sizeof(WT)) / 16;                  // rows in 16-byte units
