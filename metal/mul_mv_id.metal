@@ -440,21 +440,24 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // Order: every threadgroup runs the routing rule on its token's router outputs
 // (router.metal's moe_router_select in simdgroup 0), the token's first threadgroup
 // writes ids and weights.  A gate/up threadgroup writes its rows of h, fences, and
-// bumps count[0].  A down threadgroup
-// waits until count[0] = NGU (moe_wait_count: GPUs start threadgroups in index order,
-// so it never holds a core a gate/up one has yet to get; KernelSpec.in_order marks
-// that, and the CPU emulation runs this kernel's threadgroups in index order), then
-// reads h.  The last down threadgroup to
-// finish (a ticket on count[1]) zeroes both counters for the next launch.
+// bumps count[0].  A down threadgroup waits until count[0] = NGU (moe_wait_count: GPUs
+// start threadgroups in index order, so it never holds a core a gate/up one has yet to
+// get; KernelSpec.in_order marks that, and the CPU emulation runs this kernel's
+// threadgroups in index order), then reads h.  The last down threadgroup to finish (a
+// ticket on count[1]) zeroes the counters for the next launch.  SHARE_ROUTE: only
+// gate/up threadgroups run the rule; the token's first, having written ids and weights,
+// fences and bumps count[2], and a down threadgroup waits until count[2] = NT and reads
+// them (the rule's latency leaves the path of the down threadgroups that start as the
+// last gate/up ones retire).
 // Template: T (x, res, y), WT, D (hidden), F (ffn), NE, NI, KS, NT (tokens), NRG
 // (gate/up rows per simdgroup), NRD (down rows per threadgroup), NSG, NQ, STAGE (bits:
 // 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
 // them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them), and the routing
-// rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's).
+// rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
-// [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2]
+// [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
 // (written, zero between launches).  Outputs: h [NT*KS, F] float32 (rows of
 // identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
 // y [NT, D] in T.
@@ -497,7 +500,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
-  if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+  if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
     const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
         logits + size_t(tok) * NEXP, bias, scale[0], lane);
     if (lane == 0) {
@@ -515,6 +518,25 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   if (!down && tg % (GX * KS) == 0 && thread_index_in_threadgroup < uint(KS)) {  // the token's first
     ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
+  }
+  if (SHARE_ROUTE && !down && tg % (GX * KS) == 0) {  // uniform per threadgroup: the token's routing is out
+    moe_device_fence();
+    threadgroup_barrier(mem_flags::mem_device);
+    if (thread_index_in_threadgroup == 0) {
+      moe_ticket(cnt + 2);
+    }
+  }
+  if (SHARE_ROUTE && down) {  // every token's first threadgroup has written its routing (count[2] = NT)
+    if (sg == 0 && lane == 0) {
+      moe_wait_count(cnt + 2, uint(NT));
+    }
+    threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+    moe_device_fence();
+    if (thread_index_in_threadgroup < uint(KS)) {
+      chosen[thread_index_in_threadgroup] = ids[size_t(tok) * KS + int(thread_index_in_threadgroup)];
+      chosen_w[thread_index_in_threadgroup] = weights[size_t(tok) * KS + int(thread_index_in_threadgroup)];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   if (!down) {
     const int pair = tg / GX;
@@ -576,5 +598,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   if (sg == 0 && lane == 0 && moe_ticket(cnt + 1) == uint(DX * NT - 1)) {
     moe_ticket_reset(cnt);
     moe_ticket_reset(cnt + 1);
+    if (SHARE_ROUTE) {
+      moe_ticket_reset(cnt + 2);
+    }
   }
 }

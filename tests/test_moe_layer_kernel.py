@@ -121,6 +121,33 @@ def test_staged_rows_match_unstaged(flavor):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("rule,tokens", [(0, 3), (2, 1), (3, 3)], ids=["qwen3-3tok", "deepseek_group-1tok",
+                                                                       "identity-3tok"])
+def test_shared_routing_matches_each_threadgroup_routing(flavor, rule, tokens, monkeypatch):
+    """dispatch.SHARE_ROUTE (down threadgroups read the routing each token's first
+    threadgroup wrote, after count[2] says every token's is out) against every threadgroup
+    running the rule: the same ids and weights, y bit for bit (the same sums), the
+    counter zero after each launch, twice on one counter."""
+    from mlx_moe.kernels import dispatch
+
+    nexp, ne, params = RULES[rule]
+    rng = np.random.default_rng(nexp + params.k + tokens + 1)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, tokens)
+    args = (x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res)
+    want, ids, w = mul_mv_id_moe(*args, ticket_counter(), flavor)
+    monkeypatch.setattr(dispatch, "SHARE_ROUTE", True)
+    count = ticket_counter()
+    for _ in range(2):
+        y, ids2, w2 = mul_mv_id_moe(*args, count, flavor)
+        np.testing.assert_array_equal(np.array(ids2), np.array(ids))
+        np.testing.assert_array_equal(np.array(w2), np.array(w))
+        np.testing.assert_array_equal(np.array(y), np.array(want))
+        assert not np.array(count).any()
+    with pytest.raises(ValueError, match="3 uint32 words"):
+        mul_mv_id_moe(*args, mx.zeros((2,), mx.uint32), flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_one_launch_bfloat16_activations(flavor):
     """bfloat16 x and residual (the models' dtype): y rounded as the two launches round it."""
     rng = np.random.default_rng(5)

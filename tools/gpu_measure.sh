@@ -9,6 +9,9 @@
 #  S. decode (issues 5, 9), first: compute-sanitizer memcheck of the one-launch MoE
 #     layer's staged launches (LayerGeometry.stage 1-7; the default is 7 since 2026-12-06's
 #     seventh session, whose GPU tests passed but whose memcheck the budget did not reach)
+#  R. decode (issues 5, 9): the MoE layer's down threadgroups reading the routing each
+#     token's first threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE,
+#     engine +droute; off): its GPU test, the step's GPU time with and without it, end to end
 #  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
@@ -75,6 +78,17 @@ git log --oneline -1 2>/dev/null | tee -a "$LOG"
 # S. memcheck of the MoE layer's staged launches
 step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
   python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k "staged or qwen3-1tok"
+# R. the shared routing (dispatch.SHARE_ROUTE)
+step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k shared_routing
+for e in mlx-moe+compile mlx-moe+compile+droute; do
+  step 70 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+    --log-file "$OUT/ncu_step_${e//+/_}.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
+    --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine "$e"
+  [ -f "$OUT/ncu_step_${e//+/_}.csv" ] && step 60 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_${e//+/_}.csv" --steps 2
+done
+step 150 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_droute.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+droute
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"

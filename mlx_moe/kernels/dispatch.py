@@ -121,6 +121,12 @@ class LayerGeometry:
 # pairs), the same greedy tokens: the default.  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=7), "float": LayerGeometry(2, 2, 8)}
 
+# mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
+# threadgroup (which writes ids and weights, then bumps the counter's third word) instead
+# of running the rule themselves (template SHARE_ROUTE; the counter needs 3 words).  Off
+# until measured on a GPU (tools/gpu_measure.sh step R; engine +droute).
+SHARE_ROUTE = False
+
 
 def weight_kind(proj) -> Optional[str]:
     """'q4_0' or 'float' for projections the kernels read directly, else None.

@@ -196,7 +196,8 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
         raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
                          f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
-    check_counter(count, 2, "mul_mv_id_moe")
+    share = bool(dispatch.SHARE_ROUTE)  # looked up per call: tools switch it
+    check_counter(count, 3 if share else 2, "mul_mv_id_moe")
     k = params.k
     inputs, rule = rule_arguments(n_logits, params)
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
@@ -204,5 +205,5 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     n_down = -(-hidden // g.down_nr) * T
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", int(g.stage)), *rule]
+                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", int(g.stage)), *rule, ("SHARE_ROUTE", share)]
     return inputs, template, n_gate_up + n_down, g.nsg
