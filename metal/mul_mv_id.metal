@@ -40,8 +40,8 @@ struct moe_rows {
 
   // Float weights: in each step a simdgroup covers 128 columns, a lane the 4
   // consecutive columns lane*4 .. lane*4+3.
-  template <int K, int NR, int NM, int NQ, bool PREP = false, typename XP, typename WP, typename A>
-  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {  // PREP: Q4_0 only
+  template <int K, int NR, int NM, int NQ, int XM = 0, typename XP, typename WP, typename A>
+  MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {  // XM: Q4_0 only
     for (int c0 = int(lane) * 4; c0 < K; c0 += 128) {
       float xv[4];
       for (int i = 0; i < 4; ++i) {
@@ -65,11 +65,13 @@ struct moe_rows {
 };
 
 // The 4 activations quant word kw of block ib multiplies (moe_rows<ushort> below), pre-
-// scaled by 1 / {1, 256, 16, 4096}: read from x ([K] of the activation type) or, PREP,
-// from a threadgroup's prepared copy ([K / 32 * 8] float4, one per word: the same values,
-// made once by moe_prepare_x; one 16-byte read where a lane would otherwise spend four
-// loads, four conversions and three multiplies a word).
-template <bool PREP>
+// scaled by 1 / {1, 256, 16, 4096}, by how they are read (XM): 0 from x ([K] of the
+// activation type), four loads; 1 from a threadgroup's prepared copy ([K / 32 * 8]
+// float4, one per word: the same values, made once by moe_prepare_x; one 16-byte read
+// where a lane would otherwise spend four loads, four conversions and three multiplies a
+// word); 2 from float32 x (8-byte aligned) as two float2 loads: a simdgroup's loads then
+// use whole 32-byte sectors, where four scalar loads use two thirds of each.
+template <int XM>
 struct moe_xword {
   template <typename XP>
   MOE_DEVICE static float4 get(XP x, int ib, int kw) {
@@ -84,19 +86,35 @@ struct moe_xword {
 };
 
 template <>
-struct moe_xword<true> {
+struct moe_xword<1> {
   template <typename XP>
   MOE_DEVICE static float4 get(XP x, int ib, int kw) {
     return x[ib * 8 + kw];
   }
 };
 
-// A threadgroup's prepared activations for moe_xword<true>: xq[ib * 8 + kw] for the K / 32
+template <>
+struct moe_xword<2> {
+  template <typename XP>
+  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
+    const auto xb = x + ib * 32 + 2 * kw;
+    const float2 a = moe_load_f2(xb);
+    const float2 b = moe_load_f2(xb + 16);
+    float4 y;
+    y.x = a.x;
+    y.y = a.y * (1.0f / 256.0f);
+    y.z = b.x * (1.0f / 16.0f);
+    y.w = b.y * (1.0f / 4096.0f);
+    return y;
+  }
+};
+
+// A threadgroup's prepared activations for moe_xword<1>: xq[ib * 8 + kw] for the K / 32
 // blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.
 template <int K, int NTH, typename QP, typename XP>
 MOE_DEVICE inline void moe_prepare_x(QP xq, XP x, uint tid) {
   for (int i = int(tid); i < K / 32 * 8; i += NTH) {
-    xq[i] = moe_xword<false>::get(x, i / 8, i % 8);
+    xq[i] = moe_xword<0>::get(x, i / 8, i % 8);
   }
 }
 
@@ -114,13 +132,13 @@ MOE_DEVICE inline void moe_prepare_x(QP xq, XP x, uint tid) {
 // read as a float is 2^23 + q * s exactly; subtracting 2^23 + 8 * s gives
 // s * (q - 8) (the Q4_0 offset folded in, exact), and the activations are
 // pre-scaled by 1/s (powers of two: exact in float32).  The activations of a
-// step are loaded once and shared by the NR rows of both matrices; PREP: x is a
-// threadgroup's prepared copy (moe_xword<true>).
+// step are loaded once and shared by the NR rows of both matrices, read as XM says
+// (moe_xword).
 template <>
 struct moe_rows<ushort> {
   enum { NUM = 9, DEN = 32 };
 
-  template <int K, int NR, int NM, int NQ, bool PREP = false, typename XP, typename WP, typename A>
+  template <int K, int NR, int NM, int NQ, int XM = 0, typename XP, typename WP, typename A>
   MOE_DEVICE static void dot(XP x, WP w0, WP w1, int nvalid, uint lane, A acc) {
     constexpr int NB = K / 32;            // blocks per row
     constexpr int RW = NB * 9;            // words per row
@@ -149,7 +167,7 @@ struct moe_rows<ushort> {
         }
         float y[4 * NQ];
         for (int i = 0; i < NQ; ++i) {
-          const float4 q = moe_xword<PREP>::get(x, ib, kw + i);
+          const float4 q = moe_xword<XM>::get(x, ib, kw + i);
           y[4 * i] = q.x;
           y[4 * i + 1] = q.y;
           y[4 * i + 2] = q.z;
@@ -203,9 +221,9 @@ MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint 
 
 // moe_swiglu_rows' dot products and store (below), its rows found already: wg, wu point
 // at row row0 of the expert's gate and up matrices (device memory, or a threadgroup's
-// staged copy); nothing is read when !active (uniform per simdgroup).  PREP: x is a
-// threadgroup's prepared activations (moe_prepare_x; Q4_0 only).
-template <typename WT, int K, int N, int NR, int NQ, bool PREP, typename XP, typename WP, typename HP>
+// staged copy); nothing is read when !active (uniform per simdgroup).  XM: how x is read
+// (moe_xword; 1: a threadgroup's prepared activations, moe_prepare_x; Q4_0 only).
+template <typename WT, int K, int N, int NR, int NQ, int XM, typename XP, typename WP, typename HP>
 MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
   float acc[2 * NR];
   for (int r = 0; r < 2 * NR; ++r) {
@@ -213,7 +231,7 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
   }
   if (active) {
     const int nvalid = (N - row0 < NR) ? N - row0 : NR;
-    moe_rows<WT>::template dot<K, NR, 2, NQ, PREP>(x, wg, wu, nvalid, lane, acc);
+    moe_rows<WT>::template dot<K, NR, 2, NQ, XM>(x, wg, wu, nvalid, lane, acc);
   }
   for (int r = 0; r < NR; ++r) {
     const float g = moe_simd_sum(acc[r]);
@@ -225,13 +243,13 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
 }
 
 // moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
-// (moe_prepare_x): one specialization per choice, so the PREP store is instantiated only
-// where the kernel prepares (Q4_0 weights).
+// (moe_prepare_x): one specialization per choice, so the prepared store is instantiated
+// only where the kernel prepares (Q4_0 weights).
 template <bool XPREP>
 struct moe_swiglu_from {
   template <typename WT, int K, int N, int NR, int NQ, typename XP, typename QP, typename WP, typename HP>
   MOE_DEVICE static void run(XP x, QP xq, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
-    moe_swiglu_store<WT, K, N, NR, NQ, false>(x, wg, wu, h, active, row0, lane);
+    moe_swiglu_store<WT, K, N, NR, NQ, 0>(x, wg, wu, h, active, row0, lane);
   }
 };
 
@@ -239,7 +257,7 @@ template <>
 struct moe_swiglu_from<true> {
   template <typename WT, int K, int N, int NR, int NQ, typename XP, typename QP, typename WP, typename HP>
   MOE_DEVICE static void run(XP x, QP xq, WP wg, WP wu, HP h, bool active, int row0, uint lane) {
-    moe_swiglu_store<WT, K, N, NR, NQ, true>(xq, wg, wu, h, active, row0, lane);
+    moe_swiglu_store<WT, K, N, NR, NQ, 1>(xq, wg, wu, h, active, row0, lane);
   }
 };
 
@@ -252,7 +270,7 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
   const bool active = row0 < N && e >= 0 && e < NE;  // uniform per simdgroup
   const size_t off = active ? (size_t(e) * N + row0) * RL : 0;
-  moe_swiglu_store<WT, K, N, NR, NQ, false>(x, wg + off, wu + off, h, active, row0, lane);
+  moe_swiglu_store<WT, K, N, NR, NQ, 0>(x, wg + off, wu + off, h, active, row0, lane);
 }
 
 // One threadgroup's NR rows n = row0 .. of one token's combined expert output,
@@ -262,8 +280,8 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // simdgroup 0 gets row row0 + r, the others 0.  h: the token's KS rows [KS, K]; ids,
 // wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
 // the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
-// copied there) instead of wd.
-template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED,
+// copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: h is float32).
+template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
           typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
 MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
                                       uint lane) {
@@ -282,10 +300,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       if (STAGED) {
         const auto wr = stage + s * NR * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       } else {
         const auto wr = wd + (size_t(e) * N + row0) * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       }
       const float ws = wts[s];
       for (int r = 0; r < NR; ++r) {
@@ -411,7 +429,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const uint tok = threadgroup_position_in_grid.y;
   const int row0 = int(threadgroup_position_in_grid.x) * NR;
   threadgroup float part[NSG * NR];
-  const float v = moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ, false>(
+  const float v = moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ, false, 0>(
       h + size_t(tok) * KS * K, ids + tok * KS, wts + tok * KS, wd, x + size_t(tok) * N, part, wd, row0, sg, lane);
   if (sg == 0 && int(lane) < ((N - row0 < NR) ? N - row0 : NR)) {
     const int n = row0 + int(lane);
@@ -454,7 +472,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
 // them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
-// of them), and the routing
+// of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -498,6 +516,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // simdgroup 0 runs the routing rule.
   constexpr bool XPREP = (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
+  // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
+  constexpr bool XPAIR = (STAGE & 8) != 0 && moe_rows<WT>::DEN == 32;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
@@ -588,7 +608,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED>(
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED, XPAIR ? 2 : 0>(
       h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
       sg, lane);
   if (sg == 0 && int(lane) < nvalid) {

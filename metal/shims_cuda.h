@@ -137,6 +137,12 @@ __device__ inline uint4 moe_load_u4(P p, size_t i) {
   return reinterpret_cast<const uint4*>(p)[i];
 }
 
+// Two float32 values at p (8-byte aligned) in one load.
+template <typename P>
+__device__ inline float2 moe_load_f2(P p) {
+  return *reinterpret_cast<const float2*>(p);
+}
+
 template <typename T, typename U>
 __device__ inline T* moe_tg_as(U* p) {
   return reinterpret_cast<T*>(p);

@@ -121,6 +121,12 @@ inline uint4 moe_load_u4(P p, size_t i) {
   return reinterpret_cast<const device uint4*>(p)[i];
 }
 
+// Two float32 values at p (device memory, 8-byte aligned) in one load.
+template <typename P>
+inline float2 moe_load_f2(P p) {
+  return *reinterpret_cast<const device float2*>(p);
+}
+
 // Threadgroup memory viewed as another element type (a 16-byte-aligned staging
 // buffer declared as uint4, read as weights).
 template <typename T, typename U>

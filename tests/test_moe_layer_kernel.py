@@ -90,10 +90,11 @@ def test_one_launch_matches_two_launches_and_oracle(flavor, rule, tokens, geomet
 
 
 # The rows staged in threadgroup memory (LayerGeometry.stage: 1 down, 2 gate/up, 3
-# both, + 4 the gate/up activations prepared): 6 gate/up rows a threadgroup and 5 down
-# rows, neither dividing 256 (the last tiles ragged); two quant words a lane at 2 gate/up
-# rows a simdgroup; one simdgroup (it prepares the activations after the routing rule).
-STAGED = ([LayerGeometry(1, 5, 6, 1, stage=s) for s in (1, 2, 3, 4, 5, 7)]
+# both, + 4 the gate/up activations prepared, + 8 h read in pairs): 6 gate/up rows a
+# threadgroup and 5 down rows, neither dividing 256 (the last tiles ragged); two quant
+# words a lane at 2 gate/up rows a simdgroup; one simdgroup (it prepares the activations
+# after the routing rule).
+STAGED = ([LayerGeometry(1, 5, 6, 1, stage=s) for s in (1, 2, 3, 4, 5, 7, 8, 15)]
           + [LayerGeometry(2, 5, 3, 2, stage=7), LayerGeometry(2, 5, 1, 1, stage=6)])
 
 

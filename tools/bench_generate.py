@@ -61,6 +61,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 3); +gustage7: and their activations prepared in threadgroup memory
                 (stage 7, the default); +mstage5: the down rows staged and the gate/up
                 activations prepared, the gate/up rows read in place (stage 5);
+                +hpairs: the default with the down threadgroups reading h two floats a
+                load (stage 15);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -528,6 +530,8 @@ SWITCHES = {
                                                   "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=7)}),
     "+mstage5": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
                                                  "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=5)}),
+    "+hpairs": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                                "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=15)}),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

@@ -6,9 +6,11 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  S. decode (issues 5, 9), first: compute-sanitizer memcheck of the one-launch MoE
-#     layer's staged launches (LayerGeometry.stage 1-7; the default is 7 since 2026-12-06's
-#     seventh session, whose GPU tests passed but whose memcheck the budget did not reach)
+#  S. decode (issues 5, 9), first: the one-launch MoE layer's staged launches
+#     (LayerGeometry.stage bits; the default is 7 since 2026-12-06's seventh session, whose
+#     GPU tests passed but whose memcheck the budget did not reach): their GPU tests under
+#     compute-sanitizer memcheck, then ncu GPU time of stage 15 (h read in float2 pairs by
+#     the down threadgroups: whole sectors; built, not measured) against 7, and end to end
 #  R. decode (issues 5, 9): the MoE layer's down threadgroups reading the routing each
 #     token's first threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE,
 #     engine +droute; off): its GPU test, the step's GPU time with and without it, end to end
@@ -75,9 +77,16 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# S. memcheck of the MoE layer's staged launches
+# S. the MoE layer's staged launches: memcheck, then stage 15 against the default
 step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k "staged or qwen3-1tok"
+  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
+  -k "staged or qwen3-1tok or shared_routing"
+step 100 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+  --csv --log-file "$OUT/ncu_layer.csv" python3 tools/bench_kernels.py --ncu --layer-geometries "1x4x8x1x7,1x4x8x1x15,1x4x8x1x1"
+[ -f "$OUT/ncu_layer.csv" ] && step 25 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
+step 150 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_hpairs.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+hpairs
 # R. the shared routing (dispatch.SHARE_ROUTE)
 step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k shared_routing
 for e in mlx-moe+compile mlx-moe+compile+droute; do

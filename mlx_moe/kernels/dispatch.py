@@ -73,8 +73,9 @@ class LayerGeometry:
     stage (bits): 1 = down threadgroups copy their weight rows into threadgroup memory
     before waiting for h (where 16 KB hold them), 2 = gate/up threadgroups copy theirs
     before the dot products (where 24 KB do), 4 = the gate/up threadgroups' activations
-    prepared in threadgroup memory (Q4_0, up to 2048 columns); rows stage only at a
-    multiple of 16 bytes (Q4_0: 256 columns)."""
+    prepared in threadgroup memory (Q4_0, up to 2048 columns), 8 = the down threadgroups
+    read h two floats a load (Q4_0); rows stage only at a multiple of 16 bytes (Q4_0: 256
+    columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -84,9 +85,9 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 7:
-            raise ValueError(f"LayerGeometry.stage is 0 to 7, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
-                             f"activations prepared); got {self.stage}")
+        if not 0 <= self.stage <= 15:
+            raise ValueError(f"LayerGeometry.stage is 0 to 15, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+                             f"activations prepared, 8: h read in pairs); got {self.stage}")
 
     @property
     def tag(self) -> str:
