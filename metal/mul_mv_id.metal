@@ -508,9 +508,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int RD16 = RLD * int(sizeof(WT)) / 16;
   constexpr int RT = NRG * NSG;  // a gate/up threadgroup's rows (of each matrix)
   constexpr bool STAGED_GU = (STAGE & 2) != 0 && (RLG * int(sizeof(WT))) % 16 == 0 && 2 * RT * RG16 * 16 <= 24576;
-  constexpr bool STAGED = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
-  constexpr int NSTAGE = (STAGED_GU ? 2 * RT * RG16 : 1) > (STAGED ? KS * NRD * RD16 : 1)
-                             ? (STAGED_GU ? 2 * RT * RG16 : 1) : (STAGED ? KS * NRD * RD16 : 1);
+  constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
+  constexpr int NS_GU = STAGED_GU ? 2 * RT * RG16 : 1;  // 16-byte units each kind stages
+  constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
+  constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
@@ -535,11 +536,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
                                                    thread_index_in_threadgroup - (NSG > 1 ? 32u : 0u));
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (!down && tg % (GX * KS) == 0 && thread_index_in_threadgroup < uint(KS)) {  // the token's first
+  const bool first = !down && tg % (GX * KS) == 0;  // the token's first threadgroup (uniform)
+  if (first && thread_index_in_threadgroup < uint(KS)) {
     ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
   }
-  if (SHARE_ROUTE && !down && tg % (GX * KS) == 0) {  // uniform per threadgroup: the token's routing is out
+  if (SHARE_ROUTE && first) {  // the token's routing is out
     moe_device_fence();
     threadgroup_barrier(mem_flags::mem_device);
     if (thread_index_in_threadgroup == 0) {
@@ -593,7 +595,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // Down staging: the slots' weight rows copied before the wait (a down threadgroup starts
   // as gate/up ones retire, a few us before h is complete: its DRAM reads then overlap the
   // gate/up tail instead of following it).
-  if (STAGED) {
+  if (STAGED_DN) {
     for (int s = int(sg); s < KS; s += NSG) {
       const int e = chosen[s];
       if (e >= 0 && e < NE) {
@@ -608,7 +610,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED, XPAIR ? 2 : 0>(
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, XPAIR ? 2 : 0>(
       h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
       sg, lane);
   if (sg == 0 && int(lane) < nvalid) {

@@ -12,6 +12,8 @@ where the waits are real.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -109,7 +111,7 @@ def test_staged_rows_match_unstaged(flavor):
     wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, d=256, f=256)
     wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
     for g in STAGED:
-        plain = LayerGeometry(g.gate_nr, g.down_nr, g.nsg, g.nq)
+        plain = dataclasses.replace(g, stage=0)
         want, ids, w = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, plain)
         y, ids2, w2 = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, g)
         np.testing.assert_array_equal(np.array(ids2), np.array(ids))

@@ -496,6 +496,13 @@ def print_breakdown(b: dict, n_layers: int) -> None:
               f"({n / n_layers:.1f} per layer); most frequent: " + ", ".join(f"{l} {c}" for l, c in top))
 
 
+
+def _moe_layer_stage(stage: int):
+    """The switch to dispatch.MOE_LAYER with Q4_0 at 1x4x8x1 and this LayerGeometry.stage."""
+    return (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                           "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=stage)})
+
+
 # Engine suffixes that switch a module setting for one run: suffix -> (module, name, value).
 SWITCHES = {
     "+attn": (compiled_module, "ATTENTION_KERNEL", True),
@@ -520,18 +527,12 @@ SWITCHES = {
     "+mlxembed": (fused_step_module, "EMBED_LAUNCH", ()),
     "+tail": (fused_step_module, "ROUTER_IN_RESIDUAL", True),
     "+notail": (fused_step_module, "ROUTER_IN_RESIDUAL", False),
-    "+mstage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=1)}),
-    "+munstaged": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                   "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1)}),
-    "+gustage": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                 "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=3)}),
-    "+gustage7": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                  "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=7)}),
-    "+mstage5": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                 "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=5)}),
-    "+hpairs": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                                "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=15)}),
+    "+mstage": _moe_layer_stage(1),
+    "+munstaged": _moe_layer_stage(0),
+    "+gustage": _moe_layer_stage(3),
+    "+gustage7": _moe_layer_stage(7),
+    "+mstage5": _moe_layer_stage(5),
+    "+hpairs": _moe_layer_stage(15),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
