@@ -282,6 +282,22 @@ MOE_DEVICE inline void moe_prefetch_share(P p, int n, int part, int parts, int t
   }
 }
 
+// The attention parts of column quads tid + (i0 + b) * NT, b < QB, from every split
+// (dense_residual's PARTS combine): 16-byte reads into pv, all issued before any is
+// used.  A quad past the K / 4 quads reads the last one (a valid read, discarded).
+template <int QB, int S, int HD, int NQ4, int NT, typename P, typename V>
+MOE_DEVICE inline void moe_parts_quads(P parts, V pv, int i0, int tid) {
+  MOE_UNROLL
+  for (int b = 0; b < QB; ++b) {
+    const int qd = tid + (i0 + b) * NT;
+    const int c = ((qd < NQ4) ? qd : NQ4 - 1) * 4;
+    MOE_UNROLL
+    for (int s = 0; s < S; ++s) {
+      pv[b][s] = moe_load_u4(parts, (size_t((c / HD) * S + s) * HD + size_t(c % HD)) / 4);
+    }
+  }
+}
+
 // Sum of v over the threadgroup's NSG simdgroups, returned to every thread.
 // red: threadgroup float[NSG]; begins and ends with a barrier (red is reused).
 template <int NSG, typename R>
@@ -565,6 +581,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // m of the head's non-empty splits (an empty one has l = 0 and weighs 0): the
   // softmax over all its slots; rounded to T as the one-pass kernel's output.
   constexpr int NH = K / HD;
+  constexpr int NQ4 = K / 4;
+  constexpr int QB = IQ < 4 ? IQ : 4;
+  // The first batch of parts is read before the splits' factors are made from ml:
+  // the two L2 round trips overlap (one after the other, they were two links of the
+  // launch's chain of latencies).
+  uint4 pv[QB][S];
+  moe_parts_quads<QB, S, HD, NQ4, NTH>(parts, pv, 0, tid);
   threadgroup float coef[NH * S];
   for (int hd = tid; hd < NH; hd += NTH) {
     float mm = MOE_NEG_INF;
@@ -589,18 +612,9 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
   // one L2 round trip per batch (a read, wait, combine loop per column made this
   // launch 24 us on the H100, BENCHMARKS.md 2026-12-05).  HD % 4 == 0, so a quad
   // never straddles two heads.
-  constexpr int NQ4 = K / 4;
-  constexpr int QB = IQ < 4 ? IQ : 4;
   for (int i0 = 0; i0 < IQ; i0 += QB) {
-    uint4 pv[QB][S];
-    MOE_UNROLL
-    for (int b = 0; b < QB; ++b) {
-      const int qd = tid + (i0 + b) * NTH;
-      const int c = ((qd < NQ4) ? qd : NQ4 - 1) * 4;  // past the end: a valid read, discarded
-      MOE_UNROLL
-      for (int s = 0; s < S; ++s) {
-        pv[b][s] = moe_load_u4(parts, (size_t((c / HD) * S + s) * HD + size_t(c % HD)) / 4);
-      }
+    if (i0 > 0) {
+      moe_parts_quads<QB, S, HD, NQ4, NTH>(parts, pv, i0, tid);
     }
     MOE_UNROLL
     for (int b = 0; b < QB; ++b) {
@@ -707,6 +721,16 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     moe_device_fence();
 //@endif
 //@if RSPLIT
+    // The rows of out and gpost this thread normalizes below, read now: their L2
+    // round trip overlaps the shares' (after the 1 / rms they were one more link).
+    constexpr int NCT = (N + NTH - 1) / NTH;  // columns per thread
+    float xo[NCT], xg[NCT];
+    MOE_UNROLL
+    for (int j = 0; j < NCT; ++j) {
+      const int c = tid + j * NTH;
+      xo[j] = (c < N) ? float(out[c]) : 0.0f;
+      xg[j] = (c < N) ? float(gpost[c]) : 0.0f;
+    }
     // A simdgroup per column e of rpart, its lanes reading the shares of threadgroups
     // lane, lane + 32, ...: QB columns' reads issued before any is added (one L2 round
     // trip for most shapes), each lane's in threadgroup order, then the simdgroup's
@@ -745,8 +769,12 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     for (int e = tid; e < RE; e += NTH) {
       logits[e] = T(tot[e] * inv);
     }
-    for (int c = tid; c < N; c += NTH) {  // as moe_rms_stage rounds it
-      xn[c] = T(float(gpost[c]) * float(T(float(out[c]) * inv)));
+    MOE_UNROLL
+    for (int j = 0; j < NCT; ++j) {  // as moe_rms_stage rounds it
+      const int c = tid + j * NTH;
+      if (c < N) {
+        xn[c] = T(xg[j] * float(T(xo[j] * inv)));
+      }
     }
 //@endif
 //@if RONE
