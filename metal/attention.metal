@@ -107,6 +107,33 @@ MOE_DEVICE inline void moe_heads_prep(YP yq, YP yk, YP yv, NP qn, NP kn, float e
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
+// The cache lines split sp of query head h reads (decode_attention_parts: slots
+// [b0, b1) of its kv head's keys and values, one contiguous range each), asked of L2
+// by threadgroup att_tg (= h * S + sp) before it waits for the q/k/v projections
+// (metal/decode_chain.metal): the cache, 1 MB a layer, is evicted from L2 by the
+// step's weights, and its DRAM round trip was one link of the attention's chain of
+// latencies after the wait.  The G query heads of a kv head read the same lines:
+// each asks for every G-th line of them.  Slot pos is written by this launch and
+// read from the new key and value, but its line is asked for too (harmless: a
+// prefetch changes nothing).
+template <typename T, int D, int HQ, int HKV, int C, int S, typename KP, typename PP>
+MOE_DEVICE inline void moe_attention_prefetch(KP k, KP v, PP pos, int att_tg, int tid, int nt) {
+  constexpr int G = HQ / HKV;
+  constexpr int EPL = 128 / int(sizeof(T));  // elements per 128-byte line
+  const int sp = att_tg % S, h = att_tg / S;
+  const int last = int(pos[0]);
+  const int n = (last + 1 < C) ? (last + 1 > 0 ? last + 1 : 0) : C;
+  const int per = (n + S - 1) / S;
+  const int b0 = sp * per < n ? sp * per : n;
+  const int b1 = (b0 + per < n) ? b0 + per : n;
+  const size_t first = (size_t(h / G) * C + size_t(b0)) * D;
+  const int lines = ((b1 - b0) * D + EPL - 1) / EPL;
+  for (int i = (h % G) + G * tid; i < 2 * lines; i += G * nt) {
+    const size_t e = first + size_t(i % lines) * EPL;
+    moe_prefetch_l2((i < lines ? k : v) + e);
+  }
+}
+
 // ==== kernel: decode_attention ====
 // Template: T  q/k/v/out dtype;  D  head dimension (a multiple of 32);
 //   HQ, HKV  query and key/value heads (GQA: HQ a multiple of HKV);

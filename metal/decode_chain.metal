@@ -24,7 +24,8 @@
 // the cache in place, attention in S splits per head), in one launch.
 // Threadgroups [0, NQKV) run dense_norm's body (NQKV = ceil((N0 + N1 + N2) / (NR * NSG))),
 // write their rows of y, fence and count themselves on count[0]; threadgroups
-// [NQKV, NQKV + S * HQ) wait until count[0] = NQKV, then run the attention's body for
+// [NQKV, NQKV + S * HQ) ask L2 for the cache lines they will read
+// (moe_attention_prefetch), wait until count[0] = NQKV, then run the attention's body for
 // split (i - NQKV) % S of head (i - NQKV) / S; the last of them to finish zeroes the
 // counters for the next launch.
 // Template: dense_norm's (T, FMT, GS, K, N0, N1, N2, NR, HAS_BIAS) and
@@ -48,6 +49,7 @@
     return;
   }
   const int att_tg = int(threadgroup_position_in_grid.x) - NQKV;
+  moe_attention_prefetch<T, D, HQ, HKV, C, S>(k, v, pos, att_tg, int(thread_index_in_threadgroup), 32 * NSG);
   if (thread_index_in_threadgroup == 0) {
     moe_wait_count(count, uint(NQKV));
   }
@@ -103,6 +105,7 @@
   }
   if (tg_all < NQKV + NATT) {
     const int att_tg = tg_all - NQKV;
+    moe_attention_prefetch<T, D, HQ, HKV, C, S>(k, v, pos, att_tg, int(thread_index_in_threadgroup), 32 * NSG);
     if (thread_index_in_threadgroup == 0) {
       moe_wait_count(count, uint(NQKV));
     }
