@@ -59,10 +59,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 default until 2026-12-06's seventh session); +munstaged: 1x4x8x1
                 without; +gustage: its gate/up threadgroups staging theirs too (stage
                 3); +gustage7: and their activations prepared in threadgroup memory
-                (stage 7, the default); +mstage5: the down rows staged and the gate/up
-                activations prepared, the gate/up rows read in place (stage 5);
-                +hpairs: the default with the down threadgroups reading h two floats a
-                load (stage 15);
+                (stage 7, the default until 2026-12-06's eighth session); +mstage5: the
+                down rows staged and the gate/up activations prepared, the gate/up rows
+                read in place (stage 5); +hpairs: stage 7 with the down threadgroups
+                reading h two floats a load (stage 15, the default);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the

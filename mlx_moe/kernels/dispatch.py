@@ -119,13 +119,20 @@ class LayerGeometry:
 # 23.97, 1x4x8x2x7 25.02 (a second machine: x7 22.08, x1 22.56, x5 24.19, x4 24.67: the
 # activations prepared pay only with the rows staged); in the decode step 1064.8 against
 # 1095.2 us (48 layers) and end to end 389.6 against 382.5 tok/s (medians of 6 ABBA
-# pairs), the same greedy tokens: the default.  The float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=7), "float": LayerGeometry(2, 2, 8)}
+# pairs), the same greedy tokens: the default until h was read in pairs by the down
+# threadgroups (bit 8; whole 32-byte sectors where a warp's scalar loads touched twice
+# the sectors they used): one H100 (2026-12-06, eighth session), 1x4x8x1x15 20.70 us
+# against 21.63 (x7) and 22.59 (x1) in one process; in the decode step 1011.4 against
+# 1052.7 us; its staged GPU test (stage 15 at 1x5x6x1 among others) clean under
+# compute-sanitizer memcheck.  The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=15), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
-# of running the rule themselves (template SHARE_ROUTE; the counter needs 3 words).  Off
-# until measured on a GPU (tools/gpu_measure.sh step R; engine +droute).
+# of running the rule themselves (template SHARE_ROUTE; the counter needs 3 words).  Off:
+# on the H100 (2026-12-06, eighth session; engine +droute) the step's MoE launches took
+# 1047.1 us against 1045.6-1053.8 for five runs of the default: no gain beyond the
+# spread (its GPU tests pass, compute-sanitizer memcheck clean).
 SHARE_ROUTE = False
 
 
