@@ -6,14 +6,13 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  S. decode (issues 5, 9), first: the one-launch MoE layer's staged launches
-#     (LayerGeometry.stage bits; the default is 7 since 2026-12-06's seventh session, whose
-#     GPU tests passed but whose memcheck the budget did not reach): their GPU tests under
-#     compute-sanitizer memcheck, then ncu GPU time of stage 15 (h read in float2 pairs by
-#     the down threadgroups: whole sectors; built, not measured) against 7, and end to end
-#  R. decode (issues 5, 9): the MoE layer's down threadgroups reading the routing each
-#     token's first threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE,
-#     engine +droute; off): its GPU test, the step's GPU time with and without it, end to end
+#  S. decode (issues 5, 9), first: compute-sanitizer memcheck of the code 2026-12-06's eighth
+#     session changed and ran only plainly on the GPU (o_proj's parts read with ml and the
+#     router tail's rows read with its shares, metal/decode_layer.metal; the attention's
+#     cache prefetch, moe_attention_prefetch), and of the new MoE default (stage 15); then
+#     end to end the new defaults against the old MoE stage (+gustage7), 6 repetitions, with
+#     the host split (that session's host bounded the step: 2.36 ms of GPU time a token, 424
+#     tok/s were the host hidden; the fast hosts of earlier sessions took 2.25 ms a token)
 #  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session) -- its GPU tests
@@ -77,27 +76,16 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# S. the MoE layer's staged launches: memcheck, then stage 15 against the default
+# S. memcheck of the eighth session's changes, the new defaults end to end
+step 300 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
+  env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
+  -k "(router_tail and split) or qkv_attention_equals or qkv_attention_oproj_equals"
 step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
-  -k "staged or qwen3-1tok or shared_routing"
-step 100 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
-  --csv --log-file "$OUT/ncu_layer.csv" python3 tools/bench_kernels.py --ncu --layer-geometries "1x4x8x1x7,1x4x8x1x15,1x4x8x1x1"
-[ -f "$OUT/ncu_layer.csv" ] && step 25 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
-step 150 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_hpairs.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+hpairs
-# R. the shared routing (dispatch.SHARE_ROUTE)
-step 120 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k shared_routing
-for e in mlx-moe+compile mlx-moe+compile+droute; do
-  step 70 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-    --log-file "$OUT/ncu_step_${e//+/_}.csv" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda \
-    --gen-tokens 32 --steps 2 --shape qwen3-30b-a3b --engine "$e"
-  [ -f "$OUT/ncu_step_${e//+/_}.csv" ] && step 60 python3 tools/profile_decode.py --summarize "$OUT/ncu_step_${e//+/_}.csv" --steps 2
-done
-step 150 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_droute.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+droute
+  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py -k "qwen3-1tok"
+step 200 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
+  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_defaults.json" --engines \
+  mlx-lm,mlx-moe+compile,mlx-moe+compile+gustage7
+step 60 python3 tools/profile_decode.py --host-split --skip-ops --kernels cuda --gen-tokens 64 --shape qwen3-30b-a3b
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"
