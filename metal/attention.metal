@@ -107,6 +107,24 @@ MOE_DEVICE inline void moe_heads_prep(YP yq, YP yk, YP yv, NP qn, NP kn, float e
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
+// The cache slots [b0, b1) split sp of S takes (decode_attention_parts): of the
+// last + 1 valid slots (at most C), ceil(that / S) each in order, the last splits
+// shorter or empty (b0 >= b1).
+struct moe_slot_span {
+  int b0;
+  int b1;
+};
+
+template <int C, int S>
+MOE_DEVICE inline moe_slot_span moe_split_slots(int last, int sp) {
+  const int n = (last + 1 < C) ? last + 1 : C;
+  const int per = (n + S - 1) / S;
+  moe_slot_span r;
+  r.b0 = sp * per;
+  r.b1 = (r.b0 + per < n) ? r.b0 + per : n;
+  return r;
+}
+
 // The cache lines split sp of query head h reads (decode_attention_parts: slots
 // [b0, b1) of its kv head's keys and values, one contiguous range each), asked of L2
 // by threadgroup att_tg (= h * S + sp) before it waits for the q/k/v projections
@@ -121,13 +139,12 @@ MOE_DEVICE inline void moe_attention_prefetch(KP k, KP v, PP pos, int att_tg, in
   constexpr int G = HQ / HKV;
   constexpr int EPL = 128 / int(sizeof(T));  // elements per 128-byte line
   const int sp = att_tg % S, h = att_tg / S;
-  const int last = int(pos[0]);
-  const int n = (last + 1 < C) ? (last + 1 > 0 ? last + 1 : 0) : C;
-  const int per = (n + S - 1) / S;
-  const int b0 = sp * per < n ? sp * per : n;
-  const int b1 = (b0 + per < n) ? b0 + per : n;
-  const size_t first = (size_t(h / G) * C + size_t(b0)) * D;
-  const int lines = ((b1 - b0) * D + EPL - 1) / EPL;
+  const moe_slot_span span = moe_split_slots<C, S>(int(pos[0]), sp);
+  if (span.b0 >= span.b1) {
+    return;  // an empty split
+  }
+  const size_t first = (size_t(h / G) * C + size_t(span.b0)) * D;
+  const int lines = ((span.b1 - span.b0) * D + EPL - 1) / EPL;
   for (int i = (h % G) + G * tid; i < 2 * lines; i += G * nt) {
     const size_t e = first + size_t(i % lines) * EPL;
     moe_prefetch_l2((i < lines ? k : v) + e);
@@ -286,10 +303,8 @@ MOE_DEVICE inline void moe_attention_prefetch(KP k, KP v, PP pos, int att_tg, in
 //@endif
   const int kvh = h / G;
   const int last = int(pos[0]);
-  const int n = (last + 1 < C) ? last + 1 : C;
-  const int per = (n + S - 1) / S;
-  const int b0 = sp * per;
-  const int b1 = (b0 + per < n) ? b0 + per : n;
+  const moe_slot_span span = moe_split_slots<C, S>(last, sp);
+  const int b0 = span.b0, b1 = span.b1;
   const float angle0 = cst[2] * float(last);
 
   moe_heads_prep<T, D, NT, NSG, QKNORM, TRAD>(y + size_t(h) * D, y + size_t(HQ + kvh) * D,

@@ -128,6 +128,14 @@ def _register_limit(entry: str, kernels: list) -> int:
     return _thread_limit(max(((n, k) for n, k in names if entry.startswith(n)), key=lambda nk: len(nk[0]))[1])
 
 
+def _check_registers(regs: dict, kernels: list, max_registers: int = None) -> None:
+    """Each entry of _report's `regs` within max_registers a thread (default: its kernel's
+    _thread_limit among compile_sm90a's `kernels`)."""
+    for name, (r, _) in regs.items():
+        limit = max_registers or _register_limit(name, kernels)
+        assert r is not None and r <= limit, f"{name}: {r} registers, over {limit}: {regs}"
+
+
 def _compiles(tmp_path: Path, family: str, kernels: list, max_registers: int = None) -> dict:
     """Compile `kernels` for sm_90a: one entry each, no spills, at most max_registers a thread
     (default: each kernel's _thread_limit); the registers are printed
@@ -136,9 +144,7 @@ def _compiles(tmp_path: Path, family: str, kernels: list, max_registers: int = N
     assert len(_entries(ptx)) == len(kernels)
     regs = _report(report)
     print(regs)
-    for name, (r, _) in regs.items():
-        limit = max_registers or _register_limit(name, kernels)
-        assert r is not None and r <= limit, f"{name}: {r} registers, over {limit}: {regs}"
+    _check_registers(regs, kernels, max_registers)
     assert " 0 bytes spill stores" in report or "spill" not in report
     return regs
 
@@ -378,9 +384,7 @@ def test_decode_layer_kernels_compile_for_sm90a(tmp_path):
     print(regs)
     # The tail kernels launch 512 threads (16 simdgroups): more than 128 registers a
     # thread and the launch fails (65536 a multiprocessor), on the GPU only.
-    for name, (r, _) in regs.items():
-        limit = _register_limit(name, DECODE_LAYER_KERNELS)
-        assert r <= limit, f"{name}: {r} registers, over {limit}: {regs}"
+    _check_registers(regs, DECODE_LAYER_KERNELS)
 
 
 def test_decode_attention_compiles_for_sm90a(tmp_path):

@@ -496,7 +496,6 @@ def print_breakdown(b: dict, n_layers: int) -> None:
               f"({n / n_layers:.1f} per layer); most frequent: " + ", ".join(f"{l} {c}" for l, c in top))
 
 
-
 def _moe_layer_stage(stage: int):
     """The switch to dispatch.MOE_LAYER with Q4_0 at 1x4x8x1 and this LayerGeometry.stage."""
     return (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
