@@ -64,7 +64,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 read in place (stage 5); +hpairs: stage 7 with the down threadgroups
                 reading h two floats a load (stage 15, the default); +mblocks8:
                 stage 15 compiled for 8 threadgroups a multiprocessor (LayerGeometry.blocks,
-                CUDA: 32 registers, where the compiler's 40 let 6 in)
+                CUDA: 32 registers, where the compiler's 40 let 6 in); +qkvblocks7:
+                qkv_attention compiled for 7 (chain.QKV_BLOCKS); +headblocks3: the LM head
+                for 3 (dense.HEAD_BLOCKS)
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -535,6 +537,8 @@ SWITCHES = {
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
     "+mblocks8": _moe_layer_stage(15, blocks=8),
+    "+qkvblocks7": (chain_module, "QKV_BLOCKS", 7),
+    "+headblocks3": (dense_module, "HEAD_BLOCKS", 3),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
