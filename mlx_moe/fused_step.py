@@ -470,7 +470,7 @@ def forward(model: nn.Module, plan: Plan, token: mx.array, caches, pos: mx.array
         h = layer_step(lp, h, c, pos, plan.flavor, index.get(key))
     if HEAD_LAUNCH and plan.head is not None:
         logits = dense_norm(h, inner.norm.weight, inner.norm.eps, [plan.head], plan.flavor, nr=dense.HEAD_NR,
-                            nsg=dense.HEAD_NSG, blocks=dense.HEAD_BLOCKS)
+                            nsg=dense.HEAD_NSG)
         return logits.reshape(1, 1, -1)
     h = inner.norm(h)
     if getattr(model.args, "tie_word_embeddings", False):

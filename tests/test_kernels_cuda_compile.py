@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_moe.kernels.registry import KERNELS, family_header, kernel_source, with_launch_bounds
+from mlx_moe.kernels.registry import KERNELS, family_header, kernel_source
 from mlx_moe.kernels.source import prune
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -58,16 +58,13 @@ def gemm_base(name: str) -> str:
     return re.sub(r"_(async|bf16|pipe)$", "", name)
 
 
-def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: list, bounds=None) -> str:
+def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: list) -> str:
     """One __global__ function as MLX's cuda_kernel writes it.
 
-    inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)];
-    bounds: registry.with_launch_bounds' (threads, blocks), whose body this is.
+    inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
     """
     spec = KERNELS[gemm_base(name)]  # a CUDA GEMM body takes its base kernel's arguments
     _, body = kernel_source("cuda", spec.family, name)
-    if bounds:
-        _, body = with_launch_bounds("", body, *bounds)
     params = []
     for arg in spec.inputs:
         params.append(f"const {CUDA_TYPES[inputs[arg]]}* {arg}")
@@ -90,23 +87,19 @@ def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: 
             + "\n".join(consts) + "\n" + body + "\n}\n")
 
 
-def translation_unit(family: str, kernels: list, bounds=None) -> str:
+def translation_unit(family: str, kernels: list) -> str:
     # One header for every kernel of the unit: the family's, pruned to what their
     # bodies use together (each kernel's own pruned header is a subset of it).
-    # bounds: registry.with_launch_bounds' (threads, blocks), for a unit of one kernel.
     bodies = "\n".join(kernel_source("cuda", KERNELS[gemm_base(n)].family, n)[1] for n, *_ in kernels)
     header = prune(family_header("cuda", family), bodies)
-    if bounds:
-        assert len(kernels) == 1, "the header's launch bounds apply to every kernel after it"
-        header, _ = with_launch_bounds(header, "", *bounds)
-    fns = "".join(kernel_text(*k, bounds=bounds) for k in kernels)
+    fns = "".join(kernel_text(*k) for k in kernels)
     return PRELUDE + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
 
 
-def compile_sm90a(tmp_path: Path, family: str, kernels: list, bounds=None) -> tuple:
+def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
     """(PTX text, ptxas -v report): nvcc to PTX, then ptxas to sm_90a machine code."""
     src = tmp_path / f"{family}.cu"
-    src.write_text(translation_unit(family, kernels, bounds))
+    src.write_text(translation_unit(family, kernels))
     ptx = tmp_path / f"{family}.ptx"
     r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-ptx", str(src), "-o", str(ptx)],
                        capture_output=True, text=True)
@@ -445,23 +438,6 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     kernels += [_moe_layer("q4_0_2x4x8_stage3", 2, 4, 8, stage=3),
                 _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
-
-
-def test_launch_bounds_reach_the_moe_layer(tmp_path):
-    """registry.with_launch_bounds in MLX's source assembly: the default MoE layer
-    (stage 15: 40 registers, so 6 threadgroups of 256 threads a multiprocessor) asked for
-    8 a multiprocessor gets at most 65536 / (256 x 8) = 32 registers, and the PTX
-    carries the bound (.maxntid 256 / .minnctapersm 8); unbounded it stays above 32
-    (else this test would not tell the attribute's effect).  Spills are printed, not
-    bounded: the measured GPU time decides (dispatch.LayerGeometry.blocks)."""
-    k = _moe_layer("q4_0_1x4x8_stage15", 1, 4, 8, stage=15)
-    free = _report(compile_sm90a(tmp_path, "mul_mv_id", [k])[1])
-    ptx, report = compile_sm90a(tmp_path, "mul_mv_id", [k], bounds=(256, 8))
-    bound = _report(report)
-    print(free, bound, [line.strip() for line in report.splitlines() if "spill" in line])
-    assert re.search(r"\.maxntid\s+256,\s*1,\s*1", ptx) and re.search(r"\.minnctapersm\s+8", ptx), ptx[:2000]
-    (fr, _), (br, _) = list(free.values())[0], list(bound.values())[0]
-    assert fr > 32 and br <= 32, (free, bound)
 
 
 def test_greedy_sample_compiles_for_sm90a(tmp_path):

@@ -62,11 +62,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (stage 7, the default until 2026-12-06's eighth session); +mstage5: the
                 down rows staged and the gate/up activations prepared, the gate/up rows
                 read in place (stage 5); +hpairs: stage 7 with the down threadgroups
-                reading h two floats a load (stage 15, the default); +mblocks8:
-                stage 15 compiled for 8 threadgroups a multiprocessor (LayerGeometry.blocks,
-                CUDA: 32 registers, where the compiler's 40 let 6 in); +qkvblocks7:
-                qkv_attention compiled for 7 (chain.QKV_BLOCKS); +headblocks3: the LM head
-                for 3 (dense.HEAD_BLOCKS)
+                reading h two floats a load (stage 15, the default);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -500,10 +496,10 @@ def print_breakdown(b: dict, n_layers: int) -> None:
               f"({n / n_layers:.1f} per layer); most frequent: " + ", ".join(f"{l} {c}" for l, c in top))
 
 
-def _moe_layer_stage(stage: int, blocks: int = 0):
-    """The switch to dispatch.MOE_LAYER with Q4_0 at 1x4x8x1 and this LayerGeometry.stage (and blocks)."""
-    return (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER, "q4_0": dispatch_module.LayerGeometry(
-        1, 4, 8, 1, stage=stage, blocks=blocks)})
+def _moe_layer_stage(stage: int):
+    """The switch to dispatch.MOE_LAYER with Q4_0 at 1x4x8x1 and this LayerGeometry.stage."""
+    return (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
+                                           "q4_0": dispatch_module.LayerGeometry(1, 4, 8, 1, stage=stage)})
 
 
 # Engine suffixes that switch a module setting for one run: suffix -> (module, name, value).
@@ -536,9 +532,6 @@ SWITCHES = {
     "+gustage7": _moe_layer_stage(7),
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
-    "+mblocks8": _moe_layer_stage(15, blocks=8),
-    "+qkvblocks7": (chain_module, "QKV_BLOCKS", 7),
-    "+headblocks3": (dense_module, "HEAD_BLOCKS", 3),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

@@ -56,7 +56,7 @@ Routed decode (`--layer-geometries "1x4x4x1,1x4x8x1"`, T = 1): the fused decode
 step's MoE layer from router outputs, as two launches (mul_mv_id_swiglu_route, then
 mul_mv_id_down_combine with the residual add) against one (mul_mv_id_moe, its down
 threadgroups waiting inside the launch for its gate/up ones) at its default and each
-listed geometry (GATE_NRxDOWN_NRxNSGxNQ[xSTAGE[xBLOCKS]]); with --ncu, each once on 4 layers.
+listed geometry (GATE_NRxDOWN_NRxNSGxNQ[xSTAGE]); with --ncu, each once on 4 layers.
 
 `--ncu --floor` (CUDA only) instead runs a read-only kernel over exactly the bytes a
 one-token layer's kernels must read (the k routed experts' gate and up, then their down;
@@ -614,7 +614,7 @@ def main(argv=None) -> int:
                         "and dense_residual_parts; attn: NSGxUxS of decode_attention_parts_kv)")
     p.add_argument("--layer-geometries", type=str, default=None,
                    help="the routed decode MoE layer in two launches vs one (mul_mv_id_moe) at its default and "
-                        "these geometries, e.g. '1x4x4x1,1x4x8x1x1' (GATE_NRxDOWN_NRxNSGxNQ[xSTAGE[xBLOCKS]]; '' for the "
+                        "these geometries, e.g. '1x4x4x1,1x4x8x1x1' (GATE_NRxDOWN_NRxNSGxNQ[xSTAGE]; '' for the "
                         "default alone); with --ncu each runs once on 4 layers")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "

@@ -26,12 +26,6 @@ from .registry import check_counter, kernel
 # (13.6 a layer), 8 (the attention's PARTS_NSG alone) 666.9, 16 777.7.  At 4 the
 # projections run at dense.DENSE_NSG as the separate dense_norm launch does.
 QKV_NSG = 4
-# The threadgroups of qkv_attention a multiprocessor must hold at once (CUDA
-# __launch_bounds__, registry.with_launch_bounds; 0: nvcc's choice).  At Qwen3-30B-A3B's
-# shapes nvcc gives it 90 registers, so an SM holds 5 of its 128-thread threadgroups:
-# 660 of the launch's 768, and the last attention threadgroups start only as projections
-# finish; at 7 (72 registers, no spills) all 768 fit.  Engine +qkvblocks7.
-QKV_BLOCKS = 0
 
 
 def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: int, n_kv_heads: int,
@@ -51,8 +45,7 @@ def qkv_attention(x: mx.array, norm_weight: mx.array, eps: float, ws, n_heads: i
     inputs, template, groups, shapes, nsg = _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm,
                                                       qk_eps, rope_base, rope_scale, traditional, keys, values, pos,
                                                       scale, flavor, nr, splits, nsg, u)
-    bounds = (32 * nsg, QKV_BLOCKS) if QKV_BLOCKS else None
-    _, parts, ml = kernel(flavor, "qkv_attention", bounds)(
+    _, parts, ml = kernel(flavor, "qkv_attention")(
         inputs=inputs + [count], template=template, grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=shapes, output_dtypes=[x.dtype, mx.float32, mx.float32])
     return parts, ml

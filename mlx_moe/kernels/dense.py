@@ -73,10 +73,6 @@ def router_tail(kind: str):
 # session): 4 x 8 76.7 us (2.28 TB/s; 4 x 4 77.1, 8 x 4 77.5, 2 x 8 82.7, 2 x 4 99.1),
 # MLX's rms_norm + qmv 180.2.  Fewer, larger threadgroups stage the norm fewer times.
 HEAD_NR, HEAD_NSG = 4, 8
-# The head's threadgroups a multiprocessor must hold at once (CUDA __launch_bounds__,
-# registry.with_launch_bounds; 0: nvcc's choice, 92 registers: 2 of 256 threads, 25% of
-# the warps).  At 3 nvcc takes 80 (20 bytes spilled).  Engine +headblocks3.
-HEAD_BLOCKS = 0
 
 
 class DenseWeight(NamedTuple):
@@ -161,15 +157,14 @@ def fmt_template(d: DenseWeight):
 
 
 def dense_norm(x: mx.array, norm_weight: mx.array, eps: float, ws, flavor: str, xn: bool = False,
-               nr: Optional[int] = None, nsg: Optional[int] = None, blocks: int = 0):
+               nr: Optional[int] = None, nsg: Optional[int] = None):
     """y [1, sum of rows] = T(W . rms_norm(x) (+ bias)) for one token x [..., K] over the
     projections `ws` (DenseWeight, 1 to 3) stacked by rows, in x's dtype; with xn,
-    (y, the normalized input [1, K]).  nr, nsg: the launch geometry (default DENSE_NR, DENSE_NSG);
-    blocks: threadgroups a multiprocessor must hold (CUDA launch bounds; 0: nvcc's choice)."""
+    (y, the normalized input [1, K]).  nr, nsg: the launch geometry (default DENSE_NR, DENSE_NSG)."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
     inputs, template, n = dense_norm_args(x, norm_weight, eps, ws, flavor, nr, nsg)
     T = x.dtype
-    outs = kernel(flavor, "dense_norm_xn" if xn else "dense_norm", (32 * nsg, blocks) if blocks else None)(
+    outs = kernel(flavor, "dense_norm_xn" if xn else "dense_norm")(
         inputs=inputs, template=template, grid=(-(-n // (nr * nsg)) * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(1, n)] + ([(1, ws[0].cols)] if xn else []), output_dtypes=[T] * (2 if xn else 1),
     )

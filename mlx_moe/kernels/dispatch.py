@@ -75,15 +75,12 @@ class LayerGeometry:
     before the dot products (where 24 KB do), 4 = the gate/up threadgroups' activations
     prepared in threadgroup memory (Q4_0, up to 2048 columns), 8 = the down threadgroups
     read h two floats a load (Q4_0); rows stage only at a multiple of 16 bytes (Q4_0: 256
-    columns).  blocks (CUDA): the threadgroups a multiprocessor must hold at once, as
-    __launch_bounds__ (registry.with_launch_bounds: nvcc then caps the registers at
-    65536 / (32 x nsg x blocks)); 0 = the compiler's choice."""
+    columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
     nq: int = 1
     stage: int = 0
-    blocks: int = 0
 
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
@@ -91,25 +88,21 @@ class LayerGeometry:
         if not 0 <= self.stage <= 15:
             raise ValueError(f"LayerGeometry.stage is 0 to 15, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs); got {self.stage}")
-        if not 0 <= self.blocks <= 2048 // (32 * self.nsg):
-            raise ValueError(f"LayerGeometry.blocks is 0 (the compiler's choice) to {2048 // (32 * self.nsg)} "
-                             f"threadgroups of {32 * self.nsg} threads a multiprocessor; got {self.blocks}")
 
     @property
     def tag(self) -> str:
-        """'GATExDOWNxNSGxNQ[xSTAGE[xBLOCKS]]', the form tools/bench_kernels.py --layer-geometries takes."""
-        tail = (f"x{self.stage}" if self.stage or self.blocks else "") + (f"x{self.blocks}" if self.blocks else "")
-        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}" + tail
+        """'GATExDOWNxNSGxNQ[xSTAGE]', the form tools/bench_kernels.py --layer-geometries takes."""
+        return f"{self.gate_nr}x{self.down_nr}x{self.nsg}x{self.nq}" + (f"x{self.stage}" if self.stage else "")
 
     @staticmethod
     def parse(tag: str) -> "LayerGeometry":
         try:
             nums = [int(v) for v in tag.split("x")]
-            if not 3 <= len(nums) <= 6:
-                raise ValueError("3 to 6 numbers")
+            if not 3 <= len(nums) <= 5:
+                raise ValueError("3 to 5 numbers")
             return LayerGeometry(*nums)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"layer geometry {tag!r}: want GATE_NRxDOWN_NRxNSG[xNQ[xSTAGE[xBLOCKS]]], e.g. 1x4x8x1 ({e})") \
+            raise ValueError(f"layer geometry {tag!r}: want GATE_NRxDOWN_NRxNSG[xNQ[xSTAGE]], e.g. 1x4x8x1 ({e})") \
                 from None
 
 

@@ -175,8 +175,7 @@ def mul_mv_id_moe(
     rule_inputs, template, groups, nsg = moe_layer_args(T, x.dtype, logits.shape[1], params, wg, wu, wd, n_identity,
                                                         count, geometry)
     k = params.k
-    blocks = (geometry or dispatch.MOE_LAYER[kind]).blocks
-    h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe", (32 * nsg, blocks) if blocks else None)(
+    h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
         inputs=[x, logits, *rule_inputs, wg, wu, wd, residual, count], template=template,
         grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],

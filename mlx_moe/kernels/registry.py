@@ -350,27 +350,10 @@ def stand_in(dtype) -> mx.array:
     return a
 
 
-def kernel(flavor: str, name: str, bounds: Optional[Tuple[int, int]] = None):
-    """The kernel object for a name of KERNELS, built on first use (bounds: get_kernel's)."""
+def kernel(flavor: str, name: str):
+    """The kernel object for a name of KERNELS, built on first use."""
     spec = KERNELS[name]
-    return get_kernel(flavor, spec.family, name, list(spec.inputs), list(spec.outputs), bounds=bounds)
-
-
-def with_launch_bounds(header: str, body: str, threads: int, blocks: int) -> Tuple[str, str]:
-    """(header, body) whose CUDA kernel carries __launch_bounds__(threads, blocks): at most
-    `threads` a threadgroup, and registers few enough for `blocks` threadgroups a
-    multiprocessor (nvcc caps them at 65536 / (threads x blocks)).
-
-    mx.fast.cuda_kernel writes the signature itself (`__global__ void <name>(`, MLX
-    0.32; no attribute slot) and its name from the template arguments, so the attribute
-    goes in through the one token it always writes there: the header's last line makes
-    `void` expand to `void __launch_bounds__(...)` (CUDA's documented place for it), the
-    body's first line ends that.  Nothing between the header and the body says `void`
-    (the parameters and the template constants are typed by the kernel's dtypes)."""
-    if threads <= 0 or blocks <= 0:
-        raise ValueError(f"launch bounds want threads > 0 and blocks > 0; got ({threads}, {blocks})")
-    return (header + f"\n#define void void __launch_bounds__({threads}, {blocks})\n",
-            "#undef void\n" + body)
+    return get_kernel(flavor, spec.family, name, list(spec.inputs), list(spec.outputs))
 
 
 @lru_cache(maxsize=None)
@@ -436,27 +419,19 @@ def _layer_inputs(patterns: Tuple[str, ...], n_layers: int) -> Tuple[str, ...]:
                  for name in ([f"{p[:-1]}{l}" for l in range(n_layers)] if p.endswith("*") else [p]))
 
 
-def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: Optional[int] = None,
-               bounds: Optional[Tuple[int, int]] = None):
+def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: Optional[int] = None):
     """The kernel object for `name` of metal/<family>.metal, built on first use.
 
     n_layers: the body's PER_LAYER(text) lines become one copy per layer with @ ->
-    the layer index, and the kernel is named and kept per layer count.
-    bounds: (threads, blocks) of with_launch_bounds, CUDA only (elsewhere ignored); the
-    kernel is named and kept per bounds, and every launch of it must use at most
-    `threads` a threadgroup (more fail to launch)."""
+    the layer index, and the kernel is named and kept per layer count."""
     files = flavor == "cuda" and CUDA_SOURCE_FILES
-    bounds = tuple(bounds) if bounds and flavor == "cuda" else None
-    key = ((flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ())
-           + (() if bounds is None else (("bounds",) + bounds,)) + (name,))
+    key = (flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ()) + (name,)
     kernel = _KERNELS.get(key)  # name last: verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
         if n_layers is not None:
             body = _PER_LAYER.sub(lambda m: "\n".join(m.group(1) + m.group(2).replace("@", str(l))
                                                        for l in range(n_layers)), body)
-        if bounds is not None:
-            header, body = with_launch_bounds(header, body, *bounds)
         if files:
             header, body = _cuda_source(header, body)
         spec = KERNELS.get(name)
@@ -464,8 +439,7 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
         if flavor == "emulated" and spec is not None:
             extra = {k: v for k, v in (("inplace_inputs", spec.inplace), ("in_order", spec.in_order)) if v}
         kernel = _maker(flavor)(
-            name=(f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}")
-                  + ("" if bounds is None else f"_lb{bounds[0]}x{bounds[1]}")),
+            name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
             input_names=list(inputs), output_names=list(outputs), source=body, header=header, **extra,
         )
         _KERNELS[key] = kernel
