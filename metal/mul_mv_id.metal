@@ -70,7 +70,8 @@ struct moe_rows {
 // float4, one per word: the same values, made once by moe_prepare_x; one 16-byte read
 // where a lane would otherwise spend four loads, four conversions and three multiplies a
 // word); 2 from float32 x (8-byte aligned) as two float2 loads: a simdgroup's loads then
-// use whole 32-byte sectors, where four scalar loads use two thirds of each.
+// use whole 32-byte sectors, where four scalar loads use two thirds of each; 3 from
+// bfloat16 x as two 32-bit loads of a pair each (moe_load_bf2).
 template <int XM>
 struct moe_xword {
   template <typename XP>
@@ -93,13 +94,30 @@ struct moe_xword<1> {
   }
 };
 
+// 2 and 3: a pair of values a load (float32, bfloat16).
+template <int XM>
+struct moe_xpair {
+  template <typename XP>
+  MOE_DEVICE static float2 load(XP p) {
+    return moe_load_f2(p);
+  }
+};
+
 template <>
-struct moe_xword<2> {
+struct moe_xpair<3> {
+  template <typename XP>
+  MOE_DEVICE static float2 load(XP p) {
+    return moe_load_bf2(p);
+  }
+};
+
+template <int XM>
+struct moe_xword_pairs {
   template <typename XP>
   MOE_DEVICE static float4 get(XP x, int ib, int kw) {
     const auto xb = x + ib * 32 + 2 * kw;
-    const float2 a = moe_load_f2(xb);
-    const float2 b = moe_load_f2(xb + 16);
+    const float2 a = moe_xpair<XM>::load(xb);
+    const float2 b = moe_xpair<XM>::load(xb + 16);
     float4 y;
     y.x = a.x;
     y.y = a.y * (1.0f / 256.0f);
@@ -108,6 +126,12 @@ struct moe_xword<2> {
     return y;
   }
 };
+
+template <>
+struct moe_xword<2> : moe_xword_pairs<2> {};
+
+template <>
+struct moe_xword<3> : moe_xword_pairs<3> {};
 
 // A threadgroup's prepared activations for moe_xword<1>: xq[ib * 8 + kw] for the K / 32
 // blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.
@@ -237,7 +261,7 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
     const float g = moe_simd_sum(acc[r]);
     const float u = moe_simd_sum(acc[NR + r]);
     if (active && lane == 0 && row0 + r < N) {
-      h[row0 + r] = moe_silu(g) * u;
+      h[row0 + r] = moe_silu(g) * u;  // rounded to h's type (bfloat16: mul_mv_id_moe's stage bit 16)
     }
   }
 }
@@ -280,7 +304,8 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // simdgroup 0 gets row row0 + r, the others 0.  h: the token's KS rows [KS, K]; ids,
 // wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
 // the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
-// copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: h is float32).
+// copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: float32 h, 3:
+// bfloat16).
 template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
           typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
 MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
@@ -472,12 +497,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // 1 = a down threadgroup's weight rows staged in threadgroup memory, where 16 KB hold
 // them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
-// of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0), and the routing
+// of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
+// T = bfloat16 and Q4_0 only, read as pairs), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
-// (written, zero between launches).  Outputs: h [NT*KS, F] float32 (rows of
-// identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
+// (written, zero between launches).  Outputs: h [NT*KS, F] float32 (bfloat16 with
+// STAGE bit 16; rows of identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
 // y [NT, D] in T.
 // Option CHAINED: the body run by a kernel that chains it after other work in one
 //   launch (metal/decode_chain.metal), which names this threadgroup's index among the
@@ -518,7 +544,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr bool XPREP = (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
+  // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
+  // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
+  // half the bytes the down threadgroups read from L2 (each reads its token's whole h).
   constexpr bool XPAIR = (STAGE & 8) != 0 && moe_rows<WT>::DEN == 32;
+  constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
@@ -610,7 +640,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, XPAIR ? 2 : 0>(
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
       h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
       sg, lane);
   if (sg == 0 && int(lane) < nvalid) {

@@ -143,6 +143,13 @@ __device__ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const float2*>(p);
 }
 
+// Two bfloat16 values at p (4-byte aligned) in one 32-bit load, as floats.
+template <typename P>
+__device__ inline float2 moe_load_bf2(P p) {
+  const uint w = *reinterpret_cast<const uint*>(p);
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+
 template <typename T, typename U>
 __device__ inline T* moe_tg_as(U* p) {
   return reinterpret_cast<T*>(p);

@@ -127,6 +127,14 @@ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const device float2*>(p);
 }
 
+// Two bfloat16 values at p (device memory, 4-byte aligned) in one 32-bit load, as
+// floats: a bfloat16 is a float's upper half (p[0] in the word's low 16 bits).
+template <typename P>
+inline float2 moe_load_bf2(P p) {
+  const uint w = *reinterpret_cast<const device uint*>(p);
+  return float2(moe_as_float(w << 16), moe_as_float(w & 0xFFFF0000u));
+}
+
 // Threadgroup memory viewed as another element type (a 16-byte-aligned staging
 // buffer declared as uint4, read as weights).
 template <typename T, typename U>

@@ -124,6 +124,47 @@ def test_staged_rows_match_unstaged(flavor):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_bfloat16_h_is_the_float32_h_rounded(flavor):
+    """Stage bit 16 (h kept in bfloat16 and read two values a load, staged geometry): h is
+    the two launches' float32 h rounded to bfloat16 (exactly under the emulation; on GPUs
+    within the last bit of either), and y their down combine over that rounded h; the
+    rounding shows in y against stage 15's (float32 h).  With float32 activations the bit
+    is dropped: h stays float32 and y is stage 15's bit for bit."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+
+    nexp, ne, params = RULES[3]  # an identity slot on token 0: its rows of h stay unwritten
+    rng = np.random.default_rng(16)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, dtype=mx.bfloat16, d=256, f=256)
+    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
+    g = LayerGeometry(1, 5, 6, 1, stage=31)
+    y, ids, w, h = moe_layer_launch(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, g)
+    assert h.dtype == mx.bfloat16
+    h2, ids2, w2 = mul_mv_id_swiglu_route(x, logits, params, wg, wu, flavor)
+    np.testing.assert_array_equal(np.array(ids), np.array(ids2))
+    real = (np.array(ids).reshape(-1) < ne)  # the rows the kernel writes
+    assert real.sum() < real.size
+    want_h = np.array(h2.astype(mx.bfloat16).astype(mx.float32))[real]
+    got_h = np.array(h.astype(mx.float32))[real]
+    if flavor == "emulated":
+        np.testing.assert_array_equal(got_h, want_h)
+    else:
+        np.testing.assert_allclose(got_h, want_h, rtol=2 ** -7, atol=0)
+    hr = h2.astype(mx.bfloat16).astype(mx.float32)
+    want = np.array(mul_mv_id_down_combine(hr, ids2, w2, x, wd, nexp - ne, flavor, residual=res).astype(mx.float32))
+    got = np.array(y.astype(mx.float32))
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6 * np.abs(want).max())
+    y15 = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor,
+                        dataclasses.replace(g, stage=15))[0]
+    assert (np.array(y15.astype(mx.float32)) != got).any()
+    xf, resf = x.astype(mx.float32), res.astype(mx.float32)
+    y32, _, _, h32 = moe_layer_launch(xf, logits, params, wg, wu, wd, nexp - ne, resf, ticket_counter(), flavor, g)
+    assert h32.dtype == mx.float32
+    want32 = mul_mv_id_moe(xf, logits, params, wg, wu, wd, nexp - ne, resf, ticket_counter(), flavor,
+                           dataclasses.replace(g, stage=15))[0]
+    np.testing.assert_array_equal(np.array(y32), np.array(want32))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("rule,tokens", [(0, 3), (2, 1), (3, 3)], ids=["qwen3-3tok", "deepseek_group-1tok",
                                                                        "identity-3tok"])
 def test_shared_routing_matches_each_threadgroup_routing(flavor, rule, tokens, monkeypatch):

@@ -62,7 +62,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (stage 7, the default until 2026-12-06's eighth session); +mstage5: the
                 down rows staged and the gate/up activations prepared, the gate/up rows
                 read in place (stage 5); +hpairs: stage 7 with the down threadgroups
-                reading h two floats a load (stage 15, the default);
+                reading h two floats a load (stage 15, the default); +hbf16: h kept
+                in bfloat16, the down threadgroups reading it two values a 32-bit load
+                (stage 31: half the bytes of h from L2);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -532,6 +534,7 @@ SWITCHES = {
     "+gustage7": _moe_layer_stage(7),
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
+    "+hbf16": _moe_layer_stage(31),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

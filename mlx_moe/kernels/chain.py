@@ -143,7 +143,7 @@ def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.a
         raise ValueError(f"oproj_moe chains the split router tail; dense.ROUTER_TAIL is {dense.ROUTER_TAIL!r}")
     check_counter(count, 2, "oproj_moe")
     T = res.shape[0] if res.ndim == 2 else 1
-    rule_inputs, m_template, m_groups, nsg = moe_layer_args(
+    rule_inputs, m_template, m_groups, nsg, h_dtype = moe_layer_args(
         T, res.dtype, router.gate.rows, params, wg, wu, wd, n_identity, moe_count, geometry)
     nr = nr or dense.TAIL_NR
     o_template = dense.dense_residual_template(parts_ml, o, res, flavor, nr, nsg)
@@ -156,5 +156,5 @@ def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.a
         inputs=o_inputs + [*rule_inputs, wg, wu, wd, moe_count, count], template=template,
         grid=((o_groups + m_groups) * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[res.shape, (1, o.rows), (1, router.gate.rows), (T * k, ffn), (T, k), (T, k), res.shape],
-        output_dtypes=[res.dtype] * 3 + [mx.float32, mx.int32, mx.float32, res.dtype])
+        output_dtypes=[res.dtype] * 3 + [h_dtype, mx.int32, mx.float32, res.dtype])
     return y, ids, weights

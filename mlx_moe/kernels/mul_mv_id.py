@@ -162,6 +162,14 @@ def mul_mv_id_moe(
     the launch's down threadgroups wait on it for the gate/up ones and leave it zero.
     The kernel leans on in-order threadgroup starts (registry.KernelSpec.in_order).
     """
+    y, ids, weights, _ = moe_layer_launch(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor,
+                                          geometry)
+    return y, ids, weights
+
+
+def moe_layer_launch(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry=None):
+    """mul_mv_id_moe's launch: (y, ids, weights, h), h the experts' SwiGLU rows [T * k,
+    ffn] of real slots (float32, or bfloat16 at stage bit 16; others unwritten)."""
     from .router import check_logits
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
@@ -172,23 +180,25 @@ def mul_mv_id_moe(
     if residual.shape != (T, hidden) or residual.dtype != x.dtype:
         raise ValueError(f"residual must be [{T}, {hidden}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
     check_logits(logits, params)
-    rule_inputs, template, groups, nsg = moe_layer_args(T, x.dtype, logits.shape[1], params, wg, wu, wd, n_identity,
-                                                        count, geometry)
+    rule_inputs, template, groups, nsg, h_dtype = moe_layer_args(T, x.dtype, logits.shape[1], params, wg, wu, wd,
+                                                                 n_identity, count, geometry)
     k = params.k
     h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
         inputs=[x, logits, *rule_inputs, wg, wu, wd, residual, count], template=template,
         grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],
-        output_dtypes=[mx.float32, mx.int32, mx.float32, x.dtype],
+        output_dtypes=[h_dtype, mx.int32, mx.float32, x.dtype],
     )
-    return y, ids, weights
+    return y, ids, weights, h
 
 
 def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
                    count: mx.array, geometry: Optional[LayerGeometry] = None):
-    """(rule inputs, template, threadgroups, simdgroups a threadgroup) of mul_mv_id_moe's
-    body for T tokens of `dtype` routed over n_logits router outputs, checked (the
-    kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe)."""
+    """(rule inputs, template, threadgroups, simdgroups a threadgroup, h's dtype) of
+    mul_mv_id_moe's body for T tokens of `dtype` routed over n_logits router outputs,
+    checked (the kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe).
+    h is float32 but where the geometry's stage bit 16 asks for bfloat16 h (taken only
+    with bfloat16 activations and Q4_0 weights; elsewhere the bit is dropped)."""
     from .router import rule_arguments
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
@@ -203,7 +213,8 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
     n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
     n_down = -(-hidden // g.down_nr) * T
+    stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~16
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", int(g.stage)), *rule, ("SHARE_ROUTE", share)]
-    return inputs, template, n_gate_up + n_down, g.nsg
+                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", stage), *rule, ("SHARE_ROUTE", share)]
+    return inputs, template, n_gate_up + n_down, g.nsg, mx.bfloat16 if stage & 16 else mx.float32
