@@ -124,6 +124,13 @@ __device__ inline void moe_prefetch_l2(P p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// The GPU's global nanosecond timer, low 32 bits (mul_mv_id_moe's TRACE option).
+__device__ inline uint moe_clock_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return uint(t);
+}
+
 // A float's bits as a uint (the routing join packs weights beside ids).
 __device__ inline uint moe_float_bits(float v) {
   return __float_as_uint(v);

@@ -104,6 +104,12 @@ inline void moe_prefetch_l2(P p) {
   (void)v;
 }
 
+// A clock for mul_mv_id_moe's TRACE option: Metal has no global timer a kernel reads, so
+// 0 (traces are CUDA's; tools/trace_moe_layer.py).
+inline uint moe_clock_ns() {
+  return 0u;
+}
+
 // A float's bits as a uint (the routing join packs weights beside ids).
 inline uint moe_float_bits(float v) {
   return as_type<uint>(v);

@@ -414,12 +414,14 @@ def test_residual_combine_compiles_for_sm90a(tmp_path):
     assert len(_entries(ptx)) == 1
 
 
-def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=0, share_route=False):
-    """mul_mv_id_moe at Qwen3-30B-A3B shapes: Q4_0, softmax top-8 of 128, one token."""
-    return ("mul_mv_id_moe", variant,
+def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=0, share_route=False, trace=False):
+    """mul_mv_id_moe (trace: mul_mv_id_moe_trace) at Qwen3-30B-A3B shapes: Q4_0, softmax
+    top-8 of 128, one token."""
+    return ("mul_mv_id_moe_trace" if trace else "mul_mv_id_moe", variant,
             {"x": "bfloat16", "logits": "bfloat16", "bias": "float32", "scale": "float32", "wg": "uint16",
              "wu": "uint16", "wd": "uint16", "res": "bfloat16", "count": "uint32"},
-            {"h": "bfloat16" if stage & 16 else "float32", "ids": "int32", "weights": "float32", "y": "bfloat16"},
+            {"h": "bfloat16" if stage & 16 else "float32", "ids": "int32", "weights": "float32", "y": "bfloat16",
+             **({"trace": "uint32"} if trace else {})},
             [("T", "bfloat16"), ("WT", "uint16"), ("D", 2048), ("F", 768), ("NE", 128), ("NI", 0), ("KS", 8),
              ("NT", 1), ("NRG", nrg), ("NRD", nrd), ("NSG", nsg), ("NQ", nq), ("STAGE", stage), ("NEXP", 128), ("VPL", 4),
              ("SCORE", 0), ("HAS_BIAS", False), ("NGROUP", 1), ("TOPKG", 1), ("NORM", True),
@@ -430,12 +432,15 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,
     2, 3; 5, 7: and the gate/up activations prepared; 15: and h read in pairs; 31: h in
-    bfloat16; 7 with the routing shared): no spills, and registers few enough for
-    256-thread threadgroups (<= 255) -- its count bounds how many threadgroups an SM
-    holds, so it is printed (pytest -s)."""
+    bfloat16, also traced; 63, 48: h copied into threadgroup memory; 7 with the routing
+    shared): no spills, and registers few enough for 256-thread threadgroups
+    (<= 255) -- its count bounds how many threadgroups an SM holds, so it is printed
+    (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]
     kernels += [_moe_layer(f"q4_0_1x4x8_stage{st}", 1, 4, 8, stage=st) for st in (1, 2, 3, 5, 7, 15, 31)]
     kernels += [_moe_layer("q4_0_2x4x8_stage3", 2, 4, 8, stage=3),
+                _moe_layer("q4_0_1x4x8_stage63", 1, 4, 8, stage=63), _moe_layer("q4_0_2x4x4_stage48", 2, 4, 4, stage=48),
+                _moe_layer("q4_0_1x4x8_stage31_trace", 1, 4, 8, stage=31, trace=True),
                 _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
 

@@ -165,6 +165,42 @@ def test_bfloat16_h_is_the_float32_h_rounded(flavor):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_h_copied_into_threadgroup_memory_reads_the_same_h(flavor):
+    """Stage bit 32 (with 16): each down threadgroup copies its token's bfloat16 h into
+    threadgroup memory after the wait and reads it there as words of pairs
+    (moe_xword<4>): the same products in the same order as reading h in place (stage
+    31, 16), so y and h are theirs bit for bit under the emulation (GPUs: to rounding);
+    with and without the down rows staged, two tokens, an identity slot (its rows of h,
+    never written, are copied and never read).  With float32 activations the bits are
+    dropped: y is stage 15's bit for bit."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+
+    nexp, ne, params = RULES[3]
+    rng = np.random.default_rng(32)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, dtype=mx.bfloat16, d=256, f=256)
+    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
+    for base in (LayerGeometry(1, 5, 6, 1, stage=31), LayerGeometry(2, 4, 4, 1, stage=16)):
+        g = dataclasses.replace(base, stage=base.stage | 32)
+        want = moe_layer_launch(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, base)
+        got = moe_layer_launch(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor, g)
+        real = np.array(want[1]).reshape(-1) < ne
+        assert not real.all()
+        np.testing.assert_array_equal(np.array(got[1]), np.array(want[1]))
+        np.testing.assert_array_equal(np.array(got[3].astype(mx.float32))[real],
+                                      np.array(want[3].astype(mx.float32))[real])
+        y, yw = np.array(got[0].astype(mx.float32)), np.array(want[0].astype(mx.float32))
+        tol = 0 if flavor == "emulated" else 2 ** -7
+        np.testing.assert_allclose(y, yw, rtol=tol, atol=tol * np.abs(yw).max(), err_msg=g.tag)
+    oracle = _oracle(np.array(wg), np.array(wu), np.array(wd), x, res, np.array(got[1]), np.array(got[2]))
+    np.testing.assert_allclose(y, oracle, rtol=2e-2, atol=2e-2 * np.abs(oracle).max())
+    xf, resf = x.astype(mx.float32), res.astype(mx.float32)
+    y32 = moe_layer_launch(xf, logits, params, wg, wu, wd, nexp - ne, resf, ticket_counter(), flavor, g)[0]
+    want32 = mul_mv_id_moe(xf, logits, params, wg, wu, wd, nexp - ne, resf, ticket_counter(), flavor,
+                           dataclasses.replace(g, stage=15))[0]
+    np.testing.assert_array_equal(np.array(y32), np.array(want32))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("rule,tokens", [(0, 3), (2, 1), (3, 3)], ids=["qwen3-3tok", "deepseek_group-1tok",
                                                                        "identity-3tok"])
 def test_shared_routing_matches_each_threadgroup_routing(flavor, rule, tokens, monkeypatch):
@@ -228,3 +264,28 @@ def test_one_launch_rejects_what_it_cannot_run():
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_traced_launch_is_the_launch(flavor):
+    """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py) gives the plain launch's
+    outputs bit for bit and one row of 5 stamps a threadgroup: zeros under the emulation
+    (Metal reads no clock); on CUDA, nanoseconds in event order within each threadgroup."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch, moe_layer_trace
+
+    nexp, ne, params = RULES[0]
+    rng = np.random.default_rng(11)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 1, d=256, f=256)
+    g = LayerGeometry(1, 5, 6, 1, stage=31)
+    args = (x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res)
+    want = moe_layer_launch(*args, ticket_counter(), flavor, g)
+    got = moe_layer_trace(*args, ticket_counter(), flavor, g)
+    for a, b in zip(got[:4], want):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    trace = np.array(got[4]).astype(np.int64)
+    groups = -(-256 // 6) * params.k + -(-256 // 5)
+    assert trace.shape == (groups, 5)
+    if flavor == "emulated":
+        assert not trace.any()
+    else:
+        assert (np.diff(trace, axis=1) >= 0).all() and (trace[:, 4] - trace[:, 0]).max() < 10 ** 7

@@ -64,7 +64,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 read in place (stage 5); +hpairs: stage 7 with the down threadgroups
                 reading h two floats a load (stage 15, the default); +hbf16: h kept
                 in bfloat16, the down threadgroups reading it two values a 32-bit load
-                (stage 31: half the bytes of h from L2);
+                (stage 31: half the bytes of h from L2); +hcopy: and each down
+                threadgroup's copy of its token's h in threadgroup memory (stage 63);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -535,6 +536,7 @@ SWITCHES = {
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
+    "+hcopy": _moe_layer_stage(63),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

@@ -170,6 +170,18 @@ def mul_mv_id_moe(
 def moe_layer_launch(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry=None):
     """mul_mv_id_moe's launch: (y, ids, weights, h), h the experts' SwiGLU rows [T * k,
     ffn] of real slots (float32, or bfloat16 at stage bit 16; others unwritten)."""
+    return _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry, False)
+
+
+def moe_layer_trace(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry=None):
+    """moe_layer_launch through mul_mv_id_moe_trace: (y, ids, weights, h, trace), trace
+    [threadgroups, 5] uint32, each threadgroup's clock (low 32 bits of nanoseconds; CUDA
+    only, zeros elsewhere) at its start, routed, rows staged, h ready (down) or stored
+    (gate/up), end (metal/mul_mv_id.metal, option TRACE; tools/trace_moe_layer.py)."""
+    return _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry, True)
+
+
+def _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry, trace: bool):
     from .router import check_logits
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
@@ -183,13 +195,14 @@ def moe_layer_launch(x, logits, params, wg, wu, wd, n_identity, residual, count,
     rule_inputs, template, groups, nsg, h_dtype = moe_layer_args(T, x.dtype, logits.shape[1], params, wg, wu, wd,
                                                                  n_identity, count, geometry)
     k = params.k
-    h, ids, weights, y = registry_kernel(flavor, "mul_mv_id_moe")(
+    out = registry_kernel(flavor, "mul_mv_id_moe_trace" if trace else "mul_mv_id_moe")(
         inputs=[x, logits, *rule_inputs, wg, wu, wd, residual, count], template=template,
         grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)],
-        output_dtypes=[h_dtype, mx.int32, mx.float32, x.dtype],
+        output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)] + [(groups, 5)] * trace,
+        output_dtypes=[h_dtype, mx.int32, mx.float32, x.dtype] + [mx.uint32] * trace,
     )
-    return y, ids, weights, h
+    h, ids, weights, y = out[:4]
+    return (y, ids, weights, h) + tuple(out[4:])
 
 
 def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,

@@ -208,6 +208,9 @@ KERNELS: Dict[str, KernelSpec] = {
                                              body="mul_mv_id_down_combine", options=("RESIDUAL",)),
     "mul_mv_id_moe": KernelSpec("mul_mv_id", ("x", "logits", "bias", "scale", "wg", "wu", "wd", "res", "count"),
                                 ("h", "ids", "weights", "y"), inplace=("count",), in_order=True),
+    "mul_mv_id_moe_trace": KernelSpec("mul_mv_id", ("x", "logits", "bias", "scale", "wg", "wu", "wd", "res", "count"),
+                                      ("h", "ids", "weights", "y", "trace"), body="mul_mv_id_moe",
+                                      options=("TRACE",), inplace=("count",), in_order=True),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # the fused one-token decoder layer (mlx_moe/fused_step.py)
     "dense_norm": KernelSpec("decode_layer", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2", "w2_s",
