@@ -62,9 +62,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (stage 7, the default until 2026-12-06's eighth session); +mstage5: the
                 down rows staged and the gate/up activations prepared, the gate/up rows
                 read in place (stage 5); +hpairs: stage 7 with the down threadgroups
-                reading h two floats a load (stage 15, the default); +hbf16: h kept
-                in bfloat16, the down threadgroups reading it two values a 32-bit load
-                (stage 31: half the bytes of h from L2); +hcopy: and each down
+                reading h two floats a load (stage 15, the default until 2026-12-06's
+                tenth session); +hbf16: h kept in bfloat16, the down threadgroups
+                reading it two values a 32-bit load (stage 31: half the bytes of h from
+                L2; the default); +hcopy: and each down
                 threadgroup's copy of its token's h in threadgroup memory (stage 63);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)

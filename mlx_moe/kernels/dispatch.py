@@ -128,8 +128,11 @@ class LayerGeometry:
 # the sectors they used): one H100 (2026-12-06, eighth session), 1x4x8x1x15 20.70 us
 # against 21.63 (x7) and 22.59 (x1) in one process; in the decode step 1011.4 against
 # 1052.7 us; its staged GPU test (stage 15 at 1x5x6x1 among others) clean under
-# compute-sanitizer memcheck.  The float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=15), "float": LayerGeometry(2, 2, 8)}
+# compute-sanitizer memcheck.  Then h kept in bfloat16 (bit 16; bfloat16 activations
+# only, as mlx-lm's SwitchGLU keeps it): 1x4x8x1x31 20.32 and 20.42 us against 20.66 and
+# 20.67 (x15) on two H100 machines (ncu, one process each; BENCHMARKS.md 2026-12-06, tenth
+# session), memcheck clean.  The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=31), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
