@@ -534,6 +534,35 @@ def _moe_layer_case(flavor: str) -> None:
     _close(np.array(mul_mv_id_moe(*args)[0]), y, 0.0, "one-launch layer, second launch on its counter")
 
 
+def _moe_layer_trace_case(flavor: str) -> None:
+    """mul_mv_id_moe_trace (the TRACE option, tools/trace_moe_layer.py): the plain launch's
+    outputs bit for bit, and per threadgroup 5 clock stamps -- zeros on Metal and under
+    its emulation (no global clock), non-decreasing within a threadgroup on CUDA."""
+    from ..q4_0 import quantize
+    from .dispatch import LayerGeometry
+    from .mul_mv_id import moe_layer_launch, moe_layer_trace
+    from .registry import ticket_counter
+    from .router import RouterParams
+
+    rng = np.random.default_rng(23)
+    E, D, F, T = 8, 96, 64, 2
+    wg, wu = (mx.array(quantize(rng.standard_normal((E, F, D)).astype(np.float32))) for _ in range(2))
+    wd = mx.array(quantize(rng.standard_normal((E, D, F)).astype(np.float32)))
+    x, res = (mx.array(rng.standard_normal((T, D)).astype(np.float32)) for _ in range(2))
+    logits, params, g = mx.array(rng.standard_normal((T, E)).astype(np.float32)), RouterParams(3), LayerGeometry(1, 5, 4)
+    want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
+    got = moe_layer_trace(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
+    for name, a, b in zip(("y", "ids", "weights", "h"), got[:4], want):
+        assert (np.array(a) == np.array(b)).all(), f"traced launch: {name} differs from the plain launch's"
+    trace = np.array(got[4]).astype(np.int64)
+    groups = -(-F // 4) * T * 3 + -(-D // 5) * T
+    assert trace.shape == (groups, 5), f"traced launch: trace shape {trace.shape}, expected {(groups, 5)}"
+    if flavor == "cuda":
+        assert (np.diff(trace, axis=1) >= 0).all(), "traced launch: a threadgroup's stamps go backwards"
+    else:
+        assert not trace.any(), "traced launch: Metal reads no clock, the stamps must be zero"
+
+
 def _token_and_caches(rng, hidden: int, cache_shape, dtype, pos: int):
     """One token's input x [1, hidden], two copies of one random KV cache (keys, values of
     [1, *cache_shape]: separate buffers, since both paths a case compares write in place)
@@ -815,6 +844,8 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mv_id_moe": [KernelCase("the decode MoE layer in one launch (routing, gate/up, down, combine, residual): "
                                  "2 tokens, top-3 of 8 + 2 identity experts, ragged down tiles, twice on one "
                                  "counter, vs the two launches and numpy", _moe_layer_case)],
+    "mul_mv_id_moe_trace": [KernelCase("the one-launch layer with its TRACE option: the plain launch's outputs bit "
+                                       "for bit, 5 clock stamps a threadgroup", _moe_layer_trace_case)],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
     "dense_norm": [KernelCase("norm + stacked q/k/v (4-bit affine, K 1280: a tail step; bfloat16 weights with "
