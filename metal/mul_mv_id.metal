@@ -130,24 +130,6 @@ struct moe_xword_pairs {
 template <>
 struct moe_xword<2> : moe_xword_pairs<2> {};
 
-// 4: bfloat16 x viewed as 32-bit words of pairs (x[w] holds elements 2w in its low half
-// and 2w + 1), e.g. a threadgroup's copy of h (mul_mv_id_moe's STAGE bit 32): plain
-// indexing in any address space.
-template <>
-struct moe_xword<4> {
-  template <typename XP>
-  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
-    const uint a = x[ib * 16 + kw];
-    const uint b = x[ib * 16 + kw + 8];
-    float4 y;
-    y.x = moe_as_float(a << 16);
-    y.y = moe_as_float(a & 0xFFFF0000u) * (1.0f / 256.0f);
-    y.z = moe_as_float(b << 16) * (1.0f / 16.0f);
-    y.w = moe_as_float(b & 0xFFFF0000u) * (1.0f / 4096.0f);
-    return y;
-  }
-};
-
 template <>
 struct moe_xword<3> : moe_xword_pairs<3> {};
 
@@ -323,13 +305,12 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
 // the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
 // copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: float32 h, 3:
-// bfloat16, 4: bfloat16 as words of pairs -- h then counts words, K / 2 a slot).
+// bfloat16).
 template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
           typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
 MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
                                       uint lane) {
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
-  constexpr int HK = XM == 4 ? K / 2 : K;  // a slot's row of h, in h's elements
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
@@ -344,10 +325,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       if (STAGED) {
         const auto wr = stage + s * NR * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       } else {
         const auto wr = wd + (size_t(e) * N + row0) * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       }
       const float ws = wts[s];
       for (int r = 0; r < NR; ++r) {
@@ -377,31 +358,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
   return v;
 }
-
-// moe_down_rows over h in device memory (XM as given) or, HSTAGED, over a threadgroup's
-// copy of it as words of bfloat16 pairs (hw, moe_xword<4>): one specialization per
-// choice, so the copy's reads are instantiated only where the kernel makes one.
-template <bool HSTAGED>
-struct moe_down_from {
-  template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
-            typename HP, typename HW, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
-  MOE_DEVICE static float run(HP h, HW hw, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
-                              uint lane) {
-    return moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ, STAGED, XM>(h, ids, wts, wd, x, part, stage, row0, sg,
-                                                                        lane);
-  }
-};
-
-template <>
-struct moe_down_from<true> {
-  template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
-            typename HP, typename HW, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
-  MOE_DEVICE static float run(HP h, HW hw, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
-                              uint lane) {
-    return moe_down_rows<WT, K, N, NE, NI, KS, NR, NSG, NQ, STAGED, 4>(hw, ids, wts, wd, x, part, stage, row0, sg,
-                                                                       lane);
-  }
-};
 
 // ==== kernel: mul_mv_id ====
 // out[p, n] = W[ids[p]][n] . src[BCAST ? p / KS : p]   for p = token * KS + slot.
@@ -542,8 +498,7 @@ struct moe_down_from<true> {
 // them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
-// T = bfloat16 and Q4_0 only, read as pairs; 32 = with 16, a down threadgroup's copy of
-// its token's h in threadgroup memory, where 12 KB hold it), and the routing
+// T = bfloat16 and Q4_0 only, read as pairs), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -591,29 +546,18 @@ struct moe_down_from<true> {
   constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RG16 : 1;  // 16-byte units each kind stages
   constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
+  constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
+  threadgroup uint4 stage[NSTAGE];
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
   constexpr bool XPREP = (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
   // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
   // half the bytes the down threadgroups read from L2 (each reads its token's whole h).
   constexpr bool XPAIR = (STAGE & 8) != 0 && moe_rows<WT>::DEN == 32;
   constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
-  // Bit 32 (with 16): a down threadgroup copies its token's h into threadgroup memory after
-  // the wait, every load in flight at once, and its dot products read it there
-  // (moe_xword<4>): one L2 round trip, where reading h in place waits one for each step of
-  // the dot loop once h is complete (the layer's tail: trace_moe_layer.py).  Up to 12 KB.
-  constexpr bool HSTAGE = (STAGE & 32) != 0 && HXM == 3 && F % 8 == 0 && KS * F * 2 <= 12288;
-  constexpr int NH = HSTAGE ? KS * F * 2 / 16 : 0;  // its 16-byte units
-  constexpr int NXQ = XPREP ? D / 32 * 8 : 0;       // the prepared activations' (float4)
-  // One threadgroup buffer for either kind: a gate/up threadgroup's staged rows, then its
-  // prepared activations; a down threadgroup's staged rows, then its copy of h.
-  constexpr int NGUM = NS_GU + NXQ, NDNM = NS_DN + NH;
-  constexpr int NTGM = NGUM > NDNM ? NGUM : NDNM;
-  threadgroup uint4 tgm[NTGM];
-  const auto stage = tgm;
-  const auto xq = moe_tg_as<float4>(tgm + NS_GU);
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
@@ -723,18 +667,13 @@ struct moe_down_from<true> {
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
-  if (HSTAGE) {
-    const auto ht = h + size_t(tok) * KS * F;
-    moe_stage_rows<(NH > 0 ? NH : 1), 32 * NSG, 1>(tgm + NS_DN, ht, ht, NH, 0, thread_index_in_threadgroup);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
 //@if TRACE
   tstamp[3] = moe_clock_ns();
 //@endif
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_from<HSTAGE>::template run<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-      h + size_t(tok) * KS * F, moe_tg_as<const uint>(tgm + NS_DN), chosen, chosen_w, wd, x + size_t(tok) * D, part,
-      moe_tg_as<const WT>(stage), row0, sg, lane);
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
+      sg, lane);
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

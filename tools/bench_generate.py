@@ -65,8 +65,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 reading h two floats a load (stage 15, the default until 2026-12-06's
                 tenth session); +hbf16: h kept in bfloat16, the down threadgroups
                 reading it two values a 32-bit load (stage 31: half the bytes of h from
-                L2; the default); +hcopy: and each down
-                threadgroup's copy of its token's h in threadgroup memory (stage 63);
+                L2; the default);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -537,7 +536,6 @@ SWITCHES = {
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
-    "+hcopy": _moe_layer_stage(63),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

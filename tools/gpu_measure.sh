@@ -6,12 +6,10 @@
 #   bash tools/gpu_measure.sh OUTDIR [DEADLINE_SECONDS]      (run in the repository root)
 #
 # OUTDIR gets log.txt (everything printed) and the tools' JSON files.  Steps:
-#  S. decode (issue 5), first: the MoE layer's down threadgroups copying h into threadgroup
-#     memory (LayerGeometry.stage bit 32, +hcopy, stage 63; built in the tenth session, its
-#     CUDA twin compiled by nvcc but never run): its GPU tests under memcheck, the layer's
-#     timeline (tools/trace_moe_layer.py: the down tail after the last gate/up ticket was
-#     5.7 us) and GPU time (ncu) against the default (stage 31),
-#     end to end against the defaults
+#  S. decode (issues 5, 9), first: the compiled step's GPU tests with h in bfloat16 the
+#     default (stage 31; its own tests passed under memcheck, the compiled greedy-token
+#     test last ran at stage 15), and the MoE layer's timeline at the defaults
+#     (tools/trace_moe_layer.py: what the next change to the layer is measured against)
 #  T. decode (issues 5, 9): the attention block in one launch (qkv_attention_oproj,
 #     +attn1, off: 5.1 us a layer more GPU time, one node a layer less host time; faster
 #     end to end on a medium host, BENCHMARKS.md 2026-12-06, sixth session; on the ninth
@@ -76,17 +74,10 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
-# S. the down threadgroups' copy of h (stage 63) against the default (stage 31)
-step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
-  -k "copied or bfloat16_h or traced or staged or qwen3-1tok"
-step 120 python3 tools/trace_moe_layer.py --geometries 1x4x8x1x63 --json "$OUT/trace_hcopy.json"
-step 150 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mlx_moe --metrics gpu__time_duration.sum,dram__bytes_read.sum \
-  --csv --log-file "$OUT/ncu_layer_hcopy.csv" python3 tools/bench_kernels.py --ncu --layer-geometries "1x4x8x1x31,1x4x8x1x63"
-[ -f "$OUT/ncu_layer_hcopy.csv" ] && step 25 python3 tools/ncu_summary.py "$OUT/ncu_layer_hcopy.csv"
-step 300 python3 tools/bench_generate.py --shape qwen3-30b-a3b --experts q4_0 --kernels cuda \
-  --prompt-tokens 512 --gen-tokens 128 --reps 6 --json "$OUT/e2e_hcopy.json" --engines \
-  mlx-lm,mlx-moe+compile,mlx-moe+compile+hcopy
+# S. the compiled step's GPU tests at the defaults, and the MoE layer's timeline
+step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
+  -k "compiled_fused_decode or router_tail"
+step 120 python3 tools/trace_moe_layer.py --json "$OUT/trace.json"
 # the attention block in one launch at its default geometry (chain.ATTENTION_NSG = 16)
 step 200 env MLX_ENABLE_TF32=0 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_fused_step.py \
   -k "qkv_attention_oproj or attention_block or compiled_fused_decode"

@@ -9,7 +9,7 @@ no global clock).  Qwen3-30B-A3B layer shapes by default (hidden 2048, expert ff
 reads its weights from HBM (8 layers: 170 MB of routed weights, the L2 is 50 MB), `--reps`
 passes over them queued back to back (the GPU busy, as in a decode step).
 
-    python tools/trace_moe_layer.py [--geometries 1x4x8x1x15,1x4x8x1x63] [--layers 8] [--json out.json]
+    python tools/trace_moe_layer.py [--geometries 1x4x8x1x15,1x8x8x1x31] [--layers 8] [--json out.json]
 
 Printed per geometry (medians over all launches; times in us from the launch's
 first threadgroup start): the span (first start to last end), and for the gate/up and the

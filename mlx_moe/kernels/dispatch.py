@@ -75,10 +75,8 @@ class LayerGeometry:
     before the dot products (where 24 KB do), 4 = the gate/up threadgroups' activations
     prepared in threadgroup memory (Q4_0, up to 2048 columns), 8 = the down threadgroups
     read h two floats a load (Q4_0), 16 = h kept in bfloat16 (as mlx-lm's SwitchGLU keeps
-    it) and read two values a load (bfloat16 activations and Q4_0 only, else ignored),
-    32 = with 16, a down threadgroup copies its token's h into threadgroup memory once h
-    is complete (up to 12 KB) and reads it there; rows stage only at a multiple of 16
-    bytes (Q4_0: 256 columns)."""
+    it) and read two values a load (bfloat16 activations and Q4_0 only, else ignored);
+    rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -88,10 +86,9 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 63:
-            raise ValueError(f"LayerGeometry.stage is 0 to 63, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
-                             f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: h copied by the "
-                             f"down threadgroups); got {self.stage}")
+        if not 0 <= self.stage <= 31:
+            raise ValueError(f"LayerGeometry.stage is 0 to 31, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+                             f"activations prepared, 8: h read in pairs, 16: h in bfloat16); got {self.stage}")
 
     @property
     def tag(self) -> str:
@@ -129,9 +126,10 @@ class LayerGeometry:
 # against 21.63 (x7) and 22.59 (x1) in one process; in the decode step 1011.4 against
 # 1052.7 us; its staged GPU test (stage 15 at 1x5x6x1 among others) clean under
 # compute-sanitizer memcheck.  Then h kept in bfloat16 (bit 16; bfloat16 activations
-# only, as mlx-lm's SwitchGLU keeps it): 1x4x8x1x31 20.32 and 20.42 us against 20.66 and
-# 20.67 (x15) on two H100 machines (ncu, one process each; BENCHMARKS.md 2026-12-06, tenth
-# session), memcheck clean.  The float entry is not measured.
+# only, as mlx-lm's SwitchGLU keeps it): 1x4x8x1x31 20.32, 20.42 and 20.69 us against
+# 20.66, 20.67 and 20.93 (x15) on three H100 machines (ncu, one process each;
+# BENCHMARKS.md 2026-12-06, tenth session), memcheck clean.  The down threadgroups'
+# copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=31), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
