@@ -129,7 +129,8 @@ class LayerGeometry:
 # only, as mlx-lm's SwitchGLU keeps it): 1x4x8x1x31 20.32, 20.42 and 20.69 us against
 # 20.66, 20.67 and 20.93 (x15) on three H100 machines (ncu, one process each;
 # BENCHMARKS.md 2026-12-06, tenth session), memcheck clean.  The down threadgroups'
-# copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  The float entry is not measured.
+# copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  The
+# float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=31), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up

@@ -549,7 +549,8 @@ def _moe_layer_trace_case(flavor: str) -> None:
     wg, wu = (mx.array(quantize(rng.standard_normal((E, F, D)).astype(np.float32))) for _ in range(2))
     wd = mx.array(quantize(rng.standard_normal((E, D, F)).astype(np.float32)))
     x, res = (mx.array(rng.standard_normal((T, D)).astype(np.float32)) for _ in range(2))
-    logits, params, g = mx.array(rng.standard_normal((T, E)).astype(np.float32)), RouterParams(3), LayerGeometry(1, 5, 4)
+    logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
+    params, g = RouterParams(3), LayerGeometry(1, 5, 4)
     want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
     got = moe_layer_trace(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
     for name, a, b in zip(("y", "ids", "weights", "h"), got[:4], want):
