@@ -20,7 +20,7 @@ import pytest
 
 from mlx_moe import router as R
 from mlx_moe.kernels.dispatch import LayerGeometry
-from mlx_moe.kernels.kernel_cases import moe_layer_reference
+from mlx_moe.kernels.kernel_cases import CASES as KERNEL_CASES, moe_layer_reference
 from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
 from mlx_moe.kernels.registry import KERNELS, ticket_counter
 from mlx_moe.kernels.router import RouterParams
@@ -238,24 +238,9 @@ def test_one_launch_rejects_what_it_cannot_run():
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_traced_launch_is_the_launch(flavor):
-    """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py) gives the plain launch's
-    outputs bit for bit and one row of 5 stamps a threadgroup: zeros under the emulation
-    (Metal reads no clock); on CUDA, nanoseconds in event order within each threadgroup."""
-    from mlx_moe.kernels.mul_mv_id import moe_layer_launch, moe_layer_trace
-
-    nexp, ne, params = RULES[0]
-    rng = np.random.default_rng(11)
-    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 1, d=256, f=256)
-    g = LayerGeometry(1, 5, 6, 1, stage=31)
-    args = (x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res)
-    want = moe_layer_launch(*args, ticket_counter(), flavor, g)
-    got = moe_layer_trace(*args, ticket_counter(), flavor, g)
-    for a, b in zip(got[:4], want):
-        np.testing.assert_array_equal(np.array(a), np.array(b))
-    trace = np.array(got[4]).astype(np.int64)
-    groups = -(-256 // 6) * params.k + -(-256 // 5)
-    assert trace.shape == (groups, 5)
-    if flavor == "emulated":
-        assert not trace.any()
-    else:
-        assert (np.diff(trace, axis=1) >= 0).all() and (trace[:, 4] - trace[:, 0]).max() < 10 ** 7
+    """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py), its verification case
+    (kernel_cases): the plain launch's outputs bit for bit, unstaged and staged, and one
+    row of 5 stamps a threadgroup -- zeros under the emulation (Metal reads no clock); on
+    CUDA, nanoseconds in event order within each threadgroup."""
+    for case in KERNEL_CASES["mul_mv_id_moe_trace"]:
+        case.check(flavor)

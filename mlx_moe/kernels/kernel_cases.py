@@ -537,7 +537,9 @@ def _moe_layer_case(flavor: str) -> None:
 def _moe_layer_trace_case(flavor: str) -> None:
     """mul_mv_id_moe_trace (the TRACE option, tools/trace_moe_layer.py): the plain launch's
     outputs bit for bit, and per threadgroup 5 clock stamps -- zeros on Metal and under
-    its emulation (no global clock), non-decreasing within a threadgroup on CUDA."""
+    its emulation (no global clock), non-decreasing within a threadgroup (and within 10 ms)
+    on CUDA.  Unstaged (96 x 64, float32) and staged (256 x 256 rows, bfloat16 activations
+    and h: stage 31, the stamp after the staged rows)."""
     from ..q4_0 import quantize
     from .dispatch import LayerGeometry
     from .mul_mv_id import moe_layer_launch, moe_layer_trace
@@ -545,23 +547,26 @@ def _moe_layer_trace_case(flavor: str) -> None:
     from .router import RouterParams
 
     rng = np.random.default_rng(23)
-    E, D, F, T = 8, 96, 64, 2
-    wg, wu = (mx.array(quantize(rng.standard_normal((E, F, D)).astype(np.float32))) for _ in range(2))
-    wd = mx.array(quantize(rng.standard_normal((E, D, F)).astype(np.float32)))
-    x, res = (mx.array(rng.standard_normal((T, D)).astype(np.float32)) for _ in range(2))
-    logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
-    params, g = RouterParams(3), LayerGeometry(1, 5, 4)
-    want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
-    got = moe_layer_trace(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
-    for name, a, b in zip(("y", "ids", "weights", "h"), got[:4], want):
-        assert (np.array(a) == np.array(b)).all(), f"traced launch: {name} differs from the plain launch's"
-    trace = np.array(got[4]).astype(np.int64)
-    groups = -(-F // 4) * T * 3 + -(-D // 5) * T
-    assert trace.shape == (groups, 5), f"traced launch: trace shape {trace.shape}, expected {(groups, 5)}"
-    if flavor == "cuda":
-        assert (np.diff(trace, axis=1) >= 0).all(), "traced launch: a threadgroup's stamps go backwards"
-    else:
-        assert not trace.any(), "traced launch: Metal reads no clock, the stamps must be zero"
+    E, T, params = 8, 2, RouterParams(3)
+    for D, F, dtype, g in ((96, 64, mx.float32, LayerGeometry(1, 5, 4)),
+                           (256, 256, mx.bfloat16, LayerGeometry(1, 5, 6, 1, stage=31))):
+        wg, wu = (mx.array(quantize(rng.standard_normal((E, F, D)).astype(np.float32))) for _ in range(2))
+        wd = mx.array(quantize(rng.standard_normal((E, D, F)).astype(np.float32)))
+        x, res = (mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype) for _ in range(2))
+        logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
+        want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
+        got = moe_layer_trace(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
+        for name, a, b in zip(("y", "ids", "weights", "h"), got[:4], want):
+            assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
+                f"traced launch {g.tag}: {name} differs from the plain launch's"
+        trace = np.array(got[4]).astype(np.int64)
+        groups = -(-F // (g.gate_nr * g.nsg)) * T * params.k + -(-D // g.down_nr) * T
+        assert trace.shape == (groups, 5), f"traced launch {g.tag}: trace shape {trace.shape}, expected {(groups, 5)}"
+        if flavor == "cuda":
+            assert (np.diff(trace, axis=1) >= 0).all(), f"traced launch {g.tag}: a threadgroup's stamps go backwards"
+            assert (trace[:, 4] - trace[:, 0]).max() < 10 ** 7, f"traced launch {g.tag}: a threadgroup took 10 ms"
+        else:
+            assert not trace.any(), f"traced launch {g.tag}: Metal reads no clock, the stamps must be zero"
 
 
 def _token_and_caches(rng, hidden: int, cache_shape, dtype, pos: int):
@@ -845,8 +850,9 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mv_id_moe": [KernelCase("the decode MoE layer in one launch (routing, gate/up, down, combine, residual): "
                                  "2 tokens, top-3 of 8 + 2 identity experts, ragged down tiles, twice on one "
                                  "counter, vs the two launches and numpy", _moe_layer_case)],
-    "mul_mv_id_moe_trace": [KernelCase("the one-launch layer with its TRACE option: the plain launch's outputs bit "
-                                       "for bit, 5 clock stamps a threadgroup", _moe_layer_trace_case)],
+    "mul_mv_id_moe_trace": [KernelCase("the one-launch layer with its TRACE option, unstaged and staged: the plain "
+                                       "launch's outputs bit for bit, 5 clock stamps a threadgroup",
+                                       _moe_layer_trace_case)],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
     "dense_norm": [KernelCase("norm + stacked q/k/v (4-bit affine, K 1280: a tail step; bfloat16 weights with "
