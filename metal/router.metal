@@ -6,17 +6,25 @@
 // per-family reference functions this kernel reproduces.
 //
 // Lane l holds the scores of experts l, l + 32, l + 64, ... (VPL of them).
-// Top-k is K rounds of a simdgroup argmax (butterfly over shuffles), the
-// winner masked to -inf for the next round.  Ties go to the lower expert id:
-// a lane scans its experts in increasing id with a strict `>`, and the
-// butterfly keeps the lower id when two scores are equal.  The k ids come out
-// in selection order (highest score first).
+// Top-k is K rounds of a simdgroup argmax over order-preserving uint keys
+// (moe_router_key): the largest key, then the lowest id among the lanes holding it;
+// the winner's key is zeroed for the next round.  Ties go to the lower expert id: a
+// lane scans its experts in increasing id with a strict `>`, and the second reduction
+// takes the lowest id.  The k ids come out in selection order (highest score first).
 
 // ==== helpers ====
 
-// (value, id) a beats (value, id) b: higher value, or equal value and lower id.
-MOE_DEVICE inline bool moe_router_beats(float av, int ai, float bv, int bi) {
-  return av > bv || (av == bv && ai < bi);
+// A selection score as a uint whose order is the floats' order (the sign bit flipped for
+// positive values, every bit for negative ones; -0.0 keyed as +0.0, so the two tie as the
+// floats compare), and 0 -- below every score -- for -inf and NaN, which are never chosen.
+// Why keys: a round of top-k is then two 32-lane integer reductions (the top key, then the
+// lowest id holding it), one instruction each on sm_80+ (redux.sync), where a float argmax
+// with its id is a butterfly of 15 dependent shuffles.  (On the H100 the MoE layer's
+// launch time did not move with it: BENCHMARKS.md 2026-12-06, eleventh session.)
+MOE_DEVICE inline uint moe_router_key(float v) {
+  const uint u = moe_float_bits(v);
+  const uint k = (u & 0x80000000u) ? (u == 0x80000000u ? 0x80000000u : ~u) : (u | 0x80000000u);
+  return (v > MOE_NEG_INF) ? k : 0u;
 }
 
 // The k experts a token's router outputs choose, and their final weights.
@@ -104,7 +112,8 @@ MOE_DEVICE inline void moe_router_finish(W sel_w, float scale) {
     const float top = sel_w[0];
     float s = 0.0f;
     for (int j = 0; j < K; ++j) {
-      sel_w[j] = moe_exp(sel_w[j] - top);
+      // a padding slot (fewer finite logits than K) carries -inf: weight 0, as softmax gives it
+      sel_w[j] = (sel_w[j] > MOE_NEG_INF) ? moe_exp(sel_w[j] - top) : 0.0f;
       s += sel_w[j];
     }
     for (int j = 0; j < K; ++j) {
@@ -136,32 +145,34 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   float c[VPL];  // selection scores
   moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits, bias, lane, p, c);
 
+  uint key[VPL];  // c as selection keys: 0 once chosen (and for -inf, NaN, absent experts)
+  for (int i = 0; i < VPL; ++i) {
+    key[i] = moe_router_key(c[i]);
+  }
   moe_router_pick<K> pick;
+  // Rolled: unrolled, the rounds keep every chosen id and weight in registers, and the MoE
+  // layer's kernel (mul_mv_id_moe) takes 47 registers a thread instead of 40 under nvcc
+  // for sm_90a -- 5 of its threadgroups an SM instead of 6.
+  MOE_NO_UNROLL
   for (int j = 0; j < K; ++j) {
-    float bv = MOE_NEG_INF;
-    int bi = NEXP;  // no expert: loses every tie against a real one
-    float bw = 0.0f;
+    uint bk = 0u;  // the lane's best key: its lowest expert id among equal keys (strict >)
+    int bi = NEXP;
+    float bw = SCORE == 2 ? MOE_NEG_INF : 0.0f;  // a padding slot's p: a weight of 0 after moe_router_finish
     for (int i = 0; i < VPL; ++i) {
-      if (c[i] > bv) {
-        bv = c[i];
+      if (key[i] > bk) {
+        bk = key[i];
         bi = int(lane) + 32 * i;
         bw = p[i];
       }
     }
-    for (ushort off = 16; off > 0; off >>= 1) {
-      const float ov = moe_shuffle_xor(bv, off);
-      const int oi = moe_shuffle_xor(bi, off);
-      const float ow = moe_shuffle_xor(bw, off);
-      if (moe_router_beats(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-        bw = ow;
-      }
-    }
-    pick.id[j] = bi;
-    pick.w[j] = bw;
+    const uint top = moe_simd_max_u32(bk);
+    // The lowest id among the lanes holding the top key: the lowest id of that score.
+    // (No candidate left: every lane's bi is NEXP, a padding id.)
+    const int id = int(moe_simd_min_u32(bk == top ? uint(bi) : 0xFFFFFFFFu));
+    pick.id[j] = id;
+    pick.w[j] = moe_shuffle(bw, ushort(uint(id) & 31u));  // the winner's lane holds its p
     for (int i = 0; i < VPL; ++i) {
-      c[i] = (int(lane) + 32 * i == bi) ? MOE_NEG_INF : c[i];
+      key[i] = (int(lane) + 32 * i == id) ? 0u : key[i];
     }
   }
   moe_router_finish<K, SCORE, NORM>(pick.w, scale);

@@ -55,6 +55,32 @@ __device__ inline float moe_simd_max(float v) {
   return v;
 }
 
+// Max and min of a uint over the 32 lanes (the router's selection keys): one redux.sync
+// on sm_80 and later (where a shuffle butterfly is five dependent shuffles), the
+// butterfly before.
+__device__ inline uint moe_simd_max_u32(uint v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+#endif
+}
+__device__ inline uint moe_simd_min_u32(uint v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(0xffffffffu, v);
+#else
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = min(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+#endif
+}
+
 // Exclusive prefix sum over lanes 0..lane-1 (Kogge-Stone on the inclusive sum).
 __device__ inline int moe_simd_prefix_exclusive_sum(int v) {
   const int lane = int(threadIdx.x & 31u);
@@ -137,6 +163,7 @@ __device__ inline uint moe_float_bits(float v) {
 }
 
 #define MOE_UNROLL _Pragma("unroll")
+#define MOE_NO_UNROLL _Pragma("unroll 1")
 
 // -- Dense GEMV and decode-layer helpers (decode_layer.metal); see shims_metal.h.
 template <typename P>

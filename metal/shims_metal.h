@@ -36,6 +36,14 @@ inline float moe_simd_max(float v) {
   return simd_max(v);
 }
 
+// Max and min of a uint over the 32 lanes (the router's selection keys).
+inline uint moe_simd_max_u32(uint v) {
+  return simd_max(v);
+}
+inline uint moe_simd_min_u32(uint v) {
+  return simd_min(v);
+}
+
 // Exclusive prefix sum over lanes 0..lane-1.
 inline int moe_simd_prefix_exclusive_sum(int v) {
   return simd_prefix_exclusive_sum(v);
@@ -118,6 +126,7 @@ inline uint moe_float_bits(float v) {
 // Full unrolling of a loop with a compile-time trip count (lets the compiler
 // issue every load of the loop before the first use).  Ignored by the CPU emulation.
 #define MOE_UNROLL _Pragma("clang loop unroll(full)")
+#define MOE_NO_UNROLL _Pragma("clang loop unroll(disable)")
 
 // -- Dense GEMV and decode-layer helpers (decode_layer.metal).
 

@@ -10,7 +10,7 @@ mlx::core::cu, inputs `const T*`, `<input>_shape` as a by-value
 template arguments as `constexpr` locals / `using` at the top of the body.
 nvcc writes PTX and ptxas assembles it for sm_90a (so the inline mma.sync is
 checked by the assembler too); the GEMM kernels must contain the TF32 mma and
-the router its warp-shuffle butterfly; registers and shared memory per kernel
+the router its redux.sync reductions; registers and shared memory per kernel
 are printed (pytest -s).
 
 What it does not check: MLX's real device headers are not available here, so a
@@ -267,7 +267,8 @@ def test_router_kernels_compile_for_sm90a(tmp_path):
     ptx, report = compile_sm90a(tmp_path, "router", ROUTER_KERNELS)
     entries = _entries(ptx)
     assert len(entries) == len(ROUTER_KERNELS)
-    assert all("shfl.sync.bfly" in text for text in entries.values())  # the argmax butterfly
+    # top-k: each round two 32-lane integer reductions (redux.sync on sm_80+), no butterfly
+    assert all("redux.sync.max.u32" in text and "redux.sync.min.u32" in text for text in entries.values())
     print(_report(report))
 
 

@@ -134,6 +134,34 @@ def test_ties_go_to_the_lower_expert_id():
     np.testing.assert_array_equal(np.array(ids)[0], np.arange(k))
 
 
+def test_signed_zeros_tie_and_minus_infinity_is_never_chosen():
+    # The kernel selects on integer keys of the scores: -0.0 must tie with +0.0 (the lower
+    # id wins, as numpy's stable sort orders them), negative scores must order below zero,
+    # and -inf experts are never picked: with fewer finite scores than k, the rest of the
+    # slots get the padding id E and weight 0.  The Mixtral rule (topk_softmax) selects on
+    # the raw logits, and a bias of -0.0 keeps a -0.0 logit's sign in the score.
+    E, k = 40, 5
+    x = np.full((5, E), -3.0, dtype=np.float32)
+    x[0, [9, 3, 12, 20]] = [0.0, -0.0, -0.0, 0.0]  # the top four: zeros of either sign
+    x[1, :] = -np.inf
+    x[1, [30, 2, 17, 5, 11, 33]] = [-0.5, -0.25, -0.0, -0.5, 0.0, -1e-30]
+    x[2, 1::2] = -np.inf
+    x[3] = -np.linspace(0.0, 1.0, E, dtype=np.float32)[::-1]  # ascending: the top is the last id
+    x[3, 0] = -0.0
+    x[4, :] = -np.inf
+    x[4, [7, 21, 36]] = [1.0, -2.0, 0.5]  # three finite scores for five slots
+    params = RouterParams(k, score="topk_softmax", bias=mx.array(np.full(E, -0.0, dtype=np.float32)))
+    ids, w = (np.array(a) for a in fused_topk(mx.array(x), params, FLAVOR))
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    want[4, 3:] = E
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(ids[0, :4], [3, 9, 12, 20])
+    top = np.take_along_axis(x, np.minimum(want, E - 1), 1).astype(np.float64)
+    top[4, 3:] = -np.inf
+    e = np.exp(top - top[:, :1])
+    np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-6)
+
+
 def test_bad_parameters_raise_clear_errors():
     lg = _logits(2, 16, seed=11)
     with pytest.raises(ValueError, match="top-k"):
