@@ -506,9 +506,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // STAGE bit 16; rows of identity/padding slots unwritten), ids [NT, KS] int32, weights [NT, KS] float32,
 // y [NT, D] in T.
 // Option TRACE (kernel mul_mv_id_moe_trace, tools/trace_moe_layer.py): one more output,
-//   trace [threadgroups, 5] uint32, thread 0's clock (moe_clock_ns: the GPU's global
-//   nanosecond timer on CUDA, 0 on Metal) as the threadgroup starts, after the routing
-//   rule, after its rows are staged, when h is ready (down; gate/up: its rows of h
+//   trace [threadgroups, 7] uint32, thread 0's clock (moe_clock_ns: the GPU's global
+//   nanosecond timer on CUDA, 0 on Metal) as the threadgroup starts, when its router
+//   outputs have arrived, after the routing rule, after the barrier that follows it
+//   (routed), after its rows are staged, when h is ready (down; gate/up: its rows of h
 //   stored) and as it ends.  Where a launch's time goes, threadgroup by threadgroup.
 // Option CHAINED: the body run by a kernel that chains it after other work in one
 //   launch (metal/decode_chain.metal), which names this threadgroup's index among the
@@ -529,8 +530,18 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
   const auto cnt = moe_inplace(count);
 //@if TRACE
-  uint tstamp[5];  // thread 0's clock at the start, routed, rows staged, h ready (down) or stored (gate/up), end
-  tstamp[0] = moe_clock_ns();
+  // Thread 0 stores its clock at each event as it passes it (7 stamps held in registers to
+  // the end took the kernel from 39 registers to 47 under nvcc: fewer threadgroups an SM
+  // than the launch it traces).  Stamp 0 the start, 1 the router outputs loaded, 2
+  // the rule done (both the start where the rule is not run), 3 routed (the barrier after
+  // the rule), 4 rows staged (routed where none are), 5 h ready (down) or stored (gate/up),
+  // 6 the end.
+  const auto tr = trace + size_t(tg) * 7;
+  if (thread_index_in_threadgroup == 0) {
+    tr[0] = moe_clock_ns();
+    tr[1] = tr[0];
+    tr[2] = tr[0];
+  }
 //@endif
   // Staging (STAGE): a threadgroup's weight rows copied into threadgroup memory in
   // 16-byte reads, all of a thread's in flight at once, before the dot products.  On the
@@ -561,6 +572,18 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
+//@if TRACE
+    {  // the router outputs' latency apart from the rule's: a first read of them, waited for
+       // (a branch on it) before the clock; the rule's own reads then hit L1
+      const float l0 = float(logits[size_t(tok) * NEXP + (int(lane) < NEXP ? int(lane) : 0)]);
+      if (moe_simd_sum(l0) == 1.0e30f) {  // (never taken; a stamp it changes keeps the branch)
+        tr[0] = 0u;
+      }
+      if (lane == 0) {
+        tr[1] = moe_clock_ns();
+      }
+    }
+//@endif
     const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
         logits + size_t(tok) * NEXP, bias, scale[0], lane);
     if (lane == 0) {
@@ -569,6 +592,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         chosen_w[j] = pick.w[j];
       }
     }
+//@if TRACE
+    if (lane == 0) {
+      tr[2] = moe_clock_ns();
+    }
+//@endif
   }
   if (XPREP && !down && (NSG == 1 || sg > 0)) {  // beside the rule when there are other simdgroups
     moe_prepare_x<D, 32 * (NSG > 1 ? NSG - 1 : 1)>(xq, x + size_t(tok) * D,
@@ -576,8 +604,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
-  tstamp[1] = moe_clock_ns();
-  tstamp[2] = tstamp[1];
+  if (thread_index_in_threadgroup == 0) {
+    tr[3] = moe_clock_ns();
+    tr[4] = tr[3];
+  }
 //@endif
   const bool first = !down && tg % (GX * KS) == 0;  // the token's first threadgroup (uniform)
   if (first && thread_index_in_threadgroup < uint(KS)) {
@@ -619,7 +649,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
-      tstamp[2] = moe_clock_ns();
+      if (thread_index_in_threadgroup == 0) {
+        tr[4] = moe_clock_ns();
+      }
 //@endif
       const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
       moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wr, wr + RT * RLG, ht, real && row0 < F, row0,
@@ -633,14 +665,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     threadgroup_barrier(mem_flags::mem_device);
     if (sg == 0 && lane == 0) {
 //@if TRACE
-      tstamp[3] = moe_clock_ns();
+      tr[5] = moe_clock_ns();
 //@endif
       moe_ticket(cnt);
 //@if TRACE
-      tstamp[4] = moe_clock_ns();
-      for (int i = 0; i < 5; ++i) {
-        trace[size_t(tg) * 5 + i] = tstamp[i];
-      }
+      tr[6] = moe_clock_ns();
 //@endif
     }
     return;
@@ -660,7 +689,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     }
   }
 //@if TRACE
-  tstamp[2] = moe_clock_ns();
+  if (thread_index_in_threadgroup == 0) {
+    tr[4] = moe_clock_ns();
+  }
 //@endif
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
@@ -668,7 +699,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
 //@if TRACE
-  tstamp[3] = moe_clock_ns();
+  if (thread_index_in_threadgroup == 0) {
+    tr[5] = moe_clock_ns();
+  }
 //@endif
   threadgroup float part[NSG * NRD];
   const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
@@ -679,11 +712,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));
   }
 //@if TRACE
-  if (sg == 0 && lane == 0) {
-    tstamp[4] = moe_clock_ns();
-    for (int i = 0; i < 5; ++i) {
-      trace[size_t(tg) * 5 + i] = tstamp[i];
-    }
+  if (thread_index_in_threadgroup == 0) {
+    tr[6] = moe_clock_ns();
   }
 //@endif
   if (sg == 0 && lane == 0 && moe_ticket(cnt + 1) == uint(DX * NT - 1)) {

@@ -1,13 +1,18 @@
 """Where a one-token decode MoE layer's time goes, threadgroup by threadgroup.
 
 Runs mul_mv_id_moe through its TRACE option (metal/mul_mv_id.metal): every threadgroup
-writes the GPU's global nanosecond clock as it starts, after the routing rule, after its
-weight rows are staged, when h is ready (down threadgroups: the wait for the gate/up ones
-is over; gate/up: their rows of h stored) and as it ends.  CUDA only (Metal kernels read
-no global clock).  Qwen3-30B-A3B layer shapes by default (hidden 2048, expert ffn 768,
+writes the GPU's global nanosecond clock as it starts, when its router outputs have
+arrived (loaded), after the routing rule (ruled), after the barrier that follows it
+(routed: a gate/up threadgroup's activations are prepared by then), after its weight rows
+are staged, when h is ready (down threadgroups: the wait for the gate/up ones is over;
+gate/up: their rows of h stored) and as it ends.  CUDA only (Metal kernels read no global
+clock).  Qwen3-30B-A3B layer shapes by default (hidden 2048, expert ffn 768,
 128 experts, top-8), random Q4_0 experts, `--layers` layers in turn so that each launch
 reads its weights from HBM (8 layers: 170 MB of routed weights, the L2 is 50 MB), `--reps`
-passes over them queued back to back (the GPU busy, as in a decode step).
+passes over them queued back to back (the GPU busy, as in a decode step).  Each launch's
+router outputs come from its input through a router projection launched just before it,
+as in a decode step (in L2 when the layer starts); --stale-logits reads fixed ones instead
+(last touched a pass earlier: from HBM, as in bench_kernels' launches).
 
     python tools/trace_moe_layer.py [--geometries 1x4x8x1x15,1x8x8x1x31] [--layers 8] [--json out.json]
 
@@ -38,12 +43,12 @@ from mlx_moe.kernels.mul_mv_id import moe_layer_trace  # noqa: E402
 from mlx_moe.kernels.registry import ticket_counters  # noqa: E402
 from mlx_moe.kernels.router import RouterParams  # noqa: E402
 
-EVENTS = ("start", "routed", "staged", "ready", "end")
+EVENTS = ("start", "loaded", "ruled", "routed", "staged", "ready", "end")
 PCTS = (0, 50, 90, 100)
 
 
 def relative_us(trace: np.ndarray) -> np.ndarray:
-    """[threadgroups, 5] uint32 nanosecond stamps (low 32 bits) -> float us from the
+    """[threadgroups, stamps] uint32 nanosecond stamps (low 32 bits) -> float us from the
     earliest, wrap-safe (a launch is far shorter than the 4.3 s the low bits span)."""
     t = trace.astype(np.int64)
     d = (t - t[0, 0] + 2 ** 31) % 2 ** 32 - 2 ** 31
@@ -57,14 +62,14 @@ def launch_summary(trace: np.ndarray, n_down: int) -> dict:
     down = np.zeros(len(t), bool)
     down[len(t) - n_down:] = True
     gu, dn = t[~down], t[down]
-    out = {"span": float(t[:, 4].max()), "threadgroups": [int((~down).sum()), int(down.sum())]}
+    out = {"span": float(t[:, -1].max()), "threadgroups": [int((~down).sum()), int(down.sum())]}
     for kind, rows in (("gate_up", gu), ("down", dn)):
         out[kind] = {ev: [float(np.percentile(rows[:, i], p)) for p in PCTS] for i, ev in enumerate(EVENTS)}
-    first_gu_end = gu[:, 4].min()
+    first_gu_end = gu[:, -1].min()
     out["down_started_before_first_gate_up_end"] = int((dn[:, 0] < first_gu_end).sum())
-    last_ticket = gu[:, 4].max()
+    last_ticket = gu[:, -1].max()
     out["last_gate_up_ticket"] = float(last_ticket)
-    out["down_tail"] = float(dn[:, 4].max() - last_ticket)
+    out["down_tail"] = float(dn[:, -1].max() - last_ticket)
     return out
 
 
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--stale-logits", action="store_true",
+                   help="fixed router outputs per layer instead of a router projection of each launch's input")
     a = p.parse_args(argv)
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("trace_moe_layer needs MLX's CUDA backend (Metal kernels read no global clock)")
@@ -111,9 +118,11 @@ def main(argv=None) -> int:
     layers = [q4_0_experts(a.experts, a.hidden, a.ffn) for _ in range(a.layers)]
     w = [(ex["gate_proj"]["weight"], ex["up_proj"]["weight"], ex["down_proj"]["weight"]) for ex in layers]
     logits = [mx.random.normal((1, a.experts)).astype(mx.bfloat16) for _ in range(a.layers)]
+    routers = [(mx.random.normal((a.hidden, a.experts)) * a.hidden ** -0.5).astype(mx.bfloat16)
+               for _ in range(a.layers)]
     x = mx.random.normal((1, a.hidden)).astype(mx.bfloat16)
     counts = ticket_counters(a.layers)
-    mx.eval(logits, x)
+    mx.eval(logits, routers, x)
     params = RouterParams(a.k, normalize=True)
     results = {}
     for g in geoms:
@@ -126,7 +135,8 @@ def main(argv=None) -> int:
             xl, traces = x, []
             for _ in range(n):
                 for l in range(a.layers):
-                    y, _, _, _, tr = moe_layer_trace(xl, logits[l], params, *w[l], 0, xl, counts[l], "cuda", g)
+                    lg = logits[l] if a.stale_logits else xl @ routers[l]
+                    y, _, _, _, tr = moe_layer_trace(xl, lg, params, *w[l], 0, xl, counts[l], "cuda", g)
                     xl = mx.fast.rms_norm(y, None, 1e-6)
                     traces.append(tr)
             mx.eval(traces, xl)

@@ -536,13 +536,13 @@ def _moe_layer_case(flavor: str) -> None:
 
 def _moe_layer_trace_case(flavor: str) -> None:
     """mul_mv_id_moe_trace (the TRACE option, tools/trace_moe_layer.py): the plain launch's
-    outputs bit for bit, and per threadgroup 5 clock stamps -- zeros on Metal and under
+    outputs bit for bit, and per threadgroup 7 clock stamps -- zeros on Metal and under
     its emulation (no global clock), non-decreasing within a threadgroup (and within 10 ms)
     on CUDA.  Unstaged (96 x 64, float32) and staged (256 x 256 rows, bfloat16 activations
     and h: stage 31, the stamp after the staged rows)."""
     from ..q4_0 import quantize
     from .dispatch import LayerGeometry
-    from .mul_mv_id import moe_layer_launch, moe_layer_trace
+    from .mul_mv_id import TRACE_STAMPS, moe_layer_launch, moe_layer_trace
     from .registry import ticket_counter
     from .router import RouterParams
 
@@ -561,10 +561,11 @@ def _moe_layer_trace_case(flavor: str) -> None:
                 f"traced launch {g.tag}: {name} differs from the plain launch's"
         trace = np.array(got[4]).astype(np.int64)
         groups = -(-F // (g.gate_nr * g.nsg)) * T * params.k + -(-D // g.down_nr) * T
-        assert trace.shape == (groups, 5), f"traced launch {g.tag}: trace shape {trace.shape}, expected {(groups, 5)}"
+        assert trace.shape == (groups, TRACE_STAMPS), \
+            f"traced launch {g.tag}: trace shape {trace.shape}, expected {(groups, TRACE_STAMPS)}"
         if flavor == "cuda":
             assert (np.diff(trace, axis=1) >= 0).all(), f"traced launch {g.tag}: a threadgroup's stamps go backwards"
-            assert (trace[:, 4] - trace[:, 0]).max() < 10 ** 7, f"traced launch {g.tag}: a threadgroup took 10 ms"
+            assert (trace[:, -1] - trace[:, 0]).max() < 10 ** 7, f"traced launch {g.tag}: a threadgroup took 10 ms"
         else:
             assert not trace.any(), f"traced launch {g.tag}: Metal reads no clock, the stamps must be zero"
 

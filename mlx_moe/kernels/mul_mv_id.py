@@ -173,11 +173,15 @@ def moe_layer_launch(x, logits, params, wg, wu, wd, n_identity, residual, count,
     return _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry, False)
 
 
+TRACE_STAMPS = 7  # clock stamps a threadgroup writes with the TRACE option
+
+
 def moe_layer_trace(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry=None):
     """moe_layer_launch through mul_mv_id_moe_trace: (y, ids, weights, h, trace), trace
-    [threadgroups, 5] uint32, each threadgroup's clock (low 32 bits of nanoseconds; CUDA
-    only, zeros elsewhere) at its start, routed, rows staged, h ready (down) or stored
-    (gate/up), end (metal/mul_mv_id.metal, option TRACE; tools/trace_moe_layer.py)."""
+    [threadgroups, 7] uint32, each threadgroup's clock (low 32 bits of nanoseconds; CUDA
+    only, zeros elsewhere) at its start, router outputs loaded, rule done, routed, rows
+    staged, h ready (down) or stored (gate/up), end (metal/mul_mv_id.metal, option TRACE;
+    tools/trace_moe_layer.py)."""
     return _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavor, geometry, True)
 
 
@@ -198,7 +202,7 @@ def _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavo
     out = registry_kernel(flavor, "mul_mv_id_moe_trace" if trace else "mul_mv_id_moe")(
         inputs=[x, logits, *rule_inputs, wg, wu, wd, residual, count], template=template,
         grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)] + [(groups, 5)] * trace,
+        output_shapes=[(T * k, ffn), (T, k), (T, k), (T, hidden)] + [(groups, TRACE_STAMPS)] * trace,
         output_dtypes=[h_dtype, mx.int32, mx.float32, x.dtype] + [mx.uint32] * trace,
     )
     h, ids, weights, y = out[:4]
