@@ -219,7 +219,9 @@ struct moe_rows<ushort> {
 // NS = 2 as many of b to dst[half .. half + n), with NTH threads (tid; 1 <= n <= CAP):
 // every load of a thread first, in flight together, then the stores.  Threads past n
 // load unit n - 1 again (valid memory) and store nothing: no load is branched around.
-template <int CAP, int NTH, int NS, typename DP, typename SP>
+// ROWU > 0: rows of ROWU units, each stored with one unit of padding after it (unit i at
+// dst[i + i / ROWU]; half counts the padded units).
+template <int CAP, int NTH, int NS, int ROWU = 0, typename DP, typename SP>
 MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint tid) {
   constexpr int PER = (CAP + NTH - 1) / NTH;
   uint4 v[NS * PER];
@@ -234,10 +236,11 @@ MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint 
   MOE_UNROLL
   for (int j = 0; j < PER; ++j) {
     const int i = int(tid) + j * NTH;
+    const int at = ROWU > 0 ? i + i / (ROWU > 0 ? ROWU : 1) : i;
     if (i < n) {
-      dst[i] = v[j];
+      dst[at] = v[j];
       if (NS == 2) {
-        dst[half + i] = v[PER + j];
+        dst[half + at] = v[PER + j];
       }
     }
   }
@@ -265,6 +268,17 @@ MOE_DEVICE inline void moe_swiglu_store(XP x, WP wg, WP wu, HP h, bool active, i
     }
   }
 }
+
+// A gate/up threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 32): ON
+// where a flavor has one.  This primary template is the Metal one: none (the simd_sum GEMV
+// above runs instead); mul_mv_id_cuda.h specializes <true> for CUDA's tensor cores.
+template <bool MMA>
+struct moe_gate_up_mma {
+  enum { ON = 0 };
+
+  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
+};
 
 // moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
 // (moe_prepare_x): one specialization per choice, so the prepared store is instantiated
@@ -555,14 +569,23 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int RT = NRG * NSG;  // a gate/up threadgroup's rows (of each matrix)
   constexpr bool STAGED_GU = (STAGE & 2) != 0 && (RLG * int(sizeof(WT))) % 16 == 0 && 2 * RT * RG16 * 16 <= 24576;
   constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
-  constexpr int NS_GU = STAGED_GU ? 2 * RT * RG16 : 1;  // 16-byte units each kind stages
+  // STAGE bit 32: the gate/up dot products on a matrix unit (moe_gate_up_mma; CUDA's tensor
+  // cores, mul_mv_id_cuda.h; none on Metal, where the bit changes nothing): the 8 gate and 8
+  // up rows of a threadgroup are one 16-row tile.  Q4_0 with bfloat16 activations only (the
+  // host drops the bit elsewhere), the rows staged, each padded by 16 bytes (a warp's
+  // fragment reads of 8 rows then fall in different banks).
+  constexpr bool MMA_GU = (STAGE & 32) != 0 && moe_gate_up_mma<true>::ON && STAGED_GU && RT == 8 &&
+                          moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
+  constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
+  constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
   constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
-  constexpr bool XPREP = (STAGE & 4) != 0 && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
+  constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
+  threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
   // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
@@ -642,10 +665,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     const auto xt = x + size_t(tok) * D;
     const auto ht = h + size_t(pair) * F;
     if (STAGED_GU) {
-      if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RG16 ..)
+      if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RPITCH ..) (RPITCH: a row's padded units)
         const size_t off = (size_t(e) * F + rt0) * RLG;
-        moe_stage_rows<RT * RG16, 32 * NSG, 2>(stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16,
-                                                RT * RG16, thread_index_in_threadgroup);
+        moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
+            stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -653,9 +676,17 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         tr[4] = moe_clock_ns();
       }
 //@endif
-      const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
-      moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wr, wr + RT * RLG, ht, real && row0 < F, row0,
-                                                              lane);
+      if (MMA_GU) {
+        if (real) {  // uniform per threadgroup (a barrier inside)
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(xt, moe_tg_as<const ushort>(stage), ht + rt0, gred,
+                                                                   (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
+                                                                   thread_index_in_threadgroup);
+        }
+      } else {
+        const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
+        moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wr, wr + RT * RLG, ht, real && row0 < F, row0,
+                                                                lane);
+      }
     } else {
       const bool active = real && row0 < F;  // uniform per simdgroup
       const size_t off = active ? (size_t(e) * F + row0) * RLG : 0;

@@ -236,3 +236,37 @@ __device__ inline void moe_wait_count(const uint* count, uint n) {
     __nanosleep(64);
   }
 }
+
+// -- Tensor-core helpers (the prefill GEMMs of mul_mm_id_cuda.h, the decode layer's gate/up
+// tile of mul_mv_id_cuda.h).  Fragments of mma.m16n8k16 .bf16 (PTX ISA), g = lane / 4,
+// q = lane % 4, two bf16 per register (the lower k in the low half): A (16 x 16, row): a0
+// (g, 2q..2q+1), a1 (g + 8, 2q..), a2 (g, 2q + 8..), a3 (g + 8, 2q + 8..); B (16 x 8,
+// col): b0 (k 2q..2q+1, n g), b1 (k 2q + 8.., n g); C (16 x 8): c0 (g, 2q), c1 (g,
+// 2q + 1), c2 (g + 8, 2q), c3 (g + 8, 2q + 1).  tests/cuda_mock.py has CPU stand-ins.
+// d += A (16 x 16) * B (16 x 8), bf16 operands, float32 accumulate.
+__device__ inline void moe_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two nibbles (bytes 0 and 1 of `nib`, each 0..15) as the bf16 pair (q0 - 8,
+// q1 - 8): a byte permute puts each under the exponent byte 0x43 (bf16 0x43nn
+// is 128 + nn), one packed subtraction of 136 leaves q - 8, exactly.
+__device__ inline unsigned moe_q4_bf16x2(unsigned nib) {
+  const unsigned v = __byte_perm(nib, 0x43434343u, 0x4140u);
+  const __nv_bfloat162 h = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __float2bfloat162_rn(136.0f));
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// d = A (16 x 16) * B (16 x 8), bf16 operands, float32 result (no accumulator input).
+__device__ inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
+}
+

@@ -214,6 +214,48 @@ def test_one_launch_bfloat16_activations(flavor):
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_gate_up_on_tensor_cores(flavor):
+    """Stage bit 32 (the gate/up tile on CUDA's tensor cores, moe_gate_up_mma; Metal has
+    none and ignores the bit): against the same geometry without it (stages 63 and 59, with
+    and without the prepared activations, against 31 and 27), bfloat16 activations, 8 gate
+    rows a threadgroup.  Under the emulation every output bit for bit; on CUDA the same ids
+    and weights, h within a bfloat16 rounding (the float32 sums are added in another order)
+    and y to rounding, and y against the float64 oracle; float32 activations drop the bit
+    (the same launch, bit for bit)."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+
+    nexp, ne, params = RULES[3]  # an identity slot on token 0: its rows of h stay unwritten
+    rng = np.random.default_rng(32)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, dtype=mx.bfloat16, d=256, f=256)
+    wgm, wum, wdm = mx.array(wg), mx.array(wu), mx.array(wd)
+    real = None
+    for mma, plain in ((63, 31), (59, 27)):
+        got = moe_layer_launch(x, logits, params, wgm, wum, wdm, nexp - ne, res, ticket_counter(), flavor,
+                               LayerGeometry(1, 5, 8, 1, stage=mma))
+        want = moe_layer_launch(x, logits, params, wgm, wum, wdm, nexp - ne, res, ticket_counter(), flavor,
+                                LayerGeometry(1, 5, 8, 1, stage=plain))
+        (y, ids, w, h), (y0, ids0, w0, h0) = ([np.array(a.astype(mx.float32)) for a in o] for o in (got, want))
+        np.testing.assert_array_equal(ids, ids0)
+        np.testing.assert_array_equal(w, w0)
+        real = ids.reshape(-1) < ne  # the rows of h the kernel writes
+        assert real.sum() < real.size
+        if flavor == "emulated":
+            np.testing.assert_array_equal(h[real], h0[real])
+            np.testing.assert_array_equal(y, y0)
+        else:
+            np.testing.assert_allclose(h[real], h0[real], rtol=2 ** -7, atol=2 ** -7 * np.abs(h0[real]).max())
+            np.testing.assert_allclose(y, y0, rtol=2 ** -7, atol=1e-2 * np.abs(y0).max())
+        want_y = _oracle(wg, wu, wd, x, res, ids.astype(np.int32), w)
+        np.testing.assert_allclose(y, want_y, rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
+    xf, resf = x.astype(mx.float32), res.astype(mx.float32)
+    y32 = moe_layer_launch(xf, logits, params, wgm, wum, wdm, nexp - ne, resf, ticket_counter(), flavor,
+                           LayerGeometry(1, 5, 8, 1, stage=63))[0]
+    y15 = moe_layer_launch(xf, logits, params, wgm, wum, wdm, nexp - ne, resf, ticket_counter(), flavor,
+                           LayerGeometry(1, 5, 8, 1, stage=15))[0]
+    np.testing.assert_array_equal(np.array(y32), np.array(y15))
+
+
 def test_one_launch_needs_in_order_threadgroups():
     """The registry marks the kernel (the emulation then runs its threadgroups in index
     order); the two-launch kernels keep the emulation's last-first order."""

@@ -1,0 +1,75 @@
+// CUDA twin helpers of metal/mul_mv_id.metal: the decode MoE layer's gate/up tile on
+// the tensor cores.  mlx_moe/kernels/registry.py appends these helpers after the shared
+// ones on the `cuda` flavor; the kernel bodies stay the shared ones.
+//
+// Why: a gate/up threadgroup's 8 gate and 8 up rows are, on the H100, as long in their
+// dot products as in their reads (BENCHMARKS.md 2026-12-06, tenth session: 2.7 us after
+// the rows arrive, at ~4.6 instructions a weight in exact float32).  The 16 rows are one
+// m16n8k16 A tile: a lane converts 8 of a block's weights to bf16 q - 8 (exact) per row
+// pair and the tensor cores do the multiply-adds, ~2.8 instructions a weight.
+//
+// Numerics: q - 8 (integers in [-8, 7]) and the bfloat16 activations are exact in bf16,
+// so every product is exact; each Q4_0 block's sum comes out of the mma in float32 and is
+// scaled by the block's d in float32 (as the prefill GEMM's bf16 path, mul_mm_id_cuda.h).
+// Only the order of the float32 additions differs from the simd_sum GEMV.
+
+// ==== helpers ====
+
+// The gate/up dot products of one threadgroup (mul_mv_id_moe, stage bit 32) on the tensor
+// cores: `stage` holds its 8 gate rows, then its 8 up rows (Q4_0, D columns, RW ushorts
+// apart: D / 32 * 9 and the padding, staged by moe_stage_rows); x the token's D bfloat16 activations (4-byte aligned).
+// Warp w takes blocks w * NB .. of every row; its A tile rows are gate row g (a0, a2) and
+// up row g (a1, a3); every lane loads the B fragment from x whatever its column n = g, so
+// all 8 columns of C hold the same dot products: c0 = gate row g, c2 = up row g.  The
+// warps meet in `red` (threadgroup, NSG * 16 floats); threads t < nrows store
+// h[t] = silu(gate t) * up t.  Every thread of the threadgroup must call it (a barrier).
+template <>
+struct moe_gate_up_mma<true> {
+  enum { ON = 1 };
+
+  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
+    constexpr int NB = D / 32 / NSG;  // blocks a warp
+    const int g = int(lane >> 2);
+    const int q = int(lane & 3u);
+    const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
+    const ushort* ru = rg + 8 * RW;
+    const unsigned* xw = reinterpret_cast<const unsigned*>(x);  // bf16 pairs
+    float ag = 0.0f;
+    float au = 0.0f;
+    #pragma unroll 2  // fully unrolled, nvcc keeps every block's loads in flight: 48 registers, 5 threadgroups an SM (40: 6)
+    for (int j = 0; j < NB; ++j) {
+      const int b = int(sg) * NB + j;
+      const ushort* bg = rg + b * 9;
+      const ushort* bu = ru + b * 9;
+      // bytes 2q, 2q + 1 (ushort 1 + q: k 2q, 2q + 1 in the low nibbles, 16 + 2q.. in the
+      // high ones) and bytes 2q + 8, 2q + 9 (ushort 5 + q: k 2q + 8.., 24 + 2q..)
+      const unsigned g0 = bg[1 + q], g1 = bg[5 + q], u0 = bu[1 + q], u1 = bu[5 + q];
+      const unsigned lo[4] = {moe_q4_bf16x2(g0 & 0x0F0Fu), moe_q4_bf16x2(u0 & 0x0F0Fu),
+                              moe_q4_bf16x2(g1 & 0x0F0Fu), moe_q4_bf16x2(u1 & 0x0F0Fu)};
+      const unsigned hi[4] = {moe_q4_bf16x2((g0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u0 >> 4) & 0x0F0Fu),
+                              moe_q4_bf16x2((g1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u1 >> 4) & 0x0F0Fu)};
+      const unsigned blo[2] = {xw[b * 16 + q], xw[b * 16 + 4 + q]};      // x[32 b + 2q ..], x[32 b + 2q + 8 ..]
+      const unsigned bhi[2] = {xw[b * 16 + 8 + q], xw[b * 16 + 12 + q]}; // x[32 b + 16 + 2q ..], x[.. + 24 + 2q ..]
+      float c[4];
+      moe_mma_bf16_z(c, lo, blo);
+      moe_mma_bf16(c, hi, bhi);
+      ag += moe_f16_bits(bg[0]) * c[0];
+      au += moe_f16_bits(bu[0]) * c[2];
+    }
+    if (q == 0) {
+      red[int(sg) * 16 + g] = ag;
+      red[int(sg) * 16 + 8 + g] = au;
+    }
+    __syncthreads();
+    if (int(tid) < nrows) {
+      float sg_ = 0.0f;
+      float su = 0.0f;
+      for (int w = 0; w < NSG; ++w) {
+        sg_ += red[w * 16 + int(tid)];
+        su += red[w * 16 + 8 + int(tid)];
+      }
+      h[int(tid)] = moe_silu(sg_) * su;  // rounded to h's type, as moe_swiglu_store
+    }
+  }
+};
