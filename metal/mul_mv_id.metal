@@ -280,6 +280,20 @@ struct moe_gate_up_mma {
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
 
+// A down threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 64): as
+// moe_gate_up_mma, none on Metal (moe_down_rows runs instead); mul_mv_id_cuda.h
+// specializes <true> for CUDA's tensor cores.
+template <bool MMA>
+struct moe_down_mma {
+  enum { ON = 0 };
+
+  template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
+            typename XP, typename SP, typename PP>
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, PP part, int nvalid, uint sg, uint lane) {
+    return 0.0f;
+  }
+};
+
 // moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
 // (moe_prepare_x): one specialization per choice, so the prepared store is instantiated
 // only where the kernel prepares (Q4_0 weights).
@@ -568,7 +582,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int RD16 = RLD * int(sizeof(WT)) / 16;
   constexpr int RT = NRG * NSG;  // a gate/up threadgroup's rows (of each matrix)
   constexpr bool STAGED_GU = (STAGE & 2) != 0 && (RLG * int(sizeof(WT))) % 16 == 0 && 2 * RT * RG16 * 16 <= 24576;
-  constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
+  // STAGE bit 64: the down dot products on a matrix unit (moe_down_mma; CUDA's tensor cores;
+  // none on Metal): a slot's 8 or 16 rows a tile, h (bfloat16: bit 16) its B fragment.  Its
+  // rows staged in up to 28 KB (8 rows of 8 slots at 768 columns: 27 KB).
+  constexpr bool WANT_MMA_DN = (STAGE & 64) != 0 && moe_down_mma<true>::ON && (NRD == 8 || NRD == 16) &&
+                               (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && F % 32 == 0;
+  constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 &&
+                             KS * NRD * RD16 * 16 <= (WANT_MMA_DN ? 28672 : 16384);
+  constexpr bool MMA_DN = WANT_MMA_DN && STAGED_DN;
   // STAGE bit 32: the gate/up dot products on a matrix unit (moe_gate_up_mma; CUDA's tensor
   // cores, mul_mv_id_cuda.h; none on Metal, where the bit changes nothing): the 8 gate and 8
   // up rows of a threadgroup are one 16-row tile.  Q4_0 with bfloat16 activations only (the
@@ -734,10 +755,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     tr[5] = moe_clock_ns();
   }
 //@endif
-  threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
-      sg, lane);
+  threadgroup float part[MMA_DN ? NSG * 16 : NSG * NRD];
+  const float v = MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NRD, NSG, RD16 * 8>(
+                               h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
+                               moe_tg_as<const ushort>(stage), part, nvalid, sg, lane)
+                         : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+                               h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part,
+                               moe_tg_as<const WT>(stage), row0, sg, lane);
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

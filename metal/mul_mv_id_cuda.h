@@ -73,3 +73,84 @@ struct moe_gate_up_mma<true> {
     }
   }
 };
+
+// The down threadgroup's dot products (mul_mv_id_moe, stage bit 64) on the tensor cores:
+// its NR (8 or 16) rows of each of the token's KS slots, staged at stage + s * NR * RW
+// ushorts (RW a row's ushorts), times that slot's h row (bfloat16, F columns, 4-byte
+// aligned).  Warp w takes slots w, w + NSG, ...; a slot's rows are the A tile's rows g
+// (a0, a2) and, for NR = 16, g + 8 (a1, a3; zeros for NR = 8), h the B fragment in every
+// column, so c0 = row g's dot product and c2 = row g + 8's.  The warps meet in `part`
+// (threadgroup, NSG * 16 floats).  Returns moe_down_rows' contract: lane r < nvalid of
+// simdgroup 0 gets  sum_s wts[s] * (row r . h[s])  plus the identity slots' weights times
+// x[r]; every other thread 0.  Every thread of the threadgroup must call it (a barrier).
+template <>
+struct moe_down_mma<true> {
+  enum { ON = 1 };
+
+  template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
+            typename XP, typename SP, typename PP>
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, PP part, int nvalid, uint sg, uint lane) {
+    constexpr int NB = F / 32;  // blocks a row
+    const int g = int(lane >> 2);
+    const int q = int(lane & 3u);
+    float acc0 = 0.0f;  // row g
+    float acc1 = 0.0f;  // row g + 8 (NR = 16)
+    for (int s = int(sg); s < KS; s += NSG) {
+      const int e = ids[s];
+      if (e >= 0 && e < NE) {  // uniform per warp: every lane reaches the mma
+        const ushort* r0 = reinterpret_cast<const ushort*>(stage) + (s * NR + g) * RW;
+        const ushort* r1 = r0 + 8 * RW;
+        const unsigned* hw = reinterpret_cast<const unsigned*>(h + size_t(s) * F);  // bf16 pairs
+        float d0 = 0.0f;
+        float d1 = 0.0f;
+        #pragma unroll 2
+        for (int b = 0; b < NB; ++b) {
+          const ushort* b0 = r0 + b * 9;
+          const unsigned w0 = b0[1 + q], w1 = b0[5 + q];
+          unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), 0u, moe_q4_bf16x2(w1 & 0x0F0Fu), 0u};
+          unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), 0u, moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), 0u};
+          if (NR == 16) {
+            const ushort* b1 = r1 + b * 9;
+            const unsigned v0 = b1[1 + q], v1 = b1[5 + q];
+            lo[1] = moe_q4_bf16x2(v0 & 0x0F0Fu);
+            lo[3] = moe_q4_bf16x2(v1 & 0x0F0Fu);
+            hi[1] = moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu);
+            hi[3] = moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu);
+          }
+          const unsigned blo[2] = {hw[b * 16 + q], hw[b * 16 + 4 + q]};
+          const unsigned bhi[2] = {hw[b * 16 + 8 + q], hw[b * 16 + 12 + q]};
+          float c[4];
+          moe_mma_bf16_z(c, lo, blo);
+          moe_mma_bf16(c, hi, bhi);
+          d0 += moe_f16_bits(b0[0]) * c[0];
+          if (NR == 16) {
+            d1 += moe_f16_bits(r1[b * 9]) * c[2];
+          }
+        }
+        const float ws = wts[s];
+        acc0 += ws * d0;
+        acc1 += ws * d1;
+      }
+    }
+    if (q == 0) {
+      part[int(sg) * 16 + g] = acc0;
+      part[int(sg) * 16 + 8 + g] = acc1;
+    }
+    __syncthreads();
+    float v = 0.0f;
+    if (sg == 0 && int(lane) < nvalid) {
+      for (int w = 0; w < NSG; ++w) {
+        v += part[w * 16 + int(lane)];
+      }
+      if (NI > 0) {
+        float wid = 0.0f;
+        for (int s = 0; s < KS; ++s) {
+          const int e = ids[s];
+          wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
+        }
+        v += wid * float(x[int(lane)]);
+      }
+    }
+    return v;
+  }
+};
