@@ -594,33 +594,12 @@ MOE_DEVICE inline void moe_mm_bf16(const __nv_bfloat16* src, const int* pairs, c
 #define MOE_MM_XP (32 * MOE_MM_AK + 8)  // bf16 per activation row in a stage: 144 B, conflict-free ldmatrix
 
 #ifndef MOE_CUDA_MOCK
-__device__ inline unsigned moe_smem(const void* p) {
-  unsigned a;
-  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
+// (moe_smem, moe_cp16, moe_cp_commit and moe_cp_wait are in shims_cuda.h.)
 // 4 bytes global -> shared, asynchronously (both 4-byte aligned).
 __device__ inline void moe_cp4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(moe_smem(dst)), "l"(src) : "memory");
 }
 
-// 16 bytes global -> shared, asynchronously (both 16-byte aligned); zeros when !valid.
-__device__ inline void moe_cp16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(moe_smem(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ inline void moe_cp_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ inline void moe_cp_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 #endif  // MOE_CUDA_MOCK
 
 // One ushort of a stage (2-byte aligned: blocks are 18 bytes).

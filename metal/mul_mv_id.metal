@@ -276,6 +276,12 @@ template <bool MMA>
 struct moe_gate_up_mma {
   enum { ON = 0 };
 
+  // Start copying the token's D activations into xs (threadgroup), NTH threads (tid); wait_x
+  // waits for this thread's copies.  Nothing here (the Metal kernel never calls for it).
+  template <int D, int NTH, typename QP, typename XP>
+  MOE_DEVICE static void copy_x(QP xs, XP x, uint tid) {}
+  MOE_DEVICE static void wait_x() {}
+
   template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
@@ -286,6 +292,12 @@ struct moe_gate_up_mma {
 template <bool MMA>
 struct moe_down_mma {
   enum { ON = 0 };
+
+  // Start copying n 16-byte units of src (device) into dst (threadgroup), the 32 lanes of a
+  // simdgroup; wait_rows waits for this thread's copies.  Nothing here (never called on Metal).
+  template <int CAP, typename DP, typename SP>
+  MOE_DEVICE static void stage_rows(DP dst, SP src, int n, uint lane) {}
+  MOE_DEVICE static void wait_rows() {}
 
   template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
             typename XP, typename SP, typename PP>
@@ -605,7 +617,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
   constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : 1];
+  // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1)];
   threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
@@ -688,8 +701,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     if (STAGED_GU) {
       if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RPITCH ..) (RPITCH: a row's padded units)
         const size_t off = (size_t(e) * F + rt0) * RLG;
+        // MMA_GU: x's copy into xq started first (asynchronous: no registers held across the
+        // rows' loads), waited for after them
+        moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt, thread_index_in_threadgroup);
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
+        moe_gate_up_mma<MMA_GU>::wait_x();
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -699,7 +716,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
       if (MMA_GU) {
         if (real) {  // uniform per threadgroup (a barrier inside)
-          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(xt, moe_tg_as<const ushort>(stage), ht + rt0, gred,
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
+                                                                   moe_tg_as<const ushort>(stage), ht + rt0, gred,
                                                                    (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
                                                                    thread_index_in_threadgroup);
         }
@@ -736,7 +754,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       const int e = chosen[s];
       if (e >= 0 && e < NE) {
         const auto src = wd + (size_t(e) * D + row0) * RLD;
-        moe_stage_rows<NRD * RD16, 32, 1>(stage + s * NRD * RD16, src, src, nvalid * RD16, 0, lane);
+        if (MMA_DN) {  // asynchronous (no registers held through the wait), waited for after it
+          moe_down_mma<MMA_DN>::template stage_rows<NRD * RD16>(stage + s * NRD * RD16, src, nvalid * RD16, lane);
+        } else {
+          moe_stage_rows<NRD * RD16, 32, 1>(stage + s * NRD * RD16, src, src, nvalid * RD16, 0, lane);
+        }
       }
     }
   }
@@ -748,6 +770,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
   }
+  moe_down_mma<MMA_DN>::wait_rows();  // this thread's asynchronous row copies (MMA_DN), before the barrier
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
 //@if TRACE

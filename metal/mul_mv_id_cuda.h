@@ -17,7 +17,9 @@
 
 // The gate/up dot products of one threadgroup (mul_mv_id_moe, stage bit 32) on the tensor
 // cores: `stage` holds its 8 gate rows, then its 8 up rows (Q4_0, D columns, RW ushorts
-// apart: D / 32 * 9 and the padding, staged by moe_stage_rows); x the token's D bfloat16 activations (4-byte aligned).
+// apart: D / 32 * 9 and the padding, staged by moe_stage_rows); xs the token's D bfloat16
+// activations, copied into threadgroup memory with the rows (a block's B fragments are then
+// a shared-memory read, not an L2 round trip every unrolled step).
 // Warp w takes blocks w * NB .. of every row; its A tile rows are gate row g (a0, a2) and
 // up row g (a1, a3); every lane loads the B fragment from x whatever its column n = g, so
 // all 8 columns of C hold the same dot products: c0 = gate row g, c2 = up row g.  The
@@ -27,14 +29,27 @@ template <>
 struct moe_gate_up_mma<true> {
   enum { ON = 1 };
 
+  // x (D bfloat16, 16-byte aligned) into xs with cp.async: the copy holds no registers while
+  // the threadgroup's rows are loaded beside it.
+  template <int D, int NTH, typename QP, typename XP>
+  MOE_DEVICE static void copy_x(QP xs, XP x, uint tid) {
+    for (int u = int(tid); u < D / 8; u += NTH) {
+      moe_cp16(xs + u, reinterpret_cast<const uint4*>(x) + u, true);
+    }
+    moe_cp_commit();
+  }
+  MOE_DEVICE static void wait_x() {
+    moe_cp_wait<0>();
+  }
+
   template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
-  MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
+  MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
     constexpr int NB = D / 32 / NSG;  // blocks a warp
     const int g = int(lane >> 2);
     const int q = int(lane & 3u);
     const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
     const ushort* ru = rg + 8 * RW;
-    const unsigned* xw = reinterpret_cast<const unsigned*>(x);  // bf16 pairs
+    const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs
     float ag = 0.0f;
     float au = 0.0f;
     #pragma unroll 2  // fully unrolled, nvcc keeps every block's loads in flight: 48 registers, 5 threadgroups an SM (40: 6)
@@ -77,7 +92,10 @@ struct moe_gate_up_mma<true> {
 // The down threadgroup's dot products (mul_mv_id_moe, stage bit 64) on the tensor cores:
 // its NR (8 or 16) rows of each of the token's KS slots, staged at stage + s * NR * RW
 // ushorts (RW a row's ushorts), times that slot's h row (bfloat16, F columns, 4-byte
-// aligned).  Warp w takes slots w, w + NSG, ...; a slot's rows are the A tile's rows g
+// aligned).  A warp reads its slot's h once, 32 consecutive words a load (all in flight
+// at once: one L2 round trip), and each block's B fragments come from those registers by
+// shuffles (word 32 i + l of the row in lane l's register i: block b's word j is register
+// b / 2 of lane 16 (b % 2) + j).  Warp w takes slots w, w + NSG, ...; a slot's rows are the A tile's rows g
 // (a0, a2) and, for NR = 16, g + 8 (a1, a3; zeros for NR = 8), h the B fragment in every
 // column, so c0 = row g's dot product and c2 = row g + 8's.  The warps meet in `part`
 // (threadgroup, NSG * 16 floats).  Returns moe_down_rows' contract: lane r < nvalid of
@@ -87,10 +105,24 @@ template <>
 struct moe_down_mma<true> {
   enum { ON = 1 };
 
+  // The slot's rows into the stage with cp.async (moe_stage_rows holds them in registers
+  // through the wait for h: 28 of them at 8 rows of 768 columns).
+  template <int CAP, typename DP, typename SP>
+  MOE_DEVICE static void stage_rows(DP dst, SP src, int n, uint lane) {
+    for (int u = int(lane); u < n; u += 32) {
+      moe_cp16(dst + u, reinterpret_cast<const uint4*>(src) + u, true);
+    }
+    moe_cp_commit();
+  }
+  MOE_DEVICE static void wait_rows() {
+    moe_cp_wait<0>();
+  }
+
   template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
             typename XP, typename SP, typename PP>
   MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, PP part, int nvalid, uint sg, uint lane) {
     constexpr int NB = F / 32;  // blocks a row
+    constexpr int NH = (F / 2 + 31) / 32;  // registers of h words a lane
     const int g = int(lane >> 2);
     const int q = int(lane & 3u);
     float acc0 = 0.0f;  // row g
@@ -101,10 +133,17 @@ struct moe_down_mma<true> {
         const ushort* r0 = reinterpret_cast<const ushort*>(stage) + (s * NR + g) * RW;
         const ushort* r1 = r0 + 8 * RW;
         const unsigned* hw = reinterpret_cast<const unsigned*>(h + size_t(s) * F);  // bf16 pairs
+        unsigned hr[NH];
+        MOE_UNROLL
+        for (int i = 0; i < NH; ++i) {
+          hr[i] = hw[(32 * i + int(lane) < F / 2) ? 32 * i + int(lane) : 0];
+        }
         float d0 = 0.0f;
         float d1 = 0.0f;
-        #pragma unroll 2
-        for (int b = 0; b < NB; ++b) {
+        MOE_NO_UNROLL
+        for (int i = 0; i < NH; ++i) {
+        MOE_UNROLL
+        for (int b = 2 * i; b < 2 * i + 2; ++b) {
           const ushort* b0 = r0 + b * 9;
           const unsigned w0 = b0[1 + q], w1 = b0[5 + q];
           unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), 0u, moe_q4_bf16x2(w1 & 0x0F0Fu), 0u};
@@ -117,8 +156,9 @@ struct moe_down_mma<true> {
             hi[1] = moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu);
             hi[3] = moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu);
           }
-          const unsigned blo[2] = {hw[b * 16 + q], hw[b * 16 + 4 + q]};
-          const unsigned bhi[2] = {hw[b * 16 + 8 + q], hw[b * 16 + 12 + q]};
+          const int src = 16 * (b & 1) + q;
+          const unsigned blo[2] = {moe_shuffle_u32(hr[0], src), moe_shuffle_u32(hr[0], src + 4)};
+          const unsigned bhi[2] = {moe_shuffle_u32(hr[0], src + 8), moe_shuffle_u32(hr[0], src + 12)};
           float c[4];
           moe_mma_bf16_z(c, lo, blo);
           moe_mma_bf16(c, hi, bhi);
@@ -126,6 +166,11 @@ struct moe_down_mma<true> {
           if (NR == 16) {
             d1 += moe_f16_bits(r1[b * 9]) * c[2];
           }
+        }
+        MOE_UNROLL
+        for (int j = 0; j + 1 < NH; ++j) {  // the next pair's words into hr[0]
+          hr[j] = hr[j + 1];
+        }
         }
         const float ws = wts[s];
         acc0 += ws * d0;

@@ -111,6 +111,9 @@ __device__ inline int moe_shuffle_xor(int v, ushort mask) {
 __device__ inline float moe_shuffle(float v, ushort src) {
   return __shfl_sync(0xffffffffu, v, int(src));
 }
+__device__ inline unsigned moe_shuffle_u32(unsigned v, int src) {
+  return __shfl_sync(0xffffffffu, v, src);
+}
 
 __device__ inline float moe_exp(float v) {
   return expf(v);
@@ -270,3 +273,28 @@ __device__ inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigne
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
 }
 
+// -- Asynchronous copies, global -> shared (cp.async; the prefill GEMMs' stages, the decode
+// layer's activations).  moe_smem: a generic pointer into shared memory as a 32-bit
+// shared-window address.
+__device__ inline unsigned moe_smem(const void* p) {
+  unsigned a;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared, asynchronously (both 16-byte aligned); zeros when !valid.
+__device__ inline void moe_cp16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(moe_smem(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ inline void moe_cp_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ inline void moe_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
