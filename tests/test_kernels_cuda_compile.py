@@ -494,14 +494,18 @@ def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
 
 def test_oproj_moe_compiles_for_sm90a(tmp_path):
     """o_proj with the split router tail and the MoE layer in one launch (metal/decode_chain.metal)
-    at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged): no spills, at most 255 registers."""
-    tail = _tail("dense_residual_parts_router_split", "x", 2, 8)
-    moe = _moe_layer("x", 1, 4, 8, stage=1)
-    inputs = dict(tail[2])
-    inputs.update({n: moe[2][n] for n in ("bias", "scale", "wg", "wu", "wd")})
-    inputs["mcount"] = inputs["ccount"] = "uint32"
-    outputs = dict(tail[3])
-    outputs.update(moe[3])
-    names = {n for n, _ in tail[4]}
-    template = list(tail[4]) + [(n, v) for n, v in moe[4] if n not in names]
-    _compiles(tmp_path, "decode_chain", [("oproj_moe", "qwen3", inputs, outputs, template)])
+    at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged; and with the gate/up tile on the
+    tensor cores, stage 59): no spills, at most 255 registers."""
+    kernels = []
+    for stage in (1, 59):
+        tail = _tail("dense_residual_parts_router_split", "x", 2, 8)
+        moe = _moe_layer("x", 1, 4, 8, stage=stage)
+        inputs = dict(tail[2])
+        inputs.update({n: moe[2][n] for n in ("bias", "scale", "wg", "wu", "wd")})
+        inputs["mcount"] = inputs["ccount"] = "uint32"
+        outputs = dict(tail[3])
+        outputs.update(moe[3])
+        names = {n for n, _ in tail[4]}
+        template = list(tail[4]) + [(n, v) for n, v in moe[4] if n not in names]
+        kernels.append(("oproj_moe", f"qwen3_stage{stage}", inputs, outputs, template))
+    _compiles(tmp_path, "decode_chain", kernels)
