@@ -574,8 +574,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // the end took the kernel from 39 registers to 47 under nvcc: fewer threadgroups an SM
   // than the launch it traces).  Stamp 0 the start, 1 the router outputs loaded, 2
   // the rule done (both the start where the rule is not run), 3 routed (the barrier after
-  // the rule), 4 rows staged (routed where none are), 5 h ready (down) or stored (gate/up),
-  // 6 the end.
+  // the rule), 4 rows staged (routed where none are; with bit 64 the down rows' copies
+  // issued, not landed), 5 h ready (down) or stored (gate/up), 6 the end.
   const auto tr = trace + size_t(tg) * 7;
   if (thread_index_in_threadgroup == 0) {
     tr[0] = moe_clock_ns();
