@@ -282,7 +282,7 @@ def test_one_launch_rejects_what_it_cannot_run():
 def test_traced_launch_is_the_launch(flavor):
     """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py), its verification case
     (kernel_cases): the plain launch's outputs bit for bit, unstaged and staged, and one
-    row of 5 stamps a threadgroup -- zeros under the emulation (Metal reads no clock); on
+    row of 7 stamps a threadgroup -- zeros under the emulation (Metal reads no clock); on
     CUDA, nanoseconds in event order within each threadgroup."""
     for case in KERNEL_CASES["mul_mv_id_moe_trace"]:
         case.check(flavor)
