@@ -286,26 +286,6 @@ struct moe_gate_up_mma {
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
 
-// A down threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 64): as
-// moe_gate_up_mma, none on Metal (moe_down_rows runs instead); mul_mv_id_cuda.h
-// specializes <true> for CUDA's tensor cores.
-template <bool MMA>
-struct moe_down_mma {
-  enum { ON = 0 };
-
-  // Start copying n 16-byte units of src (device) into dst (threadgroup), the 32 lanes of a
-  // simdgroup; wait_rows waits for this thread's copies.  Nothing here (never called on Metal).
-  template <int CAP, typename DP, typename SP>
-  MOE_DEVICE static void stage_rows(DP dst, SP src, int n, uint lane) {}
-  MOE_DEVICE static void wait_rows() {}
-
-  template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
-            typename XP, typename SP, typename PP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, PP part, int nvalid, uint sg, uint lane) {
-    return 0.0f;
-  }
-};
-
 // moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
 // (moe_prepare_x): one specialization per choice, so the prepared store is instantiated
 // only where the kernel prepares (Q4_0 weights).
@@ -574,8 +554,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // the end took the kernel from 39 registers to 47 under nvcc: fewer threadgroups an SM
   // than the launch it traces).  Stamp 0 the start, 1 the router outputs loaded, 2
   // the rule done (both the start where the rule is not run), 3 routed (the barrier after
-  // the rule), 4 rows staged (routed where none are; with bit 64 the down rows' copies
-  // issued, not landed), 5 h ready (down) or stored (gate/up), 6 the end.
+  // the rule), 4 rows staged (routed where none are), 5 h ready (down) or stored (gate/up),
+  // 6 the end.
   const auto tr = trace + size_t(tg) * 7;
   if (thread_index_in_threadgroup == 0) {
     tr[0] = moe_clock_ns();
@@ -594,14 +574,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int RD16 = RLD * int(sizeof(WT)) / 16;
   constexpr int RT = NRG * NSG;  // a gate/up threadgroup's rows (of each matrix)
   constexpr bool STAGED_GU = (STAGE & 2) != 0 && (RLG * int(sizeof(WT))) % 16 == 0 && 2 * RT * RG16 * 16 <= 24576;
-  // STAGE bit 64: the down dot products on a matrix unit (moe_down_mma; CUDA's tensor cores;
-  // none on Metal): a slot's 8 or 16 rows a tile, h (bfloat16: bit 16) its B fragment.  Its
-  // rows staged in up to 28 KB (8 rows of 8 slots at 768 columns: 27 KB).
-  constexpr bool WANT_MMA_DN = (STAGE & 64) != 0 && moe_down_mma<true>::ON && (NRD == 8 || NRD == 16) &&
-                               (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && F % 32 == 0;
-  constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 &&
-                             KS * NRD * RD16 * 16 <= (WANT_MMA_DN ? 28672 : 16384);
-  constexpr bool MMA_DN = WANT_MMA_DN && STAGED_DN;
+  constexpr bool STAGED_DN = (STAGE & 1) != 0 && (RLD * int(sizeof(WT))) % 16 == 0 && KS * NRD * RD16 * 16 <= 16384;
   // STAGE bit 32: the gate/up dot products on a matrix unit (moe_gate_up_mma; CUDA's tensor
   // cores, mul_mv_id_cuda.h; none on Metal, where the bit changes nothing): the 8 gate and 8
   // up rows of a threadgroup are one 16-row tile.  Q4_0 with bfloat16 activations only (the
@@ -754,11 +727,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       const int e = chosen[s];
       if (e >= 0 && e < NE) {
         const auto src = wd + (size_t(e) * D + row0) * RLD;
-        if (MMA_DN) {  // asynchronous (no registers held through the wait), waited for after it
-          moe_down_mma<MMA_DN>::template stage_rows<NRD * RD16>(stage + s * NRD * RD16, src, nvalid * RD16, lane);
-        } else {
-          moe_stage_rows<NRD * RD16, 32, 1>(stage + s * NRD * RD16, src, src, nvalid * RD16, 0, lane);
-        }
+        moe_stage_rows<NRD * RD16, 32, 1>(stage + s * NRD * RD16, src, src, nvalid * RD16, 0, lane);
       }
     }
   }
@@ -770,7 +739,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
   }
-  moe_down_mma<MMA_DN>::wait_rows();  // this thread's asynchronous row copies (MMA_DN), before the barrier
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   moe_device_fence();  // every thread's reads of h after the wait
 //@if TRACE
@@ -778,13 +746,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     tr[5] = moe_clock_ns();
   }
 //@endif
-  threadgroup float part[MMA_DN ? NSG * 16 : NSG * NRD];
-  const float v = MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NRD, NSG, RD16 * 8>(
-                               h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
-                               moe_tg_as<const ushort>(stage), part, nvalid, sg, lane)
-                         : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-                               h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part,
-                               moe_tg_as<const WT>(stage), row0, sg, lane);
+  threadgroup float part[NSG * NRD];
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
+      sg, lane);
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

@@ -6,7 +6,11 @@
 // dot products as in their reads (BENCHMARKS.md 2026-12-06, tenth session: 2.7 us after
 // the rows arrive, at ~4.6 instructions a weight in exact float32).  The 16 rows are one
 // m16n8k16 A tile: a lane converts 8 of a block's weights to bf16 q - 8 (exact) per row
-// pair and the tensor cores do the multiply-adds, ~2.8 instructions a weight.
+// pair and the tensor cores do the multiply-adds, ~2.8 instructions a weight.  Measured
+// (BENCHMARKS.md 2026-12-06, eleventh session): ncu 20.06 / 19.58 us a layer against 20.54
+// for the float32 GEMV, but slower in the chained trace (the dot products 3.1 us after the
+// rows against 2.9): a warp's chain of dependent mma, scale and add is no shorter in
+// latency.  Not the default (stage bit 32 off); kept for the next attempt.
 //
 // Numerics: q - 8 (integers in [-8, 7]) and the bfloat16 activations are exact in bf16,
 // so every product is exact; each Q4_0 block's sum comes out of the mma in float32 and is
@@ -86,116 +90,5 @@ struct moe_gate_up_mma<true> {
       }
       h[int(tid)] = moe_silu(sg_) * su;  // rounded to h's type, as moe_swiglu_store
     }
-  }
-};
-
-// The down threadgroup's dot products (mul_mv_id_moe, stage bit 64) on the tensor cores:
-// its NR (8 or 16) rows of each of the token's KS slots, staged at stage + s * NR * RW
-// ushorts (RW a row's ushorts), times that slot's h row (bfloat16, F columns, 4-byte
-// aligned).  A warp reads its slot's h once, 32 consecutive words a load (all in flight
-// at once: one L2 round trip), and each block's B fragments come from those registers by
-// shuffles (word 32 i + l of the row in lane l's register i: block b's word j is register
-// b / 2 of lane 16 (b % 2) + j).  Warp w takes slots w, w + NSG, ...; a slot's rows are the A tile's rows g
-// (a0, a2) and, for NR = 16, g + 8 (a1, a3; zeros for NR = 8), h the B fragment in every
-// column, so c0 = row g's dot product and c2 = row g + 8's.  The warps meet in `part`
-// (threadgroup, NSG * 16 floats).  Returns moe_down_rows' contract: lane r < nvalid of
-// simdgroup 0 gets  sum_s wts[s] * (row r . h[s])  plus the identity slots' weights times
-// x[r]; every other thread 0.  Every thread of the threadgroup must call it (a barrier).
-template <>
-struct moe_down_mma<true> {
-  enum { ON = 1 };
-
-  // The slot's rows into the stage with cp.async (moe_stage_rows holds them in registers
-  // through the wait for h: 28 of them at 8 rows of 768 columns).
-  template <int CAP, typename DP, typename SP>
-  MOE_DEVICE static void stage_rows(DP dst, SP src, int n, uint lane) {
-    for (int u = int(lane); u < n; u += 32) {
-      moe_cp16(dst + u, reinterpret_cast<const uint4*>(src) + u, true);
-    }
-    moe_cp_commit();
-  }
-  MOE_DEVICE static void wait_rows() {
-    moe_cp_wait<0>();
-  }
-
-  template <int F, int NE, int NI, int KS, int NR, int NSG, int RW, typename HP, typename IP, typename WP,
-            typename XP, typename SP, typename PP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, PP part, int nvalid, uint sg, uint lane) {
-    constexpr int NB = F / 32;  // blocks a row
-    constexpr int NH = (F / 2 + 31) / 32;  // registers of h words a lane
-    const int g = int(lane >> 2);
-    const int q = int(lane & 3u);
-    float acc0 = 0.0f;  // row g
-    float acc1 = 0.0f;  // row g + 8 (NR = 16)
-    for (int s = int(sg); s < KS; s += NSG) {
-      const int e = ids[s];
-      if (e >= 0 && e < NE) {  // uniform per warp: every lane reaches the mma
-        const ushort* r0 = reinterpret_cast<const ushort*>(stage) + (s * NR + g) * RW;
-        const ushort* r1 = r0 + 8 * RW;
-        const unsigned* hw = reinterpret_cast<const unsigned*>(h + size_t(s) * F);  // bf16 pairs
-        unsigned hr[NH];
-        MOE_UNROLL
-        for (int i = 0; i < NH; ++i) {
-          hr[i] = hw[(32 * i + int(lane) < F / 2) ? 32 * i + int(lane) : 0];
-        }
-        float d0 = 0.0f;
-        float d1 = 0.0f;
-        MOE_NO_UNROLL
-        for (int i = 0; i < NH; ++i) {
-        MOE_UNROLL
-        for (int b = 2 * i; b < 2 * i + 2; ++b) {
-          const ushort* b0 = r0 + b * 9;
-          const unsigned w0 = b0[1 + q], w1 = b0[5 + q];
-          unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), 0u, moe_q4_bf16x2(w1 & 0x0F0Fu), 0u};
-          unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), 0u, moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), 0u};
-          if (NR == 16) {
-            const ushort* b1 = r1 + b * 9;
-            const unsigned v0 = b1[1 + q], v1 = b1[5 + q];
-            lo[1] = moe_q4_bf16x2(v0 & 0x0F0Fu);
-            lo[3] = moe_q4_bf16x2(v1 & 0x0F0Fu);
-            hi[1] = moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu);
-            hi[3] = moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu);
-          }
-          const int src = 16 * (b & 1) + q;
-          const unsigned blo[2] = {moe_shuffle_u32(hr[0], src), moe_shuffle_u32(hr[0], src + 4)};
-          const unsigned bhi[2] = {moe_shuffle_u32(hr[0], src + 8), moe_shuffle_u32(hr[0], src + 12)};
-          float c[4];
-          moe_mma_bf16_z(c, lo, blo);
-          moe_mma_bf16(c, hi, bhi);
-          d0 += moe_f16_bits(b0[0]) * c[0];
-          if (NR == 16) {
-            d1 += moe_f16_bits(r1[b * 9]) * c[2];
-          }
-        }
-        MOE_UNROLL
-        for (int j = 0; j + 1 < NH; ++j) {  // the next pair's words into hr[0]
-          hr[j] = hr[j + 1];
-        }
-        }
-        const float ws = wts[s];
-        acc0 += ws * d0;
-        acc1 += ws * d1;
-      }
-    }
-    if (q == 0) {
-      part[int(sg) * 16 + g] = acc0;
-      part[int(sg) * 16 + 8 + g] = acc1;
-    }
-    __syncthreads();
-    float v = 0.0f;
-    if (sg == 0 && int(lane) < nvalid) {
-      for (int w = 0; w < NSG; ++w) {
-        v += part[w * 16 + int(lane)];
-      }
-      if (NI > 0) {
-        float wid = 0.0f;
-        for (int s = 0; s < KS; ++s) {
-          const int e = ids[s];
-          wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
-        }
-        v += wid * float(x[int(lane)]);
-      }
-    }
-    return v;
   }
 };

@@ -111,9 +111,6 @@ __device__ inline int moe_shuffle_xor(int v, ushort mask) {
 __device__ inline float moe_shuffle(float v, ushort src) {
   return __shfl_sync(0xffffffffu, v, int(src));
 }
-__device__ inline unsigned moe_shuffle_u32(unsigned v, int src) {
-  return __shfl_sync(0xffffffffu, v, src);
-}
 
 __device__ inline float moe_exp(float v) {
   return expf(v);

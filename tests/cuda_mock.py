@@ -46,7 +46,6 @@ CUDA_MOCK = r"""
 #define __grid_constant__
 #define MOE_DEVICE
 #define MOE_UNROLL
-#define MOE_NO_UNROLL
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
 typedef unsigned short ushort;
@@ -136,16 +135,6 @@ inline void moe_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
   }
   w.bar->arrive_and_wait();
   for (int i = 0; i < 4; ++i) d[i] = res[i];
-}
-
-// __shfl_sync: lane src's value (the decode layer's down tile, mul_mv_id_cuda.h).
-inline unsigned moe_shuffle_u32(unsigned v, int src) {
-  MockWarp& w = mock_warp[mock_warp_id];
-  w.a[mock_lane][0] = v;
-  w.bar->arrive_and_wait();
-  const unsigned r = w.a[src & 31][0];
-  w.bar->arrive_and_wait();
-  return r;
 }
 
 // Bytes 0 and 1 of nib (nibble values) minus 8, as a bf16 pair (low half first).

@@ -66,8 +66,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 tenth session); +hbf16: h kept in bfloat16, the down threadgroups
                 reading it two values a 32-bit load (stage 31: half the bytes of h from
                 L2; the default); +gumma: the gate/up dot products on the tensor
-                cores (stage 59, 1x4x8x1); +mma: the down ones too, 8 rows a down
-                threadgroup (1x8x8x1x123);
+                cores (stage 59, 1x4x8x1);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
@@ -539,8 +538,6 @@ SWITCHES = {
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(59),
-    "+mma": (dispatch_module, "MOE_LAYER", {**dispatch_module.MOE_LAYER,
-                                            "q4_0": dispatch_module.LayerGeometry(1, 8, 8, 1, stage=123)}),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),

@@ -215,8 +215,8 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     mul_mv_id_moe's body for T tokens of `dtype` routed over n_logits router outputs,
     checked (the kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe).
     h is float32 but where the geometry's stage bit 16 asks for bfloat16 h (taken only
-    with bfloat16 activations and Q4_0 weights, as bits 32 and 64, the tensor cores;
-    elsewhere the three bits are dropped)."""
+    with bfloat16 activations and Q4_0 weights, as bit 32's tensor cores; elsewhere both
+    bits are dropped)."""
     from .router import rule_arguments
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
@@ -231,7 +231,7 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
     n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
     n_down = -(-hidden // g.down_nr) * T
-    stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~(16 | 32 | 64)
+    stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~(16 | 32)
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
                 ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", stage), *rule, ("SHARE_ROUTE", share)]
