@@ -56,7 +56,9 @@ struct moe_gate_up_mma<true> {
     const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs
     float ag = 0.0f;
     float au = 0.0f;
-    #pragma unroll 2  // fully unrolled, nvcc keeps every block's loads in flight: 48 registers, 5 threadgroups an SM (40: 6)
+    // by 2: unrolled in full, nvcc keeps every block's loads in flight -- 48 registers, 5
+    // threadgroups an SM, where 40 leave 6
+    #pragma unroll 2
     for (int j = 0; j < NB; ++j) {
       const int b = int(sg) * NB + j;
       const ushort* bg = rg + b * 9;

@@ -852,7 +852,7 @@ CASES: Dict[str, List[KernelCase]] = {
                                  "2 tokens, top-3 of 8 + 2 identity experts, ragged down tiles, twice on one "
                                  "counter, vs the two launches and numpy", _moe_layer_case)],
     "mul_mv_id_moe_trace": [KernelCase("the one-launch layer with its TRACE option, unstaged and staged: the plain "
-                                       "launch's outputs bit for bit, 5 clock stamps a threadgroup",
+                                       "launch's outputs bit for bit, 7 clock stamps a threadgroup",
                                        _moe_layer_trace_case)],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
