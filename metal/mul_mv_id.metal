@@ -534,6 +534,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // Option CHAINED: the body run by a kernel that chains it after other work in one
 //   launch (metal/decode_chain.metal), which names this threadgroup's index among the
 //   layer's moe_tg.
+// Option IDS (kernel mul_mv_id_moe_ids): the routing given, ids [NT, KS] int32 and
+//   weights [NT, KS] float32 inputs in place of logits, bias and scale (outputs h, y; neither
+//   the rule's template nor SHARE_ROUTE): gate + up + down + combine of routing made
+//   upstream, once per token, where every threadgroup of this launch would run the rule
+//   (1.5-1.8 us at each one's start on the H100: BENCHMARKS.md 2026-12-06, eleventh
+//   session).
 {
   const uint lane = thread_index_in_simdgroup;
   const uint sg = simdgroup_index_in_threadgroup;
@@ -601,6 +607,15 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
+//@if IDS
+  // The routing given: its KS ids and weights read by the first KS threads (any id
+  // outside [0, NE + NI) is a padding slot below: no weights read, nothing added).
+  if (thread_index_in_threadgroup < uint(KS)) {
+    chosen[thread_index_in_threadgroup] = ids[size_t(tok) * KS + int(thread_index_in_threadgroup)];
+    chosen_w[thread_index_in_threadgroup] = weights[size_t(tok) * KS + int(thread_index_in_threadgroup)];
+  }
+//@endif
+//@if !IDS
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
 //@if TRACE
     {  // the router outputs' latency apart from the rule's: a first read of them, waited for
@@ -628,6 +643,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     }
 //@endif
   }
+//@endif
   if (XPREP && !down && (NSG == 1 || sg > 0)) {  // beside the rule when there are other simdgroups
     moe_prepare_x<D, 32 * (NSG > 1 ? NSG - 1 : 1)>(xq, x + size_t(tok) * D,
                                                    thread_index_in_threadgroup - (NSG > 1 ? 32u : 0u));
@@ -639,6 +655,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     tr[4] = tr[3];
   }
 //@endif
+//@if !IDS
   const bool first = !down && tg % (GX * KS) == 0;  // the token's first threadgroup (uniform)
   if (first && thread_index_in_threadgroup < uint(KS)) {
     ids[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen[thread_index_in_threadgroup];
@@ -663,6 +680,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+//@endif
   if (!down) {
     const int pair = tg / GX;
     const int e = chosen[pair % KS];
@@ -762,8 +780,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   if (sg == 0 && lane == 0 && moe_ticket(cnt + 1) == uint(DX * NT - 1)) {
     moe_ticket_reset(cnt);
     moe_ticket_reset(cnt + 1);
+//@if !IDS
     if (SHARE_ROUTE) {
       moe_ticket_reset(cnt + 2);
     }
+//@endif
   }
 }

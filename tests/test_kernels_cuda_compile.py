@@ -429,18 +429,32 @@ def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=0, share_route=False, trace=F
              ("SHARE_ROUTE", share_route)])
 
 
+def _moe_layer_ids(variant, stage, trace=False):
+    """mul_mv_id_moe_ids (the routing given; trace: its traced launch) at the default
+    geometry's shapes."""
+    name, _, ins, outs, template = _moe_layer(variant, 1, 4, 8, stage=stage)
+    ins = {k: v for k, v in ins.items() if k not in ("logits", "bias", "scale")}
+    ins = {"x": ins.pop("x"), "ids": "int32", "weights": "float32", **ins}
+    outs = {"h": outs["h"], "y": outs["y"], **({"trace": "uint32"} if trace else {})}
+    rule = ("NEXP", "VPL", "SCORE", "HAS_BIAS", "NGROUP", "TOPKG", "NORM", "SHARE_ROUTE")
+    return ("mul_mv_id_moe_ids_trace" if trace else "mul_mv_id_moe_ids", variant, ins, outs,
+            [t for t in template if t[0] not in rule])
+
+
 def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,
     2, 3; 5, 7: and the gate/up activations prepared; 15: and h read in pairs; 31: h in
     bfloat16, also traced; 59, 63: the gate/up tile on the tensor cores; 7 with the routing
-    shared): no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
+    shared; 31 and 59 under given routing, 31 traced): no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
     count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]
     kernels += [_moe_layer(f"q4_0_1x4x8_stage{st}", 1, 4, 8, stage=st) for st in (1, 2, 3, 5, 7, 15, 31, 59, 63)]
     kernels += [_moe_layer("q4_0_2x4x8_stage3", 2, 4, 8, stage=3),
                 _moe_layer("q4_0_1x4x8_stage31_trace", 1, 4, 8, stage=31, trace=True),
-                _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True)]
+                _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True),
+                _moe_layer_ids("q4_0_1x4x8_stage31_ids", 31), _moe_layer_ids("q4_0_1x4x8_stage59_ids", 59),
+                _moe_layer_ids("q4_0_1x4x8_stage31_ids_trace", 31, trace=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
 
 

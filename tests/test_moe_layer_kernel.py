@@ -286,3 +286,31 @@ def test_traced_launch_is_the_launch(flavor):
     CUDA, nanoseconds in event order within each threadgroup."""
     for case in KERNEL_CASES["mul_mv_id_moe_trace"]:
         case.check(flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("name", ["mul_mv_id_moe_ids", "mul_mv_id_moe_ids_trace"])
+def test_given_routing_layer(flavor, name):
+    """mul_mv_id_moe_ids (option IDS: the routing made upstream) and its traced launch,
+    their verification cases (kernel_cases): y against the float64 numpy oracle with a
+    repeated expert, an identity expert and padding ids (-1, past every expert), and
+    mul_mv_id_moe's y and h bit for bit under the routing it chose; unstaged and staged."""
+    for case in KERNEL_CASES[name]:
+        case.check(flavor)
+
+
+def test_given_routing_rejects_what_it_cannot_run():
+    from mlx_moe.kernels.mul_mv_id import mul_mv_id_moe_ids
+
+    rng = np.random.default_rng(0)
+    wg, wu, wd, x, _, res = _layer(rng, 8, 8, 2)
+    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
+    ids, w = mx.zeros((2, 3), mx.int32), mx.zeros((2, 3), mx.float32)
+    with pytest.raises(ValueError, match="ids must be int32"):
+        mul_mv_id_moe_ids(x, ids.astype(mx.int64), w, wg, wu, wd, 0, res, ticket_counter(), "emulated")
+    with pytest.raises(ValueError, match="weights must be float32"):
+        mul_mv_id_moe_ids(x, ids, w[:, :2], wg, wu, wd, 0, res, ticket_counter(), "emulated")
+    with pytest.raises(ValueError, match="residual must be"):
+        mul_mv_id_moe_ids(x, ids, w, wg, wu, wd, 0, res[:1], ticket_counter(), "emulated")
+    with pytest.raises(ValueError, match="2 uint32 words"):
+        mul_mv_id_moe_ids(x, ids, w, wg, wu, wd, 0, res, mx.zeros((1,), mx.uint32), "emulated")

@@ -223,8 +223,11 @@ def parse_geometries(text: str) -> dict:
 def routed_layers(fl, q4, k, layer_geometries):
     """[(label, layer_fn)] of the routed decode MoE layer (one token, router outputs in)
     over the layers' experts q4: two launches, then one (mul_mv_id_moe) at its default
-    and each listed geometry."""
-    from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu_route
+    and each listed geometry; then the same one launch under given routing
+    (mul_mv_id_moe_ids: gate + up + down + combine, the ids and weights made beforehand
+    from the same router outputs, as mlx-lm's SwitchGLU is given its indices)."""
+    from mlx_moe import router as R
+    from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_moe_ids, mul_mv_id_swiglu_route
     from mlx_moe.kernels.registry import ticket_counters
     from mlx_moe.kernels.router import RouterParams
 
@@ -247,6 +250,14 @@ def routed_layers(fl, q4, k, layer_geometries):
         out.append((f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
                     lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l],
                                                  fl, g)[0]))
+    given = [R.route(logits[l], params) for l in range(layers)]
+    given = [(i.astype(mx.int32), wt.astype(mx.float32)) for i, wt in given]
+    mx.eval(given)
+    for g in [None] + list(layer_geometries):
+        tag = g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default"
+        out.append((f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
+                    lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x,
+                                                     counts[l], fl, g)[0]))
     return out
 
 

@@ -12,7 +12,9 @@ reads its weights from HBM (8 layers: 170 MB of routed weights, the L2 is 50 MB)
 passes over them queued back to back (the GPU busy, as in a decode step).  Each launch's
 router outputs come from its input through a router projection launched just before it,
 as in a decode step (in L2 when the layer starts); --stale-logits reads fixed ones instead
-(last touched a pass earlier: from HBM, as in bench_kernels' launches).
+(last touched a pass earlier: from HBM, as in bench_kernels' launches).  --given-routing
+also traces each geometry under given routing (mul_mv_id_moe_ids, option IDS: stamps 1
+and 2 equal the start), its ids and weights made by the router kernel just before it.
 
     python tools/trace_moe_layer.py [--geometries 1x4x8x1x15,1x8x8x1x31] [--layers 8] [--json out.json]
 
@@ -39,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_moe.kernels import dispatch  # noqa: E402
 from mlx_moe.kernels.dispatch import LayerGeometry  # noqa: E402
-from mlx_moe.kernels.mul_mv_id import moe_layer_trace  # noqa: E402
+from mlx_moe.kernels.mul_mv_id import moe_layer_trace, mul_mv_id_moe_ids  # noqa: E402
 from mlx_moe.kernels.registry import ticket_counters  # noqa: E402
-from mlx_moe.kernels.router import RouterParams  # noqa: E402
+from mlx_moe.kernels.router import RouterParams, fused_topk  # noqa: E402
 
 EVENTS = ("start", "loaded", "ruled", "routed", "staged", "ready", "end")
 PCTS = (0, 50, 90, 100)
@@ -109,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--stale-logits", action="store_true",
                    help="fixed router outputs per layer instead of a router projection of each launch's input")
+    p.add_argument("--given-routing", action="store_true",
+                   help="also trace each geometry under given routing (mul_mv_id_moe_ids), the ids and weights made "
+                        "just before each launch by the router kernel (moe_router_topk)")
     a = p.parse_args(argv)
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("trace_moe_layer needs MLX's CUDA backend (Metal kernels read no global clock)")
@@ -125,7 +130,8 @@ def main(argv=None) -> int:
     mx.eval(logits, routers, x)
     params = RouterParams(a.k, normalize=True)
     results = {}
-    for g in geoms:
+    variants = [(g, False) for g in geoms] + [(g, True) for g in geoms if a.given_routing]
+    for g, given in variants:
         def passes(n):
             """n passes over the layers, queued back to back and evaluated at once: the
             GPU stays busy (clocks up) as in a decode step; launches evaluated one at a
@@ -136,7 +142,11 @@ def main(argv=None) -> int:
             for _ in range(n):
                 for l in range(a.layers):
                     lg = logits[l] if a.stale_logits else xl @ routers[l]
-                    y, _, _, _, tr = moe_layer_trace(xl, lg, params, *w[l], 0, xl, counts[l], "cuda", g)
+                    if given:
+                        ids, wts = fused_topk(lg, params, "cuda")
+                        y, _, tr = mul_mv_id_moe_ids(xl, ids, wts, *w[l], 0, xl, counts[l], "cuda", g, trace=True)
+                    else:
+                        y, _, _, _, tr = moe_layer_trace(xl, lg, params, *w[l], 0, xl, counts[l], "cuda", g)
                     xl = mx.fast.rms_norm(y, None, 1e-6)
                     traces.append(tr)
             mx.eval(traces, xl)
@@ -144,8 +154,9 @@ def main(argv=None) -> int:
         passes(2)  # compile, warm up
         n_down = -(-a.hidden // g.down_nr)
         runs = [launch_summary(tr, n_down) for tr in passes(a.reps)]
-        results[g.tag] = median_summary(runs)
-        print_summary(g.tag, results[g.tag])
+        tag = g.tag + (" given routing" if given else "")
+        results[tag] = median_summary(runs)
+        print_summary(tag, results[tag])
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -570,6 +570,60 @@ def _moe_layer_trace_case(flavor: str) -> None:
             assert not trace.any(), f"traced launch {g.tag}: Metal reads no clock, the stamps must be zero"
 
 
+def _moe_layer_ids_case(flavor: str, trace: bool = False) -> None:
+    """mul_mv_id_moe_ids (the layer under given routing): y against numpy (Q4_0 dequantized
+    by mlx_moe.q4_0) for ids with a repeated expert, an identity expert and padding ids
+    (-1 and one past every expert: no weights read, nothing added); and under the routing
+    mul_mv_id_moe chose from router outputs, its y and h bit for bit, unstaged (float32,
+    96 x 64) and staged (bfloat16, 256 x 256, stage 31); twice on one counter.  trace: the
+    same through mul_mv_id_moe_ids_trace, whose y, h equal the plain launch's."""
+    from ..q4_0 import dequantize, quantize
+    from .dispatch import LayerGeometry
+    from .mul_mv_id import TRACE_STAMPS, moe_layer_launch, mul_mv_id_moe_ids
+    from .registry import ticket_counter
+    from .router import RouterParams
+
+    rng = np.random.default_rng(29)
+    E, NI, T, k = 8, 1, 2, 4
+    for D, F, dtype, g in ((96, 64, mx.float32, LayerGeometry(1, 5, 4)),
+                           (256, 256, mx.bfloat16, LayerGeometry(1, 5, 6, 1, stage=31))):
+        qg, qu = (quantize(rng.standard_normal((E, F, D)).astype(np.float32)) for _ in range(2))
+        qd = quantize(rng.standard_normal((E, D, F)).astype(np.float32))
+        wg, wu, wd = mx.array(qg), mx.array(qu), mx.array(qd)
+        x, res = (mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype) for _ in range(2))
+        ids = np.array([[3, E, 3, -1], [E + NI, 6, 0, 1]], np.int32)  # repeat, identity, padding
+        w = rng.random((T, k)).astype(np.float32)
+        count = ticket_counter()
+
+        def run(i, ww):
+            out = mul_mv_id_moe_ids(x, mx.array(i), mx.array(ww), wg, wu, wd, NI, res, count, flavor, g, trace)
+            if trace:
+                assert out[2].shape == (-(-F // g.nsg) * T * k + -(-D // g.down_nr) * T, TRACE_STAMPS), \
+                    f"given routing {g.tag}: trace shape {out[2].shape}"
+                plain = mul_mv_id_moe_ids(x, mx.array(i), mx.array(ww), wg, wu, wd, NI, res, count, flavor, g)
+                rows = np.nonzero((i.reshape(-1) >= 0) & (i.reshape(-1) < E))[0]  # h's written rows
+                for name, a, b in (("y", out[0], plain[0]), ("h", out[1][mx.array(rows)], plain[1][mx.array(rows)])):
+                    assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
+                        f"given routing {g.tag}, traced: {name} differs from the plain launch's"
+            return out
+
+        y = np.array(run(ids, w)[0].astype(mx.float32))
+        pad = (ids < 0) | (ids >= E + NI)
+        xf, rf = (np.array(a.astype(mx.float32)) for a in (x, res))
+        want = moe_layer_reference(dequantize(qg), dequantize(qu), dequantize(qd), xf, rf,
+                                   np.where(pad, E, ids), np.where(pad, 0.0, w))
+        _close(y, want, 1e-4 if dtype == mx.float32 else 2e-2, f"given routing {g.tag} vs numpy")
+        assert not np.array(count).any(), f"given routing {g.tag}: the counter is not zero after the launch"
+        logits = mx.array(rng.standard_normal((T, E + NI)).astype(np.float32))
+        yr, ir, wr, hr = moe_layer_launch(x, logits, RouterParams(k, normalize=True), wg, wu, wd, NI, res,
+                                          ticket_counter(), flavor, g)
+        yi, hi = run(np.array(ir), np.array(wr))[:2]
+        rows = mx.array(np.nonzero(np.array(ir).reshape(-1) < E)[0])  # h's rows of identity slots are unwritten
+        for name, a, b in (("y", yi, yr), ("h", hi[rows], hr[rows])):
+            assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
+                f"given routing {g.tag}: {name} differs from mul_mv_id_moe's under the same routing"
+
+
 def _token_and_caches(rng, hidden: int, cache_shape, dtype, pos: int):
     """One token's input x [1, hidden], two copies of one random KV cache (keys, values of
     [1, *cache_shape]: separate buffers, since both paths a case compares write in place)
@@ -854,6 +908,12 @@ CASES: Dict[str, List[KernelCase]] = {
     "mul_mv_id_moe_trace": [KernelCase("the one-launch layer with its TRACE option, unstaged and staged: the plain "
                                        "launch's outputs bit for bit, 7 clock stamps a threadgroup",
                                        _moe_layer_trace_case)],
+    "mul_mv_id_moe_ids": [KernelCase("the one-launch layer under given routing (repeated, identity and padding ids, "
+                                     "unstaged float32 and staged bfloat16) vs numpy, and bit for bit mul_mv_id_moe's "
+                                     "y and h under the routing it chose", _moe_layer_ids_case)],
+    "mul_mv_id_moe_ids_trace": [KernelCase("the given-routing layer with its TRACE option: the plain launch's y and "
+                                           "h bit for bit, 7 stamps a threadgroup",
+                                           lambda f: _moe_layer_ids_case(f, trace=True))],
     "mul_mv_id_down_combine_res": [KernelCase("Q4_0 down + combine with identity and padding slots, plus a "
                                               "residual: the plain kernel's output + residual", _down_combine_res_case)],
     "dense_norm": [KernelCase("norm + stacked q/k/v (4-bit affine, K 1280: a tail step; bfloat16 weights with "

@@ -209,14 +209,48 @@ def _moe_layer(x, logits, params, wg, wu, wd, n_identity, residual, count, flavo
     return (y, ids, weights, h) + tuple(out[4:])
 
 
+def mul_mv_id_moe_ids(
+    x: mx.array, ids: mx.array, weights: mx.array, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
+    residual: mx.array, count: mx.array, flavor: str, geometry: Optional[LayerGeometry] = None,
+    trace: bool = False,
+):
+    """y = residual + the experts of x [T, hidden] under given routing (ids [T, k] int32,
+    weights [T, k] float32): one decode MoE layer's gate + up + down + combine in one
+    launch (mul_mv_id_moe's body, option IDS), for routing made upstream once per token.
+    Returns (y, h), h as moe_layer_launch's; with trace, (y, h, trace) as moe_layer_trace's
+    (stamps 1 and 2, the rule's, equal the start).  count as mul_mv_id_moe's."""
+    kind, ffn, hidden = _gate_up_shape(wg, wu)
+    if x.ndim != 2 or x.shape[1] != hidden:
+        raise ValueError(f"x must be [tokens, {hidden}]; got {tuple(x.shape)}")
+    T = x.shape[0]
+    if ids.ndim != 2 or ids.shape[0] != T or ids.dtype != mx.int32:
+        raise ValueError(f"ids must be int32 [{T}, k]; got {tuple(ids.shape)} {ids.dtype}")
+    if weights.shape != ids.shape or weights.dtype != mx.float32:
+        raise ValueError(f"weights must be float32 {tuple(ids.shape)} beside ids; got {tuple(weights.shape)} "
+                         f"{weights.dtype}")
+    if residual.shape != (T, hidden) or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be [{T}, {hidden}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
+    k = ids.shape[1]
+    _, template, groups, nsg, h_dtype = moe_layer_args(T, x.dtype, 0, None, wg, wu, wd, n_identity, count, geometry,
+                                                       k=k)
+    out = registry_kernel(flavor, "mul_mv_id_moe_ids_trace" if trace else "mul_mv_id_moe_ids")(
+        inputs=[x, ids, weights, wg, wu, wd, residual, count], template=template,
+        grid=(groups * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(T * k, ffn), (T, hidden)] + [(groups, TRACE_STAMPS)] * trace,
+        output_dtypes=[h_dtype, x.dtype] + [mx.uint32] * trace,
+    )
+    return (out[1], out[0]) + tuple(out[2:])
+
+
 def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
-                   count: mx.array, geometry: Optional[LayerGeometry] = None):
+                   count: mx.array, geometry: Optional[LayerGeometry] = None, k: Optional[int] = None):
     """(rule inputs, template, threadgroups, simdgroups a threadgroup, h's dtype) of
     mul_mv_id_moe's body for T tokens of `dtype` routed over n_logits router outputs,
     checked (the kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe).
-    h is float32 but where the geometry's stage bit 16 asks for bfloat16 h (taken only
-    with bfloat16 activations and Q4_0 weights, as bit 32's tensor cores; elsewhere both
-    bits are dropped)."""
+    params None: the routing given (option IDS, k slots a token): no rule inputs or
+    template, SHARE_ROUTE false.  h is float32 but where the geometry's stage bit 16 asks
+    for bfloat16 h (taken only with bfloat16 activations and Q4_0 weights, as bit 32's
+    tensor cores; elsewhere both bits are dropped)."""
     from .router import rule_arguments
 
     kind, ffn, hidden = _gate_up_shape(wg, wu)
@@ -224,15 +258,18 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     if dkind != kind or drows != hidden or dcols != ffn or wd.shape[0] != wg.shape[0]:
         raise ValueError(f"down weights {tuple(wd.shape)} {wd.dtype} do not match gate/up {tuple(wg.shape)} {wg.dtype} "
                          f"(want [{wg.shape[0]}, {hidden}, {ffn}] columns of the same format)")
-    share = bool(dispatch.SHARE_ROUTE)  # looked up per call: tools switch it
+    share = params is not None and bool(dispatch.SHARE_ROUTE)  # looked up per call: tools switch it
     check_counter(count, 3 if share else 2, "mul_mv_id_moe")
-    k = params.k
-    inputs, rule = rule_arguments(n_logits, params)
+    if params is not None:
+        k = params.k
+        inputs, rule = rule_arguments(n_logits, params)
+    else:
+        inputs, rule = [], []
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
     n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
     n_down = -(-hidden // g.down_nr) * T
     stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~(16 | 32)
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
-                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", stage), *rule, ("SHARE_ROUTE", share)]
+                ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", stage), *rule] + [("SHARE_ROUTE", share)] * (params is not None)
     return inputs, template, n_gate_up + n_down, g.nsg, mx.bfloat16 if stage & 16 else mx.float32

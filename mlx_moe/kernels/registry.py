@@ -162,13 +162,20 @@ def with_bodies(flavor: str, body: str) -> str:
     return _BODY.sub(one, body)
 
 
-_OPTION = re.compile(r"^[ \t]*//@if (!?)(\w+)[ \t]*\n(.*?)^[ \t]*//@endif[ \t]*\n", re.M | re.S)
+# an innermost block: no `//@if` line between its own and its `//@endif`
+_OPTION = re.compile(r"^[ \t]*//@if (!?)(\w+)[ \t]*\n((?:(?![ \t]*//@if )[^\n]*\n)*?)^[ \t]*//@endif[ \t]*\n",
+                     re.M)
 
 
 def with_options(body: str, options: Tuple[str, ...]) -> str:
     """`body` with its `//@if NAME ... //@endif` blocks kept for the options given and
-    dropped for the others; `//@if !NAME` blocks the other way round (not nested)."""
-    return _OPTION.sub(lambda m: m.group(3) if (m.group(2) in options) != bool(m.group(1)) else "", body)
+    dropped for the others; `//@if !NAME` blocks the other way round.  Blocks nest: the
+    innermost are resolved first, then the ones around them."""
+    while True:
+        out = _OPTION.sub(lambda m: m.group(3) if (m.group(2) in options) != bool(m.group(1)) else "", body)
+        if out == body:
+            return out
+        body = out
 
 
 class KernelSpec(NamedTuple):
@@ -211,6 +218,12 @@ KERNELS: Dict[str, KernelSpec] = {
     "mul_mv_id_moe_trace": KernelSpec("mul_mv_id", ("x", "logits", "bias", "scale", "wg", "wu", "wd", "res", "count"),
                                       ("h", "ids", "weights", "y", "trace"), body="mul_mv_id_moe",
                                       options=("TRACE",), inplace=("count",), in_order=True),
+    "mul_mv_id_moe_ids": KernelSpec("mul_mv_id", ("x", "ids", "weights", "wg", "wu", "wd", "res", "count"),
+                                    ("h", "y"), body="mul_mv_id_moe", options=("IDS",), inplace=("count",),
+                                    in_order=True),
+    "mul_mv_id_moe_ids_trace": KernelSpec("mul_mv_id", ("x", "ids", "weights", "wg", "wu", "wd", "res", "count"),
+                                          ("h", "y", "trace"), body="mul_mv_id_moe", options=("IDS", "TRACE"),
+                                          inplace=("count",), in_order=True),
     "decode_attention": KernelSpec("attention", ("q", "k", "v", "pos", "scale"), ("out",)),
     # the fused one-token decoder layer (mlx_moe/fused_step.py)
     "dense_norm": KernelSpec("decode_layer", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2", "w2_s",
