@@ -31,6 +31,25 @@
 // (moe_xs_put4): no bank conflicts, no shifts in the weights' unpacking.
 
 // ==== helpers ====
+//@uses router  (moe_router_select: dense_residual's RRULE option)
+
+// The routing rule (router.metal's moe_router_select) on one token's router outputs in
+// one simdgroup (scale: a pointer to the weights' factor), its k ids and weights
+// written out by lane 0.  Out of line on CUDA: the
+// split router tail (dense_residual's RRULE option) runs at 128 registers a thread, the
+// most its 512-thread threadgroups may have, and the rule inlined took it to 129.
+template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM, typename LP,
+          typename BP, typename SP, typename IP, typename WP>
+MOE_OUT_OF_LINE void moe_route_out(LP logits, BP bias, SP scale, IP ids, WP weights, uint lane) {
+  const auto pick = moe_router_select<NEXP, K, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(logits, bias, scale[0],
+                                                                                          lane);
+  if (lane == 0) {
+    for (int j = 0; j < K; ++j) {
+      ids[j] = pick.id[j];
+      weights[j] = pick.w[j];
+    }
+  }
+}
 
 // Columns of one 16-byte read of a row, per weight format.
 template <int FMT>
@@ -482,6 +501,13 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //   first version (a simdgroup per router row, one row after another, and the shares
 //   added by a loop per column) took 21 us on the H100, more than the one-tail launch;
 //   this one 14.5 (one-tail 17.7, the two launches 8.6 + 4.9).
+//   With option RRULE (kernel dense_residual_parts_router_split_route, with RSPLIT) the
+//   last threadgroup also runs the MoE layer's routing rule on the logits it wrote
+//   (router.metal's moe_router_select, simdgroup 0; the rule's template as
+//   moe_router_topk's under other names -- RKS (k), RVPL, RSCORE, RHAS_BIAS, RNGROUP,
+//   RTOPKG, RNORM, NEXP being RE -- inputs rbias and rscale) and writes ids [RKS] int32
+//   and weights [RKS] float32: the rule once per token, where each of the MoE launch's
+//   1,280 threadgroups ran it (1.5-1.8 us at every start on the H100).
 // Option CHAINED (with PARTS): the body run by a kernel that chains it after the
 //   attention in one launch (metal/decode_chain.metal), which names this
 //   threadgroup's index among the projection's o_tg and the counter the body waits
@@ -767,7 +793,11 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     threadgroup_barrier(mem_flags::mem_threadgroup);
     const float inv = moe_rsqrt(tot[RE] / float(N) + cst[0]);
     for (int e = tid; e < RE; e += NTH) {
-      logits[e] = T(tot[e] * inv);
+      const T l = T(tot[e] * inv);
+      logits[e] = l;
+//@if RRULE
+      tot[e] = float(l);  // the rule's input: the logits as written (tot[RE], the sum of squares, is left)
+//@endif
     }
     MOE_UNROLL
     for (int j = 0; j < NCT; ++j) {  // as moe_rms_stage rounds it
@@ -776,6 +806,15 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
         xn[c] = T(xg[j] * float(T(xo[j] * inv)));
       }
     }
+//@if RRULE
+    // The routing rule (router.metal's moe_router_select) on the logits just written, in
+    // simdgroup 0, once per token (after xn: its registers free): the MoE launch then reads ids and weights
+    // (mul_mv_id_moe_ids) instead of running the rule in each of its threadgroups.
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
+      moe_route_out<RE, RKS, RVPL, RSCORE, RHAS_BIAS, RNGROUP, RTOPKG, RNORM>(tot, rbias, rscale, ids, weights, lane);
+    }
+//@endif
 //@endif
 //@if RONE
     moe_rms_stage<T, N, RFMT, NTH, NSG>(out, gpost, cst[0], xs, xsums, red, tid, lane, sg, xn, true);

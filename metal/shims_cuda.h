@@ -132,6 +132,10 @@ __device__ inline float moe_fma(float a, float b, float c) {
 // need it; nvcc (tests/test_kernels_cuda_compile.py) does.
 #define MOE_DEVICE __device__
 
+// A helper kept out of line: its registers are allocated apart from its caller's (a
+// kernel at its register wall calls it where inlining it would push the caller over).
+#define MOE_OUT_OF_LINE __device__ __noinline__
+
 // -- Decode GEMV helpers (mul_mv_id.metal); see shims_metal.h.
 __device__ inline float moe_as_float(uint b) {
   return __uint_as_float(b);

@@ -90,6 +90,9 @@ inline float moe_fma(float a, float b, float c) {
 // Marks helper functions of the shared bodies as device code (nothing to say on Metal).
 #define MOE_DEVICE
 
+// A helper CUDA keeps out of line (shims_cuda.h says why); inlined as any other here.
+#define MOE_OUT_OF_LINE inline
+
 // -- Decode GEMV helpers (mul_mv_id.metal).
 
 // A float's bits as a float (the 0x4B000000 magic-number conversion of small

@@ -152,6 +152,16 @@ OPROJ_MOE_ONE_LAUNCH: tuple = ()
 # engine suffix +attn1 turns it on.  Never on Metal unless measured there (index order).
 ATTENTION_ONE_LAUNCH: tuple = ()
 
+# The kernel flavors on which the split router tail also runs the MoE layer's routing rule
+# (dense_residual_parts_router_split's RRULE option: once per token, in the launch's last
+# threadgroup; not in qkv_attention_oproj, ATTENTION_ONE_LAUNCH, whose 16-simdgroup
+# threadgroups have no register left for it) and the MoE layer then runs under given
+# routing (mul_mv_id_moe_ids), where the rule ran at the start of each of its 1,280
+# threadgroups (1.5-1.8 us of each one's time on the H100: BENCHMARKS.md 2026-12-06,
+# eleventh session).  Where the tail, MOE_ONE_LAUNCH and the experts' kernels are on.
+# bench_generate's engine suffix +tailrule turns it on.
+ROUTE_IN_TAIL: tuple = ()
+
 # The final norm and the LM head as one dense_norm launch where the plan has the head
 # (True), or MLX's rms_norm and projection (False; bench_generate's engine suffix
 # +mlxhead).
@@ -348,18 +358,33 @@ def _head_plan(model: nn.Module, flavor: str) -> Optional[DenseWeight]:
     return w
 
 
-def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.array, flavor: str):
+def _tail_routes(lp: LayerPlan, flavor: str) -> bool:
+    """Whether the router tail runs this layer's routing rule (ROUTE_IN_TAIL): the MoE layer
+    is then one launch of the experts' kernels under given routing."""
+    moe = lp.moe
+    return (flavor in ROUTE_IN_TAIL and flavor in MOE_ONE_LAUNCH and dense.ROUTER_TAIL == "split"
+            and lp.tail is not None and lp.moe_count is not None and getattr(moe.backend, "flavor", None) == flavor
+            and rule_unsupported(lp.tail.gate.rows, moe.router_params()) is None)
+
+
+def _experts_and_residual(lp: LayerPlan, h: mx.array, xn: mx.array, logits: mx.array, flavor: str,
+                          routing=None):
     """(h + MoE(xn) (+ the shared expert), ids, weights) for one token [1, D] from its
     router outputs.  On the kernels: two launches, the routing rule inside the gate/up
     one (ROUTE_IN_EXPERTS), one (MOE_ONE_LAUNCH, with ROUTE_IN_EXPERTS), or three with
     moe_router_topk first; experts in another format: moe_router_topk, the backend's
-    own call, then the residual add."""
+    own call, then the residual add.  routing: (ids, weights) made by the router tail
+    (ROUTE_IN_TAIL): one launch under them."""
     moe = lp.moe
     params = moe.router_params()
     shared = moe.shared_output(xn)
     res = h if shared is None else h + shared
     backend = moe.backend
     kernels = getattr(backend, "flavor", None) == flavor
+    if routing is not None:
+        out = backend.decode_residual(xn, *routing, moe.switch_mlp, moe.n_identity, res, lp.moe_count)
+        if out is not None:
+            return (out, *routing)
     if kernels and ROUTE_IN_EXPERTS:
         count = lp.moe_count if flavor in MOE_ONE_LAUNCH else None
         routed = backend.decode_residual_routed(xn, logits, params, moe.switch_mlp, moe.n_identity, res, count)
@@ -410,6 +435,7 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
         and lp.tail is not None
     qkv_chain = KV_IN_PLACE and flavor in QKV_ATTENTION_ONE_LAUNCH and lp.chain_count is not None
     routed = None  # (out, ids, weights) where o_proj's launch also ran the MoE layer
+    routing = None  # (ids, weights) where the router tail ran the rule (dense_residual's own launch)
     if qkv_chain and tail_on and flavor in ATTENTION_ONE_LAUNCH and dense.ROUTER_TAIL == "split":
         h, xn, logits = qkv_attention_oproj(h, lp.in_norm.weight, lp.in_norm.eps, [lp.q, lp.k, lp.v], *heads,
                                             cache.keys, cache.values, pos, lp.scale, lp.o, lp.tail, flavor,
@@ -422,13 +448,15 @@ def layer_step(lp: LayerPlan, h: mx.array, cache, pos: mx.array, flavor: str,
             parts_ml = _attention_parts(lp, h, cache, pos, heads, flavor, index)
         routed = _oproj_and_experts(lp, h, parts_ml, flavor) if tail_on else None
         if routed is None and tail_on:
-            h, xn, logits = dense_residual(parts_ml, lp.o, h, flavor, nr=dense.TAIL_NR, nsg=dense.TAIL_NSG,
-                                           router=lp.tail)
+            tail = lp.tail._replace(rule=lp.moe.router_params()) if _tail_routes(lp, flavor) else lp.tail
+            h, xn, logits, *routing = dense_residual(parts_ml, lp.o, h, flavor, nr=dense.TAIL_NR,
+                                                     nsg=dense.TAIL_NSG, router=tail)
         elif routed is None:
             h = dense_residual(parts_ml, lp.o, h, flavor)
             logits, xn = dense_norm(h, lp.post_norm.weight, lp.post_norm.eps, [lp.gate], flavor, xn=True,
                                     nr=dense.ROUTER_NR)
-    out, ids, weights = routed if routed is not None else _experts_and_residual(lp, h, xn, logits, flavor)
+    out, ids, weights = routed if routed is not None else _experts_and_residual(lp, h, xn, logits, flavor,
+                                                                                 routing or None)
     if HOOKS.active:
         moe = lp.moe
         HOOKS.record(moe.layer_idx, ids, weights, moe.num_experts, moe.n_identity, moe.top_k)

@@ -120,6 +120,17 @@ def test_qkv_attention_oproj_equals_the_two_launches(flavor):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_router_tail_rule_is_the_router_kernels(flavor):
+    """The split router tail with the MoE routing rule (option RRULE): its other outputs
+    bit for bit as without the rule, ids and weights bit for bit as moe_router_topk's on its
+    logits (kernel_cases)."""
+    from mlx_moe.kernels.kernel_cases import CASES
+
+    for case in CASES["dense_residual_parts_router_split_route"]:
+        case.check(flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_oproj_moe_equals_the_two_launches(flavor):
     """oproj_moe against dense_residual (split tail) + mul_mv_id_moe, bit for bit (kernel_cases)."""
     from mlx_moe.kernels.kernel_cases import CASES
@@ -257,7 +268,7 @@ def copy_cache(cache):
 
 
 def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=False, tail=False,
-             one_launch=False, chain=False, oproj=False, attn=False):
+             one_launch=False, chain=False, oproj=False, attn=False, tail_rule=False):
     """(fused logits, mlx-lm logits, fused caches, mlx-lm caches, fused routing, mlx-lm routing)."""
     cache = prefilled(model)
     ref_cache = copy_cache(cache)
@@ -281,8 +292,9 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
     # chain: q/k/v and the attention as qkv_attention (fused_step.QKV_ATTENTION_ONE_LAUNCH)
     # oproj: o_proj's tail and the MoE layer as oproj_moe (fused_step.OPROJ_MOE_ONE_LAUNCH)
     # attn: q/k/v, the attention and o_proj's tail as qkv_attention_oproj (ATTENTION_ONE_LAUNCH)
+    # tail_rule: the split tail runs the routing rule, the MoE layer its given-routing launch
     switches = ("KV_IN_PLACE", "ROUTE_IN_EXPERTS", "ROUTER_IN_RESIDUAL", "MOE_ONE_LAUNCH",
-                "QKV_ATTENTION_ONE_LAUNCH", "OPROJ_MOE_ONE_LAUNCH", "ATTENTION_ONE_LAUNCH")
+                "QKV_ATTENTION_ONE_LAUNCH", "OPROJ_MOE_ONE_LAUNCH", "ATTENTION_ONE_LAUNCH", "ROUTE_IN_TAIL")
     try:
         pos = mx.array([len(PROMPT)], mx.int32)
         traced = [_TracedCache(c.keys, c.values, pos) for c in cache]
@@ -292,7 +304,8 @@ def one_step(model, family, flavor, token=5, kv_in_place=True, route_in_experts=
                                   MOE_ONE_LAUNCH=(flavor,) if one_launch else (),
                                   QKV_ATTENTION_ONE_LAUNCH=(flavor,) if chain else (),
                                   OPROJ_MOE_ONE_LAUNCH=(flavor,) if oproj else (),
-                                  ATTENTION_ONE_LAUNCH=(flavor,) if attn else ()):
+                                  ATTENTION_ONE_LAUNCH=(flavor,) if attn else (),
+                                  ROUTE_IN_TAIL=(flavor,) if tail_rule else ()):
             HOOKS.begin_forward(1, 1, len(PROMPT), len(plan.layers))
             got = HOOKS.end_forward(fused_step.forward(model, plan, tok, traced, pos))
             mx.eval(got, [(c.keys, c.values) for c in traced])
@@ -382,6 +395,30 @@ def test_attention_block_launch_matches_mlx_lm_forward(flavor, family, quantize,
     results = one_step(model, family, flavor, route_in_experts=True, tail="split", one_launch=True, chain=True,
                        attn=True)
     assert len(calls) == len(model.layers), "the layers did not take the one-launch attention block"
+    assert_step_matches(*results)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("family,quantize,chain", [("qwen3_moe", True, True), ("qwen2_moe", False, True),
+                                                   ("mixtral", False, False), ("qwen3_moe", False, False)])
+def test_routing_rule_in_the_tail_matches_mlx_lm_forward(flavor, family, quantize, chain, monkeypatch):
+    """With fused_step.ROUTE_IN_TAIL the split router tail (o_proj's launch) runs the
+    routing rule and every layer's experts run under the ids and weights it wrote
+    (mul_mv_id_moe_ids), the rule nowhere else: logits, the cache after the step and the
+    routing the hook sees as mlx-lm's forward gives them (Qwen2's shared expert included;
+    q/k/v and the attention chained in one launch or not)."""
+    from mlx_moe.kernels import mul_mv_id as mv
+
+    calls = {"ids": 0, "routed": 0}
+    real_ids = kernels_backend.mul_mv_id_moe_ids
+    monkeypatch.setattr(kernels_backend, "mul_mv_id_moe_ids",
+                        lambda *a, **k: calls.__setitem__("ids", calls["ids"] + 1) or real_ids(*a, **k))
+    monkeypatch.setattr(kernels_backend, "mul_mv_id_moe",
+                        lambda *a, **k: calls.__setitem__("routed", calls["routed"] + 1) or mv.mul_mv_id_moe(*a, **k))
+    model = fused_model(family, quantize)
+    results = one_step(model, family, flavor, route_in_experts=True, tail="split", one_launch=True, chain=chain,
+                       tail_rule=True)
+    assert calls == {"ids": len(model.layers), "routed": 0}, calls
     assert_step_matches(*results)
 
 
@@ -625,7 +662,8 @@ def test_each_kernel_setting_gets_its_own_trace(monkeypatch):
                 (fused_step, "HEAD_LAUNCH", False),
                 (attention, "SPLITS", 8), (fused_step, "QKV_ATTENTION_ONE_LAUNCH", ("emulated",)),
                 (fused_step, "OPROJ_MOE_ONE_LAUNCH", ("emulated",)), (chain, "QKV_NSG", 8),
-                (fused_step, "ATTENTION_ONE_LAUNCH", ("emulated",)), (chain, "ATTENTION_NSG", 8)]:
+                (fused_step, "ATTENTION_ONE_LAUNCH", ("emulated",)), (chain, "ATTENTION_NSG", 8),
+                (fused_step, "ROUTE_IN_TAIL", ("emulated",))]:
             monkeypatch.setattr(module, name, value)
             fn = decoder._function(False, False)
             assert all(fn is not other for other in seen), name

@@ -363,6 +363,12 @@ DECODE_LAYER_KERNELS = [
     _tail("dense_residual_parts_router", "o_q4_router_q8", 2, 8),
     _tail("dense_residual_parts_router_split", "o_q4_router_q8_split", 2, 16),
     _tail("dense_residual_parts_router_split", "o_q4_router_q8_split_1x16", 1, 16),
+    # and the MoE layer's routing rule in it (RRULE: softmax top-8 of 128, normalized)
+    ("dense_residual_parts_router_split_route", "o_q4_router_q8_split_rule",
+     {**_tail("x", "x", 2, 16)[2], "rbias": "float32", "rscale": "float32"},
+     {**_tail("x", "x", 2, 16)[3], "ids": "int32", "weights": "float32"},
+     _tail("x", "x", 2, 16)[4] + [("RKS", 8), ("RVPL", 4), ("RSCORE", 0), ("RHAS_BIAS", False), ("RNGROUP", 1),
+                                  ("RTOPKG", 1), ("RNORM", True)]),
     # the token's embedding: Qwen3's 4-bit table (mlx-community), a bfloat16 one
     ("dense_embed", "embed_q4", {"token": "int32", "w": "uint32", "w_s": "bfloat16", "w_b": "bfloat16"},
      {"out": "bfloat16"}, [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("V", 151936), ("TG", 64),
@@ -503,6 +509,8 @@ def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
                  ("NO", 2048), ("NRO", 2), ("HD", 128), ("RFMT", 4), ("RGS", 64), ("RE", 128), ("RNR", 2)])
                for nsg in (16, 4)]
     _compiles(tmp_path, "decode_chain", kernels)
+
+
 
 
 def test_oproj_moe_compiles_for_sm90a(tmp_path):

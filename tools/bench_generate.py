@@ -68,7 +68,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 L2; the default); +gumma: the gate/up dot products on the tensor
                 cores (stage 59, 1x4x8x1);
                 +droute: its down threadgroups reading the routing the token's first
-                threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE)
+                threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
+                +tailrule: the router tail running the rule once per token and the MoE
+                layer under given routing (mul_mv_id_moe_ids; fused_step.ROUTE_IN_TAIL);
+                +notailrule: the rule in each MoE threadgroup
   mlx-moe+compile+tailsplit  that tail shared by every threadgroup of the launch, the
                 last one adding the shares (kernels.dense.ROUTER_TAIL = "split");
                 +tailone: the last threadgroup projects the whole router (the default)
@@ -539,6 +542,8 @@ SWITCHES = {
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(59),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
+    "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
+    "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),
     "+moe2": (fused_step_module, "MOE_ONE_LAUNCH", ()),
     "+tailsplit": (dense_module, "ROUTER_TAIL", "split"),

@@ -36,8 +36,8 @@ import mlx.nn as nn
 from ..kernels.chain import oproj_moe
 from ..kernels.dispatch import expert_weights, kernel_path, kernels_cover, pairs_path, weight_kind
 from ..kernels.mul_mm_id import map0, mul_mm_id, mul_mm_id_combine, mul_mm_id_swiglu
-from ..kernels.mul_mv_id import (mul_mv_id, mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_swiglu,
-                                  mul_mv_id_swiglu_route)
+from ..kernels.mul_mv_id import (mul_mv_id, mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_moe_ids,
+                                  mul_mv_id_swiglu, mul_mv_id_swiglu_route)
 from ..kernels.router import covers as router_covers
 from ..kernels.router import fused_topk
 from .base import ExpertBackend, identity_term
@@ -121,15 +121,19 @@ class KernelBackend(ExpertBackend):
             y = y + identity_term(x, ids, weights, E, n_identity)
         return y.astype(x.dtype)
 
-    def decode_residual(self, x, ids, weights, experts, n_identity, residual):
+    def decode_residual(self, x, ids, weights, experts, n_identity, residual, count=None):
         """residual + the layer's experts for a decode-sized batch in two launches
-        (mul_mv_id_swiglu, then mul_mv_id_down_combine with the residual add), or None
-        where the GEMV kernels do not take it (the caller then adds the residual to
-        this backend's plain call).  mlx_moe/fused_step.py's decoder layers use it."""
+        (mul_mv_id_swiglu, then mul_mv_id_down_combine with the residual add), or in one
+        (mul_mv_id_moe_ids) where `count` is given (the call site's
+        registry.ticket_counter); None where the GEMV kernels do not take it (the caller
+        then adds the residual to this backend's plain call).  mlx_moe/fused_step.py's
+        decoder layers use it."""
         wg, wu, wd = expert_weights(experts)
         if kernel_path(x, ids, self._kind(experts, wg, wu, wd)) != "mv":
             return None
         ids, weights = self._launch(ids, weights)
+        if count is not None:
+            return mul_mv_id_moe_ids(x, ids, weights, wg, wu, wd, n_identity, residual, count, self.flavor)[0]
         h = mul_mv_id_swiglu(x, ids, wg, wu, self.flavor)
         return mul_mv_id_down_combine(h, ids, weights, x, wd, n_identity, self.flavor, residual=residual)
 

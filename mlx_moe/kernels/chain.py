@@ -92,7 +92,8 @@ def qkv_attention_oproj(x: mx.array, norm_weight: mx.array, eps: float, ws, n_he
     """qkv_attention, then dense.dense_residual((parts, ml), o, x, router=router) with the
     split router tail, in one launch: the decoder layer's attention block.  Returns (out
     [1, hidden] = x + o_proj(attention), xn [1, hidden], router logits [1, experts]), as
-    dense_residual with a router tail.
+    dense_residual with a router tail (one without a routing rule: at 16 simdgroups this
+    launch is at its 128-register wall, and the rule took it to 130 under nvcc).
 
     count: this call site's registry.ticket_counter() (4 words); router: a dense.RouterTail
     whose counter holds the split tail's shares at onr x nsg (dense.tail_counter_words).
@@ -102,6 +103,8 @@ def qkv_attention_oproj(x: mx.array, norm_weight: mx.array, eps: float, ws, n_he
         raise ValueError(f"qkv_attention_oproj chains the split router tail; dense.ROUTER_TAIL is "
                          f"{dense.ROUTER_TAIL!r}")
     check_counter(count, 4, "qkv_attention_oproj")
+    if router.rule is not None:
+        raise ValueError("qkv_attention_oproj runs no routing rule in its router tail; give it a RouterTail without one")
     nsg = nsg or ATTENTION_NSG
     inputs, template, groups, shapes, nsg = _qkv_args(x, norm_weight, eps, ws, n_heads, n_kv_heads, q_norm, k_norm,
                                                       qk_eps, rope_base, rope_scale, traditional, keys, values, pos,
@@ -141,6 +144,8 @@ def oproj_moe(parts_ml, o, res: mx.array, router, params, wg: mx.array, wu: mx.a
 
     if dense.ROUTER_TAIL != "split":
         raise ValueError(f"oproj_moe chains the split router tail; dense.ROUTER_TAIL is {dense.ROUTER_TAIL!r}")
+    if router.rule is not None:
+        raise ValueError("oproj_moe runs the routing rule in its MoE threadgroups; give it a RouterTail without one")
     check_counter(count, 2, "oproj_moe")
     T = res.shape[0] if res.ndim == 2 else 1
     rule_inputs, m_template, m_groups, nsg, h_dtype = moe_layer_args(

@@ -275,16 +275,40 @@ def router_tail_inputs(d: DenseWeight, router: "RouterTail", flavor: str, nr: in
     registry.check_counter(router.count, need, f"dense_residual's {ROUTER_TAIL} router tail at {nr}x{nsg}",
                            f"registry.ticket_counter(dense.tail_counter_words({g.rows}, {d.rows}, {nr}, {nsg}))")
     inputs = [router.norm_weight, *weight_inputs(g), constant(float(router.eps)), router.count]
-    return inputs, [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("RE", g.rows), ("RNR", TAIL_RNR)]
+    template = [("RFMT", g.fmt), ("RGS", g.group_size or 32), ("RE", g.rows), ("RNR", TAIL_RNR)]
+    if router.rule is not None:
+        rule_inputs, rule_template = tail_rule_arguments(g.rows, router.rule)
+        inputs += rule_inputs
+        template += rule_template
+    return inputs, template
+
+
+def tail_rule_arguments(n_experts: int, params):
+    """(inputs [rbias, rscale], template) of the routing rule `params` run by the split
+    router tail (option RRULE): moe_router_topk's under the tail's names (R + name, RKS for
+    k; NEXP is the tail's RE), checked."""
+    from .router import rule_arguments
+    from .router import unsupported as rule_unsupported
+
+    if ROUTER_TAIL != "split":
+        raise ValueError(f"the routing rule runs in the split router tail; dense.ROUTER_TAIL is {ROUTER_TAIL!r}")
+    problem = rule_unsupported(n_experts, params)
+    if problem is not None:
+        raise ValueError(f"dense_residual's router tail: {problem}")
+    inputs, template = rule_arguments(n_experts, params)
+    return inputs, [("RKS", params.k)] + [("R" + name, value) for name, value in template if name != "NEXP"]
 
 
 class RouterTail(NamedTuple):
     """What dense_residual's last threadgroup also computes (the ROUTER option): the
-    post-attention RMSNorm (weight, eps) of its output and the router projection."""
+    post-attention RMSNorm (weight, eps) of its output and the router projection; with
+    `rule` (a kernels.router.RouterParams, split tail only), the MoE layer's routing rule
+    on those router outputs too (option RRULE: ids and weights out)."""
     norm_weight: mx.array
     eps: float
     gate: DenseWeight
     count: mx.array  # registry.ticket_counter(tail_counter_words(...)): one per call site
+    rule: Optional[object] = None  # RouterParams: the tail also routes
 
 
 def tail_counter_words(experts: int, hidden: int, nr: Optional[int] = None, nsg: Optional[int] = None) -> int:
@@ -314,7 +338,9 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
     decode_attention_parts, the attention output in S splits per head
     (H * D = K), combined by the kernel.  nr, nsg: as dense_norm's.
     router (with parts): (out, xn [1, N], router logits [1, E]) instead, xn and the
-    logits as dense_norm(out, ..., xn=True) gives them, from the same launch."""
+    logits as dense_norm(out, ..., xn=True) gives them, from the same launch; where the
+    router has a rule, (out, xn, logits, ids [1, k] int32, weights [1, k] float32), the
+    rule's as router.fused_topk gives them on those logits."""
     nr, nsg = nr or DENSE_NR, nsg or DENSE_NSG
     parts = isinstance(x, tuple)
     template = dense_residual_template(x, d, res, flavor, nr, nsg)
@@ -322,12 +348,15 @@ def dense_residual(x, d: DenseWeight, res: mx.array, flavor: str, nr: Optional[i
     if router is not None:
         split = ROUTER_TAIL == "split"
         inputs, tail_template = router_tail_args(x, d, res, router, flavor, nr, nsg)
-        outs = kernel(flavor, "dense_residual_parts_router_split" if split else "dense_residual_parts_router")(
+        name = "dense_residual_parts_router_split" if split else "dense_residual_parts_router"
+        k = router.rule.k if router.rule is not None else 0
+        outs = kernel(flavor, name + "_route" * (k > 0))(
             inputs=inputs, template=template + tail_template,
             grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),
-            output_shapes=[res.shape, (1, d.rows), (1, router.gate.rows)], output_dtypes=[res.dtype] * 3,
+            output_shapes=[res.shape, (1, d.rows), (1, router.gate.rows)] + [(1, k)] * 2 * (k > 0),
+            output_dtypes=[res.dtype] * 3 + [mx.int32, mx.float32] * (k > 0),
         )
-        return outs[0], outs[1], outs[2]
+        return tuple(outs)
     return kernel(flavor, "dense_residual_parts" if parts else "dense_residual")(
         inputs=[*(x if parts else [x]), *weight_inputs(d), res], template=template,
         grid=(n_tg * 32 * nsg, 1, 1), threadgroup=(32 * nsg, 1, 1),

@@ -438,6 +438,48 @@ def _router_tail_split_case(flavor: str) -> None:
     _router_tail_case(flavor, "split")
 
 
+def _router_tail_rule_case(flavor: str) -> None:
+    """The split router tail with the routing rule (option RRULE): out, xn and logits bit
+    for bit as the tail without it, ids and weights bit for bit as moe_router_topk's
+    (router.fused_topk) on those logits -- and, ids in any order, as mlx_moe.router's MLX
+    ops; softmax top-3 normalized over 61 experts (a tie planted) and Mixtral's top-2 over
+    16 (two -inf logits: zero weights never chosen), two launches on one counter."""
+    from .. import router as R
+    from .dense import RouterTail, dense_residual, dense_weight, router_tail, tail_counter_words
+    from .registry import ticket_counter
+    from .router import RouterParams, fused_topk
+
+    rng = np.random.default_rng(31)
+    cases = ((61, RouterParams(3, normalize=True), mx.float32, 2, 2),
+             (16, RouterParams(2, score="topk_softmax"), mx.bfloat16, 2, 8))
+    with router_tail("split"):
+        for experts, params, dtype, nr, nsg in cases:
+            hidden, cols, H, S = 128 if experts > 16 else 256, 512, 8, 4
+            o = dense_weight(random_linear(rng, cols, hidden, 4, dtype))
+            gate = dense_weight(random_linear(rng, hidden, experts, 8, dtype))
+            gpost = mx.array(rng.random(hidden).astype(np.float32) + 0.5).astype(dtype)
+            words = tail_counter_words(experts, hidden, nr, nsg)
+            routed = RouterTail(gpost, 1e-6, gate, ticket_counter(words), rule=params)
+            plain = RouterTail(gpost, 1e-6, gate, ticket_counter(words))
+            for call in range(2):
+                p = rng.standard_normal((H, S, cols // H)).astype(np.float32) * 4
+                ml = np.stack([rng.standard_normal((H, S)) * 3, rng.random((H, S)) * 5 + 0.5], -1).astype(np.float32)
+                x = (mx.array(p), mx.array(ml))
+                res = mx.array(rng.standard_normal((1, hidden)).astype(np.float32)).astype(dtype)
+                got = dense_residual(x, o, res, flavor, nr=nr, nsg=nsg, router=routed)
+                want = dense_residual(x, o, res, flavor, nr=nr, nsg=nsg, router=plain)
+                what = f"router tail with the rule ({experts} experts, {params.score}, launch {call + 1})"
+                assert len(got) == 5, what
+                for g, w, name in zip(got, want, ("out", "xn", "logits")):
+                    assert np.array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))), \
+                        f"{what}: {name} differ from the tail without the rule"
+                ids, wts = fused_topk(want[2], params, flavor)
+                assert np.array_equal(np.array(got[3]), np.array(ids)), f"{what}: ids differ from moe_router_topk's"
+                assert np.array_equal(np.array(got[4]), np.array(wts)), f"{what}: weights differ from moe_router_topk's"
+                _same_routing(got[3:], R.route(want[2], params), what + " vs mlx_moe.router")
+                assert not np.array(routed.count)[:4].any(), f"{what}: the tail's ticket was left non-zero"
+
+
 def _dense_norm_xn_case(flavor: str) -> None:
     dense_norm_check(flavor, 8, mx.float32, 512, (61,), bias=False, rtol=1e-5, xn=True, nr=1)
 
@@ -949,6 +991,10 @@ CASES: Dict[str, List[KernelCase]] = {
     "dense_residual_parts_router_split": [KernelCase("as dense_residual_parts_router, every threadgroup "
                                                      "projecting its own rows of the output and the last one "
                                                      "adding the shares", _router_tail_split_case)],
+    "dense_residual_parts_router_split_route": [KernelCase("the split tail with the MoE routing rule (softmax "
+                                                           "top-3 of 61, Mixtral top-2 of 16): the tail's outputs "
+                                                           "bit for bit, ids and weights as moe_router_topk's",
+                                                           _router_tail_rule_case)],
     "dense_residual_parts": [KernelCase("8 heads x 4 splits (one empty) combined, 4-bit projection + residual vs "
                                         "float64 numpy", _dense_residual_parts_case)],
     "routing_join_record": [KernelCase("8 / 4 / 384 / 3 slots, 2-48 layers, 1-5 tokens, stale words carried, "

@@ -99,17 +99,29 @@ def read_cuda_twin(family: str) -> Tuple[str, Dict[str, str]]:
 _USES = re.compile(r"^//@uses (\w+)", re.M)
 
 
-def family_helpers(flavor: str, family: str, _seen: Tuple[str, ...] = ()) -> str:
+def family_helpers(flavor: str, family: str) -> str:
     """The helpers `flavor` compiles for metal/<family>.metal: those of the families
-    it uses (`//@uses`), then its own, then its CUDA twin's on CUDA."""
+    it uses (`//@uses`, each once however many of them use it), then its own, each
+    family's followed by its CUDA twin's on CUDA."""
+    parts = []
+    for f in used_families(family):
+        parts.append(read_family(f)[0])
+        if flavor == "cuda":
+            parts.append(read_cuda_twin(f)[0])
+    return "\n".join(parts)
+
+
+def used_families(family: str, _seen: Tuple[str, ...] = (), _done: Optional[list] = None) -> list:
+    """`family` after the families it uses (`//@uses`, transitively), each once, every
+    family after those it uses."""
+    done = [] if _done is None else _done
     if family in _seen:
         raise ValueError(f"metal/{family}.metal: //@uses forms a cycle ({' -> '.join(_seen + (family,))})")
-    helpers, _ = read_family(family)
-    used = [family_helpers(flavor, f, _seen + (family,)) for f in _USES.findall(helpers)]
-    text = "\n".join(used + [helpers])
-    if flavor == "cuda":
-        text = text + "\n" + read_cuda_twin(family)[0]
-    return text
+    if family not in done:
+        for f in _USES.findall(read_family(family)[0]):
+            used_families(f, _seen + (family,), done)
+        done.append(family)
+    return done
 
 
 @lru_cache(maxsize=None)
@@ -248,6 +260,13 @@ KERNELS: Dict[str, KernelSpec] = {
                                                                      "wr", "wr_s", "wr_b", "cst", "count"),
                                                     ("out", "xn", "logits"), body="dense_residual",
                                                     options=("PARTS", "ROUTER", "RSPLIT"), inplace=("count",)),
+    "dense_residual_parts_router_split_route": KernelSpec("decode_layer", ("parts", "ml", "w", "w_s", "w_b", "res",
+                                                                           "gpost", "wr", "wr_s", "wr_b", "cst",
+                                                                           "count", "rbias", "rscale"),
+                                                          ("out", "xn", "logits", "ids", "weights"),
+                                                          body="dense_residual",
+                                                          options=("PARTS", "ROUTER", "RSPLIT", "RRULE"),
+                                                          inplace=("count",)),
     # launches of the fused decoder layer chained into one (metal/decode_chain.metal)
     "qkv_attention": KernelSpec("decode_chain", ("x", "gin", "w0", "w0_s", "w0_b", "w1", "w1_s", "w1_b", "w2",
                                                  "w2_s", "w2_b", "b0", "b1", "b2", "cst", "q_norm", "k_norm", "k",
