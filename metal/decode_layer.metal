@@ -34,10 +34,10 @@
 //@uses router  (moe_router_select: dense_residual's RRULE option)
 
 // The routing rule (router.metal's moe_router_select) on one token's router outputs in
-// one simdgroup (scale: a pointer to the weights' factor), its k ids and weights
-// written out by lane 0.  Out of line on CUDA: the
-// split router tail (dense_residual's RRULE option) runs at 128 registers a thread, the
-// most its 512-thread threadgroups may have, and the rule inlined took it to 129.
+// one simdgroup (scale: a pointer to the weights' factor), its k ids and weights written
+// out by lane 0.  Out of line on CUDA: the split router tail (dense_residual's RRULE
+// option) runs at 128 registers a thread, the most its 512-thread threadgroups may have,
+// and the rule inlined took it to 129 (nvcc, sm_90a).
 template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM, typename LP,
           typename BP, typename SP, typename IP, typename WP>
 MOE_OUT_OF_LINE void moe_route_out(LP logits, BP bias, SP scale, IP ids, WP weights, uint lane) {
@@ -807,8 +807,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
       }
     }
 //@if RRULE
-    // The routing rule (router.metal's moe_router_select) on the logits just written, in
-    // simdgroup 0, once per token (after xn: its registers free): the MoE launch then reads ids and weights
+    // The routing rule on the logits just written, in simdgroup 0, once per token (after
+    // xn, whose registers are then free): the MoE launch reads ids and weights
     // (mul_mv_id_moe_ids) instead of running the rule in each of its threadgroups.
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
