@@ -247,8 +247,8 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     """(rule inputs, template, threadgroups, simdgroups a threadgroup, h's dtype) of
     mul_mv_id_moe's body for T tokens of `dtype` routed over n_logits router outputs,
     checked (the kernels that run the body: mul_mv_id_moe, decode_chain's oproj_moe).
-    params None: the routing given (option IDS, k slots a token): no rule inputs or
-    template, SHARE_ROUTE false.  h is float32 but where the geometry's stage bit 16 asks
+    params None: the routing given (option IDS, k slots a token): no rule inputs, rule
+    template or SHARE_ROUTE.  h is float32 but where the geometry's stage bit 16 asks
     for bfloat16 h (taken only with bfloat16 activations and Q4_0 weights, as bit 32's
     tensor cores; elsewhere both bits are dropped)."""
     from .router import rule_arguments
@@ -263,6 +263,8 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     if params is not None:
         k = params.k
         inputs, rule = rule_arguments(n_logits, params)
+    elif k is None:
+        raise ValueError("moe_layer_args: the routing given (params None) needs k, the slots a token")
     else:
         inputs, rule = [], []
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
