@@ -34,15 +34,14 @@
 //@uses router  (moe_router_select: dense_residual's RRULE option)
 
 // The routing rule (router.metal's moe_router_select) on one token's router outputs in
-// one simdgroup (scale: a pointer to the weights' factor), its k ids and weights written
-// out by lane 0.  Out of line on CUDA: the split router tail (dense_residual's RRULE
-// option) runs at 128 registers a thread, the most its 512-thread threadgroups may have,
-// and the rule inlined took it to 129 (nvcc, sm_90a).
+// one simdgroup, its k ids and weights written out by lane 0.  Out of line on CUDA: the
+// split router tail (dense_residual's RRULE option) runs at 128 registers a thread, the
+// most its 512-thread threadgroups may have, and the rule inlined took it to 129 (nvcc,
+// sm_90a).
 template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM, typename LP,
-          typename BP, typename SP, typename IP, typename WP>
-MOE_OUT_OF_LINE void moe_route_out(LP logits, BP bias, SP scale, IP ids, WP weights, uint lane) {
-  const auto pick = moe_router_select<NEXP, K, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(logits, bias, scale[0],
-                                                                                          lane);
+          typename BP, typename IP, typename WP>
+MOE_OUT_OF_LINE void moe_route_out(LP logits, BP bias, float scale, IP ids, WP weights, uint lane) {
+  const auto pick = moe_router_select<NEXP, K, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(logits, bias, scale, lane);
   if (lane == 0) {
     for (int j = 0; j < K; ++j) {
       ids[j] = pick.id[j];
@@ -812,7 +811,8 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
     // (mul_mv_id_moe_ids) instead of running the rule in each of its threadgroups.
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg == 0) {  // uniform per simdgroup: every lane reaches every collective of the rule
-      moe_route_out<RE, RKS, RVPL, RSCORE, RHAS_BIAS, RNGROUP, RTOPKG, RNORM>(tot, rbias, rscale, ids, weights, lane);
+      moe_route_out<RE, RKS, RVPL, RSCORE, RHAS_BIAS, RNGROUP, RTOPKG, RNORM>(tot, rbias, rscale[0], ids, weights,
+                                                                            lane);
     }
 //@endif
 //@endif

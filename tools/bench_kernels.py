@@ -244,20 +244,19 @@ def routed_layers(fl, q4, k, layer_geometries):
         h, ids, wts = mul_mv_id_swiglu_route(x, logits[l], params, w[l][0], w[l][1], fl)
         return mul_mv_id_down_combine(h, ids, wts, x, w[l][2], 0, fl, residual=x)
 
-    out = [("ours q4_0 routed, 2 launches (swiglu_route + down_combine_res)", two)]
-    for g in [None] + list(layer_geometries):
-        tag = g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default"
-        out.append((f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
-                    lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l],
-                                                 fl, g)[0]))
-    given = [R.route(logits[l], params) for l in range(layers)]
-    given = [(i.astype(mx.int32), wt.astype(mx.float32)) for i, wt in given]
+    given = [tuple(a.astype(t) for a, t in zip(R.route(logits[l], params), (mx.int32, mx.float32)))
+             for l in range(layers)]
     mx.eval(given)
-    for g in [None] + list(layer_geometries):
-        tag = g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default"
-        out.append((f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
-                    lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x,
-                                                     counts[l], fl, g)[0]))
+    geoms = [(g, g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default")
+             for g in [None] + list(layer_geometries)]
+    out = [("ours q4_0 routed, 2 launches (swiglu_route + down_combine_res)", two)]
+    out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
+             lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0])
+            for g, tag in geoms]
+    out += [(f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
+             lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x, counts[l],
+                                              fl, g)[0])
+            for g, tag in geoms]
     return out
 
 

@@ -144,6 +144,13 @@ def _combine_case(flavor: str) -> None:
     _close(y, want, 1e-5, "mul_mm_id_combine")
 
 
+def _same_bits(pairs, what: str, other: str) -> None:
+    """Each (name, got, want) of `pairs` equal bit for bit (as float32)."""
+    for name, a, b in pairs:
+        assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
+            f"{what}: {name} differs from {other}"
+
+
 def _same_routing(got, want, what: str) -> None:
     """The same ids per token (in any order) with the same weights."""
     gi, gw = (np.array(a) for a in got)
@@ -442,8 +449,9 @@ def _router_tail_rule_case(flavor: str) -> None:
     """The split router tail with the routing rule (option RRULE): out, xn and logits bit
     for bit as the tail without it, ids and weights bit for bit as moe_router_topk's
     (router.fused_topk) on those logits -- and, ids in any order, as mlx_moe.router's MLX
-    ops; softmax top-3 normalized over 61 experts (a tie planted) and Mixtral's top-2 over
-    16 (two -inf logits: zero weights never chosen), two launches on one counter."""
+    ops; softmax top-3 normalized over 61 experts (float32) and Mixtral's top-2 over 16
+    (bfloat16), two launches on one counter.  (Ties, -0.0, -inf and NaN are the rule's own
+    cases, moe_router_topk's: the tail runs the same moe_router_select.)"""
     from .. import router as R
     from .dense import RouterTail, dense_residual, dense_weight, router_tail, tail_counter_words
     from .registry import ticket_counter
@@ -598,9 +606,7 @@ def _moe_layer_trace_case(flavor: str) -> None:
         logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
         want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
         got = moe_layer_trace(x, logits, params, wg, wu, wd, 0, res, ticket_counter(), flavor, g)
-        for name, a, b in zip(("y", "ids", "weights", "h"), got[:4], want):
-            assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
-                f"traced launch {g.tag}: {name} differs from the plain launch's"
+        _same_bits(zip(("y", "ids", "weights", "h"), got[:4], want), f"traced launch {g.tag}", "the plain launch's")
         trace = np.array(got[4]).astype(np.int64)
         groups = -(-F // (g.gate_nr * g.nsg)) * T * params.k + -(-D // g.down_nr) * T
         assert trace.shape == (groups, TRACE_STAMPS), \
@@ -644,9 +650,8 @@ def _moe_layer_ids_case(flavor: str, trace: bool = False) -> None:
                     f"given routing {g.tag}: trace shape {out[2].shape}"
                 plain = mul_mv_id_moe_ids(x, mx.array(i), mx.array(ww), wg, wu, wd, NI, res, count, flavor, g)
                 rows = np.nonzero((i.reshape(-1) >= 0) & (i.reshape(-1) < E))[0]  # h's written rows
-                for name, a, b in (("y", out[0], plain[0]), ("h", out[1][mx.array(rows)], plain[1][mx.array(rows)])):
-                    assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
-                        f"given routing {g.tag}, traced: {name} differs from the plain launch's"
+                _same_bits((("y", out[0], plain[0]), ("h", out[1][mx.array(rows)], plain[1][mx.array(rows)])),
+                           f"given routing {g.tag}, traced", "the plain launch's")
             return out
 
         y = np.array(run(ids, w)[0].astype(mx.float32))
@@ -661,9 +666,8 @@ def _moe_layer_ids_case(flavor: str, trace: bool = False) -> None:
                                           ticket_counter(), flavor, g)
         yi, hi = run(np.array(ir), np.array(wr))[:2]
         rows = mx.array(np.nonzero(np.array(ir).reshape(-1) < E)[0])  # h's rows of identity slots are unwritten
-        for name, a, b in (("y", yi, yr), ("h", hi[rows], hr[rows])):
-            assert (np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))).all(), \
-                f"given routing {g.tag}: {name} differs from mul_mv_id_moe's under the same routing"
+        _same_bits((("y", yi, yr), ("h", hi[rows], hr[rows])), f"given routing {g.tag}",
+                   "mul_mv_id_moe's under the same routing")
 
 
 def _token_and_caches(rng, hidden: int, cache_shape, dtype, pos: int):
