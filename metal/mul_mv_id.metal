@@ -629,6 +629,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
 //@if IDS
+  constexpr int RULE_SG = 0;  // simdgroups running the rule
   // The routing given: its KS ids and weights read by the first KS threads (any id
   // outside [0, NE + NI) is a padding slot below: no weights read, nothing added).
   if (thread_index_in_threadgroup < uint(KS)) {
@@ -637,6 +638,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
 //@endif
 //@if !IDS
+  constexpr int RULE_SG = 1;
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
 //@if TRACE
     {  // the router outputs' latency apart from the rule's: a first read of them, waited for
@@ -665,9 +667,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
   }
 //@endif
-  if (XPREP && !down && (NSG == 1 || sg > 0)) {  // beside the rule when there are other simdgroups
-    moe_prepare_x<D, 32 * (NSG > 1 ? NSG - 1 : 1)>(xq, x + size_t(tok) * D,
-                                                   thread_index_in_threadgroup - (NSG > 1 ? 32u : 0u));
+  // The activations prepared beside the rule (simdgroup 0's) when there are other
+  // simdgroups; with the routing given (IDS), by all of them.
+  constexpr int XSG = NSG > 1 ? RULE_SG : 0;  // the first simdgroup preparing x
+  if (XPREP && !down && int(sg) >= XSG) {
+    moe_prepare_x<D, 32 * (NSG - XSG)>(xq, x + size_t(tok) * D, thread_index_in_threadgroup - 32u * uint(XSG));
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
