@@ -246,22 +246,6 @@ MOE_DEVICE inline void moe_stage_rows(DP dst, SP a, SP b, int n, int half, uint 
   }
 }
 
-// Asks L2 for part `part` of PARTS of a matrix of N elements of WT at w (STAGE bit 64:
-// a gate/up threadgroup's share of its expert's down rows), a 128-byte line a thread of
-// NTH (tid), without waiting for any (moe_prefetch_l2 holds no register).
-template <typename WT, int N, int PARTS, int NTH, typename WP>
-MOE_DEVICE inline void moe_prefetch_part(WP w, int part, uint tid) {
-  constexpr int LINE = 128 / int(sizeof(WT));  // elements a line
-  constexpr int LINES = (N + LINE - 1) / LINE;
-  constexpr int PER = (LINES + PARTS - 1) / PARTS;
-  for (int j = int(tid); j < PER; j += NTH) {
-    const int l = part * PER + j;
-    if (l < LINES) {
-      moe_prefetch_l2(w + size_t(l) * LINE);
-    }
-  }
-}
-
 // moe_swiglu_rows' dot products and store (below), its rows found already: wg, wu point
 // at row row0 of the expert's gate and up matrices (device memory, or a threadgroup's
 // staged copy); nothing is read when !active (uniform per simdgroup).  XM: how x is read
@@ -534,8 +518,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // them; 2 = a gate/up threadgroup's, where 24 KB do; both need 16-byte rows; 4 = the
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
-// T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit; 64 = the down rows prefetched into L2 by the gate/up threadgroups), and the routing
+// T = bfloat16 and Q4_0 only, read as pairs), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -622,10 +605,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // half the bytes the down threadgroups read from L2 (each reads its token's whole h).
   constexpr bool XPAIR = (STAGE & 8) != 0 && moe_rows<WT>::DEN == 32;
   constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
-  // STAGE bit 64: each gate/up threadgroup, its own rows read, asks L2 for a 1/GX share
-  // of its expert's down matrix: the down threadgroups, which start as the gate/up ones
-  // retire, then stage their rows from L2 instead of HBM (a no-op on Metal).
-  constexpr bool PREFETCH_DN = (STAGE & 64) != 0;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
 //@if IDS
@@ -723,9 +702,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
         moe_gate_up_mma<MMA_GU>::wait_x();
-        if (PREFETCH_DN) {
-          moe_prefetch_part<WT, D * RLD, GX, 32 * NSG>(wd + size_t(e) * D * RLD, tg % GX, thread_index_in_threadgroup);
-        }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -748,9 +724,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     } else {
       const bool active = real && row0 < F;  // uniform per simdgroup
       const size_t off = active ? (size_t(e) * F + row0) * RLG : 0;
-      if (PREFETCH_DN && real) {
-        moe_prefetch_part<WT, D * RLD, GX, 32 * NSG>(wd + size_t(e) * D * RLD, tg % GX, thread_index_in_threadgroup);
-      }
       moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wg + off, wu + off, ht, active, row0, lane);
     }
     moe_device_fence();  // this thread's rows of h, before the count says they are there

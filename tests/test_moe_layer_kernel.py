@@ -256,44 +256,6 @@ def test_gate_up_on_tensor_cores(flavor):
     np.testing.assert_array_equal(np.array(y32), np.array(y15))
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
-def test_down_prefetch_changes_nothing(flavor):
-    """Stage bit 64 (each gate/up threadgroup asks L2 for its share of its expert's down
-    rows): the same arithmetic, so y and h bit for bit against the geometry without it --
-    routed (stages 79, 64 against 15, 0) and under given routing that picks the last real
-    expert (its down matrix's last line is prefetched: under the emulation every prefetch
-    reads its address, bounds-checked) beside an identity slot and padding ids (nothing
-    prefetched for them)."""
-    from mlx_moe.kernels.mul_mv_id import mul_mv_id_moe_ids
-
-    nexp, ne, params = RULES[3]
-    rng = np.random.default_rng(64)
-    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, d=256, f=256)
-    wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
-    for on, off in ((79, 15), (64, 0)):
-        y, ids, w = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor,
-                                  LayerGeometry(1, 5, 6, 1, stage=on))
-        y0, ids0, w0 = mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor,
-                                     LayerGeometry(1, 5, 6, 1, stage=off))
-        np.testing.assert_array_equal(np.array(ids), np.array(ids0))
-        np.testing.assert_array_equal(np.array(y), np.array(y0), err_msg=f"stage {on}")
-    k = params.k
-    given = np.tile(np.arange(k, dtype=np.int32), (2, 1))
-    given[0, :3] = [ne - 1, ne, -1]  # the last real expert, an identity one, padding
-    given[1, 0] = ne - 1
-    wts = mx.array(rng.uniform(0.1, 1.0, given.shape).astype(np.float32))
-    outs = [mul_mv_id_moe_ids(x, mx.array(given), wts, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor,
-                              LayerGeometry(1, 5, 6, 1, stage=st)) for st in (79, 15)]
-    real = given.reshape(-1)
-    real = (real >= 0) & (real < ne)
-    np.testing.assert_array_equal(np.array(outs[0][1])[real], np.array(outs[1][1])[real])
-    np.testing.assert_array_equal(np.array(outs[0][0]), np.array(outs[1][0]))
-    pad = given < 0  # the oracle's padding: an identity slot of weight 0
-    want = _oracle(np.array(wg), np.array(wu), np.array(wd), x, res, np.where(pad, ne, given),
-                   np.where(pad, 0.0, np.array(wts)))
-    np.testing.assert_allclose(np.array(outs[0][0]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-
-
 def test_one_launch_needs_in_order_threadgroups():
     """The registry marks the kernel (the emulation then runs its threadgroups in index
     order); the two-launch kernels keep the emulation's last-first order."""
