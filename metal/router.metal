@@ -179,6 +179,50 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   return pick;
 }
 
+// moe_router_select split for a whole threadgroup (mul_mv_id_moe's STAGE bit 64): one
+// simdgroup (every lane must call it) writes the NEXP experts' selection keys key[e]
+// (moe_router_key of the score moe_router_scores gives) and the sources of their weights
+// p[e] to threadgroup memory; then moe_router_rank, by every thread, places them.
+template <int NEXP, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, typename LP, typename BP, typename KP,
+          typename PP>
+MOE_DEVICE inline void moe_router_keys(LP logits, BP bias, uint lane, KP key, PP prob) {
+  float p[VPL];
+  float c[VPL];
+  moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits, bias, lane, p, c);
+  for (int i = 0; i < VPL; ++i) {
+    const int e = int(lane) + 32 * i;
+    if (e < NEXP) {
+      key[e] = moe_router_key(c[i]);
+      prob[e] = p[i];
+    }
+  }
+}
+
+// moe_router_select's K rounds in one pass: expert e's place is the number of keys above
+// its own plus the equal ones of lower ids (the rounds' ties to the lower id), counted by
+// NTH threads at once (tid) over moe_router_keys' keys; an expert placed below K writes
+// its id to ids[place] and its p to w[place], in selection order.  Keys of 0 (-inf, NaN)
+// are never placed: the slots past the chosen keep what the caller wrote there (a padding
+// id NEXP, weight 0, or -inf for SCORE 2, as the rounds give them).  Why: the rounds are a
+// chain of dependent collectives in one simdgroup (1.5-1.8 us at the start of every MoE
+// threadgroup on the H100: BENCHMARKS.md 2026-12-06, eleventh session); here every thread
+// reads the NEXP keys at once (threadgroup-memory broadcasts, no collective).
+template <int NEXP, int K, int NTH, typename KP, typename PP, typename IP, typename WP>
+MOE_DEVICE inline void moe_router_rank(KP key, PP prob, IP ids, WP w, uint tid) {
+  for (int e = int(tid); e < NEXP; e += NTH) {
+    const uint ke = key[e];
+    int place = 0;
+    for (int j = 0; j < NEXP; ++j) {
+      const uint kj = key[j];
+      place += (kj > ke || (kj == ke && j < e)) ? 1 : 0;
+    }
+    if (ke != 0u && place < K) {
+      ids[place] = e;
+      w[place] = prob[e];
+    }
+  }
+}
+
 // ==== kernel: moe_router_topk ====
 // Template:
 //   T       logits dtype;  NEXP  experts scored (real + identity experts);

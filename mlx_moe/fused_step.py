@@ -159,7 +159,9 @@ ATTENTION_ONE_LAUNCH: tuple = ()
 # routing (mul_mv_id_moe_ids), where the rule ran at the start of each of its 1,280
 # threadgroups (1.5-1.8 us of each one's time on the H100: BENCHMARKS.md 2026-12-06,
 # eleventh session).  Where the tail, MOE_ONE_LAUNCH and the experts' kernels are on.
-# bench_generate's engine suffix +tailrule turns it on.
+# Off: on the H100 (2026-12-07, thirteenth session) the MoE launches took 1.5 us a layer
+# less and the router tails 1.5-1.7 us more (step 2358.5 against 2351.2 us): the rule's
+# chain is on the step's path either way.  bench_generate's engine suffix +tailrule turns it on.
 ROUTE_IN_TAIL: tuple = ()
 
 # The final norm and the LM head as one dense_norm launch where the plan has the head
