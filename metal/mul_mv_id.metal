@@ -640,12 +640,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
     if (RANKED) {
       rscale = scale[0];
-      moe_router_keys<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits + size_t(tok) * NEXP, bias, lane, rkey,
-                                                                  rprob);
-      for (int j = int(lane); j < KS; j += 32) {  // the padding the rounds give slots no key fills
-        chosen[j] = NEXP;
-        chosen_w[j] = SCORE == 2 ? MOE_NEG_INF : 0.0f;
-      }
+      moe_router_keys<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits + size_t(tok) * NEXP, bias, lane, rkey,
+                                                                      rprob, chosen, chosen_w);
     } else {
       const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
           logits + size_t(tok) * NEXP, bias, scale[0], lane);
