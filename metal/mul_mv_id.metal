@@ -519,7 +519,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit; 64 = the routing rule's top-K placed by every thread, moe_router_rank), and the routing
+// unit), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -619,12 +619,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
 //@if !IDS
   constexpr int RULE_SG = 1;
-  // STAGE bit 64: the rule's top-K placed by every thread at once (moe_router_rank, after
-  // the first barrier) over the keys simdgroup 0 writes, instead of its K rounds there.
-  constexpr bool RANKED = (STAGE & 64) != 0;
-  threadgroup uint rkey[RANKED ? NEXP : 1];
-  threadgroup float rprob[RANKED ? NEXP : 1];
-  float rscale = 1.0f;  // thread 0's copy of scale[0] for the ranked rule's weights, read early
   if (sg == 0 && !(SHARE_ROUTE && down)) {  // uniform per simdgroup: every lane reaches every collective of the rule
 //@if TRACE
     {  // the router outputs' latency apart from the rule's: a first read of them, waited for
@@ -638,18 +632,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
     }
 //@endif
-    if (RANKED) {
-      rscale = scale[0];
-      moe_router_keys<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits + size_t(tok) * NEXP, bias, lane, rkey,
-                                                                      rprob, chosen, chosen_w);
-    } else {
-      const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
-          logits + size_t(tok) * NEXP, bias, scale[0], lane);
-      if (lane == 0) {
-        for (int j = 0; j < KS; ++j) {
-          chosen[j] = pick.id[j];
-          chosen_w[j] = pick.w[j];
-        }
+    const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
+    if (lane == 0) {
+      for (int j = 0; j < KS; ++j) {
+        chosen[j] = pick.id[j];
+        chosen_w[j] = pick.w[j];
       }
     }
 //@if TRACE
@@ -666,19 +654,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     moe_prepare_x<D, 32 * (NSG - XSG)>(xq, x + size_t(tok) * D, thread_index_in_threadgroup - 32u * uint(XSG));
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-//@if !IDS
-  if (RANKED && !(SHARE_ROUTE && down)) {  // uniform per threadgroup
-    moe_router_rank<NEXP, KS, 32 * NSG>(rkey, rprob, chosen, chosen_w, thread_index_in_threadgroup);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (thread_index_in_threadgroup == 0) {
-      moe_router_finish<KS, SCORE, NORM>(chosen_w, rscale);
-//@if TRACE
-      tr[2] = moe_clock_ns();
-//@endif
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-//@endif
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {
     tr[3] = moe_clock_ns();

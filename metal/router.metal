@@ -34,13 +34,6 @@ struct moe_router_pick {
   float w[K];
 };
 
-// A padding slot's weight source (a slot no expert fills: fewer selectable scores than
-// K): 0, or -inf for SCORE 2, which moe_router_finish's softmax turns into a weight of 0.
-template <int SCORE>
-MOE_DEVICE inline float moe_router_pad_w() {
-  return SCORE == 2 ? MOE_NEG_INF : 0.0f;
-}
-
 // The scores of one token's NEXP router outputs `logits` (device or threadgroup
 // memory) by the rule of the kernel below, in the 32 lanes of one simdgroup (every lane
 // must call it): lane l gets experts l, l + 32, ... in p (the weights' source:
@@ -164,7 +157,7 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   for (int j = 0; j < K; ++j) {
     uint bk = 0u;  // the lane's best key: its lowest expert id among equal keys (strict >)
     int bi = NEXP;
-    float bw = moe_router_pad_w<SCORE>();  // a padding slot's p
+    float bw = SCORE == 2 ? MOE_NEG_INF : 0.0f;  // a padding slot's p: a weight of 0 after moe_router_finish
     for (int i = 0; i < VPL; ++i) {
       if (key[i] > bk) {
         bk = key[i];
@@ -184,55 +177,6 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
   }
   moe_router_finish<K, SCORE, NORM>(pick.w, scale);
   return pick;
-}
-
-// moe_router_select split for a whole threadgroup (mul_mv_id_moe's STAGE bit 64): one
-// simdgroup (every lane must call it) writes the NEXP experts' selection keys key[e]
-// (moe_router_key of the score moe_router_scores gives) and the sources of their weights
-// p[e] to threadgroup memory, and fills the K slots ids, w with padding (id NEXP,
-// moe_router_pad_w), as the rounds leave a slot no expert takes; then, after a barrier,
-// moe_router_rank, by every thread, places the chosen over them.
-template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, typename LP, typename BP,
-          typename KP, typename PP, typename IP, typename WP>
-MOE_DEVICE inline void moe_router_keys(LP logits, BP bias, uint lane, KP key, PP prob, IP ids, WP w) {
-  float p[VPL];
-  float c[VPL];
-  moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits, bias, lane, p, c);
-  for (int i = 0; i < VPL; ++i) {
-    const int e = int(lane) + 32 * i;
-    if (e < NEXP) {
-      key[e] = moe_router_key(c[i]);
-      prob[e] = p[i];
-    }
-  }
-  for (int j = int(lane); j < K; j += 32) {
-    ids[j] = NEXP;
-    w[j] = moe_router_pad_w<SCORE>();
-  }
-}
-
-// moe_router_select's K rounds in one pass: expert e's place is the number of keys above
-// its own plus the equal ones of lower ids (the rounds' ties to the lower id), counted by
-// NTH threads at once (tid) over moe_router_keys' keys; an expert placed below K writes
-// its id to ids[place] and its p to w[place], in selection order.  Keys of 0 (-inf, NaN)
-// are never placed: the slots past the chosen keep moe_router_keys' padding.  Why: the rounds are a
-// chain of dependent collectives in one simdgroup (1.5-1.8 us at the start of every MoE
-// threadgroup on the H100: BENCHMARKS.md 2026-12-06, eleventh session); here every thread
-// reads the NEXP keys at once (threadgroup-memory broadcasts, no collective).
-template <int NEXP, int K, int NTH, typename KP, typename PP, typename IP, typename WP>
-MOE_DEVICE inline void moe_router_rank(KP key, PP prob, IP ids, WP w, uint tid) {
-  for (int e = int(tid); e < NEXP; e += NTH) {
-    const uint ke = key[e];
-    int place = 0;
-    for (int j = 0; j < NEXP; ++j) {
-      const uint kj = key[j];
-      place += (kj > ke || (kj == ke && j < e)) ? 1 : 0;
-    }
-    if (ke != 0u && place < K) {
-      ids[place] = e;
-      w[place] = prob[e];
-    }
-  }
 }
 
 // ==== kernel: moe_router_topk ====

@@ -256,47 +256,6 @@ def test_gate_up_on_tensor_cores(flavor):
     np.testing.assert_array_equal(np.array(y32), np.array(y15))
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("nexp,ne,params", RULES, ids=["qwen3", "mixtral", "deepseek_group", "identity"])
-def test_ranked_rule_is_the_rounds(flavor, nexp, ne, params):
-    """Stage bit 64 (the rule's top-k placed by every thread at once, moe_router_rank)
-    against the same geometry without it (the K rounds of one simdgroup): ids, weights and
-    y bit for bit, with ties planted at the top (the lower id first), -inf and NaN logits
-    (never chosen) and a token with fewer finite logits than slots (padding: id past
-    every expert, weight 0); unstaged float32 and, for the Qwen3 rule, the default's
-    staged bfloat16 geometry (stages 95 against 31)."""
-    k = params.k
-    rng = np.random.default_rng(640 + nexp)
-    cases = [(D, F, mx.float32, 0)] + [(256, 256, mx.bfloat16, 31)] * (nexp == 128)
-    for d, f, dtype, stage in cases:
-        wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 3, dtype=dtype, d=d, f=f)
-        lg = np.array(logits.astype(mx.float32))
-        top = lg[1].max() + 1.0
-        lg[1, [nexp - 1, 1, nexp // 2]] = top  # a three-way tie at the top, ids out of order
-        # never chosen: NaN where the rule selects on the logits (in a softmax it would
-        # poison every probability), -inf (probability 0, the lowest) elsewhere
-        mixtral = params.score == "topk_softmax"
-        lg[1, 0] = np.nan if mixtral else -np.inf
-        lg[2, :] = -np.inf  # token 2: k - 1 finite logits
-        lg[2, [3, nexp - 2][: k - 1]] = 1.0 + np.arange(min(2, k - 1))
-        if k > 3:
-            lg[2, 4: 4 + k - 3] = 0.5
-        logits = mx.array(lg).astype(mx.bfloat16)
-        wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
-        outs = [mul_mv_id_moe(x, logits, params, wg, wu, wd, nexp - ne, res, ticket_counter(), flavor,
-                              LayerGeometry(1, 5, 6, 1, stage=st)) for st in (stage | 64, stage)]
-        (y, ids, w), (y0, ids0, w0) = ([np.array(a.astype(mx.float32)) for a in o] for o in outs)
-        np.testing.assert_array_equal(ids, ids0)
-        np.testing.assert_array_equal(w, w0)
-        np.testing.assert_array_equal(y, y0)
-        if params.n_group <= 1:  # the planted tie (a group limit may drop its group)
-            tied = sorted([nexp - 1, 1, nexp // 2])[:k]
-            assert list(ids[1, :len(tied)]) == tied
-        assert not (ids == 0)[1].any()  # the NaN expert
-        if params.n_group <= 1:  # padding past the finite logits where -inf is never chosen
-            assert (ids[2] >= nexp).any() == mixtral
-
-
 def test_one_launch_needs_in_order_threadgroups():
     """The registry marks the kernel (the emulation then runs its threadgroups in index
     order); the two-launch kernels keep the emulation's last-first order."""
