@@ -519,7 +519,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit), and the routing
+// unit; 64 = h released and acquired by one fence a threadgroup, CUDA), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -530,8 +530,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //   trace [threadgroups, 7] uint32, thread 0's clock (moe_clock_ns: the GPU's global
 //   nanosecond timer on CUDA, 0 on Metal) as the threadgroup starts, when its router
 //   outputs have arrived, after the routing rule, after the barrier that follows it
-//   (routed), after its rows are staged, when h is ready (down; gate/up: its rows of h
-//   stored) and as it ends.  Where a launch's time goes, threadgroup by threadgroup.
+//   (routed), after its rows are staged, when h is ready (down; gate/up: its simdgroup's
+//   rows of h stored, before the fence that releases them) and as it ends.  Where a
+//   launch's time goes, threadgroup by threadgroup.
 // Option CHAINED: the body run by a kernel that chains it after other work in one
 //   launch (metal/decode_chain.metal), which names this threadgroup's index among the
 //   layer's moe_tg.
@@ -561,8 +562,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // the end took the kernel from 39 registers to 47 under nvcc: fewer threadgroups an SM
   // than the launch it traces).  Stamp 0 the start, 1 the router outputs loaded, 2
   // the rule done (both the start where the rule is not run), 3 routed (the barrier after
-  // the rule), 4 rows staged (routed where none are), 5 h ready (down) or stored (gate/up),
-  // 6 the end.
+  // the rule), 4 rows staged (routed where none are), 5 h ready (down) or stored (gate/up,
+  // before its fence), 6 the end.
   const auto tr = trace + size_t(tg) * 7;
   if (thread_index_in_threadgroup == 0) {
     tr[0] = moe_clock_ns();
@@ -608,6 +609,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
+  // STAGE bit 64: h released and acquired by one thread a threadgroup, not every thread's
+  // fence (where the memory model makes one fence after a barrier cumulative: CUDA).
+  constexpr bool ONE_FENCE = (STAGE & 64) != 0 && MOE_FENCE_CUMULATIVE;
 //@if IDS
   constexpr int RULE_SG = 0;  // simdgroups running the rule
   // The routing given: its KS ids and weights read by the first KS threads (any id
@@ -727,12 +731,21 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       const size_t off = active ? (size_t(e) * F + row0) * RLG : 0;
       moe_swiglu_from<XPREP>::template run<WT, D, F, NRG, NQ>(xt, xq, wg + off, wu + off, ht, active, row0, lane);
     }
-    moe_device_fence();  // this thread's rows of h, before the count says they are there
+//@if TRACE
+    if (thread_index_in_threadgroup == 0) {  // (its simdgroup's rows of h stored; the fence's time apart)
+      tr[5] = moe_clock_ns();
+    }
+//@endif
+    // The rows of h released before the count says they are there: every thread fences
+    // its own, or (ONE_FENCE) thread 0 fences once after the barrier, for all of them.
+    if (!ONE_FENCE) {
+      moe_device_fence();
+    }
     threadgroup_barrier(mem_flags::mem_device);
     if (sg == 0 && lane == 0) {
-//@if TRACE
-      tr[5] = moe_clock_ns();
-//@endif
+      if (ONE_FENCE) {
+        moe_device_fence();
+      }
       moe_ticket(cnt);
 //@if TRACE
       tr[6] = moe_clock_ns();
@@ -761,9 +774,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
+    if (ONE_FENCE) {  // the whole threadgroup's reads of h acquired by its waiting thread
+      moe_device_fence();
+    }
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  moe_device_fence();  // every thread's reads of h after the wait
+  if (!ONE_FENCE) {
+    moe_device_fence();  // every thread's reads of h after the wait
+  }
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {
     tr[5] = moe_clock_ns();

@@ -227,6 +227,11 @@ __device__ inline T* moe_inplace(const T* p) {
 __device__ inline void moe_device_fence() {
   __threadfence();
 }
+// (see shims_metal.h) True here: in the PTX memory model a fence by one thread after a
+// bar.sync is cumulative over the writes the barrier ordered before it, and one thread's
+// relaxed read + fence before a bar.sync orders the whole block's later reads (cooperative
+// groups' grid sync releases and acquires that way).
+constexpr bool MOE_FENCE_CUMULATIVE = true;
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);
 }

@@ -192,6 +192,10 @@ inline device T* moe_inplace(const device T* p) {
 inline void moe_device_fence() {
   atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
 }
+// Whether one thread's fence after a threadgroup barrier may stand for every thread's
+// (the threadgroup's writes released, or its later reads acquired, by one thread):
+// false here, as Metal's memory model does not say so -- every thread fences its own.
+constexpr constant bool MOE_FENCE_CUMULATIVE = false;
 inline uint moe_ticket(const device uint* count) {
   return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
 }

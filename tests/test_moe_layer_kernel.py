@@ -279,6 +279,39 @@ def test_one_launch_rejects_what_it_cannot_run():
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_one_fence_is_the_launch(flavor):
+    """Stage bit 64 (h released by thread 0's one fence after the gate/up threadgroup's
+    barrier, and acquired by the waiting thread's fence before the down one's, CUDA only:
+    Metal and its emulation ignore the bit): y, ids, weights and h bit for bit against the
+    same geometry without it (stage 31), on 256 x 256 bfloat16 rows and, on CUDA, 16
+    launches at Qwen3-30B-A3B's shapes on one counter (a down threadgroup reading h before
+    the gate/up writes reach it would change y)."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+    from mlx_moe.q4_0 import quantize
+
+    rng = np.random.default_rng(31)
+    shapes = [(8, 256, 256, 2, 3, 4)] + ([(128, 2048, 768, 1, 8, 16)] if flavor == "cuda" else [])
+    for E, d, f, T, k, reps in shapes:
+        wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
+        wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
+        params, count = RouterParams(k, normalize=True), ticket_counter()
+        for rep in range(reps):
+            x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
+            logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
+            want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
+                                    LayerGeometry(1, 4 if d > 256 else 5, 8 if d > 256 else 6, 1, stage=31))
+            got = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
+                                   LayerGeometry(1, 4 if d > 256 else 5, 8 if d > 256 else 6, 1, stage=95))
+            for name, a, b in zip(("y", "ids", "weights"), got[:3], want[:3]):
+                np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
+                                              err_msg=f"{name}, {E} experts, launch {rep}")
+            real = (np.array(want[1]).reshape(-1) < E)
+            np.testing.assert_array_equal(np.array(got[3].astype(mx.float32))[real],
+                                          np.array(want[3].astype(mx.float32))[real], err_msg=f"h, launch {rep}")
+        assert not np.array(count).any(), "the counter is not zero after the launches"
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_traced_launch_is_the_launch(flavor):
     """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py), its verification case
     (kernel_cases): the plain launch's outputs bit for bit, unstaged and staged, and one

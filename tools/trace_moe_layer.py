@@ -5,7 +5,8 @@ writes the GPU's global nanosecond clock as it starts, when its router outputs h
 arrived (loaded), after the routing rule (ruled), after the barrier that follows it
 (routed: a gate/up threadgroup's activations are prepared by then), after its weight rows
 are staged, when h is ready (down threadgroups: the wait for the gate/up ones is over;
-gate/up: their rows of h stored) and as it ends.  CUDA only (Metal kernels read no global
+gate/up: thread 0's simdgroup's rows of h stored, before the fence that releases them --
+ready to end is that fence and the ticket) and as it ends.  CUDA only (Metal kernels read no global
 clock).  Qwen3-30B-A3B layer shapes by default (hidden 2048, expert ffn 768,
 128 experts, top-8), random Q4_0 experts, `--layers` layers in turn so that each launch
 reads its weights from HBM (8 layers: 170 MB of routed weights, the L2 is 50 MB), `--reps`
