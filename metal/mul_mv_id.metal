@@ -133,6 +133,23 @@ struct moe_xword<2> : moe_xword_pairs<2> {};
 template <>
 struct moe_xword<3> : moe_xword_pairs<3> {};
 
+// 4: bfloat16 pairs already in 32-bit words (a threadgroup's copy of h, x pointing at the
+// words): word i holds values 2i (low half) and 2i + 1, the floats moe_load_bf2 makes.
+template <>
+struct moe_xword<4> {
+  template <typename XP>
+  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
+    const uint a = x[ib * 16 + kw];
+    const uint b = x[ib * 16 + 8 + kw];
+    float4 y;
+    y.x = moe_as_float(a << 16);
+    y.y = moe_as_float(a & 0xFFFF0000u) * (1.0f / 256.0f);
+    y.z = moe_as_float(b << 16) * (1.0f / 16.0f);
+    y.w = moe_as_float(b & 0xFFFF0000u) * (1.0f / 4096.0f);
+    return y;
+  }
+};
+
 // A threadgroup's prepared activations for moe_xword<1>: xq[ib * 8 + kw] for the K / 32
 // blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.
 template <int K, int NTH, typename QP, typename XP>
@@ -325,12 +342,13 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
 // the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
 // copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: float32 h, 3:
-// bfloat16).
+// bfloat16, 4: bfloat16 pairs as 32-bit words of threadgroup memory, h pointing at them).
 template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
           typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
 MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
                                       uint lane) {
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
+  constexpr int HK = XM == 4 ? K / 2 : K;  // a slot's row of h, in h's elements
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
@@ -345,10 +363,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       if (STAGED) {
         const auto wr = stage + s * NR * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
       } else {
         const auto wr = wd + (size_t(e) * N + row0) * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
       }
       const float ws = wts[s];
       for (int r = 0; r < NR; ++r) {
@@ -519,7 +537,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit; 64 = h released and acquired by one fence a threadgroup, CUDA), and the routing
+// unit; 64 = h released and acquired by one fence a threadgroup, CUDA; 128 = with 16, a
+// down threadgroup's h copied into threadgroup memory after the wait), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -592,7 +611,17 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
                           moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
   constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
-  constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
+  // STAGE bit 128 (with bit 16, h in bfloat16): a down threadgroup copies its token's KS
+  // rows of h into threadgroup memory after the wait, every 16-byte load in flight at once
+  // (one L2 round trip), and its dot products read h there (moe_xword<4>), where each step's
+  // loads from L2 were a round trip of their own (the tail after h is ready: 2.3 us, p50,
+  // on the H100; BENCHMARKS.md 2026-12-07, fourteenth session).  After the down rows in the
+  // staging buffer (down threadgroups use neither the rest of it nor xq).
+  constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
+                          KS * F * 2 <= 12288;
+  constexpr int NS_DN0 = STAGED_DN ? KS * NRD * RD16 : 0;  // the down rows' units
+  constexpr int NS_H = HSTAGE ? KS * F * 2 / 16 : 0;        // h's units (bfloat16)
+  constexpr int NS_DN = NS_DN0 + NS_H > 0 ? NS_DN0 + NS_H : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
@@ -788,9 +817,19 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
 //@endif
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
-      sg, lane);
+  float v;
+  if (HSTAGE) {  // (uniform)
+    const auto hsrc = h + size_t(tok) * KS * F;
+    moe_stage_rows<(NS_H > 0 ? NS_H : 1), 32 * NSG, 1>(stage + NS_DN0, hsrc, hsrc, NS_H, 0, thread_index_in_threadgroup);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, 4>(
+        moe_tg_as<const uint>(stage + NS_DN0), chosen, chosen_w, wd, x + size_t(tok) * D, part,
+        moe_tg_as<const WT>(stage), row0, sg, lane);
+  } else {
+    v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+        h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
+        sg, lane);
+  }
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

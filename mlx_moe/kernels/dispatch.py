@@ -79,8 +79,10 @@ class LayerGeometry:
     32 = the gate/up dot products on the tensor cores (CUDA; with bit 2, gate_nr * nsg = 8,
     bfloat16 activations and Q4_0 only, else ignored), 64 = h released and acquired by
     one fence a threadgroup (its thread 0's, after or before the barrier) instead of every
-    thread's (CUDA, where the memory model makes that fence cumulative; Metal ignores it);
-    rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    thread's (CUDA, where the memory model makes that fence cumulative; Metal ignores it),
+    128 = with bit 16, a down threadgroup's h copied into threadgroup memory after the wait
+    (all its loads in flight at once) and read there; rows stage only at a multiple of 16
+    bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -90,10 +92,11 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 127:
-            raise ValueError(f"LayerGeometry.stage is 0 to 127, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 255:
+            raise ValueError(f"LayerGeometry.stage is 0 to 255, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
-                             f"cores, 64: one fence a threadgroup); got {self.stage}")
+                             f"cores, 64: one fence a threadgroup, 128: h staged by the down threadgroups); "
+                             f"got {self.stage}")
 
     @property
     def tag(self) -> str:
