@@ -279,13 +279,14 @@ def test_one_launch_rejects_what_it_cannot_run():
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("stage", [95, 159, 223])
-def test_down_sync_variants_are_the_launch(flavor, stage):
+@pytest.mark.parametrize("stage,base", [(95, 31), (159, 31), (223, 31), (255, 63)])
+def test_down_sync_variants_are_the_launch(flavor, stage, base):
     """Stage bit 64 (h released by thread 0's one fence after the gate/up threadgroup's
     barrier and acquired by the waiting thread's fence before the down one's; CUDA only:
     Metal and its emulation ignore the bit) and bit 128 (a down threadgroup's h, bfloat16,
     copied into threadgroup memory after the wait and read there): y, ids, weights and h bit
-    for bit against the same geometry without them (stage 31), on 256 x 256 bfloat16 rows
+    for bit against the same geometry without them (stage 31; 63 for 255, the gate/up tile on
+    CUDA's tensor cores where its 8 rows a threadgroup allow), on 256 x 256 bfloat16 rows
     (2 tokens) and, on CUDA, 16 launches at Qwen3-30B-A3B's shapes on one counter (a down
     threadgroup reading h before the gate/up writes reach it would change y)."""
     from mlx_moe.kernels.mul_mv_id import moe_layer_launch
@@ -297,13 +298,13 @@ def test_down_sync_variants_are_the_launch(flavor, stage):
         wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
         wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
         params, count = RouterParams(k, normalize=True), ticket_counter()
-        base = LayerGeometry(1, 4 if d > 256 else 5, 8 if d > 256 else 6, 1, stage=31)
+        base_g = LayerGeometry(1, 4 if d > 256 else 5, 8 if d > 256 else 6, 1, stage=base)
         for rep in range(reps):
             x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
             logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
-            want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor, base)
+            want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor, base_g)
             got = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
-                                   dataclasses.replace(base, stage=stage))
+                                   dataclasses.replace(base_g, stage=stage))
             for name, a, b in zip(("y", "ids", "weights"), got[:3], want[:3]):
                 np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
                                               err_msg=f"{name}, stage {stage}, {E} experts, launch {rep}")

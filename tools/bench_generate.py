@@ -69,7 +69,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 cores (stage 59, 1x4x8x1); +onefence: stage 31 with h released
                 and acquired by one fence a threadgroup (stage 95); +hstage: stage 31
                 with h copied into threadgroup memory by the down threadgroups (159);
-                +hstagef: both (223);
+                +hstagef: both (223); +gummah: both and the gate/up dot products on
+                the tensor cores (255);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -547,6 +548,7 @@ SWITCHES = {
     "+onefence": _moe_layer_stage(95),
     "+hstage": _moe_layer_stage(159),
     "+hstagef": _moe_layer_stage(223),
+    "+gummah": _moe_layer_stage(255),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
