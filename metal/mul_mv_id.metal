@@ -71,7 +71,8 @@ struct moe_rows {
 // where a lane would otherwise spend four loads, four conversions and three multiplies a
 // word); 2 from float32 x (8-byte aligned) as two float2 loads: a simdgroup's loads then
 // use whole 32-byte sectors, where four scalar loads use two thirds of each; 3 from
-// bfloat16 x as two 32-bit loads of a pair each (moe_load_bf2).
+// bfloat16 x as two 32-bit loads of a pair each (moe_load_bf2); 4 the same from a
+// threadgroup's copy kept as 32-bit words of pairs (moe_xpair<4>).
 template <int XM>
 struct moe_xword {
   template <typename XP>
@@ -94,20 +95,30 @@ struct moe_xword<1> {
   }
 };
 
-// 2 and 3: a pair of values a load (float32, bfloat16).
+// 2, 3 and 4: a pair of values a load, pair i being values 2i and 2i + 1: 2 float32, 3
+// bfloat16 (x pointing at the values), 4 bfloat16 pairs already in 32-bit words (a
+// threadgroup's copy of h, x pointing at the words).
 template <int XM>
 struct moe_xpair {
   template <typename XP>
-  MOE_DEVICE static float2 load(XP p) {
-    return moe_load_f2(p);
+  MOE_DEVICE static float2 at(XP x, int i) {
+    return moe_load_f2(x + 2 * i);
   }
 };
 
 template <>
 struct moe_xpair<3> {
   template <typename XP>
-  MOE_DEVICE static float2 load(XP p) {
-    return moe_load_bf2(p);
+  MOE_DEVICE static float2 at(XP x, int i) {
+    return moe_load_bf2(x + 2 * i);
+  }
+};
+
+template <>
+struct moe_xpair<4> {
+  template <typename XP>
+  MOE_DEVICE static float2 at(XP x, int i) {
+    return moe_bf2_float2(x[i]);
   }
 };
 
@@ -115,9 +126,8 @@ template <int XM>
 struct moe_xword_pairs {
   template <typename XP>
   MOE_DEVICE static float4 get(XP x, int ib, int kw) {
-    const auto xb = x + ib * 32 + 2 * kw;
-    const float2 a = moe_xpair<XM>::load(xb);
-    const float2 b = moe_xpair<XM>::load(xb + 16);
+    const float2 a = moe_xpair<XM>::at(x, ib * 16 + kw);      // values ib * 32 + 2 kw, + 1
+    const float2 b = moe_xpair<XM>::at(x, ib * 16 + 8 + kw);  // 16 values on
     float4 y;
     y.x = a.x;
     y.y = a.y * (1.0f / 256.0f);
@@ -133,22 +143,8 @@ struct moe_xword<2> : moe_xword_pairs<2> {};
 template <>
 struct moe_xword<3> : moe_xword_pairs<3> {};
 
-// 4: bfloat16 pairs already in 32-bit words (a threadgroup's copy of h, x pointing at the
-// words): word i holds values 2i (low half) and 2i + 1, the floats moe_load_bf2 makes.
 template <>
-struct moe_xword<4> {
-  template <typename XP>
-  MOE_DEVICE static float4 get(XP x, int ib, int kw) {
-    const uint a = x[ib * 16 + kw];
-    const uint b = x[ib * 16 + 8 + kw];
-    float4 y;
-    y.x = moe_as_float(a << 16);
-    y.y = moe_as_float(a & 0xFFFF0000u) * (1.0f / 256.0f);
-    y.z = moe_as_float(b << 16) * (1.0f / 16.0f);
-    y.w = moe_as_float(b & 0xFFFF0000u) * (1.0f / 4096.0f);
-    return y;
-  }
-};
+struct moe_xword<4> : moe_xword_pairs<4> {};
 
 // A threadgroup's prepared activations for moe_xword<1>: xq[ib * 8 + kw] for the K / 32
 // blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.

@@ -181,11 +181,14 @@ __device__ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const float2*>(p);
 }
 
+// Two bfloat16 values packed in a word (the first in the low half), as floats.
+__device__ inline float2 moe_bf2_float2(uint w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
 // Two bfloat16 values at p (4-byte aligned) in one 32-bit load, as floats.
 template <typename P>
 __device__ inline float2 moe_load_bf2(P p) {
-  const uint w = *reinterpret_cast<const uint*>(p);
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+  return moe_bf2_float2(*reinterpret_cast<const uint*>(p));
 }
 
 template <typename T, typename U>

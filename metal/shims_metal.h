@@ -145,12 +145,17 @@ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const device float2*>(p);
 }
 
+// Two bfloat16 values packed in a word (the first in the low half), as floats: a
+// bfloat16 is a float's upper half.
+inline float2 moe_bf2_float2(uint w) {
+  return float2(moe_as_float(w << 16), moe_as_float(w & 0xFFFF0000u));
+}
+
 // Two bfloat16 values at p (device memory, 4-byte aligned) in one 32-bit load, as
 // floats: a bfloat16 is a float's upper half (p[0] in the word's low 16 bits).
 template <typename P>
 inline float2 moe_load_bf2(P p) {
-  const uint w = *reinterpret_cast<const device uint*>(p);
-  return float2(moe_as_float(w << 16), moe_as_float(w & 0xFFFF0000u));
+  return moe_bf2_float2(*reinterpret_cast<const device uint*>(p));
 }
 
 // Threadgroup memory viewed as another element type (a 16-byte-aligned staging

@@ -293,12 +293,13 @@ def test_down_sync_variants_are_the_launch(flavor, stage, base):
     from mlx_moe.q4_0 import quantize
 
     rng = np.random.default_rng(31)
-    shapes = [(8, 256, 256, 2, 3, 4)] + ([(128, 2048, 768, 1, 8, 16)] if flavor == "cuda" else [])
-    for E, d, f, T, k, reps in shapes:
+    # (experts, hidden, ffn, tokens, k, launches, the base geometry's gate_nr x down_nr x nsg)
+    shapes = [(8, 256, 256, 2, 3, 4, (1, 5, 6))] + ([(128, 2048, 768, 1, 8, 16, (1, 4, 8))] if flavor == "cuda" else [])
+    for E, d, f, T, k, reps, (nrg, nrd, nsg) in shapes:
         wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
         wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
         params, count = RouterParams(k, normalize=True), ticket_counter()
-        base_g = LayerGeometry(1, 4 if d > 256 else 5, 8 if d > 256 else 6, 1, stage=base)
+        base_g = LayerGeometry(nrg, nrd, nsg, 1, stage=base)
         for rep in range(reps):
             x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
             logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
