@@ -607,24 +607,30 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
                           moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
   constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
+  // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
+  // simdgroup 0 runs the routing rule.
+  constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
+  // xq's units (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
+  constexpr int NXQ = XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1);
   // STAGE bit 128 (with bit 16, h in bfloat16): a down threadgroup copies its token's KS
   // rows of h into threadgroup memory after the wait, every 16-byte load in flight at once
   // (one L2 round trip), and its dot products read h there (moe_xword<4>), where each step's
   // loads from L2 were a round trip of their own (the tail after h is ready: 2.3 us, p50,
   // on the H100; BENCHMARKS.md 2026-12-07, fourteenth session).  After the down rows in the
   // staging buffer (down threadgroups use neither the rest of it nor xq).
-  constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
-                          KS * F * 2 <= 12288;
+  // The copy is dropped where the threadgroup's memory would pass MOE_TG_MEMORY (Apple's
+  // 32 KB: at Qwen3-30B-A3B's shapes, 34.4 KB with the prepared activations beside it).
   constexpr int NS_DN0 = STAGED_DN ? KS * NRD * RD16 : 0;  // the down rows' units
-  constexpr int NS_H = HSTAGE ? KS * F * 2 / 16 : 0;        // h's units (bfloat16)
+  constexpr int NS_H0 = KS * F * 2 / 16;                    // h's units (bfloat16)
+  constexpr int NS_MAX = NS_GU > NS_DN0 + NS_H0 ? NS_GU : NS_DN0 + NS_H0;
+  constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
+                          KS * F * 2 <= 12288 &&
+                          (NS_MAX + NXQ) * 16 + (MMA_GU ? NSG * 16 * 4 : 4) + KS * 8 <= MOE_TG_MEMORY;
+  constexpr int NS_H = HSTAGE ? NS_H0 : 0;
   constexpr int NS_DN = NS_DN0 + NS_H > 0 ? NS_DN0 + NS_H : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
-  // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
-  // simdgroup 0 runs the routing rule.
-  constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
-  // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1)];
+  threadgroup float4 xq[NXQ];
   threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host

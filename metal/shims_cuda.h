@@ -235,6 +235,8 @@ __device__ inline void moe_device_fence() {
 // relaxed read + fence before a bar.sync orders the whole block's later reads (cooperative
 // groups' grid sync releases and acquires that way).
 constexpr bool MOE_FENCE_CUMULATIVE = true;
+// Threadgroup (static shared) memory a kernel may declare: 48 KB a block on CUDA.
+constexpr int MOE_TG_MEMORY = 49152;
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);
 }

@@ -201,6 +201,9 @@ inline void moe_device_fence() {
 // (the threadgroup's writes released, or its later reads acquired, by one thread):
 // false here, as Metal's memory model does not say so -- every thread fences its own.
 constexpr constant bool MOE_FENCE_CUMULATIVE = false;
+// Threadgroup memory a kernel may declare: 32 KB on Apple GPUs.  Optional staging (a
+// kernel's compile-time choice) is dropped where it would not fit.
+constexpr constant int MOE_TG_MEMORY = 32768;
 inline uint moe_ticket(const device uint* count) {
   return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
 }
