@@ -137,9 +137,16 @@ class LayerGeometry:
 # only, as mlx-lm's SwitchGLU keeps it): 1x4x8x1x31 20.32, 20.42 and 20.69 us against
 # 20.66, 20.67 and 20.93 (x15) on three H100 machines (ncu, one process each;
 # BENCHMARKS.md 2026-12-06, tenth session), memcheck clean.  The down threadgroups'
-# copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  The
-# float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=31), "float": LayerGeometry(2, 2, 8)}
+# copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  Then
+# stage 255 (2026-12-07, fifteenth session, one H100): the gate/up dot products on the
+# tensor cores (bit 32), h released by one fence a threadgroup (64) and copied into
+# the down threadgroups' memory (128): the decode step's GPU time 2333.6 us (its MoE
+# launches 978.5) against 2351.4 (1000.2) at stage 31 and 2357.4 (1006.3) at 223 (bits 64
+# and 128 without 32: no gain, so the gain is bit 32's, as in ncu, 59 against 31: 19.94
+# against 20.40 us; 255 itself 20.32), memcheck clean.  On Metal bits 32 and 64 change
+# nothing and 128 is dropped at Qwen3-30B-A3B's shapes (32 KB), so there 255 runs as 31.
+# The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=255), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
