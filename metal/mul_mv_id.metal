@@ -619,13 +619,21 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // on the H100; BENCHMARKS.md 2026-12-07, fourteenth session).  After the down rows in the
   // staging buffer (down threadgroups use neither the rest of it nor xq).
   // The copy is dropped where the threadgroup's memory would pass MOE_TG_MEMORY (Apple's
-  // 32 KB: at Qwen3-30B-A3B's shapes, 34.4 KB with the prepared activations beside it).
+  // 32 KB: at Qwen3-30B-A3B's shapes, 34.4 KB with the prepared activations beside it),
+  // and in a kernel chaining this body, whose own arrays share that memory (oproj_moe at
+  // those shapes: 50.0 KB with it on CUDA, past the 48 KB of static shared memory).
+//@if CHAINED
+  constexpr int TG_FREE = 0;
+//@endif
+//@if !CHAINED
+  constexpr int TG_FREE = MOE_TG_MEMORY;
+//@endif
   constexpr int NS_DN0 = STAGED_DN ? KS * NRD * RD16 : 0;  // the down rows' units
   constexpr int NS_H0 = KS * F * 2 / 16;                    // h's units (bfloat16)
   constexpr int NS_MAX = NS_GU > NS_DN0 + NS_H0 ? NS_GU : NS_DN0 + NS_H0;
   constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
                           KS * F * 2 <= 12288 &&
-                          (NS_MAX + NXQ) * 16 + (MMA_GU ? NSG * 16 * 4 : 4) + KS * 8 <= MOE_TG_MEMORY;
+                          (NS_MAX + NXQ) * 16 + (MMA_GU ? NSG * 16 * 4 : 4) + KS * 8 <= TG_FREE;
   constexpr int NS_H = HSTAGE ? NS_H0 : 0;
   constexpr int NS_DN = NS_DN0 + NS_H > 0 ? NS_DN0 + NS_H : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
