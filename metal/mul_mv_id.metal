@@ -612,6 +612,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   // xq's units (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
   constexpr int NXQ = XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1);
+  constexpr int NGRED = MMA_GU ? NSG * 16 : 1;  // gred's floats
   // STAGE bit 128 (with bit 16, h in bfloat16): a down threadgroup copies its token's KS
   // rows of h into threadgroup memory after the wait, every 16-byte load in flight at once
   // (one L2 round trip), and its dot products read h there (moe_xword<4>), where each step's
@@ -633,13 +634,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int NS_MAX = NS_GU > NS_DN0 + NS_H0 ? NS_GU : NS_DN0 + NS_H0;
   constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
                           KS * F * 2 <= 12288 &&
-                          (NS_MAX + NXQ) * 16 + (MMA_GU ? NSG * 16 * 4 : 4) + KS * 8 <= TG_FREE;
+                          (NS_MAX + NXQ) * 16 + (NGRED + NSG * NRD) * 4 + KS * 8 <= TG_FREE;  // every array below
   constexpr int NS_H = HSTAGE ? NS_H0 : 0;
   constexpr int NS_DN = NS_DN0 + NS_H > 0 ? NS_DN0 + NS_H : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   threadgroup float4 xq[NXQ];
-  threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
+  threadgroup float gred[NGRED];  // moe_gate_up_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
   // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
