@@ -71,8 +71,7 @@ struct moe_rows {
 // where a lane would otherwise spend four loads, four conversions and three multiplies a
 // word); 2 from float32 x (8-byte aligned) as two float2 loads: a simdgroup's loads then
 // use whole 32-byte sectors, where four scalar loads use two thirds of each; 3 from
-// bfloat16 x as two 32-bit loads of a pair each (moe_load_bf2); 4 the same from a
-// threadgroup's copy kept as 32-bit words of pairs (moe_xpair<4>).
+// bfloat16 x as two 32-bit loads of a pair each (moe_load_bf2).
 template <int XM>
 struct moe_xword {
   template <typename XP>
@@ -95,9 +94,8 @@ struct moe_xword<1> {
   }
 };
 
-// 2, 3 and 4: a pair of values a load, pair i being values 2i and 2i + 1: 2 float32, 3
-// bfloat16 (x pointing at the values), 4 bfloat16 pairs already in 32-bit words (a
-// threadgroup's copy of h, x pointing at the words).
+// 2 and 3: a pair of values a load, pair i being values 2i and 2i + 1: 2 float32, 3
+// bfloat16.
 template <int XM>
 struct moe_xpair {
   template <typename XP>
@@ -111,14 +109,6 @@ struct moe_xpair<3> {
   template <typename XP>
   MOE_DEVICE static float2 at(XP x, int i) {
     return moe_load_bf2(x + 2 * i);
-  }
-};
-
-template <>
-struct moe_xpair<4> {
-  template <typename XP>
-  MOE_DEVICE static float2 at(XP x, int i) {
-    return moe_bf2_float2(x[i]);
   }
 };
 
@@ -142,9 +132,6 @@ struct moe_xword<2> : moe_xword_pairs<2> {};
 
 template <>
 struct moe_xword<3> : moe_xword_pairs<3> {};
-
-template <>
-struct moe_xword<4> : moe_xword_pairs<4> {};
 
 // A threadgroup's prepared activations for moe_xword<1>: xq[ib * 8 + kw] for the K / 32
 // blocks of x, NTH threads (tid) sharing the work.  A barrier must follow before use.
@@ -338,13 +325,12 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
 // wts: its KS slots (device or threadgroup memory); x: its activations [N].  STAGED:
 // the weight rows come from `stage` (slot s's NR rows at s * NR * row length, already
 // copied there) instead of wd.  XM: how h is read (moe_xword; 0 or 2: float32 h, 3:
-// bfloat16, 4: bfloat16 pairs as 32-bit words of threadgroup memory, h pointing at them).
+// bfloat16).
 template <typename WT, int K, int N, int NE, int NI, int KS, int NR, int NSG, int NQ, bool STAGED, int XM,
           typename HP, typename IP, typename SP, typename WP, typename XP, typename PP, typename GP>
 MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part, GP stage, int row0, uint sg,
                                       uint lane) {
   constexpr int RL = K * moe_rows<WT>::NUM / moe_rows<WT>::DEN;
-  constexpr int HK = XM == 4 ? K / 2 : K;  // a slot's row of h, in h's elements
   const int nvalid = (N - row0 < NR) ? N - row0 : NR;
   float acc[NR];
   for (int r = 0; r < NR; ++r) {
@@ -359,10 +345,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
       if (STAGED) {
         const auto wr = stage + s * NR * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       } else {
         const auto wr = wd + (size_t(e) * N + row0) * RL;
-        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * HK, wr, wr, nvalid, lane, part_s);
+        moe_rows<WT>::template dot<K, NR, 1, NQ, XM>(h + size_t(s) * K, wr, wr, nvalid, lane, part_s);
       }
       const float ws = wts[s];
       for (int r = 0; r < NR; ++r) {
@@ -533,8 +519,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit; 64 = h released and acquired by one fence a threadgroup, CUDA; 128 = with 16, a
-// down threadgroup's h copied into threadgroup memory after the wait), and the routing
+// unit), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -610,37 +595,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
   constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
-  // xq's units (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  constexpr int NXQ = XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1);
-  constexpr int NGRED = MMA_GU ? NSG * 16 : 1;  // gred's floats
-  // STAGE bit 128 (with bit 16, h in bfloat16): a down threadgroup copies its token's KS
-  // rows of h into threadgroup memory after the wait, every 16-byte load in flight at once
-  // (one L2 round trip), and its dot products read h there (moe_xword<4>), where each step's
-  // loads from L2 were a round trip of their own (the tail after h is ready: 2.3 us, p50,
-  // on the H100; BENCHMARKS.md 2026-12-07, fourteenth session).  After the down rows in the
-  // staging buffer (down threadgroups use neither the rest of it nor xq).
-  // The copy is dropped where the threadgroup's memory would pass MOE_TG_MEMORY (Apple's
-  // 32 KB: at Qwen3-30B-A3B's shapes, 34.4 KB with the prepared activations beside it),
-  // and in a kernel chaining this body, whose own arrays share that memory (oproj_moe at
-  // those shapes: 50.0 KB with it on CUDA, past the 48 KB of static shared memory).
-//@if CHAINED
-  constexpr int TG_FREE = 0;
-//@endif
-//@if !CHAINED
-  constexpr int TG_FREE = MOE_TG_MEMORY;
-//@endif
-  constexpr int NS_DN0 = STAGED_DN ? KS * NRD * RD16 : 0;  // the down rows' units
-  constexpr int NS_H0 = KS * F * 2 / 16;                    // h's units (bfloat16)
-  constexpr int NS_MAX = NS_GU > NS_DN0 + NS_H0 ? NS_GU : NS_DN0 + NS_H0;
-  constexpr bool HSTAGE = (STAGE & 128) != 0 && (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && (F * 2) % 16 == 0 &&
-                          KS * F * 2 <= 12288 &&
-                          (NS_MAX + NXQ) * 16 + (NGRED + NSG * NRD) * 4 + KS * 8 <= TG_FREE;  // every array below
-  constexpr int NS_H = HSTAGE ? NS_H0 : 0;
-  constexpr int NS_DN = NS_DN0 + NS_H > 0 ? NS_DN0 + NS_H : 1;
+  constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
-  threadgroup float4 xq[NXQ];
-  threadgroup float gred[NGRED];  // moe_gate_up_mma's meeting place
+  // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1)];
+  threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
   // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
@@ -649,9 +609,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int HXM = (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 ? 3 : XPAIR ? 2 : 0;
   threadgroup int chosen[KS];
   threadgroup float chosen_w[KS];
-  // STAGE bit 64: h released and acquired by one thread a threadgroup, not every thread's
-  // fence (where the memory model makes one fence after a barrier cumulative: CUDA).
-  constexpr bool ONE_FENCE = (STAGE & 64) != 0 && MOE_FENCE_CUMULATIVE;
 //@if IDS
   constexpr int RULE_SG = 0;  // simdgroups running the rule
   // The routing given: its KS ids and weights read by the first KS threads (any id
@@ -776,16 +733,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       tr[5] = moe_clock_ns();
     }
 //@endif
-    // The rows of h released before the count says they are there: every thread fences
-    // its own, or (ONE_FENCE) thread 0 fences once after the barrier, for all of them.
-    if (!ONE_FENCE) {
-      moe_device_fence();
-    }
+    moe_device_fence();  // this thread's rows of h, before the count says they are there
     threadgroup_barrier(mem_flags::mem_device);
     if (sg == 0 && lane == 0) {
-      if (ONE_FENCE) {
-        moe_device_fence();
-      }
       moe_ticket(cnt);
 //@if TRACE
       tr[6] = moe_clock_ns();
@@ -814,33 +764,18 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
-    if (ONE_FENCE) {  // the whole threadgroup's reads of h acquired by its waiting thread
-      moe_device_fence();
-    }
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  if (!ONE_FENCE) {
-    moe_device_fence();  // every thread's reads of h after the wait
-  }
+  moe_device_fence();  // every thread's reads of h after the wait
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {
     tr[5] = moe_clock_ns();
   }
 //@endif
   threadgroup float part[NSG * NRD];
-  float v;
-  if (HSTAGE) {  // (uniform)
-    const auto hsrc = h + size_t(tok) * KS * F;
-    moe_stage_rows<(NS_H > 0 ? NS_H : 1), 32 * NSG, 1>(stage + NS_DN0, hsrc, hsrc, NS_H, 0, thread_index_in_threadgroup);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, 4>(
-        moe_tg_as<const uint>(stage + NS_DN0), chosen, chosen_w, wd, x + size_t(tok) * D, part,
-        moe_tg_as<const WT>(stage), row0, sg, lane);
-  } else {
-    v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-        h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
-        sg, lane);
-  }
+  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
+      sg, lane);
   if (sg == 0 && int(lane) < nvalid) {
     const size_t n = size_t(tok) * D + row0 + int(lane);
     y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));

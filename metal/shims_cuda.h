@@ -181,14 +181,11 @@ __device__ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const float2*>(p);
 }
 
-// Two bfloat16 values packed in a word (the first in the low half), as floats.
-__device__ inline float2 moe_bf2_float2(uint w) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
-}
 // Two bfloat16 values at p (4-byte aligned) in one 32-bit load, as floats.
 template <typename P>
 __device__ inline float2 moe_load_bf2(P p) {
-  return moe_bf2_float2(*reinterpret_cast<const uint*>(p));
+  const uint w = *reinterpret_cast<const uint*>(p);
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
 }
 
 template <typename T, typename U>
@@ -230,13 +227,6 @@ __device__ inline T* moe_inplace(const T* p) {
 __device__ inline void moe_device_fence() {
   __threadfence();
 }
-// (see shims_metal.h) True here: in the PTX memory model a fence by one thread after a
-// bar.sync is cumulative over the writes the barrier ordered before it, and one thread's
-// relaxed read + fence before a bar.sync orders the whole block's later reads (cooperative
-// groups' grid sync releases and acquires that way).
-constexpr bool MOE_FENCE_CUMULATIVE = true;
-// Threadgroup (static shared) memory a kernel may declare: 48 KB a block on CUDA.
-constexpr int MOE_TG_MEMORY = 49152;
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);
 }

@@ -145,17 +145,12 @@ inline float2 moe_load_f2(P p) {
   return *reinterpret_cast<const device float2*>(p);
 }
 
-// Two bfloat16 values packed in a word (the first in the low half), as floats: a
-// bfloat16 is a float's upper half.
-inline float2 moe_bf2_float2(uint w) {
-  return float2(moe_as_float(w << 16), moe_as_float(w & 0xFFFF0000u));
-}
-
 // Two bfloat16 values at p (device memory, 4-byte aligned) in one 32-bit load, as
 // floats: a bfloat16 is a float's upper half (p[0] in the word's low 16 bits).
 template <typename P>
 inline float2 moe_load_bf2(P p) {
-  return moe_bf2_float2(*reinterpret_cast<const device uint*>(p));
+  const uint w = *reinterpret_cast<const device uint*>(p);
+  return float2(moe_as_float(w << 16), moe_as_float(w & 0xFFFF0000u));
 }
 
 // Threadgroup memory viewed as another element type (a 16-byte-aligned staging
@@ -197,13 +192,6 @@ inline device T* moe_inplace(const device T* p) {
 inline void moe_device_fence() {
   atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
 }
-// Whether one thread's fence after a threadgroup barrier may stand for every thread's
-// (the threadgroup's writes released, or its later reads acquired, by one thread):
-// false here, as Metal's memory model does not say so -- every thread fences its own.
-constexpr constant bool MOE_FENCE_CUMULATIVE = false;
-// Threadgroup memory a kernel may declare: 32 KB on Apple GPUs.  Optional staging (a
-// kernel's compile-time choice) is dropped where it would not fit.
-constexpr constant int MOE_TG_MEMORY = 32768;
 inline uint moe_ticket(const device uint* count) {
   return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
 }

@@ -454,13 +454,12 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,
     2, 3; 5, 7: and the gate/up activations prepared; 15: and h read in pairs; 31: h in
-    bfloat16, also traced; 59, 63: the gate/up tile on the tensor cores; 95: one fence a
-    threadgroup; 159, 223: h staged by the down threadgroups, 255: and the tensor cores; 7
-    with the routing shared; 31 and 59 under given routing, 31 traced): no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
+    bfloat16, also traced; 59, 63: the gate/up tile on the tensor cores; 7 with the routing
+    shared; 31 and 59 under given routing, 31 traced): no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
     count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]
     kernels += [_moe_layer(f"q4_0_1x4x8_stage{st}", 1, 4, 8, stage=st)
-                for st in (1, 2, 3, 5, 7, 15, 31, 59, 63, 95, 159, 223, 255)]
+                for st in (1, 2, 3, 5, 7, 15, 31, 59, 63)]
     kernels += [_moe_layer("q4_0_2x4x8_stage3", 2, 4, 8, stage=3),
                 _moe_layer("q4_0_1x4x8_stage31_trace", 1, 4, 8, stage=31, trace=True),
                 _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True),
@@ -521,10 +520,10 @@ def test_qkv_attention_oproj_compiles_for_sm90a(tmp_path):
 def test_oproj_moe_compiles_for_sm90a(tmp_path):
     """o_proj with the split router tail and the MoE layer in one launch (metal/decode_chain.metal)
     at Qwen3-30B-A3B shapes (o_proj 2 x 8, MoE 1x4x8x1 staged; and with the gate/up tile on the
-    tensor cores, stage 59; the default, 255, with h staged: within CUDA's 48 KB of static shared
-    memory beside o_proj's): no spills, at most 255 registers."""
+    tensor cores, stage 59, the default's kernel): within CUDA's 48 KB of static shared memory
+    beside o_proj's, no spills, at most 255 registers."""
     kernels = []
-    for stage in (1, 59, 255):
+    for stage in (1, 59):
         tail = _tail("dense_residual_parts_router_split", "x", 2, 8)
         moe = _moe_layer("x", 1, 4, 8, stage=stage)
         inputs = dict(tail[2])

@@ -65,13 +65,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 reading h two floats a load (stage 15, the default until 2026-12-06's
                 tenth session); +hbf16: h kept in bfloat16, the down threadgroups
                 reading it two values a 32-bit load (stage 31: half the bytes of h from
-                L2; the default until 2026-12-07's fifteenth session); +gumma: the
-                gate/up dot products on the tensor cores (stage 59, 1x4x8x1);
-                +onefence: stage 31 with h released
-                and acquired by one fence a threadgroup (stage 95); +hstage: stage 31
-                with h copied into threadgroup memory by the down threadgroups (159);
-                +hstagef: both (223); +gummah: both and the gate/up dot products on
-                the tensor cores (255; the default);
+                L2; the default until 2026-12-07; the default's gate/up dot products
+                on the tensor cores off);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -545,11 +540,6 @@ SWITCHES = {
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
-    "+gumma": _moe_layer_stage(59),
-    "+onefence": _moe_layer_stage(95),
-    "+hstage": _moe_layer_stage(159),
-    "+hstagef": _moe_layer_stage(223),
-    "+gummah": _moe_layer_stage(255),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

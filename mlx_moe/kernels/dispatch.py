@@ -77,11 +77,7 @@ class LayerGeometry:
     read h two floats a load (Q4_0), 16 = h kept in bfloat16 (as mlx-lm's SwitchGLU keeps
     it) and read two values a load (bfloat16 activations and Q4_0 only, else ignored),
     32 = the gate/up dot products on the tensor cores (CUDA; with bit 2, gate_nr * nsg = 8,
-    bfloat16 activations and Q4_0 only, else ignored), 64 = h released and acquired by
-    one fence a threadgroup (its thread 0's, after or before the barrier) instead of every
-    thread's (CUDA, where the memory model makes that fence cumulative; Metal ignores it),
-    128 = with bit 16, a down threadgroup's h copied into threadgroup memory after the wait
-    (all its loads in flight at once) and read there; rows stage only at a multiple of 16
+    bfloat16 activations and Q4_0 only, else ignored); rows stage only at a multiple of 16
     bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
@@ -92,11 +88,10 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 255:
-            raise ValueError(f"LayerGeometry.stage is 0 to 255, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 63:
+            raise ValueError(f"LayerGeometry.stage is 0 to 63, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
-                             f"cores, 64: one fence a threadgroup, 128: h staged by the down threadgroups); "
-                             f"got {self.stage}")
+                             f"cores); got {self.stage}")
 
     @property
     def tag(self) -> str:
@@ -138,15 +133,15 @@ class LayerGeometry:
 # 20.66, 20.67 and 20.93 (x15) on three H100 machines (ncu, one process each;
 # BENCHMARKS.md 2026-12-06, tenth session), memcheck clean.  The down threadgroups'
 # copy of h in threadgroup memory (a bit 32 then) measured slower there: 21.15 us.  Then
-# stage 255 (2026-12-07, fifteenth session, one H100): the gate/up dot products on the
-# tensor cores (bit 32), h released by one fence a threadgroup (64) and copied into
-# the down threadgroups' memory (128): the decode step's GPU time 2333.6 us (its MoE
-# launches 978.5) against 2351.4 (1000.2) at stage 31 and 2357.4 (1006.3) at 223 (bits 64
-# and 128 without 32: no gain, so the gain is bit 32's, as in ncu, 59 against 31: 19.94
-# against 20.40 us; 255 itself 20.32), memcheck clean.  On Metal bits 32 and 64 change
-# nothing and 128 is dropped at Qwen3-30B-A3B's shapes (32 KB), so there 255 runs as 31.
-# The float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=255), "float": LayerGeometry(2, 2, 8)}
+# the gate/up dot products on the tensor cores (bit 32; stage 63, where bit 4 gives way to
+# the tile's own copy of x, so 63 is 59's kernel): the decode step's MoE launches (GPU
+# time, 48 a step, one H100, 2026-12-07 sixteenth session, ABAB) 970.0 and 972.6 us against
+# 998.8 and 1004.2 at stage 31 (and 974.8 and 976.1 with the one-fence release and the
+# down threadgroups' copy of h added, the fifteenth session's 255: those two removed as no
+# gain); ncu 19.94 against 20.40 us (fifteenth session), memcheck clean.  On Metal and for
+# float32 activations bit 32 changes nothing (63 runs as 31 and 15 there).  The float
+# entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=63), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
