@@ -83,7 +83,7 @@ from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
 from mlx_moe.backends.kernels import KernelBackend  # noqa: E402
 from mlx_moe.backends.mlx import MLXBackend  # noqa: E402
 from mlx_moe.experts import Experts  # noqa: E402
-from mlx_moe.kernels import dispatch  # noqa: E402
+from mlx_moe.kernels import cuda_cache, dispatch  # noqa: E402
 from mlx_moe.kernels.dispatch import Geometry  # noqa: E402
 from mlx_moe.q4_0 import Q4_0SwitchLinear  # noqa: E402
 
@@ -630,7 +630,9 @@ def main(argv=None) -> int:
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
                         "each runs once for ncu (summarize with tools/ncu_summary.py)")
+    cuda_cache.add_argument(p)
     a = p.parse_args(argv)
+    cuda_cache.apply(a.cache_preference)
     geometries = parse_geometries(a.geometries) if a.geometries else None
     layer_geometries = None
     if a.layer_geometries is not None:

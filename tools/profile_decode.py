@@ -63,6 +63,7 @@ from bench_generate import SHAPES, build_models, engine_settings, engine_suffixe
 
 from mlx_moe.backends import get_backend  # noqa: E402
 from mlx_moe.generation import generate_tokens  # noqa: E402
+from mlx_moe.kernels import cuda_cache  # noqa: E402
 from mlx_moe.moe import set_expert_backend  # noqa: E402
 from mlx_moe.router import RouterParams  # noqa: E402
 
@@ -268,11 +269,13 @@ def main(argv=None):
     p.add_argument("--engine", default="mlx-moe+compile",
                    help="the settings to profile, as tools/bench_generate.py's engine names give them "
                         "(e.g. mlx-moe+compile+qkvatt+oprojmoe): --gpu-step and --host-split of a variant")
+    cuda_cache.add_argument(p)
     args = p.parse_args(argv)
     engine_suffixes(args.engine)  # an unknown suffix: an error now, not after building the model
     if args.summarize:
         summarize(args.summarize, args.steps)
         return
+    cuda_cache.apply(args.cache_preference)
 
     backend = get_backend(args.kernels)
     print(f"# profile_decode: {args.shape}, kernels {backend.name}, device {mx.default_device()}", flush=True)

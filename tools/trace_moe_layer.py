@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_moe.kernels import dispatch  # noqa: E402
+from mlx_moe.kernels import cuda_cache, dispatch  # noqa: E402
 from mlx_moe.kernels.dispatch import LayerGeometry  # noqa: E402
 from mlx_moe.kernels.mul_mv_id import moe_layer_trace, mul_mv_id_moe_ids  # noqa: E402
 from mlx_moe.kernels.registry import ticket_counters  # noqa: E402
@@ -115,9 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--given-routing", action="store_true",
                    help="also trace each geometry under given routing (mul_mv_id_moe_ids), the ids and weights made "
                         "just before each launch by the router kernel (moe_router_topk)")
+    cuda_cache.add_argument(p)
     a = p.parse_args(argv)
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("trace_moe_layer needs MLX's CUDA backend (Metal kernels read no global clock)")
+    cuda_cache.apply(a.cache_preference)
     from bench_kernels import q4_0_experts  # noqa: E402 (tools/ is on sys.path when run as a script)
 
     geoms = [dispatch.MOE_LAYER["q4_0"]] + [LayerGeometry.parse(t) for t in a.geometries.split(",") if t.strip()]
