@@ -223,9 +223,14 @@ __device__ inline T* moe_inplace(const T* p) {
   return const_cast<T*>(p);
 }
 
-// A launch's last threadgroup (see shims_metal.h).
+// A launch's last threadgroup (see shims_metal.h).  The device-scope fence of every
+// hand-off between threadgroups (a release before a ticket, an acquire after a wait) is
+// MOE_FENCE, #defined ahead of these shims by mlx_moe/kernels/registry.py (CUDA_FENCE):
+// fence.sc.gpu (__threadfence; MEMBAR.SC.GPU on sm_90) by default, or fence.acq_rel.gpu
+// (MEMBAR.ALL.GPU), all that message passing needs -- each hand-off orders one counter
+// against the data it guards, never two flags against each other.
 __device__ inline void moe_device_fence() {
-  __threadfence();
+  MOE_FENCE;
 }
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);

@@ -328,7 +328,7 @@ class CompiledDecoder:
         if attention == "fused":
             from . import fused_step
             from .kernels import attention as attention_kernels
-            from .kernels import chain, dense, dispatch
+            from .kernels import chain, dense, dispatch, registry
 
             key = key + (fused_step.KV_IN_PLACE, fused_step.ROUTE_IN_EXPERTS, fused_step.HEAD_LAUNCH,
                          fused_step.EMBED_LAUNCH, fused_step.ROUTER_IN_RESIDUAL, fused_step.MOE_ONE_LAUNCH,
@@ -336,7 +336,7 @@ class CompiledDecoder:
                          fused_step.ATTENTION_ONE_LAUNCH, chain.OPROJ_NR, chain.ATTENTION_NSG,
                          dense.ROUTER_TAIL, tuple(sorted(dispatch.MOE_LAYER.items())),
                          attention_kernels.SPLITS, attention_kernels.PARTS_NSG, attention_kernels.PARTS_U,
-                         chain.QKV_NSG, dispatch.SHARE_ROUTE, fused_step.ROUTE_IN_TAIL)
+                         chain.QKV_NSG, dispatch.SHARE_ROUTE, fused_step.ROUTE_IN_TAIL, registry.CUDA_FENCE)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))

@@ -450,6 +450,20 @@ def _moe_layer_ids(variant, stage, trace=False):
             [t for t in template if t[0] not in rule])
 
 
+@pytest.mark.parametrize("fence,ptx_op", [("sc", "membar.gl"), ("acq_rel", "fence.acq_rel.gpu")])
+def test_cuda_fence_choice_reaches_the_kernels(tmp_path, monkeypatch, fence, ptx_op):
+    """registry.CUDA_FENCE (engine +acqrel) decides the one fence instruction of the MoE
+    layer's hand-offs (moe_device_fence), and nothing else: the same registers either way."""
+    from mlx_moe.kernels import registry
+
+    monkeypatch.setattr(registry, "CUDA_FENCE", fence)
+    ptx, report = compile_sm90a(tmp_path, "mul_mv_id", [_moe_layer("q4_0_1x4x8_stage63", 1, 4, 8, stage=63)])
+    assert set(re.findall(r"\b(fence\.[\w.]+|membar\.\w+)", ptx)) == {ptx_op}
+    monkeypatch.setattr(registry, "CUDA_FENCE", "seq")
+    with pytest.raises(ValueError, match="'seq'.*sc, acq_rel"):
+        registry.family_header("cuda", "mul_mv_id")
+
+
 def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,

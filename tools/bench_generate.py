@@ -94,6 +94,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (kernels.registry.CUDA_SOURCE_FILES; MLX hashes a kernel's source on
                 every evaluation; the default since the H100 measured it); +srctext:
                 the source text itself
+  mlx-moe+acqrel  the CUDA kernels' hand-offs between threadgroups fenced with
+                fence.acq_rel.gpu instead of fence.sc.gpu (kernels.registry.CUDA_FENCE)
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
@@ -561,6 +563,7 @@ SWITCHES = {
     "+map0block": (mul_mm_id_module, "MAP0", "block"),
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
+    "+acqrel": (registry_module, "CUDA_FENCE", "acq_rel"),
 }
 OTHER_SUFFIXES = ("+compile", "+log", "+dq", "+nodq")  # handled where the run is set up
 

@@ -124,11 +124,15 @@ def used_families(family: str, _seen: Tuple[str, ...] = (), _done: Optional[list
     return done
 
 
-@lru_cache(maxsize=None)
 def family_header(flavor: str, family: str) -> str:
     """The shims and every helper `flavor` compiles for metal/<family>.metal, compacted
     (mlx_moe/kernels/source.py); kernel_source keeps of it what a kernel uses."""
-    return compact(_shims(flavor) + "\n" + family_helpers(flavor, family))
+    return _family_header(flavor, family, CUDA_FENCE if flavor == "cuda" else "")
+
+
+@lru_cache(maxsize=None)
+def _family_header(flavor: str, family: str, fence: str) -> str:
+    return compact(_shims(flavor, fence) + "\n" + family_helpers(flavor, family))
 
 
 def family_bodies(flavor: str, family: str) -> Dict[str, str]:
@@ -391,10 +395,22 @@ def kernel(flavor: str, name: str):
     return get_kernel(flavor, spec.family, name, list(spec.inputs), list(spec.outputs))
 
 
+# The CUDA shims' device-scope fence (MOE_FENCE, metal/shims_cuda.h): "sc" (fence.sc.gpu,
+# __threadfence) or "acq_rel" (fence.acq_rel.gpu, a lighter barrier that the hand-offs'
+# message passing allows).  "sc" until the H100 measures the other (engine +acqrel,
+# MLX_MOE_CUDA_FENCE=acq_rel); read as kernels are built (their cache keys carry it).
+CUDA_FENCES = {"sc": "__threadfence()", "acq_rel": 'asm volatile("fence.acq_rel.gpu;" ::: "memory")'}
+CUDA_FENCE = os.environ.get("MLX_MOE_CUDA_FENCE", "sc")
+
+
 @lru_cache(maxsize=None)
-def _shims(flavor: str) -> str:
-    name = "shims_cuda.h" if flavor == "cuda" else "shims_metal.h"
-    return (metal_dir() / name).read_text()
+def _shims(flavor: str, fence: str = "") -> str:
+    if flavor != "cuda":
+        return (metal_dir() / "shims_metal.h").read_text()
+    if fence not in CUDA_FENCES:
+        raise ValueError(f"CUDA fence {fence!r} (registry.CUDA_FENCE, MLX_MOE_CUDA_FENCE): want one of "
+                         f"{', '.join(CUDA_FENCES)}")
+    return f"#define MOE_FENCE {CUDA_FENCES[fence]}\n" + (metal_dir() / "shims_cuda.h").read_text()
 
 
 def _maker(flavor: str) -> Callable:
@@ -460,7 +476,8 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
     n_layers: the body's PER_LAYER(text) lines become one copy per layer with @ ->
     the layer index, and the kernel is named and kept per layer count."""
     files = flavor == "cuda" and CUDA_SOURCE_FILES
-    key = (flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ()) + (name,)
+    key = ((flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ())
+           + ((CUDA_FENCE,) if flavor == "cuda" else ()) + (name,))
     kernel = _KERNELS.get(key)  # name last: verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
