@@ -519,7 +519,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit), and the routing
+// unit; 64 = the residual read before the down threadgroups' wait), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -762,6 +762,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     tr[4] = moe_clock_ns();
   }
 //@endif
+  // STAGE bit 64: the residual read before the wait, where it was read after the dot
+  // products: no threadgroup writes it, and after the fence its L2 round trip is one more
+  // step on the launch's last path (the down tail; nvcc sm_90a: 38 registers at 127 as at
+  // 63).  Off until the H100 measures it (engine +resfirst).
+  constexpr bool RES_FIRST = (STAGE & 64) != 0;
+  const size_t yn = size_t(tok) * D + row0 + int(lane);
+  const bool writes_y = sg == 0 && int(lane) < nvalid;
+  const float rv = RES_FIRST && writes_y ? float(res[yn]) : 0.0f;
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
   }
@@ -776,9 +784,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
       h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
       sg, lane);
-  if (sg == 0 && int(lane) < nvalid) {
-    const size_t n = size_t(tok) * D + row0 + int(lane);
-    y[n] = static_cast<T>(float(res[n]) + float(static_cast<T>(v)));
+  if (writes_y) {
+    y[yn] = static_cast<T>((RES_FIRST ? rv : float(res[yn])) + float(static_cast<T>(v)));
   }
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {

@@ -317,6 +317,38 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+def test_residual_first_is_the_launch(flavor):
+    """Stage bit 64 (the residual read before the down threadgroups wait): y, ids, weights
+    and h bit for bit against the same geometry without it, on 256 x 256 rows (2 tokens,
+    ragged down tiles) and on CUDA at Qwen3-30B-A3B's shapes, 8 launches on one counter."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+    from mlx_moe.q4_0 import quantize
+
+    rng = np.random.default_rng(64)
+    shapes = [(8, 256, 256, 2, 3, 2, (1, 5, 8, 63)), (8, 256, 256, 1, 3, 1, (1, 4, 8, 15))]
+    if flavor == "cuda":
+        shapes.append((128, 2048, 768, 1, 8, 8, (1, 4, 8, 63)))
+    for E, d, f, T, k, reps, (nrg, nrd, nsg, base) in shapes:
+        wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
+        wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
+        params, count = RouterParams(k, normalize=True), ticket_counter()
+        base_g = LayerGeometry(nrg, nrd, nsg, 1, stage=base)
+        for rep in range(reps):
+            x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
+            logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
+            want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor, base_g)
+            got = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
+                                   dataclasses.replace(base_g, stage=base | 64))
+            for name, a, b in zip(("y", "ids", "weights"), got[:3], want[:3]):
+                np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
+                                              err_msg=f"{name}, stage {base | 64}, {E} experts, launch {rep}")
+            real = np.array(want[1]).reshape(-1) < E
+            np.testing.assert_array_equal(np.array(got[3].astype(mx.float32))[real],
+                                          np.array(want[3].astype(mx.float32))[real], err_msg=f"h, launch {rep}")
+        assert not np.array(count).any(), "the counter is not zero after the launches"
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_traced_launch_is_the_launch(flavor):
     """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py), its verification case
     (kernel_cases): the plain launch's outputs bit for bit, unstaged and staged, and one
