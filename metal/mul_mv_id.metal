@@ -286,6 +286,20 @@ struct moe_gate_up_mma {
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
 
+// A down threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 128): ON
+// where a flavor has one.  The Metal primary template: none (moe_down_rows runs instead);
+// mul_mv_id_cuda.h specializes <true> for CUDA's tensor cores (4 slots' rows a tile).
+template <bool MMA>
+struct moe_down_mma {
+  enum { ON = 0 };
+
+  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
+            typename SP, typename RP>
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
+    return 0.0f;
+  }
+};
+
 // moe_swiglu_store from the token's activations x or, XPREP, from their prepared copy xq
 // (moe_prepare_x): one specialization per choice, so the prepared store is instantiated
 // only where the kernel prepares (Q4_0 weights).
@@ -519,7 +533,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // gate/up threadgroups' activations prepared in threadgroup memory, Q4_0 with up to 2048
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
-// unit; 64 = the residual read before the down threadgroups' wait), and the routing
+// unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
+// products on a matrix unit, 4 rows a threadgroup), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -596,11 +611,18 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // simdgroup 0 runs the routing rule.
   constexpr bool XPREP = (STAGE & 4) != 0 && !MMA_GU && moe_rows<WT>::DEN == 32 && D / 32 * 8 * 16 <= 8192;
   constexpr int NS_DN = STAGED_DN ? KS * NRD * RD16 : 1;
+  // STAGE bit 128: the down dot products on a matrix unit (moe_down_mma; CUDA's tensor
+  // cores, mul_mv_id_cuda.h; none on Metal): 4 slots' 4 rows a 16-row tile.  Q4_0 with h in
+  // bfloat16 (bit 16) only, the rows staged (bit 1), 4 rows a threadgroup, the slots a
+  // multiple of 4 and the tiles' blocks shared evenly by the simdgroups.
+  constexpr bool MMA_DN = (STAGE & 128) != 0 && moe_down_mma<true>::ON && STAGED_DN && NRD == 4 &&
+                          (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && KS % 4 == 0 && NSG % (KS / 4) == 0 &&
+                          (F / 32) % (NSG / (KS / 4)) == 0;
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
   threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1)];
-  threadgroup float gred[MMA_GU ? NSG * 16 : 1];  // moe_gate_up_mma's meeting place
+  threadgroup float gred[MMA_GU || MMA_DN ? NSG * 16 : 1];  // moe_gate_up_mma's and moe_down_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
   // sets it only for bfloat16 activations), read two values a 32-bit load (moe_xword<3>):
@@ -781,9 +803,13 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
 //@endif
   threadgroup float part[NSG * NRD];
-  const float v = moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
-      h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part, moe_tg_as<const WT>(stage), row0,
-      sg, lane);
+  const float v =
+      MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD>(
+                   h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
+                   moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
+             : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
+                   h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part,
+                   moe_tg_as<const WT>(stage), row0, sg, lane);
   if (writes_y) {
     y[yn] = static_cast<T>((RES_FIRST ? rv : float(res[yn])) + float(static_cast<T>(v)));
   }

@@ -94,3 +94,86 @@ struct moe_gate_up_mma<true> {
     }
   }
 };
+
+// The down threadgroup's dot products (mul_mv_id_moe, stage bit 128) on the tensor cores:
+// its 4 rows of each of the token's KS slots (KS a multiple of 4), staged at
+// stage + (s * 4 + r) * RW ushorts (RW: a row's ushorts), against each slot's h row
+// (bfloat16, F columns).  Why: after h is ready the down threadgroups' simd_sum GEMV is
+// ~4.6 instructions a weight, and all 512 of them run it at once: the tail's 2.4 us
+// (BENCHMARKS.md 2026-12-07, sixteenth session) is their issue time.  Four slots make one
+// m16n8k16 tile: A row i is slot 4t + i / 4's row i % 4 (lane g: a0/a2 row g, a1/a3 row
+// g + 8), B column j slot 4t + j's h (columns 4-7 zero), so row i's dot product is C
+// (i, i / 4): c0 or c1 of lanes q = 0 for rows g, c2 or c3 of lanes q = 1 for rows g + 8.
+// The NSG warps take the KS / 4 tiles, each a tile's share of the F / 32 blocks.  A block's
+// sum comes out of the mma in float32 and is scaled by its d, as moe_gate_up_mma's; the
+// warps meet in `red` (threadgroup, NSG * 16 floats).  Padding and identity slots: their
+// rows' values (staged memory and h rows nothing wrote) are never selected.  Returns
+// moe_down_rows' contract: lane r < nvalid of warp 0 gets  sum_s wts[s] * (row r . h[s])
+// plus the identity slots' weights times x[r]; every other thread 0.  Every thread of the
+// threadgroup must call it (a barrier).
+template <>
+struct moe_down_mma<true> {
+  enum { ON = 1 };
+
+  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
+            typename SP, typename RP>
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
+    constexpr int NT = KS / 4;          // tiles
+    constexpr int WPT = NSG / NT;       // warps a tile
+    constexpr int NB = F / 32 / WPT;    // blocks a warp
+    const int g = int(lane >> 2);
+    const int q = int(lane & 3u);
+    const int t = int(sg) / WPT;
+    const int b0 = (int(sg) % WPT) * NB;
+    const ushort* r0 = reinterpret_cast<const ushort*>(stage) + ((4 * t + (g >> 2)) * 4 + (g & 3)) * RW;  // row g
+    const ushort* r1 = r0 + 8 * RW;                                                                    // row g + 8
+    const ushort* rs = q == 1 ? r1 : r0;  // the row whose dot product this lane keeps (q < 2)
+    // B column g: slot 4t + g's h, bf16 pairs (columns 4-7 read nothing: zeros)
+    const unsigned* hw = reinterpret_cast<const unsigned*>(h + size_t(4 * t + (g & 3)) * F);
+    const bool bcol = g < 4;
+    const bool right = g >= 4;  // the column this lane keeps: c1 / c3 (else c0 / c2)
+    float acc = 0.0f;
+    #pragma unroll 2
+    for (int j = 0; j < NB; ++j) {
+      const int b = b0 + j;
+      const ushort* p0 = r0 + b * 9;
+      const ushort* p1 = r1 + b * 9;
+      const unsigned w0 = p0[1 + q], w1 = p0[5 + q], v0 = p1[1 + q], v1 = p1[5 + q];
+      const unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), moe_q4_bf16x2(v0 & 0x0F0Fu),
+                              moe_q4_bf16x2(w1 & 0x0F0Fu), moe_q4_bf16x2(v1 & 0x0F0Fu)};
+      const unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu),
+                              moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu)};
+      const unsigned blo[2] = {bcol ? hw[b * 16 + q] : 0u, bcol ? hw[b * 16 + 4 + q] : 0u};
+      const unsigned bhi[2] = {bcol ? hw[b * 16 + 8 + q] : 0u, bcol ? hw[b * 16 + 12 + q] : 0u};
+      float c[4];
+      moe_mma_bf16_z(c, lo, blo);
+      moe_mma_bf16(c, hi, bhi);
+      const float cv = q == 1 ? (right ? c[3] : c[2]) : (right ? c[1] : c[0]);
+      acc += moe_f16_bits(rs[b * 9]) * cv;
+    }
+    if (q < 2) {  // tile row i = g + 8q: slot 4t + i / 4, the threadgroup's row i % 4
+      const int i = g + 8 * q;
+      const int s = 4 * t + i / 4;
+      const int e = ids[s];
+      red[int(sg) * 16 + i] = (e >= 0 && e < NE) ? wts[s] * acc : 0.0f;
+    }
+    __syncthreads();
+    float v = 0.0f;
+    if (sg == 0 && int(lane) < nvalid) {
+      for (int w = 0; w < NSG; ++w) {
+        for (int k = 0; k < 4; ++k) {
+          v += red[w * 16 + 4 * k + int(lane)];
+        }
+      }
+      if (NI > 0) {
+        float wid = 0.0f;
+        for (int s = 0; s < KS; ++s) {
+          const int e = ids[s];
+          wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
+        }
+        v += wid * float(x[int(lane)]);
+      }
+    }
+    return v;
+  }
+};

@@ -65,7 +65,7 @@ def mock_exe(tmp_path_factory):
     d = tmp_path_factory.mktemp("gate_up_mma")
     src = d / "gate_up_mma.cpp"
     # the shared helpers' primary template
-    primary = "template <bool MMA> struct moe_gate_up_mma;\n"
+    primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
     src.write_text(CUDA_MOCK + f"#define MOCK_NSG {NSG}\n" + primary
                    + read_cuda_twin("mul_mv_id")[0] + DRIVER)
     exe = d / "gate_up_mma"

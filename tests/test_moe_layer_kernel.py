@@ -256,6 +256,40 @@ def test_gate_up_on_tensor_cores(flavor):
     np.testing.assert_array_equal(np.array(y32), np.array(y15))
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_down_on_tensor_cores(flavor):
+    """Stage bit 128 (the down tile on CUDA's tensor cores, moe_down_mma: 4 slots' 4 rows
+    a tile; Metal has none and ignores the bit): against the same geometry without it
+    (191 against 63), bfloat16 activations, an identity slot on token 0, two tokens.  Under
+    the emulation every output bit for bit; on CUDA the same ids, weights and h, y to
+    rounding (the float32 sums in another order) and against the float64 oracle; float32
+    activations drop the bit (the same launch, bit for bit)."""
+    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
+
+    nexp, ne, params = RULES[3]
+    rng = np.random.default_rng(128)
+    wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, 2, dtype=mx.bfloat16, d=256, f=256)
+    wgm, wum, wdm = mx.array(wg), mx.array(wu), mx.array(wd)
+    got, want = (moe_layer_launch(x, logits, params, wgm, wum, wdm, nexp - ne, res, ticket_counter(), flavor,
+                                  LayerGeometry(1, 4, 8, 1, stage=st)) for st in (191, 63))
+    (y, ids, w, h), (y0, ids0, w0, h0) = ([np.array(a.astype(mx.float32)) for a in o] for o in (got, want))
+    np.testing.assert_array_equal(ids, ids0)
+    np.testing.assert_array_equal(w, w0)
+    real = ids.reshape(-1) < ne
+    assert real.sum() < real.size
+    np.testing.assert_array_equal(h[real], h0[real])
+    if flavor == "emulated":
+        np.testing.assert_array_equal(y, y0)
+    else:
+        np.testing.assert_allclose(y, y0, rtol=2 ** -7, atol=1e-2 * np.abs(y0).max())
+    want_y = _oracle(wg, wu, wd, x, res, ids.astype(np.int32), w)
+    np.testing.assert_allclose(y, want_y, rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
+    xf, resf = x.astype(mx.float32), res.astype(mx.float32)
+    y32, y15 = (moe_layer_launch(xf, logits, params, wgm, wum, wdm, nexp - ne, resf, ticket_counter(), flavor,
+                                 LayerGeometry(1, 4, 8, 1, stage=st))[0] for st in (191, 15))
+    np.testing.assert_array_equal(np.array(y32), np.array(y15))
+
+
 def test_one_launch_needs_in_order_threadgroups():
     """The registry marks the kernel (the emulation then runs its threadgroups in index
     order); the two-launch kernels keep the emulation's last-first order."""

@@ -69,6 +69,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 on the tensor cores off);
                 +resfirst: the default with the residual read before the down
                 threadgroups wait (stage 127);
+                +dnmma: the default with the down dot products on the tensor
+                cores, 4 slots' rows a tile (stage 191);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -545,6 +547,7 @@ SWITCHES = {
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
     "+resfirst": _moe_layer_stage(127),
+    "+dnmma": _moe_layer_stage(191),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
