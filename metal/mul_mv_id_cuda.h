@@ -138,13 +138,20 @@ struct moe_down_mma<true> {
       const int b = b0 + j;
       const ushort* p0 = r0 + b * 9;
       const ushort* p1 = r1 + b * 9;
-      const unsigned w0 = p0[1 + q], w1 = p0[5 + q], v0 = p1[1 + q], v1 = p1[5 + q];
+      // k permuted within the block (the same for A and B, so the sums are the dot
+      // products): lane q's logical k 2q, 2q + 1 are bytes 4q, 4q + 1 (ushort 1 + 2q) and its
+      // 2q + 8, 2q + 9 bytes 4q + 2, 4q + 3 (ushort 2 + 2q), so its h words are adjacent: one
+      // 8-byte load for each half of the block where the natural order takes two.
+      const unsigned w0 = p0[1 + 2 * q], w1 = p0[2 + 2 * q], v0 = p1[1 + 2 * q], v1 = p1[2 + 2 * q];
       const unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), moe_q4_bf16x2(v0 & 0x0F0Fu),
                               moe_q4_bf16x2(w1 & 0x0F0Fu), moe_q4_bf16x2(v1 & 0x0F0Fu)};
       const unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu),
                               moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu)};
-      const unsigned blo[2] = {bcol ? hw[b * 16 + q] : 0u, bcol ? hw[b * 16 + 4 + q] : 0u};
-      const unsigned bhi[2] = {bcol ? hw[b * 16 + 8 + q] : 0u, bcol ? hw[b * 16 + 12 + q] : 0u};
+      const uint2 zero = make_uint2(0u, 0u);
+      const uint2 hl = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 2 * q) : zero;      // k 4q ..
+      const uint2 hh = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 8 + 2 * q) : zero;  // k 16 + 4q ..
+      const unsigned blo[2] = {hl.x, hl.y};
+      const unsigned bhi[2] = {hh.x, hh.y};
       float c[4];
       moe_mma_bf16_z(c, lo, blo);
       moe_mma_bf16(c, hi, bhi);
