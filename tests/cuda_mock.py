@@ -347,3 +347,28 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
     return np.fromfile(out, dtype=np.float32).reshape(out_shape)
 
 
+
+
+# -- the decode layer's tensor-core tiles (metal/mul_mv_id_cuda.h: moe_gate_up_mma,
+# moe_down_mma), each driven by a small C++ main of its test
+
+def build_decode_tile(directory, name: str, defines: str, driver: str):
+    """A g++ program of the mock, `defines`, mul_mv_id's CUDA helpers (after the Metal
+    primary templates they specialize) and `driver` (its main); returns the executable."""
+    from mlx_moe.kernels.registry import read_cuda_twin
+
+    primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
+    src = directory / f"{name}.cpp"
+    src.write_text(CUDA_MOCK + defines + primary + read_cuda_twin("mul_mv_id")[0] + driver)
+    exe = directory / name
+    r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return exe
+
+
+def bf16_bits(a: np.ndarray):
+    """float32 -> bfloat16 bits (round to nearest even) and their float32 values."""
+    u = a.astype(np.float32).view(np.uint32)
+    b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return b, (b.astype(np.uint32) << 16).view(np.float32)

@@ -18,9 +18,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from cuda_mock import CUDA_MOCK, CXX
+from cuda_mock import CXX, bf16_bits, build_decode_tile
 from mlx_moe import q4_0
-from mlx_moe.kernels.registry import read_cuda_twin
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 
@@ -67,23 +66,8 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def mock_exe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("down_mma")
-    src = d / "down_mma.cpp"
-    primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
-    src.write_text(CUDA_MOCK + f"#define MOCK_NSG {NSG}\n#define MOCK_KS {KS}\n" + primary
-                   + read_cuda_twin("mul_mv_id")[0] + DRIVER)
-    exe = d / "down_mma"
-    r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return exe
-
-
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (round to nearest even) and their float32 values."""
-    u = a.astype(np.float32).view(np.uint32)
-    b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return b, (b.astype(np.uint32) << 16).view(np.float32)
+    return build_decode_tile(tmp_path_factory.mktemp("down_mma"), "down_mma",
+                             f"#define MOCK_NSG {NSG}\n#define MOCK_KS {KS}\n", DRIVER)
 
 
 # (F, nvalid, ids): every slot real; padding (-1, 10 past 8 real + 2 identity) and identity
@@ -102,7 +86,7 @@ def test_down_tile_matches_numpy(mock_exe, tmp_path, F, nvalid, ids):
     for s, e in enumerate(ids):
         if 0 <= e < ne:
             stage[4 * s:4 * s + nvalid] = qd[e, :nvalid]
-    hb, hf = _bf16(rng.standard_normal((KS, F)))
+    hb, hf = bf16_bits(rng.standard_normal((KS, F)))
     for s, e in enumerate(ids):
         if not 0 <= e < ne:
             hb[s] = 0x7FC0  # a row of h nothing wrote: NaN

@@ -18,9 +18,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from cuda_mock import CUDA_MOCK, CXX
+from cuda_mock import CXX, bf16_bits, build_decode_tile
 from mlx_moe import q4_0
-from mlx_moe.kernels.registry import read_cuda_twin
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 
@@ -62,24 +61,8 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def mock_exe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gate_up_mma")
-    src = d / "gate_up_mma.cpp"
-    # the shared helpers' primary template
-    primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
-    src.write_text(CUDA_MOCK + f"#define MOCK_NSG {NSG}\n" + primary
-                   + read_cuda_twin("mul_mv_id")[0] + DRIVER)
-    exe = d / "gate_up_mma"
-    r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return exe
-
-
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (round to nearest even) and their float32 values."""
-    u = a.astype(np.float32).view(np.uint32)
-    b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return b, (b.astype(np.uint32) << 16).view(np.float32)
+    return build_decode_tile(tmp_path_factory.mktemp("gate_up_mma"), "gate_up_mma",
+                             f"#define MOCK_NSG {NSG}\n", DRIVER)
 
 
 @pytest.mark.parametrize("D,nrows,scale", [(512, 8, 1.0), (2048, 8, 1.0), (2048, 5, 1.0), (512, 8, 3.0e4)])
@@ -93,7 +76,7 @@ def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale):
     stage[:8, :rw], stage[8:, :rw] = qg, qu
     if nrows < 8:
         stage[nrows:8], stage[8 + nrows:] = 0xFFFF, 0xFFFF  # rows past the tile: not staged
-    xb, xf = _bf16(rng.standard_normal(D) * scale)
+    xb, xf = bf16_bits(rng.standard_normal(D) * scale)
     (tmp_path / "s").write_bytes(stage.tobytes())
     (tmp_path / "x").write_bytes(xb.tobytes())
     subprocess.run([str(mock_exe), str(D), str(nrows), str(tmp_path / "s"), str(tmp_path / "x"),
