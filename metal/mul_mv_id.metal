@@ -331,6 +331,18 @@ MOE_DEVICE inline void moe_swiglu_rows(XP x, WP wg, WP wu, HP h, int e, int row0
   moe_swiglu_store<WT, K, N, NR, NQ, 0>(x, wg + off, wu + off, h, active, row0, lane);
 }
 
+// The weight a token's identity experts (ids NE .. NE + NI - 1 among its KS slots) give x
+// in the combine: the sum of their slots' weights.
+template <int NE, int NI, int KS, typename IP, typename SP>
+MOE_DEVICE inline float moe_identity_weight(IP ids, SP wts) {
+  float wid = 0.0f;
+  for (int s = 0; s < KS; ++s) {
+    const int e = ids[s];
+    wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
+  }
+  return wid;
+}
+
 // One threadgroup's NR rows n = row0 .. of one token's combined expert output,
 //   sum_s wts[s] * (Wd[ids[s]][n] . h[s])  (real ids)  +  sum_s wts[s] * x[n]  (identity ids):
 // its NSG simdgroups take slots sg, sg + NSG, ... and meet in `part` (threadgroup,
@@ -382,12 +394,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       v += part[g * NR + int(lane)];
     }
     if (NI > 0) {
-      float wid = 0.0f;
-      for (int s = 0; s < KS; ++s) {
-        const int e = ids[s];
-        wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
-      }
-      v += wid * float(x[row0 + int(lane)]);
+      v += moe_identity_weight<NE, NI, KS>(ids, wts) * float(x[row0 + int(lane)]);
     }
   }
   return v;

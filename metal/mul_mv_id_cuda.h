@@ -173,12 +173,7 @@ struct moe_down_mma<true> {
         }
       }
       if (NI > 0) {
-        float wid = 0.0f;
-        for (int s = 0; s < KS; ++s) {
-          const int e = ids[s];
-          wid += (e >= NE && e < NE + NI) ? wts[s] : 0.0f;
-        }
-        v += wid * float(x[int(lane)]);
+        v += moe_identity_weight<NE, NI, KS>(ids, wts) * float(x[int(lane)]);
       }
     }
     return v;

@@ -353,13 +353,17 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
 # moe_down_mma), each driven by a small C++ main of its test
 
 def build_decode_tile(directory, name: str, defines: str, driver: str):
-    """A g++ program of the mock, `defines`, mul_mv_id's CUDA helpers (after the Metal
-    primary templates they specialize) and `driver` (its main); returns the executable."""
-    from mlx_moe.kernels.registry import read_cuda_twin
+    """A g++ program of the mock, `defines`, mul_mv_id's CUDA helpers (after the primary
+    templates they specialize and the shared helper they call, moe_identity_weight, taken
+    from metal/mul_mv_id.metal as the registry prunes a header) and `driver` (its main);
+    returns the executable."""
+    from mlx_moe.kernels.registry import read_cuda_twin, read_family
+    from mlx_moe.kernels.source import compact, prune
 
     primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
+    shared = prune(compact(read_family("mul_mv_id")[0]), "moe_identity_weight")
     src = directory / f"{name}.cpp"
-    src.write_text(CUDA_MOCK + defines + primary + read_cuda_twin("mul_mv_id")[0] + driver)
+    src.write_text(CUDA_MOCK + defines + primary + shared + read_cuda_twin("mul_mv_id")[0] + driver)
     exe = directory / name
     r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
                        capture_output=True, text=True)
