@@ -256,16 +256,16 @@ def test_gate_up_on_tensor_cores(flavor):
     np.testing.assert_array_equal(np.array(y32), np.array(y15))
 
 
-@pytest.mark.parametrize("stage", [191, 319])
+@pytest.mark.parametrize("stage", [191, 319, 447])
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_down_on_tensor_cores(flavor, stage):
     """Stage bit 128 (191: the down tile on CUDA's tensor cores, moe_down_mma: 4 slots' 4
     rows a tile) and bit 256 (319: the gate/up tile's activations read from device memory,
-    not copied into threadgroup memory); Metal has no tiles and ignores both bits: against
+    not copied into threadgroup memory; 447: both); Metal has no tiles and ignores the bits: against
     the same geometry without them (63), bfloat16 activations, an identity slot on token
     0, two tokens.  Under the emulation every output bit for bit; on CUDA the same ids,
     weights and h, y bit for bit at 319 (the same arithmetic, x from elsewhere) and to
-    rounding at 191 (the float32 sums in another order), and against the float64 oracle;
+    rounding at 191 and 447 (the float32 sums in another order), and against the float64 oracle;
     float32 activations drop the bits (the same launch as 15, bit for bit)."""
     from mlx_moe.kernels.mul_mv_id import moe_layer_launch
 
