@@ -541,8 +541,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
-// products on a matrix unit, 4 rows a threadgroup; 256 = bit 32's tile reading the
-// activations from device memory, not a copy in threadgroup memory), and the routing
+// products on a matrix unit, 4 rows a threadgroup), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -613,12 +612,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // fragment reads of 8 rows then fall in different banks).
   constexpr bool MMA_GU = (STAGE & 32) != 0 && moe_gate_up_mma<true>::ON && STAGED_GU && RT == 8 &&
                           moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
-  // STAGE bit 256: the tile's activations read from device memory (the token's x, in L1 and
-  // L2 for every threadgroup of the token) where MMA_GU copies them into threadgroup memory:
-  // 4 KB less a threadgroup at D = 2048 (nvcc sm_90a: 24,512 bytes at 63), so that 6
-  // threadgroups an SM fit a 132 KB shared-memory carveout (BENCHMARKS.md 2026-12-07,
-  // sixteenth session: the default's trace shows 5).  Off until the H100 measures it.
-  constexpr bool XDEV = MMA_GU && (STAGE & 256) != 0;
   constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
@@ -635,7 +628,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU && !XDEV ? D / 8 : 1)];
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? D / 8 : 1)];
   threadgroup float gred[MMA_GU || MMA_DN ? NSG * 16 : 1];  // moe_gate_up_mma's and moe_down_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
@@ -736,11 +729,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         const size_t off = (size_t(e) * F + rt0) * RLG;
         // MMA_GU: x's copy into xq started first (asynchronous: no registers held across the
         // rows' loads), waited for after them
-        moe_gate_up_mma<MMA_GU && !XDEV>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt,
-                                                                        thread_index_in_threadgroup);
+        moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt, thread_index_in_threadgroup);
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
-        moe_gate_up_mma<MMA_GU && !XDEV>::wait_x();
+        moe_gate_up_mma<MMA_GU>::wait_x();
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -750,17 +742,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
       if (MMA_GU) {
         if (real) {  // uniform per threadgroup (a barrier inside)
-          const int nrows = (F - rt0 < RT) ? F - rt0 : RT;
-          if (XDEV) {
-            moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(xt, moe_tg_as<const ushort>(stage), ht + rt0,
-                                                                     gred, nrows, sg, lane,
-                                                                     thread_index_in_threadgroup);
-          } else {
-            moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
-                                                                     moe_tg_as<const ushort>(stage), ht + rt0,
-                                                                     gred, nrows, sg, lane,
-                                                                     thread_index_in_threadgroup);
-          }
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
+                                                                   moe_tg_as<const ushort>(stage), ht + rt0, gred,
+                                                                   (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
+                                                                   thread_index_in_threadgroup);
         }
       } else {
         const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;

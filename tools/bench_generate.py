@@ -71,10 +71,6 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 threadgroups wait (stage 127);
                 +dnmma: the default with the down dot products on the tensor
                 cores, 4 slots' rows a tile (stage 191);
-                +xdev: the default with the gate/up tile's activations read
-                from device memory, not copied into threadgroup memory (stage 319:
-                4 KB less a threadgroup);
-                +dnxdev: both (stage 447);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -552,8 +548,6 @@ SWITCHES = {
     "+hbf16": _moe_layer_stage(31),
     "+resfirst": _moe_layer_stage(127),
     "+dnmma": _moe_layer_stage(191),
-    "+xdev": _moe_layer_stage(319),
-    "+dnxdev": _moe_layer_stage(447),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
