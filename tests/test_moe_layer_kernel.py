@@ -318,7 +318,7 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
     """The default geometry at Qwen3-30B-A3B's layer shapes (hidden 2048, ffn 768, top-8,
     bfloat16 activations), where its threadgroup memory is largest: against the two
     launches it replaces (bit for bit under the emulation, which refuses a launch past
-    Metal's 32 KB; to rounding on CUDA, whose gate/up sums run on the tensor cores), and on
+    Metal's 32 KB; to rounding on CUDA, whose dot products run on the tensor cores), and on
     CUDA 16 launches on one counter over 128 experts (a down threadgroup reading h before
     the gate/up writes reach it would change y; the counter must end at zero), with either
     CUDA fence of the hand-off (registry.CUDA_FENCE; the emulation runs Metal's)."""

@@ -67,10 +67,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 reading it two values a 32-bit load (stage 31: half the bytes of h from
                 L2; the default until 2026-12-07; the default's gate/up dot products
                 on the tensor cores off);
-                +resfirst: the default with the residual read before the down
-                threadgroups wait (stage 127);
-                +dnmma: the default with the down dot products on the tensor
-                cores, 4 slots' rows a tile (stage 191);
+                +gumma: the gate/up dot products alone on the tensor cores (stage
+                63, the default until 2026-12-07's seventeenth session; the default's
+                down dot products on the tensor cores off); +resfirst: 63 with the
+                residual read before the down threadgroups wait (stage 127);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -546,8 +546,8 @@ SWITCHES = {
     "+mstage5": _moe_layer_stage(5),
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
+    "+gumma": _moe_layer_stage(63),
     "+resfirst": _moe_layer_stage(127),
-    "+dnmma": _moe_layer_stage(191),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -6,8 +6,10 @@ of its 768 gate/up threadgroups 7-8.6 us late, as if the GPU held 5 an SM -- wha
 132 KB shared-memory carveout allows (BENCHMARKS.md 2026-12-07, sixteenth session).  MLX
 launches custom kernels without a carveout preference, so the driver chooses one per
 launch; this sets the context-wide preference its choice falls back on, for the tools to
-measure whether it changes the layer (`--cache-preference`).  Not used by the package's
-own paths until a measurement says it pays.
+measure whether it changes the layer (`--cache-preference`).  Measured (seventeenth
+session): no -- under ncu the driver already gives stage 63 a 164 KB carveout (6
+threadgroups an SM), and `shared` (228 KB) left it at 20.91 us against 20.51; so the
+package's own paths do not use it.
 
 The preference is the primary context's, which MLX's CUDA backend uses (cudaSetDevice);
 the runtime library is the one MLX loaded (found in this process's mappings).

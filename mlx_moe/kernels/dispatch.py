@@ -141,10 +141,14 @@ class LayerGeometry:
 # time, 48 a step, one H100, 2026-12-07 sixteenth session, ABAB) 970.0 and 972.6 us against
 # 998.8 and 1004.2 at stage 31 (and 974.8 and 976.1 with the one-fence release and the
 # down threadgroups' copy of h added, the fifteenth session's 255: those two removed as no
-# gain); ncu 19.94 against 20.40 us (fifteenth session), memcheck clean.  On Metal and for
-# float32 activations bit 32 changes nothing (63 runs as 31 and 15 there).  The float
-# entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=63), "float": LayerGeometry(2, 2, 8)}
+# gain); ncu 19.94 against 20.40 us (fifteenth session), memcheck clean.  Then the down
+# dot products on the tensor cores too (bit 128, 4 slots' rows a tile; stage 191): the
+# decode step's MoE launches 952.5 and 955.3 us against 977.2 and 979.1 at 63 (one H100,
+# 2026-12-07 seventeenth session, ABAB), ncu 19.94 against 20.51 us routed and 17.28
+# against 18.08 under given routing (one process), memcheck clean, the greedy and
+# compiled GPU tests passed with it.  On Metal and for float32 activations bits 32 and
+# 128 change nothing (191 runs as 31 and 15 there).  The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=191), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
