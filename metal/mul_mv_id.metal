@@ -621,7 +621,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // STAGE bit 128: the down dot products on a matrix unit (moe_down_mma; CUDA's tensor
   // cores, mul_mv_id_cuda.h; none on Metal): 4 slots' 4 rows a 16-row tile.  Q4_0 with h in
   // bfloat16 (bit 16) only, the rows staged (bit 1), 4 rows a threadgroup, the slots a
-  // multiple of 4 and the tiles' blocks shared evenly by the simdgroups.
+  // multiple of 4 and the tiles' blocks shared evenly by the simdgroups.  On the H100 0.5 us a
+  // layer less than without (stage 191 against 63; BENCHMARKS.md 2026-12-07, seventeenth session).
   constexpr bool MMA_DN = (STAGE & 128) != 0 && moe_down_mma<true>::ON && STAGED_DN && NRD == 4 &&
                           (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && KS % 4 == 0 && NSG % (KS / 4) == 0 &&
                           (F / 32) % (NSG / (KS / 4)) == 0;
