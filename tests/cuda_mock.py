@@ -347,8 +347,6 @@ def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
     return np.fromfile(out, dtype=np.float32).reshape(out_shape)
 
 
-
-
 # -- the decode layer's tensor-core tiles (metal/mul_mv_id_cuda.h: moe_gate_up_mma,
 # moe_down_mma), each driven by a small C++ main of its test
 

@@ -469,8 +469,10 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,
     2, 3; 5, 7: and the gate/up activations prepared; 15: and h read in pairs; 31: h in
     bfloat16, also traced; 59, 63: the gate/up tile on the tensor cores; 127: and the
-    residual read before the wait; 191: and the down tile on the tensor cores; 7 with the routing shared; 31 and 59 under given routing, 31 traced): no spills, and registers few enough for 256-thread threadgroups (<= 255) -- its
-    count bounds how many threadgroups an SM holds, so it is printed (pytest -s)."""
+    residual read before the wait; 191: and the down tile on the tensor cores; 7 with the
+    routing shared; 31 and 59 under given routing, 31 traced): no spills, and registers few
+    enough for 256-thread threadgroups (<= 255) -- its count bounds how many threadgroups
+    an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]
     kernels += [_moe_layer(f"q4_0_1x4x8_stage{st}", 1, 4, 8, stage=st)
                 for st in (1, 2, 3, 5, 7, 15, 31, 59, 63, 127, 191)]
