@@ -89,3 +89,76 @@ def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale):
     np.testing.assert_allclose(h[:nrows], want[:nrows], rtol=1e-5, atol=1e-6 * np.abs(want).max())
     assert (h[nrows:] == -12345.0).all(), "rows past the tile were stored"
 
+
+
+# Stage bit 256: the same tile copied and computed warp by warp (copy_own, run_own), from the
+# rows as device memory holds them, the copies deferred until each thread's wait lets them
+# land (MOCK_CP_DEFERRED): a block computed before the group that holds it has landed reads
+# the NaN the threadgroup memory starts with.
+DRIVER_OWN = r"""
+// argv: D, nrows, gate rows file (8 Q4_0 rows), up rows file, x file (D bf16 bits), out file (8 floats)
+template <int D>
+int run(int nrows, const char* gp, const char* up, const char* xp, const char* op) {
+  constexpr int RPITCH = D / 32 * 18 / 16 + 1;  // a staged row's 16-byte units and its padding
+  static_assert(moe_gate_up_mma<true>::own<D, MOCK_NSG>::OK, "a warp's share of a row is whole 16-byte units");
+  std::vector<char> gv = mock_read(gp), uv = mock_read(up), xv = mock_read(xp);
+  std::vector<float> h(8, -12345.0f);
+  static float red[MOCK_NSG * 16];
+  alignas(16) static uint4 stage[16 * RPITCH];
+  alignas(16) static uint4 xcopy[D / 8];
+  std::memset(stage, 0xFF, sizeof(stage));  // NaN bits until a copy lands
+  std::memset(xcopy, 0xFF, sizeof(xcopy));
+  const ushort* gw = reinterpret_cast<const ushort*>(gv.data());
+  const ushort* uw = reinterpret_cast<const ushort*>(uv.data());
+  const ushort* x = reinterpret_cast<const ushort*>(xv.data());
+  float* hp = h.data();
+  mock_launch(1, 1, 32 * MOCK_NSG, [&] {
+    const uint sg = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    moe_gate_up_mma<true>::copy_own<D, MOCK_NSG, RPITCH>(stage, xcopy, gw, uw, x, nrows, sg, lane);
+    moe_gate_up_mma<true>::run_own<D, MOCK_NSG, RPITCH * 8>(reinterpret_cast<const ushort*>(xcopy),
+                                                            reinterpret_cast<const ushort*>(stage), hp, red, nrows,
+                                                            sg, lane, threadIdx.x);
+  });
+  FILE* fp = std::fopen(op, "wb");
+  std::fwrite(h.data(), 4, 8, fp);
+  std::fclose(fp);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  const int d = std::atoi(argv[1]), nrows = std::atoi(argv[2]);
+  if (d == 2048) return run<2048>(nrows, argv[3], argv[4], argv[5], argv[6]);
+  if (d == 4096) return run<4096>(nrows, argv[3], argv[4], argv[5], argv[6]);
+  return 4;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mock_own_exe(tmp_path_factory):
+    return build_decode_tile(tmp_path_factory.mktemp("gate_up_own"), "gate_up_own",
+                             f"#define MOCK_NSG {NSG}\n#define MOCK_CP_DEFERRED 1\n", DRIVER_OWN)
+
+
+@pytest.mark.parametrize("D,nrows", [(2048, 8), (2048, 5), (4096, 8)])
+def test_gate_up_tile_warp_by_warp_matches_numpy(mock_own_exe, tmp_path, D, nrows):
+    """copy_own + run_own (stage bit 256) against numpy over the dequantized rows: each
+    warp's share of the 16 rows and of x reaches the right place of threadgroup memory in
+    its two groups, each group's blocks are computed only after it has landed, and rows
+    past nrows (the device rows there hold NaN: never read, zeros staged) are not stored."""
+    rng = np.random.default_rng(D + 7 * nrows)
+    wg = rng.standard_normal((8, D)).astype(np.float32)
+    wu = rng.standard_normal((8, D)).astype(np.float32)
+    qg, qu = q4_0.quantize(wg), q4_0.quantize(wu)  # [8, D / 32 * 9] uint16 words
+    qg[nrows:], qu[nrows:] = 0xFFFF, 0xFFFF  # past the tile: NaN scales if they were read
+    xb, xf = bf16_bits(rng.standard_normal(D))
+    for name, a in (("g", qg), ("u", qu), ("x", xb)):
+        (tmp_path / name).write_bytes(a.tobytes())
+    subprocess.run([str(mock_own_exe), str(D), str(nrows), *(str(tmp_path / n) for n in ("g", "u", "x", "h"))],
+                   check=True, timeout=120)
+    h = np.fromfile(tmp_path / "h", dtype=np.float32)
+    g = q4_0.dequantize(qg[:nrows]).astype(np.float64) @ xf.astype(np.float64)
+    u = q4_0.dequantize(qu[:nrows]).astype(np.float64) @ xf.astype(np.float64)
+    want = g / (1 + np.exp(-g)) * u
+    np.testing.assert_allclose(h[:nrows], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert (h[nrows:] == -12345.0).all(), "rows past the tile were stored"

@@ -71,6 +71,11 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 63, the default until 2026-12-07's seventeenth session; the default's
                 down dot products on the tensor cores off); +resfirst: 63 with the
                 residual read before the down threadgroups wait (stage 127);
+                +own: the default with the gate/up tile copied and computed warp by
+                warp, each warp's share in two asynchronous groups (stage 447);
+                +rulestop: the default with each gate/up threadgroup's routing rule
+                stopped at its slot, the slots in reverse grid order (stage 703);
+                +ownstop: both (stage 959);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -548,6 +553,9 @@ SWITCHES = {
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(63),
     "+resfirst": _moe_layer_stage(127),
+    "+own": _moe_layer_stage(447),
+    "+rulestop": _moe_layer_stage(703),
+    "+ownstop": _moe_layer_stage(959),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
