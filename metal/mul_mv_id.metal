@@ -305,7 +305,8 @@ struct moe_down_mma {
 
   template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
             typename SP, typename RP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane,
+                              bool prefetch = false) {
     return 0.0f;
   }
 };
@@ -553,7 +554,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
 // products on a matrix unit, 4 rows a threadgroup; 256 = bit 32's tile copied and computed
 // warp by warp; 512 = a gate/up threadgroup's rule stopped at its slot, the slots in reverse
-// grid order), and the routing
+// grid order; 1024 = bit 128's tile asking L1 for its share of h at once after the wait),
+// and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -850,7 +852,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const float v =
       MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
-                   moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
+                   moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane, (STAGE & 1024) != 0)
              : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part,
                    moe_tg_as<const WT>(stage), row0, sg, lane);

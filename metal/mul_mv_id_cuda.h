@@ -202,7 +202,8 @@ struct moe_down_mma<true> {
 
   template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
             typename SP, typename RP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane,
+                              bool prefetch = false) {
     constexpr int NT = KS / 4;          // tiles
     constexpr int WPT = NSG / NT;       // warps a tile
     constexpr int NB = F / 32 / WPT;    // blocks a warp
@@ -210,6 +211,18 @@ struct moe_down_mma<true> {
     const int q = int(lane & 3u);
     const int t = int(sg) / WPT;
     const int b0 = (int(sg) % WPT) * NB;
+    // Stage bit 1024: the warp's whole share of h (its 4 slots' NB * 64 bytes each) asked
+    // of L1 at once, so the loop's loads -- two at a time (unroll 2: more in registers
+    // would cost threadgroups an SM) -- wait for one round trip to L2, not NB / 2 of them
+    // on the launch's last path.
+    if (prefetch) {
+      constexpr int LPS = (NB * 64 + 127) / 128 + 1;  // lines a slot's share may touch
+      if (int(lane) < 4 * LPS) {
+        const int l = int(lane) % LPS;
+        const auto base = h + size_t(4 * t + int(lane) / LPS) * F + b0 * 32;
+        moe_prefetch_l1(base + (l * 64 < NB * 32 ? l * 64 : NB * 32 - 1));  // 64 bf16 a line
+      }
+    }
     const ushort* r0 = reinterpret_cast<const ushort*>(stage) + ((4 * t + (g >> 2)) * 4 + (g & 3)) * RW;  // row g
     const ushort* r1 = r0 + 8 * RW;                                                                    // row g + 8
     const ushort* rs = q == 1 ? r1 : r0;  // the row whose dot product this lane keeps (q < 2)

@@ -28,6 +28,7 @@ from mlx_moe.kernels.mul_mm_id import BM, cuda_body  # BM: output rows per block
 CXX = shutil.which("g++")
 
 CUDA_MOCK = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -79,6 +80,17 @@ struct MockWarp { std::barrier<>* bar; const float* ptr[32]; unsigned a[32][4]; 
 static MockWarp mock_warp[32];
 thread_local int mock_lane, mock_warp_id;
 inline void __syncwarp() { mock_warp[mock_warp_id].bar->arrive_and_wait(); }
+// prefetch.global.L1: nothing to fetch on a CPU; the line's address must lie in the range
+// the driver names (mock_pf_lo .. mock_pf_hi, when it names one), or the program aborts.
+static const char* mock_pf_lo = nullptr;
+static const char* mock_pf_hi = nullptr;
+static std::atomic<long> mock_pf_count{0};
+template <typename P>
+inline void moe_prefetch_l1(P p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  if (mock_pf_lo && (c < mock_pf_lo || c >= mock_pf_hi)) { std::fprintf(stderr, "prefetch outside its buffer\n"); std::abort(); }
+  ++mock_pf_count;
+}
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
 inline unsigned moe_tf32(float f) { return (__float_as_uint(f) + 0x1000u) & 0xFFFFE000u; }

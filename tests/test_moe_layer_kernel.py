@@ -310,8 +310,8 @@ def test_one_launch_rejects_what_it_cannot_run():
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
-    with pytest.raises(ValueError, match="stage is 0 to 1023.*got 1024"):
-        LayerGeometry(1, 4, 8, 1, stage=1024)
+    with pytest.raises(ValueError, match="stage is 0 to 2047.*got 2048"):
+        LayerGeometry(1, 4, 8, 1, stage=2048)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -384,13 +384,14 @@ def test_residual_first_is_the_launch(flavor):
         assert not np.array(count).any(), "the counter is not zero after the launches"
 
 
-@pytest.mark.parametrize("stage", [447, 703, 959])
+@pytest.mark.parametrize("stage", [447, 703, 959, 1215, 1983])
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_gate_up_bits_are_the_launch(flavor, stage):
     """Stage bits 256 (447: bit 32's gate/up tile copied and computed warp by warp, each
     warp's share in two asynchronous groups; CUDA only, hidden a multiple of 2048) and 512
     (703: a gate/up threadgroup's rule stopped at its slot, the slots in reverse grid order;
-    959: both): y, ids, weights and h bit for bit against the same launch without them
+    959: both), and 1024 (1215: the down tile's share of h asked of L1 after the wait; 1983:
+    all three): y, ids, weights and h bit for bit against the same launch without them
     (191) -- the same float32 sums in the same order; only who copies what and when it is
     waited for, how far each threadgroup ranks the experts and which threadgroup takes
     which slot differ.  On CUDA at Qwen3-30B-A3B's shapes, 8 launches on one counter, and

@@ -76,6 +76,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 +rulestop: the default with each gate/up threadgroup's routing rule
                 stopped at its slot, the slots in reverse grid order (stage 703);
                 +ownstop: both (stage 959);
+                +hpf: the default with the down tile's share of h asked of L1 at
+                once after the wait (stage 1215); +all: 447, 512 and 1024 (stage 1983);
                 +droute: its down threadgroups reading the routing the token's first
                 threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
                 +tailrule: the router tail running the rule once per token and the MoE
@@ -556,6 +558,8 @@ SWITCHES = {
     "+own": _moe_layer_stage(447),
     "+rulestop": _moe_layer_stage(703),
     "+ownstop": _moe_layer_stage(959),
+    "+hpf": _moe_layer_stage(1215),
+    "+all": _moe_layer_stage(1983),
     "+droute": (dispatch_module, "SHARE_ROUTE", True),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

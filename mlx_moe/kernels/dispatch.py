@@ -83,8 +83,9 @@ class LayerGeometry:
     only, else ignored), 256 = bit 32's tile copied and computed warp by warp, each warp's
     share in two asynchronous groups (CUDA; with bit 32 and hidden a multiple of 2048 at
     nsg 8, else ignored), 512 = a gate/up threadgroup (not its token's first) runs the
-    routing rule only as far as its slot, the slots in reverse grid order; rows stage only
-    at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    routing rule only as far as its slot, the slots in reverse grid order, 1024 = bit 128's
+    tile asks L1 for its share of h at once after the wait (CUDA; with bit 128, else
+    ignored); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -94,11 +95,12 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 1023:
-            raise ValueError(f"LayerGeometry.stage is 0 to 1023, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 2047:
+            raise ValueError(f"LayerGeometry.stage is 0 to 2047, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
                              f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: "
-                             f"the gate/up tile warp by warp, 512: the gate/up rule stopped at the slot); got {self.stage}")
+                             f"the gate/up tile warp by warp, 512: the gate/up rule stopped at the slot, 1024: h prefetched into L1 "
+                             f"for the down tile); got {self.stage}")
 
     @property
     def tag(self) -> str:
