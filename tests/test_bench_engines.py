@@ -55,3 +55,20 @@ def test_bench_kernels_prefill_switch_variants_turn_each_switch_then_all():
     # Without the async body only map0's switch applies.
     assert [st for _, st in bench_kernels.switch_variants(mul_mm_id, async_body=False)] == \
         [{"MAP0": k} for k in mul_mm_id.MAP0_KINDS if k != mul_mm_id.MAP0]
+
+
+def test_gpu_decode_layer_script_engines_run_their_stages():
+    """tools/gpu_decode_layer.sh's stage -> engine table (which engine its decode-step A/B
+    runs for the fastest candidate): each engine exists and sets dispatch.MOE_LAYER's Q4_0
+    geometry to 1x4x8x1 at that stage, and the script's default candidates all have one."""
+    import re
+
+    from mlx_moe.kernels import dispatch
+
+    text = (Path(__file__).resolve().parents[1] / "tools" / "gpu_decode_layer.sh").read_text()
+    table = {int(s): e for s, e in re.findall(r"(\d+)\) echo (\+\w+)", text)}
+    defaults = re.search(r'CANDIDATES=\$\{3:-([\d ]+)\}', text).group(1).split()
+    assert table and all(int(c) in table for c in defaults), (table, defaults)
+    for stage, engine in table.items():
+        with bench_generate.engine_settings(f"mlx-moe+compile{engine}"):
+            assert dispatch.MOE_LAYER["q4_0"] == dispatch.LayerGeometry(1, 4, 8, 1, stage=stage), engine

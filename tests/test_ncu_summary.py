@@ -93,6 +93,29 @@ def test_fused_layer_kernel_geometries(tmp_path):
     assert ncu_summary.best(stats)["dense_norm"].geometry == "4x8"  # 19 us against 20
 
 
+def test_moe_layer_kernel_geometries(tmp_path):
+    """The one-launch decode MoE layer (bench_kernels.py --ncu --layer-geometries): each
+    launch's LayerGeometry tag (GATE_NRxDOWN_NRxNSGxNQxSTAGE) read from its template
+    arguments, routed and under given routing apart, and the fastest stage of each."""
+    from mlx_moe.kernels.dispatch import LayerGeometry
+
+    tags = {191: 19.9, 447: 19.1, 1983: 19.5}
+    lines, want = [HEAD], []
+    for i, (stage, us) in enumerate(tags.items()):
+        g = LayerGeometry(1, 4, 8, 1, stage=stage)
+        args = f"bfloat16_t_uint16_t_2048_768_128_0_8_1_{g.gate_nr}_{g.down_nr}_{g.nsg}_{g.nq}_{g.stage}"
+        for kind, extra, t in (("mul_mv_id_moe", "_128_4_0_f_1_1_t_f", us), ("mul_mv_id_moe_ids", "", us - 2.5)):
+            lines.append(_row(2 * i, f"custom_kernel_mlx_moe_{kind}_{args}{extra}", "(1280, 1, 1)",
+                              "gpu__time_duration.sum", "us", f"{t}"))
+            want.append((kind, g.tag))
+    p = tmp_path / "ncu.csv"
+    p.write_text("".join(lines))
+    stats = ncu_summary.parse(str(p))
+    assert sorted((s.kernel, s.geometry) for s in stats.values()) == sorted(want)
+    best = ncu_summary.best(stats)
+    assert best["mul_mv_id_moe"].geometry == best["mul_mv_id_moe_ids"].geometry == "1x4x8x1x447"
+
+
 def test_fused_geometry_option():
     import bench_kernels
 

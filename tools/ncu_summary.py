@@ -32,12 +32,15 @@ _BYTE_UNIT = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, 
 # many it takes (metal/mul_mv_id.metal: swiglu K N NE KS NR NSG NQ, down_combine K N NE
 # NI KS NR NSG NQ; metal/decode_layer.metal: dense_norm FMT GS K N0 N1 N2 NR NSG,
 # dense_residual(_parts, _parts_router(_split)) FMT GS K N NR NSG; metal/attention.metal: attention parts
-# D HQ HKV C NSG U S).
+# D HQ HKV C NSG U S; mul_mv_id_moe(_ids) below).
 _GEOMETRY_AT = {"mul_mv_id_swiglu": (4, 3), "mul_mv_id_down_combine": (5, 3), "mul_mv_id": (4, 3),
                 "dense_norm": (6, 2), "dense_norm_xn": (6, 2), "dense_residual": (4, 2),
                 "dense_residual_parts": (4, 2), "dense_residual_parts_router": (4, 2),
                 "dense_residual_parts_router_split": (4, 2), "decode_attention_parts": (4, 3),
-                "decode_attention_parts_kv": (4, 3)}
+                "decode_attention_parts_kv": (4, 3),
+                # the one-launch decode MoE layer (D F NE NI KS NT NRG NRD NSG NQ STAGE ..): its
+                # LayerGeometry tag, GATE_NRxDOWN_NRxNSGxNQxSTAGE
+                "mul_mv_id_moe": (6, 5), "mul_mv_id_moe_ids": (6, 5), "mul_mv_id_moe_trace": (6, 5)}
 
 
 @dataclass

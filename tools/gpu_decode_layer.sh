@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The decode MoE layer's owed GPU measurements (issue 5) in one device call, each step under
+# its own limit and all under one deadline, results written as they come.  NVIDIA + MLX CUDA.
+#
+#   bash tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES]
+#
+# (run in the repository root with MLX CUDA importable: on the lent H100, after the staged
+# install, `export PYTHONPATH=/tmp/site:$PWD` first; T0 may carry the call's start time)
+# CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1 measured against the default
+# (dispatch.MOE_LAYER["q4_0"]); default "447 703 1215 1983" (bits 256, 512, 1024 on top of
+# 191: BENCHMARKS.md 2026-12-07, eighteenth session).  Steps, in priority order:
+#   1. the layer under ncu, one process: every candidate and the default, routed and under
+#      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
+#      prints each geometry's median)
+#   2. the candidates' GPU tests (bit for bit against 191 at Qwen3-30B-A3B's shapes)
+#   3. the decode step's GPU time, the default against the candidate ncu put fastest, ABAB
+#      (tools/profile_decode.py --gpu-step under ncu, --summarize): a default changes only
+#      on this
+#   4. the layer's timeline (tools/trace_moe_layer.py), the default and the candidates
+#   5. compute-sanitizer memcheck on step 2's tests
+# OUTDIR gets log.txt, the CSVs and ptx.tgz: MLX's PTX cache (MLX_PTX_CACHE_DIR), which cuts a
+# fresh machine's first compile of a run from minutes to seconds when unpacked into /tmp
+# before the next run (this script does so from OUTDIR/../ptx.tgz or $PTX_TGZ if present).
+set -u
+OUT=${1:?usage: tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES]}
+DEADLINE=${2:-540}
+CANDIDATES=${3:-447 703 1215 1983}
+mkdir -p "$OUT"
+T0=${T0:-$(date +%s)}
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=/tmp/mlx-ptx
+mkdir -p "$MLX_PTX_CACHE_DIR"
+PTX_TGZ=${PTX_TGZ:-}
+[ -n "$PTX_TGZ" ] && [ -f "$PTX_TGZ" ] && tar xzf "$PTX_TGZ" -C /tmp 2>/dev/null
+CUDA_BIN=${CUDA_BIN:-/usr/local/cuda/bin}
+
+step() {  # step SECONDS COMMAND...: run unless the deadline is too close
+  local limit=$1; shift
+  local left=$(( DEADLINE - ($(date +%s) - T0) ))
+  if [ "$left" -lt 20 ]; then echo "=== SKIPPED (deadline): $*" >> "$LOG"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== [$(date -u +%TZ) +$(( $(date +%s) - T0 ))s, limit ${limit}s] $*" >> "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  echo "=== exit $?" >> "$LOG"
+}
+saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
+
+# bench_generate.py's engine for each stage (its SWITCHES)
+engine_of() {
+  case $1 in
+    63) echo +gumma ;; 127) echo +resfirst ;; 447) echo +own ;; 703) echo +rulestop ;; 959) echo +ownstop ;;
+    1215) echo +hpf ;; 1983) echo +all ;; *) echo "" ;;
+  esac
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$LOG" 2>&1
+git log --oneline -1 >> "$LOG" 2>&1
+GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
+TESTS=$(for s in $CANDIDATES; do printf "%s or " "$s"; done | sed 's/ or $//')
+
+# 1. the layer under ncu
+step 230 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
+  --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_layer.csv" \
+  python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS"
+BEST=""
+if [ -f "$OUT/ncu_layer.csv" ]; then
+  step 30 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
+  # the fastest routed candidate, if faster than the default
+  BEST=$(python3 - "$OUT/ncu_layer.csv" "$CANDIDATES" <<'EOF' 2>>"$LOG"
+import sys
+sys.path.insert(0, "tools")
+import ncu_summary
+from mlx_moe.kernels import dispatch
+stats = [s for s in ncu_summary.parse(sys.argv[1]).values() if s.kernel == "mul_mv_id_moe"]
+by_tag = {s.geometry: s.us for s in stats}
+default = by_tag.get(dispatch.MOE_LAYER["q4_0"].tag)
+cands = {int(c): by_tag[f"1x4x8x1x{c}"] for c in sys.argv[2].split() if f"1x4x8x1x{c}" in by_tag}
+if default is not None and cands:
+    best = min(cands, key=cands.get)
+    print(best if cands[best] < default else "")
+EOF
+)
+fi
+echo "=== fastest candidate under ncu: ${BEST:-none}" >> "$LOG"
+saveptx
+
+# 2. the candidates' GPU tests
+step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
+  -k "cuda and gate_up_bits and ($TESTS)"
+saveptx
+
+# 3. the decode step, default against the fastest candidate, ABAB
+ENG=$( [ -n "$BEST" ] && engine_of "$BEST" )
+if [ -n "$ENG" ]; then
+  for rep in 1 2; do
+    for e in mlx-moe+compile "mlx-moe+compile$ENG"; do
+      f="$OUT/step_$(echo "$e" | tr '+' '_')_$rep.csv"
+      step 100 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file "$f" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
+        --steps 2 --shape qwen3-30b-a3b --engine "$e"
+      [ -f "$f" ] && step 30 python3 tools/profile_decode.py --summarize "$f" --steps 2
+      saveptx
+    done
+  done
+fi
+
+# 4. the timeline
+step 90 python3 tools/trace_moe_layer.py --geometries "$GEOMS" --json "$OUT/trace.json"
+
+# 5. memcheck
+step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -rA --tb=short \
+  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "cuda and gate_up_bits and ($TESTS)"
+echo "=== done in $(( $(date +%s) - T0 ))s" >> "$LOG"
