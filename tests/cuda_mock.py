@@ -217,6 +217,12 @@ void mock_launch(unsigned gx, unsigned gy, int threads, F f) {
   }
 }
 
+static void mock_write(const char* path, const void* data, size_t n) {
+  FILE* fp = std::fopen(path, "wb");
+  if (!fp || std::fwrite(data, 1, n, fp) != n) { std::perror(path); std::exit(2); }
+  std::fclose(fp);
+}
+
 static std::vector<char> mock_read(const char* path) {
   FILE* fp = std::fopen(path, "rb");
   if (!fp) { std::perror(path); std::exit(2); }

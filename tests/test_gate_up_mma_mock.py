@@ -44,9 +44,7 @@ int run(int nrows, const char* sp, const char* xp, const char* op) {
     moe_gate_up_mma<true>::run<D, MOCK_NSG, RW>(reinterpret_cast<const ushort*>(xcopy), stage, hp, red, nrows,
                                                 threadIdx.x >> 5, threadIdx.x & 31u, threadIdx.x);
   });
-  FILE* fp = std::fopen(op, "wb");
-  std::fwrite(h.data(), 4, 8, fp);
-  std::fclose(fp);
+  mock_write(op, h.data(), 4 * 8);
   return 0;
 }
 
@@ -119,9 +117,7 @@ int run(int nrows, const char* gp, const char* up, const char* xp, const char* o
                                                             reinterpret_cast<const ushort*>(stage), hp, red, nrows,
                                                             sg, lane, threadIdx.x);
   });
-  FILE* fp = std::fopen(op, "wb");
-  std::fwrite(h.data(), 4, 8, fp);
-  std::fclose(fp);
+  mock_write(op, h.data(), 4 * 8);
   return 0;
 }
 
