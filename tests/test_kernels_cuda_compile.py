@@ -471,7 +471,8 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     bfloat16, also traced; 59, 63: the gate/up tile on the tensor cores; 127: and the
     residual read before the wait; 191: and the down tile on the tensor cores; 447: and the
     gate/up tile warp by warp, also traced; 703, 959: 191, 447 with the gate/up rule stopped
-    at the slot; 1215, 1983: 191, 959 with h prefetched into L1; 7 with the routing shared; 31 and 59 under given routing, 31 traced): no spills, and registers few
+    at the slot; 1215, 1983: 191, 959 with h prefetched into L1; 7 with the routing
+    shared; 31 and 59 under given routing, 31 traced): no spills, and registers few
     enough for 256-thread threadgroups (<= 255) -- its count bounds how many threadgroups
     an SM holds, so it is printed (pytest -s)."""
     kernels = [_moe_layer("q4_0_1x4x4", 1, 4, 4), _moe_layer("q4_0_1x4x8", 1, 4, 8)]

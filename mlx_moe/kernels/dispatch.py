@@ -99,8 +99,8 @@ class LayerGeometry:
             raise ValueError(f"LayerGeometry.stage is 0 to 2047, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
                              f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: "
-                             f"the gate/up tile warp by warp, 512: the gate/up rule stopped at the slot, 1024: h prefetched into L1 "
-                             f"for the down tile); got {self.stage}")
+                             f"the gate/up tile warp by warp, 512: the gate/up rule stopped at the slot, 1024: h "
+                             f"prefetched into L1 for the down tile); got {self.stage}")
 
     @property
     def tag(self) -> str:
