@@ -282,18 +282,16 @@ struct moe_gate_up_mma {
   MOE_DEVICE static void copy_x(QP xs, XP x, uint tid) {}
   MOE_DEVICE static void wait_x() {}
 
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  template <int D, int NSG, int RW, bool OWN = false, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 
-  // Stage bit 256's warp-by-warp copy and dot products (mul_mv_id_cuda.h): none here.
+  // Stage bit 256's warp-by-warp copy (mul_mv_id_cuda.h): none here.
   template <int D, int NSG>
   struct own {
     enum { OK = 0 };
   };
   template <int D, int NSG, int RPITCH, typename SP, typename QP, typename WP, typename XP>
   MOE_DEVICE static void copy_own(SP stage, QP xs, WP gw, WP uw, XP x, int nrows, uint sg, uint lane) {}
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
-  MOE_DEVICE static void run_own(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
 
 // A down threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 128): ON
@@ -634,7 +632,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
                           moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
   constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
   // STAGE bit 256: bit 32's tile copied and computed warp by warp, each warp's share in two
-  // cp.async groups (moe_gate_up_mma::copy_own, run_own; CUDA, D a multiple of 2048 at 8
+  // cp.async groups (moe_gate_up_mma::copy_own, run<.., true>; CUDA, D a multiple of 2048 at 8
   // warps): a warp computes as its own rows land, not after its threadgroup's last byte.
   constexpr bool OWN_GU = (STAGE & 256) != 0 && MMA_GU && moe_gate_up_mma<MMA_GU>::template own<D, NSG>::OK;
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
@@ -775,16 +773,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
 //@endif
       if (MMA_GU) {
-        if (real && OWN_GU) {  // uniform per threadgroup (a barrier inside)
-          moe_gate_up_mma<MMA_GU>::template run_own<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
-                                                                       moe_tg_as<const ushort>(stage), ht + rt0, gred,
-                                                                       (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
-                                                                       thread_index_in_threadgroup);
-        } else if (real) {
-          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
-                                                                   moe_tg_as<const ushort>(stage), ht + rt0, gred,
-                                                                   (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
-                                                                   thread_index_in_threadgroup);
+        if (real) {  // uniform per threadgroup (a barrier inside)
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, OWN_GU>(moe_tg_as<const ushort>(xq),
+                                                                           moe_tg_as<const ushort>(stage), ht + rt0,
+                                                                           gred, (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
+                                                                           thread_index_in_threadgroup);
         }
       } else {
         const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;

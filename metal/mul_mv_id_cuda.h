@@ -49,7 +49,7 @@ struct moe_gate_up_mma<true> {
   // Stage bit 256: warp sg's own share of the tile -- blocks sg * NB .. sg * NB + NB - 1 of
   // the 8 gate and 8 up rows, and the activations they multiply -- copied by its own lanes
   // (cp.async) in two groups, the first U0 units of each row's share with the blocks
-  // they hold whole (NB0) and their activations, then the rest; run_own waits for each
+  // they hold whole (NB0) and their activations, then the rest; run<.., true> waits for each
   // group and computes its blocks as it lands, with no threadgroup barrier before it.
   // Why: with the threadgroup's whole copy waited for, every warp of an SM sat idle until
   // its threadgroup's last byte came, and then all of them ran their dot products at once,
@@ -156,26 +156,23 @@ struct moe_gate_up_mma<true> {
     }
   }
 
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  // OWN (after copy_own, stage bit 256): each of copy_own's two groups computed once this
+  // warp's copies of it have landed; else the whole share (its copy waited for before).
+  template <int D, int NSG, int RW, bool OWN = false, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
-    float ag = 0.0f;
-    float au = 0.0f;
-    blocks<D, NSG, RW>(xs, stage, 0, D / 32 / NSG, sg, lane, ag, au);
-    finish<NSG>(h, red, nrows, sg, lane, tid, ag, au);
-  }
-
-  // run after copy_own: each group's blocks once this warp's copies of it have landed.
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
-  MOE_DEVICE static void run_own(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
     using O = own<D, NSG>;
     float ag = 0.0f;
     float au = 0.0f;
-    moe_cp_wait<1>();
-    __syncwarp();
-    blocks<D, NSG, RW>(xs, stage, 0, O::NB0, sg, lane, ag, au);
-    moe_cp_wait<0>();
-    __syncwarp();
-    blocks<D, NSG, RW>(xs, stage, O::NB0, O::NB, sg, lane, ag, au);
+    if (OWN) {
+      moe_cp_wait<1>();
+      __syncwarp();
+      blocks<D, NSG, RW>(xs, stage, 0, O::NB0, sg, lane, ag, au);
+      moe_cp_wait<0>();
+      __syncwarp();
+      blocks<D, NSG, RW>(xs, stage, O::NB0, O::NB, sg, lane, ag, au);
+    } else {
+      blocks<D, NSG, RW>(xs, stage, 0, D / 32 / NSG, sg, lane, ag, au);
+    }
     finish<NSG>(h, red, nrows, sg, lane, tid, ag, au);
   }
 };

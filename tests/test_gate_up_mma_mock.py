@@ -89,7 +89,7 @@ def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale):
 
 
 
-# Stage bit 256: the same tile copied and computed warp by warp (copy_own, run_own), from the
+# Stage bit 256: the same tile copied and computed warp by warp (copy_own, run<.., true>), from the
 # rows as device memory holds them, the copies deferred until each thread's wait lets them
 # land (MOCK_CP_DEFERRED): a block computed before the group that holds it has landed reads
 # the NaN the threadgroup memory starts with.
@@ -113,7 +113,7 @@ int run(int nrows, const char* gp, const char* up, const char* xp, const char* o
   mock_launch(1, 1, 32 * MOCK_NSG, [&] {
     const uint sg = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     moe_gate_up_mma<true>::copy_own<D, MOCK_NSG, RPITCH>(stage, xcopy, gw, uw, x, nrows, sg, lane);
-    moe_gate_up_mma<true>::run_own<D, MOCK_NSG, RPITCH * 8>(reinterpret_cast<const ushort*>(xcopy),
+    moe_gate_up_mma<true>::run<D, MOCK_NSG, RPITCH * 8, true>(reinterpret_cast<const ushort*>(xcopy),
                                                             reinterpret_cast<const ushort*>(stage), hp, red, nrows,
                                                             sg, lane, threadIdx.x);
   });
@@ -138,7 +138,7 @@ def mock_own_exe(tmp_path_factory):
 
 @pytest.mark.parametrize("D,nrows", [(2048, 8), (2048, 5), (4096, 8)])
 def test_gate_up_tile_warp_by_warp_matches_numpy(mock_own_exe, tmp_path, D, nrows):
-    """copy_own + run_own (stage bit 256) against numpy over the dequantized rows: each
+    """copy_own + run<.., true> (stage bit 256) against numpy over the dequantized rows: each
     warp's share of the 16 rows and of x reaches the right place of threadgroup memory in
     its two groups, each group's blocks are computed only after it has landed, and rows
     past nrows (the device rows there hold NaN: never read, zeros staged) are not stored."""
