@@ -178,6 +178,7 @@ def test_shared_routing_matches_each_threadgroup_routing(flavor, rule, tokens, m
     rng = np.random.default_rng(nexp + params.k + tokens + 1)
     wg, wu, wd, x, logits, res = _layer(rng, ne, nexp, tokens)
     args = (x, logits, params, mx.array(wg), mx.array(wu), mx.array(wd), nexp - ne, res)
+    monkeypatch.setattr(dispatch, "SHARE_ROUTE", False)
     want, ids, w = mul_mv_id_moe(*args, ticket_counter(), flavor)
     monkeypatch.setattr(dispatch, "SHARE_ROUTE", True)
     count = ticket_counter()

@@ -78,8 +78,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 +ownstop: both (stage 959);
                 +hpf: the default with the down tile's share of h asked of L1 at
                 once after the wait (stage 1215); +all: 447, 512 and 1024 (stage 1983);
-                +droute: its down threadgroups reading the routing the token's first
-                threadgroup wrote instead of running the rule (dispatch.SHARE_ROUTE);
+                +eachroute: its down threadgroups running the routing rule
+                themselves instead of reading what the token's first threadgroup
+                wrote (dispatch.SHARE_ROUTE off; on by default);
                 +tailrule: the router tail running the rule once per token and the MoE
                 layer under given routing (mul_mv_id_moe_ids; fused_step.ROUTE_IN_TAIL);
                 +notailrule: the rule in each MoE threadgroup
@@ -563,7 +564,7 @@ SWITCHES = {
     "+ownstop": _moe_layer_stage(959),
     "+hpf": _moe_layer_stage(1215),
     "+all": _moe_layer_stage(1983),
-    "+droute": (dispatch_module, "SHARE_ROUTE", True),
+    "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),
     "+moe1": (fused_step_module, "MOE_ONE_LAUNCH", ("cuda", "emulated")),

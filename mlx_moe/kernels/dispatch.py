@@ -158,11 +158,15 @@ MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=191)
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
-# of running the rule themselves (template SHARE_ROUTE; the counter needs 3 words).  Off:
-# on the H100 (2026-12-06, eighth session; engine +droute) the step's MoE launches took
-# 1047.1 us against 1045.6-1053.8 for five runs of the default: no gain beyond the
-# spread (its GPU tests pass, compute-sanitizer memcheck clean).
-SHARE_ROUTE = False
+# of running the rule themselves (template SHARE_ROUTE; the counter needs 3 words).  Why:
+# a down threadgroup starts as gate/up ones retire, and its rule (1.5 us at its start,
+# the trace) stood before its weight reads on the launch's last path.  On the H100 (one
+# machine, BENCHMARKS.md 2026-12-07, nineteenth session): ncu 19.38 against 19.89 us a
+# layer, 19.74 against 20.54 (cache preference shared) and 18.94 against 20.48 in three
+# processes; the decode step's MoE launches 928.4 and 926.4 us against 955.2 and 955.2
+# (48 a step, ABAB), so on (engine +eachroute: off).  Measured before the down rows were
+# staged and the tiles ran on the tensor cores (eighth session, engine +droute), no gain.
+SHARE_ROUTE = True
 
 
 def weight_kind(proj) -> Optional[str]:
