@@ -87,20 +87,19 @@ def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: 
             + "\n".join(consts) + "\n" + body + "\n}\n")
 
 
-def translation_unit(family: str, kernels: list, header_tail: str = "") -> str:
+def translation_unit(family: str, kernels: list) -> str:
     # One header for every kernel of the unit: the family's, pruned to what their
     # bodies use together (each kernel's own pruned header is a subset of it).
     bodies = "\n".join(kernel_source("cuda", KERNELS[gemm_base(n)].family, n)[1] for n, *_ in kernels)
     header = prune(family_header("cuda", family), bodies)
     fns = "".join(kernel_text(*k) for k in kernels)
-    return PRELUDE + header + header_tail + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
+    return PRELUDE + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
 
 
-def compile_sm90a(tmp_path: Path, family: str, kernels: list, header_tail: str = "") -> tuple:
-    """(PTX text, ptxas -v report): nvcc to PTX, then ptxas to sm_90a machine code
-    (header_tail: text after the family's header, as registry.get_kernel appends it)."""
+def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
+    """(PTX text, ptxas -v report): nvcc to PTX, then ptxas to sm_90a machine code."""
     src = tmp_path / f"{family}.cu"
-    src.write_text(translation_unit(family, kernels, header_tail))
+    src.write_text(translation_unit(family, kernels))
     ptx = tmp_path / f"{family}.ptx"
     r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-ptx", str(src), "-o", str(ptx)],
                        capture_output=True, text=True)
@@ -486,30 +485,6 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids", 31), _moe_layer_ids("q4_0_1x4x8_stage59_ids", 59),
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids_trace", 31, trace=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
-
-
-def test_register_cap_reaches_the_kernel(tmp_path):
-    """registry.CUDA_REGISTER_CAP's header lines (the __global__ macro with __maxnreg__) cap
-    the kernel MLX declares after them: the one-launch layer at stage 447, 40 registers
-    uncapped, takes at most 32 under a cap of 32, and the default 191 too, with no spills
-    (447 squeezed spills a few bytes)."""
-    from mlx_moe.kernels.registry import register_cap_lines
-
-    kernels = [_moe_layer("q4_0_1x4x8_stage447", 1, 4, 8, stage=447),
-               _moe_layer("q4_0_1x4x8_stage191", 1, 4, 8, stage=191)]
-    free = _report(compile_sm90a(tmp_path, "mul_mv_id", kernels[:1])[1])
-    assert max(r for r, _ in free.values()) > 32, f"stage 447 uncapped: {free} (pick a kernel above the cap)"
-    (tmp_path / "capped").mkdir()
-    _, report = compile_sm90a(tmp_path / "capped", "mul_mv_id", kernels, register_cap_lines(32))
-    capped = _report(report)
-    print(capped)
-    assert len(capped) == 2 and all(r <= 32 for r, _ in capped.values()), capped
-    # 191 within the cap with no spills (447, squeezed from 40, spills a few bytes)
-    spills = dict(re.findall(r"Function properties for (\S+)\s+\d+ bytes stack frame, (\d+) bytes spill stores",
-                             report))
-    assert [v for n, v in spills.items() if "stage191" in n] == ["0"], report
-    with pytest.raises(ValueError, match="16 to 255"):
-        register_cap_lines(8)
 
 
 def test_greedy_sample_compiles_for_sm90a(tmp_path):

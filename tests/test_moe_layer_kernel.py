@@ -421,59 +421,6 @@ def test_gate_up_bits_are_the_launch(flavor, stage):
         assert not np.array(count).any(), "the counter is not zero after the launches"
 
 
-@pytest.mark.parametrize("share", [False, True])
-@pytest.mark.parametrize("flavor", [f for f in FLAVORS if getattr(f, "values", (f,))[0] == "cuda"])
-def test_register_cap_is_the_launch(flavor, share, monkeypatch):
-    """registry.CUDA_REGISTER_CAP (engine +reg32: the one-launch layer built with at most 32
-    registers a thread, 8 threadgroups an SM): y, ids, weights and h bit for bit against the
-    uncapped build -- the same code, only its register allocation differs -- at
-    Qwen3-30B-A3B's shapes, the default stage, 8 launches on one counter, the routing
-    run by every threadgroup and shared (dispatch.SHARE_ROUTE)."""
-    from mlx_moe.kernels import dispatch, registry
-    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
-    from mlx_moe.q4_0 import quantize
-
-    monkeypatch.setattr(dispatch, "SHARE_ROUTE", share)
-    rng = np.random.default_rng(32)
-    E, d, f, T, k = 128, 2048, 768, 1, 8
-    wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
-    wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
-    params, count = RouterParams(k, normalize=True), ticket_counter()
-    for rep in range(8):
-        x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
-        logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
-        outs = []
-        for cap in ({}, {"mul_mv_id_moe": 32}):
-            monkeypatch.setattr(registry, "CUDA_REGISTER_CAP", cap)
-            outs.append([np.array(a.astype(mx.float32)) for a in
-                         moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor)[:4]])
-        for name, a, b in zip(("y", "ids", "weights", "h"), outs[1], outs[0]):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name}, launch {rep}")
-    assert not np.array(count).any(), "the counter is not zero after the launches"
-
-
-def test_register_cap_builds_its_own_kernel(monkeypatch):
-    """A capped kernel is its own MLX kernel (name and cache key carry the cap, so MLX never
-    reuses the uncapped module) and its header ends with the cap's lines; other flavors and
-    kernels are untouched."""
-    from mlx_moe.kernels import registry
-
-    made = []
-    monkeypatch.setattr(registry, "_maker", lambda flavor: lambda **kw: made.append(kw) or kw)
-    monkeypatch.setattr(registry, "_KERNELS", {})
-    monkeypatch.setattr(registry, "CUDA_REGISTER_CAP", {"mul_mv_id_moe": 32})
-    capped = registry.kernel("cuda", "mul_mv_id_moe")
-    assert capped["name"] == "mlx_moe_mul_mv_id_moe_r32"
-    assert capped["header"].endswith(registry.register_cap_lines(32))
-    assert "__maxnreg__(32)" in capped["header"]
-    for flavor, name in (("cuda", "mul_mv_id_moe_ids"), ("emulated", "mul_mv_id_moe")):
-        other = registry.kernel(flavor, name)
-        assert "__maxnreg__" not in other["header"] and not other["name"].endswith("_r32")
-    monkeypatch.setattr(registry, "CUDA_REGISTER_CAP", {})
-    assert registry.kernel("cuda", "mul_mv_id_moe")["name"] == "mlx_moe_mul_mv_id_moe"
-    assert len(made) == 4
-
-
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_traced_launch_is_the_launch(flavor):
     """mul_mv_id_moe_trace (option TRACE, tools/trace_moe_layer.py), its verification case

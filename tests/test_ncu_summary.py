@@ -108,6 +108,10 @@ def test_moe_layer_kernel_geometries(tmp_path):
             lines.append(_row(2 * i, f"custom_kernel_mlx_moe_{kind}_{args}{extra}", "(1280, 1, 1)",
                               "gpu__time_duration.sum", "us", f"{t}"))
             want.append((kind, g.tag))
+    # the routed launch with SHARE_ROUTE on (its last template argument true): tagged +share
+    lines.append(_row(9, "custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_191"
+                         "_128_4_0_f_1_1_t_t", "(1280, 1, 1)", "gpu__time_duration.sum", "us", "19.4"))
+    want.append(("mul_mv_id_moe", "1x4x8x1x191+share"))
     p = tmp_path / "ncu.csv"
     p.write_text("".join(lines))
     stats = ncu_summary.parse(str(p))

@@ -108,9 +108,6 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 the source text itself
   mlx-moe+acqrel  the CUDA kernels' hand-offs between threadgroups fenced with
                 fence.acq_rel.gpu instead of fence.sc.gpu (kernels.registry.CUDA_FENCE)
-  mlx-moe+reg32  the one-launch decode MoE layer built with at most 32 registers a
-                thread (kernels.registry.CUDA_REGISTER_CAP; 8 threadgroups an SM by
-                registers where MLX's build takes 40: 6)
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
@@ -586,7 +583,6 @@ SWITCHES = {
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
     "+acqrel": (registry_module, "CUDA_FENCE", "acq_rel"),
-    "+reg32": (registry_module, "CUDA_REGISTER_CAP", {"mul_mv_id_moe": 32}),
 }
 OTHER_SUFFIXES = ("+compile", "+log", "+dq", "+nodq")  # handled where the run is set up
 

@@ -220,7 +220,7 @@ def parse_geometries(text: str) -> dict:
     return out
 
 
-def routed_layers(fl, q4, k, layer_geometries, share_route=False, register_cap=None):
+def routed_layers(fl, q4, k, layer_geometries, share_route=False):
     """[(label, layer_fn)] of the routed decode MoE layer (one token, router outputs in)
     over the layers' experts q4: two launches, then one (mul_mv_id_moe) at its default
     and each listed geometry; then the same one launch under given routing
@@ -230,17 +230,6 @@ def routed_layers(fl, q4, k, layer_geometries, share_route=False, register_cap=N
     from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_moe_ids, mul_mv_id_swiglu_route
     from mlx_moe.kernels.registry import ticket_counters
     from mlx_moe.kernels.router import RouterParams
-
-    def capped_run(run, l):
-        """run(l) with its one-launch kernels built under registry.CUDA_REGISTER_CAP = register_cap."""
-        from mlx_moe.kernels import registry
-
-        was = registry.CUDA_REGISTER_CAP
-        registry.CUDA_REGISTER_CAP = {n: register_cap for n in ("mul_mv_id_moe", "mul_mv_id_moe_ids")}
-        try:
-            return run(l)
-        finally:
-            registry.CUDA_REGISTER_CAP = was
 
     def shared(g, l):
         """mul_mv_id_moe at g with dispatch.SHARE_ROUTE on (read as the launch is made)."""
@@ -280,13 +269,10 @@ def routed_layers(fl, q4, k, layer_geometries, share_route=False, register_cap=N
              lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x, counts[l],
                                               fl, g)[0])
             for g, tag in geoms]
-    if register_cap:  # the one-launch variants again, built with a register cap (registry.CUDA_REGISTER_CAP)
-        out += [(f"{name} +r{register_cap}", lambda l, run=run: capped_run(run, l)) for name, run in out[1:]]
     return out
 
 
-def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, share_route=False,
-             register_cap=None) -> int:
+def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, share_route=False) -> int:
     """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings.
 
     With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
@@ -296,7 +282,7 @@ def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, s
     With `layer_geometries`, routed_layers' variants run instead."""
     if layer_geometries is not None:
         for _, run in routed_layers(fl, [q4_0_experts(E, D, F) for _ in range(layers)], k, layer_geometries,
-                                    share_route, register_cap):
+                                    share_route):
             mx.eval(run(0))  # compile and warm up on one layer
             mx.eval([run(l) for l in range(layers)])
         return 0
@@ -656,9 +642,6 @@ def main(argv=None) -> int:
     p.add_argument("--share-route", action="store_true",
                    help="with --layer-geometries: each routed one-launch layer also with dispatch.SHARE_ROUTE on "
                         "(its down threadgroups read the routing its token's first gate/up one wrote)")
-    p.add_argument("--register-cap", type=int, default=None,
-                   help="with --layer-geometries: each one-launch layer also built with this many registers a "
-                        "thread at most (registry.CUDA_REGISTER_CAP; CUDA)")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
@@ -701,7 +684,7 @@ def main(argv=None) -> int:
         return fused_layer_once(fl, parse_fused(a.fused))  # "" times the defaults alone
     if a.ncu:
         return ncu_once(fl, E, D, F, k, geometries=geometries, layer_geometries=layer_geometries,
-                        share_route=a.share_route, register_cap=a.register_cap)
+                        share_route=a.share_route)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
@@ -743,7 +726,7 @@ def main(argv=None) -> int:
                per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
 
         if layer_geometries is not None and T == 1:
-            for name, run in routed_layers(fl, q4, k, layer_geometries, a.share_route, a.register_cap):
+            for name, run in routed_layers(fl, q4, k, layer_geometries, a.share_route):
                 report(name, T, per_layer_us(run, L, a.reps), expert_bytes_4b * k)
 
         if geometries and T == 1:

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_moe.kernels import cuda_cache, dispatch, registry  # noqa: E402
+from mlx_moe.kernels import cuda_cache, dispatch  # noqa: E402
 from mlx_moe.kernels.dispatch import LayerGeometry  # noqa: E402
 from mlx_moe.kernels.mul_mv_id import moe_layer_trace, mul_mv_id_moe_ids  # noqa: E402
 from mlx_moe.kernels.registry import ticket_counters  # noqa: E402
@@ -118,13 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--share-route", action="store_true",
                    help="dispatch.SHARE_ROUTE on: the down threadgroups read the routing their token's first gate/up "
                         "threadgroup wrote instead of running the rule")
-    p.add_argument("--register-cap", type=int, default=None,
-                   help="the traced launches built with this many registers a thread at most (registry.CUDA_REGISTER_CAP)")
     cuda_cache.add_argument(p)
     a = p.parse_args(argv)
     dispatch.SHARE_ROUTE = dispatch.SHARE_ROUTE or a.share_route
-    if a.register_cap:
-        registry.CUDA_REGISTER_CAP = {n: a.register_cap for n in ("mul_mv_id_moe_trace", "mul_mv_id_moe_ids_trace")}
+
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("trace_moe_layer needs MLX's CUDA backend (Metal kernels read no global clock)")
     cuda_cache.apply(a.cache_preference)

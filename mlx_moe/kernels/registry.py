@@ -427,25 +427,6 @@ def _maker(flavor: str) -> Callable:
 
 _KERNELS: Dict[tuple, object] = {}
 
-# CUDA: the most registers a thread of these kernels may take (KERNELS name -> cap), given
-# to the compiler as the kernel's __maxnreg__.  MLX writes the kernel's `__global__ void`
-# line itself and takes no launch bounds, so the cap goes in through the header: the
-# __global__ macro redefined with it (register_cap_lines).  Why: the registers bound how
-# many threadgroups a multiprocessor holds (65536 a multiprocessor: 40 a thread of 256-thread
-# threadgroups leave 6, 32 leave 8); MLX's NVRTC build of the one-launch decode MoE layer
-# takes 40 where nvcc takes 32.  Read as kernels are built (their names and cache keys
-# carry it); empty until the H100 measures a cap (engine +r32).
-CUDA_REGISTER_CAP: Dict[str, int] = {}
-
-
-def register_cap_lines(cap: int) -> str:
-    """Header lines that cap the registers of the kernel MLX declares after them."""
-    if not 16 <= int(cap) <= 255:
-        raise ValueError(f"register cap {cap}: want 16 to 255 registers a thread")
-    return ("\n// registry.CUDA_REGISTER_CAP: MLX's `__global__ void` line, with a register cap\n"
-            "#undef __global__\n"
-            f"#define __global__ __location__(global) __maxnreg__({int(cap)})\n")
-
 # CUDA: hand MLX `#include` lines of source files instead of the source text
 # (source.as_include_files: MLX hashes a kernel's whole source on every
 # evaluation, ~15 kB for each of a fused layer's launches).  H100, Qwen3-30B-A3B,
@@ -495,9 +476,8 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
     n_layers: the body's PER_LAYER(text) lines become one copy per layer with @ ->
     the layer index, and the kernel is named and kept per layer count."""
     files = flavor == "cuda" and CUDA_SOURCE_FILES
-    cap = CUDA_REGISTER_CAP.get(name) if flavor == "cuda" else None
     key = ((flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ())
-           + ((CUDA_FENCE,) if flavor == "cuda" else ()) + (() if cap is None else (("regs", cap),)) + (name,))
+           + ((CUDA_FENCE,) if flavor == "cuda" else ()) + (name,))
     kernel = _KERNELS.get(key)  # name last: verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
@@ -506,14 +486,12 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
                                                        for l in range(n_layers)), body)
         if files:
             header, body = _cuda_source(header, body)
-        if cap is not None:
-            header += register_cap_lines(cap)
         spec = KERNELS.get(name)
         extra = {}
         if flavor == "emulated" and spec is not None:
             extra = {k: v for k, v in (("inplace_inputs", spec.inplace), ("in_order", spec.in_order)) if v}
         kernel = _maker(flavor)(
-            name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}") + ("" if cap is None else f"_r{cap}"),
+            name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
             input_names=list(inputs), output_names=list(outputs), source=body, header=header, **extra,
         )
         _KERNELS[key] = kernel
