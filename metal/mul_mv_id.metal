@@ -282,16 +282,8 @@ struct moe_gate_up_mma {
   MOE_DEVICE static void copy_x(QP xs, XP x, uint tid) {}
   MOE_DEVICE static void wait_x() {}
 
-  template <int D, int NSG, int RW, bool OWN = false, typename XP, typename SP, typename HP, typename RP>
+  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
-
-  // Stage bit 256's warp-by-warp copy (mul_mv_id_cuda.h): none here.
-  template <int D, int NSG>
-  struct own {
-    enum { OK = 0 };
-  };
-  template <int D, int NSG, int RPITCH, typename SP, typename QP, typename WP, typename XP>
-  MOE_DEVICE static void copy_own(SP stage, QP xs, WP gw, WP uw, XP x, int nrows, uint sg, uint lane) {}
 };
 
 // A down threadgroup's dot products on a matrix unit (mul_mv_id_moe's stage bit 128): ON
@@ -303,8 +295,7 @@ struct moe_down_mma {
 
   template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
             typename SP, typename RP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane,
-                              bool prefetch = false) {
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     return 0.0f;
   }
 };
@@ -550,10 +541,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
-// products on a matrix unit, 4 rows a threadgroup; 256 = bit 32's tile copied and computed
-// warp by warp; 512 = a gate/up threadgroup's rule stopped at its slot, the slots in reverse
-// grid order; 1024 = bit 128's tile asking L1 for its share of h at once after the wait),
-// and the routing
+// products on a matrix unit, 4 rows a threadgroup), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -589,12 +577,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const int tg = moe_tg;  // the chaining kernel's index of this threadgroup among the layer's
 //@endif
   const bool down = tg >= NGU;  // uniform per threadgroup
-  // STAGE bit 512: a gate/up threadgroup's rule stops at its slot (`rounds`, at the rule), and the
-  // slots run in reverse grid order, so that the threadgroups the GPU starts last -- late
-  // where it holds fewer than the launch's gate/up ones at once -- need the fewest rounds;
-  // the token's first threadgroup (slot KS - 1 then) runs the whole rule and writes it.
-  constexpr bool RULE_STOP = (STAGE & 512) != 0;
-  const int slot = down ? 0 : (RULE_STOP ? KS - 1 - (tg / GX) % KS : (tg / GX) % KS);  // a gate/up one's
   const int tok = down ? (tg - NGU) / DX : tg / (GX * KS);
   const auto cnt = moe_inplace(count);
 //@if TRACE
@@ -631,10 +613,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr bool MMA_GU = (STAGE & 32) != 0 && moe_gate_up_mma<true>::ON && STAGED_GU && RT == 8 &&
                           moe_rows<WT>::DEN == 32 && (D / 32) % NSG == 0;
   constexpr int RPITCH = MMA_GU ? RG16 + 1 : RG16;  // a staged gate/up row's units
-  // STAGE bit 256: bit 32's tile copied and computed warp by warp, each warp's share in two
-  // cp.async groups (moe_gate_up_mma::copy_own, run<.., true>; CUDA, D a multiple of 2048 at 8
-  // warps): a warp computes as its own rows land, not after its threadgroup's last byte.
-  constexpr bool OWN_GU = (STAGE & 256) != 0 && MMA_GU && moe_gate_up_mma<MMA_GU>::template own<D, NSG>::OK;
   constexpr int NS_GU = STAGED_GU ? 2 * RT * RPITCH : 1;  // 16-byte units each kind stages
   // STAGE bit 4: a gate/up threadgroup's activations prepared once (moe_prepare_x), while
   // simdgroup 0 runs the routing rule.
@@ -685,11 +663,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       }
     }
 //@endif
-    // STAGE bit 512: a gate/up threadgroup other than its token's first chooses only as
-    // many experts as its slot needs (slot s: s + 1 rounds)
-    const int rounds = RULE_STOP && !down && tg % (GX * KS) != 0 ? slot + 1 : KS;
     const auto pick = moe_router_select<NEXP, KS, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM>(
-        logits + size_t(tok) * NEXP, bias, scale[0], lane, rounds);
+        logits + size_t(tok) * NEXP, bias, scale[0], lane);
     if (lane == 0) {
       for (int j = 0; j < KS; ++j) {
         chosen[j] = pick.id[j];
@@ -743,19 +718,15 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
 //@endif
   if (!down) {
-    const int pair = tok * KS + slot;  // (token, slot): h's row
-    const int e = chosen[slot];
+    const int pair = tg / GX;
+    const int e = chosen[pair % KS];
     const int rt0 = (tg % GX) * RT;  // the threadgroup's first row
     const int row0 = rt0 + int(sg) * NRG;
     const bool real = e >= 0 && e < NE;  // uniform per threadgroup
     const auto xt = x + size_t(tok) * D;
     const auto ht = h + size_t(pair) * F;
     if (STAGED_GU) {
-      if (real && OWN_GU) {  // each warp its own share, no barrier (moe_gate_up_mma::copy_own)
-        const size_t off = (size_t(e) * F + rt0) * RLG;
-        moe_gate_up_mma<MMA_GU>::template copy_own<D, NSG, RPITCH>(stage, xq, wg + off, wu + off, xt,
-                                                                 (F - rt0 < RT) ? F - rt0 : RT, sg, lane);
-      } else if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RPITCH ..) (RPITCH: a row's padded units)
+      if (real) {  // gate rows at stage[0 ..), up rows at stage[RT * RPITCH ..) (RPITCH: a row's padded units)
         const size_t off = (size_t(e) * F + rt0) * RLG;
         // MMA_GU: x's copy into xq started first (asynchronous: no registers held across the
         // rows' loads), waited for after them
@@ -764,9 +735,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
         moe_gate_up_mma<MMA_GU>::wait_x();
       }
-      if (!OWN_GU) {
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
       if (thread_index_in_threadgroup == 0) {
         tr[4] = moe_clock_ns();
@@ -774,10 +743,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
       if (MMA_GU) {
         if (real) {  // uniform per threadgroup (a barrier inside)
-          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, OWN_GU>(moe_tg_as<const ushort>(xq),
-                                                                           moe_tg_as<const ushort>(stage), ht + rt0,
-                                                                           gred, (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
-                                                                           thread_index_in_threadgroup);
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xq),
+                                                                   moe_tg_as<const ushort>(stage), ht + rt0, gred,
+                                                                   (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
+                                                                   thread_index_in_threadgroup);
         }
       } else {
         const auto wr = moe_tg_as<const WT>(stage) + int(sg) * NRG * RLG;
@@ -845,7 +814,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const float v =
       MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
-                   moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane, (STAGE & 1024) != 0)
+                   moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
              : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, wd, x + size_t(tok) * D, part,
                    moe_tg_as<const WT>(stage), row0, sg, lane);

@@ -46,76 +46,20 @@ struct moe_gate_up_mma<true> {
     moe_cp_wait<0>();
   }
 
-  // Stage bit 256: warp sg's own share of the tile -- blocks sg * NB .. sg * NB + NB - 1 of
-  // the 8 gate and 8 up rows, and the activations they multiply -- copied by its own lanes
-  // (cp.async) in two groups, the first U0 units of each row's share with the blocks
-  // they hold whole (NB0) and their activations, then the rest; run<.., true> waits for each
-  // group and computes its blocks as it lands, with no threadgroup barrier before it.
-  // Why: with the threadgroup's whole copy waited for, every warp of an SM sat idle until
-  // its threadgroup's last byte came, and then all of them ran their dot products at once,
-  // ~2 us of issue after the rows had arrived (BENCHMARKS.md 2026-12-06, tenth session,
-  // staged -> stored); warp by warp, half a share at a time, the dot products run while
-  // other warps' rows are still in flight.  Needs a warp's share of a row to be whole
-  // 16-byte units: D a multiple of 2048 at 8 warps (Qwen3-30B-A3B's 2048, Mixtral's 4096).
-  // gw, uw: the threadgroup's first gate and up rows (device memory, RG16 units a row);
-  // rows past nrows are zero-filled.
-  template <int D, int NSG>
-  struct own {
-    enum {
-      RG16 = D / 32 * 18 / 16,  // a row's 16-byte units
-      UPW = RG16 / NSG,         // a warp's units of a row
-      NB = D / 32 / NSG,        // a warp's blocks
-      U0 = UPW / 2,             // group 0's units of a row
-      NB0 = U0 * 16 / 18,       // the blocks group 0 holds whole
-      XU = D / 8 / NSG,         // a warp's 16-byte units of x (8 bf16 each: 4 a block)
-      OK = (RG16 % NSG == 0) && ((D / 8) % NSG == 0) && NB0 > 0,
-    };
-  };
-
-  template <int D, int NSG, int RPITCH, typename SP, typename QP, typename WP, typename XP>
-  MOE_DEVICE static void copy_own(SP stage, QP xs, WP gw, WP uw, XP x, int nrows, uint sg, uint lane) {
-    using O = own<D, NSG>;
-    uint4* st = reinterpret_cast<uint4*>(stage);
-    uint4* xd = reinterpret_cast<uint4*>(xs);
-    const uint4* g4 = reinterpret_cast<const uint4*>(gw);
-    const uint4* u4 = reinterpret_cast<const uint4*>(uw);
-    const uint4* x4 = reinterpret_cast<const uint4*>(x);
-    const int c0 = int(sg) * O::UPW;  // the warp's first unit of a row
-    const int x0 = int(sg) * O::XU;   // and of x
-    for (int grp = 0; grp < 2; ++grp) {
-      const int ulo = grp == 0 ? 0 : O::U0;  // this group's units of a row: ulo .. ulo + nu - 1
-      const int nu = grp == 0 ? O::U0 : O::UPW - O::U0;
-      const int xlo = grp == 0 ? 0 : 4 * O::NB0;  // and of the warp's x
-      const int nx = grp == 0 ? 4 * O::NB0 : O::XU - 4 * O::NB0;
-      for (int i = int(lane); i < 16 * nu + nx; i += 32) {
-        if (i < 16 * nu) {
-          const int row = i / nu;  // 0-7 gate, 8-15 up
-          const int r = row & 7;
-          const int u = c0 + ulo + i % nu;
-          const int rs = r < nrows ? r : nrows - 1;  // valid memory; zeros stored past nrows
-          moe_cp16(st + row * RPITCH + u, (row < 8 ? g4 : u4) + size_t(rs) * O::RG16 + u, r < nrows);
-        } else {
-          const int j = x0 + xlo + (i - 16 * nu);
-          moe_cp16(xd + j, x4 + j, true);
-        }
-      }
-      moe_cp_commit();
-    }
-  }
-
-  // Blocks j0 .. j1 - 1 of warp sg's share into ag (gate row g) and au (up row g).
-  template <int D, int NSG, int RW, typename XP, typename SP>
-  MOE_DEVICE static void blocks(XP xs, SP stage, int j0, int j1, uint sg, uint lane, float& ag, float& au) {
+  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
     constexpr int NB = D / 32 / NSG;  // blocks a warp
     const int g = int(lane >> 2);
     const int q = int(lane & 3u);
     const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
     const ushort* ru = rg + 8 * RW;
     const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs
+    float ag = 0.0f;
+    float au = 0.0f;
     // by 2: unrolled in full, nvcc keeps every block's loads in flight -- 48 registers, 5
     // threadgroups an SM, where 40 leave 6
     #pragma unroll 2
-    for (int j = j0; j < j1; ++j) {
+    for (int j = 0; j < NB; ++j) {
       const int b = int(sg) * NB + j;
       const ushort* bg = rg + b * 9;
       const ushort* bu = ru + b * 9;
@@ -134,13 +78,7 @@ struct moe_gate_up_mma<true> {
       ag += moe_f16_bits(bg[0]) * c[0];
       au += moe_f16_bits(bu[0]) * c[2];
     }
-  }
-
-  // The warps' sums met in red, h stored by threads t < nrows (a barrier inside).
-  template <int NSG, typename HP, typename RP>
-  MOE_DEVICE static void finish(HP h, RP red, int nrows, uint sg, uint lane, uint tid, float ag, float au) {
-    const int g = int(lane >> 2);
-    if ((lane & 3u) == 0) {
+    if (q == 0) {
       red[int(sg) * 16 + g] = ag;
       red[int(sg) * 16 + 8 + g] = au;
     }
@@ -154,26 +92,6 @@ struct moe_gate_up_mma<true> {
       }
       h[int(tid)] = moe_silu(sg_) * su;  // rounded to h's type, as moe_swiglu_store
     }
-  }
-
-  // OWN (after copy_own, stage bit 256): each of copy_own's two groups computed once this
-  // warp's copies of it have landed; else the whole share (its copy waited for before).
-  template <int D, int NSG, int RW, bool OWN = false, typename XP, typename SP, typename HP, typename RP>
-  MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
-    using O = own<D, NSG>;
-    float ag = 0.0f;
-    float au = 0.0f;
-    if (OWN) {
-      moe_cp_wait<1>();
-      __syncwarp();
-      blocks<D, NSG, RW>(xs, stage, 0, O::NB0, sg, lane, ag, au);
-      moe_cp_wait<0>();
-      __syncwarp();
-      blocks<D, NSG, RW>(xs, stage, O::NB0, O::NB, sg, lane, ag, au);
-    } else {
-      blocks<D, NSG, RW>(xs, stage, 0, D / 32 / NSG, sg, lane, ag, au);
-    }
-    finish<NSG>(h, red, nrows, sg, lane, tid, ag, au);
   }
 };
 
@@ -199,8 +117,7 @@ struct moe_down_mma<true> {
 
   template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
             typename SP, typename RP>
-  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane,
-                              bool prefetch = false) {
+  MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     constexpr int NT = KS / 4;          // tiles
     constexpr int WPT = NSG / NT;       // warps a tile
     constexpr int NB = F / 32 / WPT;    // blocks a warp
@@ -208,18 +125,6 @@ struct moe_down_mma<true> {
     const int q = int(lane & 3u);
     const int t = int(sg) / WPT;
     const int b0 = (int(sg) % WPT) * NB;
-    // Stage bit 1024: the warp's whole share of h (its 4 slots' NB * 64 bytes each) asked
-    // of L1 at once, so the loop's loads -- two at a time (unroll 2: more in registers
-    // would cost threadgroups an SM) -- wait for one round trip to L2, not NB / 2 of them
-    // on the launch's last path.
-    if (prefetch) {
-      constexpr int LPS = (NB * 64 + 127) / 128 + 1;  // lines a slot's share may touch
-      if (int(lane) < 4 * LPS) {
-        const int l = int(lane) % LPS;
-        const auto base = h + size_t(4 * t + int(lane) / LPS) * F + b0 * 32;
-        moe_prefetch_l1(base + (l * 64 < NB * 32 ? l * 64 : NB * 32 - 1));  // 64 bf16 a line
-      }
-    }
     const ushort* r0 = reinterpret_cast<const ushort*>(stage) + ((4 * t + (g >> 2)) * 4 + (g & 3)) * RW;  // row g
     const ushort* r1 = r0 + 8 * RW;                                                                    // row g + 8
     const ushort* rs = q == 1 ? r1 : r0;  // the row whose dot product this lane keeps (q < 2)

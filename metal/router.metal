@@ -137,13 +137,10 @@ MOE_DEVICE inline void moe_router_finish(W sel_w, float scale) {
 // The rule of the kernel below on one token's NEXP router outputs `logits`
 // (device or threadgroup memory), run by the 32 lanes of one simdgroup (every
 // lane must call it; every lane gets the result).  Template parameters as the
-// kernel's; scale multiplies the final weights.  rounds < K: only the first `rounds`
-// ids are chosen (a caller that needs no more: the decode MoE layer's gate/up
-// threadgroups, mul_mv_id_moe's stage bit 512); the rest are NEXP (padding) and the
-// weights are not the rule's.
+// kernel's; scale multiplies the final weights.
 template <int NEXP, int K, int VPL, int SCORE, bool HAS_BIAS, int NGROUP, int TOPKG, bool NORM,
           typename LP, typename BP>
-MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float scale, uint lane, int rounds = K) {
+MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float scale, uint lane) {
   float p[VPL];  // weights source: probabilities (or logits for SCORE 2)
   float c[VPL];  // selection scores
   moe_router_scores<NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG>(logits, bias, lane, p, c);
@@ -153,17 +150,11 @@ MOE_DEVICE inline moe_router_pick<K> moe_router_select(LP logits, BP bias, float
     key[i] = moe_router_key(c[i]);
   }
   moe_router_pick<K> pick;
-  if (rounds < K) {
-    for (int j = 0; j < K; ++j) {
-      pick.id[j] = NEXP;
-      pick.w[j] = 0.0f;
-    }
-  }
   // Rolled: unrolled, the rounds keep every chosen id and weight in registers, and the MoE
   // layer's kernel (mul_mv_id_moe) takes 47 registers a thread instead of 40 under nvcc
   // for sm_90a -- 5 of its threadgroups an SM instead of 6.
   MOE_NO_UNROLL
-  for (int j = 0; j < rounds; ++j) {
+  for (int j = 0; j < K; ++j) {
     uint bk = 0u;  // the lane's best key: its lowest expert id among equal keys (strict >)
     int bi = NEXP;
     float bw = SCORE == 2 ? MOE_NEG_INF : 0.0f;  // a padding slot's p: a weight of 0 after moe_router_finish

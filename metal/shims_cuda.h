@@ -153,11 +153,6 @@ template <typename P>
 __device__ inline void moe_prefetch_l2(P p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-// L1 prefetch of the line holding *p (CUDA-only helpers: the decode MoE layer's down tile).
-template <typename P>
-__device__ inline void moe_prefetch_l1(P p) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
 
 // The GPU's global nanosecond timer, low 32 bits (mul_mv_id_moe's TRACE option).
 __device__ inline uint moe_clock_ns() {

@@ -28,7 +28,6 @@ from mlx_moe.kernels.mul_mm_id import BM, cuda_body  # BM: output rows per block
 CXX = shutil.which("g++")
 
 CUDA_MOCK = r"""
-#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -79,18 +78,6 @@ inline void __syncthreads() { mock_block_bar->arrive_and_wait(); }
 struct MockWarp { std::barrier<>* bar; const float* ptr[32]; unsigned a[32][4]; unsigned b[32][2]; };
 static MockWarp mock_warp[32];
 thread_local int mock_lane, mock_warp_id;
-inline void __syncwarp() { mock_warp[mock_warp_id].bar->arrive_and_wait(); }
-// prefetch.global.L1: nothing to fetch on a CPU; the line's address must lie in the range
-// the driver names (mock_pf_lo .. mock_pf_hi, when it names one), or the program aborts.
-static const char* mock_pf_lo = nullptr;
-static const char* mock_pf_hi = nullptr;
-static std::atomic<long> mock_pf_count{0};
-template <typename P>
-inline void moe_prefetch_l1(P p) {
-  const char* c = reinterpret_cast<const char*>(p);
-  if (mock_pf_lo && (c < mock_pf_lo || c >= mock_pf_hi)) { std::fprintf(stderr, "prefetch outside its buffer\n"); std::abort(); }
-  ++mock_pf_count;
-}
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
 inline unsigned moe_tf32(float f) { return (__float_as_uint(f) + 0x1000u) & 0xFFFFE000u; }
@@ -166,39 +153,16 @@ inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigned* b) {
 // cp.async: the copy happens at once (the wait and the commit have nothing to do), so
 // the mock checks the addresses, alignments and the zero fill, not the ring's timing;
 // the kernel's barriers are what keeps a slot from being refilled while it is read.
-// MOCK_CP_DEFERRED: each thread's 16-byte copies wait in their commit groups until that
-// thread's cp.async.wait_group lets them land (as late as the hardware may), so a read
-// before the wait that covers it -- or of another thread's copy before a barrier after
-// that thread's wait -- sees what was there before.
 inline void moe_cp4(void* dst, const void* src) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 4) { std::fprintf(stderr, "cp.async 4: misaligned\n"); std::abort(); }
   std::memcpy(dst, src, 4);
 }
-#ifdef MOCK_CP_DEFERRED
-struct MockCp { void* dst; const void* src; bool valid; };
-thread_local std::vector<MockCp> mock_cp_open;
-thread_local std::vector<std::vector<MockCp>> mock_cp_groups;
-inline void moe_cp16(void* dst, const void* src, bool valid) {
-  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16) { std::fprintf(stderr, "cp.async 16: misaligned\n"); std::abort(); }
-  mock_cp_open.push_back({dst, src, valid});
-}
-inline void moe_cp_commit() { mock_cp_groups.push_back(std::move(mock_cp_open)); mock_cp_open.clear(); }
-template <int N> inline void moe_cp_wait() {
-  while (int(mock_cp_groups.size()) > N) {
-    for (const MockCp& c : mock_cp_groups.front()) {
-      if (c.valid) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
-    }
-    mock_cp_groups.erase(mock_cp_groups.begin());
-  }
-}
-#else
 inline void moe_cp16(void* dst, const void* src, bool valid) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16) { std::fprintf(stderr, "cp.async 16: misaligned\n"); std::abort(); }
   if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
 }
 inline void moe_cp_commit() {}
 template <int N> inline void moe_cp_wait() {}
-#endif
 
 template <class F>
 void mock_launch(unsigned gx, unsigned gy, int threads, F f) {
@@ -403,7 +367,7 @@ def build_decode_tile(directory, name: str, defines: str, driver: str):
     primary = "template <bool MMA> struct moe_gate_up_mma;\ntemplate <bool MMA> struct moe_down_mma;\n"
     shared = prune(compact(read_family("mul_mv_id")[0]), "moe_identity_weight")
     src = directory / f"{name}.cpp"
-    src.write_text(defines + CUDA_MOCK + primary + shared + read_cuda_twin("mul_mv_id")[0] + driver)
+    src.write_text(CUDA_MOCK + defines + primary + shared + read_cuda_twin("mul_mv_id")[0] + driver)
     exe = directory / name
     r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-w", str(src), "-o", str(exe)],
                        capture_output=True, text=True)

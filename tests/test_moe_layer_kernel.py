@@ -303,16 +303,16 @@ def test_one_launch_rejects_what_it_cannot_run():
     wg, wu, wd, x, logits, res = _layer(rng, 8, 8, 1)
     p = RouterParams(2)
     wg, wu, wd = mx.array(wg), mx.array(wu), mx.array(wd)
-    with pytest.raises(ValueError, match="2 uint32 words"):
-        mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res, mx.zeros((1,), mx.uint32), "emulated")
+    with pytest.raises(ValueError, match="3 uint32 words"):  # the routing shared (dispatch.SHARE_ROUTE): 3 words
+        mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res, mx.zeros((2,), mx.uint32), "emulated")
     with pytest.raises(ValueError, match="down weights"):
         mul_mv_id_moe(x, logits, p, wg, wu, wg, 0, res, ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="residual must be"):
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
-    with pytest.raises(ValueError, match="stage is 0 to 2047.*got 2048"):
-        LayerGeometry(1, 4, 8, 1, stage=2048)
+    with pytest.raises(ValueError, match="stage is 0 to 255.*got 256"):
+        LayerGeometry(1, 4, 8, 1, stage=256)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -382,42 +382,6 @@ def test_residual_first_is_the_launch(flavor):
             real = np.array(want[1]).reshape(-1) < E
             np.testing.assert_array_equal(np.array(got[3].astype(mx.float32))[real],
                                           np.array(want[3].astype(mx.float32))[real], err_msg=f"h, launch {rep}")
-        assert not np.array(count).any(), "the counter is not zero after the launches"
-
-
-@pytest.mark.parametrize("stage", [447, 703, 959, 1215, 1983])
-@pytest.mark.parametrize("flavor", FLAVORS)
-def test_gate_up_bits_are_the_launch(flavor, stage):
-    """Stage bits 256 (447: bit 32's gate/up tile copied and computed warp by warp, each
-    warp's share in two asynchronous groups; CUDA only, hidden a multiple of 2048) and 512
-    (703: a gate/up threadgroup's rule stopped at its slot, the slots in reverse grid order;
-    959: both), and 1024 (1215: the down tile's share of h asked of L1 after the wait; 1983:
-    all three): y, ids, weights and h bit for bit against the same launch without them
-    (191) -- the same float32 sums in the same order; only who copies what and when it is
-    waited for, how far each threadgroup ranks the experts and which threadgroup takes
-    which slot differ.  On CUDA at Qwen3-30B-A3B's shapes, 8 launches on one counter, and
-    at 4096 columns with 2 tokens; under the emulation (Metal: no tile, bit 256 ignored; bit
-    512 runs) 2 tokens of top-4 of 8 at 256 columns."""
-    from mlx_moe.kernels.mul_mv_id import moe_layer_launch
-    from mlx_moe.q4_0 import quantize
-
-    rng = np.random.default_rng(stage)
-    shapes = [(128, 2048, 768, 1, 8, 8), (16, 4096, 256, 2, 8, 2)] if flavor == "cuda" else [(8, 256, 64, 2, 4, 1)]
-    for E, d, f, T, k, reps in shapes:
-        wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
-        wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
-        params, count = RouterParams(k, normalize=True), ticket_counter()
-        for rep in range(reps):
-            x, res = (mx.array(rng.standard_normal((T, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
-            logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
-            want, got = (moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
-                                          LayerGeometry(1, 4, 8, 1, stage=st)) for st in (191, stage))
-            for name, a, b in zip(("y", "ids", "weights"), got[:3], want[:3]):
-                np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
-                                              err_msg=f"{name}, {E} experts, {d} columns, launch {rep}")
-            assert (np.array(want[1]) < E).all()
-            np.testing.assert_array_equal(np.array(got[3].astype(mx.float32)), np.array(want[3].astype(mx.float32)),
-                                          err_msg=f"h, launch {rep}")
         assert not np.array(count).any(), "the counter is not zero after the launches"
 
 

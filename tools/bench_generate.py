@@ -69,15 +69,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 on the tensor cores off);
                 +gumma: the gate/up dot products alone on the tensor cores (stage
                 63, the default until 2026-12-07's seventeenth session; the default's
-                down dot products on the tensor cores off); +resfirst: 63 with the
-                residual read before the down threadgroups wait (stage 127);
-                +own: the default with the gate/up tile copied and computed warp by
-                warp, each warp's share in two asynchronous groups (stage 447);
-                +rulestop: the default with each gate/up threadgroup's routing rule
-                stopped at its slot, the slots in reverse grid order (stage 703);
-                +ownstop: both (stage 959);
-                +hpf: the default with the down tile's share of h asked of L1 at
-                once after the wait (stage 1215); +all: 447, 512 and 1024 (stage 1983);
+                down dot products on the tensor cores off); +resfirst: the default with
+                the residual read before the down threadgroups wait (stage 255);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -555,12 +548,7 @@ SWITCHES = {
     "+hpairs": _moe_layer_stage(15),
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(63),
-    "+resfirst": _moe_layer_stage(127),
-    "+own": _moe_layer_stage(447),
-    "+rulestop": _moe_layer_stage(703),
-    "+ownstop": _moe_layer_stage(959),
-    "+hpf": _moe_layer_stage(1215),
-    "+all": _moe_layer_stage(1983),
+    "+resfirst": _moe_layer_stage(255),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -2,17 +2,19 @@
 # The decode MoE layer's owed GPU measurements (issue 5) in one device call, each step under
 # its own limit and all under one deadline, results written as they come.  NVIDIA + MLX CUDA.
 #
-#   bash tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES]
+#   bash tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES] [TEST_KEYWORDS]
 #
 # (run in the repository root with MLX CUDA importable: on the lent H100, after the staged
 # install, `export PYTHONPATH=/tmp/site:$PWD` first; T0 may carry the call's start time)
 # CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1 measured against the default
-# (dispatch.MOE_LAYER["q4_0"]); default "447 703 1215 1983" (bits 256, 512, 1024 on top of
-# 191: BENCHMARKS.md 2026-12-07, eighteenth session).  Steps, in priority order:
+# (dispatch.MOE_LAYER["q4_0"]); default "255" (bit 64, the residual read first, on top of the
+# default 191).  TEST_KEYWORDS: pytest -k keywords of tests/test_moe_layer_kernel.py's GPU
+# tests to run for them (default "qwen3_shapes or shared_routing").  Steps, in priority order:
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
 #      prints each geometry's median)
-#   2. the candidates' GPU tests (bit for bit against 191 at Qwen3-30B-A3B's shapes)
+#   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv)
+#   2. the GPU tests TEST_KEYWORDS select
 #   3. the decode step's GPU time, the default against the candidate ncu put fastest, ABAB
 #      (tools/profile_decode.py --gpu-step under ncu, --summarize): a default changes only
 #      on this
@@ -24,7 +26,8 @@
 set -u
 OUT=${1:?usage: tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES]}
 DEADLINE=${2:-540}
-CANDIDATES=${3:-447 703 1215 1983}
+CANDIDATES=${3:-255}
+TESTS=${4:-qwen3_shapes or shared_routing}
 mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}
 LOG="$OUT/log.txt"
@@ -48,15 +51,13 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 # bench_generate.py's engine for each stage (its SWITCHES)
 engine_of() {
   case $1 in
-    63) echo +gumma ;; 127) echo +resfirst ;; 447) echo +own ;; 703) echo +rulestop ;; 959) echo +ownstop ;;
-    1215) echo +hpf ;; 1983) echo +all ;; *) echo "" ;;
+    63) echo +gumma ;; 255) echo +resfirst ;; *) echo "" ;;
   esac
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$LOG" 2>&1
 git log --oneline -1 >> "$LOG" 2>&1
 GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
-TESTS=$(for s in $CANDIDATES; do printf "%s or " "$s"; done | sed 's/ or $//')
 
 # 1. the layer under ncu
 step 230 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
@@ -84,9 +85,16 @@ fi
 echo "=== fastest candidate under ncu: ${BEST:-none}" >> "$LOG"
 saveptx
 
+# 1b. where the default's routed launch waits: one launch under ncu's memory and warp-state
+# sections (L1 / L2 hit rates and the L2 traffic of h, the stall reasons), the details page
+step 90 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe_bfloat --launch-skip 1 --launch-count 1 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+  --section WarpStateStats --section SchedulerStats --csv --page details --log-file "$OUT/ncu_sections.csv" \
+  python3 tools/bench_kernels.py --ncu --layer-geometries ""
+
 # 2. the candidates' GPU tests
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
-  -k "cuda and gate_up_bits and ($TESTS)"
+  -k "cuda and ($TESTS)"
 saveptx
 
 # 3. the decode step, default against the fastest candidate, ABAB
@@ -109,5 +117,5 @@ step 90 python3 tools/trace_moe_layer.py --geometries "$GEOMS" --json "$OUT/trac
 
 # 5. memcheck
 step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -rA --tb=short \
-  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "cuda and gate_up_bits and ($TESTS)"
+  -p no:cacheprovider tests/test_moe_layer_kernel.py -k "cuda and ($TESTS)"
 echo "=== done in $(( $(date +%s) - T0 ))s" >> "$LOG"

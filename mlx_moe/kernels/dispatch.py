@@ -80,12 +80,7 @@ class LayerGeometry:
     bfloat16 activations and Q4_0 only, else ignored), 64 = the residual read before the
     down threadgroups wait, not after their dot products, 128 = the down dot products on
     the tensor cores (CUDA; with bits 1 and 16, down_nr 4, bfloat16 activations and Q4_0
-    only, else ignored), 256 = bit 32's tile copied and computed warp by warp, each warp's
-    share in two asynchronous groups (CUDA; with bit 32 and hidden a multiple of 2048 at
-    nsg 8, else ignored), 512 = a gate/up threadgroup (not its token's first) runs the
-    routing rule only as far as its slot, the slots in reverse grid order, 1024 = bit 128's
-    tile asks L1 for its share of h at once after the wait (CUDA; with bit 128, else
-    ignored); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    only, else ignored); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -95,12 +90,11 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 2047:
-            raise ValueError(f"LayerGeometry.stage is 0 to 2047, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 255:
+            raise ValueError(f"LayerGeometry.stage is 0 to 255, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
-                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: "
-                             f"the gate/up tile warp by warp, 512: the gate/up rule stopped at the slot, 1024: h "
-                             f"prefetched into L1 for the down tile); got {self.stage}")
+                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores); "
+                             f"got {self.stage}")
 
     @property
     def tag(self) -> str:
@@ -153,7 +147,11 @@ class LayerGeometry:
 # 2026-12-07 seventeenth session, ABAB), ncu 19.94 against 20.51 us routed and 17.28
 # against 18.08 under given routing (one process), memcheck clean, the greedy and
 # compiled GPU tests passed with it.  On Metal and for float32 activations bits 32 and
-# 128 change nothing (191 runs as 31 and 15 there).  The float entry is not measured.
+# 128 change nothing (191 runs as 31 and 15 there).  Tried on 191 and not kept (ncu, one
+# H100, 2026-12-07 nineteenth session): the gate/up tile copied and computed warp by warp
+# 21.18 us against 19.87, the gate/up rule stopped at the slot 19.90, h prefetched into L1
+# for the down tile 21.44; 8 threadgroups an SM (a 32-register cap: MLX's NVRTC build takes
+# 40 registers, 6 an SM) 22.46 against 20.48.  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=191), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
