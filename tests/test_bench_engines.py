@@ -72,3 +72,31 @@ def test_gpu_decode_layer_script_engines_run_their_stages():
     for stage, engine in table.items():
         with bench_generate.engine_settings(f"mlx-moe+compile{engine}"):
             assert dispatch.MOE_LAYER["q4_0"] == dispatch.LayerGeometry(1, 4, 8, 1, stage=stage), engine
+
+
+def test_bench_kernels_route_both_flips_the_routing_for_its_launches(monkeypatch):
+    """bench_kernels --route-both: each routed one-launch layer also runs with
+    dispatch.SHARE_ROUTE flipped, for that launch only, and (the same sums either way) gives
+    the same y as the default's launch."""
+    import importlib
+
+    import bench_kernels
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_moe.kernels import dispatch
+
+    mul_mv_id = importlib.import_module("mlx_moe.kernels.mul_mv_id")  # (the package exports a function of that name)
+
+    runs = dict(bench_kernels.routed_layers("emulated", [bench_kernels.q4_0_experts(8, 256, 64)], 2, [],
+                                            route_both=True))
+    default = dispatch.SHARE_ROUTE
+    flipped = [n for n in runs if "rule in every threadgroup" in n or "routing shared" in n]
+    plain = [n for n in runs if "routed, 1 launch" in n and n not in flipped]
+    assert len(flipped) == 1 and len(plain) == 1, list(runs)
+    seen, launch = [], mul_mv_id._moe_layer
+    monkeypatch.setattr(mul_mv_id, "_moe_layer", lambda *a: seen.append(dispatch.SHARE_ROUTE) or launch(*a))
+    y_flip = np.array(runs[flipped[0]](0).astype(mx.float32))
+    y_plain = np.array(runs[plain[0]](0).astype(mx.float32))
+    assert seen == [not default, default] and dispatch.SHARE_ROUTE == default
+    np.testing.assert_array_equal(y_flip, y_plain)

@@ -220,7 +220,7 @@ def parse_geometries(text: str) -> dict:
     return out
 
 
-def routed_layers(fl, q4, k, layer_geometries, share_route=False):
+def routed_layers(fl, q4, k, layer_geometries, route_both=False):
     """[(label, layer_fn)] of the routed decode MoE layer (one token, router outputs in)
     over the layers' experts q4: two launches, then one (mul_mv_id_moe) at its default
     and each listed geometry; then the same one launch under given routing
@@ -231,10 +231,10 @@ def routed_layers(fl, q4, k, layer_geometries, share_route=False):
     from mlx_moe.kernels.registry import ticket_counters
     from mlx_moe.kernels.router import RouterParams
 
-    def shared(g, l):
-        """mul_mv_id_moe at g with dispatch.SHARE_ROUTE on (read as the launch is made)."""
+    def flipped(g, l):
+        """mul_mv_id_moe at g with dispatch.SHARE_ROUTE flipped (read as the launch is made)."""
         was = dispatch.SHARE_ROUTE
-        dispatch.SHARE_ROUTE = True
+        dispatch.SHARE_ROUTE = not was
         try:
             return mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0]
         finally:
@@ -262,8 +262,9 @@ def routed_layers(fl, q4, k, layer_geometries, share_route=False):
     out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
              lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0])
             for g, tag in geoms]
-    if share_route:  # the down threadgroups reading the routing the token's first gate/up one wrote
-        out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag} +share)", lambda l, g=g: shared(g, l))
+    if route_both:  # the down threadgroups running the rule / reading what the token's first gate/up one wrote
+        flip = "rule in every threadgroup" if dispatch.SHARE_ROUTE else "routing shared"
+        out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, {flip})", lambda l, g=g: flipped(g, l))
                 for g, tag in geoms]
     out += [(f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
              lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x, counts[l],
@@ -272,7 +273,7 @@ def routed_layers(fl, q4, k, layer_geometries, share_route=False):
     return out
 
 
-def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, share_route=False) -> int:
+def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, route_both=False) -> int:
     """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings.
 
     With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
@@ -282,7 +283,7 @@ def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, s
     With `layer_geometries`, routed_layers' variants run instead."""
     if layer_geometries is not None:
         for _, run in routed_layers(fl, [q4_0_experts(E, D, F) for _ in range(layers)], k, layer_geometries,
-                                    share_route):
+                                    route_both):
             mx.eval(run(0))  # compile and warm up on one layer
             mx.eval([run(l) for l in range(layers)])
         return 0
@@ -639,9 +640,10 @@ def main(argv=None) -> int:
                    help="the routed decode MoE layer in two launches vs one (mul_mv_id_moe) at its default and "
                         "these geometries, e.g. '1x4x4x1,1x4x8x1x1' (GATE_NRxDOWN_NRxNSGxNQ[xSTAGE]; '' for the "
                         "default alone); with --ncu each runs once on 4 layers")
-    p.add_argument("--share-route", action="store_true",
-                   help="with --layer-geometries: each routed one-launch layer also with dispatch.SHARE_ROUTE on "
-                        "(its down threadgroups read the routing its token's first gate/up one wrote)")
+    p.add_argument("--route-both", action="store_true",
+                   help="with --layer-geometries: each routed one-launch layer also with dispatch.SHARE_ROUTE "
+                        "flipped (on: the down threadgroups read the routing their token's first gate/up one wrote; "
+                        "off: they run the rule; ncu_summary tags the launches with it on +share)")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
@@ -684,7 +686,7 @@ def main(argv=None) -> int:
         return fused_layer_once(fl, parse_fused(a.fused))  # "" times the defaults alone
     if a.ncu:
         return ncu_once(fl, E, D, F, k, geometries=geometries, layer_geometries=layer_geometries,
-                        share_route=a.share_route)
+                        route_both=a.route_both)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
@@ -726,7 +728,7 @@ def main(argv=None) -> int:
                per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
 
         if layer_geometries is not None and T == 1:
-            for name, run in routed_layers(fl, q4, k, layer_geometries, a.share_route):
+            for name, run in routed_layers(fl, q4, k, layer_geometries, a.route_both):
                 report(name, T, per_layer_us(run, L, a.reps), expert_bytes_4b * k)
 
         if geometries and T == 1:

@@ -115,12 +115,12 @@ def main(argv=None) -> int:
     p.add_argument("--given-routing", action="store_true",
                    help="also trace each geometry under given routing (mul_mv_id_moe_ids), the ids and weights made "
                         "just before each launch by the router kernel (moe_router_topk)")
-    p.add_argument("--share-route", action="store_true",
-                   help="dispatch.SHARE_ROUTE on: the down threadgroups read the routing their token's first gate/up "
-                        "threadgroup wrote instead of running the rule")
+    p.add_argument("--each-route", action="store_true",
+                   help="dispatch.SHARE_ROUTE off: the down threadgroups run the routing rule instead of reading "
+                        "what their token's first gate/up threadgroup wrote (the default)")
     cuda_cache.add_argument(p)
     a = p.parse_args(argv)
-    dispatch.SHARE_ROUTE = dispatch.SHARE_ROUTE or a.share_route
+    dispatch.SHARE_ROUTE = dispatch.SHARE_ROUTE and not a.each_route
 
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("trace_moe_layer needs MLX's CUDA backend (Metal kernels read no global clock)")
