@@ -1,6 +1,7 @@
-// CUDA twin helpers of metal/mul_mv_id.metal: the decode MoE layer's gate/up tile on
-// the tensor cores.  mlx_moe/kernels/registry.py appends these helpers after the shared
-// ones on the `cuda` flavor; the kernel bodies stay the shared ones.
+// CUDA twin helpers of metal/mul_mv_id.metal: the decode MoE layer's gate/up and down
+// tiles on the tensor cores (stage bits 32 and 128, both in the default stage 191).
+// mlx_moe/kernels/registry.py appends these helpers after the shared ones on the `cuda`
+// flavor; the kernel bodies stay the shared ones.
 //
 // Why: a gate/up threadgroup's 8 gate and 8 up rows are, on the H100, as long in their
 // dot products as in their reads (BENCHMARKS.md 2026-12-06, tenth session: 2.7 us after
@@ -10,7 +11,9 @@
 // (BENCHMARKS.md 2026-12-06, eleventh session): ncu 20.06 / 19.58 us a layer against 20.54
 // for the float32 GEMV, but slower in the chained trace (the dot products 3.1 us after the
 // rows against 2.9): a warp's chain of dependent mma, scale and add is no shorter in
-// latency.  Not the default (stage bit 32 off); kept for the next attempt.
+// latency.  In the decode step it paid (stage 63, the default from 2026-12-07's sixteenth
+// session: 970-973 us of MoE launches a step against 999-1004), and with the down tile too
+// (191, seventeenth session).
 //
 // Numerics: q - 8 (integers in [-8, 7]) and the bfloat16 activations are exact in bf16,
 // so every product is exact; each Q4_0 block's sum comes out of the mma in float32 and is
