@@ -160,3 +160,38 @@ def test_fused_layer_workload_runs(monkeypatch):
             "mlx_moe_dense_residual_parts_router_split"} <= names
     # defaults + one listed geometry each, one warm-up and one timed launch per layer
     assert launches.count("mlx_moe_dense_norm") == 4 and launches.count("mlx_moe_decode_attention_parts_kv") == 5
+
+
+def test_fastest_stage_picks_the_step_candidate(tmp_path):
+    """tools/gpu_decode_layer.sh's pick (--fastest-stage): of the routed launches at 1x4x8x1,
+    the fastest candidate stage that beat the default, compared with the routing as the
+    package runs it (shared: the launches tagged +share), else nothing."""
+    lines = [HEAD]
+    times = {(191, "t"): 19.4, (255, "t"): 19.2, (63, "t"): 19.9, (191, "f"): 19.9, (255, "f"): 20.1, (63, "f"): 18.0}
+    for i, ((stage, share), us) in enumerate(times.items()):
+        name = (f"custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_{stage}"
+                f"_128_4_0_f_1_1_t_{share}")
+        lines.append(_row(i, name, "(1280, 1, 1)", "gpu__time_duration.sum", "us", f"{us}"))
+    p = tmp_path / "ncu.csv"
+    p.write_text("".join(lines))
+    stats = ncu_summary.parse(str(p))
+    assert ncu_summary.fastest_stage(stats, ["255", "63"], True, "1x4x8x1x191") == 255
+    assert ncu_summary.fastest_stage(stats, ["255", "63"], False, "1x4x8x1x191") == 63
+    assert ncu_summary.fastest_stage(stats, ["63"], True, "1x4x8x1x191") is None  # slower than the default
+    assert ncu_summary.fastest_stage(stats, ["255"], True, "1x4x8x1x31") is None  # the default not measured
+
+
+def test_fastest_stage_option_reads_the_package_default(tmp_path, capsys):
+    from mlx_moe.kernels import dispatch
+
+    share = "t" if dispatch.SHARE_ROUTE else "f"
+    default = dispatch.MOE_LAYER["q4_0"].stage
+    lines = [HEAD]
+    for i, (stage, us) in enumerate(((default, 19.4), (255, 19.0))):
+        name = (f"custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_{stage}"
+                f"_128_4_0_f_1_1_t_{share}")
+        lines.append(_row(i, name, "(1280, 1, 1)", "gpu__time_duration.sum", "us", f"{us}"))
+    p = tmp_path / "ncu.csv"
+    p.write_text("".join(lines))
+    assert ncu_summary.main([str(p), "--fastest-stage", "255"]) == 0
+    assert capsys.readouterr().out.strip() == "255"

@@ -67,20 +67,7 @@ BEST=""
 if [ -f "$OUT/ncu_layer.csv" ]; then
   step 30 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
   # the fastest routed candidate, if faster than the default
-  BEST=$(python3 - "$OUT/ncu_layer.csv" "$CANDIDATES" <<'EOF' 2>>"$LOG"
-import sys
-sys.path.insert(0, "tools")
-import ncu_summary
-from mlx_moe.kernels import dispatch
-stats = [s for s in ncu_summary.parse(sys.argv[1]).values() if s.kernel == "mul_mv_id_moe"]
-by_tag = {s.geometry: s.us for s in stats}
-default = by_tag.get(dispatch.MOE_LAYER["q4_0"].tag)
-cands = {int(c): by_tag[f"1x4x8x1x{c}"] for c in sys.argv[2].split() if f"1x4x8x1x{c}" in by_tag}
-if default is not None and cands:
-    best = min(cands, key=cands.get)
-    print(best if cands[best] < default else "")
-EOF
-)
+  BEST=$(python3 tools/ncu_summary.py "$OUT/ncu_layer.csv" --fastest-stage "$CANDIDATES" 2>>"$LOG")
 fi
 echo "=== fastest candidate under ncu: ${BEST:-none}" >> "$LOG"
 saveptx

@@ -158,15 +158,38 @@ def table(stats: Dict[str, KernelStats]) -> str:
     return "\n".join(lines)
 
 
+def fastest_stage(stats: Dict[str, KernelStats], stages, share: bool, default_tag: str) -> Optional[int]:
+    """Of the routed one-launch layer at 1x4x8x1 and these stages, the fastest one faster than
+    the default geometry default_tag (all with the routing shared or not, as `share` says:
+    the tag ncu's names give them), else None -- tools/gpu_decode_layer.sh's step A/B pick."""
+    suffix = "+share" if share else ""
+    by_tag = {s.geometry: s.us for s in stats.values() if s.kernel == "mul_mv_id_moe"}
+    default = by_tag.get(default_tag + suffix)
+    cands = {int(st): by_tag[f"1x4x8x1x{st}{suffix}"] for st in stages if f"1x4x8x1x{st}{suffix}" in by_tag}
+    if default is None or not cands:
+        return None
+    best_stage = min(cands, key=cands.get)
+    return best_stage if cands[best_stage] < default else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", help="ncu --csv --log-file output")
     p.add_argument("--json", default=None, help="also write the rows and the best variants as JSON")
+    p.add_argument("--fastest-stage", default=None, metavar="STAGES",
+                   help="print only the stage (of these, e.g. '255 63') whose routed one-launch layer at 1x4x8x1 "
+                        "beat the package's default (dispatch.MOE_LAYER, SHARE_ROUTE), or nothing")
     a = p.parse_args(argv)
     stats = parse(a.csv)
     if not stats:
         print(f"{a.csv}: no launches with {TIME}", file=sys.stderr)
         return 1
+    if a.fastest_stage is not None:
+        from mlx_moe.kernels import dispatch
+
+        st = fastest_stage(stats, a.fastest_stage.split(), dispatch.SHARE_ROUTE, dispatch.MOE_LAYER["q4_0"].tag)
+        print("" if st is None else st)
+        return 0
     print(table(stats))
     if a.json:
         rows = [{"kernel": s.kernel, "geometry": s.geometry, "grid": s.grid, "variant": s.variant, "n": len(s.seconds),
