@@ -151,7 +151,8 @@ class LayerGeometry:
 # H100, 2026-12-07 nineteenth session): the gate/up tile copied and computed warp by warp
 # 21.18 us against 19.87, the gate/up rule stopped at the slot 19.90, h prefetched into L1
 # for the down tile 21.44; 8 threadgroups an SM (a 32-register cap: MLX's NVRTC build takes
-# 40 registers, 6 an SM) 22.46 against 20.48.  The float entry is not measured.
+# 40 registers, 6 an SM) 22.46 against 20.48, though the squeeze may have cost the code
+# itself (BENCHMARKS.md says why).  The float entry is not measured.
 MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=191), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
