@@ -18,12 +18,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_moe.kernels import mul_mm_id
 from mlx_moe.kernels.mul_mm_id import BM, cuda_body  # BM: output rows per block (grid x = ceil(rows / BM))
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # cuda_units: the CUDA text as MLX writes it
 
 CXX = shutil.which("g++")
 
@@ -200,7 +204,7 @@ static std::vector<char> mock_read(const char* path) {
 
 
 def _mock_function(key, name, inputs, outputs, template):
-    from test_kernels_cuda_compile import CUDA_TYPES, gemm_base, kernel_text
+    from cuda_units import CUDA_TYPES, gemm_base, kernel_text
 
     from mlx_moe.kernels.registry import KERNELS
 
@@ -324,7 +328,7 @@ def mock_binary(tmp_path_factory, layers):
 def run_mock(tmp_path, mock, kern, arrays: dict, out_shape, shift: int = 0):
     """Run kernel `kern` (an entry of layer_kernels) under the mock; arrays: {input name: mx.array};
     shift: every input placed that many bytes past an aligned address."""
-    from test_kernels_cuda_compile import gemm_base
+    from cuda_units import gemm_base
 
     from mlx_moe.kernels.registry import KERNELS
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,64 +37,10 @@ from mlx_moe.kernels.source import prune
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
 
-# Stand-in for `#include "mlx/backend/cuda/device/utils.cuh"`: what the bodies use from it.
-PRELUDE = """\
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <cuda/std/array>
-#include <cstdint>
-namespace mlx::core::cu {
-using Shape = cuda::std::array<int32_t, 10>;
-using Strides = cuda::std::array<int64_t, 10>;
-}  // namespace mlx::core::cu
-#include <cooperative_groups.h>
-"""
-
-CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float",
-              "int32": "int32_t", "uint16": "uint16_t", "uint32": "uint32_t"}
-
-
-def gemm_base(name: str) -> str:
-    """The registered kernel whose arguments a CUDA GEMM body (mul_mm_id.cuda_body's suffixes) takes."""
-    return re.sub(r"_(async|bf16|pipe)$", "", name)
-
-
-def kernel_text(name: str, variant: str, inputs: dict, outputs: dict, template: list) -> str:
-    """One __global__ function as MLX's cuda_kernel writes it.
-
-    inputs / outputs: {name: dtype name}; template: [(name, dtype name | int | bool)].
-    """
-    spec = KERNELS[gemm_base(name)]  # a CUDA GEMM body takes its base kernel's arguments
-    _, body = kernel_source("cuda", spec.family, name)
-    params = []
-    for arg in spec.inputs:
-        params.append(f"const {CUDA_TYPES[inputs[arg]]}* {arg}")
-        if f"{arg}_shape" in body:
-            params.append(f"const __grid_constant__ Shape {arg}_shape")
-        if f"{arg}_strides" in body:
-            params.append(f"const __grid_constant__ Strides {arg}_strides")
-        if f"{arg}_ndim" in body:
-            params.append(f"int {arg}_ndim")
-    params += [f"{CUDA_TYPES[outputs[arg]]}* {arg}" for arg in spec.outputs]
-    consts = []
-    for tname, value in template:
-        if isinstance(value, bool):
-            consts.append(f"  constexpr bool {tname} = {'true' if value else 'false'};")
-        elif isinstance(value, int):
-            consts.append(f"  constexpr int {tname} = {value};")
-        else:
-            consts.append(f"  using {tname} = {CUDA_TYPES[value]};")
-    return (f"__global__ void custom_kernel_mlx_moe_{name}_{variant}({', '.join(params)}) {{\n"
-            + "\n".join(consts) + "\n" + body + "\n}\n")
-
-
-def translation_unit(family: str, kernels: list) -> str:
-    # One header for every kernel of the unit: the family's, pruned to what their
-    # bodies use together (each kernel's own pruned header is a subset of it).
-    bodies = "\n".join(kernel_source("cuda", KERNELS[gemm_base(n)].family, n)[1] for n, *_ in kernels)
-    header = prune(family_header("cuda", family), bodies)
-    fns = "".join(kernel_text(*k) for k in kernels)
-    return PRELUDE + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + fns + "}\n"
+# The CUDA text as MLX's cuda_kernel assembles it (tools/cuda_units.py, shared with
+# tools/nvrtc_registers.py and the CUDA mock)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from cuda_units import CUDA_TYPES, PRELUDE, gemm_base, kernel_text, moe_layer_kernel as _moe_layer, translation_unit  # noqa: E402,F401
 
 
 def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:
@@ -424,20 +371,6 @@ def test_residual_combine_compiles_for_sm90a(tmp_path):
     assert len(_entries(ptx)) == 1
 
 
-def _moe_layer(variant, nrg, nrd, nsg, nq=1, stage=0, share_route=False, trace=False):
-    """mul_mv_id_moe (trace: mul_mv_id_moe_trace) at Qwen3-30B-A3B shapes: Q4_0, softmax
-    top-8 of 128, one token."""
-    return ("mul_mv_id_moe_trace" if trace else "mul_mv_id_moe", variant,
-            {"x": "bfloat16", "logits": "bfloat16", "bias": "float32", "scale": "float32", "wg": "uint16",
-             "wu": "uint16", "wd": "uint16", "res": "bfloat16", "count": "uint32"},
-            {"h": "bfloat16" if stage & 16 else "float32", "ids": "int32", "weights": "float32", "y": "bfloat16",
-             **({"trace": "uint32"} if trace else {})},
-            [("T", "bfloat16"), ("WT", "uint16"), ("D", 2048), ("F", 768), ("NE", 128), ("NI", 0), ("KS", 8),
-             ("NT", 1), ("NRG", nrg), ("NRD", nrd), ("NSG", nsg), ("NQ", nq), ("STAGE", stage), ("NEXP", 128), ("VPL", 4),
-             ("SCORE", 0), ("HAS_BIAS", False), ("NGROUP", 1), ("TOPKG", 1), ("NORM", True),
-             ("SHARE_ROUTE", share_route)])
-
-
 def _moe_layer_ids(variant, stage, trace=False):
     """mul_mv_id_moe_ids (the routing given; trace: its traced launch) at the default
     geometry's shapes."""
@@ -553,3 +486,27 @@ def test_oproj_moe_compiles_for_sm90a(tmp_path):
         template = list(tail[4]) + [(n, v) for n, v in moe[4] if n not in names]
         kernels.append(("oproj_moe", f"qwen3_stage{stage}", inputs, outputs, template))
     _compiles(tmp_path, "decode_chain", kernels)
+
+
+def test_nvrtc_registers_reads_the_cubin_as_ptxas_reports_it(tmp_path):
+    """tools/nvrtc_registers.py's cubin reader (cubin_resources: registers and stack frame
+    from .nv.info) against ptxas' own report (-v) on an nvcc-built sm_90a cubin of the MoE
+    layer at three stages."""
+    import nvrtc_registers
+
+    kernels = [_moe_layer(f"s{st}", 1, 4, 8, stage=st) for st in (31, 63, 191)]
+    src = tmp_path / "moe.cu"
+    src.write_text(translation_unit("mul_mv_id", kernels))
+    cubin = tmp_path / "moe.cubin"
+    r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", str(src), "-o", str(cubin)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    want = {name: (regs, frame) for name, frame, regs in
+            re.findall(r"Function properties for (\S+)\n\s+(\d+) bytes stack frame.*?\n.*?Used (\d+) registers",
+                       r.stderr + r.stdout)}
+    got = nvrtc_registers.cubin_resources(cubin.read_bytes())
+    entries = {n: v for n, v in got.items() if "mul_mv_id_moe" in n}
+    assert len(entries) == 3 and set(entries) == set(want), (sorted(entries), sorted(want))
+    for name, (regs, frame) in want.items():
+        assert (entries[name]["registers"], entries[name].get("frame", 0)) == (int(regs), int(frame)), name
+    assert len({v["registers"] for v in entries.values()}) > 1  # the stages differ: a reader of one number fails
