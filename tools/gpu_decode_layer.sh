@@ -13,7 +13,9 @@
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
 #      prints each geometry's median)
-#   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv)
+#   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv),
+#       and the registers the NVRTC MLX loads gives the default and the candidates
+#       (tools/nvrtc_registers.py --mlx-nvrtc)
 #   2. the GPU tests TEST_KEYWORDS select
 #   3. the decode step's GPU time, the default against the candidate ncu put fastest, ABAB
 #      (tools/profile_decode.py --gpu-step under ncu, --summarize): a default changes only
@@ -78,6 +80,7 @@ step 90 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe_b
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
   --section WarpStateStats --section SchedulerStats --csv --page details --log-file "$OUT/ncu_sections.csv" \
   python3 tools/bench_kernels.py --ncu --layer-geometries ""
+step 60 python3 tools/nvrtc_registers.py --mlx-nvrtc --stages "$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)'),$(echo $CANDIDATES | tr ' ' ',')"
 
 # 2. the candidates' GPU tests
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \

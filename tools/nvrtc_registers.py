@@ -111,8 +111,11 @@ def mlx_nvrtc_path() -> str:
 
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("--mlx-nvrtc needs MLX's CUDA backend and an NVIDIA GPU")
-    k = mx.fast.cuda_kernel(name="nvrtc_probe", input_names=["a"], output_names=["b"],
-                            source="b[threadIdx.x] = a[threadIdx.x];")
+    import time
+
+    tag = f"{os.getpid()}_{time.time_ns()}"  # a kernel no PTX cache holds: MLX must compile it
+    k = mx.fast.cuda_kernel(name=f"nvrtc_probe_{tag}", input_names=["a"], output_names=["b"],
+                            source=f"b[threadIdx.x] = a[threadIdx.x];  // {tag}")
     mx.eval(k(inputs=[mx.zeros((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
               output_dtypes=[mx.float32])[0])
     with open("/proc/self/maps") as f:
