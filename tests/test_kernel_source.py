@@ -110,13 +110,15 @@ def test_unwritable_directory_falls_back_to_the_text(tmp_path, monkeypatch):
 
 
 def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
-    """nvcc on MLX's kernel text (tests/test_kernels_cuda_compile.py's reproduction of
-    cuda_kernel's source assembly) with the source inline and as include files: the
+    """nvcc on MLX's kernel text (tools/cuda_units.py's reproduction of cuda_kernel's
+    source assembly) with the source inline and as include files: the
     same PTX, for every family's compile-test kernels (the router's and map0's bodies
     read an input's shape: MLX must still see the name)."""
     import subprocess
 
     import test_kernels_cuda_compile as cc
+
+    import cuda_units  # (tools/, on the path once the compile test is imported): kernel_text's module
 
     if cc.NVCC is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed")
@@ -136,9 +138,9 @@ def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
         bodies = "\n".join(real_source("cuda", KERNELS[cc.gemm_base(n)].family, n)[1] for n, *_ in ks)
         header = prune(family_header("cuda", family), bodies)
         inc_h = as_include_files(header, "", src_dir)[0]
-        monkeypatch.setattr(cc, "kernel_source", files_source)
+        monkeypatch.setattr(cuda_units, "kernel_source", files_source)
         fns = "".join(cc.kernel_text(*k) for k in ks)
-        monkeypatch.setattr(cc, "kernel_source", real_source)
+        monkeypatch.setattr(cuda_units, "kernel_source", real_source)
         files.append(cc.PRELUDE + inc_h + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
                      + fns + "}\n")
         assert len(files[-1]) < len(inline[len(files) - 1]) / 2
