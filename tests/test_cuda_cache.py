@@ -35,6 +35,17 @@ def test_tool_option_defaults_to_untouched(capsys):
         p.parse_args(["--cache-preference", "big"])
 
 
+def test_loaded_libraries_reads_this_process_mappings():
+    """The libraries this process has mapped (how the runtime and NVRTC MLX loaded are
+    found): MLX's own core library is among them, a name nothing has is not."""
+    import os
+
+    core = cuda_cache.loaded_libraries("mlx")
+    assert any(os.path.basename(p).startswith("libmlx") or "/mlx/" in p for p in core), core
+    assert all(os.path.isabs(p) for p in core)
+    assert cuda_cache.loaded_libraries("no_such_library_xyz.so") == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs MLX's CUDA backend and an NVIDIA GPU")
 def test_preference_is_set_on_mlx_context():

@@ -116,17 +116,17 @@ def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
     read an input's shape: MLX must still see the name)."""
     import subprocess
 
-    import test_kernels_cuda_compile as cc
+    import test_kernels_cuda_compile as cc  # (puts tools/ on the path: cuda_units)
 
-    import cuda_units  # (tools/, on the path once the compile test is imported): kernel_text's module
+    import cuda_units
 
     if cc.NVCC is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed")
     units = [("decode_layer", cc.DECODE_LAYER_KERNELS), ("router", cc.ROUTER_KERNELS),
              ("attention", _ATTENTION_KERNELS),
              ("mul_mv_id", cc.MV_KERNELS), ("mul_mm_id", cc.MM_KERNELS)]
-    inline = [cc.translation_unit(f, ks) for f, ks in units]
-    real_source = cc.kernel_source
+    inline = [cuda_units.translation_unit(f, ks) for f, ks in units]
+    real_source = kernel_source
     src_dir = tmp_path / "src"
 
     def files_source(flavor, family, name):
@@ -135,13 +135,13 @@ def test_include_form_compiles_to_the_same_ptx(tmp_path, monkeypatch):
 
     files = []
     for family, ks in units:
-        bodies = "\n".join(real_source("cuda", KERNELS[cc.gemm_base(n)].family, n)[1] for n, *_ in ks)
+        bodies = "\n".join(real_source("cuda", KERNELS[cuda_units.gemm_base(n)].family, n)[1] for n, *_ in ks)
         header = prune(family_header("cuda", family), bodies)
         inc_h = as_include_files(header, "", src_dir)[0]
         monkeypatch.setattr(cuda_units, "kernel_source", files_source)
-        fns = "".join(cc.kernel_text(*k) for k in ks)
+        fns = "".join(cuda_units.kernel_text(*k) for k in ks)
         monkeypatch.setattr(cuda_units, "kernel_source", real_source)
-        files.append(cc.PRELUDE + inc_h + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+        files.append(cuda_units.PRELUDE + inc_h + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
                      + fns + "}\n")
         assert len(files[-1]) < len(inline[len(files) - 1]) / 2
     for i, (a, b) in enumerate(zip(inline, files)):

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_moe.kernels.registry import KERNELS, family_header, kernel_source
-from mlx_moe.kernels.source import prune
+from mlx_moe.kernels.registry import family_header
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
@@ -40,7 +39,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not
 # The CUDA text as MLX's cuda_kernel assembles it (tools/cuda_units.py, shared with
 # tools/nvrtc_registers.py and the CUDA mock)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from cuda_units import CUDA_TYPES, PRELUDE, gemm_base, kernel_text, moe_layer_kernel as _moe_layer, translation_unit  # noqa: E402,F401
+from cuda_units import gemm_base, moe_layer_kernel as _moe_layer, translation_unit  # noqa: E402
 
 
 def compile_sm90a(tmp_path: Path, family: str, kernels: list) -> tuple:

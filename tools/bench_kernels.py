@@ -231,12 +231,16 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
     from mlx_moe.kernels.registry import ticket_counters
     from mlx_moe.kernels.router import RouterParams
 
+    def one(g, l):
+        """Layer l's routed one-launch layer at geometry g (None: the default)."""
+        return mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0]
+
     def flipped(g, l):
-        """mul_mv_id_moe at g with dispatch.SHARE_ROUTE flipped (read as the launch is made)."""
+        """one(g, l) with dispatch.SHARE_ROUTE flipped (read as the launch is made)."""
         was = dispatch.SHARE_ROUTE
         dispatch.SHARE_ROUTE = not was
         try:
-            return mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0]
+            return one(g, l)
         finally:
             dispatch.SHARE_ROUTE = was
 
@@ -259,9 +263,7 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
     geoms = [(g, g.tag if g is not None else f"{dispatch.MOE_LAYER['q4_0'].tag} default")
              for g in [None] + list(layer_geometries)]
     out = [("ours q4_0 routed, 2 launches (swiglu_route + down_combine_res)", two)]
-    out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})",
-             lambda l, g=g: mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0])
-            for g, tag in geoms]
+    out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})", lambda l, g=g: one(g, l)) for g, tag in geoms]
     if route_both:  # the down threadgroups running the rule / reading what the token's first gate/up one wrote
         flip = "rule in every threadgroup" if dispatch.SHARE_ROUTE else "routing shared"
         out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, {flip})", lambda l, g=g: flipped(g, l))

@@ -118,8 +118,9 @@ def mlx_nvrtc_path() -> str:
                             source=f"b[threadIdx.x] = a[threadIdx.x];  // {tag}")
     mx.eval(k(inputs=[mx.zeros((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
               output_dtypes=[mx.float32])[0])
-    with open("/proc/self/maps") as f:
-        paths = sorted({line.split()[-1] for line in f if "libnvrtc.so" in line})
+    from mlx_moe.kernels.cuda_cache import loaded_libraries
+
+    paths = loaded_libraries("libnvrtc.so")
     if not paths:
         raise SystemExit("no libnvrtc in this process after an MLX CUDA kernel was built")
     return paths[0]

@@ -25,17 +25,24 @@ import mlx.core as mx
 PREFERENCES = {"none": 0, "shared": 1, "l1": 2, "equal": 3}
 
 
-def _cudart() -> ctypes.CDLL:
-    """The CUDA runtime MLX loaded, by its path in /proc/self/maps."""
+def loaded_libraries(name: str) -> list:
+    """Paths of the shared libraries this process has mapped whose path holds `name`
+    (e.g. "libcudart.so": the CUDA runtime MLX loaded), from /proc/self/maps; [] where
+    there is none or no such file."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+            return sorted({line.split()[-1] for line in f if name in line})
     except OSError:
-        paths = set()
+        return []
+
+
+def _cudart() -> ctypes.CDLL:
+    """The CUDA runtime MLX loaded, by its path in /proc/self/maps."""
+    paths = loaded_libraries("libcudart.so")
     if not paths:
         raise RuntimeError("no CUDA runtime (libcudart) is loaded in this process: the cache preference needs "
                            "MLX's CUDA backend on an NVIDIA GPU (pip install mlx[cuda])")
-    return ctypes.CDLL(sorted(paths)[0])
+    return ctypes.CDLL(paths[0])
 
 
 def set_cache_preference(name: str) -> int:
