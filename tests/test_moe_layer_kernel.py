@@ -311,8 +311,8 @@ def test_one_launch_rejects_what_it_cannot_run():
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
-    with pytest.raises(ValueError, match="stage is 0 to 255.*got 256"):
-        LayerGeometry(1, 4, 8, 1, stage=256)
+    with pytest.raises(ValueError, match="stage is 0 to 1023.*got 1024"):
+        LayerGeometry(1, 4, 8, 1, stage=1024)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -354,17 +354,22 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_residual_first_is_the_launch(flavor):
-    """Stage bit 64 (the residual read before the down threadgroups wait): y, ids, weights
-    and h bit for bit against the same geometry without it, on 256 x 256 rows (2 tokens,
-    ragged down tiles) and on CUDA at Qwen3-30B-A3B's shapes, 8 launches on one counter."""
+@pytest.mark.parametrize("bits", [64, 256, 512, 768])
+def test_order_bits_are_the_launch(flavor, bits):
+    """Stage bits that move work without changing a sum -- 64 (the residual read before the
+    down threadgroups wait), 256 (their h copied into threadgroup memory), 512 (the down
+    tile's loop not unrolled) -- y, ids, weights and h bit for bit against the same geometry
+    without them, on 256 x 256 rows (2 tokens, ragged down tiles; 3 slots, so bits 256 and
+    512, which need the down tile on the tensor cores, change nothing there) and on CUDA at
+    Qwen3-30B-A3B's shapes (on top of 63 for bit 64, of 191 for the tile's bits), 8
+    launches on one counter."""
     from mlx_moe.kernels.mul_mv_id import moe_layer_launch
     from mlx_moe.q4_0 import quantize
 
-    rng = np.random.default_rng(64)
+    rng = np.random.default_rng(bits)
     shapes = [(8, 256, 256, 2, 3, 2, (1, 5, 8, 63)), (8, 256, 256, 1, 3, 1, (1, 4, 8, 15))]
     if flavor == "cuda":
-        shapes.append((128, 2048, 768, 1, 8, 8, (1, 4, 8, 63)))
+        shapes.append((128, 2048, 768, 1, 8, 8, (1, 4, 8, 63 if bits == 64 else 191)))
     for E, d, f, T, k, reps, (nrg, nrd, nsg, base) in shapes:
         wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
         wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
@@ -375,10 +380,10 @@ def test_residual_first_is_the_launch(flavor):
             logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
             want = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor, base_g)
             got = moe_layer_launch(x, logits, params, wg, wu, wd, 0, res, count, flavor,
-                                   dataclasses.replace(base_g, stage=base | 64))
+                                   dataclasses.replace(base_g, stage=base | bits))
             for name, a, b in zip(("y", "ids", "weights"), got[:3], want[:3]):
                 np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
-                                              err_msg=f"{name}, stage {base | 64}, {E} experts, launch {rep}")
+                                              err_msg=f"{name}, stage {base | bits}, {E} experts, launch {rep}")
             real = np.array(want[1]).reshape(-1) < E
             np.testing.assert_array_equal(np.array(got[3].astype(mx.float32))[real],
                                           np.array(want[3].astype(mx.float32))[real], err_msg=f"h, launch {rep}")

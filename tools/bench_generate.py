@@ -71,6 +71,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 63, the default until 2026-12-07's seventeenth session; the default's
                 down dot products on the tensor cores off); +resfirst: the default with
                 the residual read before the down threadgroups wait (stage 255);
+                +hcopy: the down threadgroups copying their token's h into threadgroup
+                memory after the wait (stage 447); +dnloop1: the down tile's block loop
+                not unrolled (stage 703: 32 registers, 8 threadgroups an SM, with the
+                routing shared); +hcopy1: both (959);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -549,6 +553,9 @@ SWITCHES = {
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(63),
     "+resfirst": _moe_layer_stage(255),
+    "+hcopy": _moe_layer_stage(447),
+    "+dnloop1": _moe_layer_stage(703),
+    "+hcopy1": _moe_layer_stage(959),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -15,7 +15,7 @@
 #      prints each geometry's median)
 #   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv),
 #       and the registers the NVRTC MLX loads gives the default and the candidates
-#       (tools/nvrtc_registers.py --mlx-nvrtc)
+#       (tools/nvrtc_registers.py --mlx-nvrtc); skipped with SKIP_1B=1
 #   2. the GPU tests TEST_KEYWORDS select
 #   3. the decode step's GPU time, the default against the candidate ncu put fastest, ABAB
 #      (tools/profile_decode.py --gpu-step under ncu, --summarize): a default changes only
@@ -53,7 +53,8 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 # bench_generate.py's engine for each stage (its SWITCHES)
 engine_of() {
   case $1 in
-    63) echo +gumma ;; 255) echo +resfirst ;; *) echo "" ;;
+    63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;;
+    *) echo "" ;;
   esac
 }
 
@@ -76,11 +77,11 @@ saveptx
 
 # 1b. where the default's routed launch waits: one launch under ncu's memory and warp-state
 # sections (L1 / L2 hit rates and the L2 traffic of h, the stall reasons), the details page
-step 90 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe_bfloat --launch-skip 1 --launch-count 1 \
+[ -z "${SKIP_1B:-}" ] && step 90 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe_bfloat --launch-skip 1 --launch-count 1 \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
   --section WarpStateStats --section SchedulerStats --csv --page details --log-file "$OUT/ncu_sections.csv" \
   python3 tools/bench_kernels.py --ncu --layer-geometries ""
-step 60 python3 tools/nvrtc_registers.py --mlx-nvrtc --stages "$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)'),$(echo $CANDIDATES | tr ' ' ',')"
+[ -z "${SKIP_1B:-}" ] && step 60 python3 tools/nvrtc_registers.py --mlx-nvrtc --stages "$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)'),$(echo $CANDIDATES | tr ' ' ',')"
 
 # 2. the candidates' GPU tests
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
@@ -103,7 +104,8 @@ if [ -n "$ENG" ]; then
 fi
 
 # 4. the timeline
-step 90 python3 tools/trace_moe_layer.py --geometries "$GEOMS" --json "$OUT/trace.json"
+DEFAULT_STAGE=$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)')
+step 120 python3 tools/trace_moe_layer.py --geometries "1x4x8x1x$DEFAULT_STAGE,$GEOMS" --json "$OUT/trace.json"
 
 # 5. memcheck
 step 200 "$CUDA_BIN/compute-sanitizer" --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -rA --tb=short \
