@@ -53,7 +53,7 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 # bench_generate.py's engine for each stage (its SWITCHES)
 engine_of() {
   case $1 in
-    63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;;
+    63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;; 1023) echo +hcopy1res ;;
     *) echo "" ;;
   esac
 }
