@@ -354,7 +354,7 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("bits", [64, 256, 512, 768])
+@pytest.mark.parametrize("bits", [64, 256, 512, 768, 832])
 def test_order_bits_are_the_launch(flavor, bits):
     """Stage bits that move work without changing a sum -- 64 (the residual read before the
     down threadgroups wait), 256 (their h copied into threadgroup memory), 512 (the down
