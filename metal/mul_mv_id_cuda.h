@@ -153,59 +153,30 @@ struct moe_down_mma<true> {
     const bool bcol = g < 4;
     const bool right = g >= 4;  // the column this lane keeps: c1 / c3 (else c0 / c2)
     float acc = 0.0f;
-    // (two copies of the loop: #pragma unroll takes no template argument in every front end)
-    if (UNR == 1) {
-      #pragma unroll 1
-      for (int j = 0; j < NB; ++j) {
-        const int b = b0 + j;
-        const ushort* p0 = r0 + b * 9;
-        const ushort* p1 = r1 + b * 9;
-        // k permuted within the block (the same for A and B, so the sums are the dot
-        // products): lane q's logical k 2q, 2q + 1 are bytes 4q, 4q + 1 (ushort 1 + 2q) and its
-        // 2q + 8, 2q + 9 bytes 4q + 2, 4q + 3 (ushort 2 + 2q), so its h words are adjacent: one
-        // 8-byte load for each half of the block where the natural order takes two.
-        const unsigned w0 = p0[1 + 2 * q], w1 = p0[2 + 2 * q], v0 = p1[1 + 2 * q], v1 = p1[2 + 2 * q];
-        const unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), moe_q4_bf16x2(v0 & 0x0F0Fu),
-                                moe_q4_bf16x2(w1 & 0x0F0Fu), moe_q4_bf16x2(v1 & 0x0F0Fu)};
-        const unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu),
-                                moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu)};
-        const uint2 zero = make_uint2(0u, 0u);
-        const uint2 hl = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 2 * q) : zero;      // k 4q ..
-        const uint2 hh = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 8 + 2 * q) : zero;  // k 16 + 4q ..
-        const unsigned blo[2] = {hl.x, hl.y};
-        const unsigned bhi[2] = {hh.x, hh.y};
-        float c[4];
-        moe_mma_bf16_z(c, lo, blo);
-        moe_mma_bf16(c, hi, bhi);
-        const float cv = q == 1 ? (right ? c[3] : c[2]) : (right ? c[1] : c[0]);
-        acc += moe_f16_bits(rs[b * 9]) * cv;
-      }
-    } else {
-      #pragma unroll 2
-      for (int j = 0; j < NB; ++j) {
-        const int b = b0 + j;
-        const ushort* p0 = r0 + b * 9;
-        const ushort* p1 = r1 + b * 9;
-        // k permuted within the block (the same for A and B, so the sums are the dot
-        // products): lane q's logical k 2q, 2q + 1 are bytes 4q, 4q + 1 (ushort 1 + 2q) and its
-        // 2q + 8, 2q + 9 bytes 4q + 2, 4q + 3 (ushort 2 + 2q), so its h words are adjacent: one
-        // 8-byte load for each half of the block where the natural order takes two.
-        const unsigned w0 = p0[1 + 2 * q], w1 = p0[2 + 2 * q], v0 = p1[1 + 2 * q], v1 = p1[2 + 2 * q];
-        const unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), moe_q4_bf16x2(v0 & 0x0F0Fu),
-                                moe_q4_bf16x2(w1 & 0x0F0Fu), moe_q4_bf16x2(v1 & 0x0F0Fu)};
-        const unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu),
-                                moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu)};
-        const uint2 zero = make_uint2(0u, 0u);
-        const uint2 hl = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 2 * q) : zero;      // k 4q ..
-        const uint2 hh = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 8 + 2 * q) : zero;  // k 16 + 4q ..
-        const unsigned blo[2] = {hl.x, hl.y};
-        const unsigned bhi[2] = {hh.x, hh.y};
-        float c[4];
-        moe_mma_bf16_z(c, lo, blo);
-        moe_mma_bf16(c, hi, bhi);
-        const float cv = q == 1 ? (right ? c[3] : c[2]) : (right ? c[1] : c[0]);
-        acc += moe_f16_bits(rs[b * 9]) * cv;
-      }
+    #pragma unroll UNR
+    for (int j = 0; j < NB; ++j) {
+      const int b = b0 + j;
+      const ushort* p0 = r0 + b * 9;
+      const ushort* p1 = r1 + b * 9;
+      // k permuted within the block (the same for A and B, so the sums are the dot
+      // products): lane q's logical k 2q, 2q + 1 are bytes 4q, 4q + 1 (ushort 1 + 2q) and its
+      // 2q + 8, 2q + 9 bytes 4q + 2, 4q + 3 (ushort 2 + 2q), so its h words are adjacent: one
+      // 8-byte load for each half of the block where the natural order takes two.
+      const unsigned w0 = p0[1 + 2 * q], w1 = p0[2 + 2 * q], v0 = p1[1 + 2 * q], v1 = p1[2 + 2 * q];
+      const unsigned lo[4] = {moe_q4_bf16x2(w0 & 0x0F0Fu), moe_q4_bf16x2(v0 & 0x0F0Fu),
+                              moe_q4_bf16x2(w1 & 0x0F0Fu), moe_q4_bf16x2(v1 & 0x0F0Fu)};
+      const unsigned hi[4] = {moe_q4_bf16x2((w0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v0 >> 4) & 0x0F0Fu),
+                              moe_q4_bf16x2((w1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((v1 >> 4) & 0x0F0Fu)};
+      const uint2 zero = make_uint2(0u, 0u);
+      const uint2 hl = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 2 * q) : zero;      // k 4q ..
+      const uint2 hh = bcol ? *reinterpret_cast<const uint2*>(hw + b * 16 + 8 + 2 * q) : zero;  // k 16 + 4q ..
+      const unsigned blo[2] = {hl.x, hl.y};
+      const unsigned bhi[2] = {hh.x, hh.y};
+      float c[4];
+      moe_mma_bf16_z(c, lo, blo);
+      moe_mma_bf16(c, hi, bhi);
+      const float cv = q == 1 ? (right ? c[3] : c[2]) : (right ? c[1] : c[0]);
+      acc += moe_f16_bits(rs[b * 9]) * cv;
     }
     if (q < 2) {  // tile row i = g + 8q: slot 4t + i / 4, the threadgroup's row i % 4
       const int i = g + 8 * q;
