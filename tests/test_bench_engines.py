@@ -100,3 +100,31 @@ def test_bench_kernels_route_both_flips_the_routing_for_its_launches(monkeypatch
     y_plain = np.array(runs[plain[0]](0).astype(mx.float32))
     assert seen == [not default, default] and dispatch.SHARE_ROUTE == default
     np.testing.assert_array_equal(y_flip, y_plain)
+
+
+def test_fence_both_builds_the_layer_under_the_other_fence(monkeypatch):
+    """bench_kernels --fence-both: each routed one-launch layer once more with
+    registry.CUDA_FENCE flipped while its kernel is built and launched, the setting back
+    afterwards, the same y (the emulation has no fence)."""
+    import importlib
+
+    import bench_kernels
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_moe.kernels import registry
+
+    mul_mv_id = importlib.import_module("mlx_moe.kernels.mul_mv_id")
+    runs = dict(bench_kernels.routed_layers("emulated", [bench_kernels.q4_0_experts(8, 256, 64)], 2, [],
+                                            fence_both=True))
+    default = registry.CUDA_FENCE
+    other = [n for n in runs if "fence " in n]
+    plain = [n for n in runs if "routed, 1 launch" in n and n not in other]
+    assert len(other) == 1 and len(plain) == 1 and other[0].endswith(
+        "fence " + ("acq_rel" if default == "sc" else "sc") + ")"), list(runs)
+    seen, launch = [], mul_mv_id._moe_layer
+    monkeypatch.setattr(mul_mv_id, "_moe_layer", lambda *a: seen.append(registry.CUDA_FENCE) or launch(*a))
+    y_other = np.array(runs[other[0]](0).astype(mx.float32))
+    y_plain = np.array(runs[plain[0]](0).astype(mx.float32))
+    assert seen[0] != default and seen[1] == default and registry.CUDA_FENCE == default
+    np.testing.assert_array_equal(y_other, y_plain)

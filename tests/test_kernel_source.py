@@ -167,3 +167,16 @@ _ATTENTION_KERNELS = [
       "pos": "int32", "cst": "float32"}, {"parts": "float32", "ml": "float32"},
      [("T", "bfloat16"), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("NSG", 8), ("U", 8), ("S", 4),
       ("QKNORM", True), ("TRAD", False)])]
+
+
+def test_kernel_names_carry_a_fence_other_than_the_default(monkeypatch):
+    """registry.fence_tag: a CUDA kernel built under acq_rel is named apart from the default
+    (sc) one, so one process can hold both (MLX keeps compiled kernels by name) and ncu
+    tell them apart; Metal and the emulation have no fence and no tag."""
+    from mlx_moe.kernels import registry
+
+    monkeypatch.setattr(registry, "CUDA_FENCE", "sc")
+    assert registry.fence_tag("cuda") == ""
+    monkeypatch.setattr(registry, "CUDA_FENCE", "acq_rel")
+    assert registry.fence_tag("cuda") == "_acqrel"
+    assert registry.fence_tag("metal") == registry.fence_tag("emulated") == ""

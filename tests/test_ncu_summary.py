@@ -112,6 +112,10 @@ def test_moe_layer_kernel_geometries(tmp_path):
     lines.append(_row(9, "custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_191"
                          "_128_4_0_f_1_1_t_t", "(1280, 1, 1)", "gpu__time_duration.sum", "us", "19.4"))
     want.append(("mul_mv_id_moe", "1x4x8x1x191+share"))
+    # and built under the acq_rel fence (registry.fence_tag names it): tagged +acqrel too
+    lines.append(_row(10, "custom_kernel_mlx_moe_mul_mv_id_moe_acqrel_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_191"
+                          "_128_4_0_f_1_1_t_t", "(1280, 1, 1)", "gpu__time_duration.sum", "us", "19.2"))
+    want.append(("mul_mv_id_moe", "1x4x8x1x191+share+acqrel"))
     p = tmp_path / "ncu.csv"
     p.write_text("".join(lines))
     stats = ncu_summary.parse(str(p))

@@ -220,7 +220,7 @@ def parse_geometries(text: str) -> dict:
     return out
 
 
-def routed_layers(fl, q4, k, layer_geometries, route_both=False):
+def routed_layers(fl, q4, k, layer_geometries, route_both=False, fence_both=False):
     """[(label, layer_fn)] of the routed decode MoE layer (one token, router outputs in)
     over the layers' experts q4: two launches, then one (mul_mv_id_moe) at its default
     and each listed geometry; then the same one launch under given routing
@@ -228,6 +228,7 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
     from the same router outputs, as mlx-lm's SwitchGLU is given its indices)."""
     from mlx_moe import router as R
     from mlx_moe.kernels.mul_mv_id import mul_mv_id_down_combine, mul_mv_id_moe, mul_mv_id_moe_ids, mul_mv_id_swiglu_route
+    from mlx_moe.kernels import registry
     from mlx_moe.kernels.registry import ticket_counters
     from mlx_moe.kernels.router import RouterParams
 
@@ -243,6 +244,16 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
             return one(g, l)
         finally:
             dispatch.SHARE_ROUTE = was
+
+    def other_fence(g, l):
+        """one(g, l) under the other CUDA fence (registry.CUDA_FENCE, read as the kernel is
+        built; the kernel's name carries it, registry.fence_tag)."""
+        was = registry.CUDA_FENCE
+        registry.CUDA_FENCE = "acq_rel" if was == "sc" else "sc"
+        try:
+            return one(g, l)
+        finally:
+            registry.CUDA_FENCE = was
 
     layers = len(q4)
     E, D = q4[0]["gate_proj"]["weight"].shape[0], q4[0]["down_proj"]["weight"].shape[1]
@@ -268,6 +279,10 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
         flip = "rule in every threadgroup" if dispatch.SHARE_ROUTE else "routing shared"
         out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, {flip})", lambda l, g=g: flipped(g, l))
                 for g, tag in geoms]
+    if fence_both:  # the threadgroups' hand-offs under the other fence
+        other = "acq_rel" if registry.CUDA_FENCE == "sc" else "sc"
+        out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, fence {other})",
+                 lambda l, g=g: other_fence(g, l)) for g, tag in geoms]
     out += [(f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
              lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x, counts[l],
                                               fl, g)[0])
@@ -275,7 +290,8 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False):
     return out
 
 
-def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, route_both=False) -> int:
+def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, route_both=False,
+             fence_both=False) -> int:
     """Each variant on `layers` layers, once after a warm-up, for ncu's kernel timings.
 
     With `geometries` (parse_geometries), the Q4_0 decode kernels run once per listed
@@ -285,7 +301,7 @@ def ncu_once(fl, E, D, F, k, layers=4, geometries=None, layer_geometries=None, r
     With `layer_geometries`, routed_layers' variants run instead."""
     if layer_geometries is not None:
         for _, run in routed_layers(fl, [q4_0_experts(E, D, F) for _ in range(layers)], k, layer_geometries,
-                                    route_both):
+                                    route_both, fence_both):
             mx.eval(run(0))  # compile and warm up on one layer
             mx.eval([run(l) for l in range(layers)])
         return 0
@@ -646,6 +662,9 @@ def main(argv=None) -> int:
                    help="with --layer-geometries: each routed one-launch layer also with dispatch.SHARE_ROUTE "
                         "flipped (on: the down threadgroups read the routing their token's first gate/up one wrote; "
                         "off: they run the rule; ncu_summary tags the launches with it on +share)")
+    p.add_argument("--fence-both", action="store_true",
+                   help="with --layer-geometries: each routed one-launch layer also under the other CUDA fence "
+                        "(registry.CUDA_FENCE: sc <-> acq_rel; ncu_summary tags acq_rel launches +acqrel)")
     p.add_argument("--geometries", type=str, default=None,
                    help="Q4_0 decode launch geometries to time besides the defaults, e.g. "
                         "'gate_up=8x2x4,2x4x1 down=2x8x4,4x8x1' (NRxNSG[xNQ]); with --ncu "
@@ -688,7 +707,7 @@ def main(argv=None) -> int:
         return fused_layer_once(fl, parse_fused(a.fused))  # "" times the defaults alone
     if a.ncu:
         return ncu_once(fl, E, D, F, k, geometries=geometries, layer_geometries=layer_geometries,
-                        route_both=a.route_both)
+                        route_both=a.route_both, fence_both=a.fence_both)
     if a.prefill:
         res = prefill_main(a, fl)
         if a.json:
@@ -730,7 +749,7 @@ def main(argv=None) -> int:
                per_layer_us(lambda l: mb(xs, ids[l], ws[l], q4[l]), L, a.reps), nbytes)
 
         if layer_geometries is not None and T == 1:
-            for name, run in routed_layers(fl, q4, k, layer_geometries, a.route_both):
+            for name, run in routed_layers(fl, q4, k, layer_geometries, a.route_both, a.fence_both):
                 report(name, T, per_layer_us(run, L, a.reps), expert_bytes_4b * k)
 
         if geometries and T == 1:

@@ -12,7 +12,8 @@
 # tests to run for them (default "qwen3_shapes or shared_routing").  Steps, in priority order:
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
-#      prints each geometry's median)
+#      prints each geometry's median); FENCE_BOTH=1: the routed ones under the other CUDA
+#      fence too (--fence-both; tagged +acqrel)
 #   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv),
 #       and the registers the NVRTC MLX loads gives the default and the candidates
 #       (tools/nvrtc_registers.py --mlx-nvrtc); skipped with SKIP_1B=1
@@ -65,7 +66,7 @@ GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
 # 1. the layer under ncu
 step 230 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_layer.csv" \
-  python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS"
+  python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS" ${FENCE_BOTH:+--fence-both}
 BEST=""
 if [ -f "$OUT/ncu_layer.csv" ]; then
   step 30 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"

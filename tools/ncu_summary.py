@@ -85,12 +85,16 @@ def split_name(name: str):
     for base in sorted(_GEOMETRY_AT, key=len, reverse=True):
         if rest.startswith(base + "_"):
             args = rest[len(base) + 1:]
+            # a fence other than the default, named after the base (registry.fence_tag)
+            fence = re.match(r"(acqrel)_", args)
             ints = re.findall(r"(?:^|_)(-?\d+)(?=_|$)", args)
             at, n = _GEOMETRY_AT[base]
             geo = "x".join(ints[at:at + n]) if len(ints) > at + 1 else None
             # the routed layer's last template argument: SHARE_ROUTE (dispatch.SHARE_ROUTE)
             if geo and base in ("mul_mv_id_moe", "mul_mv_id_moe_trace") and args.endswith("_t"):
                 geo += "+share"
+            if geo and fence:
+                geo += "+" + fence.group(1)
             return base, args, geo
     head = re.match(r"(.*?)_(?:float|bfloat|half|uint|int|bool|true|false|\d)", rest)
     base = head.group(1) if head else rest

@@ -403,6 +403,16 @@ CUDA_FENCES = {"sc": "__threadfence()", "acq_rel": 'asm volatile("fence.acq_rel.
 CUDA_FENCE = os.environ.get("MLX_MOE_CUDA_FENCE", "sc")
 
 
+def fence_tag(flavor: str) -> str:
+    """What a kernel's name carries of its fence: nothing for the default ("sc") or off CUDA,
+    "_acqrel" for "acq_rel" -- so a process can build a kernel under both (MLX keeps a
+    compiled kernel by its name: one name for two sources would run the first) and a
+    profiler tell their launches apart (tools/ncu_summary.py tags them +acqrel)."""
+    if flavor != "cuda" or CUDA_FENCE == "sc":
+        return ""
+    return "_" + CUDA_FENCE.replace("_", "")
+
+
 @lru_cache(maxsize=None)
 def _shims(flavor: str, fence: str = "") -> str:
     if flavor != "cuda":
@@ -491,7 +501,7 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
         if flavor == "emulated" and spec is not None:
             extra = {k: v for k, v in (("inplace_inputs", spec.inplace), ("in_order", spec.in_order)) if v}
         kernel = _maker(flavor)(
-            name=f"mlx_moe_{name}" + ("" if n_layers is None else f"_{n_layers}"),
+            name=f"mlx_moe_{name}" + fence_tag(flavor) + ("" if n_layers is None else f"_{n_layers}"),
             input_names=list(inputs), output_names=list(outputs), source=body, header=header, **extra,
         )
         _KERNELS[key] = kernel
