@@ -10,11 +10,16 @@ reads each kernel's registers and stack frame from the cubin's .nv.info attribut
 on the GPU machine against the NVRTC that MLX loads there (--mlx-nvrtc) to see which
 compiler gives the 40.
 
-    python3 tools/nvrtc_registers.py --nvrtc PATH/libnvrtc.so.13 [--stages 191,255] [--include DIR]
+    python3 tools/nvrtc_registers.py --nvrtc PATH/libnvrtc.so.13 [--stages 191,255] [--include DIR] [--sass DIR]
     python3 tools/nvrtc_registers.py --mlx-nvrtc              (the libnvrtc MLX's CUDA backend loaded)
 
-(pip's nvidia-cuda-nvrtc wheel holds a libnvrtc; CUDA headers from --include, default
-$CUDA_HOME/include or /usr/local/cuda/include, and its cccl/.)
+(pip's nvidia-cuda-nvrtc wheel holds a libnvrtc -- 13.0.88 is the GPU machine's, whose
+libnvrtc-builtins must be on LD_LIBRARY_PATH; CUDA headers from --include, default
+$CUDA_HOME/include or /usr/local/cuda/include, and its cccl/.)  --sass DIR writes the cubin
+and, where cuobjdump and nvdisasm are on PATH (pip nvidia-cuda-cuobjdump,
+nvidia-cuda-nvdisasm), the SASS; and prints, for each variant, its down threadgroups' loads
+and mma after their wait, in order -- how many of a tile's h loads are in flight at once
+(BENCHMARKS.md 2026-12-07, twentieth session: 191 waits on one load pair per mma).
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
@@ -126,6 +134,24 @@ def mlx_nvrtc_path() -> str:
     return paths[0]
 
 
+def tail_sequence(sass: str) -> str:
+    """The down threadgroups' memory and mma instructions after their wait on the gate/up
+    count, in order, from one kernel's SASS: what follows the last NANOSLEEP (the wait's
+    loop) up to the next barrier after the first HMMA -- e.g. 'LDG.64 LDG.64 HMMA HMMA
+    LDG.64 HMMA ...' (loads waited for one pair at a time) or 'LDS.64 LDS.64 HMMA HMMA'."""
+    ops = re.findall(r"\b(NANOSLEEP|HMMA|BAR\.SYNC|LDGSTS|LDG(?:\.\w+)*|LDS(?:\.\w+)*|LD\.E(?:\.\w+)*)\b", sass)
+    if "NANOSLEEP" not in ops:
+        return ""
+    tail = ops[len(ops) - 1 - ops[::-1].index("NANOSLEEP") + 1:]
+    out, seen_mma = [], False
+    for op in tail:
+        if op.startswith("BAR") and seen_mma:
+            break
+        seen_mma = seen_mma or op == "HMMA"
+        out.append(re.sub(r"\.(E|U16|STRONG|SYS|CONSTANT|BYPASS)\b", "", op).replace("LDGSTS", "cp.async"))
+    return " ".join(out)
+
+
 def threadgroups_per_sm(registers: int, threads: int) -> int:
     """Threadgroups of `threads` one multiprocessor's 65536 registers hold, 8 a thread at a time."""
     return 65536 // (-(-registers // 8) * 8 * threads)
@@ -138,6 +164,8 @@ def main(argv=None) -> int:
     src.add_argument("--mlx-nvrtc", action="store_true", help="the libnvrtc MLX's CUDA backend loads (GPU machine)")
     p.add_argument("--stages", default="191", help="LayerGeometry stages at 1x4x8x1, comma-separated")
     p.add_argument("--include", default=None, help="CUDA headers (default $CUDA_HOME/include or /usr/local/cuda/include)")
+    p.add_argument("--sass", default=None, metavar="DIR",
+                   help="write the cubin (and with cuobjdump, the SASS) to DIR; print the down tail's loads and mma")
     a = p.parse_args(argv)
     path = mlx_nvrtc_path() if a.mlx_nvrtc else a.nvrtc
     lib = ctypes.CDLL(path)
@@ -147,13 +175,31 @@ def main(argv=None) -> int:
     kernels = [moe_layer_kernel(f"stage{st}{'_share' if share else ''}", 1, 4, 8, stage=int(st), share_route=share)
                for st in a.stages.split(",") for share in (False, True)]
     source = translation_unit("mul_mv_id", kernels).replace("#include <cstdint>\n", _CSTDINT)
-    res = cubin_resources(nvrtc_cubin(lib, source, options))
+    cubin = nvrtc_cubin(lib, source, options)
+    res = cubin_resources(cubin)
     print(f"NVRTC {nvrtc_version(lib)} ({path}), sm_90a cubin")
     for (_, variant, *_), sym in ((k, next(s for s in res if f"mul_mv_id_moe_{k[1]}E" in s)) for k in kernels):
         r = res[sym]
         print(f"  mul_mv_id_moe {variant:16s} {r.get('registers', 0):3d} registers, {r.get('frame', 0):4d} B stack frame"
               f"  -> {threadgroups_per_sm(r.get('registers', 0), 256)} threadgroups of 256 an SM by registers")
+    if a.sass:
+        write_sass(Path(a.sass), cubin, [(k[1], next(s for s in res if f"mul_mv_id_moe_{k[1]}E" in s)) for k in kernels])
     return 0
+
+
+def write_sass(out: Path, cubin: bytes, variants) -> None:
+    """The cubin to out/, and where cuobjdump is on PATH each variant's SASS beside it and its
+    down tail's loads and mma printed (tail_sequence)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe_layer.cubin").write_bytes(cubin)
+    if shutil.which("cuobjdump") is None:
+        print(f"  cubin in {out}; no cuobjdump on PATH for the SASS (pip nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm)")
+        return
+    for variant, sym in variants:
+        sass = subprocess.run(["cuobjdump", "-sass", "-fun", sym, str(out / "moe_layer.cubin")], capture_output=True,
+                              text=True, check=True).stdout
+        (out / f"{variant}.sass").write_text(sass)
+        print(f"  {variant:16s} down tail: {tail_sequence(sass)}")
 
 
 if __name__ == "__main__":
