@@ -281,8 +281,10 @@ struct moe_gate_up_mma {
   template <int D, int NTH, typename QP, typename XP>
   MOE_DEVICE static void copy_x(QP xs, XP x, uint tid) {}
   MOE_DEVICE static void wait_x() {}
+  template <int D, int NTH, bool W32, typename QP>
+  MOE_DEVICE static void finish_x(QP xs, uint tid) {}
 
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  template <int D, int NSG, int RW, bool W32 = false, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP x, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {}
 };
 
@@ -549,7 +551,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
 // products on a matrix unit, 4 rows a threadgroup; 256 = with 128, the token's h copied
 // into threadgroup memory after the wait and the down tile's B read there; 512 = with 128,
-// the down tile's block loop not unrolled), and the routing
+// the down tile's block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles
+// converted a word at a time), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -642,12 +645,19 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // To keep 6 threadgroups an SM in the 164 KB carveout, MMA_GU's copy of x moves into
   // `stage` too (after the gate/up rows), where xq held it.
   constexpr bool HST = (STAGE & 256) != 0 && MMA_DN;
-  constexpr int XIN = HST && MMA_GU ? D / 8 : 0;  // MMA_GU's x in stage (units)
+  // STAGE bit 1024 (with 32, CUDA only): the gate/up tile's nibbles converted a 32-bit word at
+  // a time (moe_gate_up_mma's W32: a LOP3 a bf16 pair where the default takes three
+  // instructions), its copy of x reordered and each block's sum after it (finish_x, D / 128
+  // units more).  Why: the gate/up threadgroups whose rows land last all convert at once, and
+  // from the last rows staged to the last h stored the trace shows 2.5 us of their issue.
+  constexpr bool GUW = (STAGE & 1024) != 0 && MMA_GU;
+  constexpr int XU = D / 8 + (GUW ? D / 128 : 0);  // MMA_GU's copy of x (and its block sums), units
+  constexpr int XIN = HST && MMA_GU ? XU : 0;       // MMA_GU's x in stage (units)
   constexpr int NS_H = HST ? KS * F / 8 : 0;     // the down threadgroups' h (units)
   constexpr int NSTAGE = NS_GU + XIN > NS_DN + NS_H ? NS_GU + XIN : NS_DN + NS_H;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU && !HST ? D / 8 : 1)];
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU && !HST ? XU : 1)];
   const auto xmma = HST ? moe_tg_as<uint4>(stage + NS_GU) : moe_tg_as<uint4>(xq);  // MMA_GU's copy of x
   threadgroup float gred[MMA_GU || MMA_DN ? NSG * 16 : 1];  // moe_gate_up_mma's and moe_down_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
@@ -753,6 +763,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
         moe_gate_up_mma<MMA_GU>::wait_x();
+        moe_gate_up_mma<MMA_GU>::template finish_x<D, 32 * NSG, GUW>(xmma, thread_index_in_threadgroup);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -762,7 +773,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
       if (MMA_GU) {
         if (real) {  // uniform per threadgroup (a barrier inside)
-          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8>(moe_tg_as<const ushort>(xmma),
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, GUW>(moe_tg_as<const ushort>(xmma),
                                                                    moe_tg_as<const ushort>(stage), ht + rt0, gred,
                                                                    (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
                                                                    thread_index_in_threadgroup);

@@ -49,8 +49,48 @@ struct moe_gate_up_mma<true> {
     moe_cp_wait<0>();
   }
 
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  // W32 (stage bit 1024): the copy of x made ready for run's word-at-a-time conversion, by
+  // the threads that copied it (each rewrites its own units, after its wait_x: the barrier
+  // that follows publishes them): within every 4 values, pairs (0, 2) and (1, 3), the order
+  // in which run's A fragments hold the weights; and after the D / 8 units, each block's
+  // 136 * sum of its 32 values (float32), the offset run takes off.  D / 8 a multiple of 32.
+  template <int D, int NTH, bool W32, typename QP>
+  MOE_DEVICE static void finish_x(QP xs, uint tid) {
+    if (!W32) {
+      return;
+    }
+    float* xsum = reinterpret_cast<float*>(reinterpret_cast<uint4*>(xs) + D / 8);
+    for (int u = int(tid); u < D / 8; u += NTH) {  // uniform per warp (D / 8 % 32 == 0)
+      const uint4 v = xs[u];
+      const unsigned w[4] = {v.x, v.y, v.z, v.w};
+      float t = 0.0f;
+      for (int i = 0; i < 4; ++i) {
+        t += moe_as_float(w[i] << 16) + moe_as_float(w[i] & 0xFFFF0000u);
+      }
+      xs[u] = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
+                         __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
+      t += moe_shuffle_xor(t, ushort(1));  // a block's 4 units: 4 consecutive threads
+      t += moe_shuffle_xor(t, ushort(2));
+      if (u % 4 == 0) {
+        xsum[u / 4] = 136.0f * t;
+      }
+    }
+  }
+
+  // W32 (stage bit 1024, run_w32): a lane's 4 quant bytes of a row's block (4q .. 4q + 3) as
+  // one word, each bf16 pair one LOP3 of it (moe_q4_pair128: two values 128 + q, nibbles two
+  // bytes apart), where the default takes a mask, a byte permute and a packed subtraction of
+  // 136 a pair: 7 instructions for 8 weights against 14 (NVRTC 13.0: the loop 81 instructions
+  // for two blocks against 111, 40 registers either way).  The mma then sums (128 + q) * x
+  // and the block's 136 * sum(x) (finish_x) comes off before its d: (q - 8) * x, as the
+  // default's.  B pairs (0, 2) and (1, 3) of every 4 values, finish_x's order.
+
+  template <int D, int NSG, int RW, bool W32 = false, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
+    if (W32) {
+      run_w32<D, NSG, RW>(xs, stage, h, red, nrows, sg, lane, tid);
+      return;
+    }
     constexpr int NB = D / 32 / NSG;  // blocks a warp
     const int g = int(lane >> 2);
     const int q = int(lane & 3u);
@@ -81,6 +121,52 @@ struct moe_gate_up_mma<true> {
       ag += moe_f16_bits(bg[0]) * c[0];
       au += moe_f16_bits(bu[0]) * c[2];
     }
+    store<NSG>(ag, au, h, red, nrows, sg, g, q, tid);
+  }
+
+  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
+  MOE_DEVICE static void run_w32(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
+    constexpr int NB = D / 32 / NSG;  // blocks a warp
+    const int g = int(lane >> 2);
+    const int q = int(lane & 3u);
+    const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
+    const ushort* ru = rg + 8 * RW;
+    const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs, finish_x's order
+    const float* xsum = reinterpret_cast<const float*>(reinterpret_cast<const uint4*>(xs) + D / 8);  // finish_x's sums
+    float ag = 0.0f;
+    float au = 0.0f;
+    #pragma unroll 2
+    for (int j = 0; j < NB; ++j) {
+      const int b = int(sg) * NB + j;
+      const ushort* bg = rg + b * 9;
+      const ushort* bu = ru + b * 9;
+      // bytes 4q .. 4q + 3 (ushorts 1 + 2q, 2 + 2q): logical k 2q, 2q + 1 are values 4q,
+      // 4q + 2 (low nibbles of bytes 0 and 2), k 2q + 8, 2q + 9 values 4q + 1, 4q + 3;
+      // the high nibbles the same 16 on
+      const unsigned gw = unsigned(bg[1 + 2 * q]) | (unsigned(bg[2 + 2 * q]) << 16);
+      const unsigned uw = unsigned(bu[1 + 2 * q]) | (unsigned(bu[2 + 2 * q]) << 16);
+      const unsigned lo[4] = {moe_q4_pair128(gw), moe_q4_pair128(uw), moe_q4_pair128(gw >> 8),
+                              moe_q4_pair128(uw >> 8)};
+      const unsigned hi[4] = {moe_q4_pair128(gw >> 4), moe_q4_pair128(uw >> 4), moe_q4_pair128(gw >> 12),
+                              moe_q4_pair128(uw >> 12)};
+      const uint2 bl = *reinterpret_cast<const uint2*>(xw + b * 16 + 2 * q);      // values 32 b + 4q ..
+      const uint2 bh = *reinterpret_cast<const uint2*>(xw + b * 16 + 8 + 2 * q);  // values 32 b + 16 + 4q ..
+      const unsigned blo[2] = {bl.x, bl.y};
+      const unsigned bhi[2] = {bh.x, bh.y};
+      float c[4];
+      moe_mma_bf16_z(c, lo, blo);
+      moe_mma_bf16(c, hi, bhi);
+      const float off = xsum[b];
+      ag += moe_f16_bits(bg[0]) * (c[0] - off);
+      au += moe_f16_bits(bu[0]) * (c[2] - off);
+    }
+    store<NSG>(ag, au, h, red, nrows, sg, g, q, tid);
+  }
+
+  // The warps' partial sums (lanes q = 0 hold gate row g's and up row g's) met in red; threads
+  // t < nrows store h[t] = silu(gate t) * up t.
+  template <int NSG, typename HP, typename RP>
+  MOE_DEVICE static void store(float ag, float au, HP h, RP red, int nrows, uint sg, int g, int q, uint tid) {
     if (q == 0) {
       red[int(sg) * 16 + g] = ag;
       red[int(sg) * 16 + 8 + g] = au;

@@ -270,6 +270,15 @@ __device__ inline unsigned moe_q4_bf16x2(unsigned nib) {
   return *reinterpret_cast<const unsigned*>(&h);
 }
 
+// The nibbles in bits 0-3 and 16-19 of w as the bf16 pair (128 + q0, 128 + q1): each under
+// the exponent byte 0x43 (bf16 0x43nn is 128 + nn), (w & 0x000F000F) | 0x43004300 as one LOP3
+// (written as C, ptxas splits it in two: LOP3 takes one immediate).
+__device__ inline unsigned moe_q4_pair128(unsigned w) {
+  unsigned r;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w), "r"(0x43004300u));  // (a & b) | c
+  return r;
+}
+
 // d = A (16 x 16) * B (16 x 8), bf16 operands, float32 result (no accumulator input).
 __device__ inline void moe_mma_bf16_z(float* d, const unsigned* a, const unsigned* b) {
   asm volatile(

@@ -79,9 +79,30 @@ inline float moe_silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 static std::barrier<>* mock_block_bar;
 inline void __syncthreads() { mock_block_bar->arrive_and_wait(); }
-struct MockWarp { std::barrier<>* bar; const float* ptr[32]; unsigned a[32][4]; unsigned b[32][2]; };
+struct MockWarp { std::barrier<>* bar; const float* ptr[32]; unsigned a[32][4]; unsigned b[32][2]; float f[32]; };
 static MockWarp mock_warp[32];
 thread_local int mock_lane, mock_warp_id;
+
+// shfl.sync.bfly over the whole warp: lane l gets lane l ^ mask's value.
+inline float moe_shuffle_xor(float v, unsigned short mask) {
+  MockWarp& w = mock_warp[mock_warp_id];
+  w.f[mock_lane] = v;
+  w.bar->arrive_and_wait();
+  const float r = w.f[mock_lane ^ mask];
+  w.bar->arrive_and_wait();
+  return r;
+}
+
+inline float moe_as_float(unsigned b) { return __uint_as_float(b); }
+inline unsigned moe_q4_pair128(unsigned w) { return (w & 0x000F000Fu) | 0x43004300u; }
+
+// prmt.b32 (default mode): byte i of the result is byte (s >> 4 i) & 7 of {y, x}, x the low word.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+  return r;
+}
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
 inline unsigned moe_tf32(float f) { return (__float_as_uint(f) + 0x1000u) & 0xFFFFE000u; }

@@ -26,32 +26,34 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 NSG = 8
 
 DRIVER = r"""
-// argv: D, nrows, stage file (16 rows of RW + 8 ushorts), x file (D bf16 bits), out file (8 floats)
-template <int D>
+// argv: D, nrows, stage file (16 rows of RW + 8 ushorts), x file (D bf16 bits), out file (8 floats),
+// W32 (0 or 1: stage bit 1024, the word-at-a-time conversion and finish_x's copy of x)
+template <int D, bool W32>
 int run(int nrows, const char* sp, const char* xp, const char* op) {
   constexpr int RW = D / 32 * 9 + 8;  // a staged row and its 16 bytes of padding, in ushorts
   std::vector<char> st = mock_read(sp), xs = mock_read(xp);
   std::vector<float> h(8, -12345.0f);
   static float red[MOCK_NSG * 16];
-  alignas(16) static uint4 xcopy[D / 8];  // the threadgroup's copy of x (copy_x, as the kernel makes it)
+  alignas(16) static uint4 xcopy[D / 8 + D / 128];  // the copy of x (copy_x, as the kernel makes it), its block sums
   const ushort* stage = reinterpret_cast<const ushort*>(st.data());
   const ushort* x = reinterpret_cast<const ushort*>(xs.data());
   float* hp = h.data();
   mock_launch(1, 1, 32 * MOCK_NSG, [&] {
     moe_gate_up_mma<true>::copy_x<D, 32 * MOCK_NSG>(xcopy, x, threadIdx.x);
     moe_gate_up_mma<true>::wait_x();
+    moe_gate_up_mma<true>::finish_x<D, 32 * MOCK_NSG, W32>(xcopy, threadIdx.x);
     __syncthreads();
-    moe_gate_up_mma<true>::run<D, MOCK_NSG, RW>(reinterpret_cast<const ushort*>(xcopy), stage, hp, red, nrows,
-                                                threadIdx.x >> 5, threadIdx.x & 31u, threadIdx.x);
+    moe_gate_up_mma<true>::run<D, MOCK_NSG, RW, W32>(reinterpret_cast<const ushort*>(xcopy), stage, hp, red, nrows,
+                                                     threadIdx.x >> 5, threadIdx.x & 31u, threadIdx.x);
   });
   mock_write(op, h.data(), 4 * 8);
   return 0;
 }
 
 int main(int argc, char** argv) {
-  const int d = std::atoi(argv[1]), nrows = std::atoi(argv[2]);
-  if (d == 512) return run<512>(nrows, argv[3], argv[4], argv[5]);
-  if (d == 2048) return run<2048>(nrows, argv[3], argv[4], argv[5]);
+  const int d = std::atoi(argv[1]), nrows = std::atoi(argv[2]), w32 = std::atoi(argv[6]);
+  if (d == 512) return w32 ? run<512, true>(nrows, argv[3], argv[4], argv[5]) : run<512, false>(nrows, argv[3], argv[4], argv[5]);
+  if (d == 2048) return w32 ? run<2048, true>(nrows, argv[3], argv[4], argv[5]) : run<2048, false>(nrows, argv[3], argv[4], argv[5]);
   return 4;
 }
 """
@@ -63,8 +65,11 @@ def mock_exe(tmp_path_factory):
                              f"#define MOCK_NSG {NSG}\n", DRIVER)
 
 
+@pytest.mark.parametrize("w32", [False, True], ids=["default", "w32"])
 @pytest.mark.parametrize("D,nrows,scale", [(512, 8, 1.0), (2048, 8, 1.0), (2048, 5, 1.0), (512, 8, 3.0e4)])
-def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale):
+def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale, w32):
+    """w32 (stage bit 1024): the mma sums (128 + q) * x and each block's 136 * sum(x) comes off
+    after (finish_x's order of x, its block sums): the same tolerance as the default's."""
     rng = np.random.default_rng(D + nrows)
     wg = rng.standard_normal((8, D)).astype(np.float32)
     wu = rng.standard_normal((8, D)).astype(np.float32)
@@ -78,7 +83,7 @@ def test_gate_up_tile_matches_numpy(mock_exe, tmp_path, D, nrows, scale):
     (tmp_path / "s").write_bytes(stage.tobytes())
     (tmp_path / "x").write_bytes(xb.tobytes())
     subprocess.run([str(mock_exe), str(D), str(nrows), str(tmp_path / "s"), str(tmp_path / "x"),
-                    str(tmp_path / "h")], check=True, timeout=120)
+                    str(tmp_path / "h"), str(int(w32))], check=True, timeout=120)
     h = np.fromfile(tmp_path / "h", dtype=np.float32)
     g = q4_0.dequantize(qg).astype(np.float64) @ xf.astype(np.float64)
     u = q4_0.dequantize(qu).astype(np.float64) @ xf.astype(np.float64)

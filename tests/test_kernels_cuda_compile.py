@@ -414,7 +414,7 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
                 _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True),
                 _moe_layer("q4_0_1x4x8_stage191_share", 1, 4, 8, stage=191, share_route=True),
                 *(_moe_layer(f"q4_0_1x4x8_stage{st}_share", 1, 4, 8, stage=st, share_route=True)
-                  for st in (447, 703, 959)),
+                  for st in (447, 703, 959, 1215, 1983)),
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids", 31), _moe_layer_ids("q4_0_1x4x8_stage59_ids", 59),
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids_trace", 31, trace=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)

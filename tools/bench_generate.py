@@ -75,7 +75,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 memory after the wait (stage 447); +dnloop1: the down tile's block loop
                 not unrolled (stage 703: 32 registers, 8 threadgroups an SM, with the
                 routing shared); +hcopy1: both (959); +hcopy1res: both and the
-                residual read first (1023);
+                residual read first (1023); +guw32: the gate/up tile's nibbles
+                converted a 32-bit word at a time (1215); +hcopy1w: 959 and that (1983);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -558,6 +559,8 @@ SWITCHES = {
     "+dnloop1": _moe_layer_stage(703),
     "+hcopy1": _moe_layer_stage(959),
     "+hcopy1res": _moe_layer_stage(1023),
+    "+guw32": _moe_layer_stage(1215),
+    "+hcopy1w": _moe_layer_stage(1983),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

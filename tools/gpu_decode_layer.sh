@@ -55,6 +55,7 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 engine_of() {
   case $1 in
     63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;; 1023) echo +hcopy1res ;;
+    1215) echo +guw32 ;; 1983) echo +hcopy1w ;;
     *) echo "" ;;
   esac
 }
@@ -64,7 +65,7 @@ git log --oneline -1 >> "$LOG" 2>&1
 GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
 
 # 1. the layer under ncu
-step 230 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
+step ${NCU_LIMIT:-230} "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_layer.csv" \
   python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS" ${FENCE_BOTH:+--fence-both}
 BEST=""
