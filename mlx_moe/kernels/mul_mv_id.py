@@ -242,6 +242,11 @@ def mul_mv_id_moe_ids(
     return (out[1], out[0]) + tuple(out[2:])
 
 
+# LayerGeometry.stage bits taken only with bfloat16 activations and Q4_0 weights (h in bfloat16
+# and the tensor-core tiles with what they build on), dropped elsewhere.
+BF16_Q4_0_BITS = 16 | 32 | 128 | 256 | 512 | 1024
+
+
 def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
                    count: mx.array, geometry: Optional[LayerGeometry] = None, k: Optional[int] = None):
     """(rule inputs, template, threadgroups, simdgroups a threadgroup, h's dtype) of
@@ -270,7 +275,7 @@ def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.ar
     g = geometry or dispatch.MOE_LAYER[kind]  # looked up per call: tools switch it
     n_gate_up = -(-ffn // (g.gate_nr * g.nsg)) * T * k
     n_down = -(-hidden // g.down_nr) * T
-    stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~(16 | 32 | 128 | 256 | 512 | 1024)
+    stage = int(g.stage) if dtype == mx.bfloat16 and kind == "q4_0" else int(g.stage) & ~BF16_Q4_0_BITS
     template = [("T", dtype), ("WT", wg.dtype), ("D", hidden), ("F", ffn), ("NE", wg.shape[0]),
                 ("NI", int(n_identity)), ("KS", k), ("NT", T), ("NRG", g.gate_nr), ("NRD", g.down_nr),
                 ("NSG", g.nsg), ("NQ", g.nq), ("STAGE", stage), *rule] + [("SHARE_ROUTE", share)] * (params is not None)

@@ -405,9 +405,11 @@ CUDA_FENCE = os.environ.get("MLX_MOE_CUDA_FENCE", "sc")
 
 def fence_tag(flavor: str) -> str:
     """What a kernel's name carries of its fence: nothing for the default ("sc") or off CUDA,
-    "_acqrel" for "acq_rel" -- so a process can build a kernel under both (MLX keeps a
-    compiled kernel by its name: one name for two sources would run the first) and a
-    profiler tell their launches apart (tools/ncu_summary.py tags them +acqrel)."""
+    "_acqrel" for "acq_rel" -- so a process can build a kernel under both and a profiler
+    tell their launches apart (tools/ncu_summary.py tags them +acqrel).  MLX's CUDA backend
+    keeps a process's compiled custom kernels by name and template arguments alone
+    (mlx/backend/cuda/custom_kernel.cpp, get_jit_module): under one name the second fence's
+    source would run the first's kernel."""
     if flavor != "cuda" or CUDA_FENCE == "sc":
         return ""
     return "_" + CUDA_FENCE.replace("_", "")
