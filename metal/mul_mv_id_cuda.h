@@ -77,7 +77,7 @@ struct moe_gate_up_mma<true> {
     }
   }
 
-  // W32 (stage bit 1024, run_w32): a lane's 4 quant bytes of a row's block (4q .. 4q + 3) as
+  // W32 (stage bit 1024, mma_block_w32): a lane's 4 quant bytes of a row's block (4q .. 4q + 3) as
   // one word, each bf16 pair one LOP3 of it (moe_q4_pair128: two values 128 + q, nibbles two
   // bytes apart), where the default takes a mask, a byte permute and a packed subtraction of
   // 136 a pair: 7 instructions for 8 weights against 14 (NVRTC 13.0: the loop 81 instructions
@@ -85,18 +85,49 @@ struct moe_gate_up_mma<true> {
   // and the block's 136 * sum(x) (finish_x) comes off before its d: (q - 8) * x, as the
   // default's.  B pairs (0, 2) and (1, 3) of every 4 values, finish_x's order.
 
+  // Block b's tile product into c (c0: gate row g, c2: up row g), the default way: bytes 2q,
+  // 2q + 1 (ushort 1 + q: k 2q, 2q + 1 in the low nibbles, 16 + 2q.. in the high ones) and
+  // bytes 2q + 8, 2q + 9 (ushort 5 + q: k 2q + 8.., 24 + 2q..), each pair masked, put under
+  // the exponent byte and 136 taken off (moe_q4_bf16x2); x's pairs as they are.
+  MOE_DEVICE static void mma_block(float* c, const ushort* bg, const ushort* bu, const unsigned* xw, int b, int q) {
+    const unsigned g0 = bg[1 + q], g1 = bg[5 + q], u0 = bu[1 + q], u1 = bu[5 + q];
+    const unsigned lo[4] = {moe_q4_bf16x2(g0 & 0x0F0Fu), moe_q4_bf16x2(u0 & 0x0F0Fu),
+                            moe_q4_bf16x2(g1 & 0x0F0Fu), moe_q4_bf16x2(u1 & 0x0F0Fu)};
+    const unsigned hi[4] = {moe_q4_bf16x2((g0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u0 >> 4) & 0x0F0Fu),
+                            moe_q4_bf16x2((g1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u1 >> 4) & 0x0F0Fu)};
+    const unsigned blo[2] = {xw[b * 16 + q], xw[b * 16 + 4 + q]};      // x[32 b + 2q ..], x[32 b + 2q + 8 ..]
+    const unsigned bhi[2] = {xw[b * 16 + 8 + q], xw[b * 16 + 12 + q]}; // x[32 b + 16 + 2q ..], x[.. + 24 + 2q ..]
+    moe_mma_bf16_z(c, lo, blo);
+    moe_mma_bf16(c, hi, bhi);
+  }
+
+  // The same, W32's way: bytes 4q .. 4q + 3 (ushorts 1 + 2q, 2 + 2q) as one word; logical k
+  // 2q, 2q + 1 are values 4q, 4q + 2 (low nibbles of bytes 0 and 2), k 2q + 8, 2q + 9 values
+  // 4q + 1, 4q + 3, the high nibbles the same 16 on; the products sum (128 + q) * x.
+  MOE_DEVICE static void mma_block_w32(float* c, const ushort* bg, const ushort* bu, const unsigned* xw, int b,
+                                       int q) {
+    const unsigned gw = unsigned(bg[1 + 2 * q]) | (unsigned(bg[2 + 2 * q]) << 16);
+    const unsigned uw = unsigned(bu[1 + 2 * q]) | (unsigned(bu[2 + 2 * q]) << 16);
+    const unsigned lo[4] = {moe_q4_pair128(gw), moe_q4_pair128(uw), moe_q4_pair128(gw >> 8), moe_q4_pair128(uw >> 8)};
+    const unsigned hi[4] = {moe_q4_pair128(gw >> 4), moe_q4_pair128(uw >> 4), moe_q4_pair128(gw >> 12),
+                            moe_q4_pair128(uw >> 12)};
+    const uint2 bl = *reinterpret_cast<const uint2*>(xw + b * 16 + 2 * q);      // values 32 b + 4q .. (finish_x's order)
+    const uint2 bh = *reinterpret_cast<const uint2*>(xw + b * 16 + 8 + 2 * q);  // values 32 b + 16 + 4q ..
+    const unsigned blo[2] = {bl.x, bl.y};
+    const unsigned bhi[2] = {bh.x, bh.y};
+    moe_mma_bf16_z(c, lo, blo);
+    moe_mma_bf16(c, hi, bhi);
+  }
+
   template <int D, int NSG, int RW, bool W32 = false, typename XP, typename SP, typename HP, typename RP>
   MOE_DEVICE static void run(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
-    if (W32) {
-      run_w32<D, NSG, RW>(xs, stage, h, red, nrows, sg, lane, tid);
-      return;
-    }
     constexpr int NB = D / 32 / NSG;  // blocks a warp
     const int g = int(lane >> 2);
     const int q = int(lane & 3u);
     const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
     const ushort* ru = rg + 8 * RW;
     const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs
+    const float* xsum = reinterpret_cast<const float*>(reinterpret_cast<const uint4*>(xs) + D / 8);  // W32: finish_x's
     float ag = 0.0f;
     float au = 0.0f;
     // by 2: unrolled in full, nvcc keeps every block's loads in flight -- 48 registers, 5
@@ -106,59 +137,17 @@ struct moe_gate_up_mma<true> {
       const int b = int(sg) * NB + j;
       const ushort* bg = rg + b * 9;
       const ushort* bu = ru + b * 9;
-      // bytes 2q, 2q + 1 (ushort 1 + q: k 2q, 2q + 1 in the low nibbles, 16 + 2q.. in the
-      // high ones) and bytes 2q + 8, 2q + 9 (ushort 5 + q: k 2q + 8.., 24 + 2q..)
-      const unsigned g0 = bg[1 + q], g1 = bg[5 + q], u0 = bu[1 + q], u1 = bu[5 + q];
-      const unsigned lo[4] = {moe_q4_bf16x2(g0 & 0x0F0Fu), moe_q4_bf16x2(u0 & 0x0F0Fu),
-                              moe_q4_bf16x2(g1 & 0x0F0Fu), moe_q4_bf16x2(u1 & 0x0F0Fu)};
-      const unsigned hi[4] = {moe_q4_bf16x2((g0 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u0 >> 4) & 0x0F0Fu),
-                              moe_q4_bf16x2((g1 >> 4) & 0x0F0Fu), moe_q4_bf16x2((u1 >> 4) & 0x0F0Fu)};
-      const unsigned blo[2] = {xw[b * 16 + q], xw[b * 16 + 4 + q]};      // x[32 b + 2q ..], x[32 b + 2q + 8 ..]
-      const unsigned bhi[2] = {xw[b * 16 + 8 + q], xw[b * 16 + 12 + q]}; // x[32 b + 16 + 2q ..], x[.. + 24 + 2q ..]
       float c[4];
-      moe_mma_bf16_z(c, lo, blo);
-      moe_mma_bf16(c, hi, bhi);
-      ag += moe_f16_bits(bg[0]) * c[0];
-      au += moe_f16_bits(bu[0]) * c[2];
-    }
-    store<NSG>(ag, au, h, red, nrows, sg, g, q, tid);
-  }
-
-  template <int D, int NSG, int RW, typename XP, typename SP, typename HP, typename RP>
-  MOE_DEVICE static void run_w32(XP xs, SP stage, HP h, RP red, int nrows, uint sg, uint lane, uint tid) {
-    constexpr int NB = D / 32 / NSG;  // blocks a warp
-    const int g = int(lane >> 2);
-    const int q = int(lane & 3u);
-    const ushort* rg = reinterpret_cast<const ushort*>(stage) + g * RW;
-    const ushort* ru = rg + 8 * RW;
-    const unsigned* xw = reinterpret_cast<const unsigned*>(xs);  // bf16 pairs, finish_x's order
-    const float* xsum = reinterpret_cast<const float*>(reinterpret_cast<const uint4*>(xs) + D / 8);  // finish_x's sums
-    float ag = 0.0f;
-    float au = 0.0f;
-    #pragma unroll 2
-    for (int j = 0; j < NB; ++j) {
-      const int b = int(sg) * NB + j;
-      const ushort* bg = rg + b * 9;
-      const ushort* bu = ru + b * 9;
-      // bytes 4q .. 4q + 3 (ushorts 1 + 2q, 2 + 2q): logical k 2q, 2q + 1 are values 4q,
-      // 4q + 2 (low nibbles of bytes 0 and 2), k 2q + 8, 2q + 9 values 4q + 1, 4q + 3;
-      // the high nibbles the same 16 on
-      const unsigned gw = unsigned(bg[1 + 2 * q]) | (unsigned(bg[2 + 2 * q]) << 16);
-      const unsigned uw = unsigned(bu[1 + 2 * q]) | (unsigned(bu[2 + 2 * q]) << 16);
-      const unsigned lo[4] = {moe_q4_pair128(gw), moe_q4_pair128(uw), moe_q4_pair128(gw >> 8),
-                              moe_q4_pair128(uw >> 8)};
-      const unsigned hi[4] = {moe_q4_pair128(gw >> 4), moe_q4_pair128(uw >> 4), moe_q4_pair128(gw >> 12),
-                              moe_q4_pair128(uw >> 12)};
-      const uint2 bl = *reinterpret_cast<const uint2*>(xw + b * 16 + 2 * q);      // values 32 b + 4q ..
-      const uint2 bh = *reinterpret_cast<const uint2*>(xw + b * 16 + 8 + 2 * q);  // values 32 b + 16 + 4q ..
-      const unsigned blo[2] = {bl.x, bl.y};
-      const unsigned bhi[2] = {bh.x, bh.y};
-      float c[4];
-      moe_mma_bf16_z(c, lo, blo);
-      moe_mma_bf16(c, hi, bhi);
-      const float off = xsum[b];
-      ag += moe_f16_bits(bg[0]) * (c[0] - off);
-      au += moe_f16_bits(bu[0]) * (c[2] - off);
+      if (W32) {
+        mma_block_w32(c, bg, bu, xw, b, q);
+        const float off = xsum[b];  // the block's 136 * sum(x): (128 + q) * x less it is (q - 8) * x
+        ag += moe_f16_bits(bg[0]) * (c[0] - off);
+        au += moe_f16_bits(bu[0]) * (c[2] - off);
+      } else {
+        mma_block(c, bg, bu, xw, b, q);
+        ag += moe_f16_bits(bg[0]) * c[0];
+        au += moe_f16_bits(bu[0]) * c[2];
+      }
     }
     store<NSG>(ag, au, h, red, nrows, sg, g, q, tid);
   }
