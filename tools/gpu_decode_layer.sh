@@ -12,8 +12,8 @@
 # tests to run for them (default "qwen3_shapes or shared_routing").  Steps, in priority order:
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
-#      prints each geometry's median); FENCE_BOTH=1: the routed ones under the other CUDA
-#      fence too (--fence-both; tagged +acqrel)
+#      prints each geometry's median); FENCE_BOTH=1: then the default routed under both
+#      CUDA fences in another process (--fence-both; the acq_rel launches tagged +acqrel)
 #   1b. the default's routed launch under ncu's memory and warp-state sections (ncu_sections.csv),
 #       and the registers the NVRTC MLX loads gives the default and the candidates
 #       (tools/nvrtc_registers.py --mlx-nvrtc); skipped with SKIP_1B=1
@@ -67,7 +67,7 @@ GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
 # 1. the layer under ncu
 step ${NCU_LIMIT:-230} "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_layer.csv" \
-  python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS" ${FENCE_BOTH:+--fence-both}
+  python3 tools/bench_kernels.py --ncu --layer-geometries "$GEOMS"
 BEST=""
 if [ -f "$OUT/ncu_layer.csv" ]; then
   step 30 python3 tools/ncu_summary.py "$OUT/ncu_layer.csv"
@@ -76,6 +76,13 @@ if [ -f "$OUT/ncu_layer.csv" ]; then
 fi
 echo "=== fastest candidate under ncu: ${BEST:-none}" >> "$LOG"
 saveptx
+# (FENCE_BOTH=1) the default routed under both CUDA fences, one process (tagged +acqrel)
+if [ -n "${FENCE_BOTH:-}" ]; then
+  step 120 "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu_fence.csv" \
+    python3 tools/bench_kernels.py --ncu --layer-geometries "" --fence-both
+  [ -f "$OUT/ncu_fence.csv" ] && step 30 python3 tools/ncu_summary.py "$OUT/ncu_fence.csv"
+fi
 
 # 1b. where the default's routed launch waits: one launch under ncu's memory and warp-state
 # sections (L1 / L2 hit rates and the L2 traffic of h, the stall reasons), the details page
