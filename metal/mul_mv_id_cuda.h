@@ -77,14 +77,6 @@ struct moe_gate_up_mma<true> {
     }
   }
 
-  // W32 (stage bit 1024, mma_block_w32): a lane's 4 quant bytes of a row's block (4q .. 4q + 3) as
-  // one word, each bf16 pair one LOP3 of it (moe_q4_pair128: two values 128 + q, nibbles two
-  // bytes apart), where the default takes a mask, a byte permute and a packed subtraction of
-  // 136 a pair: 7 instructions for 8 weights against 14 (NVRTC 13.0: the loop 81 instructions
-  // for two blocks against 111, 40 registers either way).  The mma then sums (128 + q) * x
-  // and the block's 136 * sum(x) (finish_x) comes off before its d: (q - 8) * x, as the
-  // default's.  B pairs (0, 2) and (1, 3) of every 4 values, finish_x's order.
-
   // Block b's tile product into c (c0: gate row g, c2: up row g), the default way: bytes 2q,
   // 2q + 1 (ushort 1 + q: k 2q, 2q + 1 in the low nibbles, 16 + 2q.. in the high ones) and
   // bytes 2q + 8, 2q + 9 (ushort 5 + q: k 2q + 8.., 24 + 2q..), each pair masked, put under
@@ -101,9 +93,15 @@ struct moe_gate_up_mma<true> {
     moe_mma_bf16(c, hi, bhi);
   }
 
-  // The same, W32's way: bytes 4q .. 4q + 3 (ushorts 1 + 2q, 2 + 2q) as one word; logical k
-  // 2q, 2q + 1 are values 4q, 4q + 2 (low nibbles of bytes 0 and 2), k 2q + 8, 2q + 9 values
-  // 4q + 1, 4q + 3, the high nibbles the same 16 on; the products sum (128 + q) * x.
+  // The same, W32's way (stage bit 1024): a lane's bytes 4q .. 4q + 3 (ushorts 1 + 2q,
+  // 2 + 2q) as one word, each bf16 pair one LOP3 of it (moe_q4_pair128: two values 128 + q,
+  // nibbles two bytes apart) where the default takes a mask, a byte permute and a packed
+  // subtraction of 136: 7 instructions for 8 weights against 14 (NVRTC 13.0: run's loop 81
+  // instructions for two blocks against 111, 40 registers either way).  Logical k 2q, 2q + 1
+  // are values 4q, 4q + 2 (low nibbles of bytes 0 and 2), k 2q + 8, 2q + 9 values 4q + 1,
+  // 4q + 3, the high nibbles the same 16 on; B pairs (0, 2) and (1, 3) of every 4 values,
+  // finish_x's order.  The products sum (128 + q) * x: run takes the block's 136 * sum(x)
+  // (finish_x) off before its d, leaving (q - 8) * x as the default's.
   MOE_DEVICE static void mma_block_w32(float* c, const ushort* bg, const ushort* bu, const unsigned* xw, int b,
                                        int q) {
     const unsigned gw = unsigned(bg[1 + 2 * q]) | (unsigned(bg[2 + 2 * q]) << 16);

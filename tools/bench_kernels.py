@@ -236,24 +236,16 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False, fence_both=Fals
         """Layer l's routed one-launch layer at geometry g (None: the default)."""
         return mul_mv_id_moe(x, logits[l], params, w[l][0], w[l][1], w[l][2], 0, x, counts[l], fl, g)[0]
 
-    def flipped(g, l):
-        """one(g, l) with dispatch.SHARE_ROUTE flipped (read as the launch is made)."""
-        was = dispatch.SHARE_ROUTE
-        dispatch.SHARE_ROUTE = not was
+    def one_with(module, name, value, g, l):
+        """one(g, l) with module.name set to value for that launch (read as the launch and its
+        kernel are made: dispatch.SHARE_ROUTE, registry.CUDA_FENCE -- whose kernels' names
+        carry it, registry.fence_tag), set back after."""
+        was = getattr(module, name)
+        setattr(module, name, value)
         try:
             return one(g, l)
         finally:
-            dispatch.SHARE_ROUTE = was
-
-    def other_fence(g, l):
-        """one(g, l) under the other CUDA fence (registry.CUDA_FENCE, read as the kernel is
-        built; the kernel's name carries it, registry.fence_tag)."""
-        was = registry.CUDA_FENCE
-        registry.CUDA_FENCE = "acq_rel" if was == "sc" else "sc"
-        try:
-            return one(g, l)
-        finally:
-            registry.CUDA_FENCE = was
+            setattr(module, name, was)
 
     layers = len(q4)
     E, D = q4[0]["gate_proj"]["weight"].shape[0], q4[0]["down_proj"]["weight"].shape[1]
@@ -277,12 +269,12 @@ def routed_layers(fl, q4, k, layer_geometries, route_both=False, fence_both=Fals
     out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag})", lambda l, g=g: one(g, l)) for g, tag in geoms]
     if route_both:  # the down threadgroups running the rule / reading what the token's first gate/up one wrote
         flip = "rule in every threadgroup" if dispatch.SHARE_ROUTE else "routing shared"
-        out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, {flip})", lambda l, g=g: flipped(g, l))
-                for g, tag in geoms]
+        out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, {flip})",
+                 lambda l, g=g: one_with(dispatch, "SHARE_ROUTE", not dispatch.SHARE_ROUTE, g, l)) for g, tag in geoms]
     if fence_both:  # the threadgroups' hand-offs under the other fence
         other = "acq_rel" if registry.CUDA_FENCE == "sc" else "sc"
         out += [(f"ours q4_0 routed, 1 launch (mul_mv_id_moe {tag}, fence {other})",
-                 lambda l, g=g: other_fence(g, l)) for g, tag in geoms]
+                 lambda l, g=g: one_with(registry, "CUDA_FENCE", other, g, l)) for g, tag in geoms]
     out += [(f"ours q4_0 routing given, 1 launch (mul_mv_id_moe_ids {tag})",
              lambda l, g=g: mul_mv_id_moe_ids(x, given[l][0], given[l][1], w[l][0], w[l][1], w[l][2], 0, x, counts[l],
                                               fl, g)[0])
