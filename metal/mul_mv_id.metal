@@ -552,7 +552,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // products on a matrix unit, 4 rows a threadgroup; 256 = with 128, the token's h copied
 // into threadgroup memory after the wait and the down tile's B read there; 512 = with 128,
 // the down tile's block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles
-// converted a word at a time), and the routing
+// converted a word at a time; 2048 = each hand-off fenced by one thread, CUDA only), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -651,6 +651,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // units more).  Why: the gate/up threadgroups whose rows land last all convert at once, and
   // from the last rows staged to the last h stored the trace shows 2.5 us of their issue.
   constexpr bool GUW = (STAGE & 1024) != 0 && MMA_GU;
+  // STAGE bit 2048 (CUDA only: moe_fence_one): each hand-off between threadgroups fenced by
+  // one thread, after the threadgroup's barrier on the releasing side and before it on the
+  // acquiring one (CUDA's cooperative-groups grid sync does the same: the barrier orders the
+  // other threads' accesses with that thread's, and the fence is cumulative), where every
+  // thread fenced.  Why: the default's 256 threads a threadgroup each fence (MEMBAR.SC.GPU) on
+  // both sides of the gate/up -> down hand-off; in 191's trace the down threadgroups are
+  // ready up to 3.5 us after the last gate/up ticket.
+  constexpr bool FENCE1 = (STAGE & 2048) != 0 && moe_fence_one::ON;
   constexpr int XU = D / 8 + (GUW ? D / 128 : 0);  // MMA_GU's copy of x (and its block sums), units
   constexpr int XIN = HST && MMA_GU ? XU : 0;       // MMA_GU's x in stage (units)
   constexpr int NS_H = HST ? KS * F / 8 : 0;     // the down threadgroups' h (units)
@@ -727,18 +735,28 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
   }
   if (SHARE_ROUTE && first) {  // the token's routing is out
-    moe_device_fence();
+    if (!FENCE1) {
+      moe_device_fence();
+    }
     threadgroup_barrier(mem_flags::mem_device);
     if (thread_index_in_threadgroup == 0) {
+      if (FENCE1) {
+        moe_device_fence();
+      }
       moe_ticket(cnt + 2);
     }
   }
   if (SHARE_ROUTE && down) {  // every token's first threadgroup has written its routing (count[2] = NT)
     if (sg == 0 && lane == 0) {
       moe_wait_count(cnt + 2, uint(NT));
+      if (FENCE1) {
+        moe_device_fence();
+      }
     }
     threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-    moe_device_fence();
+    if (!FENCE1) {
+      moe_device_fence();
+    }
     if (thread_index_in_threadgroup < uint(KS)) {
       chosen[thread_index_in_threadgroup] = ids[size_t(tok) * KS + int(thread_index_in_threadgroup)];
       chosen_w[thread_index_in_threadgroup] = weights[size_t(tok) * KS + int(thread_index_in_threadgroup)];
@@ -793,9 +811,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       tr[5] = moe_clock_ns();
     }
 //@endif
-    moe_device_fence();  // this thread's rows of h, before the count says they are there
+    if (!FENCE1) {
+      moe_device_fence();  // this thread's rows of h, before the count says they are there
+    }
     threadgroup_barrier(mem_flags::mem_device);
     if (sg == 0 && lane == 0) {
+      if (FENCE1) {
+        moe_device_fence();  // the threadgroup's rows of h (ordered before it by the barrier)
+      }
       moe_ticket(cnt);
 //@if TRACE
       tr[6] = moe_clock_ns();
@@ -832,9 +855,14 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const float rv = RES_FIRST && writes_y ? float(res[yn]) : 0.0f;
   if (sg == 0 && lane == 0) {
     moe_wait_count(cnt, uint(NGU));
+    if (FENCE1) {
+      moe_device_fence();  // the threadgroup's reads of h after it (ordered by the barrier)
+    }
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  moe_device_fence();  // every thread's reads of h after the wait
+  if (!FENCE1) {
+    moe_device_fence();  // every thread's reads of h after the wait
+  }
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {
     tr[5] = moe_clock_ns();

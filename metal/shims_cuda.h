@@ -232,6 +232,13 @@ __device__ inline T* moe_inplace(const T* p) {
 __device__ inline void moe_device_fence() {
   MOE_FENCE;
 }
+// Whether a hand-off may fence in one thread of a threadgroup, after its barrier on the
+// releasing side and before it on the acquiring one (mul_mv_id_moe's STAGE bit 2048): the
+// PTX memory model orders the barrier's other threads with that thread, and its fence is
+// cumulative (CUDA's cooperative-groups grid sync relies on the same).
+struct moe_fence_one {
+  enum { ON = 1 };
+};
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);
 }

@@ -192,6 +192,11 @@ inline device T* moe_inplace(const device T* p) {
 inline void moe_device_fence() {
   atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
 }
+// (see shims_cuda.h) Metal's memory model does not say that a barrier and one thread's
+// fence order the other threads' device accesses: every thread fences here.
+struct moe_fence_one {
+  enum { ON = 0 };
+};
 inline uint moe_ticket(const device uint* count) {
   return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
 }

@@ -342,8 +342,8 @@ def test_one_launch_rejects_what_it_cannot_run():
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
-    with pytest.raises(ValueError, match="stage is 0 to 2047.*got 2048"):
-        LayerGeometry(1, 4, 8, 1, stage=2048)
+    with pytest.raises(ValueError, match="stage is 0 to 4095.*got 4096"):
+        LayerGeometry(1, 4, 8, 1, stage=4096)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -385,11 +385,12 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("bits", [64, 256, 512, 768, 832])
+@pytest.mark.parametrize("bits", [64, 256, 512, 768, 832, 2048, 2816])
 def test_order_bits_are_the_launch(flavor, bits):
     """Stage bits that move work without changing a sum -- 64 (the residual read before the
     down threadgroups wait), 256 (their h copied into threadgroup memory), 512 (the down
-    tile's loop not unrolled) -- y, ids, weights and h bit for bit against the same geometry
+    tile's loop not unrolled), 2048 (one fence a hand-off; CUDA only, so on CUDA alone a
+    check of the hand-off) -- y, ids, weights and h bit for bit against the same geometry
     without them, on 256 x 256 rows (2 tokens, ragged down tiles; 3 slots, so bits 256 and
     512, which need the down tile on the tensor cores, change nothing there) and on CUDA at
     Qwen3-30B-A3B's shapes (on top of 63 for bit 64, of 191 for the tile's bits), 8

@@ -77,6 +77,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 routing shared); +hcopy1: both (959); +hcopy1res: both and the
                 residual read first (1023); +guw32: the gate/up tile's nibbles
                 converted a 32-bit word at a time (1215); +hcopy1w: 959 and that (1983);
+                +fence1: each hand-off fenced by one thread of a threadgroup (2239);
+                +hcopy1f: 959 and that (3007);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -561,6 +563,8 @@ SWITCHES = {
     "+hcopy1res": _moe_layer_stage(1023),
     "+guw32": _moe_layer_stage(1215),
     "+hcopy1w": _moe_layer_stage(1983),
+    "+fence1": _moe_layer_stage(2239),
+    "+hcopy1f": _moe_layer_stage(3007),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -55,7 +55,7 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 engine_of() {
   case $1 in
     63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;; 1023) echo +hcopy1res ;;
-    1215) echo +guw32 ;; 1983) echo +hcopy1w ;;
+    1215) echo +guw32 ;; 1983) echo +hcopy1w ;; 2239) echo +fence1 ;; 3007) echo +hcopy1f ;;
     *) echo "" ;;
   esac
 }

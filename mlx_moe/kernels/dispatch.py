@@ -83,7 +83,8 @@ class LayerGeometry:
     only, else ignored), 256 = with 128, the down threadgroups' h copied into threadgroup
     memory after their wait (one L2 round trip where the tile's loads wait on each other),
     512 = with 128, the down tile's block loop not unrolled (fewer registers), 1024 = with
-    32, the gate/up tile's nibbles converted a 32-bit word at a time (fewer instructions);
+    32, the gate/up tile's nibbles converted a 32-bit word at a time (fewer instructions),
+    2048 = each hand-off between threadgroups fenced by one thread, not all (CUDA only);
     rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
@@ -94,12 +95,12 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 2047:
-            raise ValueError(f"LayerGeometry.stage is 0 to 2047, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 4095:
+            raise ValueError(f"LayerGeometry.stage is 0 to 4095, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
                              f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: the "
                              f"down threadgroups' h copied, 512: the down tile's loop not unrolled, 1024: the gate/up "
-                             f"tile's nibbles a word at a time); got {self.stage}")
+                             f"tile's nibbles a word at a time, 2048: one fence a hand-off); got {self.stage}")
 
     @property
     def tag(self) -> str:
