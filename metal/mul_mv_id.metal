@@ -295,14 +295,8 @@ template <bool MMA>
 struct moe_down_mma {
   enum { ON = 0 };
 
-  // Copy a token's h into threadgroup memory (stage bit 256); wait_h waits for this
-  // thread's copies.  Nothing here (the Metal kernel never calls for it).
-  template <int N, int NTH, typename DP, typename HP>
-  MOE_DEVICE static void copy_h(DP dst, HP h, uint tid) {}
-  MOE_DEVICE static void wait_h() {}
-
-  template <int F, int NE, int NI, int KS, int NSG, int RW, int UNR, typename HP, typename IP, typename WP,
-            typename XP, typename SP, typename RP>
+  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
+            typename SP, typename RP>
   MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     return 0.0f;
   }
@@ -549,10 +543,9 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
-// products on a matrix unit, 4 rows a threadgroup; 256 = with 128, the token's h copied
-// into threadgroup memory after the wait and the down tile's B read there; 512 = with 128,
-// the down tile's block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles
-// converted a word at a time; 2048 = each hand-off fenced by one thread, CUDA only), and the routing
+// products on a matrix unit, 4 rows a threadgroup; 1024 = with 32, the gate/up tile's
+// nibbles converted a word at a time; 2048 = each hand-off fenced by one thread, CUDA
+// only; 256 and 512 unused), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -637,14 +630,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   constexpr bool MMA_DN = (STAGE & 128) != 0 && moe_down_mma<true>::ON && STAGED_DN && NRD == 4 &&
                           (STAGE & 16) != 0 && moe_rows<WT>::DEN == 32 && KS % 4 == 0 && NSG % (KS / 4) == 0 &&
                           (F / 32) % (NSG / (KS / 4)) == 0;
-  // STAGE bit 256 (with 128, so CUDA only): a down threadgroup's copy of its token's h (bfloat16,
-  // KS * F / 8 16-byte units) in `stage` after its rows, made after the wait with cp.async,
-  // every unit in flight at once, and the tile's B fragments read there.  Why: read from L2
-  // in the loop, a warp's h loads wait on the previous block's mma (NVRTC 13.0 keeps the
-  // registers low: 6-9 dependent round trips on the launch's last path); the copy is one.
-  // To keep 6 threadgroups an SM in the 164 KB carveout, MMA_GU's copy of x moves into
-  // `stage` too (after the gate/up rows), where xq held it.
-  constexpr bool HST = (STAGE & 256) != 0 && MMA_DN;
   // STAGE bit 1024 (with 32, CUDA only): the gate/up tile's nibbles converted a 32-bit word at
   // a time (moe_gate_up_mma's W32: a LOP3 a bf16 pair where the default takes three
   // instructions), its copy of x reordered and each block's sum after it (finish_x, D / 128
@@ -655,18 +640,16 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // one thread, after the threadgroup's barrier on the releasing side and before it on the
   // acquiring one (CUDA's cooperative-groups grid sync does the same: the barrier orders the
   // other threads' accesses with that thread's, and the fence is cumulative), where every
-  // thread fenced.  Why: the default's 256 threads a threadgroup each fence (MEMBAR.SC.GPU) on
-  // both sides of the gate/up -> down hand-off; in 191's trace the down threadgroups are
-  // ready up to 3.5 us after the last gate/up ticket.
+  // thread fenced.  Why: with 256 threads a threadgroup each fencing (MEMBAR.SC.GPU) on both
+  // sides of the gate/up -> down hand-off, 191's down threadgroups were ready up to 3.7 us
+  // after the last gate/up ticket (2239: 2.5).  On the H100 0.5-1.1 us a layer less (ncu;
+  // the decode step's 48 layers 21-23 us; BENCHMARKS.md 2026-12-07, twenty-first session).
   constexpr bool FENCE1 = (STAGE & 2048) != 0 && moe_fence_one::ON;
   constexpr int XU = D / 8 + (GUW ? D / 128 : 0);  // MMA_GU's copy of x (and its block sums), units
-  constexpr int XIN = HST && MMA_GU ? XU : 0;       // MMA_GU's x in stage (units)
-  constexpr int NS_H = HST ? KS * F / 8 : 0;     // the down threadgroups' h (units)
-  constexpr int NSTAGE = NS_GU + XIN > NS_DN + NS_H ? NS_GU + XIN : NS_DN + NS_H;  // one buffer for either kind
+  constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU && !HST ? XU : 1)];
-  const auto xmma = HST ? moe_tg_as<uint4>(stage + NS_GU) : moe_tg_as<uint4>(xq);  // MMA_GU's copy of x
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? XU : 1)];
   threadgroup float gred[MMA_GU || MMA_DN ? NSG * 16 : 1];  // moe_gate_up_mma's and moe_down_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
@@ -777,11 +760,11 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
         const size_t off = (size_t(e) * F + rt0) * RLG;
         // MMA_GU: x's copy into xq started first (asynchronous: no registers held across the
         // rows' loads), waited for after them
-        moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(xmma, xt, thread_index_in_threadgroup);
+        moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt, thread_index_in_threadgroup);
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
         moe_gate_up_mma<MMA_GU>::wait_x();
-        moe_gate_up_mma<MMA_GU>::template finish_x<D, 32 * NSG, GUW>(xmma, thread_index_in_threadgroup);
+        moe_gate_up_mma<MMA_GU>::template finish_x<D, 32 * NSG, GUW>(moe_tg_as<uint4>(xq), thread_index_in_threadgroup);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -791,7 +774,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
       if (MMA_GU) {
         if (real) {  // uniform per threadgroup (a barrier inside)
-          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, GUW>(moe_tg_as<const ushort>(xmma),
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, GUW>(moe_tg_as<const ushort>(xq),
                                                                    moe_tg_as<const ushort>(stage), ht + rt0, gred,
                                                                    (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
                                                                    thread_index_in_threadgroup);
@@ -869,17 +852,8 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   }
 //@endif
   threadgroup float part[NSG * NRD];
-  if (HST) {  // the token's h into stage after the rows (uniform; a barrier inside)
-    moe_down_mma<MMA_DN>::template copy_h<NS_H, 32 * NSG>(stage + NS_DN, h + size_t(tok) * KS * F,
-                                                          thread_index_in_threadgroup);
-    moe_down_mma<MMA_DN>::wait_h();
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
   const float v =
-      HST ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD, (STAGE & 512) != 0 ? 1 : 2>(
-                moe_tg_as<const ushort>(stage + NS_DN), chosen, chosen_w, x + size_t(tok) * D + row0,
-                moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
-      : MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD, (STAGE & 512) != 0 ? 1 : 2>(
+      MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
                    moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
              : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(

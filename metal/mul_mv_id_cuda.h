@@ -191,25 +191,8 @@ template <>
 struct moe_down_mma<true> {
   enum { ON = 1 };
 
-  // N 16-byte units of h (device memory) into dst (threadgroup memory) with cp.async, NTH
-  // threads (tid) sharing them: every unit in flight at once, no registers held (stage bit
-  // 256); wait_h waits for this thread's copies (a barrier must follow before any use).
-  template <int N, int NTH, typename DP, typename HP>
-  MOE_DEVICE static void copy_h(DP dst, HP h, uint tid) {
-    for (int u = int(tid); u < N; u += NTH) {
-      moe_cp16(dst + u, reinterpret_cast<const uint4*>(h) + u, true);
-    }
-    moe_cp_commit();
-  }
-  MOE_DEVICE static void wait_h() {
-    moe_cp_wait<0>();
-  }
-
-  // UNR: the block loop's unrolling, 2 or 1 (stage bit 512: NVRTC 13.0 then builds the routed
-  // layer in 32 registers with the routing shared, 8 threadgroups an SM, where unrolled by 2 it
-  // takes 40: 6).
-  template <int F, int NE, int NI, int KS, int NSG, int RW, int UNR, typename HP, typename IP, typename WP,
-            typename XP, typename SP, typename RP>
+  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
+            typename SP, typename RP>
   MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     constexpr int NT = KS / 4;          // tiles
     constexpr int WPT = NSG / NT;       // warps a tile
@@ -226,7 +209,7 @@ struct moe_down_mma<true> {
     const bool bcol = g < 4;
     const bool right = g >= 4;  // the column this lane keeps: c1 / c3 (else c0 / c2)
     float acc = 0.0f;
-    #pragma unroll UNR
+    #pragma unroll 2
     for (int j = 0; j < NB; ++j) {
       const int b = b0 + j;
       const ushort* p0 = r0 + b * 9;

@@ -69,16 +69,12 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 on the tensor cores off);
                 +gumma: the gate/up dot products alone on the tensor cores (stage
                 63, the default until 2026-12-07's seventeenth session; the default's
-                down dot products on the tensor cores off); +resfirst: the default with
-                the residual read before the down threadgroups wait (stage 255);
-                +hcopy: the down threadgroups copying their token's h into threadgroup
-                memory after the wait (stage 447); +dnloop1: the down tile's block loop
-                not unrolled (stage 703: 32 registers, 8 threadgroups an SM, with the
-                routing shared); +hcopy1: both (959); +hcopy1res: both and the
-                residual read first (1023); +guw32: the gate/up tile's nibbles
-                converted a 32-bit word at a time (1215); +hcopy1w: 959 and that (1983);
-                +fence1: each hand-off fenced by one thread of a threadgroup (2239);
-                +hcopy1f: 959 and that (3007);
+                down dot products on the tensor cores off); +resfirst: 191 with the
+                residual read before the down threadgroups wait (stage 255);
+                +fenceall: every thread of a threadgroup fencing at each hand-off
+                (stage 191, the default until 2026-12-07's twenty-first session;
+                the default's one fence a hand-off off); +guw32: the default with
+                the gate/up tile's nibbles converted a 32-bit word at a time (3263);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -557,14 +553,8 @@ SWITCHES = {
     "+hbf16": _moe_layer_stage(31),
     "+gumma": _moe_layer_stage(63),
     "+resfirst": _moe_layer_stage(255),
-    "+hcopy": _moe_layer_stage(447),
-    "+dnloop1": _moe_layer_stage(703),
-    "+hcopy1": _moe_layer_stage(959),
-    "+hcopy1res": _moe_layer_stage(1023),
-    "+guw32": _moe_layer_stage(1215),
-    "+hcopy1w": _moe_layer_stage(1983),
-    "+fence1": _moe_layer_stage(2239),
-    "+hcopy1f": _moe_layer_stage(3007),
+    "+fenceall": _moe_layer_stage(191),
+    "+guw32": _moe_layer_stage(3263),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -7,8 +7,8 @@
 # (run in the repository root with MLX CUDA importable: on the lent H100, after the staged
 # install, `export PYTHONPATH=/tmp/site:$PWD` first; T0 may carry the call's start time)
 # CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1 measured against the default
-# (dispatch.MOE_LAYER["q4_0"]); default "255" (bit 64, the residual read first, on top of the
-# default 191).  TEST_KEYWORDS: pytest -k keywords of tests/test_moe_layer_kernel.py's GPU
+# (dispatch.MOE_LAYER["q4_0"]); default "3263" (bit 1024, the gate/up nibbles a word at a
+# time, on top of the default 2239).  TEST_KEYWORDS: pytest -k keywords of tests/test_moe_layer_kernel.py's GPU
 # tests to run for them (default "qwen3_shapes or shared_routing").  Steps, in priority order:
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
@@ -29,7 +29,7 @@
 set -u
 OUT=${1:?usage: tools/gpu_decode_layer.sh OUTDIR [DEADLINE_SECONDS] [CANDIDATE_STAGES]}
 DEADLINE=${2:-540}
-CANDIDATES=${3:-255}
+CANDIDATES=${3:-3263}
 TESTS=${4:-qwen3_shapes or shared_routing}
 mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}
@@ -54,8 +54,7 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 # bench_generate.py's engine for each stage (its SWITCHES)
 engine_of() {
   case $1 in
-    63) echo +gumma ;; 255) echo +resfirst ;; 447) echo +hcopy ;; 703) echo +dnloop1 ;; 959) echo +hcopy1 ;; 1023) echo +hcopy1res ;;
-    1215) echo +guw32 ;; 1983) echo +hcopy1w ;; 2239) echo +fence1 ;; 3007) echo +hcopy1f ;;
+    63) echo +gumma ;; 191) echo +fenceall ;; 255) echo +resfirst ;; 3263) echo +guw32 ;;
     *) echo "" ;;
   esac
 }

@@ -37,6 +37,7 @@ from typing import Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_units import moe_layer_kernel, translation_unit  # noqa: E402
+from mlx_moe.kernels import dispatch  # noqa: E402
 
 # NVRTC has no <cstdint>: the prelude's integer types from libcu++ instead.
 _CSTDINT = ("#include <cuda/std/cstdint>\n"
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--nvrtc", help="path of the libnvrtc.so to compile with")
     src.add_argument("--mlx-nvrtc", action="store_true", help="the libnvrtc MLX's CUDA backend loads (GPU machine)")
-    p.add_argument("--stages", default="191", help="LayerGeometry stages at 1x4x8x1, comma-separated")
+    p.add_argument("--stages", default=str(dispatch.MOE_LAYER["q4_0"].stage),
+                   help="LayerGeometry stages at 1x4x8x1, comma-separated (default: the default's)")
     p.add_argument("--include", default=None, help="CUDA headers (default $CUDA_HOME/include or /usr/local/cuda/include)")
     p.add_argument("--sass", default=None, metavar="DIR",
                    help="write the cubin (and with cuobjdump, the SASS) to DIR; print the down tail's loads and mma")

@@ -80,12 +80,9 @@ class LayerGeometry:
     bfloat16 activations and Q4_0 only, else ignored), 64 = the residual read before the
     down threadgroups wait, not after their dot products, 128 = the down dot products on
     the tensor cores (CUDA; with bits 1 and 16, down_nr 4, bfloat16 activations and Q4_0
-    only, else ignored), 256 = with 128, the down threadgroups' h copied into threadgroup
-    memory after their wait (one L2 round trip where the tile's loads wait on each other),
-    512 = with 128, the down tile's block loop not unrolled (fewer registers), 1024 = with
-    32, the gate/up tile's nibbles converted a 32-bit word at a time (fewer instructions),
-    2048 = each hand-off between threadgroups fenced by one thread, not all (CUDA only);
-    rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    only, else ignored), 1024 = with 32, the gate/up tile's nibbles converted a 32-bit word
+    at a time (fewer instructions), 2048 = each hand-off between threadgroups fenced by one
+    thread, not all (CUDA only); 256 and 512 unused (measured, slower: removed); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -98,9 +95,8 @@ class LayerGeometry:
         if not 0 <= self.stage <= 4095:
             raise ValueError(f"LayerGeometry.stage is 0 to 4095, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
-                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: the "
-                             f"down threadgroups' h copied, 512: the down tile's loop not unrolled, 1024: the gate/up "
-                             f"tile's nibbles a word at a time, 2048: one fence a hand-off); got {self.stage}")
+                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 1024: the "
+                             f"gate/up tile's nibbles a word at a time, 2048: one fence a hand-off); got {self.stage}")
 
     @property
     def tag(self) -> str:
@@ -158,8 +154,18 @@ class LayerGeometry:
 # 21.18 us against 19.87, the gate/up rule stopped at the slot 19.90, h prefetched into L1
 # for the down tile 21.44; 8 threadgroups an SM (a 32-register cap: MLX's NVRTC build takes
 # 40 registers, 6 an SM) 22.46 against 20.48, though the squeeze may have cost the code
-# itself (BENCHMARKS.md says why).  The float entry is not measured.
-MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=191), "float": LayerGeometry(2, 2, 8)}
+# itself (BENCHMARKS.md says why).  Then each hand-off between threadgroups fenced by one
+# thread (bit 2048, CUDA only; stage 2239): ncu 18.69 and 18.82 us against 19.81 and 19.36
+# routed, 16.93 and 16.96 against 17.12 and 17.38 under given routing (two processes, one
+# H100, 2026-12-07 twenty-first session), the trace's span 16.2-16.4 against 17.3 us; the
+# decode step's MoE launches 910.6 and 908.8 us against 931.7 and 931.2 (48 a step, ABAB);
+# the GPU tests and memcheck clean with it the default.  Measured there and removed: bit 256
+# (the down threadgroups' h copied into threadgroup memory, 447: 21.79 us against 19.81,
+# 42 registers with the routing shared, 5 threadgroups an SM) and bit 512 (the down tile's
+# loop not unrolled, 703: 21.86; 32 registers, 8 an SM, whose down threadgroups then start
+# beside the gate/up ones and take their bandwidth: last gate/up ticket 13.9 us against
+# 11.0).  The float entry is not measured.
+MOE_LAYER = {"q4_0": LayerGeometry(gate_nr=1, down_nr=4, nsg=8, nq=1, stage=2239), "float": LayerGeometry(2, 2, 8)}
 
 # mul_mv_id_moe's down threadgroups take their token's routing from its first gate/up
 # threadgroup (which writes ids and weights, then bumps the counter's third word) instead
