@@ -295,8 +295,8 @@ template <bool MMA>
 struct moe_down_mma {
   enum { ON = 0 };
 
-  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
-            typename SP, typename RP>
+  template <int F, int NE, int NI, int KS, int NSG, int RW, int UNR, typename HP, typename IP, typename WP,
+            typename XP, typename SP, typename RP>
   MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     return 0.0f;
   }
@@ -543,9 +543,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 // of them; 8 = the down threadgroups' h read as float2 pairs, Q4_0; 16 = h in bfloat16,
 // T = bfloat16 and Q4_0 only, read as pairs; 32 = the gate/up dot products on a matrix
 // unit; 64 = the residual read before the down threadgroups' wait; 128 = the down dot
-// products on a matrix unit, 4 rows a threadgroup; 1024 = with 32, the gate/up tile's
-// nibbles converted a word at a time; 2048 = each hand-off fenced by one thread, CUDA
-// only; 256 and 512 unused), and the routing
+// products on a matrix unit, 4 rows a threadgroup; 256 = the down threadgroups' rows
+// staged only once half the gate/up threadgroups are done; 512 = with 128, the down tile's
+// block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles converted a word at a
+// time; 2048 = each hand-off fenced by one thread, CUDA only), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -636,6 +637,17 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // units more).  Why: the gate/up threadgroups whose rows land last all convert at once, and
   // from the last rows staged to the last h stored the trace shows 2.5 us of their issue.
   constexpr bool GUW = (STAGE & 1024) != 0 && MMA_GU;
+  // STAGE bit 256: a down threadgroup holds its rows' loads until half the gate/up
+  // threadgroups are done (count[0] >= NGU / 2; a wait on the counter, no fence: weights are
+  // not written).  Bit 512 (with 128, CUDA only): the down tile's block loop not unrolled
+  // (moe_down_mma's UNR = 1: NVRTC 13.0 then builds the routed layer with the routing shared
+  // in 32 registers, 8 threadgroups an SM, where unrolled by 2 it takes 40: 6).  Why both:
+  // at 8 an SM (bit 512 alone, stage 2751) 288 down threadgroups start beside the gate/up
+  // ones and stage their rows from the launch's start, taking the gate/up rows' bandwidth
+  // (the last gate/up ticket 2.9 us later: BENCHMARKS.md 2026-12-07, twenty-first session);
+  // held, they are resident early and load while the gate/up threadgroups compute.
+  constexpr bool HOLD = (STAGE & 256) != 0;
+  constexpr int DN_UNROLL = (STAGE & 512) != 0 ? 1 : 2;
   // STAGE bit 2048 (CUDA only: moe_fence_one): each hand-off between threadgroups fenced by
   // one thread, after the threadgroup's barrier on the releasing side and before it on the
   // acquiring one (CUDA's cooperative-groups grid sync does the same: the barrier orders the
@@ -814,6 +826,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // Down staging: the slots' weight rows copied before the wait (a down threadgroup starts
   // as gate/up ones retire, a few us before h is complete: its DRAM reads then overlap the
   // gate/up tail instead of following it).
+  if (HOLD) {  // (uniform) STAGE bit 256
+    if (sg == 0 && lane == 0) {
+      moe_wait_count(cnt, uint(NGU / 2));
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
   if (STAGED_DN) {
     for (int s = int(sg); s < KS; s += NSG) {
       const int e = chosen[s];
@@ -853,7 +871,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
 //@endif
   threadgroup float part[NSG * NRD];
   const float v =
-      MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD>(
+      MMA_DN ? moe_down_mma<MMA_DN>::template run<F, NE, NI, KS, NSG, RLD, DN_UNROLL>(
                    h + size_t(tok) * KS * F, chosen, chosen_w, x + size_t(tok) * D + row0,
                    moe_tg_as<const ushort>(stage), gred, nvalid, sg, lane)
              : moe_down_rows<WT, F, D, NE, NI, KS, NRD, NSG, NQ, STAGED_DN, HXM>(

@@ -191,8 +191,9 @@ template <>
 struct moe_down_mma<true> {
   enum { ON = 1 };
 
-  template <int F, int NE, int NI, int KS, int NSG, int RW, typename HP, typename IP, typename WP, typename XP,
-            typename SP, typename RP>
+  // UNR: the block loop's unrolling, 2 or 1 (mul_mv_id_moe's stage bit 512: fewer registers).
+  template <int F, int NE, int NI, int KS, int NSG, int RW, int UNR, typename HP, typename IP, typename WP,
+            typename XP, typename SP, typename RP>
   MOE_DEVICE static float run(HP h, IP ids, WP wts, XP x, SP stage, RP red, int nvalid, uint sg, uint lane) {
     constexpr int NT = KS / 4;          // tiles
     constexpr int WPT = NSG / NT;       // warps a tile
@@ -209,7 +210,7 @@ struct moe_down_mma<true> {
     const bool bcol = g < 4;
     const bool right = g >= 4;  // the column this lane keeps: c1 / c3 (else c0 / c2)
     float acc = 0.0f;
-    #pragma unroll 2
+    #pragma unroll UNR
     for (int j = 0; j < NB; ++j) {
       const int b = b0 + j;
       const ushort* p0 = r0 + b * 9;

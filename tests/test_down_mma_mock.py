@@ -27,8 +27,9 @@ NSG, KS = 8, 8
 
 DRIVER = r"""
 // argv: F, nvalid, NE, stage file (KS * 4 rows of F / 32 * 9 ushorts), h file (KS x F bf16 bits),
-// ids file (KS int32), weights file (KS float32), x file (4 float32), out file (4 floats)
-template <int F>
+// ids file (KS int32), weights file (KS float32), x file (4 float32), out file (4 floats), the
+// block loop's unrolling (UNR: 1 or 2)
+template <int F, int UNR>
 int run(int nvalid, int ne, const char* sp, const char* hp, const char* ip, const char* wp, const char* xp,
         const char* op) {
   constexpr int RW = F / 32 * 9;
@@ -45,7 +46,7 @@ int run(int nvalid, int ne, const char* sp, const char* hp, const char* ip, cons
     const uint sg = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     float v = 0.0f;
     if (ne == 8) {
-      v = moe_down_mma<true>::run<F, 8, 2, MOCK_KS, MOCK_NSG, RW>(h, ids, wts, x, stage, red, nvalid, sg, lane);
+      v = moe_down_mma<true>::run<F, 8, 2, MOCK_KS, MOCK_NSG, RW, UNR>(h, ids, wts, x, stage, red, nvalid, sg, lane);
     }
     if (sg == 0 && lane < 4) yp[lane] = v;
   });
@@ -54,9 +55,11 @@ int run(int nvalid, int ne, const char* sp, const char* hp, const char* ip, cons
 }
 
 int main(int argc, char** argv) {
-  const int f = std::atoi(argv[1]), nvalid = std::atoi(argv[2]), ne = std::atoi(argv[3]);
-  if (f == 256) return run<256>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
-  if (f == 768) return run<768>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
+  const int f = std::atoi(argv[1]), nvalid = std::atoi(argv[2]), ne = std::atoi(argv[3]), unr = std::atoi(argv[10]);
+  if (f == 256 && unr == 2) return run<256, 2>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
+  if (f == 768 && unr == 2) return run<768, 2>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
+  if (f == 256 && unr == 1) return run<256, 1>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
+  if (f == 768 && unr == 1) return run<768, 1>(nvalid, ne, argv[4], argv[5], argv[6], argv[7], argv[8], argv[9]);
   return 4;
 }
 """
@@ -73,8 +76,9 @@ def mock_exe(tmp_path_factory):
 CASES = [(768, 4, [3, 0, 7, 5, 1, 2, 6, 4]), (256, 4, [3, -1, 7, 8, 1, 10, 9, 4]), (768, 2, [5, 6, 8, 0, 2, 2, -1, 7])]
 
 
+@pytest.mark.parametrize("unroll", [2, 1])
 @pytest.mark.parametrize("F,nvalid,ids", CASES)
-def test_down_tile_matches_numpy(mock_exe, tmp_path, F, nvalid, ids):
+def test_down_tile_matches_numpy(mock_exe, tmp_path, F, nvalid, ids, unroll):
     rng = np.random.default_rng(F + nvalid)
     ne = 8
     wd = rng.standard_normal((ne, 4, F)).astype(np.float32)  # the threadgroup's 4 rows of each expert
@@ -94,7 +98,7 @@ def test_down_tile_matches_numpy(mock_exe, tmp_path, F, nvalid, ids):
     for name, a in files.items():
         (tmp_path / name).write_bytes(a.tobytes())
     subprocess.run([str(mock_exe), str(F), str(nvalid), str(ne)] + [str(tmp_path / n) for n in "shiwx"]
-                   + [str(tmp_path / "y")], check=True, timeout=120)
+                   + [str(tmp_path / "y"), str(unroll)], check=True, timeout=120)
     y = np.fromfile(tmp_path / "y", dtype=np.float32)
     want = np.zeros(4)
     for s, e in enumerate(ids):

@@ -75,6 +75,10 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 (stage 191, the default until 2026-12-07's twenty-first session;
                 the default's one fence a hand-off off); +guw32: the default with
                 the gate/up tile's nibbles converted a 32-bit word at a time (3263);
+                +hold: the default with its down threadgroups' rows held until half
+                the gate/up threadgroups are done (2495); +dnloop1: the default with
+                the down tile's loop not unrolled (2751: 32 registers, 8 threadgroups
+                an SM); +holdloop1: both (3007);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -555,6 +559,9 @@ SWITCHES = {
     "+resfirst": _moe_layer_stage(255),
     "+fenceall": _moe_layer_stage(191),
     "+guw32": _moe_layer_stage(3263),
+    "+hold": _moe_layer_stage(2495),
+    "+dnloop1": _moe_layer_stage(2751),
+    "+holdloop1": _moe_layer_stage(3007),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

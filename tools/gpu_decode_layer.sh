@@ -55,6 +55,7 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 engine_of() {
   case $1 in
     63) echo +gumma ;; 191) echo +fenceall ;; 255) echo +resfirst ;; 3263) echo +guw32 ;;
+    2495) echo +hold ;; 2751) echo +dnloop1 ;; 3007) echo +holdloop1 ;;
     *) echo "" ;;
   esac
 }

@@ -80,9 +80,11 @@ class LayerGeometry:
     bfloat16 activations and Q4_0 only, else ignored), 64 = the residual read before the
     down threadgroups wait, not after their dot products, 128 = the down dot products on
     the tensor cores (CUDA; with bits 1 and 16, down_nr 4, bfloat16 activations and Q4_0
-    only, else ignored), 1024 = with 32, the gate/up tile's nibbles converted a 32-bit word
-    at a time (fewer instructions), 2048 = each hand-off between threadgroups fenced by one
-    thread, not all (CUDA only); 256 and 512 unused (measured, slower: removed); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    only, else ignored), 256 = the down threadgroups' rows staged only once half the gate/up
+    threadgroups are done, 512 = with 128, the down tile's block loop not unrolled (fewer
+    registers: 8 threadgroups an SM), 1024 = with 32, the gate/up tile's nibbles converted a
+    32-bit word at a time (fewer instructions), 2048 = each hand-off between threadgroups
+    fenced by one thread, not all (CUDA only); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -95,8 +97,10 @@ class LayerGeometry:
         if not 0 <= self.stage <= 4095:
             raise ValueError(f"LayerGeometry.stage is 0 to 4095, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
-                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 1024: the "
-                             f"gate/up tile's nibbles a word at a time, 2048: one fence a hand-off); got {self.stage}")
+                             f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: the "
+                             f"down rows held until half the gate/up threadgroups are done, 512: the down tile's "
+                             f"loop not unrolled, 1024: the gate/up tile's nibbles a word at a time, 2048: one fence "
+                             f"a hand-off); got {self.stage}")
 
     @property
     def tag(self) -> str:
