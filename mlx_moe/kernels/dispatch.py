@@ -84,7 +84,8 @@ class LayerGeometry:
     threadgroups are done, 512 = with 128, the down tile's block loop not unrolled (fewer
     registers: 8 threadgroups an SM), 1024 = with 32, the gate/up tile's nibbles converted a
     32-bit word at a time (fewer instructions), 2048 = each hand-off between threadgroups
-    fenced by one thread, not all (CUDA only); rows stage only at a multiple of 16 bytes (Q4_0: 256 columns)."""
+    fenced by one thread, not all (CUDA only); rows stage only at a multiple of 16 bytes
+    (Q4_0: 256 columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
