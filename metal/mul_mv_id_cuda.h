@@ -1,5 +1,5 @@
 // CUDA twin helpers of metal/mul_mv_id.metal: the decode MoE layer's gate/up and down
-// tiles on the tensor cores (stage bits 32 and 128, both in the default stage 191).
+// tiles on the tensor cores (stage bits 32 and 128, both in the default stage 2239).
 // mlx_moe/kernels/registry.py appends these helpers after the shared ones on the `cuda`
 // flavor; the kernel bodies stay the shared ones.
 //
