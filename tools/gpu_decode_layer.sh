@@ -8,8 +8,9 @@
 # install, `export PYTHONPATH=/tmp/site:$PWD` first; T0 may carry the call's start time)
 # CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1 measured against the default
 # (dispatch.MOE_LAYER["q4_0"]); default "3263" (bit 1024, the gate/up nibbles a word at a
-# time, on top of the default 2239).  TEST_KEYWORDS: pytest -k keywords of tests/test_moe_layer_kernel.py's GPU
-# tests to run for them (default "qwen3_shapes or shared_routing").  Steps, in priority order:
+# time, on top of the default 2239).  TEST_KEYWORDS: pytest -k keywords of
+# tests/test_moe_layer_kernel.py's GPU tests to run for them (default "qwen3_shapes or
+# shared_routing").  Steps, in priority order:
 #   1. the layer under ncu, one process: every candidate and the default, routed and under
 #      given routing (tools/bench_kernels.py --ncu --layer-geometries; ncu_summary.py
 #      prints each geometry's median); FENCE_BOTH=1: then the default routed under both
