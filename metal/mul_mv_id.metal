@@ -402,6 +402,42 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   return v;
 }
 
+// A threadgroup's hand-off through a counter (mul_mv_id_moe): its device writes made
+// visible, then one ticket on count by its one `leader` thread; every thread must call it
+// (a barrier).  ONE (mul_mv_id_moe's stage bit 2048, where moe_fence_one::ON): the leader
+// fences after the barrier, the barrier ordering the others' writes before its fence; else
+// every thread fences before it.
+template <bool ONE, typename CP>
+MOE_DEVICE inline void moe_release_ticket(CP count, bool leader) {
+  if (!ONE) {
+    moe_device_fence();
+  }
+  threadgroup_barrier(mem_flags::mem_device);
+  if (leader) {
+    if (ONE) {
+      moe_device_fence();
+    }
+    moe_ticket(count);
+  }
+}
+
+// The other side: the one `leader` thread waits until count reaches n, and the
+// threadgroup's reads of what the counted threadgroups wrote come after a fence -- ONE: the
+// leader's, before the barrier; else every thread's, after it.  Every thread must call it.
+template <bool ONE, typename CP>
+MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
+  if (leader) {
+    moe_wait_count(count, n);
+    if (ONE) {
+      moe_device_fence();
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (!ONE) {
+    moe_device_fence();
+  }
+}
+
 // ==== kernel: mul_mv_id ====
 // out[p, n] = W[ids[p]][n] . src[BCAST ? p / KS : p]   for p = token * KS + slot.
 // Template: T (src dtype), WT (weight element), K (cols), N (rows),
@@ -730,28 +766,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     weights[size_t(tok) * KS + int(thread_index_in_threadgroup)] = chosen_w[thread_index_in_threadgroup];
   }
   if (SHARE_ROUTE && first) {  // the token's routing is out
-    if (!FENCE1) {
-      moe_device_fence();
-    }
-    threadgroup_barrier(mem_flags::mem_device);
-    if (thread_index_in_threadgroup == 0) {
-      if (FENCE1) {
-        moe_device_fence();
-      }
-      moe_ticket(cnt + 2);
-    }
+    moe_release_ticket<FENCE1>(cnt + 2, thread_index_in_threadgroup == 0);
   }
   if (SHARE_ROUTE && down) {  // every token's first threadgroup has written its routing (count[2] = NT)
-    if (sg == 0 && lane == 0) {
-      moe_wait_count(cnt + 2, uint(NT));
-      if (FENCE1) {
-        moe_device_fence();
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-    if (!FENCE1) {
-      moe_device_fence();
-    }
+    moe_acquire_wait<FENCE1>(cnt + 2, uint(NT), sg == 0 && lane == 0);
     if (thread_index_in_threadgroup < uint(KS)) {
       chosen[thread_index_in_threadgroup] = ids[size_t(tok) * KS + int(thread_index_in_threadgroup)];
       chosen_w[thread_index_in_threadgroup] = weights[size_t(tok) * KS + int(thread_index_in_threadgroup)];
@@ -806,19 +824,12 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
       tr[5] = moe_clock_ns();
     }
 //@endif
-    if (!FENCE1) {
-      moe_device_fence();  // this thread's rows of h, before the count says they are there
-    }
-    threadgroup_barrier(mem_flags::mem_device);
-    if (sg == 0 && lane == 0) {
-      if (FENCE1) {
-        moe_device_fence();  // the threadgroup's rows of h (ordered before it by the barrier)
-      }
-      moe_ticket(cnt);
+    moe_release_ticket<FENCE1>(cnt, sg == 0 && lane == 0);  // the threadgroup's rows of h
 //@if TRACE
+    if (thread_index_in_threadgroup == 0) {
       tr[6] = moe_clock_ns();
-//@endif
     }
+//@endif
     return;
   }
   const int row0 = ((tg - NGU) % DX) * NRD;
@@ -854,16 +865,7 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   const size_t yn = size_t(tok) * D + row0 + int(lane);
   const bool writes_y = sg == 0 && int(lane) < nvalid;
   const float rv = RES_FIRST && writes_y ? float(res[yn]) : 0.0f;
-  if (sg == 0 && lane == 0) {
-    moe_wait_count(cnt, uint(NGU));
-    if (FENCE1) {
-      moe_device_fence();  // the threadgroup's reads of h after it (ordered by the barrier)
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  if (!FENCE1) {
-    moe_device_fence();  // every thread's reads of h after the wait
-  }
+  moe_acquire_wait<FENCE1>(cnt, uint(NGU), sg == 0 && lane == 0);  // every gate/up threadgroup's rows of h
 //@if TRACE
   if (thread_index_in_threadgroup == 0) {
     tr[5] = moe_clock_ns();

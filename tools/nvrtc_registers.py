@@ -180,12 +180,13 @@ def main(argv=None) -> int:
     cubin = nvrtc_cubin(lib, source, options)
     res = cubin_resources(cubin)
     print(f"NVRTC {nvrtc_version(lib)} ({path}), sm_90a cubin")
-    for (_, variant, *_), sym in ((k, next(s for s in res if f"mul_mv_id_moe_{k[1]}E" in s)) for k in kernels):
+    variants = [(k[1], next(s for s in res if f"mul_mv_id_moe_{k[1]}E" in s)) for k in kernels]  # (name, symbol)
+    for variant, sym in variants:
         r = res[sym]
         print(f"  mul_mv_id_moe {variant:16s} {r.get('registers', 0):3d} registers, {r.get('frame', 0):4d} B stack frame"
               f"  -> {threadgroups_per_sm(r.get('registers', 0), 256)} threadgroups of 256 an SM by registers")
     if a.sass:
-        write_sass(Path(a.sass), cubin, [(k[1], next(s for s in res if f"mul_mv_id_moe_{k[1]}E" in s)) for k in kernels])
+        write_sass(Path(a.sass), cubin, variants)
     return 0
 
 
