@@ -582,7 +582,8 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
 // products on a matrix unit, 4 rows a threadgroup; 256 = the down threadgroups' rows
 // staged only once half the gate/up threadgroups are done; 512 = with 128, the down tile's
 // block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles converted a word at a
-// time; 2048 = each hand-off fenced by one thread, CUDA only), and the routing
+// time; 2048 = each hand-off fenced by one thread, CUDA only; 4096 = with 256, the rows held
+// until a quarter of the gate/up threadgroups are done, not half), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -682,7 +683,11 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
   // ones and stage their rows from the launch's start, taking the gate/up rows' bandwidth
   // (the last gate/up ticket 2.9 us later: BENCHMARKS.md 2026-12-07, twenty-first session);
   // held, they are resident early and load while the gate/up threadgroups compute.
+  // Bit 4096 (with 256): held until a quarter of them are done (count[0] >= NGU / 4): the
+  // gate/up tickets trail their rows' arrival by their dot products, so half may come after
+  // the gate/up rows have all streamed and the bandwidth sits idle.
   constexpr bool HOLD = (STAGE & 256) != 0;
+  constexpr int HOLD_AT = (STAGE & 4096) != 0 ? NGU / 4 : NGU / 2;
   constexpr int DN_UNROLL = (STAGE & 512) != 0 ? 1 : 2;
   // STAGE bit 2048 (CUDA only: moe_fence_one): each hand-off between threadgroups fenced by
   // one thread, after the threadgroup's barrier on the releasing side and before it on the
@@ -839,7 +844,7 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
   // gate/up tail instead of following it).
   if (HOLD) {  // (uniform) STAGE bit 256
     if (sg == 0 && lane == 0) {
-      moe_wait_count(cnt, uint(NGU / 2));
+      moe_wait_count(cnt, uint(HOLD_AT));
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }

@@ -385,11 +385,11 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("bits", [64, 256, 512, 768, 2048])
+@pytest.mark.parametrize("bits", [64, 256, 512, 768, 2048, 4352])
 def test_order_bits_are_the_launch(flavor, bits):
     """Stage bits that move work without changing a sum -- 64 (the residual read before the
     down threadgroups wait), 256 (their rows held until half the gate/up threadgroups are
-    done), 512 (the down tile's loop not unrolled; needs the tile on the tensor cores, so
+    done; with 4096 a quarter), 512 (the down tile's loop not unrolled; needs the tile on the tensor cores, so
     CUDA's Qwen3 shapes alone check it), 2048 (one fence a hand-off; CUDA only, so there
     alone a check of the hand-offs) -- y, ids, weights and h bit for bit against the same
     geometry without them, on 256 x 256 rows (2 tokens, ragged down tiles; 3 slots) and on

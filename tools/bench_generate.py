@@ -78,7 +78,8 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 +hold: the default with its down threadgroups' rows held until half
                 the gate/up threadgroups are done (2495); +dnloop1: the default with
                 the down tile's loop not unrolled (2751: 32 registers, 8 threadgroups
-                an SM); +holdloop1: both (3007);
+                an SM); +holdloop1: both (3007); +holdq, +holdloop1q: those two
+                held until a quarter of the gate/up threadgroups are done (6591, 7103);
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
                 wrote (dispatch.SHARE_ROUTE off; on by default);
@@ -562,6 +563,8 @@ SWITCHES = {
     "+hold": _moe_layer_stage(2495),
     "+dnloop1": _moe_layer_stage(2751),
     "+holdloop1": _moe_layer_stage(3007),
+    "+holdq": _moe_layer_stage(6591),
+    "+holdloop1q": _moe_layer_stage(7103),
     "+eachroute": (dispatch_module, "SHARE_ROUTE", False),
     "+tailrule": (fused_step_module, "ROUTE_IN_TAIL", ("cuda", "emulated")),
     "+notailrule": (fused_step_module, "ROUTE_IN_TAIL", ()),

@@ -56,7 +56,8 @@ saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 engine_of() {
   case $1 in
     63) echo +gumma ;; 191) echo +fenceall ;; 255) echo +resfirst ;; 3263) echo +guw32 ;;
-    2495) echo +hold ;; 2751) echo +dnloop1 ;; 3007) echo +holdloop1 ;;
+    2495) echo +hold ;; 2751) echo +dnloop1 ;; 3007) echo +holdloop1 ;; 6591) echo +holdq ;;
+    7103) echo +holdloop1q ;;
     *) echo "" ;;
   esac
 }
