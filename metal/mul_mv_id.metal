@@ -583,7 +583,8 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
 // staged only once half the gate/up threadgroups are done; 512 = with 128, the down tile's
 // block loop not unrolled; 1024 = with 32, the gate/up tile's nibbles converted a word at a
 // time; 2048 = each hand-off fenced by one thread, CUDA only; 4096 = with 256, the rows held
-// until a quarter of the gate/up threadgroups are done, not half), and the routing
+// until a quarter of the gate/up threadgroups are done, not half; 8192 = with 32, the gate/up
+// tile's x read through L1, not copied), and the routing
 // rule's NEXP, VPL, SCORE, HAS_BIAS, NGROUP, TOPKG, NORM (as ROUTE's), and SHARE_ROUTE.
 // Inputs: x [NT, D] (the experts' input), logits [NT, NEXP], bias, scale, wg, wu
 // [E, F, D*NUM/DEN], wd [E, D, F*NUM/DEN], res [NT, D], count uint32 [>= 2, 3 with SHARE_ROUTE]
@@ -698,11 +699,18 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
   // after the last gate/up ticket (2239: 2.5).  On the H100 0.5-1.1 us a layer less (ncu;
   // the decode step's 48 layers 21-23 us; BENCHMARKS.md 2026-12-07, twenty-first session).
   constexpr bool FENCE1 = (STAGE & 2048) != 0 && moe_fence_one::ON;
+  // STAGE bit 8192 (with 32, not with 1024; CUDA only): the gate/up tile's x read from device
+  // memory through L1 (asked for there as the rows are staged), not copied into threadgroup
+  // memory: 4 KB less a threadgroup.  Why: at 128 threads (2x4x4x1) 20,032 B a threadgroup
+  // let 11 of them on an SM (NVRTC 13.0: 40 registers) where 24,128 let 9 -- the launch's
+  // 1,280 threadgroups all resident from its start, so that held down threadgroups (bit 256)
+  // stream their rows as the gate/up rows finish, not after the gate/up threadgroups retire.
+  constexpr bool XDEV = (STAGE & 8192) != 0 && MMA_GU && !GUW;
   constexpr int XU = D / 8 + (GUW ? D / 128 : 0);  // MMA_GU's copy of x (and its block sums), units
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind
   threadgroup uint4 stage[NSTAGE];
   // (MMA_GU: the token's bfloat16 activations, copied with the rows: D / 8 16-byte units)
-  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU ? XU : 1)];
+  threadgroup float4 xq[XPREP ? D / 32 * 8 : (MMA_GU && !XDEV ? XU : 1)];
   threadgroup float gred[MMA_GU || MMA_DN ? NSG * 16 : 1];  // moe_gate_up_mma's and moe_down_mma's meeting place
   // STAGE bit 8: the down threadgroups read h (float32) two values a load (moe_xword<2>).
   // Bit 16: h is bfloat16 (the output's dtype, as mlx-lm's SwitchGLU keeps it; the host
@@ -795,11 +803,20 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
         const size_t off = (size_t(e) * F + rt0) * RLG;
         // MMA_GU: x's copy into xq started first (asynchronous: no registers held across the
         // rows' loads), waited for after them
-        moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt, thread_index_in_threadgroup);
+        // (XDEV: x's lines asked of L1 instead, one a thread)
+        if (XDEV) {
+          for (int u = int(thread_index_in_threadgroup); u < D * int(sizeof(T)) / 128; u += 32 * NSG) {
+            moe_prefetch_l1(xt + u * (128 / int(sizeof(T))));
+          }
+        } else {
+          moe_gate_up_mma<MMA_GU>::template copy_x<D, 32 * NSG>(moe_tg_as<uint4>(xq), xt, thread_index_in_threadgroup);
+        }
         moe_stage_rows<RT * RG16, 32 * NSG, 2, MMA_GU ? RG16 : 0>(
             stage, wg + off, wu + off, ((F - rt0 < RT) ? F - rt0 : RT) * RG16, RT * RPITCH, thread_index_in_threadgroup);
-        moe_gate_up_mma<MMA_GU>::wait_x();
-        moe_gate_up_mma<MMA_GU>::template finish_x<D, 32 * NSG, GUW>(moe_tg_as<uint4>(xq), thread_index_in_threadgroup);
+        if (!XDEV) {
+          moe_gate_up_mma<MMA_GU>::wait_x();
+          moe_gate_up_mma<MMA_GU>::template finish_x<D, 32 * NSG, GUW>(moe_tg_as<uint4>(xq), thread_index_in_threadgroup);
+        }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 //@if TRACE
@@ -808,7 +825,11 @@ MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
       }
 //@endif
       if (MMA_GU) {
-        if (real) {  // uniform per threadgroup (a barrier inside)
+        if (real && XDEV) {  // uniform per threadgroup (a barrier inside)
+          moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, GUW>(xt, moe_tg_as<const ushort>(stage), ht + rt0,
+                                                                   gred, (F - rt0 < RT) ? F - rt0 : RT, sg, lane,
+                                                                   thread_index_in_threadgroup);
+        } else if (real) {
           moe_gate_up_mma<MMA_GU>::template run<D, NSG, RPITCH * 8, GUW>(moe_tg_as<const ushort>(xq),
                                                                    moe_tg_as<const ushort>(stage), ht + rt0, gred,
                                                                    (F - rt0 < RT) ? F - rt0 : RT, sg, lane,

@@ -154,6 +154,12 @@ __device__ inline void moe_prefetch_l2(P p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Asks L1 for the 128-byte line holding *p, without waiting for it (no register).
+template <typename P>
+__device__ inline void moe_prefetch_l1(P p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
 // The GPU's global nanosecond timer, low 32 bits (mul_mv_id_moe's TRACE option).
 __device__ inline uint moe_clock_ns() {
   unsigned long long t;

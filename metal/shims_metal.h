@@ -115,6 +115,13 @@ inline void moe_prefetch_l2(P p) {
   (void)v;
 }
 
+// L1 prefetch (shims_cuda.h): none on Metal, as moe_prefetch_l2.
+template <typename P>
+inline void moe_prefetch_l1(P p) {
+  const auto v = *p;
+  (void)v;
+}
+
 // A clock for mul_mv_id_moe's TRACE option: Metal has no global timer a kernel reads, so
 // 0 (traces are CUDA's; tools/trace_moe_layer.py).
 inline uint moe_clock_ns() {

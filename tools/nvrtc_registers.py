@@ -164,7 +164,9 @@ def main(argv=None) -> int:
     src.add_argument("--nvrtc", help="path of the libnvrtc.so to compile with")
     src.add_argument("--mlx-nvrtc", action="store_true", help="the libnvrtc MLX's CUDA backend loads (GPU machine)")
     p.add_argument("--stages", default=str(dispatch.MOE_LAYER["q4_0"].stage),
-                   help="LayerGeometry stages at 1x4x8x1, comma-separated (default: the default's)")
+                   help="LayerGeometry stages at --geometry, comma-separated (default: the default's)")
+    p.add_argument("--geometry", default="1x4x8x1",
+                   help="GATExDOWNxNSGxNQ the stages are built at (default 1x4x8x1, the default's)")
     p.add_argument("--include", default=None, help="CUDA headers (default $CUDA_HOME/include or /usr/local/cuda/include)")
     p.add_argument("--sass", default=None, metavar="DIR",
                    help="write the cubin (and with cuobjdump, the SASS) to DIR; print the down tail's loads and mma")
@@ -174,7 +176,9 @@ def main(argv=None) -> int:
     inc = Path(a.include or Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include")
     options = ["--device-as-default-execution-space", "--gpu-architecture=sm_90a", "-std=c++17",
                f"--include-path={inc}", f"--include-path={inc / 'cccl'}"]
-    kernels = [moe_layer_kernel(f"stage{st}{'_share' if share else ''}", 1, 4, 8, stage=int(st), share_route=share)
+    nrg, nrd, nsg, nq = (int(v) for v in a.geometry.split("x"))
+    kernels = [moe_layer_kernel(f"stage{st}{'_share' if share else ''}", nrg, nrd, nsg, nq, stage=int(st),
+                                share_route=share)
                for st in a.stages.split(",") for share in (False, True)]
     source = translation_unit("mul_mv_id", kernels).replace("#include <cstdint>\n", _CSTDINT)
     cubin = nvrtc_cubin(lib, source, options)
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
     for variant, sym in variants:
         r = res[sym]
         print(f"  mul_mv_id_moe {variant:16s} {r.get('registers', 0):3d} registers, {r.get('frame', 0):4d} B stack frame"
-              f"  -> {threadgroups_per_sm(r.get('registers', 0), 256)} threadgroups of 256 an SM by registers")
+              f"  -> {threadgroups_per_sm(r.get('registers', 0), 32 * nsg)} threadgroups of {32 * nsg} an SM by "
+              f"registers")
     if a.sass:
         write_sass(Path(a.sass), cubin, variants)
     return 0

@@ -85,8 +85,10 @@ class LayerGeometry:
     registers: 8 threadgroups an SM), 1024 = with 32, the gate/up tile's nibbles converted a
     32-bit word at a time (fewer instructions), 2048 = each hand-off between threadgroups
     fenced by one thread, not all (CUDA only), 4096 = with 256, the rows held until a
-    quarter of the gate/up threadgroups are done, not half; rows stage only at a multiple of
-    16 bytes (Q4_0: 256 columns)."""
+    quarter of the gate/up threadgroups are done, not half, 8192 = with 32 (not 1024), the
+    gate/up tile's activations read through L1, not copied into threadgroup memory (4 KB
+    less a threadgroup; CUDA); rows stage only at a multiple of 16 bytes (Q4_0: 256
+    columns)."""
     gate_nr: int
     down_nr: int
     nsg: int
@@ -96,13 +98,14 @@ class LayerGeometry:
     def __post_init__(self):
         Geometry(self.gate_nr, self.nsg, self.nq)  # the same bounds
         Geometry(self.down_nr, self.nsg, self.nq)
-        if not 0 <= self.stage <= 8191:
-            raise ValueError(f"LayerGeometry.stage is 0 to 8191, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
+        if not 0 <= self.stage <= 16383:
+            raise ValueError(f"LayerGeometry.stage is 0 to 16383, bits (1: down rows staged, 2: gate/up rows, 4: gate/up "
                              f"activations prepared, 8: h read in pairs, 16: h in bfloat16, 32: gate/up on the tensor "
                              f"cores, 64: the residual read before the wait, 128: down on the tensor cores, 256: the "
                              f"down rows held until half the gate/up threadgroups are done, 512: the down tile's "
                              f"loop not unrolled, 1024: the gate/up tile's nibbles a word at a time, 2048: one fence "
-                             f"a hand-off, 4096: with 256, held until a quarter are done); got {self.stage}")
+                             f"a hand-off, 4096: with 256, held until a quarter are done, 8192: with 32, the gate/up x read "
+                             f"through L1); got {self.stage}")
 
     @property
     def tag(self) -> str:

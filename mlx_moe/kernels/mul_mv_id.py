@@ -244,7 +244,7 @@ def mul_mv_id_moe_ids(
 
 # LayerGeometry.stage bits taken only with bfloat16 activations and Q4_0 weights (h in bfloat16
 # and the tensor-core tiles with what they build on), dropped elsewhere.
-BF16_Q4_0_BITS = 16 | 32 | 128 | 512 | 1024
+BF16_Q4_0_BITS = 16 | 32 | 128 | 512 | 1024 | 8192
 
 
 def moe_layer_args(T: int, dtype, n_logits: int, params, wg: mx.array, wu: mx.array, wd: mx.array, n_identity: int,
