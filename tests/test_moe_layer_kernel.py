@@ -385,16 +385,17 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("bits", [64, 256, 512, 768, 2048, 4352])
+@pytest.mark.parametrize("bits", [64, 256, 512, 768, 2048, 4352, 8192])
 def test_order_bits_are_the_launch(flavor, bits):
     """Stage bits that move work without changing a sum -- 64 (the residual read before the
     down threadgroups wait), 256 (their rows held until half the gate/up threadgroups are
     done; with 4096 a quarter), 512 (the down tile's loop not unrolled; needs the tile on the tensor cores, so
     CUDA's Qwen3 shapes alone check it), 2048 (one fence a hand-off; CUDA only, so there
-    alone a check of the hand-offs) -- y, ids, weights and h bit for bit against the same
-    geometry without them, on 256 x 256 rows (2 tokens, ragged down tiles; 3 slots) and on
-    CUDA at Qwen3-30B-A3B's shapes (on top of 63 for bit 64, of 191 for the others), 8
-    launches on one counter."""
+    alone a check of the hand-offs), 8192 (the gate/up tile's x read through L1, not copied;
+    CUDA only) -- y, ids, weights and h bit for bit against the same geometry without them,
+    on 256 x 256 rows (2 tokens, ragged down tiles; 3 slots) and on CUDA at Qwen3-30B-A3B's
+    shapes (on top of 63 for bit 64, of 191 for the others; the held rows and x through L1
+    also at 128 threads a threadgroup, 2x4x4x1, on top of 2239), 8 launches on one counter."""
     from mlx_moe.kernels.mul_mv_id import moe_layer_launch
     from mlx_moe.q4_0 import quantize
 
@@ -402,6 +403,8 @@ def test_order_bits_are_the_launch(flavor, bits):
     shapes = [(8, 256, 256, 2, 3, 2, (1, 5, 8, 63)), (8, 256, 256, 1, 3, 1, (1, 4, 8, 15))]
     if flavor == "cuda":
         shapes.append((128, 2048, 768, 1, 8, 8, (1, 4, 8, 63 if bits == 64 else 191)))
+        if bits & (256 | 8192):
+            shapes.append((128, 2048, 768, 1, 8, 4, (2, 4, 4, 2239)))
     for E, d, f, T, k, reps, (nrg, nrd, nsg, base) in shapes:
         wg, wu = (mx.array(quantize(rng.standard_normal((E, f, d)).astype(np.float32))) for _ in range(2))
         wd = mx.array(quantize(rng.standard_normal((E, d, f)).astype(np.float32)))
