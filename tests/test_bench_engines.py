@@ -39,6 +39,19 @@ def test_unknown_suffix_is_named():
     assert bench_generate.engine_suffixes("mlx-moe+compile+notail") == ["+compile", "+notail"]
 
 
+def test_moe_geometry_suffix_sets_the_layer_and_restores_it():
+    from mlx_moe.kernels import dispatch
+
+    before = dispatch.MOE_LAYER
+    with bench_generate.engine_settings("mlx-moe+compile+moe=2x4x4x1x14783"):
+        assert dispatch.MOE_LAYER["q4_0"] == dispatch.LayerGeometry(2, 4, 4, 1, stage=14783)
+        assert dispatch.MOE_LAYER["float"] == before["float"]
+    assert dispatch.MOE_LAYER == before
+    for bad in ("+moe=2x4x4", "+moe=2x4x4x1x99999", "+moe=axbxcxd"):
+        with pytest.raises(SystemExit, match=r"\+moe="):
+            bench_generate.engine_suffixes("mlx-moe+compile" + bad)
+
+
 def test_bench_kernels_prefill_switch_variants_turn_each_switch_then_all():
     import bench_kernels
 
