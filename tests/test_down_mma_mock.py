@@ -23,7 +23,7 @@ from mlx_moe import q4_0
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 
-NSG, KS = 8, 8
+KS = 8
 
 DRIVER = r"""
 // argv: F, nvalid, NE, stage file (KS * 4 rows of F / 32 * 9 ushorts), h file (KS x F bf16 bits),
@@ -65,10 +65,12 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def mock_exe(tmp_path_factory):
-    return build_decode_tile(tmp_path_factory.mktemp("down_mma"), "down_mma",
-                             f"#define MOCK_NSG {NSG}\n#define MOCK_KS {KS}\n", DRIVER)
+@pytest.fixture(scope="module", params=[8, 4], ids=["nsg8", "nsg4"])
+def mock_exe(tmp_path_factory, request):
+    """At 8 warps (1x4x8x1: a tile's 4 warps take 6 of its 24 blocks each at F 768) and 4
+    (2x4x4x1: 2 warps a tile, 12 blocks each)."""
+    return build_decode_tile(tmp_path_factory.mktemp(f"down_mma{request.param}"), "down_mma",
+                             f"#define MOCK_NSG {request.param}\n#define MOCK_KS {KS}\n", DRIVER)
 
 
 # (F, nvalid, ids): every slot real; padding (-1, 10 past 8 real + 2 identity) and identity
