@@ -171,16 +171,21 @@ def test_fastest_stage_picks_the_step_candidate(tmp_path):
     the fastest candidate stage that beat the default, compared with the routing as the
     package runs it (shared: the launches tagged +share), else nothing."""
     lines = [HEAD]
-    times = {(191, "t"): 19.4, (255, "t"): 19.2, (63, "t"): 19.9, (191, "f"): 19.9, (255, "f"): 20.1, (63, "f"): 18.0}
+    times = {(191, "t"): 19.4, (255, "t"): 19.2, (63, "t"): 19.9, (191, "f"): 19.9, (255, "f"): 20.1, (63, "f"): 18.0,
+             ("2_4_4_1_255", "t"): 19.3, ("2_4_4_1_255", "f"): 17.0}
     for i, ((stage, share), us) in enumerate(times.items()):
-        name = (f"custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_1_4_8_1_{stage}"
+        geo = stage if isinstance(stage, str) else f"1_4_8_1_{stage}"
+        name = (f"custom_kernel_mlx_moe_mul_mv_id_moe_bfloat16_t_uint16_t_2048_768_128_0_8_1_{geo}"
                 f"_128_4_0_f_1_1_t_{share}")
         lines.append(_row(i, name, "(1280, 1, 1)", "gpu__time_duration.sum", "us", f"{us}"))
     p = tmp_path / "ncu.csv"
     p.write_text("".join(lines))
     stats = ncu_summary.parse(str(p))
-    assert ncu_summary.fastest_stage(stats, ["255", "63"], True, "1x4x8x1x191") == 255
-    assert ncu_summary.fastest_stage(stats, ["255", "63"], False, "1x4x8x1x191") == 63
+    assert ncu_summary.fastest_stage(stats, ["255", "63"], True, "1x4x8x1x191") == "255"
+    assert ncu_summary.fastest_stage(stats, ["255", "63"], False, "1x4x8x1x191") == "63"
+    # a whole geometry tag as a candidate, given back as given
+    assert ncu_summary.fastest_stage(stats, ["63", "2x4x4x1x255"], False, "1x4x8x1x191") == "2x4x4x1x255"
+    assert ncu_summary.fastest_stage(stats, ["2x4x4x1x255", "255"], True, "1x4x8x1x191") == "255"
     assert ncu_summary.fastest_stage(stats, ["63"], True, "1x4x8x1x191") is None  # slower than the default
     assert ncu_summary.fastest_stage(stats, ["255"], True, "1x4x8x1x31") is None  # the default not measured
 

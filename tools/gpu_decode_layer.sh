@@ -6,7 +6,8 @@
 #
 # (run in the repository root with MLX CUDA importable: on the lent H100, after the staged
 # install, `export PYTHONPATH=/tmp/site:$PWD` first; T0 may carry the call's start time)
-# CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1 measured against the default
+# CANDIDATE_STAGES: LayerGeometry.stage values at 1x4x8x1, or whole geometry tags
+# (GATExDOWNxNSGxNQxSTAGE, e.g. 2x4x4x1x14783), measured against the default
 # (dispatch.MOE_LAYER["q4_0"]); default "3263" (bit 1024, the gate/up nibbles a word at a
 # time, on top of the default 2239).  TEST_KEYWORDS: pytest -k keywords of
 # tests/test_moe_layer_kernel.py's GPU tests to run for them (default "qwen3_shapes or
@@ -52,19 +53,21 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 }
 saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 
-# bench_generate.py's engine for each stage (its SWITCHES)
+# bench_generate.py's engine for each candidate (its SWITCHES; else +moe=TAG)
 engine_of() {
   case $1 in
+    *x*) echo "+moe=$1" ;;
     63) echo +gumma ;; 191) echo +fenceall ;; 255) echo +resfirst ;; 3263) echo +guw32 ;;
     2495) echo +hold ;; 2751) echo +dnloop1 ;; 3007) echo +holdloop1 ;; 6591) echo +holdq ;;
     7103) echo +holdloop1q ;;
-    *) echo "" ;;
+    *) echo "+moe=1x4x8x1x$1" ;;
   esac
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$LOG" 2>&1
 git log --oneline -1 >> "$LOG" 2>&1
-GEOMS=$(for s in $CANDIDATES; do printf "1x4x8x1x%s," "$s"; done | sed 's/,$//')
+GEOMS=$(for s in $CANDIDATES; do case $s in *x*) printf "%s," "$s" ;; *) printf "1x4x8x1x%s," "$s" ;; esac; done \
+  | sed 's/,$//')
 
 # 1. the layer under ncu
 step ${NCU_LIMIT:-230} "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \
@@ -92,7 +95,7 @@ fi
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
   --section WarpStateStats --section SchedulerStats --csv --page details --log-file "$OUT/ncu_sections.csv" \
   python3 tools/bench_kernels.py --ncu --layer-geometries ""
-[ -z "${SKIP_1B:-}" ] && step 60 python3 tools/nvrtc_registers.py --mlx-nvrtc --stages "$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)'),$(echo $CANDIDATES | tr ' ' ',')"
+[ -z "${SKIP_1B:-}" ] && step 60 python3 tools/nvrtc_registers.py --mlx-nvrtc --stages "$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)')$(for s in $CANDIDATES; do case $s in *x*) ;; *) printf ",%s" "$s" ;; esac; done)"
 
 # 2. the candidates' GPU tests
 step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/test_moe_layer_kernel.py \
@@ -104,7 +107,7 @@ ENG=$( [ -n "$BEST" ] && engine_of "$BEST" )
 if [ -n "$ENG" ]; then
   for rep in 1 2; do
     for e in mlx-moe+compile "mlx-moe+compile$ENG"; do
-      f="$OUT/step_$(echo "$e" | tr '+' '_')_$rep.csv"
+      f="$OUT/step_$(echo "$e" | tr '+=' '__')_$rep.csv"
       step 100 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$f" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
         --steps 2 --shape qwen3-30b-a3b --engine "$e"

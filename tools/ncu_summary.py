@@ -162,27 +162,35 @@ def table(stats: Dict[str, KernelStats]) -> str:
     return "\n".join(lines)
 
 
-def fastest_stage(stats: Dict[str, KernelStats], stages, share: bool, default_tag: str) -> Optional[int]:
-    """Of the routed one-launch layer at 1x4x8x1 and these stages, the fastest one faster than
-    the default geometry default_tag (all with the routing shared or not, as `share` says:
-    the tag ncu's names give them), else None -- tools/gpu_decode_layer.sh's step A/B pick."""
+def candidate_tag(candidate: str) -> str:
+    """A candidate of --fastest-stage as a LayerGeometry tag: GATExDOWNxNSGxNQxSTAGE as given,
+    a bare stage at 1x4x8x1 (the default's geometry)."""
+    return candidate if "x" in candidate else f"1x4x8x1x{int(candidate)}"
+
+
+def fastest_stage(stats: Dict[str, KernelStats], candidates, share: bool, default_tag: str) -> Optional[str]:
+    """Of the routed one-launch layer at these candidates (stages at 1x4x8x1, or whole tags
+    such as 2x4x4x1x14783), the fastest one faster than the default geometry default_tag (all
+    with the routing shared or not, as `share` says: the tag ncu's names give them), as given,
+    else None -- tools/gpu_decode_layer.sh's step A/B pick."""
     suffix = "+share" if share else ""
     by_tag = {s.geometry: s.us for s in stats.values() if s.kernel == "mul_mv_id_moe"}
     default = by_tag.get(default_tag + suffix)
-    cands = {int(st): by_tag[f"1x4x8x1x{st}{suffix}"] for st in stages if f"1x4x8x1x{st}{suffix}" in by_tag}
+    cands = {c: by_tag[candidate_tag(c) + suffix] for c in candidates if candidate_tag(c) + suffix in by_tag}
     if default is None or not cands:
         return None
-    best_stage = min(cands, key=cands.get)
-    return best_stage if cands[best_stage] < default else None
+    best_c = min(cands, key=cands.get)
+    return best_c if cands[best_c] < default else None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", help="ncu --csv --log-file output")
     p.add_argument("--json", default=None, help="also write the rows and the best variants as JSON")
-    p.add_argument("--fastest-stage", default=None, metavar="STAGES",
-                   help="print only the stage (of these, e.g. '255 63') whose routed one-launch layer at 1x4x8x1 "
-                        "beat the package's default (dispatch.MOE_LAYER, SHARE_ROUTE), or nothing")
+    p.add_argument("--fastest-stage", default=None, metavar="CANDIDATES",
+                   help="print only the candidate (of these: stages at 1x4x8x1 or whole geometry tags, e.g. "
+                        "'255 2x4x4x1x14783') whose routed one-launch layer beat the package's default "
+                        "(dispatch.MOE_LAYER, SHARE_ROUTE), or nothing")
     a = p.parse_args(argv)
     stats = parse(a.csv)
     if not stats:
