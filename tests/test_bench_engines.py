@@ -47,7 +47,7 @@ def test_moe_geometry_suffix_sets_the_layer_and_restores_it():
         assert dispatch.MOE_LAYER["q4_0"] == dispatch.LayerGeometry(2, 4, 4, 1, stage=14783)
         assert dispatch.MOE_LAYER["float"] == before["float"]
     assert dispatch.MOE_LAYER == before
-    for bad in ("+moe=2x4x4", "+moe=2x4x4x1x99999", "+moe=axbxcxd"):
+    for bad in ("+moe=2x4", "+moe=2x4x4x1x99999", "+moe=axbxcxd"):
         with pytest.raises(SystemExit, match=r"\+moe="):
             bench_generate.engine_suffixes("mlx-moe+compile" + bad)
 

@@ -80,7 +80,7 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 the down tile's loop not unrolled (2751: 32 registers, 8 threadgroups
                 an SM); +holdloop1: both (3007); +holdq, +holdloop1q: those two
                 held until a quarter of the gate/up threadgroups are done (6591, 7103);
-                +moe=GATExDOWNxNSGxNQ[xSTAGE]: the MoE layer's Q4_0 geometry itself
+                +moe=GATExDOWNxNSG[xNQ[xSTAGE]]: the MoE layer's Q4_0 geometry itself
                 (dispatch.MOE_LAYER), e.g. +moe=2x4x4x1x14783;
                 +eachroute: its down threadgroups running the routing rule
                 themselves instead of reading what the token's first threadgroup
@@ -600,7 +600,7 @@ def engine_suffixes(engine: str) -> list:
     unknown = [x for x in suffixes if x not in SWITCHES and x not in OTHER_SUFFIXES and not x.startswith("+moe=")]
     if unknown:
         raise SystemExit(f"engine {engine!r}: unknown suffix {', '.join(unknown)} (known: "
-                         f"{', '.join(OTHER_SUFFIXES + tuple(SWITCHES))}, +moe=GATExDOWNxNSGxNQ[xSTAGE])")
+                         f"{', '.join(OTHER_SUFFIXES + tuple(SWITCHES))}, +moe=GATExDOWNxNSG[xNQ[xSTAGE]])")
     for x in suffixes:
         if x.startswith("+moe="):
             moe_layer_geometry(x)
@@ -608,13 +608,10 @@ def engine_suffixes(engine: str) -> list:
 
 
 def moe_layer_geometry(suffix: str):
-    """The LayerGeometry an engine's "+moe=GATExDOWNxNSGxNQ[xSTAGE]" names (dispatch.MOE_LAYER's
+    """The LayerGeometry an engine's "+moe=GATExDOWNxNSG[xNQ[xSTAGE]]" names (dispatch.MOE_LAYER's
     Q4_0 entry for that run: a candidate's decode step without a switch of its own)."""
-    nums = suffix[len("+moe="):].lower().split("x")
-    if len(nums) not in (4, 5) or not all(n.isdigit() for n in nums):
-        raise SystemExit(f"engine suffix {suffix!r}: not +moe=GATExDOWNxNSGxNQ[xSTAGE] (e.g. +moe=1x4x8x1x2239)")
     try:
-        return dispatch_module.LayerGeometry(*(int(n) for n in nums))
+        return dispatch_module.LayerGeometry.parse(suffix[len("+moe="):])
     except ValueError as e:
         raise SystemExit(f"engine suffix {suffix!r}: {e}")
 
