@@ -342,15 +342,17 @@ def test_one_launch_rejects_what_it_cannot_run():
         mul_mv_id_moe(x, logits, p, wg, wu, wd, 0, res.astype(mx.float16), ticket_counter(), "emulated")
     with pytest.raises(ValueError, match="GATE_NRxDOWN_NRxNSG"):
         LayerGeometry.parse("1x4")
-    with pytest.raises(ValueError, match="stage is 0 to 4095.*got 4096"):
-        LayerGeometry(1, 4, 8, 1, stage=4096)
+    with pytest.raises(ValueError, match="stage is 0 to 16383.*got 16384"):
+        LayerGeometry(1, 4, 8, 1, stage=16384)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("fence", ["sc", "acq_rel"])
-def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
-    """The default geometry at Qwen3-30B-A3B's layer shapes (hidden 2048, ffn 768, top-8,
-    bfloat16 activations), where its threadgroup memory is largest: against the two
+@pytest.mark.parametrize("tag", [None, "2x4x4x1x14783"], ids=["default", "2x4x4x1x14783"])
+def test_default_at_qwen3_shapes(flavor, fence, tag, monkeypatch):
+    """The default geometry -- and 2x4x4x1x14783 (a candidate: every threadgroup resident,
+    the down rows held, x read through L1) -- at Qwen3-30B-A3B's layer shapes (hidden 2048,
+    ffn 768, top-8, bfloat16 activations), where its threadgroup memory is largest: against the two
     launches it replaces (bit for bit under the emulation, which refuses a launch past
     Metal's 32 KB; to rounding on CUDA, whose dot products run on the tensor cores), and on
     CUDA 16 launches on one counter over 128 experts (a down threadgroup reading h before
@@ -362,6 +364,7 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
     if flavor == "emulated" and fence != "sc":
         pytest.skip("the CUDA fence choice: Metal's shims have their own")
     monkeypatch.setattr(registry, "CUDA_FENCE", fence)
+    geometry = LayerGeometry.parse(tag) if tag else None
 
     rng = np.random.default_rng(31)
     E, reps = (128, 16) if flavor == "cuda" else (8, 1)
@@ -372,11 +375,11 @@ def test_default_at_qwen3_shapes(flavor, fence, monkeypatch):
     for rep in range(reps):
         x, res = (mx.array(rng.standard_normal((1, d)).astype(np.float32)).astype(mx.bfloat16) for _ in range(2))
         logits = mx.array(rng.standard_normal((1, E)).astype(np.float32))
-        y, ids, w = mul_mv_id_moe(x, logits, params, wg, wu, wd, 0, res, count, flavor)
+        y, ids, w = mul_mv_id_moe(x, logits, params, wg, wu, wd, 0, res, count, flavor, geometry)
         h2, ids2, w2 = mul_mv_id_swiglu_route(x, logits, params, wg, wu, flavor)
         np.testing.assert_array_equal(np.array(ids), np.array(ids2), err_msg=f"ids, launch {rep}")
         np.testing.assert_array_equal(np.array(w), np.array(w2), err_msg=f"weights, launch {rep}")
-        if dispatch.MOE_LAYER["q4_0"].stage & 16:
+        if (geometry or dispatch.MOE_LAYER["q4_0"]).stage & 16:
             h2 = h2.astype(mx.bfloat16).astype(mx.float32)
         y2 = np.array(mul_mv_id_down_combine(h2, ids2, w2, x, wd, 0, flavor, residual=res).astype(mx.float32))
         diff = np.abs(np.array(y.astype(mx.float32)) - y2).max()
