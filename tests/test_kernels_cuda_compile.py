@@ -405,7 +405,8 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     and the residual read first; 7, 191 and 2239 (the default: 191 and one fence a
     hand-off) with the routing shared, and 2495, 2751, 3007 (bits 256, 512: the down rows
     held, the down loop not unrolled) and 1215, 3263 (the gate/up nibbles a word at a time,
-    on 191 and 2239); 31 and 59
+    on 191 and 2239), 6591 and 7103 (held until a quarter), and at 2x4x4x1 (128 threads)
+    2239, 10431 and 14783 (x read through L1; and held until a quarter); 31 and 59
     under given routing, 31 traced): no spills, and registers few
     enough for 256-thread threadgroups (<= 255) -- its count bounds how many threadgroups
     an SM holds, so it is printed (pytest -s)."""
@@ -417,7 +418,9 @@ def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
                 _moe_layer("q4_0_1x4x8_stage7_share", 1, 4, 8, stage=7, share_route=True),
                 _moe_layer("q4_0_1x4x8_stage191_share", 1, 4, 8, stage=191, share_route=True),
                 *(_moe_layer(f"q4_0_1x4x8_stage{st}_share", 1, 4, 8, stage=st, share_route=True)
-                  for st in (1215, 2239, 2495, 2751, 3007, 3263)),
+                  for st in (1215, 2239, 2495, 2751, 3007, 3263, 6591, 7103)),
+                *(_moe_layer(f"q4_0_2x4x4_stage{st}_share", 2, 4, 4, stage=st, share_route=True)
+                  for st in (2239, 10431, 14783)),
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids", 31), _moe_layer_ids("q4_0_1x4x8_stage59_ids", 59),
                 _moe_layer_ids("q4_0_1x4x8_stage31_ids_trace", 31, trace=True)]
     _compiles(tmp_path, "mul_mv_id", kernels, max_registers=255)
