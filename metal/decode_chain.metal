@@ -41,20 +41,12 @@
   constexpr int NATT = S * HQ;
   if (int(threadgroup_position_in_grid.x) < NQKV) {
 //@body decode_layer/dense_norm
-    moe_device_fence();  // this thread's rows of y, before the count says they are there
-    threadgroup_barrier(mem_flags::mem_device);
-    if (thread_index_in_threadgroup == 0) {
-      moe_ticket(count);
-    }
+    moe_release_ticket<moe_handoff_one::ON>(count, thread_index_in_threadgroup == 0);  // the rows of y
     return;
   }
   const int att_tg = int(threadgroup_position_in_grid.x) - NQKV;
   moe_attention_prefetch<T, D, HQ, HKV, C, S>(k, v, pos, att_tg, int(thread_index_in_threadgroup), 32 * NSG);
-  if (thread_index_in_threadgroup == 0) {
-    moe_wait_count(count, uint(NQKV));
-  }
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  moe_device_fence();  // every thread's reads of y after the wait
+  moe_acquire_wait<moe_handoff_one::ON>(count, uint(NQKV), thread_index_in_threadgroup == 0);  // every row of y
   {
     const auto cst = acst;  // the attention body's constants
 //@body attention/decode_attention_parts KV CHAINED
@@ -96,30 +88,18 @@
   const int tg_all = int(threadgroup_position_in_grid.x);
   if (tg_all < NQKV) {
 //@body decode_layer/dense_norm
-    moe_device_fence();  // this thread's rows of y, before the count says they are there
-    threadgroup_barrier(mem_flags::mem_device);
-    if (thread_index_in_threadgroup == 0) {
-      moe_ticket(count);
-    }
+    moe_release_ticket<moe_handoff_one::ON>(count, thread_index_in_threadgroup == 0);  // the rows of y
     return;
   }
   if (tg_all < NQKV + NATT) {
     const int att_tg = tg_all - NQKV;
     moe_attention_prefetch<T, D, HQ, HKV, C, S>(k, v, pos, att_tg, int(thread_index_in_threadgroup), 32 * NSG);
-    if (thread_index_in_threadgroup == 0) {
-      moe_wait_count(count, uint(NQKV));
-    }
-    threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-    moe_device_fence();  // every thread's reads of y after the wait
+    moe_acquire_wait<moe_handoff_one::ON>(count, uint(NQKV), thread_index_in_threadgroup == 0);  // every row of y
     {
       const auto cst = acst;  // the attention body's constants
 //@body attention/decode_attention_parts KV CHAINED
     }
-    moe_device_fence();  // this thread's parts and ml, before the count says they are there
-    threadgroup_barrier(mem_flags::mem_device);
-    if (thread_index_in_threadgroup == 0) {
-      moe_ticket(count + 1);
-    }
+    moe_release_ticket<moe_handoff_one::ON>(count + 1, thread_index_in_threadgroup == 0);  // its parts and ml
     return;
   }
   const int o_tg = tg_all - NQKV - NATT;
@@ -166,23 +146,16 @@
   constexpr int NMOE = (F + NRG * NSG - 1) / (NRG * NSG) * NT * KS + (D + NRD - 1) / NRD * NT;
   if (int(threadgroup_position_in_grid.x) < NO) {
 //@body decode_layer/dense_residual PARTS ROUTER RSPLIT
-    moe_device_fence();  // this thread's writes (rows of out; the tail's xn and logits), then the count
-    threadgroup_barrier(mem_flags::mem_device);
-    if (thread_index_in_threadgroup == 0) {
-      moe_ticket(ccount);
-    }
+    // its rows of out (the last one's: after its tail's xn and logits)
+    moe_release_ticket<moe_handoff_one::ON>(ccount, thread_index_in_threadgroup == 0);
     return;
   }
   const int moe_tg = int(threadgroup_position_in_grid.x) - NO;
-  if (thread_index_in_threadgroup == 0) {
-    moe_wait_count(ccount, uint(NO));
-    if (moe_ticket(ccount + 1) == uint(NMOE - 1)) {
-      moe_ticket_reset(ccount);
-      moe_ticket_reset(ccount + 1);
-    }
+  moe_acquire_wait<moe_handoff_one::ON>(ccount, uint(NO), thread_index_in_threadgroup == 0);  // out, xn, logits
+  if (thread_index_in_threadgroup == 0 && moe_ticket(ccount + 1) == uint(NMOE - 1)) {  // the last past the wait
+    moe_ticket_reset(ccount);
+    moe_ticket_reset(ccount + 1);
   }
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  moe_device_fence();  // every thread's reads of out, xn and logits after the wait
   {
     const auto x = xn;     // the experts' input: the post-attention norm
     const auto res = out;  // their residual: o_proj's output

@@ -33,6 +33,45 @@
 // ==== helpers ====
 //@uses router  (moe_router_select: dense_residual's RRULE option)
 
+// A threadgroup's hand-off through a counter (mul_mv_id_moe, the decode_chain kernels, the
+// router tail): its device writes made visible, then one ticket on count by its one
+// `leader` thread; every thread must call it (a barrier).  ONE (mul_mv_id_moe's stage bit
+// 2048 where moe_fence_one::ON; elsewhere moe_handoff_one::ON): the leader fences after the
+// barrier, the barrier ordering the others' writes before its fence; else every thread
+// fences before it.  Returns the leader's ticket (0 in the other threads).
+template <bool ONE, typename CP>
+MOE_DEVICE inline uint moe_release_ticket(CP count, bool leader) {
+  if (!ONE) {
+    moe_device_fence();
+  }
+  threadgroup_barrier(mem_flags::mem_device);
+  uint t = 0u;
+  if (leader) {
+    if (ONE) {
+      moe_device_fence();
+    }
+    t = moe_ticket(count);
+  }
+  return t;
+}
+
+// The other side: the one `leader` thread waits until count reaches n, and the
+// threadgroup's reads of what the counted threadgroups wrote come after a fence -- ONE: the
+// leader's, before the barrier; else every thread's, after it.  Every thread must call it.
+template <bool ONE, typename CP>
+MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
+  if (leader) {
+    moe_wait_count(count, n);
+    if (ONE) {
+      moe_device_fence();
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (!ONE) {
+    moe_device_fence();
+  }
+}
+
 // The routing rule (router.metal's moe_router_select) on one token's router outputs in
 // one simdgroup, its k ids and weights written out by lane 0.  Out of line on CUDA: the
 // split router tail (dense_residual's RRULE option) runs at 128 registers a thread, the
@@ -595,11 +634,7 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //@endif
 //@if CHAINED
   // The chaining kernel's wait for this launch's parts and ml, after the reads above.
-  if (tid == 0) {
-    moe_wait_count(chain_count, chain_n);
-  }
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  moe_device_fence();  // every thread's reads of parts and ml after the wait
+  moe_acquire_wait<moe_handoff_one::ON>(chain_count, chain_n, tid == 0);  // every split's parts and ml
 //@endif
 //@if PARTS
   // Head hd's split s weighs exp(m_s - M) / sum_s' l_s' exp(m_s' - M), M the largest
@@ -736,14 +771,21 @@ MOE_DEVICE inline void moe_rms_stage(XP x, GP gin, float eps, XS xs, XS xsums, R
 //@if ROUTER
   // Rows written and fenced, a ticket per threadgroup; the last one finishes the
   // norm and the router (every read of another threadgroup's writes after its own fence).
-  moe_device_fence();
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  // (moe_handoff_one::ON: the leader fences before its ticket, and as the last after it,
+  // the barrier below ordering the others' reads after its fence)
+  constexpr uint TAIL_LAST = uint((N + NR * NSG - 1) / (NR * NSG)) - 1u;
+  const uint tk = moe_release_ticket<moe_handoff_one::ON>(count, tid == 0);
   if (tid == 0) {
-    ticket[0] = moe_ticket(count);
+    if (moe_handoff_one::ON && tk == TAIL_LAST) {
+      moe_device_fence();
+    }
+    ticket[0] = tk;
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (ticket[0] == uint((N + NR * NSG - 1) / (NR * NSG)) - 1u) {  // the launch's last (uniform per threadgroup)
-    moe_device_fence();
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (ticket[0] == TAIL_LAST) {  // the launch's last (uniform per threadgroup)
+    if (!moe_handoff_one::ON) {
+      moe_device_fence();
+    }
 //@endif
 //@if RSPLIT
     // The rows of out and gpost this thread normalizes below, read now: their L2

@@ -28,6 +28,7 @@
 
 // ==== helpers ====
 //@uses router  (moe_router_select: the swiglu kernel's ROUTE option)
+//@uses decode_layer  (moe_release_ticket, moe_acquire_wait: mul_mv_id_moe's hand-offs)
 
 // Row-tile dot products, per weight format.  acc[m * NR + r] accumulates this
 // lane's part of  W_m[row0 + r] . x  for the NM matrices W_0 (w0), W_1 (w1).
@@ -400,42 +401,6 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
     }
   }
   return v;
-}
-
-// A threadgroup's hand-off through a counter (mul_mv_id_moe): its device writes made
-// visible, then one ticket on count by its one `leader` thread; every thread must call it
-// (a barrier).  ONE (mul_mv_id_moe's stage bit 2048, where moe_fence_one::ON): the leader
-// fences after the barrier, the barrier ordering the others' writes before its fence; else
-// every thread fences before it.
-template <bool ONE, typename CP>
-MOE_DEVICE inline void moe_release_ticket(CP count, bool leader) {
-  if (!ONE) {
-    moe_device_fence();
-  }
-  threadgroup_barrier(mem_flags::mem_device);
-  if (leader) {
-    if (ONE) {
-      moe_device_fence();
-    }
-    moe_ticket(count);
-  }
-}
-
-// The other side: the one `leader` thread waits until count reaches n, and the
-// threadgroup's reads of what the counted threadgroups wrote come after a fence -- ONE: the
-// leader's, before the barrier; else every thread's, after it.  Every thread must call it.
-template <bool ONE, typename CP>
-MOE_DEVICE inline void moe_acquire_wait(CP count, uint n, bool leader) {
-  if (leader) {
-    moe_wait_count(count, n);
-    if (ONE) {
-      moe_device_fence();
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
-  if (!ONE) {
-    moe_device_fence();
-  }
 }
 
 // ==== kernel: mul_mv_id ====

@@ -245,6 +245,12 @@ __device__ inline void moe_device_fence() {
 struct moe_fence_one {
   enum { ON = 1 };
 };
+// The same for the decode step's other hand-offs (metal/decode_chain.metal's chained
+// launches, decode_layer.metal's router tail): MOE_HANDOFF_ONE, #defined ahead of these
+// shims by mlx_moe/kernels/registry.py (CUDA_HANDOFF: "all" 0, "one" 1).
+struct moe_handoff_one {
+  enum { ON = MOE_HANDOFF_ONE };
+};
 __device__ inline uint moe_ticket(const uint* count) {
   return atomicAdd(const_cast<uint*>(count), 1u);
 }

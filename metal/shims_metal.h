@@ -204,6 +204,9 @@ inline void moe_device_fence() {
 struct moe_fence_one {
   enum { ON = 0 };
 };
+struct moe_handoff_one {
+  enum { ON = 0 };
+};
 inline uint moe_ticket(const device uint* count) {
   return atomic_fetch_add_explicit((device atomic_uint*)count, 1u, memory_order_relaxed);
 }

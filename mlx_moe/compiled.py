@@ -336,7 +336,8 @@ class CompiledDecoder:
                          fused_step.ATTENTION_ONE_LAUNCH, chain.OPROJ_NR, chain.ATTENTION_NSG,
                          dense.ROUTER_TAIL, tuple(sorted(dispatch.MOE_LAYER.items())),
                          attention_kernels.SPLITS, attention_kernels.PARTS_NSG, attention_kernels.PARTS_U,
-                         chain.QKV_NSG, dispatch.SHARE_ROUTE, fused_step.ROUTE_IN_TAIL, registry.CUDA_FENCE)
+                         chain.QKV_NSG, dispatch.SHARE_ROUTE, fused_step.ROUTE_IN_TAIL, registry.CUDA_FENCE,
+                         registry.CUDA_HANDOFF)
         fn = self._compiled.get(key)
         if fn is None:
             fn = mx.compile(self._traced_step(*args, DEVICE_POSITION))

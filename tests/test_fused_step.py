@@ -354,15 +354,29 @@ def assert_step_matches(got, want, cache, ref_cache, routes, ref_routes):
         np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
 
 
+def _handoff(flavor, handoff, monkeypatch):
+    """registry.CUDA_HANDOFF for a test: "one" only on CUDA (Metal's shims fence in every
+    thread whatever it says)."""
+    from mlx_moe.kernels import registry
+
+    if flavor != "cuda" and handoff != "all":
+        pytest.skip("the CUDA hand-off choice: Metal's shims fence in every thread")
+    monkeypatch.setattr(registry, "CUDA_HANDOFF", handoff)
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("family,quantize", [("qwen3_moe", True), ("qwen2_moe", False), ("mixtral", False)])
-def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeypatch):
+@pytest.mark.parametrize("handoff", ["all", "one"])
+def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, handoff, monkeypatch):
     """With fused_step.QKV_ATTENTION_ONE_LAUNCH the q/k/v projections and the attention are
     one launch (qkv_attention), and with OPROJ_MOE_ONE_LAUNCH o_proj with the split router
     tail and the MoE layer (oproj_moe): a layer is two launches.  Logits, the cache after the
     step and the routing as mlx-lm's forward gives them; Qwen2's q/k/v biases included,
-    and its shared expert keeps o_proj and the experts apart."""
+    and its shared expert keeps o_proj and the experts apart.  On CUDA also with every
+    hand-off fenced by one thread (registry.CUDA_HANDOFF "one")."""
     from mlx_moe.kernels import chain
+
+    _handoff(flavor, handoff, monkeypatch)
 
     model = fused_model(family, quantize)
     calls = {"qkv": 0, "oproj": 0}
@@ -383,11 +397,14 @@ def test_chained_launches_match_mlx_lm_forward(flavor, family, quantize, monkeyp
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("family,quantize", [("qwen3_moe", True), ("qwen2_moe", False), ("mixtral", False)])
-def test_attention_block_launch_matches_mlx_lm_forward(flavor, family, quantize, monkeypatch):
+@pytest.mark.parametrize("handoff", ["all", "one"])
+def test_attention_block_launch_matches_mlx_lm_forward(flavor, family, quantize, handoff, monkeypatch):
     """With fused_step.ATTENTION_ONE_LAUNCH q/k/v, the attention and o_proj with the split
     router tail are one launch (qkv_attention_oproj), then the one-launch MoE layer: a layer
     is two launches whatever the family (Qwen2's shared expert runs on MLX's ops between
-    them).  Logits, the cache after the step and the routing as mlx-lm's forward gives them."""
+    them).  Logits, the cache after the step and the routing as mlx-lm's forward gives them;
+    on CUDA also with every hand-off fenced by one thread (registry.CUDA_HANDOFF "one")."""
+    _handoff(flavor, handoff, monkeypatch)
     calls = []
     real = fused_step.qkv_attention_oproj
     monkeypatch.setattr(fused_step, "qkv_attention_oproj", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -180,3 +180,9 @@ def test_kernel_names_carry_a_fence_other_than_the_default(monkeypatch):
     monkeypatch.setattr(registry, "CUDA_FENCE", "acq_rel")
     assert registry.fence_tag("cuda") == "_acqrel"
     assert registry.fence_tag("metal") == registry.fence_tag("emulated") == ""
+    # the hand-offs fenced by one thread (registry.CUDA_HANDOFF) are named apart too
+    monkeypatch.setattr(registry, "CUDA_HANDOFF", "one")
+    assert registry.fence_tag("cuda") == "_acqrel_h1"
+    monkeypatch.setattr(registry, "CUDA_FENCE", "sc")
+    assert registry.fence_tag("cuda") == "_h1"
+    assert registry.fence_tag("metal") == registry.fence_tag("emulated") == ""

@@ -396,6 +396,36 @@ def test_cuda_fence_choice_reaches_the_kernels(tmp_path, monkeypatch, fence, ptx
         registry.family_header("cuda", "mul_mv_id")
 
 
+def test_cuda_handoff_choice_reaches_the_chain_kernels(tmp_path, monkeypatch):
+    """registry.CUDA_HANDOFF (engine +handoff1) decides who fences at qkv_attention's hand-off
+    (moe_release_ticket / moe_acquire_wait): "all" every thread, "one" the leader alone --
+    the fences then sit in the leader's branches, so the kernel's code differs -- and an
+    unknown value is named."""
+    from mlx_moe.kernels import registry
+
+    k = ("qkv_attention", "qwen3",
+         {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
+          "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
+          "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
+          "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
+          "acst": "float32", "count": "uint32"},
+         {"y": "bfloat16", "parts": "float32", "ml": "float32"},
+         [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
+          ("NR", 2), ("NSG", 4), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
+          ("S", 4), ("QKNORM", True), ("TRAD", False)])
+    ptx = {}
+    for handoff in ("all", "one"):
+        monkeypatch.setattr(registry, "CUDA_HANDOFF", handoff)
+        (tmp_path / handoff).mkdir()
+        ptx[handoff], _ = compile_sm90a(tmp_path / handoff, "decode_chain", [k])
+        assert "membar.gl" in ptx[handoff]
+    body = [re.sub(r"//.*", "", p) for p in (ptx["all"], ptx["one"])]
+    assert body[0] != body[1], "CUDA_HANDOFF did not reach the kernel"
+    monkeypatch.setattr(registry, "CUDA_HANDOFF", "some")
+    with pytest.raises(ValueError, match="'some'.*all, one"):
+        registry.family_header("cuda", "decode_chain")
+
+
 def test_moe_layer_kernel_compiles_for_sm90a(tmp_path):
     """The one-launch decode MoE layer, at its default geometry and with 8 simdgroups,
     unstaged and with the down, the gate/up and both rows staged (LayerGeometry.stage 1,

@@ -112,6 +112,9 @@ and runs every engine on the same weights (the arrays are shared, not copied):
                 the source text itself
   mlx-moe+acqrel  the CUDA kernels' hand-offs between threadgroups fenced with
                 fence.acq_rel.gpu instead of fence.sc.gpu (kernels.registry.CUDA_FENCE)
+  mlx-moe+handoff1  the decode step's hand-offs outside the MoE layer (the chained
+                launches, the router tail) fenced by one thread a threadgroup, not all
+                (kernels.registry.CUDA_HANDOFF = "one"; the MoE layer's own: stage bit 2048)
   mlx-moe+lanes  the async prefill GEMMs with their weight copies coalesced per row
                 (mul_mm_id.ASYNC_COPY = "lanes", the default); +rows: a row a thread
   mlx-moe+dbf16  the async down GEMM writes its output in bfloat16
@@ -589,6 +592,7 @@ SWITCHES = {
     "+srcfiles": (registry_module, "CUDA_SOURCE_FILES", True),
     "+srctext": (registry_module, "CUDA_SOURCE_FILES", False),
     "+acqrel": (registry_module, "CUDA_FENCE", "acq_rel"),
+    "+handoff1": (registry_module, "CUDA_HANDOFF", "one"),
 }
 OTHER_SUFFIXES = ("+compile", "+log", "+dq", "+nodq")  # handled where the run is set up
 

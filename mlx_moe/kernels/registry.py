@@ -127,12 +127,13 @@ def used_families(family: str, _seen: Tuple[str, ...] = (), _done: Optional[list
 def family_header(flavor: str, family: str) -> str:
     """The shims and every helper `flavor` compiles for metal/<family>.metal, compacted
     (mlx_moe/kernels/source.py); kernel_source keeps of it what a kernel uses."""
-    return _family_header(flavor, family, CUDA_FENCE if flavor == "cuda" else "")
+    cuda = flavor == "cuda"
+    return _family_header(flavor, family, CUDA_FENCE if cuda else "", CUDA_HANDOFF if cuda else "")
 
 
 @lru_cache(maxsize=None)
-def _family_header(flavor: str, family: str, fence: str) -> str:
-    return compact(_shims(flavor, fence) + "\n" + family_helpers(flavor, family))
+def _family_header(flavor: str, family: str, fence: str, handoff: str = "") -> str:
+    return compact(_shims(flavor, fence, handoff) + "\n" + family_helpers(flavor, family))
 
 
 def family_bodies(flavor: str, family: str) -> Dict[str, str]:
@@ -402,27 +403,42 @@ def kernel(flavor: str, name: str):
 CUDA_FENCES = {"sc": "__threadfence()", "acq_rel": 'asm volatile("fence.acq_rel.gpu;" ::: "memory")'}
 CUDA_FENCE = os.environ.get("MLX_MOE_CUDA_FENCE", "sc")
 
+# How many threads of a threadgroup fence at the decode step's hand-offs outside the MoE
+# layer (metal/decode_chain.metal's chained launches, decode_layer.metal's router tail):
+# "all" (each thread before the barrier) or "one" (the leader after it on the releasing
+# side, before it on the acquiring one: moe_handoff_one, as the MoE layer's stage bit 2048,
+# which took 0.5-1.1 us off that layer on the H100).  "all" until the H100 measures "one"
+# in the decode step (engine +handoff1, MLX_MOE_CUDA_HANDOFF=one); read as kernels are
+# built (their cache keys and names carry it).
+CUDA_HANDOFFS = {"all": 0, "one": 1}
+CUDA_HANDOFF = os.environ.get("MLX_MOE_CUDA_HANDOFF", "all")
+
 
 def fence_tag(flavor: str) -> str:
-    """What a kernel's name carries of its fence: nothing for the default ("sc") or off CUDA,
-    "_acqrel" for "acq_rel" -- so a process can build a kernel under both and a profiler
+    """What a kernel's name carries of its fence: nothing for the defaults ("sc", hand-offs
+    "all") or off CUDA, "_acqrel" for "acq_rel", then "_h1" for CUDA_HANDOFF "one" -- so a process can build a kernel under both and a profiler
     tell their launches apart (tools/ncu_summary.py tags them +acqrel).  MLX's CUDA backend
     keeps a process's compiled custom kernels by name and template arguments alone
     (mlx/backend/cuda/custom_kernel.cpp, get_jit_module): under one name the second fence's
     source would run the first's kernel."""
-    if flavor != "cuda" or CUDA_FENCE == "sc":
+    if flavor != "cuda":
         return ""
-    return "_" + CUDA_FENCE.replace("_", "")
+    return ("" if CUDA_FENCE == "sc" else "_" + CUDA_FENCE.replace("_", "")) + ("_h1" if CUDA_HANDOFF == "one" else "")
 
 
 @lru_cache(maxsize=None)
-def _shims(flavor: str, fence: str = "") -> str:
+def _shims(flavor: str, fence: str = "", handoff: str = "") -> str:
     if flavor != "cuda":
         return (metal_dir() / "shims_metal.h").read_text()
     if fence not in CUDA_FENCES:
         raise ValueError(f"CUDA fence {fence!r} (registry.CUDA_FENCE, MLX_MOE_CUDA_FENCE): want one of "
                          f"{', '.join(CUDA_FENCES)}")
-    return f"#define MOE_FENCE {CUDA_FENCES[fence]}\n" + (metal_dir() / "shims_cuda.h").read_text()
+    handoff = handoff or "all"
+    if handoff not in CUDA_HANDOFFS:
+        raise ValueError(f"CUDA hand-off {handoff!r} (registry.CUDA_HANDOFF, MLX_MOE_CUDA_HANDOFF): want one of "
+                         f"{', '.join(CUDA_HANDOFFS)}")
+    return (f"#define MOE_FENCE {CUDA_FENCES[fence]}\n#define MOE_HANDOFF_ONE {CUDA_HANDOFFS[handoff]}\n"
+            + (metal_dir() / "shims_cuda.h").read_text())
 
 
 def _maker(flavor: str) -> Callable:
@@ -489,7 +505,7 @@ def get_kernel(flavor: str, family: str, name: str, inputs, outputs, n_layers: O
     the layer index, and the kernel is named and kept per layer count."""
     files = flavor == "cuda" and CUDA_SOURCE_FILES
     key = ((flavor, family) + (() if n_layers is None else (n_layers,)) + (("files",) if files else ())
-           + ((CUDA_FENCE,) if flavor == "cuda" else ()) + (name,))
+           + ((CUDA_FENCE, CUDA_HANDOFF) if flavor == "cuda" else ()) + (name,))
     kernel = _KERNELS.get(key)  # name last: verify/run.py reads it
     if kernel is None:
         header, body = kernel_source(flavor, family, name)
