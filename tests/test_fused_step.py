@@ -34,6 +34,16 @@ FLAVORS = ["emulated", pytest.param("cuda", marks=[
 
 # -- kernels ----------------------------------------------------------------------------
 
+def _handoff(flavor, handoff, monkeypatch):
+    """registry.CUDA_HANDOFF for a test: "one" only on CUDA (Metal's shims fence in every
+    thread whatever it says)."""
+    from mlx_moe.kernels import registry
+
+    if flavor != "cuda" and handoff != "all":
+        pytest.skip("the CUDA hand-off choice: Metal's shims fence in every thread")
+    monkeypatch.setattr(registry, "CUDA_HANDOFF", handoff)
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("fmt,dtype,hidden,rows,bias,rtol", [
     (4, mx.float32, 1280, (128, 64, 64), False, 1e-5),     # Qwen3-like q/k/v; K 1280: a tail step
@@ -171,10 +181,14 @@ def test_dense_embed_refuses_a_bad_token():
     (4, 17, mx.bfloat16, 256, 192, 8, 3, 4, 1e-2),
 ])
 @pytest.mark.parametrize("tail", ["one", "split"])
-def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail):
+@pytest.mark.parametrize("handoff", ["all", "one"])
+def test_router_tail_matches_two_launches(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail, handoff,
+                                          monkeypatch):
     """dense_residual_parts_router(_split): o_proj + residual, then the post-attention norm
     and the router projection, in the launch's last threadgroup (one) or shared by every
-    threadgroup and added up by the last (split), twice on one counter."""
+    threadgroup and added up by the last (split), twice on one counter; on CUDA also with
+    the last threadgroup's hand-off fenced by one thread (registry.CUDA_HANDOFF "one")."""
+    _handoff(flavor, handoff, monkeypatch)
     router_tail_check(flavor, fmt, rfmt, dtype, cols, hidden, experts, nr, nsg, rtol, tail=tail)
 
 
@@ -352,16 +366,6 @@ def assert_step_matches(got, want, cache, ref_cache, routes, ref_routes):
     for (_, gi, gw), (_, wi, ww) in zip(routes, ref_routes):
         assert (gi == wi).all()
         np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-6)
-
-
-def _handoff(flavor, handoff, monkeypatch):
-    """registry.CUDA_HANDOFF for a test: "one" only on CUDA (Metal's shims fence in every
-    thread whatever it says)."""
-    from mlx_moe.kernels import registry
-
-    if flavor != "cuda" and handoff != "all":
-        pytest.skip("the CUDA hand-off choice: Metal's shims fence in every thread")
-    monkeypatch.setattr(registry, "CUDA_HANDOFF", handoff)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
