@@ -396,6 +396,20 @@ def test_cuda_fence_choice_reaches_the_kernels(tmp_path, monkeypatch, fence, ptx
         registry.family_header("cuda", "mul_mv_id")
 
 
+def _qkv_attention_kernel():
+    """qkv_attention at Qwen3-30B-A3B shapes and the default geometry (chain.QKV_NSG = 4)."""
+    return ("qkv_attention", "qwen3",
+            {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
+             "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
+             "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
+             "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
+             "acst": "float32", "count": "uint32"},
+            {"y": "bfloat16", "parts": "float32", "ml": "float32"},
+            [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
+             ("NR", 2), ("NSG", 4), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
+             ("S", 4), ("QKNORM", True), ("TRAD", False)])
+
+
 def test_cuda_handoff_choice_reaches_the_chain_kernels(tmp_path, monkeypatch):
     """registry.CUDA_HANDOFF (engine +handoff1) decides who fences at qkv_attention's hand-off
     (moe_release_ticket / moe_acquire_wait): "all" every thread, "one" the leader alone --
@@ -403,16 +417,7 @@ def test_cuda_handoff_choice_reaches_the_chain_kernels(tmp_path, monkeypatch):
     unknown value is named."""
     from mlx_moe.kernels import registry
 
-    k = ("qkv_attention", "qwen3",
-         {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
-          "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
-          "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
-          "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
-          "acst": "float32", "count": "uint32"},
-         {"y": "bfloat16", "parts": "float32", "ml": "float32"},
-         [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
-          ("NR", 2), ("NSG", 4), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
-          ("S", 4), ("QKNORM", True), ("TRAD", False)])
+    k = _qkv_attention_kernel()
     ptx = {}
     for handoff in ("all", "one"):
         monkeypatch.setattr(registry, "CUDA_HANDOFF", handoff)
@@ -468,16 +473,7 @@ def test_qkv_attention_compiles_for_sm90a(tmp_path):
     """q/k/v and the attention in one launch (metal/decode_chain.metal) at Qwen3-30B-A3B
     shapes and the default geometry (chain.QKV_NSG = 4: 128-thread threadgroups), at most
     255 registers a thread, no spills."""
-    k = ("qkv_attention", "qwen3",
-         {"x": "bfloat16", "gin": "bfloat16", "w0": "uint32", "w0_s": "bfloat16", "w0_b": "bfloat16",
-          "w1": "uint32", "w1_s": "bfloat16", "w1_b": "bfloat16", "w2": "uint32", "w2_s": "bfloat16",
-          "w2_b": "bfloat16", "b0": "bfloat16", "b1": "bfloat16", "b2": "bfloat16", "cst": "float32",
-          "q_norm": "bfloat16", "k_norm": "bfloat16", "k": "bfloat16", "v": "bfloat16", "pos": "int32",
-          "acst": "float32", "count": "uint32"},
-         {"y": "bfloat16", "parts": "float32", "ml": "float32"},
-         [("T", "bfloat16"), ("FMT", 4), ("GS", 64), ("K", 2048), ("N0", 4096), ("N1", 512), ("N2", 512),
-          ("NR", 2), ("NSG", 4), ("HAS_BIAS", False), ("D", 128), ("HQ", 32), ("HKV", 4), ("C", 768), ("U", 8),
-          ("S", 4), ("QKNORM", True), ("TRAD", False)])
+    k = _qkv_attention_kernel()
     _compiles(tmp_path, "decode_chain", [k])
 
 
