@@ -22,7 +22,7 @@
 #   2. the GPU tests TEST_KEYWORDS select
 #   3. the decode step's GPU time, the default against the candidate ncu put fastest, ABAB
 #      (tools/profile_decode.py --gpu-step under ncu, --summarize): a default changes only
-#      on this
+#      on this; STEP_ENGINES (e.g. "+handoff1"): engine suffixes stepped so too, after it
 #   4. the layer's timeline (tools/trace_moe_layer.py), the default and the candidates
 #   5. compute-sanitizer memcheck on step 2's tests
 # OUTDIR gets log.txt, the CSVs and ptx.tgz: MLX's PTX cache (MLX_PTX_CACHE_DIR), which cuts a
@@ -103,11 +103,11 @@ step 150 python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider tests/te
 saveptx
 
 # 3. the decode step, default against the fastest candidate, ABAB
-ENG=$( [ -n "$BEST" ] && engine_of "$BEST" )
-if [ -n "$ENG" ]; then
+ENG0=$( [ -n "$BEST" ] && engine_of "$BEST" )
+for ENG in $ENG0 ${STEP_ENGINES:-}; do
   for rep in 1 2; do
     for e in mlx-moe+compile "mlx-moe+compile$ENG"; do
-      f="$OUT/step_$(echo "$e" | tr '+=' '__')_$rep.csv"
+      f="$OUT/step_vs$(echo "$ENG" | tr '+=' '__')_$(echo "$e" | tr '+=' '__')_$rep.csv"  # (each pair's own files)
       step 100 "$CUDA_BIN/ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$f" python3 tools/profile_decode.py --gpu-step --skip-ops --kernels cuda --gen-tokens 32 \
         --steps 2 --shape qwen3-30b-a3b --engine "$e"
@@ -115,7 +115,7 @@ if [ -n "$ENG" ]; then
       saveptx
     done
   done
-fi
+done
 
 # 4. the timeline
 DEFAULT_STAGE=$(python3 -c 'from mlx_moe.kernels import dispatch; print(dispatch.MOE_LAYER["q4_0"].stage)')
