@@ -667,9 +667,10 @@ MOE_DEVICE inline float moe_down_rows(HP h, IP ids, SP wts, WP wd, XP x, PP part
   // STAGE bit 8192 (with 32, not with 1024; CUDA only): the gate/up tile's x read from device
   // memory through L1 (asked for there as the rows are staged), not copied into threadgroup
   // memory: 4 KB less a threadgroup.  Why: at 128 threads (2x4x4x1) 20,032 B a threadgroup
-  // let 11 of them on an SM (NVRTC 13.0: 40 registers) where 24,128 let 9 -- the launch's
-  // 1,280 threadgroups all resident from its start, so that held down threadgroups (bit 256)
-  // stream their rows as the gate/up rows finish, not after the gate/up threadgroups retire.
+  // (the driver's 1 KB included) let 11 of them on an SM where 24,128 let 9, and NVRTC 13.0's
+  // 46 registers with the routing shared 10 -- the launch's 1,280 threadgroups all resident
+  // from its start, so that held down threadgroups (bit 256) stream their rows as the
+  // gate/up rows finish, not after the gate/up threadgroups retire.
   constexpr bool XDEV = (STAGE & 8192) != 0 && MMA_GU && !GUW;
   constexpr int XU = D / 8 + (GUW ? D / 128 : 0);  // MMA_GU's copy of x (and its block sums), units
   constexpr int NSTAGE = NS_GU > NS_DN ? NS_GU : NS_DN;  // one buffer for either kind

@@ -26,7 +26,8 @@
 // cores: `stage` holds its 8 gate rows, then its 8 up rows (Q4_0, D columns, RW ushorts
 // apart: D / 32 * 9 and the padding, staged by moe_stage_rows); xs the token's D bfloat16
 // activations, copied into threadgroup memory with the rows (a block's B fragments are then
-// a shared-memory read, not an L2 round trip every unrolled step).
+// a shared-memory read, not an L2 round trip every unrolled step), or with mul_mv_id_moe's
+// stage bit 8192 where they lie in device memory (asked of L1 as the rows staged).
 // Warp w takes blocks w * NB .. of every row; its A tile rows are gate row g (a0, a2) and
 // up row g (a1, a3); every lane loads the B fragment from x whatever its column n = g, so
 // all 8 columns of C hold the same dot products: c0 = gate row g, c2 = up row g.  The
