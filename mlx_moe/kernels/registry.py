@@ -416,8 +416,9 @@ CUDA_HANDOFF = os.environ.get("MLX_MOE_CUDA_HANDOFF", "all")
 
 def fence_tag(flavor: str) -> str:
     """What a kernel's name carries of its fence: nothing for the defaults ("sc", hand-offs
-    "all") or off CUDA, "_acqrel" for "acq_rel", then "_h1" for CUDA_HANDOFF "one" -- so a process can build a kernel under both and a profiler
-    tell their launches apart (tools/ncu_summary.py tags them +acqrel).  MLX's CUDA backend
+    "all") or off CUDA, "_acqrel" for "acq_rel", then "_h1" for CUDA_HANDOFF "one" -- so a
+    process can build a kernel under both and a profiler tell their launches apart
+    (tools/ncu_summary.py tags them +acqrel).  MLX's CUDA backend
     keeps a process's compiled custom kernels by name and template arguments alone
     (mlx/backend/cuda/custom_kernel.cpp, get_jit_module): under one name the second fence's
     source would run the first's kernel."""
