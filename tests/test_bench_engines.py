@@ -71,20 +71,25 @@ def test_bench_kernels_prefill_switch_variants_turn_each_switch_then_all():
 
 
 def test_gpu_decode_layer_script_engines_run_their_stages():
-    """tools/gpu_decode_layer.sh's stage -> engine table (which engine its decode-step A/B
-    runs for the fastest candidate): each engine exists and sets dispatch.MOE_LAYER's Q4_0
-    geometry to 1x4x8x1 at that stage, and the script's default candidates all have one."""
+    """tools/gpu_decode_layer.sh's candidate -> engine (which engine its decode-step A/B runs
+    for the fastest candidate): a bare stage and a whole geometry tag, the script's default
+    candidates among them, each give an engine that sets dispatch.MOE_LAYER's Q4_0 geometry
+    to that candidate's."""
     import re
+    import subprocess
 
     from mlx_moe.kernels import dispatch
 
     text = (Path(__file__).resolve().parents[1] / "tools" / "gpu_decode_layer.sh").read_text()
-    table = {int(s): e for s, e in re.findall(r"(\d+)\) echo (\+\w+)", text)}
-    defaults = re.search(r'CANDIDATES=\$\{3:-([\d ]+)\}', text).group(1).split()
-    assert table and all(int(c) in table for c in defaults), (table, defaults)
-    for stage, engine in table.items():
+    funcs = "".join(re.findall(r"^(?:tag_of|engine_of)\(\) \{.*?^\}\n", text, re.M | re.S))
+    defaults = re.search(r'CANDIDATES=\$\{3:-([\w ]+)\}', text).group(1).split()
+    cands = defaults + ["3007", "2x4x4x1x14783"]
+    for cand in cands:
+        engine = subprocess.run(["bash", "-c", funcs + f'engine_of "{cand}"'], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        want = dispatch.LayerGeometry.parse(cand if "x" in cand else f"1x4x8x1x{cand}")
         with bench_generate.engine_settings(f"mlx-moe+compile{engine}"):
-            assert dispatch.MOE_LAYER["q4_0"] == dispatch.LayerGeometry(1, 4, 8, 1, stage=stage), engine
+            assert dispatch.MOE_LAYER["q4_0"] == want, (cand, engine)
 
 
 def test_bench_kernels_route_both_flips_the_routing_for_its_launches(monkeypatch):

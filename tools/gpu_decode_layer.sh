@@ -53,21 +53,18 @@ step() {  # step SECONDS COMMAND...: run unless the deadline is too close
 }
 saveptx() { tar czf "$OUT/ptx.tgz" -C /tmp mlx-ptx 2>/dev/null; }
 
-# bench_generate.py's engine for each candidate (its SWITCHES; else +moe=TAG)
+# A candidate's geometry tag (a bare stage is 1x4x8x1's), and bench_generate.py's engine
+# suffix for it (+moe=TAG: no list of named switches to keep in step with its SWITCHES)
+tag_of() {
+  case $1 in *x*) echo "$1" ;; *) echo "1x4x8x1x$1" ;; esac
+}
 engine_of() {
-  case $1 in
-    *x*) echo "+moe=$1" ;;
-    63) echo +gumma ;; 191) echo +fenceall ;; 255) echo +resfirst ;; 3263) echo +guw32 ;;
-    2495) echo +hold ;; 2751) echo +dnloop1 ;; 3007) echo +holdloop1 ;; 6591) echo +holdq ;;
-    7103) echo +holdloop1q ;;
-    *) echo "+moe=1x4x8x1x$1" ;;
-  esac
+  echo "+moe=$(tag_of "$1")"
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$LOG" 2>&1
 git log --oneline -1 >> "$LOG" 2>&1
-GEOMS=$(for s in $CANDIDATES; do case $s in *x*) printf "%s," "$s" ;; *) printf "1x4x8x1x%s," "$s" ;; esac; done \
-  | sed 's/,$//')
+GEOMS=$(for s in $CANDIDATES; do printf "%s," "$(tag_of "$s")"; done | sed 's/,$//')
 
 # 1. the layer under ncu
 step ${NCU_LIMIT:-230} "$CUDA_BIN/ncu" --clock-control none --kernel-name regex:mul_mv_id_moe \

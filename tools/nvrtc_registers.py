@@ -171,14 +171,17 @@ def main(argv=None) -> int:
     p.add_argument("--sass", default=None, metavar="DIR",
                    help="write the cubin (and with cuobjdump, the SASS) to DIR; print the down tail's loads and mma")
     a = p.parse_args(argv)
+    try:
+        g = dispatch.LayerGeometry.parse(a.geometry)
+    except ValueError as e:
+        raise SystemExit(f"--geometry: {e}")
     path = mlx_nvrtc_path() if a.mlx_nvrtc else a.nvrtc
     lib = ctypes.CDLL(path)
     inc = Path(a.include or Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include")
     options = ["--device-as-default-execution-space", "--gpu-architecture=sm_90a", "-std=c++17",
                f"--include-path={inc}", f"--include-path={inc / 'cccl'}"]
-    nrg, nrd, nsg, nq = (int(v) for v in a.geometry.split("x"))
-    kernels = [moe_layer_kernel(f"stage{st}{'_share' if share else ''}", nrg, nrd, nsg, nq, stage=int(st),
-                                share_route=share)
+    kernels = [moe_layer_kernel(f"stage{st}{'_share' if share else ''}", g.gate_nr, g.down_nr, g.nsg, g.nq,
+                                stage=int(st), share_route=share)
                for st in a.stages.split(",") for share in (False, True)]
     source = translation_unit("mul_mv_id", kernels).replace("#include <cstdint>\n", _CSTDINT)
     cubin = nvrtc_cubin(lib, source, options)
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     for variant, sym in variants:
         r = res[sym]
         print(f"  mul_mv_id_moe {variant:16s} {r.get('registers', 0):3d} registers, {r.get('frame', 0):4d} B stack frame"
-              f"  -> {threadgroups_per_sm(r.get('registers', 0), 32 * nsg)} threadgroups of {32 * nsg} an SM by "
+              f"  -> {threadgroups_per_sm(r.get('registers', 0), 32 * g.nsg)} threadgroups of {32 * g.nsg} an SM by "
               f"registers")
     if a.sass:
         write_sass(Path(a.sass), cubin, variants)
